@@ -1,0 +1,451 @@
+//! The featurizer: text → a fixed-length, L2-normalised vector of hashed n-gram counts.
+//!
+//! This is the only featurizer in the project. Training (`cargo xtask train-intent`), the edge
+//! (tract, WASM) and the batch worker (ONNX Runtime) all call [`Featurizer::featurize_into`], so
+//! the model always sees exactly the features it was trained on.
+//!
+//! Steps:
+//! 1. keep at most [`FeaturizerConfig::max_chars`] characters (bounded CPU for any input);
+//! 2. Unicode NFKC, then lower-case (English case folding);
+//! 3. squash runs of one character longer than two (`안녕~~~~` → `안녕~~`, `hiiii` → `hii`);
+//! 4. emit hashed features from several views of the text:
+//!    - `w`: whole words (split on whitespace and punctuation);
+//!    - `c`: character 1-3-grams with word boundaries;
+//!    - `j`: 2-4-grams of the text with Hangul syllables decomposed into jamo, so a typo that
+//!      changes one jamo (`감사함니다`) still shares most grams with the right spelling;
+//!    - `i`: 2-3-grams of Hangul initial consonants, so chat shorthand (`ㅎㅇ`, `ㄱㅅ`) matches
+//!      the words it abbreviates (`하이`, `감사`);
+//!    - `l`: coarse length buckets (characters and words), which help to tell a bare greeting
+//!      from a greeting followed by a request;
+//! 5. value = 1 + ln(count) per bucket, then L2 normalisation.
+//!
+//! The function is total: any `&str` (empty, huge, emoji, RTL, replacement characters) gives a
+//! finite vector of the configured length.
+
+use serde::{Deserialize, Serialize};
+use unicode_normalization::UnicodeNormalization;
+
+/// Featurizer parameters, stored beside the model so that training and inference agree.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeaturizerConfig {
+    /// Version of the feature definition; bump it when the algorithm changes.
+    pub version: u32,
+    /// Number of hash buckets: the length of the feature vector.
+    pub buckets: u32,
+    /// Characters of input considered; the rest is ignored.
+    pub max_chars: u32,
+}
+
+impl Default for FeaturizerConfig {
+    fn default() -> Self {
+        Self {
+            version: FEATURE_VERSION,
+            buckets: 4096,
+            max_chars: 2048,
+        }
+    }
+}
+
+/// Version of the feature definition implemented by this module.
+pub const FEATURE_VERSION: u32 = 1;
+
+/// Errors in a featurizer configuration.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error(
+        "featurizer version {0} is not supported (this build implements {FEATURE_VERSION}); retrain the model with `cargo xtask train-intent`"
+    )]
+    Version(u32),
+    #[error("featurizer buckets must be between 16 and 1048576, got {0}")]
+    Buckets(u32),
+    #[error("featurizer max_chars must be between 1 and 1048576, got {0}")]
+    MaxChars(u32),
+}
+
+/// A validated featurizer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Featurizer {
+    config: FeaturizerConfig,
+}
+
+impl Featurizer {
+    /// Validates `config`.
+    pub fn new(config: FeaturizerConfig) -> Result<Self, ConfigError> {
+        if config.version != FEATURE_VERSION {
+            return Err(ConfigError::Version(config.version));
+        }
+        if !(16..=1 << 20).contains(&config.buckets) {
+            return Err(ConfigError::Buckets(config.buckets));
+        }
+        if !(1..=1 << 20).contains(&config.max_chars) {
+            return Err(ConfigError::MaxChars(config.max_chars));
+        }
+        Ok(Self { config })
+    }
+
+    pub fn config(&self) -> FeaturizerConfig {
+        self.config
+    }
+
+    /// Length of the vectors this featurizer produces.
+    pub fn dim(&self) -> usize {
+        self.config.buckets as usize
+    }
+
+    /// Returns the feature vector of `text`.
+    pub fn featurize(&self, text: &str) -> Vec<f32> {
+        let mut out = vec![0.0; self.dim()];
+        self.featurize_into(text, &mut out);
+        out
+    }
+
+    /// Writes the feature vector of `text` into `out` (any previous content is overwritten).
+    ///
+    /// # Panics
+    /// If `out.len() != self.dim()`: a programming error, never caused by input text.
+    pub fn featurize_into(&self, text: &str, out: &mut [f32]) {
+        assert_eq!(out.len(), self.dim(), "feature buffer has the wrong length");
+        out.fill(0.0);
+        let buckets = self.config.buckets;
+        let mut emit = |family: u8, gram: &[char]| {
+            let bucket = hash(family, gram) % buckets;
+            out[bucket as usize] += 1.0;
+        };
+
+        let normalized = normalize(text, self.config.max_chars as usize);
+
+        // Words, and the character stream with one `_` between words and at both ends.
+        let mut chars = vec![BOUNDARY];
+        let mut n_words = 0u32;
+        let mut n_chars = 0u32;
+        for word in normalized.split(|c: char| !is_word_char(c)).filter(|w| !w.is_empty()) {
+            let word: Vec<char> = word.chars().collect();
+            emit(b'w', &word);
+            n_words += 1;
+            n_chars += word.len() as u32;
+            chars.extend_from_slice(&word);
+            chars.push(BOUNDARY);
+        }
+        // Punctuation and emoji carry signal too (`?` vs `!`, 👋 vs 🙏): keep them as grams.
+        for c in normalized.chars().filter(|c| !is_word_char(*c) && !c.is_whitespace()) {
+            emit(b'p', &[c]);
+        }
+        ngrams(&chars, 1, 3, |g| emit(b'c', g));
+
+        let mut jamo = Vec::with_capacity(chars.len() * 3);
+        let mut initials = Vec::with_capacity(chars.len());
+        for &c in &chars {
+            decompose(c, &mut jamo, &mut initials);
+        }
+        ngrams(&jamo, 2, 4, |g| emit(b'j', g));
+        ngrams(&initials, 2, 3, |g| emit(b'i', g));
+
+        emit(b'l', &[char::from(b'c'), length_bucket(n_chars)]);
+        emit(b'l', &[char::from(b'w'), length_bucket(n_words)]);
+
+        let mut norm = 0.0f32;
+        for v in out.iter_mut() {
+            if *v > 0.0 {
+                *v = 1.0 + v.ln();
+                norm += *v * *v;
+            }
+        }
+        if norm > 0.0 {
+            let inv = norm.sqrt().recip();
+            out.iter_mut().for_each(|v| *v *= inv);
+        }
+    }
+}
+
+const BOUNDARY: char = '_';
+
+/// NFKC, lower case, at most `max_chars` input characters, runs longer than two squashed.
+pub fn normalize(text: &str, max_chars: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(max_chars * 4));
+    let (mut last, mut run) = ('\0', 0usize);
+    for c in text.chars().take(max_chars).nfkc().flat_map(char::to_lowercase) {
+        if c == last {
+            run += 1;
+            if run > 2 {
+                continue;
+            }
+        } else {
+            (last, run) = (c, 1);
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn is_word_char(c: char) -> bool {
+    c.is_alphanumeric() || is_jamo(c)
+}
+
+fn is_jamo(c: char) -> bool {
+    matches!(c, '\u{1100}'..='\u{11FF}' | '\u{3131}'..='\u{318E}' | '\u{A960}'..='\u{A97F}' | '\u{D7B0}'..='\u{D7FF}')
+}
+
+fn ngrams(s: &[char], min: usize, max: usize, mut f: impl FnMut(&[char])) {
+    for n in min..=max {
+        for gram in s.windows(n) {
+            // A gram made only of boundaries says nothing.
+            if gram.iter().any(|&c| c != BOUNDARY) {
+                f(gram);
+            }
+        }
+    }
+}
+
+const S_BASE: u32 = 0xAC00;
+const L_BASE: u32 = 0x1100;
+const V_BASE: u32 = 0x1161;
+const T_BASE: u32 = 0x11A7;
+const V_COUNT: u32 = 21;
+const T_COUNT: u32 = 28;
+const N_COUNT: u32 = V_COUNT * T_COUNT;
+const S_COUNT: u32 = 19 * N_COUNT;
+
+/// Appends the jamo of `c` to `jamo` and its initial consonants to `initials`.
+///
+/// After NFKC, a lone consonant typed as shorthand (`ㅎ`, U+314E) is the conjoining initial
+/// (U+1112), except the clusters that can only end a syllable (`ㄳ` → U+11AA): those are split
+/// into the initials they abbreviate, so `ㄳ` reads like `ㄱㅅ`.
+fn decompose(c: char, jamo: &mut Vec<char>, initials: &mut Vec<char>) {
+    let u = c as u32;
+    if (S_BASE..S_BASE + S_COUNT).contains(&u) {
+        let s = u - S_BASE;
+        let (l, v, t) = (s / N_COUNT, (s % N_COUNT) / T_COUNT, s % T_COUNT);
+        let lead = char_from(L_BASE + l);
+        jamo.push(lead);
+        jamo.push(char_from(V_BASE + v));
+        if t != 0 {
+            jamo.push(char_from(T_BASE + t));
+        }
+        initials.push(lead);
+    } else if ('\u{1100}'..='\u{1112}').contains(&c) {
+        jamo.push(c);
+        initials.push(c);
+    } else if let Some(parts) = final_as_initials(c) {
+        jamo.push(c);
+        initials.extend_from_slice(parts);
+    } else {
+        jamo.push(c);
+        if c == BOUNDARY {
+            initials.push(c);
+        }
+    }
+}
+
+fn char_from(u: u32) -> char {
+    char::from_u32(u).unwrap_or(char::REPLACEMENT_CHARACTER)
+}
+
+/// Final consonants (clusters included) as the initials a shorthand writer meant.
+fn final_as_initials(c: char) -> Option<&'static [char]> {
+    Some(match c {
+        '\u{11A8}' => &['\u{1100}'],
+        '\u{11AA}' => &['\u{1100}', '\u{1109}'],
+        '\u{11AB}' => &['\u{1102}'],
+        '\u{11AC}' => &['\u{1102}', '\u{110C}'],
+        '\u{11AD}' => &['\u{1102}', '\u{1112}'],
+        '\u{11AE}' => &['\u{1103}'],
+        '\u{11AF}' => &['\u{1105}'],
+        '\u{11B0}' => &['\u{1105}', '\u{1100}'],
+        '\u{11B1}' => &['\u{1105}', '\u{1106}'],
+        '\u{11B2}' => &['\u{1105}', '\u{1107}'],
+        '\u{11B3}' => &['\u{1105}', '\u{1109}'],
+        '\u{11B4}' => &['\u{1105}', '\u{1110}'],
+        '\u{11B5}' => &['\u{1105}', '\u{1111}'],
+        '\u{11B6}' => &['\u{1105}', '\u{1112}'],
+        '\u{11B7}' => &['\u{1106}'],
+        '\u{11B8}' => &['\u{1107}'],
+        '\u{11B9}' => &['\u{1107}', '\u{1109}'],
+        '\u{11BA}' => &['\u{1109}'],
+        '\u{11BC}' => &['\u{110B}'],
+        '\u{11BD}' => &['\u{110C}'],
+        '\u{11BE}' => &['\u{110E}'],
+        '\u{11BF}' => &['\u{110F}'],
+        '\u{11C0}' => &['\u{1110}'],
+        '\u{11C1}' => &['\u{1111}'],
+        '\u{11C2}' => &['\u{1112}'],
+        _ => return None,
+    })
+}
+
+fn length_bucket(n: u32) -> char {
+    let b = match n {
+        0 => 'a',
+        1 => 'b',
+        2 => 'c',
+        3 => 'd',
+        4..=5 => 'e',
+        6..=8 => 'f',
+        9..=12 => 'g',
+        13..=20 => 'h',
+        21..=40 => 'i',
+        _ => 'j',
+    };
+    b
+}
+
+/// FNV-1a over the family tag and the code points: stable across platforms and releases.
+fn hash(family: u8, gram: &[char]) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    let mut feed = |b: u8| {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    };
+    feed(family);
+    for &c in gram {
+        for b in (c as u32).to_le_bytes() {
+            feed(b);
+        }
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn f() -> Featurizer {
+        Featurizer::new(FeaturizerConfig::default()).expect("default config is valid")
+    }
+
+    fn cosine(a: &[f32], b: &[f32]) -> f32 {
+        a.iter().zip(b).map(|(x, y)| x * y).sum()
+    }
+
+    #[test]
+    fn empty_text_gives_a_finite_vector() {
+        let v = f().featurize("");
+        assert_eq!(v.len(), 4096);
+        assert!(v.iter().all(|x| x.is_finite()));
+        // Only the length features fire.
+        assert!(v.iter().filter(|x| **x > 0.0).count() <= 2);
+    }
+
+    #[test]
+    fn shorthand_shares_initials_with_the_word_it_abbreviates() {
+        let fz = f();
+        let short = fz.featurize("ㅎㅇ");
+        let hi = fz.featurize("하이");
+        let unrelated = fz.featurize("떡볶이");
+        assert!(cosine(&short, &hi) > cosine(&short, &unrelated) + 0.1);
+        let thanks = fz.featurize("ㄱㅅ");
+        let gamsa = fz.featurize("감사");
+        assert!(cosine(&thanks, &gamsa) > 0.2, "{}", cosine(&thanks, &gamsa));
+    }
+
+    #[test]
+    fn single_jamo_cluster_reads_like_its_initials() {
+        let fz = f();
+        assert!(cosine(&fz.featurize("ㄳ"), &fz.featurize("ㄱㅅ")) > 0.3);
+    }
+
+    #[test]
+    fn typo_stays_close_to_the_right_spelling() {
+        let fz = f();
+        let right = fz.featurize("감사합니다");
+        let typo = fz.featurize("감사함니다");
+        let other = fz.featurize("짜장면 추천");
+        assert!(cosine(&right, &typo) > 0.6, "{}", cosine(&right, &typo));
+        assert!(cosine(&right, &other) < 0.2);
+    }
+
+    #[test]
+    fn spacing_errors_stay_close() {
+        let fz = f();
+        assert!(cosine(&fz.featurize("고맙습니다"), &fz.featurize("고맙 습니다")) > 0.6);
+    }
+
+    #[test]
+    fn case_and_width_are_folded() {
+        let fz = f();
+        assert_eq!(fz.featurize("HELLO"), fz.featurize("hello"));
+        assert_eq!(fz.featurize("ｈｅｌｌｏ"), fz.featurize("hello"));
+    }
+
+    #[test]
+    fn long_runs_are_squashed() {
+        assert_eq!(normalize("안녕~~~~~~", 100), "안녕~~");
+        assert_eq!(normalize("hiiiii", 100), "hii");
+    }
+
+    #[test]
+    fn mixed_greeting_and_request_differs_from_bare_greeting() {
+        let fz = f();
+        let bare = fz.featurize("안녕!");
+        let mixed = fz.featurize("안녕! 근처 짜장면집 추천해줘");
+        assert!(cosine(&bare, &mixed) < 0.5);
+    }
+
+    #[test]
+    fn code_switching_keeps_both_languages() {
+        let fz = f();
+        let mixed = fz.featurize("hi 안녕");
+        assert!(cosine(&mixed, &fz.featurize("hi")) > 0.2);
+        assert!(cosine(&mixed, &fz.featurize("안녕")) > 0.2);
+    }
+
+    #[test]
+    fn input_past_max_chars_is_ignored() {
+        let fz = f();
+        let head = "가".repeat(2048);
+        assert_eq!(fz.featurize(&head), fz.featurize(&format!("{head}{}", "x".repeat(10_000))));
+    }
+
+    #[test]
+    fn one_megabyte_input_is_handled() {
+        let v = f().featurize(&"안녕 hello 👋 ".repeat(80_000));
+        assert!((v.iter().map(|x| x * x).sum::<f32>() - 1.0).abs() < 1e-4);
+    }
+
+    #[test]
+    fn bad_config_is_rejected_with_a_reason() {
+        let bad = FeaturizerConfig { version: 99, ..FeaturizerConfig::default() };
+        assert_eq!(Featurizer::new(bad), Err(ConfigError::Version(99)));
+        let bad = FeaturizerConfig { buckets: 3, ..FeaturizerConfig::default() };
+        assert!(Featurizer::new(bad).unwrap_err().to_string().contains("buckets"));
+    }
+
+    /// Hash values are part of the model format: changing them silently breaks every model.
+    /// The expected value is FNV-1a computed independently (Python) over the same bytes.
+    #[test]
+    fn hash_is_stable() {
+        assert_eq!(hash(b'w', &['h', 'i']), 0xbc08_35c7);
+    }
+
+    proptest! {
+        #[test]
+        fn featurize_is_total_finite_and_normalised(s in "\\PC*") {
+            let v = f().featurize(&s);
+            prop_assert_eq!(v.len(), 4096);
+            prop_assert!(v.iter().all(|x| x.is_finite() && *x >= 0.0));
+            let norm: f32 = v.iter().map(|x| x * x).sum();
+            prop_assert!((norm - 1.0).abs() < 1e-4, "norm {}", norm);
+        }
+
+        #[test]
+        fn featurize_is_deterministic(s in any::<String>()) {
+            let fz = f();
+            prop_assert_eq!(fz.featurize(&s), fz.featurize(&s));
+        }
+
+        #[test]
+        fn any_code_points_are_accepted(cps in proptest::collection::vec(any::<char>(), 0..300)) {
+            let s: String = cps.into_iter().collect();
+            let v = f().featurize(&s);
+            prop_assert!(v.iter().all(|x| x.is_finite()));
+        }
+
+        #[test]
+        fn lossy_utf8_is_accepted(bytes in proptest::collection::vec(any::<u8>(), 0..500)) {
+            let s = String::from_utf8_lossy(&bytes);
+            let v = f().featurize(&s);
+            prop_assert!(v.iter().all(|x| x.is_finite()));
+        }
+    }
+}

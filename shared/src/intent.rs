@@ -1,0 +1,209 @@
+//! Intent labels, the model's metadata file, and the routing policy.
+//!
+//! The policy is deliberately one-sided: a wrong canned answer costs more than a queued reply,
+//! so the edge answers only when the top intent is trivial *and* its probability reaches that
+//! intent's threshold, calibrated on the dev split by training.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::features::{ConfigError, Featurizer, FeaturizerConfig};
+
+/// Intents the edge may answer itself.
+pub const TRIVIAL_INTENTS: [&str; 5] = ["greeting", "thanks", "goodbye", "help", "identity"];
+
+/// The label for everything that needs the real model.
+pub const OTHER: &str = "other";
+
+/// Where a message goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Route {
+    /// Answered at once by the edge from templates.
+    Edge,
+    /// Turned into a job for the batch worker.
+    Queue,
+}
+
+impl Route {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Route::Edge => "edge",
+            Route::Queue => "queue",
+        }
+    }
+}
+
+/// The route a correctly classified message with this intent should take.
+pub fn expected_route(intent: &str) -> Route {
+    if TRIVIAL_INTENTS.contains(&intent) { Route::Edge } else { Route::Queue }
+}
+
+/// `models/intent/model.json`: everything needed to use `model.onnx`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelMeta {
+    /// Human-readable model name, reported on `/healthz`.
+    pub name: String,
+    /// Output labels, in the order of the model's probability vector.
+    pub labels: Vec<String>,
+    pub featurizer: FeaturizerConfig,
+    /// Minimum probability per trivial intent for the edge to answer.
+    pub thresholds: BTreeMap<String, f32>,
+    /// sha256 of `model.onnx`, hex.
+    pub onnx_sha256: String,
+    /// ONNX input and output tensor names.
+    pub input: String,
+    pub output: String,
+    /// Scores measured by training (informational).
+    #[serde(default)]
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// A problem with the model metadata.
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    #[error("model.json is not valid: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error(transparent)]
+    Featurizer(#[from] ConfigError),
+    #[error("model.json lists no `other` label; retrain with `cargo xtask train-intent`")]
+    NoOther,
+    #[error("threshold for `{0}` names an intent the model does not have")]
+    UnknownThreshold(String),
+    #[error("threshold for `{0}` must lie in (0, 1], got {1}")]
+    BadThreshold(String, f32),
+}
+
+/// Validated metadata plus its featurizer: the routing policy.
+#[derive(Clone, Debug)]
+pub struct Policy {
+    meta: ModelMeta,
+    featurizer: Featurizer,
+    /// Threshold per label index; `None` for labels the edge never answers.
+    thresholds: Vec<Option<f32>>,
+}
+
+/// The decision for one message.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Decision {
+    pub intent: String,
+    pub confidence: f32,
+    pub route: Route,
+}
+
+impl Policy {
+    /// Parses and validates `model.json`.
+    pub fn from_json(json: &str) -> Result<Self, MetaError> {
+        Self::new(serde_json::from_str(json)?)
+    }
+
+    pub fn new(meta: ModelMeta) -> Result<Self, MetaError> {
+        let featurizer = Featurizer::new(meta.featurizer)?;
+        if !meta.labels.iter().any(|l| l == OTHER) {
+            return Err(MetaError::NoOther);
+        }
+        let mut thresholds = vec![None; meta.labels.len()];
+        for (intent, &t) in &meta.thresholds {
+            let Some(i) = meta.labels.iter().position(|l| l == intent) else {
+                return Err(MetaError::UnknownThreshold(intent.clone()));
+            };
+            if !(t > 0.0 && t <= 1.0) {
+                return Err(MetaError::BadThreshold(intent.clone(), t));
+            }
+            if expected_route(intent) == Route::Edge {
+                thresholds[i] = Some(t);
+            }
+        }
+        Ok(Self { meta, featurizer, thresholds })
+    }
+
+    pub fn meta(&self) -> &ModelMeta {
+        &self.meta
+    }
+
+    pub fn featurizer(&self) -> &Featurizer {
+        &self.featurizer
+    }
+
+    /// Decides from the model's probability vector (one entry per label).
+    ///
+    /// A vector of the wrong length or with non-finite values routes to the queue: the
+    /// edge never answers on output it cannot trust.
+    pub fn decide(&self, probs: &[f32]) -> Decision {
+        let top = if probs.len() == self.meta.labels.len() && probs.iter().all(|p| p.is_finite()) {
+            probs
+                .iter()
+                .enumerate()
+                .fold(None, |best: Option<(usize, f32)>, (i, &p)| match best {
+                    Some((_, bp)) if bp >= p => best,
+                    _ => Some((i, p)),
+                })
+        } else {
+            None
+        };
+        let Some((i, p)) = top else {
+            return Decision { intent: OTHER.to_owned(), confidence: 0.0, route: Route::Queue };
+        };
+        let route = match self.thresholds[i] {
+            Some(t) if p >= t => Route::Edge,
+            _ => Route::Queue,
+        };
+        Decision { intent: self.meta.labels[i].clone(), confidence: p, route }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> Policy {
+        let meta = ModelMeta {
+            name: "test".into(),
+            labels: ["greeting", "thanks", "other"].map(String::from).to_vec(),
+            featurizer: FeaturizerConfig::default(),
+            thresholds: [("greeting".to_owned(), 0.9), ("thanks".to_owned(), 0.8)].into(),
+            onnx_sha256: String::new(),
+            input: "features".into(),
+            output: "probs".into(),
+            metrics: BTreeMap::new(),
+        };
+        Policy::new(meta).expect("valid meta")
+    }
+
+    #[test]
+    fn confident_trivial_intent_goes_to_the_edge() {
+        let d = policy().decide(&[0.95, 0.03, 0.02]);
+        assert_eq!((d.intent.as_str(), d.route), ("greeting", Route::Edge));
+    }
+
+    #[test]
+    fn unconfident_trivial_intent_is_queued() {
+        let d = policy().decide(&[0.85, 0.1, 0.05]);
+        assert_eq!((d.intent.as_str(), d.route), ("greeting", Route::Queue));
+        // Each intent has its own threshold.
+        assert_eq!(policy().decide(&[0.1, 0.85, 0.05]).route, Route::Edge);
+    }
+
+    #[test]
+    fn other_is_always_queued() {
+        assert_eq!(policy().decide(&[0.0, 0.0, 1.0]).route, Route::Queue);
+    }
+
+    #[test]
+    fn malformed_probabilities_are_queued() {
+        assert_eq!(policy().decide(&[1.0]).route, Route::Queue);
+        assert_eq!(policy().decide(&[f32::NAN, 0.0, 0.0]).route, Route::Queue);
+    }
+
+    #[test]
+    fn invalid_meta_is_rejected() {
+        let mut meta = policy().meta().clone();
+        meta.thresholds.insert("dance".into(), 0.5);
+        assert!(matches!(Policy::new(meta), Err(MetaError::UnknownThreshold(_))));
+        let mut meta = policy().meta().clone();
+        meta.thresholds.insert("greeting".into(), 1.5);
+        assert!(matches!(Policy::new(meta), Err(MetaError::BadThreshold(..))));
+    }
+}

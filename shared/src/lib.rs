@@ -1,0 +1,7 @@
+//! Types and pure functions shared by the edge (WASM) and the batch worker (native).
+//!
+//! Everything here is platform-free: no I/O, no clocks, no randomness. It compiles for
+//! `wasm32-unknown-unknown` and for the host.
+
+pub mod features;
+pub mod intent;
