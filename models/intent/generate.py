@@ -1,0 +1,937 @@
+#!/usr/bin/env python3
+"""Deterministic training-data generator for the chatbot's tiny intent classifier.
+
+Reads hand-written seed phrases from ``seeds/<intent>.txt`` (beside this script),
+expands them with augmentations, builds compositional ``other`` examples, splits
+everything into train/dev/test by group (so augmentations of one seed never
+cross splits) and writes ``train.jsonl``, ``dev.jsonl`` and ``test.jsonl``.
+
+Standard library only.  Output is byte-identical across runs: a single
+``random.Random(20261127)`` drives every random choice, and every iteration over
+a dict or set that could influence a choice is sorted first.
+
+Usage:  python3 models/intent/generate.py [--out DIR]
+"""
+
+import argparse
+import json
+import os
+import random
+import sys
+import unicodedata
+from collections import Counter, defaultdict
+
+SEED = 20261127
+TRIVIAL = ("greeting", "thanks", "goodbye", "help", "identity")
+INTENTS = TRIVIAL + ("other",)
+SPLITS = ("train", "dev", "test")
+SPLIT_FRAC = {"train": 0.70, "dev": 0.15, "test": 0.15}
+MAX_LEN = 300
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SEED_DIR = os.path.join(HERE, "seeds")
+
+# Augmented variants drawn per seed (the seed itself is always kept as well).
+N_VARIANTS = {
+    ("trivial", "ko"): 16,
+    ("trivial", "en"): 15,
+    ("other", "ko"): 4,
+    ("other", "en"): 4,
+    ("short", "ko"): 3,
+    ("short", "en"): 3,
+}
+N_TEMPLATE_FILLS = {"ko": 26, "en": 26}
+# Compositions (trivial phrase + request) made per request seed / template fill.
+N_MIX_PER_SEED = 6
+P_MIX_PER_TEMPLATE_FILL = 0.25
+# Share of help/identity variants that get a leading greeting ("안녕! 너 누구야?").
+P_GREETING_LEAD = 0.10
+
+# --------------------------------------------------------------------------
+# Hangul helpers
+# --------------------------------------------------------------------------
+CHO = "ㄱㄲㄴㄷㄸㄹㅁㅂㅃㅅㅆㅇㅈㅉㅊㅋㅌㅍㅎ"
+JUNG = "ㅏㅐㅑㅒㅓㅔㅕㅖㅗㅘㅙㅚㅛㅜㅝㅞㅟㅠㅡㅢㅣ"
+JONG = ["", "ㄱ", "ㄲ", "ㄳ", "ㄴ", "ㄵ", "ㄶ", "ㄷ", "ㄹ", "ㄺ", "ㄻ", "ㄼ", "ㄽ", "ㄾ",
+        "ㄿ", "ㅀ", "ㅁ", "ㅂ", "ㅄ", "ㅅ", "ㅆ", "ㅇ", "ㅈ", "ㅊ", "ㅋ", "ㅌ", "ㅍ", "ㅎ"]
+
+
+def is_syllable(ch):
+    return "\uac00" <= ch <= "\ud7a3"
+
+
+def is_hangul(ch):
+    return is_syllable(ch) or "\u3131" <= ch <= "\u318e" or "\u1100" <= ch <= "\u11ff"
+
+
+def lang_of(text):
+    return "ko" if any(is_hangul(c) for c in text) else "en"
+
+
+def decompose(ch):
+    code = ord(ch) - 0xAC00
+    return code // 588, (code % 588) // 28, code % 28
+
+
+def compose(l, v, t):
+    return chr(0xAC00 + l * 588 + v * 28 + t)
+
+
+def has_batchim(word):
+    for ch in reversed(word):
+        if is_syllable(ch):
+            return decompose(ch)[2] != 0
+        if ch.isalnum():
+            return False
+    return False
+
+
+def rieul_final(word):
+    for ch in reversed(word):
+        if is_syllable(ch):
+            return decompose(ch)[2] == 8
+    return False
+
+
+def josa(word, pair):
+    """Attach a Korean particle: pair is 'with_batchim/without', e.g. '을/를'."""
+    a, b = pair.split("/")
+    if pair == "으로/로" and rieul_final(word):
+        return word + b
+    return word + (a if has_batchim(word) else b)
+
+
+# Dubeolsik keyboard rows; neighbours are the keys left/right on the same row.
+_KO_ROWS = ["ㅂㅈㄷㄱㅅ", "ㅁㄴㅇㄹㅎ", "ㅋㅌㅊㅍ", "ㅛㅕㅑㅐㅔ", "ㅗㅓㅏㅣ", "ㅠㅜㅡ"]
+KO_NEIGHBOURS = {}
+for _row in _KO_ROWS:
+    for _i, _c in enumerate(_row):
+        KO_NEIGHBOURS[_c] = [_row[j] for j in (_i - 1, _i + 1) if 0 <= j < len(_row)]
+# Missed / extra shift key and the classic ㅐ/ㅔ confusion.
+for _a, _b in [("ㄱ", "ㄲ"), ("ㄷ", "ㄸ"), ("ㅂ", "ㅃ"), ("ㅅ", "ㅆ"), ("ㅈ", "ㅉ"),
+               ("ㅐ", "ㅒ"), ("ㅔ", "ㅖ"), ("ㅐ", "ㅔ")]:
+    KO_NEIGHBOURS.setdefault(_a, []).append(_b)
+    KO_NEIGHBOURS.setdefault(_b, []).append(_a)
+
+# Frequent real-world misspellings / chat spellings (old, new).
+KO_REPLACEMENTS = [
+    ("습니다", "슴니다"), ("합니다", "함니다"), ("니다", "니당"), ("세요", "세여"),
+    ("세요", "새요"), ("세요", "세용"), ("주세요", "주세여"), ("돼요", "되요"),
+    ("됐", "됬"), ("거예요", "거에요"), ("했어", "햇어"), ("있어", "잇어"),
+    ("있어", "있엉"), ("없어", "업어"), ("맛있", "마싯"), ("뭐", "머"), ("뭐", "모"),
+    ("뭐야", "뭐냐"), ("누구야", "누구냐"), ("해줘", "해조"), ("해줘", "해줭"),
+    ("알려줘", "알랴줘"), ("알려줘", "알려져"), ("고마워", "고마어"), ("고마워", "고마웡"),
+    ("안녕", "안뇽"), ("안녕", "안농"), ("안녕", "앙녕"), ("반가워", "방가워"),
+    ("반가워", "반가와"), ("좀", "쫌"), ("진짜", "진자"), ("진짜", "찐"),
+    ("어떻게", "어떠케"), ("어떻게", "어케"), ("어떡해", "어떡케"), ("근데", "근대"),
+    ("그리고", "그리구"), ("할 수", "할수"), ("먹고 싶", "먹고싶"), ("싶어", "시퍼"),
+    ("싶어", "싶당"), ("이야", "이얌"), ("거야", "거얌"), ("괜찮", "괜찬"),
+    ("감사", "감솨"), ("다음에", "담에"), ("나중에", "담에"), ("잘가", "잘가라"), ("이에요", "이예요"), ("예요", "에요"), ("주라", "줘"),
+    ("알려", "갈켜"), ("근처", "근쳐"), ("식당", "식땅"), ("급식카드", "급식 카드"),
+    ("급식카드", "급카"), ("떡볶이", "떡뽁이"), ("떡볶이", "떡복이"),
+    ("돈까스", "돈가스"), ("짜장면", "자장면"), ("김밥", "김빱"), ("치킨", "치킹"),
+]
+
+EN_REPLACEMENTS = [
+    ("what's", "whats"), ("what is", "whats"), ("i'm", "im"), ("i'm", "i am"),
+    ("you're", "youre"), ("you're", "ur"), ("your", "ur"), ("you", "u"), ("you", "ya"),
+    ("are", "r"), ("thanks", "thx"), ("thanks", "thanx"), ("thanks", "tnx"),
+    ("thank you", "thank u"), ("thank you", "thankyou"), ("please", "pls"),
+    ("please", "plz"), ("okay", "ok"), ("ok", "okay"), ("see you", "see ya"),
+    ("see you", "c u"), ("going", "goin"), ("what", "wat"), ("because", "cuz"),
+    ("tomorrow", "tmrw"), ("don't", "dont"), ("can't", "cant"), ("good night", "gnight"),
+    ("how are", "how r"), ("hello", "helo"), ("hello", "hellooo"), ("hey", "heyy"),
+    ("tonight", "tonite"), ("want to", "wanna"), ("going to", "gonna"),
+    ("got to", "gotta"), ("restaurant", "restaurent"),
+]
+
+QWERTY_ROWS = ["qwertyuiop", "asdfghjkl", "zxcvbnm"]
+QWERTY_NEIGHBOURS = {}
+for _row in QWERTY_ROWS:
+    for _i, _c in enumerate(_row):
+        QWERTY_NEIGHBOURS[_c] = [_row[j] for j in (_i - 1, _i + 1) if 0 <= j < len(_row)]
+
+# --------------------------------------------------------------------------
+# Per-intent decoration vocab
+# --------------------------------------------------------------------------
+KO_SUFFIX_COMMON = ["!", "!!", "~", "~~", ".", "ㅎㅎ", "ㅋㅋ", "^^", " ㅎㅎ", " ^^", "!!!",
+                    "~!", " 😊", "😊", "ㅎ", " ㅋㅋ", "~ㅎㅎ", "!ㅎㅎ"]
+EN_SUFFIX_COMMON = ["!", "!!", ".", " :)", " :D", " 😊", "!!!", "~", " 😄", ""]
+SUFFIX_EXTRA = {
+    "greeting": (["?", " 👋", "👋", " 🙂", "~~ 👋", "ㅎㅇ"], ["?", " 👋", "👋", "! 👋", " 🙂"]),
+    "thanks": ([" 🙏", "🙏", " ❤️", " 👍", "ㅠㅠ", "!! 🙏", " 🥰"], [" 🙏", "🙏", " ❤️", " 👍", "!! 🙏", " <3"]),
+    "goodbye": ([" 👋", "👋", " 🙌", "~~ 👋", " 😴"], [" 👋", "👋", "! 👋", " 🙌", " xoxo"]),
+    "help": (["?", "??", "?!", " ?", "ㅠㅠ", " 🤔", "? ㅎㅎ", "?ㅠ"], ["?", "??", " ?", " 🤔", "?!"]),
+    "identity": (["?", "??", "?!", "ㅋㅋ", " 🤔", " 🤖", "?ㅋㅋ", "? ㅎㅎ"], ["?", "??", " 🤔", " 🤖", "? lol", "?!"]),
+    "other": (["?", "??", "ㅠㅠ", " ㅠ", "...", " 🙏", "!"], ["?", "??", "...", " pls", " please", "!"]),
+}
+KO_DROP = {"thanks": {"?"}, "goodbye": {"?"}}
+KO_PREFIX = {
+    "greeting": ["저기", "음", "아", "어", "야", "오", "저기요", "봇아", "챗봇아", "음..", "아아"],
+    "thanks": ["와", "오", "우와", "아", "헐", "음", "와 진짜", "오오", "아하", "오케이"],
+    "goodbye": ["그럼", "자", "이제", "음", "아", "오케이", "ㅇㅋ", "넵", "알겠어", "그럼 이제"],
+    "help": ["저기", "음", "근데", "저기요", "그래서", "아", "봇아", "챗봇아", "음..", "혹시"],
+    "identity": ["근데", "저기", "음", "야", "아", "궁금한데", "그래서", "잠깐", "혹시", "근데 진짜"],
+    "other": ["저기", "음", "아", "근데", "혹시", "저기요", "그럼", "음..", "아 맞다", "있잖아"],
+}
+EN_PREFIX = {
+    "greeting": ["hey,", "oh", "um", "well", "oh hey,", "yo"],
+    "thanks": ["oh", "wow", "ok", "ah", "oh nice,", "great,", "cool,"],
+    "goodbye": ["ok", "alright", "well", "ok then", "anyway", "okay,", "alright then,"],
+    "help": ["hey,", "um", "so", "uh", "hmm", "sorry,", "quick question,"],
+    "identity": ["hey,", "so", "um", "wait", "btw", "hmm", "just curious,"],
+    "other": ["hey,", "um", "so", "ok", "btw", "uh", "hmm", "also"],
+}
+GREETING_LEAD = {
+    "ko": ["안녕", "안녕하세요", "ㅎㅇ", "하이", "반가워", "안뇽"],
+    "en": ["hi", "hello", "hey", "hi there", "hey there"],
+}
+KO_MIX_CONNECT = ["", "", "", "", "근데 ", "그리고 ", "아 근데 ", "혹시 ", "그럼 ", "참 ",
+                  "아 맞다 ", "그런데 ", "질문 있는데 "]
+EN_MIX_CONNECT = ["", "", "", "", "also ", "and ", "btw ", "oh and ", "by the way, ", "so ",
+                  "quick question: ", "one more thing, "]
+MIX_SEPS = [", ", "! ", " ", "~ ", "\n", ". ", "!! ", " ㅎㅎ ", "~~ "]
+MIX_SEPS_EN = [", ", "! ", " ", "~ ", "\n", ". ", "!! ", " - "]
+# Probability that the trivial part comes first in a composed message.
+TRIVIAL_FIRST = {"greeting": 0.85, "identity": 0.75, "help": 0.7, "thanks": 0.5, "goodbye": 0.35}
+MIX_INTENT_WEIGHTS = [("greeting", 30), ("thanks", 25), ("goodbye", 15), ("help", 15), ("identity", 15)]
+
+# --------------------------------------------------------------------------
+# Request templates
+# --------------------------------------------------------------------------
+KO_FOODS = ["짜장면", "짬뽕", "떡볶이", "김밥", "치킨", "돈까스", "라면", "햄버거", "피자",
+            "국밥", "순대", "김치찌개", "된장찌개", "비빔밥", "칼국수", "우동", "초밥", "마라탕",
+            "제육볶음", "볶음밥", "샌드위치", "토스트", "쌀국수", "냉면", "만두", "떡국", "카레",
+            "오므라이스", "부대찌개", "닭갈비", "순두부찌개", "죽", "도시락", "주먹밥", "덮밥",
+            "탕수육", "핫도그", "샐러드", "파스타", "돈가스", "삼각김밥", "컵밥", "쫄면",
+            "잔치국수", "콩나물국밥", "치즈돈까스", "불고기", "순대국", "백반", "분식"]
+KO_PLACES = ["우리 학교", "학교", "집", "우리 집", "강남역", "홍대입구역", "신촌", "잠실",
+             "수원역", "부산역", "서면", "대전역", "노원역", "성수동", "합정역", "건대입구역",
+             "우리 동네", "학원", "지하철역", "버스 정류장", "도서관", "공원", "시청", "서현역",
+             "일산", "마포구", "관악구", "강서구", "인천 구월동", "광주 충장로", "대구 동성로",
+             "여기", "지금 위치", "청주 터미널", "전주 한옥마을", "제주시청", "안양역", "의정부역"]
+KO_TEMPLATES = [
+    "{place} 근처 {food} 집 추천해줘",
+    "{place} 근처 {food}집 추천해 주세요",
+    "{food} 먹고 싶은데 급식카드 되는 곳 있어?",
+    "{place}에서 {food} 먹을 수 있는 데 있어?",
+    "{place} 쪽에 {food} 맛집 알려줘",
+    "{food:을/를} 급식카드로 먹을 수 있어?",
+    "{food} 파는 곳 중에 급식카드 되는 데",
+    "{place} 주변 {food} 가게 지금 열었어?",
+    "{place} 근처에 싼 {food} 집 있어?",
+    "오늘 {food:이/가} 너무 먹고 싶어",
+    "{food:이랑/랑} {food2} 중에 뭐 먹지?",
+    "{food} 말고 다른 거 추천해줘",
+    "{place}에서 가까운 {food} 집 어디야",
+    "{food} 보통 얼마쯤 해?",
+    "{food} 배달 되는 곳 있어?",
+    "{place} 근처 {food} 맛있는 데 어디야?",
+    "{food} 먹으러 갈 건데 {place} 근처에 있어?",
+    "저녁에 {food} 먹고 싶은데 어디가 좋아?",
+    "점심으로 {food} 어때?",
+    "{place} 근처에 일요일에도 여는 {food} 집 있어?",
+    "{place} {food} 집 몇 시까지 해?",
+    "{place} 근처 {food} 집 급식카드 돼요?",
+    "{food} 5000원 이하로 먹을 수 있는 곳",
+    "{place} 앞에 {food} 파는 데 알려줘",
+    "{food} 포장 되는 데 {place} 근처에 있어?",
+    "혼자 {food} 먹을 수 있는 곳 {place} 근처에",
+    "{place}에서 걸어갈 수 있는 {food} 집",
+    "{place} 근처 급식카드 가맹점 중에 {food} 집 있어요?",
+    "{food} 땡기는데 어디 가지",
+    "{place} 근처에 {food} 말고 {food2} 파는 곳",
+    "{food} 맛집 {place}",
+    "{place} {food}",
+    "{food} 먹고 싶어요 {place} 근처로 찾아주세요",
+    "급식카드로 {food} 사 먹을 수 있는 데 {place}에 있나요?",
+    "{place} 근처에 지금 문 연 {food} 집",
+    "{food} 먹어도 돼? 급식카드로",
+    "{place} 가는 길에 {food} 먹을 데",
+    "아 {food} 먹고 싶다 {place} 근처에 없나",
+]
+EN_FOODS = [  # (form used before "place", plural/mass form)
+    ("pizza", "pizza"), ("burger", "burgers"), ("fried chicken", "fried chicken"),
+    ("tteokbokki", "tteokbokki"), ("kimbap", "kimbap"), ("jajangmyeon", "jajangmyeon"),
+    ("ramen", "ramen"), ("noodle", "noodles"), ("sandwich", "sandwiches"), ("sushi", "sushi"),
+    ("bibimbap", "bibimbap"), ("dumpling", "dumplings"), ("pasta", "pasta"), ("curry", "curry"),
+    ("fried rice", "fried rice"), ("hot dog", "hot dogs"), ("tonkatsu", "tonkatsu"),
+    ("salad", "salad"), ("soup", "soup"), ("toast", "toast"), ("udon", "udon"),
+    ("chicken", "chicken"), ("bulgogi", "bulgogi"), ("Chinese food", "Chinese food"),
+    ("Korean food", "Korean food"), ("gimbap", "gimbap"), ("cup noodle", "cup noodles"),
+    ("dosirak", "dosirak"), ("taco", "tacos"), ("rice bowl", "rice bowls"),
+]
+EN_PLACES = ["my school", "school", "my house", "home", "here", "Gangnam Station", "Hongdae",
+             "Sinchon", "Jamsil", "the library", "the subway station", "my academy", "the park",
+             "Busan Station", "City Hall", "Seoul Station", "Suwon Station", "my apartment",
+             "the bus stop", "me", "Itaewon", "Myeongdong", "my hagwon", "Daejeon Station"]
+EN_TEMPLATES = [
+    "where can I get {food} near {place}?",
+    "any {food_a} places near {place}?",
+    "I want {food} for lunch",
+    "is there a {food_a} place open near {place}?",
+    "cheap {food} around {place}",
+    "can I buy {food} with my meal card?",
+    "best {food} near {place}?",
+    "where can I eat {food} with my card?",
+    "I'm craving {food}, any place near {place}?",
+    "{food} near {place} that takes the meal card",
+    "how much does {food} usually cost?",
+    "recommend a {food_a} place near {place}",
+    "I want {food}, where should I go?",
+    "is there a place near {place} that sells {food}?",
+    "{food} or {food2}? which one should I eat?",
+    "find {food} near {place}",
+    "anywhere near {place} open on sunday for {food}?",
+    "does the {food_a} place near {place} accept the card?",
+    "can I get {food} delivered to my house?",
+    "something other than {food} near {place}",
+    "I'm hungry, is there {food} near {place}?",
+    "which {food_a} place near {place} takes the children's meal card?",
+    "{food} place near {place} open now",
+    "can you find {food} near {place}?",
+    "what time does the {food_a} place near {place} close?",
+    "I feel like {food} tonight",
+]
+
+# --------------------------------------------------------------------------
+# Seed loading
+# --------------------------------------------------------------------------
+
+
+def load_seeds():
+    """Return list of dicts: intent, section, text (in file order, intents in fixed order)."""
+    seeds = []
+    for intent in INTENTS:
+        path = os.path.join(SEED_DIR, intent + ".txt")
+        section = "main" if intent != "other" else "request"
+        seen = set()
+        with open(path, encoding="utf-8") as f:
+            for raw in f:
+                line = unicodedata.normalize("NFC", raw.rstrip("\n")).strip()
+                if not line:
+                    continue
+                if line.startswith("#"):
+                    body = line.lstrip("#").strip()
+                    if body.startswith("[") and body.endswith("]"):
+                        section = body[1:-1].strip()
+                    continue
+                if line in seen:
+                    continue
+                seen.add(line)
+                seeds.append({"intent": intent, "section": section, "text": line})
+    return seeds
+
+
+# --------------------------------------------------------------------------
+# Augmentation primitives
+# --------------------------------------------------------------------------
+
+
+def split_tail(text):
+    """Split into (core, tail) where tail is trailing punctuation / emoji / spaces."""
+    i = len(text)
+    while i > 0 and not text[i - 1].isalnum():
+        i -= 1
+    return text[:i], text[i:]
+
+
+def ko_jamo_typo(rng, s):
+    idx = [i for i, c in enumerate(s) if is_syllable(c)]
+    if len(idx) < 2:
+        return None
+    rng_idx = idx[:]
+    i = rng.choice(rng_idx)
+    l, v, t = decompose(s[i])
+    which = rng.choice(["cho", "jung", "jung"])
+    if which == "cho":
+        cands = KO_NEIGHBOURS.get(CHO[l], [])
+        cands = [c for c in cands if c in CHO]
+        if not cands:
+            return None
+        l = CHO.index(rng.choice(cands))
+    else:
+        cands = KO_NEIGHBOURS.get(JUNG[v], [])
+        cands = [c for c in cands if c in JUNG]
+        if not cands:
+            return None
+        v = JUNG.index(rng.choice(cands))
+    return s[:i] + compose(l, v, t) + s[i + 1:]
+
+
+def ko_replacement(rng, s):
+    cands = [(a, b) for a, b in KO_REPLACEMENTS if a in s and a != b]
+    if not cands:
+        return None
+    a, b = rng.choice(cands)
+    # replace one occurrence (the last one: endings matter most)
+    pos = s.rfind(a)
+    return s[:pos] + b + s[pos + len(a):]
+
+
+def ko_ending(rng, s):
+    """요/용/여/염 style ending variants and cute final-ㅇ (고마워 -> 고마웡)."""
+    if not s or not is_syllable(s[-1]):
+        return None
+    last = s[-1]
+    if last == "요":
+        return s[:-1] + rng.choice(["용", "여", "염", "욤", "요오"])
+    if s.endswith("니다"):
+        return s[:-1] + rng.choice(["당", "닷", "다아"])
+    l, v, t = decompose(last)
+    if last in "어워아와해줘지게래":
+        pick = rng.choice(["ng", "yong", "yo"])
+    elif t == 0:
+        pick = "ng"
+    else:
+        return None
+    if pick == "ng":
+        return s[:-1] + compose(l, v, 21)  # add final ㅇ
+    if pick == "yong":
+        return s + "용"
+    return s + "요"
+
+
+def ko_space_remove(rng, s):
+    if " " not in s:
+        return None
+    if rng.random() < 0.6:
+        return s.replace(" ", "")
+    parts = s.split(" ")
+    j = rng.randrange(len(parts) - 1)
+    return " ".join(parts[:j]) + (" " if j else "") + parts[j] + parts[j + 1] + \
+        ("" if j + 2 >= len(parts) else " " + " ".join(parts[j + 2:]))
+
+
+def ko_space_insert(rng, s):
+    positions = [i for i in range(1, len(s) - 1)
+                 if is_syllable(s[i - 1]) and is_syllable(s[i]) and is_syllable(s[i + 1]) and
+                 (i < 2 or s[i - 2] != " ")]
+    if not positions:
+        return None
+    i = rng.choice(positions)
+    return s[:i] + " " + s[i:]
+
+
+def repeat_short(rng, s):
+    if not s or len(s.replace(" ", "")) > 5 or " " in s:
+        return None
+    return rng.choice([s + s, s + " " + s, s + s + s if len(s) <= 2 else s + " " + s])
+
+
+def en_casing(rng, s):
+    mode = rng.choice(["lower", "lower", "cap", "cap", "upper", "title"])
+    if mode == "lower":
+        r = s.lower()
+    elif mode == "upper":
+        r = s.upper()
+    elif mode == "title":
+        r = s.title()
+    else:
+        r = s[:1].upper() + s[1:]
+    return r if r != s else None
+
+
+def en_replacement(rng, s):
+    low = s.lower()
+    cands = []
+    for a, b in EN_REPLACEMENTS:
+        pos = low.find(a)
+        while pos != -1:
+            before_ok = pos == 0 or not low[pos - 1].isalnum()
+            end = pos + len(a)
+            after_ok = end == len(low) or not low[end].isalnum()
+            if before_ok and after_ok:
+                cands.append((pos, a, b))
+                break
+            pos = low.find(a, pos + 1)
+    if not cands:
+        return None
+    pos, a, b = rng.choice(cands)
+    return s[:pos] + b + s[pos + len(a):]
+
+
+def en_typo(rng, s):
+    words = [(i, w) for i, w in enumerate(s.split(" ")) if len(w) >= 4 and w.isalpha()]
+    if not words:
+        return None
+    wi, w = rng.choice(words)
+    kind = rng.choice(["swap", "drop", "double", "neighbour"])
+    j = rng.randrange(1, len(w) - 1) if len(w) > 2 else 1
+    if kind == "swap":
+        nw = w[:j] + w[j + 1] + w[j] + w[j + 2:]
+    elif kind == "drop":
+        nw = w[:j] + w[j + 1:]
+    elif kind == "double":
+        nw = w[:j] + w[j] + w[j:]
+    else:
+        c = w[j].lower()
+        if c not in QWERTY_NEIGHBOURS:
+            return None
+        nw = w[:j] + rng.choice(QWERTY_NEIGHBOURS[c]) + w[j + 1:]
+    if nw == w:
+        return None
+    parts = s.split(" ")
+    parts[wi] = nw
+    return " ".join(parts)
+
+
+def en_elongate(rng, s):
+    if not s or not s[-1].isalpha() or s[-1].lower() not in "aeiouyshn":
+        return None
+    return s + s[-1] * rng.choice([1, 2, 3])
+
+
+def en_repeat(rng, s):
+    if " " in s or len(s) > 5:
+        return None
+    return rng.choice([s + " " + s, s + s]) if len(s) <= 3 else s + " " + s
+
+
+# --------------------------------------------------------------------------
+# Variant generation
+# --------------------------------------------------------------------------
+
+
+def clean(text):
+    text = text.strip()
+    while "  " in text:
+        text = text.replace("  ", " ")
+    return text
+
+
+def pick_suffix(rng, intent, lang):
+    extra_ko, extra_en = SUFFIX_EXTRA[intent]
+    if lang == "ko":
+        pool = [s for s in KO_SUFFIX_COMMON + extra_ko + extra_ko
+                if s.strip() not in KO_DROP.get(intent, set())]
+    else:
+        pool = EN_SUFFIX_COMMON + extra_en + extra_en
+    if intent in ("help", "identity"):
+        # questions: keep them question-like most of the time
+        if rng.random() < 0.6:
+            pool = [s for s in pool if "?" in s] or pool
+    return rng.choice(pool)
+
+
+def make_variant(rng, text, intent, lang, light=False):
+    core, tail = split_tail(text)
+    if not core:  # e.g. "?", "😊", "..."
+        return text + rng.choice(["", text[-1:], text[-1:] * 2]) if text else None
+    ops_ko = [("typo", 2), ("repl", 4), ("ending", 2), ("sp_rm", 2), ("sp_ins", 1), ("repeat", 1)]
+    ops_en = [("case", 4), ("repl", 3), ("typo", 2), ("elong", 1), ("repeat", 1)]
+    ops = ops_ko if lang == "ko" else ops_en
+    n_ops = rng.choice([0, 1, 1, 1, 2] if not light else [0, 0, 1, 1])
+    for _ in range(n_ops):
+        total = sum(w for _, w in ops)
+        r = rng.uniform(0, total)
+        acc = 0
+        op = ops[-1][0]
+        for name, w in ops:
+            acc += w
+            if r <= acc:
+                op = name
+                break
+        if lang == "ko":
+            fn = {"typo": ko_jamo_typo, "repl": ko_replacement, "ending": ko_ending,
+                  "sp_rm": ko_space_remove, "sp_ins": ko_space_insert, "repeat": repeat_short}[op]
+        else:
+            fn = {"case": en_casing, "repl": en_replacement, "typo": en_typo,
+                  "elong": en_elongate, "repeat": en_repeat}[op]
+        if light and op in ("repeat", "ending") and intent == "other":
+            continue
+        new = fn(rng, core)
+        if new:
+            core = new
+    # tail / suffix
+    r = rng.random()
+    if r < 0.55:
+        tail = pick_suffix(rng, intent, lang)
+    elif r < 0.7:
+        tail = ""
+    # prefix
+    prefix = ""
+    p_prefix = 0.18 if light else 0.28
+    if rng.random() < p_prefix:
+        prefix = rng.choice((KO_PREFIX if lang == "ko" else EN_PREFIX)[intent])
+        sep = rng.choice([" ", " ", ", ", "~ "]) if lang == "ko" and not prefix.endswith(("..", ",")) else " "
+        if lang == "en" and prefix.endswith(","):
+            sep = " "
+        prefix = prefix + sep
+        if lang == "en" and core[:1].isupper() and not core.startswith(("I ", "I'", "I")):
+            core = core[:1].lower() + core[1:]
+    elif intent in ("help", "identity") and rng.random() < P_GREETING_LEAD / 0.72:
+        lead = rng.choice(GREETING_LEAD[lang])
+        sep = rng.choice(["! ", ", ", "~ ", " ", "!! "]) if lang == "ko" else rng.choice(["! ", ", ", " "])
+        prefix = lead + sep
+    out = clean(prefix + core + tail)
+    if lang == "en" and rng.random() < 0.08:
+        out = out.lower()
+    return out
+
+
+def variants_for(rng, seed, n, light):
+    text, intent = seed["text"], seed["intent"]
+    lang = lang_of(text)
+    out = [text]
+    seen = {text}
+    tries = 0
+    while len(out) < n + 1 and tries < n * 12:
+        tries += 1
+        v = make_variant(rng, text, intent, lang, light=light)
+        if not v or v in seen or len(v) > MAX_LEN:
+            continue
+        # never let an augmentation change the language of the text
+        if lang_of(v) != lang:
+            continue
+        seen.add(v)
+        out.append(v)
+    return out
+
+
+# --------------------------------------------------------------------------
+# Templates
+# --------------------------------------------------------------------------
+
+
+def fill_ko(rng, tpl):
+    food = rng.choice(KO_FOODS)
+    food2 = rng.choice([f for f in KO_FOODS if f != food])
+    place = rng.choice(KO_PLACES)
+    out = tpl
+    for key, word in (("food", food), ("food2", food2), ("place", place)):
+        while "{" + key + ":" in out:
+            start = out.index("{" + key + ":")
+            end = out.index("}", start)
+            pair = out[start + len(key) + 2:end]
+            out = out[:start] + josa(word, pair) + out[end + 1:]
+        out = out.replace("{" + key + "}", word)
+    out = out.replace("여기 근처", "이 근처").replace("여기에서", "여기서")
+    return out
+
+
+def fill_en(rng, tpl):
+    fa, fp = rng.choice(EN_FOODS)
+    fa2, fp2 = rng.choice([f for f in EN_FOODS if f[0] != fa])
+    place = rng.choice(EN_PLACES)
+    out = tpl.replace("{food_a}", fa).replace("{food2}", fp2).replace("{food}", fp)
+    out = out.replace("{place}", place)
+    out = out.replace("near here", "near here").replace("around me", "around me")
+    return out[:1].upper() + out[1:] if rng.random() < 0.4 else out
+
+
+def template_items(rng):
+    groups = []
+    for lang, tpls, filler in (("ko", KO_TEMPLATES, fill_ko), ("en", EN_TEMPLATES, fill_en)):
+        for ti, tpl in enumerate(tpls):
+            texts, seen = [], set()
+            tries = 0
+            while len(texts) < N_TEMPLATE_FILLS[lang] and tries < 400:
+                tries += 1
+                t = filler(rng, tpl)
+                if rng.random() < 0.35:
+                    t = make_variant(rng, t, "other", lang, light=True)
+                t = clean(t)
+                if t in seen or len(t) > MAX_LEN or lang_of(t) != lang:
+                    continue
+                seen.add(t)
+                texts.append(t)
+            groups.append({"key": "other|tpl|%s|%02d" % (lang, ti), "intent": "other",
+                           "section": "template", "lang": lang, "texts": texts})
+    return groups
+
+
+# --------------------------------------------------------------------------
+# Grouping / splitting
+# --------------------------------------------------------------------------
+
+
+def norm_key(text):
+    t = unicodedata.normalize("NFKC", text).lower()
+    k = "".join(c for c in t if c.isalnum())
+    return k if k else text.strip()
+
+
+class DSU:
+    def __init__(self, n):
+        self.p = list(range(n))
+
+    def find(self, x):
+        while self.p[x] != x:
+            self.p[x] = self.p[self.p[x]]
+            x = self.p[x]
+        return x
+
+    def union(self, a, b):
+        a, b = self.find(a), self.find(b)
+        if a != b:
+            if a > b:
+                a, b = b, a
+            self.p[b] = a
+
+
+def assign_splits(rng, clusters):
+    """clusters: list of dicts with key, intent, lang, size. Greedy stratified by (intent, lang)."""
+    strata = defaultdict(list)
+    for c in clusters:
+        strata[(c["intent"], c["lang"])].append(c)
+    assignment = {}
+    for stratum in sorted(strata):
+        cl = sorted(strata[stratum], key=lambda c: c["key"])
+        rng.shuffle(cl)
+        cl.sort(key=lambda c: -c["size"])  # stable: big groups first, ties keep shuffled order
+        counts = {s: 0 for s in SPLITS}
+        total = 0
+        for c in cl:
+            total += c["size"]
+            best = max(SPLITS, key=lambda s: (SPLIT_FRAC[s] * total - counts[s], -SPLITS.index(s)))
+            counts[best] += c["size"]
+            assignment[c["key"]] = best
+    return assignment
+
+
+# --------------------------------------------------------------------------
+# Composition: trivial phrase + request  ->  other
+# --------------------------------------------------------------------------
+
+
+def compose_mix(rng, trivial_text, trivial_intent, request_text, r_lang):
+    t_core, t_tail = split_tail(trivial_text)
+    trivial_first = rng.random() < TRIVIAL_FIRST[trivial_intent]
+    if trivial_first:
+        if t_tail.strip() and rng.random() < 0.6:
+            sep = rng.choice([" ", " ", "\n", "  "])
+            head = trivial_text
+        else:
+            seps = MIX_SEPS if r_lang == "ko" else MIX_SEPS_EN
+            sep = rng.choice(seps)
+            head = t_core
+        conn = rng.choice(KO_MIX_CONNECT if r_lang == "ko" else EN_MIX_CONNECT)
+        req = request_text
+        if conn and r_lang == "en" and req[:1].isupper() and not req.startswith(("I ", "I'")):
+            req = req[:1].lower() + req[1:]
+        text = head + sep + conn + req
+    else:
+        r_core, r_tail = split_tail(request_text)
+        if r_tail.strip() and rng.random() < 0.6:
+            body = request_text
+            sep = rng.choice([" ", "\n", " "])
+        else:
+            body = r_core
+            sep = rng.choice(MIX_SEPS if r_lang == "ko" else MIX_SEPS_EN)
+        text = body + sep + trivial_text
+    # keep newlines, squeeze double spaces elsewhere
+    text = "\n".join(clean(part) for part in text.split("\n"))
+    return text.strip()
+
+
+# --------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------
+
+
+def build(rng):
+    seeds = load_seeds()
+
+    # 1. seed groups with their augmentations
+    groups = []
+    for i, s in enumerate(seeds):
+        lang = lang_of(s["text"])
+        if s["intent"] in TRIVIAL:
+            n, light = N_VARIANTS[("trivial", lang)], False
+        elif s["section"] == "short":
+            n, light = N_VARIANTS[("short", lang)], True
+        else:
+            n, light = N_VARIANTS[("other", lang)], True
+        texts = variants_for(rng, s, n, light)
+        groups.append({"key": "%s|seed|%04d" % (s["intent"], i), "intent": s["intent"],
+                       "section": s["section"], "lang": lang, "texts": texts,
+                       "seed": s["text"]})
+    groups.extend(template_items(rng))
+
+    # 2. drop texts whose normalised form is claimed by two different intents
+    norm_intents = defaultdict(set)
+    for g in groups:
+        for t in g["texts"]:
+            norm_intents[norm_key(t)].add(g["intent"])
+    conflicts = sorted(k for k, v in norm_intents.items() if len(v) > 1)
+    conflict_set = set(conflicts)
+    n_dropped_conflict = 0
+    for g in groups:
+        kept = []
+        for t in g["texts"]:
+            if norm_key(t) in conflict_set:
+                n_dropped_conflict += 1
+            else:
+                kept.append(t)
+        g["texts"] = kept
+
+    # 3. union groups (same intent) sharing a normalised text -> near-duplicates stay together
+    dsu = DSU(len(groups))
+    owner = {}
+    for gi, g in enumerate(groups):
+        for t in g["texts"]:
+            k = norm_key(t)
+            if k in owner:
+                dsu.union(owner[k], gi)
+            else:
+                owner[k] = gi
+    clusters = defaultdict(list)
+    for gi in range(len(groups)):
+        clusters[dsu.find(gi)].append(gi)
+    cluster_list = []
+    for root in sorted(clusters):
+        members = clusters[root]
+        g0 = groups[members[0]]
+        size = sum(len(groups[m]["texts"]) for m in members)
+        cluster_list.append({"key": g0["key"], "intent": g0["intent"], "lang": g0["lang"],
+                             "size": size, "members": members})
+    assignment = assign_splits(rng, cluster_list)
+    split_of_group = {}
+    for c in cluster_list:
+        for m in c["members"]:
+            split_of_group[m] = assignment[c["key"]]
+
+    # 4. collect items, exact dedup inside (split, text)
+    items = []  # (split, text, intent, origin)
+    for gi, g in enumerate(groups):
+        for t in g["texts"]:
+            items.append((split_of_group[gi], t, g["intent"], g["section"]))
+
+    # 5. compositions, built only from pieces of the same split
+    trivial_pool = {(s, it, lg): [] for s in SPLITS for it in TRIVIAL for lg in ("ko", "en")}
+    for gi, g in enumerate(groups):
+        if g["intent"] in TRIVIAL:
+            for t in g["texts"]:
+                trivial_pool[(split_of_group[gi], g["intent"], lang_of(t))].append(t)
+    taken_norm = {}
+    for s, t, it, _ in items:
+        taken_norm.setdefault(norm_key(t), set()).add((s, it))
+    mix_items = []
+    intents_w = [it for it, w in MIX_INTENT_WEIGHTS for _ in range(w)]
+    for gi, g in enumerate(groups):
+        if g["intent"] != "other" or g["section"] not in ("request", "chat", "hardneg", "template"):
+            continue
+        split = split_of_group[gi]
+        if g["section"] == "template":
+            bases = [t for t in g["texts"] if rng.random() < P_MIX_PER_TEMPLATE_FILL]
+        else:
+            bases = [g["texts"][0]] * (N_MIX_PER_SEED // 2) + \
+                    [rng.choice(g["texts"]) for _ in range(N_MIX_PER_SEED - N_MIX_PER_SEED // 2)]
+        for base in bases:
+            r_lang = lang_of(base)
+            t_intent = rng.choice(intents_w)
+            t_lang = r_lang if rng.random() < 0.92 else ("en" if r_lang == "ko" else "ko")
+            pool = trivial_pool[(split, t_intent, t_lang)]
+            if not pool:
+                continue
+            trivial_text = rng.choice(pool)
+            text = compose_mix(rng, trivial_text, t_intent, base, r_lang)
+            if not text or len(text) > MAX_LEN:
+                continue
+            k = norm_key(text)
+            prev = taken_norm.get(k)
+            if prev and any(ps != split or pit != "other" for ps, pit in prev):
+                continue  # would leak across splits or clash with a trivial label
+            taken_norm.setdefault(k, set()).add((split, "other"))
+            mix_items.append((split, text, "other", "mix"))
+    items.extend(mix_items)
+
+    # 6. exact dedup by stripped text; drop texts with two labels
+    by_text = defaultdict(set)
+    for s, t, it, _ in items:
+        by_text[t.strip()].add(it)
+    out = {s: {} for s in SPLITS}
+    n_label_conflict = 0
+    for s, t, it, origin in items:
+        t = t.strip()
+        if len(by_text[t]) > 1:
+            n_label_conflict += 1
+            continue
+        if not t or len(t) > MAX_LEN:
+            continue
+        out[s].setdefault(t, it)
+
+    # 7. leakage checks
+    seen_split = {}
+    for s in SPLITS:
+        for t in out[s]:
+            assert t not in seen_split, "text in two splits: %r (%s, %s)" % (t, seen_split[t], s)
+            seen_split[t] = s
+    norm_split = {}
+    for s in SPLITS:
+        for t in out[s]:
+            k = norm_key(t)
+            assert norm_split.setdefault(k, s) == s, "near-duplicate across splits: %r" % t
+
+    stats = {"norm_conflicts": len(conflicts), "dropped_norm_conflict": n_dropped_conflict,
+             "dropped_label_conflict": n_label_conflict, "mix": len(mix_items)}
+    return out, stats
+
+
+def write(out, out_dir, rng):
+    os.makedirs(out_dir, exist_ok=True)
+    for s in SPLITS:
+        rows = sorted(out[s].items(), key=lambda kv: (kv[1], kv[0]))
+        rng.shuffle(rows)
+        path = os.path.join(out_dir, s + ".jsonl")
+        with open(path, "w", encoding="utf-8", newline="\n") as f:
+            for text, intent in rows:
+                f.write(json.dumps({"text": text, "intent": intent}, ensure_ascii=False) + "\n")
+
+
+def report(out, stats):
+    cnt = Counter()
+    for s in SPLITS:
+        for t, it in out[s].items():
+            cnt[(s, it, lang_of(t))] += 1
+    header = "| split | intent | ko | en | total |"
+    lines = [header, "|---|---|---:|---:|---:|"]
+    grand = Counter()
+    for s in SPLITS:
+        for it in INTENTS:
+            ko, en = cnt[(s, it, "ko")], cnt[(s, it, "en")]
+            lines.append("| %s | %s | %d | %d | %d |" % (s, it, ko, en, ko + en))
+            grand[(it, "ko")] += ko
+            grand[(it, "en")] += en
+        sko = sum(cnt[(s, it, "ko")] for it in INTENTS)
+        sen = sum(cnt[(s, it, "en")] for it in INTENTS)
+        lines.append("| %s | **all** | %d | %d | %d |" % (s, sko, sen, sko + sen))
+    for it in INTENTS:
+        ko, en = grand[(it, "ko")], grand[(it, "en")]
+        lines.append("| all | %s | %d | %d | %d |" % (it, ko, en, ko + en))
+    tko = sum(v for (it, lg), v in grand.items() if lg == "ko")
+    ten = sum(v for (it, lg), v in grand.items() if lg == "en")
+    total = tko + ten
+    lines.append("| all | **all** | %d | %d | %d |" % (tko, ten, total))
+    print("\n".join(lines))
+    other = grand[("other", "ko")] + grand[("other", "en")]
+    print()
+    print("total=%d  other=%.1f%%  english=%.1f%%  mixed(trivial+request)=%d  "
+          "dropped: cross-intent near-duplicates=%d, same text two labels=%d"
+          % (total, 100.0 * other / total, 100.0 * ten / total, stats["mix"],
+             stats["dropped_norm_conflict"], stats["dropped_label_conflict"]))
+    return cnt, total, other, ten
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=os.path.join(HERE, "data"), help="output directory")
+    args = ap.parse_args(argv)
+    rng = random.Random(SEED)
+    out, stats = build(rng)
+    write(out, args.out, rng)
+    cnt, total, other, ten = report(out, stats)
+    # sanity requirements
+    assert total >= 6000, total
+    for it in TRIVIAL:
+        n_train = cnt[("train", it, "ko")] + cnt[("train", it, "en")]
+        assert n_train >= 500, (it, n_train)
+    for it in INTENTS:
+        for lg in ("ko", "en"):
+            assert sum(cnt[(s, it, lg)] for s in SPLITS) > 0, (it, lg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

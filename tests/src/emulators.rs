@@ -1,0 +1,96 @@
+//! Google's Pub/Sub and Firestore emulators on free loopback ports.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::prereq::{self, Env};
+use crate::process::Group;
+use crate::{free_port, wait_for};
+
+/// Both emulators, running. Dropping this stops them (whole process groups).
+#[derive(Debug)]
+pub struct Emulators {
+    pub pubsub: Group,
+    pub firestore: Group,
+    /// `host:port` for `PUBSUB_EMULATOR_HOST`.
+    pub pubsub_host: String,
+    /// `host:port` for `FIRESTORE_EMULATOR_HOST`.
+    pub firestore_host: String,
+}
+
+/// How long the JVMs may take to come up on a loaded 2-core machine.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(90);
+
+impl Emulators {
+    /// Starts both emulators (in parallel) with logs in `log_dir`, and waits until both answer.
+    pub async fn start(log_dir: &Path) -> anyhow::Result<Self> {
+        let tools = prereq::emulator_tools(&Env::from_process())?;
+        let (ps_port, fs_port) = (free_port()?, free_port()?);
+        let pubsub_host = format!("127.0.0.1:{ps_port}");
+        let firestore_host = format!("127.0.0.1:{fs_port}");
+
+        let mut cmd = Command::new(&tools.pubsub);
+        cmd.arg("--host=127.0.0.1").arg(format!("--port={ps_port}"));
+        let pubsub = Group::spawn("pubsub-emulator", cmd, &log_dir.join(format!("pubsub-{ps_port}.log")))?;
+
+        let mut cmd = Command::new(&tools.firestore);
+        cmd.args(["start", "--host=127.0.0.1"]).arg(format!("--port={fs_port}"));
+        let firestore =
+            Group::spawn("firestore-emulator", cmd, &log_dir.join(format!("firestore-{fs_port}.log")))?;
+
+        let mut this = Self { pubsub, firestore, pubsub_host, firestore_host };
+        this.wait_ready().await?;
+        Ok(this)
+    }
+
+    async fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let http = reqwest::Client::new();
+        let ps_url = format!("http://{}/v1/projects/ready-check/topics", self.pubsub_host);
+        let fs_url = format!("http://{}/", self.firestore_host);
+        for (group, url) in [(&mut self.pubsub, ps_url), (&mut self.firestore, fs_url)] {
+            let name = group.name().to_owned();
+            let ready = wait_for(&name, READY_TIMEOUT, || {
+                let exited = group.try_wait();
+                let req = http.get(&url).timeout(Duration::from_secs(2)).send();
+                async move {
+                    if let Some(status) = exited {
+                        return Some(Err(status));
+                    }
+                    match req.await {
+                        Ok(r) if r.status().is_success() => Some(Ok(())),
+                        _ => None,
+                    }
+                }
+            })
+            .await;
+            match ready {
+                Ok(Ok(())) => {}
+                Ok(Err(status)) => anyhow::bail!(
+                    "{name} exited with {status} before it was ready; its log ends with:\n{}",
+                    group.log_tail(20)
+                ),
+                Err(e) => {
+                    return Err(e).with_context(|| format!("log {}:\n{}", group.log_path().display(), group.log_tail(20)));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The environment variables a client needs to reach these emulators.
+    pub fn env(&self) -> [(&'static str, String); 2] {
+        [
+            ("PUBSUB_EMULATOR_HOST", self.pubsub_host.clone()),
+            ("FIRESTORE_EMULATOR_HOST", self.firestore_host.clone()),
+        ]
+    }
+
+    /// Stops both emulators now (also done on drop).
+    pub fn stop(&mut self) {
+        self.pubsub.stop(Duration::from_secs(2));
+        self.firestore.stop(Duration::from_secs(2));
+    }
+}
