@@ -34,15 +34,15 @@ SEED_DIR = os.path.join(HERE, "seeds")
 # Augmented variants drawn per seed (the seed itself is always kept as well).
 N_VARIANTS = {
     ("trivial", "ko"): 16,
-    ("trivial", "en"): 15,
+    ("trivial", "en"): 12,
     ("other", "ko"): 4,
     ("other", "en"): 4,
     ("short", "ko"): 3,
     ("short", "en"): 3,
 }
-N_TEMPLATE_FILLS = {"ko": 26, "en": 26}
+N_TEMPLATE_FILLS = {"ko": 32, "en": 24}
 # Compositions (trivial phrase + request) made per request seed / template fill.
-N_MIX_PER_SEED = 6
+N_MIX_PER_SEED = 7
 P_MIX_PER_TEMPLATE_FILL = 0.25
 # Share of help/identity variants that get a leading greeting ("안녕! 너 누구야?").
 P_GREETING_LEAD = 0.10
@@ -126,7 +126,7 @@ KO_REPLACEMENTS = [
     ("어떻게", "어떠케"), ("어떻게", "어케"), ("어떡해", "어떡케"), ("근데", "근대"),
     ("그리고", "그리구"), ("할 수", "할수"), ("먹고 싶", "먹고싶"), ("싶어", "시퍼"),
     ("싶어", "싶당"), ("이야", "이얌"), ("거야", "거얌"), ("괜찮", "괜찬"),
-    ("감사", "감솨"), ("다음에", "담에"), ("나중에", "담에"), ("잘가", "잘가라"), ("이에요", "이예요"), ("예요", "에요"), ("주라", "줘"),
+    ("감사", "감솨"), ("다음에", "담에"), ("나중에", "담에"), ("잘가", "잘가라"), ("이에요", "이예요"), ("예요", "에요"),
     ("알려", "갈켜"), ("근처", "근쳐"), ("식당", "식땅"), ("급식카드", "급식 카드"),
     ("급식카드", "급카"), ("떡볶이", "떡뽁이"), ("떡볶이", "떡복이"),
     ("돈까스", "돈가스"), ("짜장면", "자장면"), ("김밥", "김빱"), ("치킨", "치킹"),
@@ -158,9 +158,9 @@ KO_SUFFIX_COMMON = ["!", "!!", "~", "~~", ".", "ㅎㅎ", "ㅋㅋ", "^^", " ㅎ�
                     "~!", " 😊", "😊", "ㅎ", " ㅋㅋ", "~ㅎㅎ", "!ㅎㅎ"]
 EN_SUFFIX_COMMON = ["!", "!!", ".", " :)", " :D", " 😊", "!!!", "~", " 😄", ""]
 SUFFIX_EXTRA = {
-    "greeting": (["?", " 👋", "👋", " 🙂", "~~ 👋", "ㅎㅇ"], ["?", " 👋", "👋", "! 👋", " 🙂"]),
+    "greeting": (["?", " 👋", "👋", " 🙂", "~~ 👋", "~ 🙂"], ["?", " 👋", "👋", "! 👋", " 🙂"]),
     "thanks": ([" 🙏", "🙏", " ❤️", " 👍", "ㅠㅠ", "!! 🙏", " 🥰"], [" 🙏", "🙏", " ❤️", " 👍", "!! 🙏", " <3"]),
-    "goodbye": ([" 👋", "👋", " 🙌", "~~ 👋", " 😴"], [" 👋", "👋", "! 👋", " 🙌", " xoxo"]),
+    "goodbye": ([" 👋", "👋", " 🙌", "~~ 👋", " 😊"], [" 👋", "👋", "! 👋", " 🙌", " xoxo"]),
     "help": (["?", "??", "?!", " ?", "ㅠㅠ", " 🤔", "? ㅎㅎ", "?ㅠ"], ["?", "??", " ?", " 🤔", "?!"]),
     "identity": (["?", "??", "?!", "ㅋㅋ", " 🤔", " 🤖", "?ㅋㅋ", "? ㅎㅎ"], ["?", "??", " 🤔", " 🤖", "? lol", "?!"]),
     "other": (["?", "??", "ㅠㅠ", " ㅠ", "...", " 🙏", "!"], ["?", "??", "...", " pls", " please", "!"]),
@@ -193,7 +193,10 @@ EN_MIX_CONNECT = ["", "", "", "", "also ", "and ", "btw ", "oh and ", "by the wa
 MIX_SEPS = [", ", "! ", " ", "~ ", "\n", ". ", "!! ", " ㅎㅎ ", "~~ "]
 MIX_SEPS_EN = [", ", "! ", " ", "~ ", "\n", ". ", "!! ", " - "]
 # Probability that the trivial part comes first in a composed message.
-TRIVIAL_FIRST = {"greeting": 0.85, "identity": 0.75, "help": 0.7, "thanks": 0.5, "goodbye": 0.35}
+TRIVIAL_FIRST = {"greeting": 0.97, "identity": 0.9, "help": 0.85, "thanks": 0.5, "goodbye": 0.35}
+# Chit-chat + thanks/goodbye ("배불러 고마워", "졸려 잘자") is often really thanks/goodbye,
+# so chit-chat is only combined with greeting / help / identity.
+CHAT_MIX_INTENTS = ["greeting", "greeting", "help", "identity"]
 MIX_INTENT_WEIGHTS = [("greeting", 30), ("thanks", 25), ("goodbye", 15), ("help", 15), ("identity", 15)]
 
 # --------------------------------------------------------------------------
@@ -209,7 +212,7 @@ KO_PLACES = ["우리 학교", "학교", "집", "우리 집", "강남역", "홍�
              "수원역", "부산역", "서면", "대전역", "노원역", "성수동", "합정역", "건대입구역",
              "우리 동네", "학원", "지하철역", "버스 정류장", "도서관", "공원", "시청", "서현역",
              "일산", "마포구", "관악구", "강서구", "인천 구월동", "광주 충장로", "대구 동성로",
-             "여기", "지금 위치", "청주 터미널", "전주 한옥마을", "제주시청", "안양역", "의정부역"]
+             "여기", "청주 터미널", "전주 한옥마을", "제주시청", "안양역", "의정부역"]
 KO_TEMPLATES = [
     "{place} 근처 {food} 집 추천해줘",
     "{place} 근처 {food}집 추천해 주세요",
@@ -231,7 +234,7 @@ KO_TEMPLATES = [
     "저녁에 {food} 먹고 싶은데 어디가 좋아?",
     "점심으로 {food} 어때?",
     "{place} 근처에 일요일에도 여는 {food} 집 있어?",
-    "{place} {food} 집 몇 시까지 해?",
+    "{place} 근처 {food} 집 몇 시까지 해?",
     "{place} 근처 {food} 집 급식카드 돼요?",
     "{food} 5000원 이하로 먹을 수 있는 곳",
     "{place} 앞에 {food} 파는 데 알려줘",
@@ -241,8 +244,8 @@ KO_TEMPLATES = [
     "{place} 근처 급식카드 가맹점 중에 {food} 집 있어요?",
     "{food} 땡기는데 어디 가지",
     "{place} 근처에 {food} 말고 {food2} 파는 곳",
-    "{food} 맛집 {place}",
-    "{place} {food}",
+    "{place} 근처 {food} 맛집",
+    "{place} 근처 {food}",
     "{food} 먹고 싶어요 {place} 근처로 찾아주세요",
     "급식카드로 {food} 사 먹을 수 있는 데 {place}에 있나요?",
     "{place} 근처에 지금 문 연 {food} 집",
@@ -338,10 +341,9 @@ def split_tail(text):
 
 def ko_jamo_typo(rng, s):
     idx = [i for i, c in enumerate(s) if is_syllable(c)]
-    if len(idx) < 2:
+    if len(idx) < 3:
         return None
-    rng_idx = idx[:]
-    i = rng.choice(rng_idx)
+    i = rng.choice(idx)
     l, v, t = decompose(s[i])
     which = rng.choice(["cho", "jung", "jung"])
     if which == "cho":
@@ -420,7 +422,10 @@ def repeat_short(rng, s):
 
 
 def en_casing(rng, s):
-    mode = rng.choice(["lower", "lower", "cap", "cap", "upper", "title"])
+    modes = ["lower", "lower", "cap", "cap", "upper"]
+    if len(s.split()) <= 3:
+        modes.append("title")
+    mode = rng.choice(modes)
     if mode == "lower":
         r = s.lower()
     elif mode == "upper":
@@ -500,28 +505,49 @@ def clean(text):
     return text
 
 
-def pick_suffix(rng, intent, lang):
+QUESTION_SUFFIX = {
+    "ko": ["?", "?", "??", "???", "?!", " ?", "?ㅎㅎ", "? ㅎㅎ", "?ㅋㅋ", "?ㅠㅠ", "? 🤔", "?😊", ""],
+    "en": ["?", "?", "??", "???", " ?", "?!", "? :)", "? 🤔", ""],
+}
+OTHER_STATEMENT_SUFFIX = {
+    "ko": ["", "!", "~", "ㅠㅠ", " ㅠ", "...", " 🙏", "ㅎㅎ", "..", "!!", "ㅜㅜ", " 😋"],
+    "en": ["", "!", "...", " pls", " please", "!!", " 🙏", " :("],
+}
+
+
+def pick_suffix(rng, intent, lang, is_question):
+    if is_question and (intent in ("help", "identity", "other") or rng.random() < 0.8):
+        pool = list(QUESTION_SUFFIX[lang])
+        if intent == "identity":
+            pool += ["? 🤖"] if lang == "en" else ["? 🤖", "?ㅋㅋㅋ"]
+        return rng.choice(pool)
+    if intent == "other":
+        return rng.choice(OTHER_STATEMENT_SUFFIX[lang])
     extra_ko, extra_en = SUFFIX_EXTRA[intent]
     if lang == "ko":
-        pool = [s for s in KO_SUFFIX_COMMON + extra_ko + extra_ko
-                if s.strip() not in KO_DROP.get(intent, set())]
+        pool = [x for x in KO_SUFFIX_COMMON + extra_ko + extra_ko
+                if x.strip() not in KO_DROP.get(intent, set())]
     else:
         pool = EN_SUFFIX_COMMON + extra_en + extra_en
-    if intent in ("help", "identity"):
-        # questions: keep them question-like most of the time
-        if rng.random() < 0.6:
-            pool = [s for s in pool if "?" in s] or pool
+    if intent in ("help", "identity") and rng.random() < 0.5:
+        pool = [x for x in pool if "?" in x] or pool
     return rng.choice(pool)
 
 
-def make_variant(rng, text, intent, lang, light=False):
+SHORT_SUFFIX = {"ko": ["?", "??", "!", "~", "..", "ㅋㅋ", "ㅎㅎ", "ㅠㅠ", ""],
+                "en": ["?", "!", "...", " lol", "."]}
+
+
+def make_variant(rng, text, intent, lang, light=False, section=None):
     core, tail = split_tail(text)
     if not core:  # e.g. "?", "😊", "..."
         return text + rng.choice(["", text[-1:], text[-1:] * 2]) if text else None
-    ops_ko = [("typo", 2), ("repl", 4), ("ending", 2), ("sp_rm", 2), ("sp_ins", 1), ("repeat", 1)]
-    ops_en = [("case", 4), ("repl", 3), ("typo", 2), ("elong", 1), ("repeat", 1)]
+    is_question = "?" in tail
+    ops_ko = [("typo", 1), ("repl", 4), ("ending", 2), ("sp_rm", 2), ("sp_ins", 1), ("repeat", 1)]
+    ops_en = [("case", 4), ("repl", 3), ("typo", 1), ("elong", 1), ("repeat", 1)]
     ops = ops_ko if lang == "ko" else ops_en
-    n_ops = rng.choice([0, 1, 1, 1, 2] if not light else [0, 0, 1, 1])
+    n_ops = rng.choice([0, 0, 1, 1, 1, 2] if not light else [0, 0, 0, 1, 1])
+    applied = set()
     for _ in range(n_ops):
         total = sum(w for _, w in ops)
         r = rng.uniform(0, total)
@@ -540,27 +566,43 @@ def make_variant(rng, text, intent, lang, light=False):
                   "elong": en_elongate, "repeat": en_repeat}[op]
         if light and op in ("repeat", "ending") and intent == "other":
             continue
+        if op in applied or ({op} | applied) >= {"repl", "ending"} or \
+                ("repeat" in applied and op == "typo"):
+            continue  # one change of each kind; never stack spelling changes on the ending
         new = fn(rng, core)
         if new:
             core = new
+            applied.add(op)
     # tail / suffix
     r = rng.random()
+    if section == "short":
+        if r < 0.7:
+            tail = rng.choice(SHORT_SUFFIX[lang])
+        out = clean(core + tail)
+        return out.lower() if lang == "en" and rng.random() < 0.3 else out
     if r < 0.55:
-        tail = pick_suffix(rng, intent, lang)
-    elif r < 0.7:
+        tail = pick_suffix(rng, intent, lang, is_question)
+    elif r < 0.7 and not is_question:
         tail = ""
     # prefix
     prefix = ""
     p_prefix = 0.18 if light else 0.28
-    if rng.random() < p_prefix:
+    roll = rng.random()
+    if roll < p_prefix:
         prefix = rng.choice((KO_PREFIX if lang == "ko" else EN_PREFIX)[intent])
-        sep = rng.choice([" ", " ", ", ", "~ "]) if lang == "ko" and not prefix.endswith(("..", ",")) else " "
+        if prefix == "혹시" and not is_question:
+            prefix = "저기"
+        sep = rng.choice([" ", " ", " ", "~ ", ", "]) if lang == "ko" and not prefix.endswith(("..", ",")) else " "
         if lang == "en" and prefix.endswith(","):
             sep = " "
         prefix = prefix + sep
-        if lang == "en" and core[:1].isupper() and not core.startswith(("I ", "I'", "I")):
-            core = core[:1].lower() + core[1:]
-    elif intent in ("help", "identity") and rng.random() < P_GREETING_LEAD / 0.72:
+        if lang == "en":
+            letters = [c for c in core if c.isalpha()]
+            if letters and all(c.isupper() for c in letters):
+                prefix = prefix.upper()  # shouting: keep it consistent
+            elif core[:1].isupper() and not core.startswith(("I ", "I'")) and core != "I":
+                core = core[:1].lower() + core[1:]
+    elif intent in ("help", "identity") and roll < p_prefix + P_GREETING_LEAD:
         lead = rng.choice(GREETING_LEAD[lang])
         sep = rng.choice(["! ", ", ", "~ ", " ", "!! "]) if lang == "ko" else rng.choice(["! ", ", ", " "])
         prefix = lead + sep
@@ -578,7 +620,7 @@ def variants_for(rng, seed, n, light):
     tries = 0
     while len(out) < n + 1 and tries < n * 12:
         tries += 1
-        v = make_variant(rng, text, intent, lang, light=light)
+        v = make_variant(rng, text, intent, lang, light=light, section=seed["section"])
         if not v or v in seen or len(v) > MAX_LEN:
             continue
         # never let an augmentation change the language of the text
@@ -616,7 +658,6 @@ def fill_en(rng, tpl):
     place = rng.choice(EN_PLACES)
     out = tpl.replace("{food_a}", fa).replace("{food2}", fp2).replace("{food}", fp)
     out = out.replace("{place}", place)
-    out = out.replace("near here", "near here").replace("around me", "around me")
     return out[:1].upper() + out[1:] if rng.random() < 0.4 else out
 
 
@@ -647,8 +688,13 @@ def template_items(rng):
 
 
 def norm_key(text):
+    """Loose key for near-duplicate detection: lowercase, letters/digits/Hangul only,
+    runs of the same character collapsed ("byeee" == "bye!", "안녕~~" == "안녕")."""
     t = unicodedata.normalize("NFKC", text).lower()
-    k = "".join(c for c in t if c.isalnum())
+    k = ""
+    for c in t:
+        if c.isalnum() and not (k and k[-1] == c):
+            k += c
     return k if k else text.strip()
 
 
@@ -695,9 +741,10 @@ def assign_splits(rng, clusters):
 # --------------------------------------------------------------------------
 
 
-def compose_mix(rng, trivial_text, trivial_intent, request_text, r_lang):
+def compose_mix(rng, trivial_text, trivial_intent, request_text, r_lang,
+                force_trivial_first=False, allow_connector=True):
     t_core, t_tail = split_tail(trivial_text)
-    trivial_first = rng.random() < TRIVIAL_FIRST[trivial_intent]
+    trivial_first = force_trivial_first or rng.random() < TRIVIAL_FIRST[trivial_intent]
     if trivial_first:
         if t_tail.strip() and rng.random() < 0.6:
             sep = rng.choice([" ", " ", "\n", "  "])
@@ -706,7 +753,9 @@ def compose_mix(rng, trivial_text, trivial_intent, request_text, r_lang):
             seps = MIX_SEPS if r_lang == "ko" else MIX_SEPS_EN
             sep = rng.choice(seps)
             head = t_core
-        conn = rng.choice(KO_MIX_CONNECT if r_lang == "ko" else EN_MIX_CONNECT)
+        conn = rng.choice(KO_MIX_CONNECT if r_lang == "ko" else EN_MIX_CONNECT) if allow_connector else ""
+        if conn.strip() in ("혹시", "질문 있는데", "quick question:") and "?" not in request_text:
+            conn = "근데 " if r_lang == "ko" else "also "
         req = request_text
         if conn and r_lang == "en" and req[:1].isupper() and not req.startswith(("I ", "I'")):
             req = req[:1].lower() + req[1:]
@@ -814,19 +863,24 @@ def build(rng):
             continue
         split = split_of_group[gi]
         if g["section"] == "template":
-            bases = [t for t in g["texts"] if rng.random() < P_MIX_PER_TEMPLATE_FILL]
+            bases = [(t, True) for t in g["texts"] if rng.random() < P_MIX_PER_TEMPLATE_FILL]
         else:
-            bases = [g["texts"][0]] * (N_MIX_PER_SEED // 2) + \
-                    [rng.choice(g["texts"]) for _ in range(N_MIX_PER_SEED - N_MIX_PER_SEED // 2)]
-        for base in bases:
+            # mostly the clean seed; sometimes an augmented variant (then without connector,
+            # so that fillers do not pile up)
+            n_var = N_MIX_PER_SEED // 3 if len(g["texts"]) > 1 else 0
+            bases = [(g["texts"][0], True)] * (N_MIX_PER_SEED - n_var) + \
+                    [(rng.choice(g["texts"][1:]), False) for _ in range(n_var)]
+        for base, allow_conn in bases:
             r_lang = lang_of(base)
-            t_intent = rng.choice(intents_w)
+            t_intent = rng.choice(intents_w if g["section"] != "chat" else CHAT_MIX_INTENTS)
             t_lang = r_lang if rng.random() < 0.92 else ("en" if r_lang == "ko" else "ko")
             pool = trivial_pool[(split, t_intent, t_lang)]
             if not pool:
                 continue
             trivial_text = rng.choice(pool)
-            text = compose_mix(rng, trivial_text, t_intent, base, r_lang)
+            text = compose_mix(rng, trivial_text, t_intent, base, r_lang,
+                               force_trivial_first=g["section"] == "chat",
+                               allow_connector=allow_conn)
             if not text or len(text) > MAX_LEN:
                 continue
             k = norm_key(text)

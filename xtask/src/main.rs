@@ -1,1 +1,87 @@
-fn main() {}
+//! `cargo xtask <command>`: the project's automation. Run `cargo xtask --help`.
+
+mod dev;
+mod setup;
+mod test;
+mod train;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Automation for this repository", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what the project needs, start the emulators, the worker and `wrangler dev`
+    Dev(dev::Args),
+    /// Everything CI runs: fmt, clippy, unit, integration and end-to-end tests
+    Test(test::Args),
+    /// Install project-local tools only (ONNX Runtime, Node.js 22, wrangler, worker-build)
+    Setup,
+    /// Retrain the intent model from models/intent/data (deterministic)
+    TrainIntent(train::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Dev(a) => dev::run(a),
+        Cmd::Test(a) => test::run(a),
+        Cmd::Setup => setup::all().map(drop),
+        Cmd::TrainIntent(a) => train::run(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+/// Runs `cmd` in the repository root, echoing it; fails if it fails.
+pub fn run_cmd(mut cmd: Command) -> anyhow::Result<()> {
+    cmd.current_dir(root());
+    eprintln!("$ {}", show(&cmd));
+    let status = cmd.status().with_context(|| format!("starting {}", show(&cmd)))?;
+    if !status.success() {
+        bail!("`{}` failed with {status}", show(&cmd));
+    }
+    Ok(())
+}
+
+/// Runs `cmd` and returns its stdout.
+pub fn output(mut cmd: Command) -> anyhow::Result<String> {
+    cmd.current_dir(root());
+    let out = cmd.output().with_context(|| format!("starting {}", show(&cmd)))?;
+    if !out.status.success() {
+        bail!("`{}` failed with {}: {}", show(&cmd), out.status, String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn show(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}
+
+pub fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}

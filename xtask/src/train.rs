@@ -1,0 +1,488 @@
+//! `cargo xtask train-intent`: trains the edge's intent classifier from the committed data and
+//! writes `models/intent/model.onnx` and `models/intent/model.json`.
+//!
+//! The network is an MLP over the featurizer's hashed n-gram vector:
+//! `features[N, B] → Gemm(B→H) → Relu → Gemm(H→C) → Softmax → probs[N, C]`.
+//! Training is plain Rust, single-threaded, with a fixed seed: the same data gives the same
+//! bytes. Thresholds per trivial intent are then calibrated on the dev split for the edge's
+//! precision target and stored in `model.json` beside the model.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use prost::Message;
+use sha2::{Digest, Sha256};
+use shared::features::{Featurizer, FeaturizerConfig};
+use shared::intent::{ModelMeta, OTHER, Policy, Route, TRIVIAL_INTENTS, expected_route};
+use tract_onnx::pb;
+
+use crate::root;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Folder with train.jsonl, dev.jsonl and test.jsonl
+    #[arg(long, default_value = "models/intent/data")]
+    data: PathBuf,
+    /// Where model.onnx and model.json are written
+    #[arg(long, default_value = "models/intent")]
+    out: PathBuf,
+    /// Exit non-zero if the trained files differ from the ones in --out, and keep them unchanged
+    #[arg(long)]
+    check: bool,
+}
+
+/// Labels in model output order.
+pub const LABELS: [&str; 6] = ["greeting", "thanks", "goodbye", "help", "identity", OTHER];
+const HIDDEN: usize = 32;
+const EPOCHS: usize = 10;
+const BATCH: usize = 32;
+const LEARNING_RATE: f32 = 0.003;
+const WEIGHT_DECAY: f32 = 1e-4;
+/// Share of an example's n-grams hidden at each step, so no single gram decides alone.
+const INPUT_DROPOUT: f32 = 0.5;
+const SEED: u64 = 0x5eed_2026_1127;
+/// Edge precision the thresholds are calibrated for, on the dev split.
+const TARGET_PRECISION: f64 = 0.995;
+/// No threshold below this, whatever the dev split says.
+const MIN_THRESHOLD: f32 = 0.6;
+
+struct Example {
+    /// Sparse features: (bucket, value).
+    x: Vec<(u32, f32)>,
+    y: usize,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let data = root().join(&args.data);
+    let out = root().join(&args.out);
+    let featurizer = Featurizer::new(FeaturizerConfig::default())?;
+    let load = |name: &str| load_split(&data.join(name), &featurizer);
+    let (train, dev, test) = (load("train.jsonl")?, load("dev.jsonl")?, load("test.jsonl")?);
+    eprintln!("training on {} lines (dev {}, test {})", train.len(), dev.len(), test.len());
+
+    let mut mlp = Mlp::init(featurizer.dim(), hp("HIDDEN", HIDDEN), LABELS.len(), SEED);
+    let mut rng = SplitMix(SEED ^ 0xa5a5);
+    let mut order: Vec<usize> = (0..train.len()).collect();
+    let mut adam = Adam::new(&mlp);
+    let epochs = hp("EPOCHS", EPOCHS);
+    for epoch in 0..epochs {
+        rng.shuffle(&mut order);
+        let mut loss = 0.0f64;
+        for batch in order.chunks(hp("BATCH", BATCH)) {
+            let mut grad = mlp.zeros_like();
+            for &i in batch {
+                let dropped = drop_features(&train[i], hp("DROP", INPUT_DROPOUT), &mut rng);
+                loss += mlp.backprop(&dropped, &mut grad) as f64;
+            }
+            adam.step(&mut mlp, &grad, batch.len());
+        }
+        if epoch % 5 == 4 || epoch + 1 == epochs {
+            eprintln!(
+                "epoch {:>2}: loss {:.4}, dev accuracy {:.4}",
+                epoch + 1,
+                loss / train.len() as f64,
+                accuracy(&mlp, &dev)
+            );
+        }
+    }
+
+    if let Ok(dump) = std::env::var("HP_DUMP") {
+        let texts: Vec<String> = std::fs::read_to_string(data.join("dev.jsonl"))?.lines().map(String::from).collect();
+        let mut w = String::new();
+        for (e, t) in dev.iter().zip(&texts) {
+            let p = mlp.predict(&e.x);
+            let k = argmax(&p);
+            if k != e.y { w += &format!("{} -> {} {:.2}\n", t, LABELS[k], p[k]); }
+        }
+        std::fs::write(dump, w)?;
+    }
+    let thresholds = calibrate(&mlp, &dev);
+    let onnx = export_onnx(&mlp, featurizer.config())?;
+    let sha = hex::encode(Sha256::digest(&onnx));
+    let mut meta = ModelMeta {
+        name: "intent-mlp".into(),
+        labels: LABELS.map(String::from).to_vec(),
+        featurizer: featurizer.config(),
+        thresholds,
+        onnx_sha256: sha,
+        input: "features".into(),
+        output: "probs".into(),
+        metrics: BTreeMap::new(),
+    };
+    let policy = Policy::new(meta.clone())?;
+    for (name, split) in [("dev", &dev), ("test", &test)] {
+        let s = route_scores(&mlp, &policy, split);
+        eprintln!(
+            "{name}: accuracy {:.4}, edge precision {:.4}, edge recall {:.4}",
+            s.accuracy, s.edge_precision, s.edge_recall
+        );
+        meta.metrics.insert(format!("{name}_accuracy"), round4(s.accuracy));
+        meta.metrics.insert(format!("{name}_edge_precision"), round4(s.edge_precision));
+        meta.metrics.insert(format!("{name}_edge_recall"), round4(s.edge_recall));
+    }
+    let json = serde_json::to_string_pretty(&meta)? + "\n";
+
+    let onnx_path = out.join("model.onnx");
+    let json_path = out.join("model.json");
+    if args.check {
+        let same = std::fs::read(&onnx_path).is_ok_and(|b| b == onnx)
+            && std::fs::read_to_string(&json_path).is_ok_and(|s| s == json);
+        if !same {
+            bail!("the committed model differs from what the committed data trains: run `cargo xtask train-intent` and commit");
+        }
+        eprintln!("committed model matches the training output ({})", meta.onnx_sha256);
+        return Ok(());
+    }
+    std::fs::create_dir_all(&out)?;
+    std::fs::write(&onnx_path, &onnx)?;
+    std::fs::write(&json_path, json)?;
+    eprintln!("wrote {} ({} bytes, sha256 {})", onnx_path.display(), onnx.len(), meta.onnx_sha256);
+    eprintln!("wrote {}", json_path.display());
+    Ok(())
+}
+
+fn round4(x: f64) -> f64 {
+    (x * 10_000.0).round() / 10_000.0
+}
+
+fn load_split(path: &Path, featurizer: &Featurizer) -> anyhow::Result<Vec<Example>> {
+    #[derive(serde::Deserialize)]
+    struct Line {
+        text: String,
+        intent: String,
+    }
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading {} (generate it with `python3 models/intent/generate.py`)", path.display()))?;
+    let mut out = Vec::new();
+    let mut dense = vec![0.0; featurizer.dim()];
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let l: Line = serde_json::from_str(line).with_context(|| format!("{}:{}", path.display(), i + 1))?;
+        let y = LABELS
+            .iter()
+            .position(|&x| x == l.intent)
+            .with_context(|| format!("{}:{}: unknown intent {:?}", path.display(), i + 1, l.intent))?;
+        featurizer.featurize_into(&l.text, &mut dense);
+        let x = dense.iter().enumerate().filter(|(_, v)| **v != 0.0).map(|(j, v)| (j as u32, *v)).collect();
+        out.push(Example { x, y });
+    }
+    Ok(out)
+}
+
+/// `ex` with each feature dropped with probability `rate` (the rest scaled up to keep the mean).
+fn drop_features(ex: &Example, rate: f32, rng: &mut SplitMix) -> Example {
+    if rate <= 0.0 {
+        return Example { x: ex.x.clone(), y: ex.y };
+    }
+    let keep = 1.0 - rate;
+    let x = ex
+        .x
+        .iter()
+        .filter(|_| (rng.uniform() + 1.0) / 2.0 >= rate)
+        .map(|&(k, v)| (k, v / keep))
+        .collect();
+    Example { x, y: ex.y }
+}
+
+/// Deterministic PRNG (SplitMix64).
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [-1, 1).
+    fn uniform(&mut self) -> f32 {
+        ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            let j = (self.next_u64() % (i as u64 + 1)) as usize;
+            v.swap(i, j);
+        }
+    }
+}
+
+/// The network's parameters (also used for gradients and optimizer moments).
+#[derive(Clone)]
+pub struct Mlp {
+    input: usize,
+    hidden: usize,
+    classes: usize,
+    /// [input × hidden], row-major.
+    w1: Vec<f32>,
+    b1: Vec<f32>,
+    /// [hidden × classes], row-major.
+    w2: Vec<f32>,
+    b2: Vec<f32>,
+}
+
+impl Mlp {
+    fn init(input: usize, hidden: usize, classes: usize, seed: u64) -> Self {
+        let mut rng = SplitMix(seed);
+        let a1 = (6.0 / (16.0 + hidden as f32)).sqrt(); // ~16 active inputs per message
+        let a2 = (6.0 / (hidden + classes) as f32).sqrt();
+        Self {
+            input,
+            hidden,
+            classes,
+            w1: (0..input * hidden).map(|_| rng.uniform() * a1).collect(),
+            b1: vec![0.0; hidden],
+            w2: (0..hidden * classes).map(|_| rng.uniform() * a2).collect(),
+            b2: vec![0.0; classes],
+        }
+    }
+
+    fn zeros_like(&self) -> Self {
+        Self {
+            w1: vec![0.0; self.w1.len()],
+            b1: vec![0.0; self.b1.len()],
+            w2: vec![0.0; self.w2.len()],
+            b2: vec![0.0; self.b2.len()],
+            ..*self
+        }
+    }
+
+    fn params_mut(&mut self) -> [&mut Vec<f32>; 4] {
+        [&mut self.w1, &mut self.b1, &mut self.w2, &mut self.b2]
+    }
+
+    fn params(&self) -> [&Vec<f32>; 4] {
+        [&self.w1, &self.b1, &self.w2, &self.b2]
+    }
+
+    /// Hidden pre-activations and output probabilities.
+    fn forward(&self, x: &[(u32, f32)]) -> (Vec<f32>, Vec<f32>) {
+        let mut h = self.b1.clone();
+        for &(k, v) in x {
+            let row = &self.w1[k as usize * self.hidden..][..self.hidden];
+            h.iter_mut().zip(row).for_each(|(h, w)| *h += v * w);
+        }
+        let mut logits = self.b2.clone();
+        for (j, &hj) in h.iter().enumerate() {
+            let a = hj.max(0.0);
+            if a != 0.0 {
+                let row = &self.w2[j * self.classes..][..self.classes];
+                logits.iter_mut().zip(row).for_each(|(l, w)| *l += a * w);
+            }
+        }
+        (h, softmax(&logits))
+    }
+
+    /// Adds this example's gradient to `g`; returns its loss.
+    fn backprop(&self, ex: &Example, g: &mut Mlp) -> f32 {
+        let (h, p) = self.forward(&ex.x);
+        let mut dl = p.clone();
+        dl[ex.y] -= 1.0;
+        let mut dh = vec![0.0f32; self.hidden];
+        for j in 0..self.hidden {
+            let a = h[j].max(0.0);
+            let row = &self.w2[j * self.classes..][..self.classes];
+            let grow = &mut g.w2[j * self.classes..][..self.classes];
+            for c in 0..self.classes {
+                grow[c] += a * dl[c];
+                dh[j] += row[c] * dl[c];
+            }
+            if h[j] <= 0.0 {
+                dh[j] = 0.0;
+            }
+        }
+        g.b2.iter_mut().zip(&dl).for_each(|(g, d)| *g += d);
+        g.b1.iter_mut().zip(&dh).for_each(|(g, d)| *g += d);
+        for &(k, v) in &ex.x {
+            let grow = &mut g.w1[k as usize * self.hidden..][..self.hidden];
+            grow.iter_mut().zip(&dh).for_each(|(g, d)| *g += v * d);
+        }
+        -p[ex.y].max(1e-12).ln()
+    }
+
+    pub fn predict(&self, x: &[(u32, f32)]) -> Vec<f32> {
+        self.forward(x).1
+    }
+}
+
+fn softmax(logits: &[f32]) -> Vec<f32> {
+    let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let e: Vec<f32> = logits.iter().map(|l| (l - m).exp()).collect();
+    let s: f32 = e.iter().sum();
+    e.into_iter().map(|x| x / s).collect()
+}
+
+struct Adam {
+    m: Mlp,
+    v: Mlp,
+    t: i32,
+}
+
+impl Adam {
+    fn new(p: &Mlp) -> Self {
+        Self { m: p.zeros_like(), v: p.zeros_like(), t: 0 }
+    }
+
+    fn step(&mut self, p: &mut Mlp, g: &Mlp, n: usize) {
+        const B1: f32 = 0.9;
+        const B2: f32 = 0.999;
+        self.t += 1;
+        let (c1, c2) = (1.0 - B1.powi(self.t), 1.0 - B2.powi(self.t));
+        let scale = 1.0 / n as f32;
+        let (wd, lr) = (hp("WD", WEIGHT_DECAY), hp("LR", LEARNING_RATE));
+        let grads = g.params();
+        let ms = self.m.params_mut();
+        let vs = self.v.params_mut();
+        for (((p, g), m), v) in p.params_mut().into_iter().zip(grads).zip(ms).zip(vs) {
+            for i in 0..p.len() {
+                let gi = g[i] * scale + wd * p[i];
+                m[i] = B1 * m[i] + (1.0 - B1) * gi;
+                v[i] = B2 * v[i] + (1.0 - B2) * gi * gi;
+                p[i] -= lr * (m[i] / c1) / ((v[i] / c2).sqrt() + 1e-8);
+            }
+        }
+    }
+}
+
+fn argmax(p: &[f32]) -> usize {
+    p.iter().enumerate().fold(0, |best, (i, &v)| if v > p[best] { i } else { best })
+}
+
+fn accuracy(mlp: &Mlp, split: &[Example]) -> f64 {
+    let ok = split.iter().filter(|e| argmax(&mlp.predict(&e.x)) == e.y).count();
+    ok as f64 / split.len().max(1) as f64
+}
+
+/// Per trivial intent: the lowest threshold at which the edge's answers for that intent on
+/// the dev split are at least `TARGET_PRECISION` correct (exact intent, not just "trivial").
+fn calibrate(mlp: &Mlp, dev: &[Example]) -> BTreeMap<String, f32> {
+    let mut out = BTreeMap::new();
+    let preds: Vec<(usize, f32, usize)> = dev
+        .iter()
+        .map(|e| {
+            let p = mlp.predict(&e.x);
+            let k = argmax(&p);
+            (k, p[k], e.y)
+        })
+        .collect();
+    for (c, name) in LABELS.iter().enumerate().filter(|(_, n)| TRIVIAL_INTENTS.contains(n)) {
+        let mut mine: Vec<(f32, bool)> =
+            preds.iter().filter(|(k, ..)| *k == c).map(|&(_, p, y)| (p, y == c)).collect();
+        mine.sort_by(|a, b| b.0.total_cmp(&a.0));
+        // Walk from the most confident down; keep the lowest cut whose precision holds.
+        let (mut tp, mut threshold) = (0usize, 1.0f32);
+        for (i, &(p, correct)) in mine.iter().enumerate() {
+            tp += usize::from(correct);
+            if tp as f64 / (i + 1) as f64 >= TARGET_PRECISION {
+                threshold = p;
+            }
+        }
+        out.insert((*name).to_owned(), threshold.max(MIN_THRESHOLD));
+    }
+    out
+}
+
+struct Scores {
+    accuracy: f64,
+    edge_precision: f64,
+    edge_recall: f64,
+}
+
+fn route_scores(mlp: &Mlp, policy: &Policy, split: &[Example]) -> Scores {
+    let (mut ok, mut edge, mut edge_ok, mut should_edge) = (0, 0, 0, 0);
+    for e in split {
+        let d = policy.decide(&mlp.predict(&e.x));
+        let expected = expected_route(LABELS[e.y]);
+        ok += usize::from(d.route == expected);
+        should_edge += usize::from(expected == Route::Edge);
+        if d.route == Route::Edge {
+            edge += 1;
+            edge_ok += usize::from(expected == Route::Edge);
+        }
+    }
+    Scores {
+        accuracy: ok as f64 / split.len().max(1) as f64,
+        edge_precision: edge_ok as f64 / edge.max(1) as f64,
+        edge_recall: edge_ok as f64 / should_edge.max(1) as f64,
+    }
+}
+
+fn export_onnx(mlp: &Mlp, featurizer: FeaturizerConfig) -> anyhow::Result<Vec<u8>> {
+    use pb::tensor_shape_proto::{Dimension, dimension};
+    let float = pb::tensor_proto::DataType::Float as i32;
+    let tensor = |name: &str, dims: &[usize], data: &[f32]| pb::TensorProto {
+        name: name.into(),
+        dims: dims.iter().map(|&d| d as i64).collect(),
+        data_type: float,
+        raw_data: data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ..Default::default()
+    };
+    let value = |name: &str, width: usize| pb::ValueInfoProto {
+        name: name.into(),
+        r#type: Some(pb::TypeProto {
+            value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                elem_type: float,
+                shape: Some(pb::TensorShapeProto {
+                    dim: vec![
+                        Dimension { value: Some(dimension::Value::DimParam("batch".into())), ..Default::default() },
+                        Dimension { value: Some(dimension::Value::DimValue(width as i64)), ..Default::default() },
+                    ],
+                }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let node = |op: &str, inputs: &[&str], output: &str, attrs: Vec<pb::AttributeProto>| pb::NodeProto {
+        op_type: op.into(),
+        name: output.into(),
+        input: inputs.iter().map(|s| (*s).to_owned()).collect(),
+        output: vec![output.into()],
+        attribute: attrs,
+        ..Default::default()
+    };
+    let axis = pb::AttributeProto {
+        name: "axis".into(),
+        r#type: pb::attribute_proto::AttributeType::Int as i32,
+        i: 1,
+        ..Default::default()
+    };
+    let graph = pb::GraphProto {
+        name: "intent".into(),
+        node: vec![
+            node("Gemm", &["features", "w1", "b1"], "hidden", vec![]),
+            node("Relu", &["hidden"], "relu", vec![]),
+            node("Gemm", &["relu", "w2", "b2"], "logits", vec![]),
+            node("Softmax", &["logits"], "probs", vec![axis]),
+        ],
+        initializer: vec![
+            tensor("w1", &[mlp.input, mlp.hidden], &mlp.w1),
+            tensor("b1", &[mlp.hidden], &mlp.b1),
+            tensor("w2", &[mlp.hidden, mlp.classes], &mlp.w2),
+            tensor("b2", &[mlp.classes], &mlp.b2),
+        ],
+        input: vec![value("features", mlp.input)],
+        output: vec![value("probs", mlp.classes)],
+        ..Default::default()
+    };
+    let model = pb::ModelProto {
+        ir_version: 8,
+        opset_import: vec![pb::OperatorSetIdProto { domain: String::new(), version: 13 }],
+        producer_name: "cheap-serve xtask train-intent".into(),
+        model_version: 1,
+        doc_string: "Intent classifier for the edge: hashed n-gram features → MLP → softmax".into(),
+        graph: Some(graph),
+        metadata_props: vec![
+            pb::StringStringEntryProto { key: "labels".into(), value: serde_json::to_string(&LABELS)? },
+            pb::StringStringEntryProto { key: "featurizer".into(), value: serde_json::to_string(&featurizer)? },
+        ],
+        ..Default::default()
+    };
+    Ok(model.encode_to_vec())
+}
+
+fn hp<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(format!("HP_{name}")).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
