@@ -154,6 +154,51 @@ impl Policy {
     }
 }
 
+/// Routing quality over a labelled set: what `route eval` prints last.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Scoreboard {
+    n: u64,
+    correct: u64,
+    edge: u64,
+    edge_correct: u64,
+    expected_edge: u64,
+}
+
+/// The summary line of `route eval`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Scores {
+    pub n: u64,
+    /// Share of messages routed as expected.
+    pub accuracy: f64,
+    /// Of the messages the edge answered, the share that should have been answered there.
+    pub edge_precision: f64,
+    /// Of the messages that should be answered at the edge, the share that were.
+    pub edge_recall: f64,
+}
+
+impl Scoreboard {
+    pub fn add(&mut self, decided: Route, expected: Route) {
+        self.n += 1;
+        self.correct += u64::from(decided == expected);
+        self.expected_edge += u64::from(expected == Route::Edge);
+        if decided == Route::Edge {
+            self.edge += 1;
+            self.edge_correct += u64::from(expected == Route::Edge);
+        }
+    }
+
+    /// Ratios; an empty denominator gives 1.0 for precision (no wrong answers) and 0.0 otherwise.
+    pub fn scores(&self) -> Scores {
+        let ratio = |a: u64, b: u64, empty: f64| if b == 0 { empty } else { a as f64 / b as f64 };
+        Scores {
+            n: self.n,
+            accuracy: ratio(self.correct, self.n, 0.0),
+            edge_precision: ratio(self.edge_correct, self.edge, 1.0),
+            edge_recall: ratio(self.edge_correct, self.expected_edge, 0.0),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,6 +240,18 @@ mod tests {
     fn malformed_probabilities_are_queued() {
         assert_eq!(policy().decide(&[1.0]).route, Route::Queue);
         assert_eq!(policy().decide(&[f32::NAN, 0.0, 0.0]).route, Route::Queue);
+    }
+
+    #[test]
+    fn scoreboard_counts_precision_and_recall() {
+        let mut s = Scoreboard::default();
+        s.add(Route::Edge, Route::Edge);
+        s.add(Route::Edge, Route::Queue);
+        s.add(Route::Queue, Route::Edge);
+        s.add(Route::Queue, Route::Queue);
+        let r = s.scores();
+        assert_eq!((r.n, r.accuracy, r.edge_precision, r.edge_recall), (4, 0.5, 0.5, 0.5));
+        assert_eq!(Scoreboard::default().scores().edge_precision, 1.0);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use anyhow::{Context, bail};
 use prost::Message;
 use sha2::{Digest, Sha256};
 use shared::features::{Featurizer, FeaturizerConfig};
-use shared::intent::{ModelMeta, OTHER, Policy, Route, TRIVIAL_INTENTS, expected_route};
+use shared::intent::{ModelMeta, OTHER, Policy, Scoreboard, Scores, TRIVIAL_INTENTS, expected_route};
 use tract_onnx::pb;
 
 use crate::root;
@@ -384,29 +384,12 @@ fn calibrate(mlp: &Mlp, dev: &[Example]) -> BTreeMap<String, f32> {
     out
 }
 
-struct Scores {
-    accuracy: f64,
-    edge_precision: f64,
-    edge_recall: f64,
-}
-
 fn route_scores(mlp: &Mlp, policy: &Policy, split: &[Example]) -> Scores {
-    let (mut ok, mut edge, mut edge_ok, mut should_edge) = (0, 0, 0, 0);
+    let mut board = Scoreboard::default();
     for e in split {
-        let d = policy.decide(&mlp.predict(&e.x));
-        let expected = expected_route(LABELS[e.y]);
-        ok += usize::from(d.route == expected);
-        should_edge += usize::from(expected == Route::Edge);
-        if d.route == Route::Edge {
-            edge += 1;
-            edge_ok += usize::from(expected == Route::Edge);
-        }
+        board.add(policy.decide(&mlp.predict(&e.x)).route, expected_route(LABELS[e.y]));
     }
-    Scores {
-        accuracy: ok as f64 / split.len().max(1) as f64,
-        edge_precision: edge_ok as f64 / edge.max(1) as f64,
-        edge_recall: edge_ok as f64 / should_edge.max(1) as f64,
-    }
+    board.scores()
 }
 
 fn export_onnx(mlp: &Mlp, featurizer: FeaturizerConfig) -> anyhow::Result<Vec<u8>> {

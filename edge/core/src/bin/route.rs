@@ -1,0 +1,97 @@
+//! `route`: run the edge's intent model and routing policy on files, for calibration.
+//!
+//! - `route eval FILE.jsonl`: lines `{"text", "route"}` (or `{"text", "intent"}`, from which
+//!   the expected route follows); prints one JSON line per input, then the summary line
+//!   `{"n", "accuracy", "edge_precision", "edge_recall"}`.
+//! - `route classify`: plain text lines on stdin; one JSON line per input.
+
+use std::io::{BufRead, BufWriter, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use edge_core::model::IntentModel;
+use shared::intent::{Route, Scoreboard, expected_route};
+
+#[derive(Parser)]
+#[command(about = "Run the edge's intent model and routing policy", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Score a labelled JSONL file: lines {"text": s, "route": "edge"|"queue"} or {"text", "intent"}
+    Eval { file: PathBuf },
+    /// Classify plain text lines from stdin
+    Classify,
+}
+
+#[derive(serde::Deserialize)]
+struct Labelled {
+    text: String,
+    route: Option<Route>,
+    intent: Option<String>,
+}
+
+#[derive(serde::Serialize)]
+struct Line<'a> {
+    text: &'a str,
+    intent: &'a str,
+    confidence: f32,
+    route: Route,
+    expected: Option<Route>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("route: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let model = IntentModel::embedded().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let stdout = std::io::stdout();
+    let mut out = BufWriter::new(stdout.lock());
+    let mut emit = |text: &str, expected: Option<Route>| -> anyhow::Result<Route> {
+        let d = model.classify(text);
+        let line = Line { text, intent: &d.intent, confidence: d.confidence, route: d.route, expected };
+        serde_json::to_writer(&mut out, &line)?;
+        out.write_all(b"\n")?;
+        Ok(d.route)
+    };
+    match cli.command {
+        Cmd::Classify => {
+            for line in std::io::stdin().lock().lines() {
+                let line = line.context("reading stdin (is it UTF-8 text?)")?;
+                emit(&line, None)?;
+            }
+        }
+        Cmd::Eval { file } => {
+            let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            let mut board = Scoreboard::default();
+            for (i, raw) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+                let where_ = || format!("{}:{}", file.display(), i + 1);
+                let l: Labelled = serde_json::from_str(raw)
+                    .with_context(|| format!("{}: expected {{\"text\": ..., \"route\": \"edge\"|\"queue\"}}", where_()))?;
+                let expected = match (l.route, &l.intent) {
+                    (Some(r), _) => r,
+                    (None, Some(intent)) => expected_route(intent),
+                    (None, None) => bail!("{}: needs \"route\" (edge|queue) or \"intent\"", where_()),
+                };
+                board.add(emit(&l.text, Some(expected))?, expected);
+            }
+            serde_json::to_writer(&mut out, &board.scores())?;
+            out.write_all(b"\n")?;
+        }
+    }
+    out.flush()?;
+    Ok(())
+}

@@ -1,0 +1,160 @@
+//! The intent model: featurize → tract → routing policy.
+//!
+//! The model and its metadata are embedded in the binary (`include_bytes!`), so the edge, the
+//! `route` CLI and the worker's parity test all run exactly the committed model.
+
+use std::sync::{Arc, OnceLock};
+
+use sha2::{Digest, Sha256};
+use shared::intent::{Decision, MetaError, Policy};
+use tract_onnx::prelude::*;
+
+/// `models/intent/model.onnx`, embedded.
+pub static MODEL_ONNX: &[u8] = include_bytes!("../../../models/intent/model.onnx");
+/// `models/intent/model.json`, embedded.
+pub static MODEL_JSON: &str = include_str!("../../../models/intent/model.json");
+
+/// Why a model could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+    #[error("model.onnx has sha256 {actual} but model.json expects {expected}; retrain with `cargo xtask train-intent`")]
+    Checksum { expected: String, actual: String },
+    #[error("model.onnx cannot be loaded by tract: {0}")]
+    Tract(String),
+}
+
+type Plan = Arc<TypedRunnableModel>;
+
+/// A loaded, optimised intent model.
+#[derive(Debug)]
+pub struct IntentModel {
+    policy: Policy,
+    plan: Plan,
+    sha256: String,
+}
+
+impl IntentModel {
+    /// Loads a model from its ONNX bytes and `model.json` text.
+    pub fn load(onnx: &[u8], meta_json: &str) -> Result<Self, LoadError> {
+        let policy = Policy::from_json(meta_json)?;
+        let sha256 = hex::encode(Sha256::digest(onnx));
+        if sha256 != policy.meta().onnx_sha256 {
+            return Err(LoadError::Checksum { expected: policy.meta().onnx_sha256.clone(), actual: sha256 });
+        }
+        let dim = policy.featurizer().dim();
+        let tract = |e: TractError| LoadError::Tract(format!("{e:#}"));
+        let plan = tract_onnx::onnx()
+            .model_for_read(&mut std::io::Cursor::new(onnx))
+            .map_err(tract)?
+            .with_input_fact(0, f32::fact([1, dim]).into())
+            .map_err(tract)?
+            .into_optimized()
+            .map_err(tract)?
+            .into_runnable()
+            .map_err(tract)?;
+        Ok(Self { policy, plan, sha256 })
+    }
+
+    /// The embedded model, loaded once per process (per isolate on Workers).
+    pub fn embedded() -> Result<&'static IntentModel, &'static LoadError> {
+        static MODEL: OnceLock<Result<IntentModel, LoadError>> = OnceLock::new();
+        MODEL.get_or_init(|| IntentModel::load(MODEL_ONNX, MODEL_JSON)).as_ref()
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    pub fn name(&self) -> &str {
+        &self.policy.meta().name
+    }
+
+    pub fn sha256(&self) -> &str {
+        &self.sha256
+    }
+
+    /// The label probabilities for `text`.
+    pub fn probabilities(&self, text: &str) -> Result<Vec<f32>, TractError> {
+        let features = self.policy.featurizer().featurize(text);
+        let dim = features.len();
+        let input = Tensor::from_shape(&[1, dim], &features)?;
+        let out = self.plan.run(tvec!(input.into()))?;
+        let probs = out[0].to_plain_array_view::<f32>()?;
+        Ok(probs.iter().copied().collect())
+    }
+
+    /// Classifies `text` and decides where it goes. A model fault routes to the queue.
+    pub fn classify(&self, text: &str) -> Decision {
+        match self.probabilities(text) {
+            Ok(p) => self.policy.decide(&p),
+            Err(_) => self.policy.decide(&[]),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use shared::intent::Route;
+
+    use super::*;
+
+    fn model() -> &'static IntentModel {
+        IntentModel::embedded().expect("embedded model loads")
+    }
+
+    /// The model contract: one float input [batch, buckets], one probability output per label.
+    #[test]
+    fn embedded_model_has_the_expected_interface() {
+        let m = model();
+        let meta = m.policy().meta();
+        assert_eq!(meta.input, "features");
+        assert_eq!(meta.output, "probs");
+        let p = m.probabilities("안녕").expect("runs");
+        assert_eq!(p.len(), meta.labels.len());
+        assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-4);
+    }
+
+    #[test]
+    fn corrupted_model_is_rejected_by_checksum() {
+        let mut bytes = MODEL_ONNX.to_vec();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        assert!(matches!(IntentModel::load(&bytes, MODEL_JSON), Err(LoadError::Checksum { .. })));
+    }
+
+    #[test]
+    fn plain_greetings_are_answered_at_the_edge() {
+        for text in ["안녕하세요", "hello", "고마워", "thank you", "ㅎㅇ", "ㄱㅅ"] {
+            let d = model().classify(text);
+            assert_eq!(d.route, Route::Edge, "{text}: {d:?}");
+        }
+    }
+
+    #[test]
+    fn mixed_greeting_and_request_is_queued() {
+        for text in [
+            "안녕! 근처 짜장면집 추천해줘",
+            "고마워, 그럼 내일은 뭐 먹을까?",
+            "hi, where can I use my meal card?",
+            "thanks! any pizza place nearby?",
+        ] {
+            let d = model().classify(text);
+            assert_eq!(d.route, Route::Queue, "{text}: {d:?}");
+        }
+    }
+
+    #[test]
+    fn code_switching_is_classified() {
+        let d = model().classify("hi 안녕하세요");
+        assert_eq!(d.intent, "greeting", "{d:?}");
+    }
+
+    #[test]
+    fn food_requests_are_queued() {
+        for text in ["떡볶이 맛집 알려줘", "급식카드 되는 치킨집 있어?", "where can I eat pizza?"] {
+            assert_eq!(model().classify(text).route, Route::Queue, "{text}");
+        }
+    }
+}
