@@ -6,3 +6,4 @@
 pub mod b64;
 pub mod features;
 pub mod intent;
+pub mod wire;

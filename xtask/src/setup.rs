@@ -12,8 +12,8 @@ use anyhow::{Context, bail};
 
 use crate::{root, run_cmd};
 
-/// ONNX Runtime release whose C API (`api-22` in the `ort` features) the worker is built for.
-pub const ORT_VERSION: &str = "1.22.1";
+/// ONNX Runtime release whose C API (`api-24` in the `ort` features) the worker is built for.
+pub const ORT_VERSION: &str = "1.24.4";
 
 /// Where the ONNX Runtime library is installed.
 pub fn ort_dir() -> PathBuf {

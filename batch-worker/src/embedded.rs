@@ -1,0 +1,365 @@
+//! `batch-worker run`: a bulk job over local files, with no cloud service.
+//!
+//! Durability protocol (each step is crash-safe, SIGKILL included):
+//! 1. results of a chunk (≈ `chunk_seconds` of work) are appended to `OUT.partial` and fsynced;
+//! 2. the checkpoint `OUT.ckpt` (input offset, items done, committed output length) is written
+//!    to a temporary file, fsynced and renamed over the old one;
+//! 3. at the end the checkpoint is marked done, `OUT.partial` is renamed to `OUT`, and the
+//!    checkpoint is removed.
+//!
+//! On restart the partial output is truncated to the committed length and reading resumes
+//! at the committed input offset, so every input item yields exactly one output line.
+
+use std::collections::HashSet;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use shared::wire::{InputItem, OutputLine, Task, parse_input_line};
+
+use crate::engine::EngineError;
+
+/// Turns micro-batches of items into output lines (one per item, same order).
+pub trait Processor {
+    /// Largest micro-batch this processor wants.
+    fn batch_size(&self) -> usize;
+    fn process(&mut self, items: &[InputItem]) -> Result<Vec<OutputLine>, EngineError>;
+}
+
+/// Options of one embedded run.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub task: Task,
+    pub input: PathBuf,
+    pub output: PathBuf,
+    /// Commit results at least this often.
+    pub chunk_seconds: f64,
+    /// Show a progress bar (only drawn when stderr is a terminal).
+    pub progress: bool,
+}
+
+/// Why a run stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The arguments or files cannot be used: exit 2.
+    #[error("{0}")]
+    Usage(String),
+    #[error("{context}: {source}")]
+    Io { context: String, source: std::io::Error },
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// SIGINT/SIGTERM: the last chunk was committed; running again continues.
+    #[error("interrupted after committing {0} items; run the same command again to continue")]
+    Interrupted(u64),
+}
+
+fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> RunError {
+    let context = context.into();
+    move |source| RunError::Io { context, source }
+}
+
+/// What a finished run did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    pub items: u64,
+    pub errors: u64,
+    /// Items already done by an earlier, interrupted run.
+    pub resumed_from: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Checkpoint {
+    version: u32,
+    task: Task,
+    input_sha256: String,
+    /// Bytes of input consumed.
+    input_offset: u64,
+    /// Output lines committed.
+    items: u64,
+    errors: u64,
+    /// Committed length of the partial output.
+    output_bytes: u64,
+    done: bool,
+}
+
+const CHECKPOINT_VERSION: u32 = 1;
+
+/// Set by SIGINT/SIGTERM; checked between micro-batches.
+pub static STOP: AtomicBool = AtomicBool::new(false);
+
+/// Installs handlers that set [`STOP`] on SIGINT and SIGTERM.
+pub fn install_signal_handlers() {
+    extern "C" fn on_signal(_: libc::c_int) {
+        STOP.store(true, Ordering::SeqCst);
+    }
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+}
+
+fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
+/// Checks the arguments before any model is loaded; errors are usage errors (exit 2).
+pub fn validate(opts: &RunOptions) -> Result<(), RunError> {
+    let usage = |m: String| Err(RunError::Usage(m));
+    match File::open(&opts.input) {
+        Ok(f) if f.metadata().is_ok_and(|m| m.is_dir()) => {
+            return usage(format!("--input {} is a directory, expected a JSONL file", opts.input.display()));
+        }
+        Ok(_) => {}
+        Err(e) => return usage(format!("--input {} cannot be read: {e}", opts.input.display())),
+    }
+    let parent = opts.output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !parent.is_dir() {
+        return usage(format!("--output {}: folder {} does not exist", opts.output.display(), parent.display()));
+    }
+    if opts.output.is_dir() {
+        return usage(format!("--output {} is a directory, expected a file path", opts.output.display()));
+    }
+    let same = match (opts.input.canonicalize(), opts.output.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if same {
+        return usage("--input and --output are the same file".into());
+    }
+    if !(opts.chunk_seconds > 0.0 && opts.chunk_seconds.is_finite()) {
+        return usage(format!("--chunk-seconds must be positive, got {}", opts.chunk_seconds));
+    }
+    Ok(())
+}
+
+/// Hashes the input and counts its non-blank lines.
+fn fingerprint(path: &Path) -> Result<(String, u64), RunError> {
+    let f = File::open(path).map_err(io(format!("reading {}", path.display())))?;
+    let mut r = BufReader::with_capacity(1 << 20, f);
+    let mut hasher = Sha256::new();
+    let mut lines = 0u64;
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = r.read_until(b'\n', &mut line).map_err(io(format!("reading {}", path.display())))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&line);
+        lines += u64::from(!line.trim_ascii().is_empty());
+    }
+    Ok((hex::encode(hasher.finalize()), lines))
+}
+
+fn write_checkpoint(path: &Path, ckpt: &Checkpoint) -> Result<(), RunError> {
+    let tmp = sibling(path, ".tmp");
+    let bytes = serde_json::to_vec(ckpt).map_err(|e| io("encoding checkpoint")(e.into()))?;
+    let mut f = File::create(&tmp).map_err(io(format!("writing {}", tmp.display())))?;
+    f.write_all(&bytes).and_then(|()| f.sync_all()).map_err(io(format!("writing {}", tmp.display())))?;
+    std::fs::rename(&tmp, path).map_err(io(format!("renaming {}", tmp.display())))?;
+    sync_dir(path)
+}
+
+fn sync_dir(path: &Path) -> Result<(), RunError> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io(format!("syncing {}", dir.display())))
+}
+
+fn read_checkpoint(path: &Path) -> Result<Option<Checkpoint>, RunError> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+            RunError::Usage(format!("checkpoint {} is unreadable ({e}); delete it to start over", path.display()))
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io(format!("reading {}", path.display()))(e)),
+    }
+}
+
+/// One input line, classified.
+enum Slot {
+    Ready(OutputLine),
+    /// Index into the micro-batch of valid items.
+    Pending(usize),
+}
+
+/// Runs (or resumes) the job. `processor` is created lazily, after validation.
+pub fn run<P: Processor>(
+    opts: &RunOptions,
+    make_processor: impl FnOnce() -> Result<P, EngineError>,
+) -> Result<Summary, RunError> {
+    validate(opts)?;
+    let ckpt_path = sibling(&opts.output, ".ckpt");
+    let partial_path = sibling(&opts.output, ".partial");
+    let (sha, total) = fingerprint(&opts.input)?;
+
+    let mut ckpt = match read_checkpoint(&ckpt_path)? {
+        Some(c) if c.version != CHECKPOINT_VERSION || c.task != opts.task || c.input_sha256 != sha => {
+            return Err(RunError::Usage(format!(
+                "checkpoint {} belongs to another input or task; run with the same --input and --task, or delete it to start over",
+                ckpt_path.display()
+            )));
+        }
+        Some(c) => c,
+        None => Checkpoint {
+            version: CHECKPOINT_VERSION,
+            task: opts.task,
+            input_sha256: sha,
+            input_offset: 0,
+            items: 0,
+            errors: 0,
+            output_bytes: 0,
+            done: false,
+        },
+    };
+    let resumed_from = ckpt.items;
+    if ckpt.done {
+        return finish(&ckpt, &ckpt_path, &partial_path, &opts.output, resumed_from);
+    }
+
+    let mut out = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(&partial_path)
+        .map_err(io(format!("opening {}", partial_path.display())))?;
+    let len = out.metadata().map_err(io("reading partial output"))?.len();
+    if len < ckpt.output_bytes {
+        return Err(RunError::Usage(format!(
+            "{} is shorter than its checkpoint says ({len} < {} bytes); delete {} to start over",
+            partial_path.display(),
+            ckpt.output_bytes,
+            ckpt_path.display()
+        )));
+    }
+    out.set_len(ckpt.output_bytes).map_err(io("truncating partial output"))?;
+    out.seek(SeekFrom::Start(ckpt.output_bytes)).map_err(io("seeking partial output"))?;
+
+    let input = File::open(&opts.input).map_err(io(format!("reading {}", opts.input.display())))?;
+    let mut reader = BufReader::with_capacity(1 << 20, input);
+    // Rebuild the set of custom_ids seen before the checkpoint (duplicates are errors).
+    let mut seen = HashSet::new();
+    let mut consumed = 0u64;
+    let mut line_no = 0u64;
+    let mut buf = Vec::new();
+    while consumed < ckpt.input_offset {
+        buf.clear();
+        let n = reader.read_until(b'\n', &mut buf).map_err(io("reading input"))?;
+        if n == 0 {
+            break;
+        }
+        consumed += n as u64;
+        line_no += 1;
+        if let Ok(item) = std::str::from_utf8(&buf).map_err(drop).and_then(|s| parse_input_line(s.trim_end(), line_no).map_err(drop)) {
+            seen.insert(item.custom_id);
+        }
+    }
+    if consumed != ckpt.input_offset {
+        return Err(RunError::Usage(format!(
+            "checkpoint {} points past the end of the input; delete it to start over",
+            ckpt_path.display()
+        )));
+    }
+
+    let mut processor = make_processor()?;
+    let progress = progress_bar(opts.progress, total, ckpt.items);
+    let chunk = Duration::from_secs_f64(opts.chunk_seconds);
+    let mut pending = String::new();
+    let mut last_commit = Instant::now();
+    let mut eof = false;
+    while !eof {
+        // Read one micro-batch.
+        let mut slots = Vec::new();
+        let mut items = Vec::new();
+        let mut batch_bytes = 0u64;
+        while items.len() < processor.batch_size() {
+            buf.clear();
+            let n = reader.read_until(b'\n', &mut buf).map_err(io("reading input"))?;
+            if n == 0 {
+                eof = true;
+                break;
+            }
+            batch_bytes += n as u64;
+            line_no += 1;
+            if buf.trim_ascii().is_empty() {
+                continue;
+            }
+            let parsed = match std::str::from_utf8(&buf) {
+                Ok(s) => parse_input_line(s.trim_end_matches(['\n', '\r']), line_no),
+                Err(_) => Err(OutputLine::error(line_no.to_string(), "invalid_item", format!("line {line_no} is not UTF-8"))),
+            };
+            match parsed {
+                Ok(item) if !seen.insert(item.custom_id.clone()) => slots.push(Slot::Ready(OutputLine::error(
+                    item.custom_id,
+                    "duplicate_custom_id",
+                    format!("line {line_no}: custom_id already used earlier in the file"),
+                ))),
+                Ok(item) => {
+                    slots.push(Slot::Pending(items.len()));
+                    items.push(item);
+                }
+                Err(line) => slots.push(Slot::Ready(line)),
+            }
+        }
+        let mut results = processor.process(&items)?.into_iter().map(Some).collect::<Vec<_>>();
+        for slot in slots {
+            let line = match slot {
+                Slot::Ready(l) => l,
+                Slot::Pending(i) => results[i].take().ok_or_else(|| {
+                    RunError::Engine(EngineError::Model { path: PathBuf::new(), message: "processor returned too few results".into() })
+                })?,
+            };
+            ckpt.errors += u64::from(matches!(line, OutputLine::Err { .. }));
+            ckpt.items += 1;
+            pending.push_str(&serde_json::to_string(&line).map_err(|e| io("encoding output")(e.into()))?);
+            pending.push('\n');
+        }
+        ckpt.input_offset += batch_bytes;
+        progress.set_position(ckpt.items);
+
+        let stop = STOP.load(Ordering::SeqCst);
+        if eof || stop || last_commit.elapsed() >= chunk {
+            out.write_all(pending.as_bytes()).and_then(|()| out.sync_data()).map_err(io("writing partial output"))?;
+            ckpt.output_bytes += pending.len() as u64;
+            pending.clear();
+            write_checkpoint(&ckpt_path, &ckpt)?;
+            last_commit = Instant::now();
+            if stop && !eof {
+                progress.abandon();
+                return Err(RunError::Interrupted(ckpt.items));
+            }
+        }
+    }
+    progress.finish_and_clear();
+    ckpt.done = true;
+    write_checkpoint(&ckpt_path, &ckpt)?;
+    finish(&ckpt, &ckpt_path, &partial_path, &opts.output, resumed_from)
+}
+
+/// Moves the partial output into place and removes the checkpoint (idempotent).
+fn finish(ckpt: &Checkpoint, ckpt_path: &Path, partial: &Path, output: &Path, resumed_from: u64) -> Result<Summary, RunError> {
+    if partial.exists() {
+        std::fs::rename(partial, output).map_err(io(format!("renaming {}", partial.display())))?;
+        sync_dir(output)?;
+    }
+    std::fs::remove_file(ckpt_path).map_err(io(format!("removing {}", ckpt_path.display())))?;
+    Ok(Summary { items: ckpt.items, errors: ckpt.errors, resumed_from })
+}
+
+fn progress_bar(enabled: bool, total: u64, done: u64) -> indicatif::ProgressBar {
+    if !enabled {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    if let Ok(style) = indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} items {per_sec} eta {eta}") {
+        bar.set_style(style);
+    }
+    bar.set_position(done);
+    bar
+}

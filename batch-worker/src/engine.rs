@@ -1,0 +1,166 @@
+//! ONNX Runtime: finding the library, choosing the device, running the models.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use ort::environment::Environment;
+use ort::session::Session;
+use shared::intent::{Decision, Policy};
+use shared::wire::ClassifyOutput;
+
+/// Which execution provider runs the models.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Device {
+    /// CUDA if it registers, else CPU (the log says which)
+    Auto,
+    /// CUDA only: fail if it cannot be used
+    Cuda,
+    /// CPU only
+    Cpu,
+}
+
+/// Why inference could not be set up or run.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{0}")]
+    LibraryNotFound(String),
+    #[error("loading ONNX Runtime from {path}: {message}")]
+    Library { path: PathBuf, message: String },
+    #[error("reading {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Model { path: PathBuf, message: String },
+    #[error("the CUDA execution provider could not be used: {0}; use --device auto to fall back to CPU, or --device cpu")]
+    Cuda(String),
+    #[error("inference failed: {0}")]
+    Run(#[from] ort::Error),
+}
+
+/// The ONNX Runtime shared library: `ORT_DYLIB_PATH`, else `libonnxruntime.so` beside the
+/// executable, else the project-local copy that `cargo xtask setup` installs.
+pub fn ort_library() -> Result<PathBuf, EngineError> {
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
+        return Ok(PathBuf::from(p));
+    }
+    let mut candidates = Vec::new();
+    if let Ok(exe) = std::env::current_exe()
+        && let Some(dir) = exe.parent()
+    {
+        candidates.push(dir.join("libonnxruntime.so"));
+        // target/{debug,release}[/deps] → repository root
+        for up in [2, 3] {
+            if let Some(root) = dir.ancestors().nth(up) {
+                candidates.push(root.join(".tools/onnxruntime/libonnxruntime.so"));
+            }
+        }
+    }
+    candidates.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/onnxruntime/libonnxruntime.so"));
+    candidates.iter().find(|p| p.is_file()).cloned().ok_or_else(|| {
+        let looked = candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
+        EngineError::LibraryNotFound(format!(
+            "ONNX Runtime library not found (looked at {looked}): run `cargo xtask setup`, or set ORT_DYLIB_PATH to libonnxruntime.so"
+        ))
+    })
+}
+
+/// Loads ONNX Runtime once per process and returns its environment.
+pub fn environment() -> Result<&'static Environment, EngineError> {
+    static ENV: OnceLock<Result<Environment, (PathBuf, String)>> = OnceLock::new();
+    let env = ENV.get_or_init(|| {
+        let lib = ort_library().map_err(|e| (PathBuf::new(), e.to_string()))?;
+        let builder = ort::init_from(&lib).map_err(|e| (lib.clone(), e.to_string()))?;
+        builder.with_name("batch-worker").build().map_err(|e| (lib, e.to_string()))
+    });
+    env.as_ref().map_err(|(path, message)| {
+        if path.as_os_str().is_empty() {
+            EngineError::LibraryNotFound(message.clone())
+        } else {
+            EngineError::Library { path: path.clone(), message: message.clone() }
+        }
+    })
+}
+
+/// Builds a session for `model` on `device`; returns it with the provider's name.
+pub fn session(model: &Path, device: Device) -> Result<(Session, &'static str), EngineError> {
+    let env = environment()?;
+    let model_err = |e: ort::Error| EngineError::Model { path: model.to_owned(), message: e.to_string() };
+    let bytes = std::fs::read(model).map_err(|source| EngineError::Io { path: model.to_owned(), source })?;
+    let cuda = || -> Result<Session, ort::Error> {
+        let ep = ort::ep::CUDA::default().build().error_on_failure();
+        Session::builder(env)?.with_execution_providers([ep]).map_err(ort::Error::<()>::from)?.commit_from_memory(&bytes)
+    };
+    let cpu = || -> Result<Session, ort::Error> { Session::builder(env)?.commit_from_memory(&bytes) };
+    match device {
+        Device::Cpu => Ok((cpu().map_err(model_err)?, "cpu")),
+        Device::Cuda => Ok((cuda().map_err(|e| EngineError::Cuda(e.to_string()))?, "cuda")),
+        Device::Auto => match cuda() {
+            Ok(s) => Ok((s, "cuda")),
+            Err(e) => {
+                tracing::warn!(error = %e, "CUDA execution provider unavailable, running on CPU");
+                Ok((cpu().map_err(model_err)?, "cpu"))
+            }
+        },
+    }
+}
+
+/// The intent classifier (the edge's model) on ONNX Runtime.
+pub struct Classifier {
+    session: Session,
+    policy: Policy,
+    provider: &'static str,
+    features: Vec<f32>,
+}
+
+impl Classifier {
+    /// Loads `<dir>/model.onnx` and `<dir>/model.json`.
+    pub fn load(dir: &Path, device: Device) -> Result<Self, EngineError> {
+        let meta_path = dir.join("model.json");
+        let meta = std::fs::read_to_string(&meta_path)
+            .map_err(|source| EngineError::Io { path: meta_path.clone(), source })?;
+        let policy = Policy::from_json(&meta)
+            .map_err(|e| EngineError::Model { path: meta_path, message: e.to_string() })?;
+        let (session, provider) = session(&dir.join("model.onnx"), device)?;
+        tracing::info!(provider, model = %dir.display(), "classifier loaded");
+        Ok(Self { session, policy, provider, features: Vec::new() })
+    }
+
+    /// The execution provider in use: `cuda` or `cpu`.
+    pub fn provider(&self) -> &'static str {
+        self.provider
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// Probabilities for each text, one micro-batch, one `session.run`.
+    pub fn probabilities(&mut self, texts: &[&str]) -> Result<Vec<Vec<f32>>, EngineError> {
+        if texts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let f = self.policy.featurizer();
+        let dim = f.dim();
+        self.features.resize(texts.len() * dim, 0.0);
+        for (text, row) in texts.iter().zip(self.features.chunks_mut(dim)) {
+            f.featurize_into(text, row);
+        }
+        let input = ort::value::TensorRef::from_array_view(([texts.len(), dim], &self.features[..]))?;
+        let meta = self.policy.meta();
+        let outputs = self.session.run(ort::inputs![meta.input.as_str() => input])?;
+        let (_, probs) = outputs[meta.output.as_str()].try_extract_tensor::<f32>()?;
+        let classes = meta.labels.len();
+        Ok(probs.chunks(classes).map(<[f32]>::to_vec).collect())
+    }
+
+    /// Classifies a micro-batch.
+    pub fn classify(&mut self, texts: &[&str]) -> Result<Vec<ClassifyOutput>, EngineError> {
+        let probs = self.probabilities(texts)?;
+        Ok(probs
+            .iter()
+            .map(|p| {
+                let Decision { intent, confidence, route } = self.policy.decide(p);
+                ClassifyOutput { intent, confidence, route }
+            })
+            .collect())
+    }
+}

@@ -1,0 +1,161 @@
+//! `batch-worker run` as users run it: the real binary, real ONNX Runtime, real files.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_batch-worker");
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("embedded-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+/// `n` items cycling over the intent test split, with a few malformed lines mixed in.
+fn write_input(path: &Path, n: usize) {
+    let texts: Vec<String> = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../models/intent/data/test.jsonl"))
+        .expect("test split")
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json")["text"].as_str().expect("text").to_owned())
+        .collect();
+    let mut out = String::new();
+    for i in 0..n {
+        let line = match i % 997 {
+            13 => "{\"custom_id\": \"broken".to_owned(),
+            14 => format!("{{\"custom_id\": \"no-input-{i}\"}}"),
+            _ => serde_json::json!({"custom_id": format!("item-{i}"), "input": texts[i % texts.len()]}).to_string(),
+        };
+        out.push_str(&line);
+        out.push('\n');
+    }
+    std::fs::write(path, out).expect("write input");
+}
+
+fn run(input: &Path, output: &Path, extra: &[&str]) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(["run", "--task", "classify", "--device", "cpu"])
+        .arg("--input")
+        .arg(input)
+        .arg("--output")
+        .arg(output)
+        .args(extra)
+        .env("RUST_LOG", "error")
+        .stdin(Stdio::null());
+    c
+}
+
+fn run_to_end(input: &Path, output: &Path, extra: &[&str]) -> String {
+    let out = run(input, output, extra).output().expect("runs");
+    assert!(out.status.success(), "exit {:?}: {}", out.status, String::from_utf8_lossy(&out.stderr));
+    std::fs::read_to_string(output).expect("output exists")
+}
+
+/// A small deterministic PRNG for kill instants.
+fn next(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
+#[test]
+fn embedded_run_survives_repeated_sigkill_and_equals_an_uninterrupted_run() {
+    let dir = scratch("sigkill");
+    let input = dir.join("in.jsonl");
+    write_input(&input, 120_000);
+
+    let reference = run_to_end(&input, &dir.join("reference.jsonl"), &["--batch-size", "64"]);
+    assert_eq!(reference.lines().count(), 120_000);
+
+    let output = dir.join("out.jsonl");
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let mut kills = 0;
+    let deadline = Instant::now() + Duration::from_secs(240);
+    while kills < 12 && Instant::now() < deadline {
+        let mut child = run(&input, &output, &["--batch-size", "64", "--chunk-seconds", "0.02"])
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn");
+        std::thread::sleep(Duration::from_millis(30 + next(&mut rng) % 300));
+        match child.try_wait().expect("try_wait") {
+            Some(_) => break, // finished before the kill: the rest of the test still checks it
+            None => {
+                child.kill().expect("SIGKILL");
+                child.wait().expect("reaped");
+                kills += 1;
+            }
+        }
+    }
+    assert!(kills >= 10, "only {kills} kills landed before the run finished; make the input bigger");
+    let resumed = run_to_end(&input, &output, &["--batch-size", "64"]);
+    assert_eq!(resumed.lines().count(), reference.lines().count());
+    assert!(resumed == reference, "resumed output differs from the uninterrupted run");
+    assert!(!dir.join("out.jsonl.ckpt").exists() && !dir.join("out.jsonl.partial").exists());
+}
+
+#[test]
+fn malformed_lines_become_error_lines_and_never_stop_the_job() {
+    let dir = scratch("malformed");
+    let input = dir.join("in.jsonl");
+    std::fs::write(
+        &input,
+        concat!(
+            "{\"custom_id\":\"a\",\"input\":\"안녕하세요\"}\n",
+            "not json at all\n",
+            "\n",
+            "{\"custom_id\":\"b\",\"input\":42}\n",
+            "{\"custom_id\":\"a\",\"input\":\"duplicate id\"}\n",
+            "{\"custom_id\":\"c\",\"input\":\"근처 떡볶이 맛집 알려줘\"}",
+        ),
+    )
+    .expect("write");
+    let out = run_to_end(&input, &dir.join("out.jsonl"), &[]);
+    let lines: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).expect("json line")).collect();
+    assert_eq!(lines.len(), 5, "{out}");
+    assert_eq!(lines[0]["custom_id"], "a");
+    assert_eq!(lines[0]["output"]["route"], "edge");
+    assert_eq!(lines[1]["custom_id"], "2", "line number stands in for an unreadable custom_id");
+    assert_eq!(lines[1]["error"]["code"], "invalid_item");
+    assert_eq!(lines[2]["custom_id"], "b");
+    assert_eq!(lines[2]["error"]["code"], "invalid_item");
+    assert_eq!(lines[3]["error"]["code"], "duplicate_custom_id");
+    assert_eq!(lines[4]["custom_id"], "c");
+    assert_eq!(lines[4]["output"]["route"], "queue");
+    assert!(lines[4]["output"]["confidence"].as_f64().is_some());
+}
+
+#[test]
+fn unusable_arguments_exit_2_with_one_line() {
+    let dir = scratch("usage");
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec!["--input".into(), dir.join("missing.jsonl").display().to_string(), "--output".into(), dir.join("o.jsonl").display().to_string()], "cannot be read"),
+        (vec!["--input".into(), dir.display().to_string(), "--output".into(), dir.join("o.jsonl").display().to_string()], "is a directory"),
+    ];
+    std::fs::write(dir.join("in.jsonl"), "").expect("write");
+    let mut all = cases;
+    all.push((
+        vec!["--input".into(), dir.join("in.jsonl").display().to_string(), "--output".into(), "/nonexistent-dir/o.jsonl".into()],
+        "does not exist",
+    ));
+    for (args, expected) in all {
+        let out = Command::new(BIN).args(["run", "--task", "classify"]).args(&args).output().expect("runs");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(err.contains(expected), "{err}");
+    }
+}
+
+#[test]
+fn checkpoint_of_another_input_is_refused() {
+    let dir = scratch("other-input");
+    let input = dir.join("in.jsonl");
+    write_input(&input, 10);
+    let output = dir.join("out.jsonl");
+    std::fs::write(dir.join("out.jsonl.ckpt"), r#"{"version":1,"task":"classify","input_sha256":"00","input_offset":0,"items":0,"errors":0,"output_bytes":0,"done":false}"#).expect("write");
+    let out = run(&input, &output, &[]).output().expect("runs");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("belongs to another input"));
+}

@@ -1,0 +1,168 @@
+//! Wire types: what crosses a process boundary as JSON. Only these are serialized.
+
+use serde::{Deserialize, Serialize};
+
+use crate::intent::Route;
+
+/// Bulk tasks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Task {
+    Classify,
+    Generate,
+}
+
+impl Task {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Task::Classify => "classify",
+            Task::Generate => "generate",
+        }
+    }
+}
+
+impl std::str::FromStr for Task {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "classify" => Ok(Task::Classify),
+            "generate" => Ok(Task::Generate),
+            _ => Err(format!("unknown task {s:?}: expected classify or generate")),
+        }
+    }
+}
+
+/// One line of a bulk input file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputItem {
+    pub custom_id: String,
+    pub input: String,
+}
+
+/// `classify` output.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClassifyOutput {
+    pub intent: String,
+    pub confidence: f32,
+    pub route: Route,
+}
+
+/// `generate` output.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GenerateOutput {
+    pub text: String,
+    pub tokens: u32,
+}
+
+/// A per-item error.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ItemError {
+    pub code: String,
+    pub message: String,
+}
+
+/// One line of a bulk output file: exactly one per input item.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum OutputLine {
+    Ok { custom_id: String, output: serde_json::Value },
+    Err { custom_id: String, error: ItemError },
+}
+
+impl OutputLine {
+    pub fn custom_id(&self) -> &str {
+        match self {
+            OutputLine::Ok { custom_id, .. } | OutputLine::Err { custom_id, .. } => custom_id,
+        }
+    }
+
+    pub fn error(custom_id: impl Into<String>, code: &str, message: impl Into<String>) -> Self {
+        OutputLine::Err {
+            custom_id: custom_id.into(),
+            error: ItemError { code: code.to_owned(), message: message.into() },
+        }
+    }
+}
+
+/// Largest accepted `input` text of a bulk item, in characters.
+pub const MAX_ITEM_CHARS: usize = 32_000;
+
+/// Parses one input line. `line_no` is 1-based; a line whose `custom_id` cannot be read gets
+/// its line number as `custom_id` in the error.
+pub fn parse_input_line(line: &str, line_no: u64) -> Result<InputItem, OutputLine> {
+    match serde_json::from_str::<InputItem>(line) {
+        Ok(item) if item.custom_id.is_empty() => {
+            Err(OutputLine::error(line_no.to_string(), "invalid_item", "custom_id must not be empty"))
+        }
+        Ok(item) if item.input.chars().count() > MAX_ITEM_CHARS => Err(OutputLine::error(
+            item.custom_id,
+            "input_too_long",
+            format!("input has more than {MAX_ITEM_CHARS} characters; split it into smaller items"),
+        )),
+        Ok(item) => Ok(item),
+        Err(e) => {
+            let id = serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| v.get("custom_id").and_then(|c| c.as_str()).map(str::to_owned))
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| line_no.to_string());
+            Err(OutputLine::error(
+                id,
+                "invalid_item",
+                format!("line {line_no}: {e}; expected {{\"custom_id\": string, \"input\": string}}"),
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn good_line_parses() {
+        let item = parse_input_line(r#"{"custom_id":"a","input":"안녕"}"#, 1).expect("valid");
+        assert_eq!(item, InputItem { custom_id: "a".into(), input: "안녕".into() });
+    }
+
+    #[test]
+    fn malformed_line_becomes_an_error_line_with_its_line_number() {
+        let err = parse_input_line("{not json", 7).expect_err("invalid");
+        assert_eq!(err.custom_id(), "7");
+        let json = serde_json::to_value(&err).expect("serializes");
+        assert_eq!(json["error"]["code"], "invalid_item");
+    }
+
+    #[test]
+    fn wrong_type_keeps_the_readable_custom_id() {
+        let err = parse_input_line(r#"{"custom_id":"x9","input":5}"#, 3).expect_err("invalid");
+        assert_eq!(err.custom_id(), "x9");
+    }
+
+    #[test]
+    fn output_lines_have_the_contract_shape() {
+        let ok = OutputLine::Ok { custom_id: "a".into(), output: serde_json::json!({"text": "hi", "tokens": 1}) };
+        assert_eq!(serde_json::to_string(&ok).expect("json"), r#"{"custom_id":"a","output":{"text":"hi","tokens":1}}"#);
+        let back: OutputLine = serde_json::from_str(r#"{"custom_id":"b","error":{"code":"c","message":"m"}}"#).expect("parses");
+        assert_eq!(back, OutputLine::error("b", "c", "m"));
+    }
+
+    proptest! {
+        #[test]
+        fn any_line_gives_an_item_or_an_error_line(line in "\\PC{0,200}", n in 1u64..1000) {
+            match parse_input_line(&line, n) {
+                Ok(item) => prop_assert!(!item.custom_id.is_empty()),
+                Err(e) => prop_assert!(!e.custom_id().is_empty()),
+            }
+        }
+
+        #[test]
+        fn input_items_round_trip(id in "\\PC{1,40}", input in "\\PC{0,200}") {
+            let item = InputItem { custom_id: id, input };
+            let line = serde_json::to_string(&item).expect("json");
+            prop_assert_eq!(parse_input_line(&line, 1).expect("valid"), item);
+        }
+    }
+}
