@@ -49,7 +49,10 @@ pub enum RunError {
     #[error("{0}")]
     Usage(String),
     #[error("{context}: {source}")]
-    Io { context: String, source: std::io::Error },
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Engine(#[from] EngineError),
     /// SIGINT/SIGTERM: the last chunk was committed; running again continues.
@@ -114,17 +117,36 @@ pub fn validate(opts: &RunOptions) -> Result<(), RunError> {
     let usage = |m: String| Err(RunError::Usage(m));
     match File::open(&opts.input) {
         Ok(f) if f.metadata().is_ok_and(|m| m.is_dir()) => {
-            return usage(format!("--input {} is a directory, expected a JSONL file", opts.input.display()));
+            return usage(format!(
+                "--input {} is a directory, expected a JSONL file",
+                opts.input.display()
+            ));
         }
         Ok(_) => {}
-        Err(e) => return usage(format!("--input {} cannot be read: {e}", opts.input.display())),
+        Err(e) => {
+            return usage(format!(
+                "--input {} cannot be read: {e}",
+                opts.input.display()
+            ));
+        }
     }
-    let parent = opts.output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let parent = opts
+        .output
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     if !parent.is_dir() {
-        return usage(format!("--output {}: folder {} does not exist", opts.output.display(), parent.display()));
+        return usage(format!(
+            "--output {}: folder {} does not exist",
+            opts.output.display(),
+            parent.display()
+        ));
     }
     if opts.output.is_dir() {
-        return usage(format!("--output {} is a directory, expected a file path", opts.output.display()));
+        return usage(format!(
+            "--output {} is a directory, expected a file path",
+            opts.output.display()
+        ));
     }
     let same = match (opts.input.canonicalize(), opts.output.canonicalize()) {
         (Ok(a), Ok(b)) => a == b,
@@ -134,7 +156,10 @@ pub fn validate(opts: &RunOptions) -> Result<(), RunError> {
         return usage("--input and --output are the same file".into());
     }
     if !(opts.chunk_seconds > 0.0 && opts.chunk_seconds.is_finite()) {
-        return usage(format!("--chunk-seconds must be positive, got {}", opts.chunk_seconds));
+        return usage(format!(
+            "--chunk-seconds must be positive, got {}",
+            opts.chunk_seconds
+        ));
     }
     Ok(())
 }
@@ -148,7 +173,9 @@ fn fingerprint(path: &Path) -> Result<(String, u64), RunError> {
     let mut line = Vec::new();
     loop {
         line.clear();
-        let n = r.read_until(b'\n', &mut line).map_err(io(format!("reading {}", path.display())))?;
+        let n = r
+            .read_until(b'\n', &mut line)
+            .map_err(io(format!("reading {}", path.display())))?;
         if n == 0 {
             break;
         }
@@ -162,20 +189,30 @@ fn write_checkpoint(path: &Path, ckpt: &Checkpoint) -> Result<(), RunError> {
     let tmp = sibling(path, ".tmp");
     let bytes = serde_json::to_vec(ckpt).map_err(|e| io("encoding checkpoint")(e.into()))?;
     let mut f = File::create(&tmp).map_err(io(format!("writing {}", tmp.display())))?;
-    f.write_all(&bytes).and_then(|()| f.sync_all()).map_err(io(format!("writing {}", tmp.display())))?;
+    f.write_all(&bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(io(format!("writing {}", tmp.display())))?;
     std::fs::rename(&tmp, path).map_err(io(format!("renaming {}", tmp.display())))?;
     sync_dir(path)
 }
 
 fn sync_dir(path: &Path) -> Result<(), RunError> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io(format!("syncing {}", dir.display())))
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(format!("syncing {}", dir.display())))
 }
 
 fn read_checkpoint(path: &Path) -> Result<Option<Checkpoint>, RunError> {
     match std::fs::read(path) {
         Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
-            RunError::Usage(format!("checkpoint {} is unreadable ({e}); delete it to start over", path.display()))
+            RunError::Usage(format!(
+                "checkpoint {} is unreadable ({e}); delete it to start over",
+                path.display()
+            ))
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(io(format!("reading {}", path.display()))(e)),
@@ -200,7 +237,9 @@ pub fn run<P: Processor>(
     let (sha, total) = fingerprint(&opts.input)?;
 
     let mut ckpt = match read_checkpoint(&ckpt_path)? {
-        Some(c) if c.version != CHECKPOINT_VERSION || c.task != opts.task || c.input_sha256 != sha => {
+        Some(c)
+            if c.version != CHECKPOINT_VERSION || c.task != opts.task || c.input_sha256 != sha =>
+        {
             return Err(RunError::Usage(format!(
                 "checkpoint {} belongs to another input or task; run with the same --input and --task, or delete it to start over",
                 ckpt_path.display()
@@ -238,8 +277,10 @@ pub fn run<P: Processor>(
             ckpt_path.display()
         )));
     }
-    out.set_len(ckpt.output_bytes).map_err(io("truncating partial output"))?;
-    out.seek(SeekFrom::Start(ckpt.output_bytes)).map_err(io("seeking partial output"))?;
+    out.set_len(ckpt.output_bytes)
+        .map_err(io("truncating partial output"))?;
+    out.seek(SeekFrom::Start(ckpt.output_bytes))
+        .map_err(io("seeking partial output"))?;
 
     let input = File::open(&opts.input).map_err(io(format!("reading {}", opts.input.display())))?;
     let mut reader = BufReader::with_capacity(1 << 20, input);
@@ -250,13 +291,18 @@ pub fn run<P: Processor>(
     let mut buf = Vec::new();
     while consumed < ckpt.input_offset {
         buf.clear();
-        let n = reader.read_until(b'\n', &mut buf).map_err(io("reading input"))?;
+        let n = reader
+            .read_until(b'\n', &mut buf)
+            .map_err(io("reading input"))?;
         if n == 0 {
             break;
         }
         consumed += n as u64;
         line_no += 1;
-        if let Ok(item) = std::str::from_utf8(&buf).map_err(drop).and_then(|s| parse_input_line(s.trim_end(), line_no).map_err(drop)) {
+        if let Ok(item) = std::str::from_utf8(&buf)
+            .map_err(drop)
+            .and_then(|s| parse_input_line(s.trim_end(), line_no).map_err(drop))
+        {
             seen.insert(item.custom_id);
         }
     }
@@ -280,7 +326,9 @@ pub fn run<P: Processor>(
         let mut batch_bytes = 0u64;
         while items.len() < processor.batch_size() {
             buf.clear();
-            let n = reader.read_until(b'\n', &mut buf).map_err(io("reading input"))?;
+            let n = reader
+                .read_until(b'\n', &mut buf)
+                .map_err(io("reading input"))?;
             if n == 0 {
                 eof = true;
                 break;
@@ -292,14 +340,20 @@ pub fn run<P: Processor>(
             }
             let parsed = match std::str::from_utf8(&buf) {
                 Ok(s) => parse_input_line(s.trim_end_matches(['\n', '\r']), line_no),
-                Err(_) => Err(OutputLine::error(line_no.to_string(), "invalid_item", format!("line {line_no} is not UTF-8"))),
+                Err(_) => Err(OutputLine::error(
+                    line_no.to_string(),
+                    "invalid_item",
+                    format!("line {line_no} is not UTF-8"),
+                )),
             };
             match parsed {
-                Ok(item) if !seen.insert(item.custom_id.clone()) => slots.push(Slot::Ready(OutputLine::error(
-                    item.custom_id,
-                    "duplicate_custom_id",
-                    format!("line {line_no}: custom_id already used earlier in the file"),
-                ))),
+                Ok(item) if !seen.insert(item.custom_id.clone()) => {
+                    slots.push(Slot::Ready(OutputLine::error(
+                        item.custom_id,
+                        "duplicate_custom_id",
+                        format!("line {line_no}: custom_id already used earlier in the file"),
+                    )))
+                }
                 Ok(item) => {
                     slots.push(Slot::Pending(items.len()));
                     items.push(item);
@@ -307,17 +361,26 @@ pub fn run<P: Processor>(
                 Err(line) => slots.push(Slot::Ready(line)),
             }
         }
-        let mut results = processor.process(&items)?.into_iter().map(Some).collect::<Vec<_>>();
+        let mut results = processor
+            .process(&items)?
+            .into_iter()
+            .map(Some)
+            .collect::<Vec<_>>();
         for slot in slots {
             let line = match slot {
                 Slot::Ready(l) => l,
                 Slot::Pending(i) => results[i].take().ok_or_else(|| {
-                    RunError::Engine(EngineError::Model { path: PathBuf::new(), message: "processor returned too few results".into() })
+                    RunError::Engine(EngineError::Model {
+                        path: PathBuf::new(),
+                        message: "processor returned too few results".into(),
+                    })
                 })?,
             };
             ckpt.errors += u64::from(matches!(line, OutputLine::Err { .. }));
             ckpt.items += 1;
-            pending.push_str(&serde_json::to_string(&line).map_err(|e| io("encoding output")(e.into()))?);
+            pending.push_str(
+                &serde_json::to_string(&line).map_err(|e| io("encoding output")(e.into()))?,
+            );
             pending.push('\n');
         }
         ckpt.input_offset += batch_bytes;
@@ -325,7 +388,9 @@ pub fn run<P: Processor>(
 
         let stop = STOP.load(Ordering::SeqCst);
         if eof || stop || last_commit.elapsed() >= chunk {
-            out.write_all(pending.as_bytes()).and_then(|()| out.sync_data()).map_err(io("writing partial output"))?;
+            out.write_all(pending.as_bytes())
+                .and_then(|()| out.sync_data())
+                .map_err(io("writing partial output"))?;
             ckpt.output_bytes += pending.len() as u64;
             pending.clear();
             write_checkpoint(&ckpt_path, &ckpt)?;
@@ -343,13 +408,23 @@ pub fn run<P: Processor>(
 }
 
 /// Moves the partial output into place and removes the checkpoint (idempotent).
-fn finish(ckpt: &Checkpoint, ckpt_path: &Path, partial: &Path, output: &Path, resumed_from: u64) -> Result<Summary, RunError> {
+fn finish(
+    ckpt: &Checkpoint,
+    ckpt_path: &Path,
+    partial: &Path,
+    output: &Path,
+    resumed_from: u64,
+) -> Result<Summary, RunError> {
     if partial.exists() {
         std::fs::rename(partial, output).map_err(io(format!("renaming {}", partial.display())))?;
         sync_dir(output)?;
     }
     std::fs::remove_file(ckpt_path).map_err(io(format!("removing {}", ckpt_path.display())))?;
-    Ok(Summary { items: ckpt.items, errors: ckpt.errors, resumed_from })
+    Ok(Summary {
+        items: ckpt.items,
+        errors: ckpt.errors,
+        resumed_from,
+    })
 }
 
 fn progress_bar(enabled: bool, total: u64, done: u64) -> indicatif::ProgressBar {
@@ -357,7 +432,9 @@ fn progress_bar(enabled: bool, total: u64, done: u64) -> indicatif::ProgressBar 
         return indicatif::ProgressBar::hidden();
     }
     let bar = indicatif::ProgressBar::new(total);
-    if let Ok(style) = indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} items {per_sec} eta {eta}") {
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} items {per_sec} eta {eta}")
+    {
         bar.set_style(style);
     }
     bar.set_position(done);

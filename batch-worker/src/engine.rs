@@ -27,10 +27,15 @@ pub enum EngineError {
     #[error("loading ONNX Runtime from {path}: {message}")]
     Library { path: PathBuf, message: String },
     #[error("reading {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: {message}")]
     Model { path: PathBuf, message: String },
-    #[error("the CUDA execution provider could not be used: {0}; use --device auto to fall back to CPU, or --device cpu")]
+    #[error(
+        "the CUDA execution provider could not be used: {0}; use --device auto to fall back to CPU, or --device cpu"
+    )]
     Cuda(String),
     #[error("inference failed: {0}")]
     Run(#[from] ort::Error),
@@ -54,7 +59,9 @@ pub fn ort_library() -> Result<PathBuf, EngineError> {
             }
         }
     }
-    candidates.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/onnxruntime/libonnxruntime.so"));
+    candidates.push(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/onnxruntime/libonnxruntime.so"),
+    );
     candidates.iter().find(|p| p.is_file()).cloned().ok_or_else(|| {
         let looked = candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
         EngineError::LibraryNotFound(format!(
@@ -69,13 +76,19 @@ pub fn environment() -> Result<&'static Environment, EngineError> {
     let env = ENV.get_or_init(|| {
         let lib = ort_library().map_err(|e| (PathBuf::new(), e.to_string()))?;
         let builder = ort::init_from(&lib).map_err(|e| (lib.clone(), e.to_string()))?;
-        builder.with_name("batch-worker").build().map_err(|e| (lib, e.to_string()))
+        builder
+            .with_name("batch-worker")
+            .build()
+            .map_err(|e| (lib, e.to_string()))
     });
     env.as_ref().map_err(|(path, message)| {
         if path.as_os_str().is_empty() {
             EngineError::LibraryNotFound(message.clone())
         } else {
-            EngineError::Library { path: path.clone(), message: message.clone() }
+            EngineError::Library {
+                path: path.clone(),
+                message: message.clone(),
+            }
         }
     })
 }
@@ -83,16 +96,29 @@ pub fn environment() -> Result<&'static Environment, EngineError> {
 /// Builds a session for `model` on `device`; returns it with the provider's name.
 pub fn session(model: &Path, device: Device) -> Result<(Session, &'static str), EngineError> {
     let env = environment()?;
-    let model_err = |e: ort::Error| EngineError::Model { path: model.to_owned(), message: e.to_string() };
-    let bytes = std::fs::read(model).map_err(|source| EngineError::Io { path: model.to_owned(), source })?;
+    let model_err = |e: ort::Error| EngineError::Model {
+        path: model.to_owned(),
+        message: e.to_string(),
+    };
+    let bytes = std::fs::read(model).map_err(|source| EngineError::Io {
+        path: model.to_owned(),
+        source,
+    })?;
     let cuda = || -> Result<Session, ort::Error> {
         let ep = ort::ep::CUDA::default().build().error_on_failure();
-        Session::builder(env)?.with_execution_providers([ep]).map_err(ort::Error::<()>::from)?.commit_from_memory(&bytes)
+        Session::builder(env)?
+            .with_execution_providers([ep])
+            .map_err(ort::Error::<()>::from)?
+            .commit_from_memory(&bytes)
     };
-    let cpu = || -> Result<Session, ort::Error> { Session::builder(env)?.commit_from_memory(&bytes) };
+    let cpu =
+        || -> Result<Session, ort::Error> { Session::builder(env)?.commit_from_memory(&bytes) };
     match device {
         Device::Cpu => Ok((cpu().map_err(model_err)?, "cpu")),
-        Device::Cuda => Ok((cuda().map_err(|e| EngineError::Cuda(e.to_string()))?, "cuda")),
+        Device::Cuda => Ok((
+            cuda().map_err(|e| EngineError::Cuda(e.to_string()))?,
+            "cuda",
+        )),
         Device::Auto => match cuda() {
             Ok(s) => Ok((s, "cuda")),
             Err(e) => {
@@ -115,13 +141,22 @@ impl Classifier {
     /// Loads `<dir>/model.onnx` and `<dir>/model.json`.
     pub fn load(dir: &Path, device: Device) -> Result<Self, EngineError> {
         let meta_path = dir.join("model.json");
-        let meta = std::fs::read_to_string(&meta_path)
-            .map_err(|source| EngineError::Io { path: meta_path.clone(), source })?;
-        let policy = Policy::from_json(&meta)
-            .map_err(|e| EngineError::Model { path: meta_path, message: e.to_string() })?;
+        let meta = std::fs::read_to_string(&meta_path).map_err(|source| EngineError::Io {
+            path: meta_path.clone(),
+            source,
+        })?;
+        let policy = Policy::from_json(&meta).map_err(|e| EngineError::Model {
+            path: meta_path,
+            message: e.to_string(),
+        })?;
         let (session, provider) = session(&dir.join("model.onnx"), device)?;
         tracing::info!(provider, model = %dir.display(), "classifier loaded");
-        Ok(Self { session, policy, provider, features: Vec::new() })
+        Ok(Self {
+            session,
+            policy,
+            provider,
+            features: Vec::new(),
+        })
     }
 
     /// The execution provider in use: `cuda` or `cpu`.
@@ -144,9 +179,12 @@ impl Classifier {
         for (text, row) in texts.iter().zip(self.features.chunks_mut(dim)) {
             f.featurize_into(text, row);
         }
-        let input = ort::value::TensorRef::from_array_view(([texts.len(), dim], &self.features[..]))?;
+        let input =
+            ort::value::TensorRef::from_array_view(([texts.len(), dim], &self.features[..]))?;
         let meta = self.policy.meta();
-        let outputs = self.session.run(ort::inputs![meta.input.as_str() => input])?;
+        let outputs = self
+            .session
+            .run(ort::inputs![meta.input.as_str() => input])?;
         let (_, probs) = outputs[meta.output.as_str()].try_extract_tensor::<f32>()?;
         let classes = meta.labels.len();
         Ok(probs.chunks(classes).map(<[f32]>::to_vec).collect())
@@ -158,8 +196,16 @@ impl Classifier {
         Ok(probs
             .iter()
             .map(|p| {
-                let Decision { intent, confidence, route } = self.policy.decide(p);
-                ClassifyOutput { intent, confidence, route }
+                let Decision {
+                    intent,
+                    confidence,
+                    route,
+                } = self.policy.decide(p);
+                ClassifyOutput {
+                    intent,
+                    confidence,
+                    route,
+                }
             })
             .collect())
     }

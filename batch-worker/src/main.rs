@@ -10,7 +10,10 @@ use clap::{Parser, Subcommand};
 use shared::wire::Task;
 
 #[derive(Parser)]
-#[command(about = "Batch inference worker: Pub/Sub jobs or local JSONL files, checkpointed", version)]
+#[command(
+    about = "Batch inference worker: Pub/Sub jobs or local JSONL files, checkpointed",
+    version
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -58,12 +61,24 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
     match cli.command {
-        Cmd::Run { task, input, output, chunk_seconds, engine } => {
+        Cmd::Run {
+            task,
+            input,
+            output,
+            chunk_seconds,
+            engine,
+        } => {
             let task: Task = match task.parse() {
                 Ok(t) => t,
                 Err(e) => return usage(&e),
             };
-            let opts = RunOptions { task, input, output, chunk_seconds, progress: true };
+            let opts = RunOptions {
+                task,
+                input,
+                output,
+                chunk_seconds,
+                progress: true,
+            };
             embedded::install_signal_handlers();
             let result = match task {
                 Task::Classify => embedded::run(&opts, || Classify::load(&engine.model_dir, engine.device, engine.batch_size)),
@@ -78,7 +93,11 @@ fn main() -> ExitCode {
                         s.items,
                         s.errors,
                         opts.output.display(),
-                        if s.resumed_from > 0 { format!(", resumed after {} items", s.resumed_from) } else { String::new() }
+                        if s.resumed_from > 0 {
+                            format!(", resumed after {} items", s.resumed_from)
+                        } else {
+                            String::new()
+                        }
                     );
                     ExitCode::SUCCESS
                 }
@@ -99,8 +118,11 @@ fn usage(message: &str) -> ExitCode {
 
 fn init_tracing() {
     use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| "warn,batch_worker=info".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
+        .unwrap_or_else(|_| "warn,batch_worker=info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if std::io::stderr().is_terminal() {
         builder.init();
     } else {

@@ -16,7 +16,10 @@ pub struct Classify {
 impl Classify {
     /// Loads `<model_dir>/intent`.
     pub fn load(model_dir: &Path, device: Device, batch_size: usize) -> Result<Self, EngineError> {
-        Ok(Self { model: Classifier::load(&model_dir.join("intent"), device)?, batch_size: batch_size.max(1) })
+        Ok(Self {
+            model: Classifier::load(&model_dir.join("intent"), device)?,
+            batch_size: batch_size.max(1),
+        })
     }
 
     pub fn provider(&self) -> &'static str {

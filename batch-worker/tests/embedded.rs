@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 const BIN: &str = env!("CARGO_BIN_EXE_batch-worker");
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("embedded-{name}-{}", std::process::id()));
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("embedded-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("scratch dir");
     dir
@@ -15,11 +16,19 @@ fn scratch(name: &str) -> PathBuf {
 
 /// `n` items cycling over the intent test split, with a few malformed lines mixed in.
 fn write_input(path: &Path, n: usize) {
-    let texts: Vec<String> = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../models/intent/data/test.jsonl"))
-        .expect("test split")
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json")["text"].as_str().expect("text").to_owned())
-        .collect();
+    let texts: Vec<String> = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../models/intent/data/test.jsonl"
+    ))
+    .expect("test split")
+    .lines()
+    .map(|l| {
+        serde_json::from_str::<serde_json::Value>(l).expect("json")["text"]
+            .as_str()
+            .expect("text")
+            .to_owned()
+    })
+    .collect();
     let mut out = String::new();
     for i in 0..n {
         let line = match i % 997 {
@@ -48,7 +57,12 @@ fn run(input: &Path, output: &Path, extra: &[&str]) -> Command {
 
 fn run_to_end(input: &Path, output: &Path, extra: &[&str]) -> String {
     let out = run(input, output, extra).output().expect("runs");
-    assert!(out.status.success(), "exit {:?}: {}", out.status, String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "exit {:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
     std::fs::read_to_string(output).expect("output exists")
 }
 
@@ -66,7 +80,11 @@ fn embedded_run_survives_repeated_sigkill_and_equals_an_uninterrupted_run() {
     let input = dir.join("in.jsonl");
     write_input(&input, 120_000);
 
-    let reference = run_to_end(&input, &dir.join("reference.jsonl"), &["--batch-size", "64"]);
+    let reference = run_to_end(
+        &input,
+        &dir.join("reference.jsonl"),
+        &["--batch-size", "64"],
+    );
     assert_eq!(reference.lines().count(), 120_000);
 
     let output = dir.join("out.jsonl");
@@ -74,10 +92,14 @@ fn embedded_run_survives_repeated_sigkill_and_equals_an_uninterrupted_run() {
     let mut kills = 0;
     let deadline = Instant::now() + Duration::from_secs(240);
     while kills < 12 && Instant::now() < deadline {
-        let mut child = run(&input, &output, &["--batch-size", "64", "--chunk-seconds", "0.02"])
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn");
+        let mut child = run(
+            &input,
+            &output,
+            &["--batch-size", "64", "--chunk-seconds", "0.02"],
+        )
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
         std::thread::sleep(Duration::from_millis(30 + next(&mut rng) % 300));
         match child.try_wait().expect("try_wait") {
             Some(_) => break, // finished before the kill: the rest of the test still checks it
@@ -88,10 +110,16 @@ fn embedded_run_survives_repeated_sigkill_and_equals_an_uninterrupted_run() {
             }
         }
     }
-    assert!(kills >= 10, "only {kills} kills landed before the run finished; make the input bigger");
+    assert!(
+        kills >= 10,
+        "only {kills} kills landed before the run finished; make the input bigger"
+    );
     let resumed = run_to_end(&input, &output, &["--batch-size", "64"]);
     assert_eq!(resumed.lines().count(), reference.lines().count());
-    assert!(resumed == reference, "resumed output differs from the uninterrupted run");
+    assert!(
+        resumed == reference,
+        "resumed output differs from the uninterrupted run"
+    );
     assert!(!dir.join("out.jsonl.ckpt").exists() && !dir.join("out.jsonl.partial").exists());
 }
 
@@ -112,11 +140,17 @@ fn malformed_lines_become_error_lines_and_never_stop_the_job() {
     )
     .expect("write");
     let out = run_to_end(&input, &dir.join("out.jsonl"), &[]);
-    let lines: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).expect("json line")).collect();
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
     assert_eq!(lines.len(), 5, "{out}");
     assert_eq!(lines[0]["custom_id"], "a");
     assert_eq!(lines[0]["output"]["route"], "edge");
-    assert_eq!(lines[1]["custom_id"], "2", "line number stands in for an unreadable custom_id");
+    assert_eq!(
+        lines[1]["custom_id"], "2",
+        "line number stands in for an unreadable custom_id"
+    );
     assert_eq!(lines[1]["error"]["code"], "invalid_item");
     assert_eq!(lines[2]["custom_id"], "b");
     assert_eq!(lines[2]["error"]["code"], "invalid_item");
@@ -130,17 +164,42 @@ fn malformed_lines_become_error_lines_and_never_stop_the_job() {
 fn unusable_arguments_exit_2_with_one_line() {
     let dir = scratch("usage");
     let cases: Vec<(Vec<String>, &str)> = vec![
-        (vec!["--input".into(), dir.join("missing.jsonl").display().to_string(), "--output".into(), dir.join("o.jsonl").display().to_string()], "cannot be read"),
-        (vec!["--input".into(), dir.display().to_string(), "--output".into(), dir.join("o.jsonl").display().to_string()], "is a directory"),
+        (
+            vec![
+                "--input".into(),
+                dir.join("missing.jsonl").display().to_string(),
+                "--output".into(),
+                dir.join("o.jsonl").display().to_string(),
+            ],
+            "cannot be read",
+        ),
+        (
+            vec![
+                "--input".into(),
+                dir.display().to_string(),
+                "--output".into(),
+                dir.join("o.jsonl").display().to_string(),
+            ],
+            "is a directory",
+        ),
     ];
     std::fs::write(dir.join("in.jsonl"), "").expect("write");
     let mut all = cases;
     all.push((
-        vec!["--input".into(), dir.join("in.jsonl").display().to_string(), "--output".into(), "/nonexistent-dir/o.jsonl".into()],
+        vec![
+            "--input".into(),
+            dir.join("in.jsonl").display().to_string(),
+            "--output".into(),
+            "/nonexistent-dir/o.jsonl".into(),
+        ],
         "does not exist",
     ));
     for (args, expected) in all {
-        let out = Command::new(BIN).args(["run", "--task", "classify"]).args(&args).output().expect("runs");
+        let out = Command::new(BIN)
+            .args(["run", "--task", "classify"])
+            .args(&args)
+            .output()
+            .expect("runs");
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert_eq!(err.trim().lines().count(), 1, "{err}");

@@ -11,7 +11,11 @@ const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012
 pub fn base64(data: &[u8]) -> String {
     let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
     for chunk in data.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {
@@ -49,7 +53,10 @@ mod tests {
     #[test]
     fn base64_round_trips() {
         for s in ["", "f", "fo", "foo", "foob", "fooba", "foobar", "안녕"] {
-            assert_eq!(unbase64(&base64(s.as_bytes())).expect("decodes"), s.as_bytes());
+            assert_eq!(
+                unbase64(&base64(s.as_bytes())).expect("decodes"),
+                s.as_bytes()
+            );
         }
         assert_eq!(base64(b"foobar"), "Zm9vYmFy");
         assert_eq!(base64(b"fo"), "Zm8=");

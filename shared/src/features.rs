@@ -119,7 +119,10 @@ impl Featurizer {
         let mut chars = vec![BOUNDARY];
         let mut n_words = 0u32;
         let mut n_chars = 0u32;
-        for word in normalized.split(|c: char| !is_word_char(c)).filter(|w| !w.is_empty()) {
+        for word in normalized
+            .split(|c: char| !is_word_char(c))
+            .filter(|w| !w.is_empty())
+        {
             let word: Vec<char> = word.chars().collect();
             emit(b'w', &word);
             n_words += 1;
@@ -128,7 +131,10 @@ impl Featurizer {
             chars.push(BOUNDARY);
         }
         // Punctuation and emoji carry signal too (`?` vs `!`, 👋 vs 🙏): keep them as grams.
-        for c in normalized.chars().filter(|c| !is_word_char(*c) && !c.is_whitespace()) {
+        for c in normalized
+            .chars()
+            .filter(|c| !is_word_char(*c) && !c.is_whitespace())
+        {
             emit(b'p', &[c]);
         }
         ngrams(&chars, 1, 3, |g| emit(b'c', g));
@@ -164,7 +170,12 @@ const BOUNDARY: char = '_';
 pub fn normalize(text: &str, max_chars: usize) -> String {
     let mut out = String::with_capacity(text.len().min(max_chars * 4));
     let (mut last, mut run) = ('\0', 0usize);
-    for c in text.chars().take(max_chars).nfkc().flat_map(char::to_lowercase) {
+    for c in text
+        .chars()
+        .take(max_chars)
+        .nfkc()
+        .flat_map(char::to_lowercase)
+    {
         if c == last {
             run += 1;
             if run > 2 {
@@ -274,7 +285,7 @@ fn final_as_initials(c: char) -> Option<&'static [char]> {
 }
 
 fn length_bucket(n: u32) -> char {
-    let b = match n {
+    match n {
         0 => 'a',
         1 => 'b',
         2 => 'c',
@@ -285,8 +296,7 @@ fn length_bucket(n: u32) -> char {
         13..=20 => 'h',
         21..=40 => 'i',
         _ => 'j',
-    };
-    b
+    }
 }
 
 /// FNV-1a over the family tag and the code points: stable across platforms and releases.
@@ -394,7 +404,10 @@ mod tests {
     fn input_past_max_chars_is_ignored() {
         let fz = f();
         let head = "가".repeat(2048);
-        assert_eq!(fz.featurize(&head), fz.featurize(&format!("{head}{}", "x".repeat(10_000))));
+        assert_eq!(
+            fz.featurize(&head),
+            fz.featurize(&format!("{head}{}", "x".repeat(10_000)))
+        );
     }
 
     #[test]
@@ -405,10 +418,17 @@ mod tests {
 
     #[test]
     fn bad_config_is_rejected_with_a_reason() {
-        let bad = FeaturizerConfig { version: 99, ..FeaturizerConfig::default() };
+        let bad = FeaturizerConfig {
+            version: 99,
+            ..FeaturizerConfig::default()
+        };
         assert_eq!(Featurizer::new(bad), Err(ConfigError::Version(99)));
-        let bad = FeaturizerConfig { buckets: 3, ..FeaturizerConfig::default() };
-        assert!(Featurizer::new(bad).unwrap_err().to_string().contains("buckets"));
+        let bad = FeaturizerConfig {
+            buckets: 3,
+            ..FeaturizerConfig::default()
+        };
+        let err = Featurizer::new(bad).expect_err("3 buckets are too few");
+        assert!(err.to_string().contains("buckets"));
     }
 
     /// Hash values are part of the model format: changing them silently breaks every model.

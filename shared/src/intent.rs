@@ -37,7 +37,11 @@ impl Route {
 
 /// The route a correctly classified message with this intent should take.
 pub fn expected_route(intent: &str) -> Route {
-    if TRIVIAL_INTENTS.contains(&intent) { Route::Edge } else { Route::Queue }
+    if TRIVIAL_INTENTS.contains(&intent) {
+        Route::Edge
+    } else {
+        Route::Queue
+    }
 }
 
 /// `models/intent/model.json`: everything needed to use `model.onnx`.
@@ -116,7 +120,11 @@ impl Policy {
                 thresholds[i] = Some(t);
             }
         }
-        Ok(Self { meta, featurizer, thresholds })
+        Ok(Self {
+            meta,
+            featurizer,
+            thresholds,
+        })
     }
 
     pub fn meta(&self) -> &ModelMeta {
@@ -144,13 +152,21 @@ impl Policy {
             None
         };
         let Some((i, p)) = top else {
-            return Decision { intent: OTHER.to_owned(), confidence: 0.0, route: Route::Queue };
+            return Decision {
+                intent: OTHER.to_owned(),
+                confidence: 0.0,
+                route: Route::Queue,
+            };
         };
         let route = match self.thresholds[i] {
             Some(t) if p >= t => Route::Edge,
             _ => Route::Queue,
         };
-        Decision { intent: self.meta.labels[i].clone(), confidence: p, route }
+        Decision {
+            intent: self.meta.labels[i].clone(),
+            confidence: p,
+            route,
+        }
     }
 }
 
@@ -250,7 +266,10 @@ mod tests {
         s.add(Route::Queue, Route::Edge);
         s.add(Route::Queue, Route::Queue);
         let r = s.scores();
-        assert_eq!((r.n, r.accuracy, r.edge_precision, r.edge_recall), (4, 0.5, 0.5, 0.5));
+        assert_eq!(
+            (r.n, r.accuracy, r.edge_precision, r.edge_recall),
+            (4, 0.5, 0.5, 0.5)
+        );
         assert_eq!(Scoreboard::default().scores().edge_precision, 1.0);
     }
 
@@ -258,9 +277,15 @@ mod tests {
     fn invalid_meta_is_rejected() {
         let mut meta = policy().meta().clone();
         meta.thresholds.insert("dance".into(), 0.5);
-        assert!(matches!(Policy::new(meta), Err(MetaError::UnknownThreshold(_))));
+        assert!(matches!(
+            Policy::new(meta),
+            Err(MetaError::UnknownThreshold(_))
+        ));
         let mut meta = policy().meta().clone();
         meta.thresholds.insert("greeting".into(), 1.5);
-        assert!(matches!(Policy::new(meta), Err(MetaError::BadThreshold(..))));
+        assert!(matches!(
+            Policy::new(meta),
+            Err(MetaError::BadThreshold(..))
+        ));
     }
 }

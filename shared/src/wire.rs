@@ -66,8 +66,14 @@ pub struct ItemError {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum OutputLine {
-    Ok { custom_id: String, output: serde_json::Value },
-    Err { custom_id: String, error: ItemError },
+    Ok {
+        custom_id: String,
+        output: serde_json::Value,
+    },
+    Err {
+        custom_id: String,
+        error: ItemError,
+    },
 }
 
 impl OutputLine {
@@ -80,7 +86,10 @@ impl OutputLine {
     pub fn error(custom_id: impl Into<String>, code: &str, message: impl Into<String>) -> Self {
         OutputLine::Err {
             custom_id: custom_id.into(),
-            error: ItemError { code: code.to_owned(), message: message.into() },
+            error: ItemError {
+                code: code.to_owned(),
+                message: message.into(),
+            },
         }
     }
 }
@@ -92,9 +101,11 @@ pub const MAX_ITEM_CHARS: usize = 32_000;
 /// its line number as `custom_id` in the error.
 pub fn parse_input_line(line: &str, line_no: u64) -> Result<InputItem, OutputLine> {
     match serde_json::from_str::<InputItem>(line) {
-        Ok(item) if item.custom_id.is_empty() => {
-            Err(OutputLine::error(line_no.to_string(), "invalid_item", "custom_id must not be empty"))
-        }
+        Ok(item) if item.custom_id.is_empty() => Err(OutputLine::error(
+            line_no.to_string(),
+            "invalid_item",
+            "custom_id must not be empty",
+        )),
         Ok(item) if item.input.chars().count() > MAX_ITEM_CHARS => Err(OutputLine::error(
             item.custom_id,
             "input_too_long",
@@ -104,13 +115,19 @@ pub fn parse_input_line(line: &str, line_no: u64) -> Result<InputItem, OutputLin
         Err(e) => {
             let id = serde_json::from_str::<serde_json::Value>(line)
                 .ok()
-                .and_then(|v| v.get("custom_id").and_then(|c| c.as_str()).map(str::to_owned))
+                .and_then(|v| {
+                    v.get("custom_id")
+                        .and_then(|c| c.as_str())
+                        .map(str::to_owned)
+                })
                 .filter(|s| !s.is_empty())
                 .unwrap_or_else(|| line_no.to_string());
             Err(OutputLine::error(
                 id,
                 "invalid_item",
-                format!("line {line_no}: {e}; expected {{\"custom_id\": string, \"input\": string}}"),
+                format!(
+                    "line {line_no}: {e}; expected {{\"custom_id\": string, \"input\": string}}"
+                ),
             ))
         }
     }
@@ -124,7 +141,13 @@ mod tests {
     #[test]
     fn good_line_parses() {
         let item = parse_input_line(r#"{"custom_id":"a","input":"안녕"}"#, 1).expect("valid");
-        assert_eq!(item, InputItem { custom_id: "a".into(), input: "안녕".into() });
+        assert_eq!(
+            item,
+            InputItem {
+                custom_id: "a".into(),
+                input: "안녕".into()
+            }
+        );
     }
 
     #[test]
@@ -143,9 +166,17 @@ mod tests {
 
     #[test]
     fn output_lines_have_the_contract_shape() {
-        let ok = OutputLine::Ok { custom_id: "a".into(), output: serde_json::json!({"text": "hi", "tokens": 1}) };
-        assert_eq!(serde_json::to_string(&ok).expect("json"), r#"{"custom_id":"a","output":{"text":"hi","tokens":1}}"#);
-        let back: OutputLine = serde_json::from_str(r#"{"custom_id":"b","error":{"code":"c","message":"m"}}"#).expect("parses");
+        let ok = OutputLine::Ok {
+            custom_id: "a".into(),
+            output: serde_json::json!({"text": "hi", "tokens": 1}),
+        };
+        assert_eq!(
+            serde_json::to_string(&ok).expect("json"),
+            r#"{"custom_id":"a","output":{"text":"hi","tokens":1}}"#
+        );
+        let back: OutputLine =
+            serde_json::from_str(r#"{"custom_id":"b","error":{"code":"c","message":"m"}}"#)
+                .expect("parses");
         assert_eq!(back, OutputLine::error("b", "c", "m"));
     }
 

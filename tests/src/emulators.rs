@@ -34,14 +34,27 @@ impl Emulators {
 
         let mut cmd = Command::new(&tools.pubsub);
         cmd.arg("--host=127.0.0.1").arg(format!("--port={ps_port}"));
-        let pubsub = Group::spawn("pubsub-emulator", cmd, &log_dir.join(format!("pubsub-{ps_port}.log")))?;
+        let pubsub = Group::spawn(
+            "pubsub-emulator",
+            cmd,
+            &log_dir.join(format!("pubsub-{ps_port}.log")),
+        )?;
 
         let mut cmd = Command::new(&tools.firestore);
-        cmd.args(["start", "--host=127.0.0.1"]).arg(format!("--port={fs_port}"));
-        let firestore =
-            Group::spawn("firestore-emulator", cmd, &log_dir.join(format!("firestore-{fs_port}.log")))?;
+        cmd.args(["start", "--host=127.0.0.1"])
+            .arg(format!("--port={fs_port}"));
+        let firestore = Group::spawn(
+            "firestore-emulator",
+            cmd,
+            &log_dir.join(format!("firestore-{fs_port}.log")),
+        )?;
 
-        let mut this = Self { pubsub, firestore, pubsub_host, firestore_host };
+        let mut this = Self {
+            pubsub,
+            firestore,
+            pubsub_host,
+            firestore_host,
+        };
         this.wait_ready().await?;
         Ok(this)
     }
@@ -73,7 +86,13 @@ impl Emulators {
                     group.log_tail(20)
                 ),
                 Err(e) => {
-                    return Err(e).with_context(|| format!("log {}:\n{}", group.log_path().display(), group.log_tail(20)));
+                    return Err(e).with_context(|| {
+                        format!(
+                            "log {}:\n{}",
+                            group.log_path().display(),
+                            group.log_tail(20)
+                        )
+                    });
                 }
             }
         }

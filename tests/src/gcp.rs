@@ -62,10 +62,18 @@ pub struct PubSub {
 
 impl PubSub {
     pub fn new(host: &str) -> Self {
-        Self { http: reqwest::Client::new(), base: format!("http://{host}/v1") }
+        Self {
+            http: reqwest::Client::new(),
+            base: format!("http://{host}/v1"),
+        }
     }
 
-    async fn call(&self, method: reqwest::Method, path: &str, body: Value) -> anyhow::Result<Value> {
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Value,
+    ) -> anyhow::Result<Value> {
         let url = format!("{}/{path}", self.base);
         let resp = self
             .http
@@ -92,7 +100,12 @@ impl PubSub {
     ) -> anyhow::Result<()> {
         let p = &t.project;
         for topic in [&t.topic, &t.dead_letter_topic] {
-            self.call(reqwest::Method::PUT, &format!("projects/{p}/topics/{topic}"), json!({})).await?;
+            self.call(
+                reqwest::Method::PUT,
+                &format!("projects/{p}/topics/{topic}"),
+                json!({}),
+            )
+            .await?;
         }
         self.call(
             reqwest::Method::PUT,
@@ -125,8 +138,10 @@ impl PubSub {
         data: &[u8],
         attributes: &[(&str, &str)],
     ) -> anyhow::Result<String> {
-        let attrs: serde_json::Map<String, Value> =
-            attributes.iter().map(|(k, v)| ((*k).to_owned(), json!(v))).collect();
+        let attrs: serde_json::Map<String, Value> = attributes
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), json!(v)))
+            .collect();
         let v = self
             .call(
                 reqwest::Method::POST,
@@ -134,11 +149,19 @@ impl PubSub {
                 json!({"messages": [{"data": base64(data), "attributes": attrs}]}),
             )
             .await?;
-        v["messageIds"][0].as_str().map(str::to_owned).context("publish returned no message id")
+        v["messageIds"][0]
+            .as_str()
+            .map(str::to_owned)
+            .context("publish returned no message id")
     }
 
     /// Pulls up to `max` messages (returns immediately when none are there).
-    pub async fn pull(&self, project: &str, subscription: &str, max: u32) -> anyhow::Result<Vec<Received>> {
+    pub async fn pull(
+        &self,
+        project: &str,
+        subscription: &str,
+        max: u32,
+    ) -> anyhow::Result<Vec<Received>> {
         let v = self
             .call(
                 reqwest::Method::POST,
@@ -152,14 +175,22 @@ impl PubSub {
             out.push(Received {
                 ack_id: m["ackId"].as_str().unwrap_or_default().to_owned(),
                 data: unbase64(data).map_err(|e| anyhow::anyhow!("message data: {e}"))?,
-                attributes: m["message"]["attributes"].as_object().cloned().unwrap_or_default(),
+                attributes: m["message"]["attributes"]
+                    .as_object()
+                    .cloned()
+                    .unwrap_or_default(),
                 delivery_attempt: m["deliveryAttempt"].as_u64(),
             });
         }
         Ok(out)
     }
 
-    pub async fn ack(&self, project: &str, subscription: &str, ack_ids: &[String]) -> anyhow::Result<()> {
+    pub async fn ack(
+        &self,
+        project: &str,
+        subscription: &str,
+        ack_ids: &[String],
+    ) -> anyhow::Result<()> {
         self.call(
             reqwest::Method::POST,
             &format!("projects/{project}/subscriptions/{subscription}:acknowledge"),
@@ -201,11 +232,17 @@ impl Firestore {
         match status.as_u16() {
             200 => {
                 let v: Value = serde_json::from_str(&text)?;
-                let t = v["updateTime"].as_str().or(v["writeResults"][0]["updateTime"].as_str());
+                let t = v["updateTime"]
+                    .as_str()
+                    .or(v["writeResults"][0]["updateTime"].as_str());
                 Ok(Write::Done(t.unwrap_or_default().to_owned()))
             }
             // ALREADY_EXISTS on create, FAILED_PRECONDITION or NOT_FOUND on a conditional update.
-            409 | 400 | 404 if text.contains("ALREADY_EXISTS") || text.contains("FAILED_PRECONDITION") || text.contains("NOT_FOUND") => {
+            409 | 400 | 404
+                if text.contains("ALREADY_EXISTS")
+                    || text.contains("FAILED_PRECONDITION")
+                    || text.contains("NOT_FOUND") =>
+            {
                 Ok(Write::PreconditionFailed)
             }
             _ => bail!("Firestore answered {status}: {text}"),
@@ -215,20 +252,29 @@ impl Firestore {
     /// Creates `collection/id` with typed `fields`; fails softly if it exists.
     pub async fn create(&self, collection: &str, id: &str, fields: Value) -> anyhow::Result<Write> {
         let url = format!("{}/{collection}?documentId={id}", self.base);
-        self.write(self.http.post(url).json(&json!({"fields": fields}))).await
+        self.write(self.http.post(url).json(&json!({"fields": fields})))
+            .await
     }
 
     /// Replaces the fields of `collection/id` only if its `updateTime` is still `update_time`.
     ///
     /// Uses `documents:commit`: the emulator ignores `currentDocument.updateTime` given as a
     /// query parameter of `PATCH`, but honours it inside a commit.
-    pub async fn update_if(&self, collection: &str, id: &str, update_time: &str, fields: Value) -> anyhow::Result<Write> {
+    pub async fn update_if(
+        &self,
+        collection: &str,
+        id: &str,
+        update_time: &str,
+        fields: Value,
+    ) -> anyhow::Result<Write> {
         let name = format!("{}/{collection}/{id}", self.name_prefix());
         let body = json!({"writes": [{
             "update": {"name": name, "fields": fields},
             "currentDocument": {"updateTime": update_time},
         }]});
-        let resp = self.write(self.http.post(format!("{}:commit", self.base)).json(&body)).await?;
+        let resp = self
+            .write(self.http.post(format!("{}:commit", self.base)).json(&body))
+            .await?;
         Ok(resp)
     }
 
@@ -241,7 +287,12 @@ impl Firestore {
     /// Reads `collection/id`: `(fields, updateTime)`, or `None` if absent.
     pub async fn get(&self, collection: &str, id: &str) -> anyhow::Result<Option<(Value, String)>> {
         let url = format!("{}/{collection}/{id}", self.base);
-        let resp = self.http.get(&url).header("Authorization", "Bearer owner").send().await?;
+        let resp = self
+            .http
+            .get(&url)
+            .header("Authorization", "Bearer owner")
+            .send()
+            .await?;
         if resp.status() == reqwest::StatusCode::NOT_FOUND {
             return Ok(None);
         }
@@ -251,6 +302,9 @@ impl Firestore {
             bail!("Firestore GET {url} answered {status}: {text}");
         }
         let v: Value = serde_json::from_str(&text)?;
-        Ok(Some((v["fields"].clone(), v["updateTime"].as_str().unwrap_or_default().to_owned())))
+        Ok(Some((
+            v["fields"].clone(),
+            v["updateTime"].as_str().unwrap_or_default().to_owned(),
+        )))
     }
 }

@@ -24,7 +24,9 @@ pub fn which(program: &str, path: Option<&OsStr>) -> Option<PathBuf> {
 
 fn is_executable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
-    p.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
+    p.metadata()
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
 }
 
 /// The emulator launchers, found and checked.
@@ -67,7 +69,10 @@ pub fn emulator_tools(env: &Env) -> Result<EmulatorTools, Missing> {
             })?;
             let real = gcloud.canonicalize().unwrap_or(gcloud);
             // <root>/bin/gcloud
-            real.parent().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default()
+            real.parent()
+                .and_then(Path::parent)
+                .map(Path::to_path_buf)
+                .unwrap_or_default()
         }
     };
     let pubsub = root.join("platform/pubsub-emulator/bin/cloud-pubsub-emulator");
@@ -107,10 +112,16 @@ mod tests {
     #[test]
     fn missing_java_names_the_install_command() {
         let empty = scratch("nojava");
-        let err = emulator_tools(&Env { path: Some(empty.into_os_string()), sdk_root: None })
-            .expect_err("no java");
+        let err = emulator_tools(&Env {
+            path: Some(empty.into_os_string()),
+            sdk_root: None,
+        })
+        .expect_err("no java");
         assert!(err.0.starts_with("java not found"), "{err}");
-        assert!(err.0.contains("apt-get install -y openjdk-17-jre-headless"), "{err}");
+        assert!(
+            err.0.contains("apt-get install -y openjdk-17-jre-headless"),
+            "{err}"
+        );
         assert!(!err.0.contains('\n'));
     }
 
@@ -119,13 +130,23 @@ mod tests {
         let bin = scratch("java");
         exe(&bin.join("java"));
         let sdk = scratch("sdk");
-        let env = Env { path: Some(bin.into_os_string()), sdk_root: Some(sdk.clone()) };
+        let env = Env {
+            path: Some(bin.into_os_string()),
+            sdk_root: Some(sdk.clone()),
+        };
         let err = emulator_tools(&env).expect_err("no pubsub");
-        assert!(err.0.contains("gcloud components install pubsub-emulator"), "{err}");
+        assert!(
+            err.0.contains("gcloud components install pubsub-emulator"),
+            "{err}"
+        );
 
         exe(&sdk.join("platform/pubsub-emulator/bin/cloud-pubsub-emulator"));
         let err = emulator_tools(&env).expect_err("no firestore");
-        assert!(err.0.contains("gcloud components install cloud-firestore-emulator"), "{err}");
+        assert!(
+            err.0
+                .contains("gcloud components install cloud-firestore-emulator"),
+            "{err}"
+        );
 
         exe(&sdk.join("platform/cloud-firestore-emulator/cloud_firestore_emulator"));
         assert!(emulator_tools(&env).is_ok());
@@ -135,8 +156,11 @@ mod tests {
     fn missing_gcloud_is_named() {
         let bin = scratch("java2");
         exe(&bin.join("java"));
-        let err = emulator_tools(&Env { path: Some(bin.into_os_string()), sdk_root: None })
-            .expect_err("no gcloud");
+        let err = emulator_tools(&Env {
+            path: Some(bin.into_os_string()),
+            sdk_root: None,
+        })
+        .expect_err("no gcloud");
         assert!(err.0.starts_with("gcloud not found"), "{err}");
     }
 }

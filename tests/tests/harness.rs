@@ -18,7 +18,12 @@ async fn emulators_round_trip_a_message_and_a_document_then_leave_nothing_runnin
     let t = Topology::unique("harness-test");
     ps.create_topology(&t, 30, 5).await.expect("topology");
     let id = ps
-        .publish(&t.project, &t.topic, "작업 1".as_bytes(), &[("job_id", "j1")])
+        .publish(
+            &t.project,
+            &t.topic,
+            "작업 1".as_bytes(),
+            &[("job_id", "j1")],
+        )
         .await
         .expect("publish");
     assert!(!id.is_empty());
@@ -32,23 +37,44 @@ async fn emulators_round_trip_a_message_and_a_document_then_leave_nothing_runnin
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].data, "작업 1".as_bytes());
     assert_eq!(got[0].attributes["job_id"], "j1");
-    ps.ack(&t.project, &t.subscription, &[got[0].ack_id.clone()]).await.expect("ack");
+    ps.ack(&t.project, &t.subscription, &[got[0].ack_id.clone()])
+        .await
+        .expect("ack");
 
     // Firestore: create, conflicting create, conditional update (fresh and stale).
     let fs = Firestore::new(&emu.firestore_host, &t.project);
-    let created = fs.create("jobs", "j1", json!({"status": {"stringValue": "queued"}})).await.expect("create");
-    let Write::Done(t0) = created else { panic!("first create must succeed") };
+    let created = fs
+        .create("jobs", "j1", json!({"status": {"stringValue": "queued"}}))
+        .await
+        .expect("create");
+    let Write::Done(t0) = created else {
+        panic!("first create must succeed")
+    };
     assert_eq!(
-        fs.create("jobs", "j1", json!({"status": {"stringValue": "queued"}})).await.expect("second create"),
+        fs.create("jobs", "j1", json!({"status": {"stringValue": "queued"}}))
+            .await
+            .expect("second create"),
         Write::PreconditionFailed
     );
     let updated = fs
-        .update_if("jobs", "j1", &t0, json!({"status": {"stringValue": "running"}}))
+        .update_if(
+            "jobs",
+            "j1",
+            &t0,
+            json!({"status": {"stringValue": "running"}}),
+        )
         .await
         .expect("update");
     assert!(matches!(updated, Write::Done(_)));
     assert_eq!(
-        fs.update_if("jobs", "j1", &t0, json!({"status": {"stringValue": "lost"}})).await.expect("stale update"),
+        fs.update_if(
+            "jobs",
+            "j1",
+            &t0,
+            json!({"status": {"stringValue": "lost"}})
+        )
+        .await
+        .expect("stale update"),
         Write::PreconditionFailed
     );
     let (fields, _) = fs.get("jobs", "j1").await.expect("get").expect("exists");

@@ -23,7 +23,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 async fn serve(args: Args) -> anyhow::Result<()> {
     let logs = root().join(".dev/logs");
-    eprintln!("starting the Pub/Sub and Firestore emulators (logs in {})", logs.display());
+    eprintln!(
+        "starting the Pub/Sub and Firestore emulators (logs in {})",
+        logs.display()
+    );
     let mut emulators = Emulators::start(&logs).await?;
     let topology = Topology::dev(&args.project);
     PubSub::new(&emulators.pubsub_host)
@@ -31,10 +34,21 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         .await
         .context("creating topics and subscriptions")?;
 
+    for g in [&emulators.pubsub, &emulators.firestore] {
+        println!(
+            "{} pid={} log={}",
+            g.name(),
+            g.pid(),
+            g.log_path().display()
+        );
+    }
     let api_key = dev_api_key();
     println!("PUBSUB_EMULATOR_HOST={}", emulators.pubsub_host);
     println!("FIRESTORE_EMULATOR_HOST={}", emulators.firestore_host);
-    println!("topic={} subscription={}", topology.topic, topology.subscription);
+    println!(
+        "topic={} subscription={}",
+        topology.topic, topology.subscription
+    );
     println!("DEV_API_KEY={api_key}");
     println!("ready; press Ctrl-C to stop");
 

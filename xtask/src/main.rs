@@ -49,14 +49,19 @@ fn main() -> ExitCode {
 
 /// The repository root.
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
 }
 
 /// Runs `cmd` in the repository root, echoing it; fails if it fails.
 pub fn run_cmd(mut cmd: Command) -> anyhow::Result<()> {
     cmd.current_dir(root());
     eprintln!("$ {}", show(&cmd));
-    let status = cmd.status().with_context(|| format!("starting {}", show(&cmd)))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("starting {}", show(&cmd)))?;
     if !status.success() {
         bail!("`{}` failed with {status}", show(&cmd));
     }
@@ -66,9 +71,16 @@ pub fn run_cmd(mut cmd: Command) -> anyhow::Result<()> {
 /// Runs `cmd` and returns its stdout.
 pub fn output(mut cmd: Command) -> anyhow::Result<String> {
     cmd.current_dir(root());
-    let out = cmd.output().with_context(|| format!("starting {}", show(&cmd)))?;
+    let out = cmd
+        .output()
+        .with_context(|| format!("starting {}", show(&cmd)))?;
     if !out.status.success() {
-        bail!("`{}` failed with {}: {}", show(&cmd), out.status, String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "`{}` failed with {}: {}",
+            show(&cmd),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

@@ -35,21 +35,34 @@ pub fn onnxruntime() -> anyhow::Result<PathBuf> {
         return Ok(lib);
     }
     let python = which_python()?;
-    eprintln!("installing ONNX Runtime {ORT_VERSION} (PyPI wheel) into {}", dir.display());
+    eprintln!(
+        "installing ONNX Runtime {ORT_VERSION} (PyPI wheel) into {}",
+        dir.display()
+    );
     let download = root().join(".tools/downloads");
     std::fs::create_dir_all(&download)?;
     let mut cmd = Command::new(&python);
-    cmd.args(["-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", "--dest"])
-        .arg(&download)
-        .arg(format!("onnxruntime=={ORT_VERSION}"));
-    run_cmd(cmd).context("downloading the onnxruntime wheel from PyPI (is pip installed? `python3 -m ensurepip`)")?;
+    cmd.args([
+        "-m",
+        "pip",
+        "download",
+        "--quiet",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--dest",
+    ])
+    .arg(&download)
+    .arg(format!("onnxruntime=={ORT_VERSION}"));
+    run_cmd(cmd).context(
+        "downloading the onnxruntime wheel from PyPI (is pip installed? `python3 -m ensurepip`)",
+    )?;
     let wheel = std::fs::read_dir(&download)?
         .filter_map(Result::ok)
         .map(|e| e.path())
         .find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(&format!("onnxruntime-{ORT_VERSION}-")) && n.ends_with(".whl"))
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                n.starts_with(&format!("onnxruntime-{ORT_VERSION}-")) && n.ends_with(".whl")
+            })
         })
         .context("pip reported success but left no onnxruntime wheel")?;
     std::fs::create_dir_all(&dir)?;
@@ -73,9 +86,15 @@ with zipfile.ZipFile(wheel) as z:
 
 fn which_python() -> anyhow::Result<String> {
     for p in ["python3", "python"] {
-        if Command::new(p).arg("--version").output().is_ok_and(|o| o.status.success()) {
+        if Command::new(p)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
             return Ok(p.to_owned());
         }
     }
-    bail!("python3 not found: install it with `sudo apt-get install -y python3 python3-pip` (needed to fetch ONNX Runtime from PyPI)")
+    bail!(
+        "python3 not found: install it with `sudo apt-get install -y python3 python3-pip` (needed to fetch ONNX Runtime from PyPI)"
+    )
 }

@@ -16,9 +16,34 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         c.args(["fmt", "--all", "--check"]);
         run_cmd(c)?;
         let mut c = cargo();
-        c.args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]);
+        c.args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]);
         run_cmd(c)?;
     }
+    // The shared crate and the Worker must build for the edge's target.
+    let mut c = cargo();
+    c.args([
+        "build",
+        "-p",
+        "shared",
+        "-p",
+        "edge",
+        "--target",
+        "wasm32-unknown-unknown",
+        "--profile",
+        "wasm-release",
+    ]);
+    run_cmd(c)?;
+
+    // The committed model is what the committed data trains, byte for byte.
+    crate::train::run(crate::train::Args::check())?;
+
     let ort = setup::all()?;
     eprintln!("ONNX Runtime: {}", ort.display());
 
@@ -34,4 +59,3 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     eprintln!("xtask test: all checks passed in {:.0?}", started.elapsed());
     Ok(())
 }
-

@@ -14,7 +14,9 @@ use anyhow::{Context, bail};
 use prost::Message;
 use sha2::{Digest, Sha256};
 use shared::features::{Featurizer, FeaturizerConfig};
-use shared::intent::{ModelMeta, OTHER, Policy, Scoreboard, Scores, TRIVIAL_INTENTS, expected_route};
+use shared::intent::{
+    ModelMeta, OTHER, Policy, Scoreboard, Scores, TRIVIAL_INTENTS, expected_route,
+};
 use tract_onnx::pb;
 
 use crate::root;
@@ -30,6 +32,17 @@ pub struct Args {
     /// Exit non-zero if the trained files differ from the ones in --out, and keep them unchanged
     #[arg(long)]
     check: bool,
+}
+
+impl Args {
+    /// Verify the committed model against the committed data (used by `cargo xtask test`).
+    pub fn check() -> Self {
+        Self {
+            data: "models/intent/data".into(),
+            out: "models/intent".into(),
+            check: true,
+        }
+    }
 }
 
 /// Labels in model output order.
@@ -58,8 +71,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let out = root().join(&args.out);
     let featurizer = Featurizer::new(FeaturizerConfig::default())?;
     let load = |name: &str| load_split(&data.join(name), &featurizer);
-    let (train, dev, test) = (load("train.jsonl")?, load("dev.jsonl")?, load("test.jsonl")?);
-    eprintln!("training on {} lines (dev {}, test {})", train.len(), dev.len(), test.len());
+    let (train, dev, test) = (
+        load("train.jsonl")?,
+        load("dev.jsonl")?,
+        load("test.jsonl")?,
+    );
+    eprintln!(
+        "training on {} lines (dev {}, test {})",
+        train.len(),
+        dev.len(),
+        test.len()
+    );
 
     let mut mlp = Mlp::init(featurizer.dim(), hp("HIDDEN", HIDDEN), LABELS.len(), SEED);
     let mut rng = SplitMix(SEED ^ 0xa5a5);
@@ -88,12 +110,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
 
     if let Ok(dump) = std::env::var("HP_DUMP") {
-        let texts: Vec<String> = std::fs::read_to_string(data.join("dev.jsonl"))?.lines().map(String::from).collect();
+        let texts: Vec<String> = std::fs::read_to_string(data.join("dev.jsonl"))?
+            .lines()
+            .map(String::from)
+            .collect();
         let mut w = String::new();
         for (e, t) in dev.iter().zip(&texts) {
             let p = mlp.predict(&e.x);
             let k = argmax(&p);
-            if k != e.y { w += &format!("{} -> {} {:.2}\n", t, LABELS[k], p[k]); }
+            if k != e.y {
+                w += &format!("{} -> {} {:.2}\n", t, LABELS[k], p[k]);
+            }
         }
         std::fs::write(dump, w)?;
     }
@@ -117,9 +144,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "{name}: accuracy {:.4}, edge precision {:.4}, edge recall {:.4}",
             s.accuracy, s.edge_precision, s.edge_recall
         );
-        meta.metrics.insert(format!("{name}_accuracy"), round4(s.accuracy));
-        meta.metrics.insert(format!("{name}_edge_precision"), round4(s.edge_precision));
-        meta.metrics.insert(format!("{name}_edge_recall"), round4(s.edge_recall));
+        meta.metrics
+            .insert(format!("{name}_accuracy"), round4(s.accuracy));
+        meta.metrics
+            .insert(format!("{name}_edge_precision"), round4(s.edge_precision));
+        meta.metrics
+            .insert(format!("{name}_edge_recall"), round4(s.edge_recall));
     }
     let json = serde_json::to_string_pretty(&meta)? + "\n";
 
@@ -129,15 +159,25 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let same = std::fs::read(&onnx_path).is_ok_and(|b| b == onnx)
             && std::fs::read_to_string(&json_path).is_ok_and(|s| s == json);
         if !same {
-            bail!("the committed model differs from what the committed data trains: run `cargo xtask train-intent` and commit");
+            bail!(
+                "the committed model differs from what the committed data trains: run `cargo xtask train-intent` and commit"
+            );
         }
-        eprintln!("committed model matches the training output ({})", meta.onnx_sha256);
+        eprintln!(
+            "committed model matches the training output ({})",
+            meta.onnx_sha256
+        );
         return Ok(());
     }
     std::fs::create_dir_all(&out)?;
     std::fs::write(&onnx_path, &onnx)?;
     std::fs::write(&json_path, json)?;
-    eprintln!("wrote {} ({} bytes, sha256 {})", onnx_path.display(), onnx.len(), meta.onnx_sha256);
+    eprintln!(
+        "wrote {} ({} bytes, sha256 {})",
+        onnx_path.display(),
+        onnx.len(),
+        meta.onnx_sha256
+    );
     eprintln!("wrote {}", json_path.display());
     Ok(())
 }
@@ -152,18 +192,39 @@ fn load_split(path: &Path, featurizer: &Featurizer) -> anyhow::Result<Vec<Exampl
         text: String,
         intent: String,
     }
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading {} (generate it with `python3 models/intent/generate.py`)", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "reading {} (generate it with `python3 models/intent/generate.py`)",
+            path.display()
+        )
+    })?;
     let mut out = Vec::new();
     let mut dense = vec![0.0; featurizer.dim()];
-    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let l: Line = serde_json::from_str(line).with_context(|| format!("{}:{}", path.display(), i + 1))?;
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let l: Line =
+            serde_json::from_str(line).with_context(|| format!("{}:{}", path.display(), i + 1))?;
         let y = LABELS
             .iter()
             .position(|&x| x == l.intent)
-            .with_context(|| format!("{}:{}: unknown intent {:?}", path.display(), i + 1, l.intent))?;
+            .with_context(|| {
+                format!(
+                    "{}:{}: unknown intent {:?}",
+                    path.display(),
+                    i + 1,
+                    l.intent
+                )
+            })?;
         featurizer.featurize_into(&l.text, &mut dense);
-        let x = dense.iter().enumerate().filter(|(_, v)| **v != 0.0).map(|(j, v)| (j as u32, *v)).collect();
+        let x = dense
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| **v != 0.0)
+            .map(|(j, v)| (j as u32, *v))
+            .collect();
         out.push(Example { x, y });
     }
     Ok(out)
@@ -172,15 +233,17 @@ fn load_split(path: &Path, featurizer: &Featurizer) -> anyhow::Result<Vec<Exampl
 /// `ex` with each feature dropped with probability `rate` (the rest scaled up to keep the mean).
 fn drop_features(ex: &Example, rate: f32, rng: &mut SplitMix) -> Example {
     if rate <= 0.0 {
-        return Example { x: ex.x.clone(), y: ex.y };
+        return Example {
+            x: ex.x.clone(),
+            y: ex.y,
+        };
     }
     let keep = 1.0 - rate;
-    let x = ex
-        .x
-        .iter()
-        .filter(|_| (rng.uniform() + 1.0) / 2.0 >= rate)
-        .map(|&(k, v)| (k, v / keep))
-        .collect();
+    let x =
+        ex.x.iter()
+            .filter(|_| (rng.uniform() + 1.0) / 2.0 >= rate)
+            .map(|&(k, v)| (k, v / keep))
+            .collect();
     Example { x, y: ex.y }
 }
 
@@ -322,7 +385,11 @@ struct Adam {
 
 impl Adam {
     fn new(p: &Mlp) -> Self {
-        Self { m: p.zeros_like(), v: p.zeros_like(), t: 0 }
+        Self {
+            m: p.zeros_like(),
+            v: p.zeros_like(),
+            t: 0,
+        }
     }
 
     fn step(&mut self, p: &mut Mlp, g: &Mlp, n: usize) {
@@ -347,11 +414,16 @@ impl Adam {
 }
 
 fn argmax(p: &[f32]) -> usize {
-    p.iter().enumerate().fold(0, |best, (i, &v)| if v > p[best] { i } else { best })
+    p.iter()
+        .enumerate()
+        .fold(0, |best, (i, &v)| if v > p[best] { i } else { best })
 }
 
 fn accuracy(mlp: &Mlp, split: &[Example]) -> f64 {
-    let ok = split.iter().filter(|e| argmax(&mlp.predict(&e.x)) == e.y).count();
+    let ok = split
+        .iter()
+        .filter(|e| argmax(&mlp.predict(&e.x)) == e.y)
+        .count();
     ok as f64 / split.len().max(1) as f64
 }
 
@@ -367,19 +439,26 @@ fn calibrate(mlp: &Mlp, dev: &[Example]) -> BTreeMap<String, f32> {
             (k, p[k], e.y)
         })
         .collect();
-    for (c, name) in LABELS.iter().enumerate().filter(|(_, n)| TRIVIAL_INTENTS.contains(n)) {
-        let mut mine: Vec<(f32, bool)> =
-            preds.iter().filter(|(k, ..)| *k == c).map(|&(_, p, y)| (p, y == c)).collect();
+    for (c, name) in LABELS
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| TRIVIAL_INTENTS.contains(n))
+    {
+        let mut mine: Vec<(f32, bool)> = preds
+            .iter()
+            .filter(|(k, ..)| *k == c)
+            .map(|&(_, p, y)| (p, y == c))
+            .collect();
         mine.sort_by(|a, b| b.0.total_cmp(&a.0));
         // Walk from the most confident down; keep the lowest cut whose precision holds.
         let (mut tp, mut threshold) = (0usize, 1.0f32);
         for (i, &(p, correct)) in mine.iter().enumerate() {
             tp += usize::from(correct);
-            if tp as f64 / (i + 1) as f64 >= TARGET_PRECISION {
+            if tp as f64 / (i + 1) as f64 >= hp("TARGET", TARGET_PRECISION) {
                 threshold = p;
             }
         }
-        out.insert((*name).to_owned(), threshold.max(MIN_THRESHOLD));
+        out.insert((*name).to_owned(), threshold.max(hp("MIN", MIN_THRESHOLD)));
     }
     out
 }
@@ -387,7 +466,10 @@ fn calibrate(mlp: &Mlp, dev: &[Example]) -> BTreeMap<String, f32> {
 fn route_scores(mlp: &Mlp, policy: &Policy, split: &[Example]) -> Scores {
     let mut board = Scoreboard::default();
     for e in split {
-        board.add(policy.decide(&mlp.predict(&e.x)).route, expected_route(LABELS[e.y]));
+        board.add(
+            policy.decide(&mlp.predict(&e.x)).route,
+            expected_route(LABELS[e.y]),
+        );
     }
     board.scores()
 }
@@ -409,8 +491,14 @@ fn export_onnx(mlp: &Mlp, featurizer: FeaturizerConfig) -> anyhow::Result<Vec<u8
                 elem_type: float,
                 shape: Some(pb::TensorShapeProto {
                     dim: vec![
-                        Dimension { value: Some(dimension::Value::DimParam("batch".into())), ..Default::default() },
-                        Dimension { value: Some(dimension::Value::DimValue(width as i64)), ..Default::default() },
+                        Dimension {
+                            value: Some(dimension::Value::DimParam("batch".into())),
+                            ..Default::default()
+                        },
+                        Dimension {
+                            value: Some(dimension::Value::DimValue(width as i64)),
+                            ..Default::default()
+                        },
                     ],
                 }),
             })),
@@ -418,14 +506,15 @@ fn export_onnx(mlp: &Mlp, featurizer: FeaturizerConfig) -> anyhow::Result<Vec<u8
         }),
         ..Default::default()
     };
-    let node = |op: &str, inputs: &[&str], output: &str, attrs: Vec<pb::AttributeProto>| pb::NodeProto {
-        op_type: op.into(),
-        name: output.into(),
-        input: inputs.iter().map(|s| (*s).to_owned()).collect(),
-        output: vec![output.into()],
-        attribute: attrs,
-        ..Default::default()
-    };
+    let node =
+        |op: &str, inputs: &[&str], output: &str, attrs: Vec<pb::AttributeProto>| pb::NodeProto {
+            op_type: op.into(),
+            name: output.into(),
+            input: inputs.iter().map(|s| (*s).to_owned()).collect(),
+            output: vec![output.into()],
+            attribute: attrs,
+            ..Default::default()
+        };
     let axis = pb::AttributeProto {
         name: "axis".into(),
         r#type: pb::attribute_proto::AttributeType::Int as i32,
@@ -452,14 +541,23 @@ fn export_onnx(mlp: &Mlp, featurizer: FeaturizerConfig) -> anyhow::Result<Vec<u8
     };
     let model = pb::ModelProto {
         ir_version: 8,
-        opset_import: vec![pb::OperatorSetIdProto { domain: String::new(), version: 13 }],
+        opset_import: vec![pb::OperatorSetIdProto {
+            domain: String::new(),
+            version: 13,
+        }],
         producer_name: "cheap-serve xtask train-intent".into(),
         model_version: 1,
         doc_string: "Intent classifier for the edge: hashed n-gram features → MLP → softmax".into(),
         graph: Some(graph),
         metadata_props: vec![
-            pb::StringStringEntryProto { key: "labels".into(), value: serde_json::to_string(&LABELS)? },
-            pb::StringStringEntryProto { key: "featurizer".into(), value: serde_json::to_string(&featurizer)? },
+            pb::StringStringEntryProto {
+                key: "labels".into(),
+                value: serde_json::to_string(&LABELS)?,
+            },
+            pb::StringStringEntryProto {
+                key: "featurizer".into(),
+                value: serde_json::to_string(&featurizer)?,
+            },
         ],
         ..Default::default()
     };
@@ -467,5 +565,8 @@ fn export_onnx(mlp: &Mlp, featurizer: FeaturizerConfig) -> anyhow::Result<Vec<u8
 }
 
 fn hp<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(format!("HP_{name}")).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(format!("HP_{name}"))
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }

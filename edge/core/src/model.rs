@@ -19,7 +19,9 @@ pub static MODEL_JSON: &str = include_str!("../../../models/intent/model.json");
 pub enum LoadError {
     #[error(transparent)]
     Meta(#[from] MetaError),
-    #[error("model.onnx has sha256 {actual} but model.json expects {expected}; retrain with `cargo xtask train-intent`")]
+    #[error(
+        "model.onnx has sha256 {actual} but model.json expects {expected}; retrain with `cargo xtask train-intent`"
+    )]
     Checksum { expected: String, actual: String },
     #[error("model.onnx cannot be loaded by tract: {0}")]
     Tract(String),
@@ -41,7 +43,10 @@ impl IntentModel {
         let policy = Policy::from_json(meta_json)?;
         let sha256 = hex::encode(Sha256::digest(onnx));
         if sha256 != policy.meta().onnx_sha256 {
-            return Err(LoadError::Checksum { expected: policy.meta().onnx_sha256.clone(), actual: sha256 });
+            return Err(LoadError::Checksum {
+                expected: policy.meta().onnx_sha256.clone(),
+                actual: sha256,
+            });
         }
         let dim = policy.featurizer().dim();
         let tract = |e: TractError| LoadError::Tract(format!("{e:#}"));
@@ -54,13 +59,19 @@ impl IntentModel {
             .map_err(tract)?
             .into_runnable()
             .map_err(tract)?;
-        Ok(Self { policy, plan, sha256 })
+        Ok(Self {
+            policy,
+            plan,
+            sha256,
+        })
     }
 
     /// The embedded model, loaded once per process (per isolate on Workers).
     pub fn embedded() -> Result<&'static IntentModel, &'static LoadError> {
         static MODEL: OnceLock<Result<IntentModel, LoadError>> = OnceLock::new();
-        MODEL.get_or_init(|| IntentModel::load(MODEL_ONNX, MODEL_JSON)).as_ref()
+        MODEL
+            .get_or_init(|| IntentModel::load(MODEL_ONNX, MODEL_JSON))
+            .as_ref()
     }
 
     pub fn policy(&self) -> &Policy {
@@ -121,7 +132,10 @@ mod tests {
         let mut bytes = MODEL_ONNX.to_vec();
         let last = bytes.len() - 1;
         bytes[last] ^= 1;
-        assert!(matches!(IntentModel::load(&bytes, MODEL_JSON), Err(LoadError::Checksum { .. })));
+        assert!(matches!(
+            IntentModel::load(&bytes, MODEL_JSON),
+            Err(LoadError::Checksum { .. })
+        ));
     }
 
     #[test]
@@ -153,7 +167,11 @@ mod tests {
 
     #[test]
     fn food_requests_are_queued() {
-        for text in ["떡볶이 맛집 알려줘", "급식카드 되는 치킨집 있어?", "where can I eat pizza?"] {
+        for text in [
+            "떡볶이 맛집 알려줘",
+            "급식카드 되는 치킨집 있어?",
+            "where can I eat pizza?",
+        ] {
             assert_eq!(model().classify(text).route, Route::Queue, "{text}");
         }
     }

@@ -62,7 +62,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let mut out = BufWriter::new(stdout.lock());
     let mut emit = |text: &str, expected: Option<Route>| -> anyhow::Result<Route> {
         let d = model.classify(text);
-        let line = Line { text, intent: &d.intent, confidence: d.confidence, route: d.route, expected };
+        let line = Line {
+            text,
+            intent: &d.intent,
+            confidence: d.confidence,
+            route: d.route,
+            expected,
+        };
         serde_json::to_writer(&mut out, &line)?;
         out.write_all(b"\n")?;
         Ok(d.route)
@@ -75,16 +81,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Cmd::Eval { file } => {
-            let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
             let mut board = Scoreboard::default();
-            for (i, raw) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+            for (i, raw) in text
+                .lines()
+                .enumerate()
+                .filter(|(_, l)| !l.trim().is_empty())
+            {
                 let where_ = || format!("{}:{}", file.display(), i + 1);
-                let l: Labelled = serde_json::from_str(raw)
-                    .with_context(|| format!("{}: expected {{\"text\": ..., \"route\": \"edge\"|\"queue\"}}", where_()))?;
+                let l: Labelled = serde_json::from_str(raw).with_context(|| {
+                    format!(
+                        "{}: expected {{\"text\": ..., \"route\": \"edge\"|\"queue\"}}",
+                        where_()
+                    )
+                })?;
                 let expected = match (l.route, &l.intent) {
                     (Some(r), _) => r,
                     (None, Some(intent)) => expected_route(intent),
-                    (None, None) => bail!("{}: needs \"route\" (edge|queue) or \"intent\"", where_()),
+                    (None, None) => {
+                        bail!("{}: needs \"route\" (edge|queue) or \"intent\"", where_())
+                    }
                 };
                 board.add(emit(&l.text, Some(expected))?, expected);
             }

@@ -1,0 +1,94 @@
+//! `cargo xtask dev` brings the stack up and, on Ctrl-C (SIGINT) or SIGTERM, leaves no process
+//! it started.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn xtask() -> Option<std::path::PathBuf> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/xtask");
+    p.is_file().then_some(p)
+}
+
+fn alive(pgid: i32) -> bool {
+    // SAFETY: signal 0 only checks for existence.
+    unsafe { libc::kill(-pgid, 0) == 0 }
+}
+
+/// One stack at a time: two pairs of JVMs starting together crowd a 2-core machine.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn dev_stops_cleanly_on(signal: i32) {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(bin) = xtask() else {
+        panic!("target/release/xtask is missing: run the tests through `cargo xtask test`");
+    };
+    let mut child = Command::new(bin)
+        .arg("dev")
+        .env("DEV_API_KEY", "test-key-123")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("xtask dev starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut groups = Vec::new();
+    let mut key = None;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("xtask dev prints `ready`");
+        if let Some(rest) = line.split(" pid=").nth(1) {
+            groups.push(
+                rest.split_whitespace()
+                    .next()
+                    .and_then(|p| p.parse::<i32>().ok())
+                    .expect("pid"),
+            );
+        }
+        if let Some(k) = line.strip_prefix("DEV_API_KEY=") {
+            key = Some(k.to_owned());
+        }
+        if line.starts_with("ready") {
+            break;
+        }
+    }
+    assert_eq!(
+        key.as_deref(),
+        Some("test-key-123"),
+        "the development API key comes from DEV_API_KEY"
+    );
+    assert_eq!(groups.len(), 2, "both emulators report their process group");
+    assert!(groups.iter().all(|&g| alive(g)));
+
+    // SAFETY: signalling the child we spawned.
+    unsafe { libc::kill(child.id() as i32, signal) };
+    let status = child.wait().expect("xtask dev exits");
+    assert!(status.success(), "{status}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while groups.iter().any(|&g| alive(g)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for g in groups {
+        assert!(!alive(g), "process group {g} survived `xtask dev`");
+    }
+}
+
+#[test]
+fn xtask_dev_leaves_nothing_running_after_ctrl_c() {
+    dev_stops_cleanly_on(libc::SIGINT);
+}
+
+#[test]
+fn xtask_dev_leaves_nothing_running_after_sigterm() {
+    dev_stops_cleanly_on(libc::SIGTERM);
+}
