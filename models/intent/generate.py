@@ -33,19 +33,23 @@ SEED_DIR = os.path.join(HERE, "seeds")
 
 # Augmented variants drawn per seed (the seed itself is always kept as well).
 N_VARIANTS = {
-    ("trivial", "ko"): 16,
-    ("trivial", "en"): 12,
+    ("trivial", "ko"): 10,
+    ("trivial", "en"): 8,
     ("other", "ko"): 4,
     ("other", "en"): 4,
     ("short", "ko"): 3,
     ("short", "en"): 3,
 }
 N_TEMPLATE_FILLS = {"ko": 32, "en": 24}
+N_HARDNEG_FILLS = {"ko": 16, "en": 14}
 # Compositions (trivial phrase + request) made per request seed / template fill.
 N_MIX_PER_SEED = 7
 P_MIX_PER_TEMPLATE_FILL = 0.25
 # Share of help/identity variants that get a leading greeting ("안녕! 너 누구야?").
 P_GREETING_LEAD = 0.10
+# Share of goodbye variants that get a leading thanks ("고마워! 잘가"): a closing
+# thanks + farewell is still goodbye.
+P_THANKS_LEAD = 0.10
 
 # --------------------------------------------------------------------------
 # Hangul helpers
@@ -186,6 +190,11 @@ GREETING_LEAD = {
     "ko": ["안녕", "안녕하세요", "ㅎㅇ", "하이", "반가워", "안뇽"],
     "en": ["hi", "hello", "hey", "hi there", "hey there"],
 }
+THANKS_LEAD = {
+    "ko": ["고마워", "고마워요", "감사합니다", "감사해요", "ㄱㅅ", "땡큐", "오늘 고마웠어"],
+    "en": ["thanks", "thank you", "thx", "ty", "thanks a lot", "thanks for the help"],
+}
+THANKS_WORDS = ("고마", "고맙", "감사", "ㄱㅅ", "ㄳ", "땡큐", "thank", "thx", "ty ")
 KO_MIX_CONNECT = ["", "", "", "", "근데 ", "그리고 ", "아 근데 ", "혹시 ", "그럼 ", "참 ",
                   "아 맞다 ", "그런데 ", "질문 있는데 "]
 EN_MIX_CONNECT = ["", "", "", "", "also ", "and ", "btw ", "oh and ", "by the way, ", "so ",
@@ -295,6 +304,56 @@ EN_TEMPLATES = [
     "can you find {food} near {place}?",
     "what time does the {food_a} place near {place} close?",
     "I feel like {food} tonight",
+]
+
+# Hard-negative templates: questions that look like identity / help but are about other
+# people or about the card / kiosk / app, not about the bot ("쟤 누구야?", "키오스크 어떻게 써?").
+KO_WHO = ["쟤", "걔", "이분", "그분", "저분", "저 사람", "그 사람", "이 사람", "사장님",
+          "그 가게 사장님", "알바생", "거기 직원", "주방장", "배달 기사님", "그 식당 주인",
+          "담임 선생님", "우리 선생님", "내 짝꿍", "옆집 아저씨", "그 유튜버", "주민센터 직원",
+          "담당 공무원", "카운터에 있는 사람", "저 아줌마", "저 형"]
+KO_THINGS = ["급식카드", "꿈나무카드", "이 카드", "키오스크", "배달앱", "쿠폰", "포인트", "카드 앱",
+             "교통카드", "체크카드", "주문 기계", "셀프 계산대", "이 쿠폰", "모바일 카드",
+             "카드 리더기", "아동급식카드", "기프티콘", "선불카드", "급식카드 앱", "잔액 조회 앱"]
+KO_HARDNEG_TEMPLATES = [
+    "{who} 누구야?",
+    "{who:은/는} 누구예요?",
+    "{who} 이름이 뭐야?",
+    "{who} 이름 알아?",
+    "{who} 몇 살이야?",
+    "{who} 사람 좋아?",
+    "{who:이/가} 누구지?",
+    "{who:이/가} 만든 거야?",
+    "{thing} 어떻게 써?",
+    "{thing} 사용법 알려줘",
+    "{thing} 쓰는 법 좀 알려줘",
+    "{thing:으로/로} 뭐 할 수 있어?",
+    "{thing:은/는} 어떻게 이용해요?",
+    "{thing} 기능 알려줘",
+    "{thing} 사용 방법이 뭐야?",
+    "{thing:이/가} 뭐야?",
+    "{thing} 처음 쓰는데 어떻게 해?",
+]
+EN_WHO = ["the owner", "that guy", "that lady", "the chef", "the staff there", "the delivery guy",
+          "my teacher", "the cashier", "that person", "the manager", "that youtuber",
+          "the person at the counter", "the community center worker", "the lady at the store",
+          "my friend's mom"]
+EN_THINGS = ["the meal card", "my card", "the kiosk", "the delivery app", "this coupon",
+             "the card app", "the self-checkout", "the card reader", "the point card", "the dream card",
+             "a transit card", "the balance app", "a gift card", "the order machine"]
+EN_HARDNEG_TEMPLATES = [
+    "who is {who}?",
+    "what's {who_s} name?",
+    "how old is {who}?",
+    "do you know {who}?",
+    "is {who} nice?",
+    "how do I use {thing}?",
+    "how does {thing} work?",
+    "what can I do with {thing}?",
+    "what is {thing}?",
+    "explain {thing} to me",
+    "is there a guide for {thing}?",
+    "I don't know how to use {thing}",
 ]
 
 # --------------------------------------------------------------------------
@@ -606,6 +665,11 @@ def make_variant(rng, text, intent, lang, light=False, section=None):
         lead = rng.choice(GREETING_LEAD[lang])
         sep = rng.choice(["! ", ", ", "~ ", " ", "!! "]) if lang == "ko" else rng.choice(["! ", ", ", " "])
         prefix = lead + sep
+    elif intent == "goodbye" and roll < p_prefix + P_THANKS_LEAD and \
+            not any(w in (core + " ").lower() for w in THANKS_WORDS):
+        lead = rng.choice(THANKS_LEAD[lang])
+        sep = rng.choice(["! ", ", ", "~ ", " ", "ㅎㅎ "]) if lang == "ko" else rng.choice(["! ", ", ", " ", ". "])
+        prefix = lead + sep
     out = clean(prefix + core + tail)
     if lang == "en" and rng.random() < 0.08:
         out = out.lower()
@@ -640,8 +704,13 @@ def fill_ko(rng, tpl):
     food = rng.choice(KO_FOODS)
     food2 = rng.choice([f for f in KO_FOODS if f != food])
     place = rng.choice(KO_PLACES)
+    slots = [("food", food), ("food2", food2), ("place", place)]
+    if "{who" in tpl:
+        slots.append(("who", rng.choice(KO_WHO)))
+    if "{thing" in tpl:
+        slots.append(("thing", rng.choice(KO_THINGS)))
     out = tpl
-    for key, word in (("food", food), ("food2", food2), ("place", place)):
+    for key, word in slots:
         while "{" + key + ":" in out:
             start = out.index("{" + key + ":")
             end = out.index("}", start)
@@ -658,16 +727,24 @@ def fill_en(rng, tpl):
     place = rng.choice(EN_PLACES)
     out = tpl.replace("{food_a}", fa).replace("{food2}", fp2).replace("{food}", fp)
     out = out.replace("{place}", place)
+    if "{who" in out:
+        who = rng.choice(EN_WHO)
+        out = out.replace("{who_s}", who + "'s").replace("{who}", who)
+    if "{thing}" in out:
+        out = out.replace("{thing}", rng.choice(EN_THINGS))
     return out[:1].upper() + out[1:] if rng.random() < 0.4 else out
 
 
 def template_items(rng):
     groups = []
-    for lang, tpls, filler in (("ko", KO_TEMPLATES, fill_ko), ("en", EN_TEMPLATES, fill_en)):
+    for lang, tpls, filler in (("ko", KO_TEMPLATES + KO_HARDNEG_TEMPLATES, fill_ko),
+                               ("en", EN_TEMPLATES + EN_HARDNEG_TEMPLATES, fill_en)):
+        n_request = len(KO_TEMPLATES if lang == "ko" else EN_TEMPLATES)
         for ti, tpl in enumerate(tpls):
+            n_fills = (N_TEMPLATE_FILLS if ti < n_request else N_HARDNEG_FILLS)[lang]
             texts, seen = [], set()
             tries = 0
-            while len(texts) < N_TEMPLATE_FILLS[lang] and tries < 400:
+            while len(texts) < n_fills and tries < 400:
                 tries += 1
                 t = filler(rng, tpl)
                 if rng.random() < 0.35:
@@ -977,7 +1054,7 @@ def main(argv=None):
     write(out, args.out, rng)
     cnt, total, other, ten = report(out, stats)
     # sanity requirements
-    assert total >= 6000, total
+    assert 15000 <= total <= 40000, total
     for it in TRIVIAL:
         n_train = cnt[("train", it, "ko")] + cnt[("train", it, "en")]
         assert n_train >= 500, (it, n_train)
