@@ -22,8 +22,29 @@ pub fn ort_dir() -> PathBuf {
 
 /// Installs everything; returns the ONNX Runtime library path.
 pub fn all() -> anyhow::Result<PathBuf> {
+    wasm_target()?;
     let lib = onnxruntime()?;
     Ok(lib)
+}
+
+/// Adds the `wasm32-unknown-unknown` target to the pinned toolchain if it is missing
+/// (`rust-toolchain.toml` names it, but rustup only applies that when it installs a toolchain).
+pub fn wasm_target() -> anyhow::Result<()> {
+    let installed = crate::output({
+        let mut c = Command::new("rustup");
+        c.args(["target", "list", "--installed"]);
+        c
+    })
+    .context("rustup not found: install Rust with rustup (https://rustup.rs)")?;
+    if installed
+        .lines()
+        .any(|l| l.trim() == "wasm32-unknown-unknown")
+    {
+        return Ok(());
+    }
+    let mut c = Command::new("rustup");
+    c.args(["target", "add", "wasm32-unknown-unknown"]);
+    run_cmd(c)
 }
 
 /// Installs `libonnxruntime.so` from the PyPI wheel, unless the pinned version is there.

@@ -26,6 +26,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ]);
         run_cmd(c)?;
     }
+    let ort = setup::all()?;
+    eprintln!("ONNX Runtime: {}", ort.display());
+
     // The shared crate and the Worker must build for the edge's target.
     let mut c = cargo();
     c.args([
@@ -43,9 +46,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     // The committed model is what the committed data trains, byte for byte.
     crate::train::run(crate::train::Args::check())?;
-
-    let ort = setup::all()?;
-    eprintln!("ONNX Runtime: {}", ort.display());
 
     // The binaries the system tests start are built first, in release, as users run them.
     let mut c = cargo();
