@@ -1,5 +1,7 @@
 //! `batch-worker run` as users run it: the real binary, real ONNX Runtime, real files.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -16,19 +18,7 @@ fn scratch(name: &str) -> PathBuf {
 
 /// `n` items cycling over the intent test split, with a few malformed lines mixed in.
 fn write_input(path: &Path, n: usize) {
-    let texts: Vec<String> = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../models/intent/data/test.jsonl"
-    ))
-    .expect("test split")
-    .lines()
-    .map(|l| {
-        serde_json::from_str::<serde_json::Value>(l).expect("json")["text"]
-            .as_str()
-            .expect("text")
-            .to_owned()
-    })
-    .collect();
+    let texts = common::test_split_texts();
     let mut out = String::new();
     for i in 0..n {
         let line = match i % 997 {

@@ -1,24 +1,16 @@
 //! The worker (ONNX Runtime) and the edge (tract) run the same model and must agree.
 
+mod common;
+
 use batch_worker::engine::{Classifier, Device};
 use edge_core::model::IntentModel;
 
 #[test]
 fn onnx_runtime_and_tract_agree_on_the_test_split() {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/intent");
     let mut ort =
-        Classifier::load(std::path::Path::new(dir), Device::Cpu).expect("ORT loads the model");
+        Classifier::load(std::path::Path::new(common::INTENT_DIR), Device::Cpu).expect("ORT loads the model");
     let tract = IntentModel::embedded().expect("tract loads the model");
-    let texts: Vec<String> = std::fs::read_to_string(format!("{dir}/data/test.jsonl"))
-        .expect("test split")
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).expect("json")["text"]
-                .as_str()
-                .expect("text")
-                .to_owned()
-        })
-        .collect();
+    let texts = common::test_split_texts();
     assert!(texts.len() > 1000);
     let mut worst = 0.0f32;
     for batch in texts.chunks(128) {

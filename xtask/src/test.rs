@@ -28,6 +28,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let ort = setup::all()?;
     eprintln!("ONNX Runtime: {}", ort.display());
+    let mut c = setup::wrangler();
+    c.arg("--version");
+    eprintln!("wrangler {}", crate::output(c)?.trim());
 
     // The shared crate and the Worker must build for the edge's target.
     let mut c = cargo();
