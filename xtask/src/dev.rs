@@ -22,6 +22,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 async fn serve(args: Args) -> anyhow::Result<()> {
+    // Listen before starting anything, so a signal at any point stops what was started.
+    let mut stop = StopSignal::new()?;
     let logs = root().join(".dev/logs");
     eprintln!(
         "starting the Pub/Sub and Firestore emulators (logs in {})",
@@ -52,7 +54,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     println!("DEV_API_KEY={api_key}");
     println!("ready; press Ctrl-C to stop");
 
-    wait_for_stop().await?;
+    stop.recv().await;
     eprintln!("stopping");
     emulators.stop();
     Ok(())
@@ -73,13 +75,25 @@ pub fn dev_api_key() -> String {
     format!("dev_{}", hex::encode(bytes))
 }
 
-async fn wait_for_stop() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// SIGINT (Ctrl-C) or SIGTERM, registered up front.
+struct StopSignal {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignal {
+    fn new() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
     }
-    Ok(())
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
 }
