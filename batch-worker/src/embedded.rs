@@ -28,6 +28,10 @@ pub trait Processor {
     /// Largest micro-batch this processor wants.
     fn batch_size(&self) -> usize;
     fn process(&mut self, items: &[InputItem]) -> Result<Vec<OutputLine>, EngineError>;
+    /// Time spent in the model runtime itself (the rest of a run is our overhead).
+    fn inference_time(&self) -> Duration {
+        Duration::ZERO
+    }
 }
 
 /// Options of one embedded run.
@@ -72,6 +76,9 @@ pub struct Summary {
     pub errors: u64,
     /// Items already done by an earlier, interrupted run.
     pub resumed_from: u64,
+    /// Wall time of this run, and the part of it spent inside the model runtime.
+    pub wall: Duration,
+    pub inference: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -231,6 +238,7 @@ pub fn run<P: Processor>(
     opts: &RunOptions,
     make_processor: impl FnOnce() -> Result<P, EngineError>,
 ) -> Result<Summary, RunError> {
+    let started = Instant::now();
     validate(opts)?;
     let ckpt_path = sibling(&opts.output, ".ckpt");
     let partial_path = sibling(&opts.output, ".partial");
@@ -259,7 +267,12 @@ pub fn run<P: Processor>(
     };
     let resumed_from = ckpt.items;
     if ckpt.done {
-        return finish(&ckpt, &ckpt_path, &partial_path, &opts.output, resumed_from);
+        return finish(&ckpt, &ckpt_path, &partial_path, &opts.output, resumed_from).map(|s| {
+            Summary {
+                wall: started.elapsed(),
+                ..s
+            }
+        });
     }
 
     let mut out = OpenOptions::new()
@@ -404,7 +417,12 @@ pub fn run<P: Processor>(
     progress.finish_and_clear();
     ckpt.done = true;
     write_checkpoint(&ckpt_path, &ckpt)?;
-    finish(&ckpt, &ckpt_path, &partial_path, &opts.output, resumed_from)
+    let summary = finish(&ckpt, &ckpt_path, &partial_path, &opts.output, resumed_from)?;
+    Ok(Summary {
+        wall: started.elapsed(),
+        inference: processor.inference_time(),
+        ..summary
+    })
 }
 
 /// Moves the partial output into place and removes the checkpoint (idempotent).
@@ -424,6 +442,8 @@ fn finish(
         items: ckpt.items,
         errors: ckpt.errors,
         resumed_from,
+        wall: Duration::ZERO,
+        inference: Duration::ZERO,
     })
 }
 

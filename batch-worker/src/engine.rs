@@ -135,6 +135,8 @@ pub struct Classifier {
     policy: Policy,
     provider: &'static str,
     features: Vec<f32>,
+    /// Time spent inside `session.run` so far.
+    run_time: std::time::Duration,
 }
 
 impl Classifier {
@@ -156,6 +158,7 @@ impl Classifier {
             policy,
             provider,
             features: Vec::new(),
+            run_time: std::time::Duration::ZERO,
         })
     }
 
@@ -166,6 +169,11 @@ impl Classifier {
 
     pub fn policy(&self) -> &Policy {
         &self.policy
+    }
+
+    /// Total time spent inside `session.run`.
+    pub fn run_time(&self) -> std::time::Duration {
+        self.run_time
     }
 
     /// Probabilities for each text, one micro-batch, one `session.run`.
@@ -182,9 +190,11 @@ impl Classifier {
         let input =
             ort::value::TensorRef::from_array_view(([texts.len(), dim], &self.features[..]))?;
         let meta = self.policy.meta();
+        let started = std::time::Instant::now();
         let outputs = self
             .session
             .run(ort::inputs![meta.input.as_str() => input])?;
+        self.run_time += started.elapsed();
         let (_, probs) = outputs[meta.output.as_str()].try_extract_tensor::<f32>()?;
         let classes = meta.labels.len();
         Ok(probs.chunks(classes).map(<[f32]>::to_vec).collect())

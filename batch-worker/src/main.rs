@@ -88,8 +88,10 @@ fn main() -> ExitCode {
             };
             match result {
                 Ok(s) => {
+                    let done_now = s.items - s.resumed_from;
+                    let secs = s.wall.as_secs_f64().max(1e-9);
                     eprintln!(
-                        "batch-worker: wrote {} lines ({} errors) to {}{}",
+                        "batch-worker: wrote {} lines ({} errors) to {}{}; {done_now} items in {secs:.2} s ({:.0} items/s, {:.0}% inside session.run)",
                         s.items,
                         s.errors,
                         opts.output.display(),
@@ -97,7 +99,9 @@ fn main() -> ExitCode {
                             format!(", resumed after {} items", s.resumed_from)
                         } else {
                             String::new()
-                        }
+                        },
+                        done_now as f64 / secs,
+                        100.0 * s.inference.as_secs_f64() / secs,
                     );
                     ExitCode::SUCCESS
                 }

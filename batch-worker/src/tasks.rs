@@ -32,6 +32,10 @@ impl Processor for Classify {
         self.batch_size
     }
 
+    fn inference_time(&self) -> std::time::Duration {
+        self.model.run_time()
+    }
+
     fn process(&mut self, items: &[InputItem]) -> Result<Vec<OutputLine>, EngineError> {
         let texts: Vec<&str> = items.iter().map(|i| i.input.as_str()).collect();
         let outputs = self.model.classify(&texts)?;
