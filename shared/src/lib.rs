@@ -5,5 +5,8 @@
 
 pub mod b64;
 pub mod features;
+pub mod firestore;
 pub mod intent;
+pub mod jobs;
+pub mod time;
 pub mod wire;

@@ -26,6 +26,13 @@ enum Cmd {
     Test(test::Args),
     /// Install project-local tools only (ONNX Runtime, Node.js 22, wrangler, worker-build)
     Setup,
+    /// Build the Cloudflare Worker into edge/build/ (worker-build, local wasm-bindgen/wasm-opt/esbuild)
+    BuildEdge,
+    /// Print a new API key for NAME and its `API_KEYS` entry (salted SHA-256)
+    ApiKey {
+        /// Who owns the jobs this key creates
+        name: String,
+    },
     /// Retrain the intent model from models/intent/data (deterministic)
     TrainIntent(train::Args),
 }
@@ -36,6 +43,8 @@ fn main() -> ExitCode {
         Cmd::Dev(a) => dev::run(a),
         Cmd::Test(a) => test::run(a),
         Cmd::Setup => setup::all().map(drop),
+        Cmd::BuildEdge => setup::build_edge(),
+        Cmd::ApiKey { name } => api_key(&name),
         Cmd::TrainIntent(a) => train::run(a),
     };
     match result {
@@ -45,6 +54,29 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Prints a fresh key and the `API_KEYS` entry that accepts it.
+fn api_key(name: &str) -> anyhow::Result<()> {
+    if name.is_empty() || name.contains([':', ',']) || name.contains(char::is_whitespace) {
+        bail!("NAME must be non-empty without `:`, `,` or spaces");
+    }
+    let key = format!("cs_{}", hex::encode(random_bytes(24)?));
+    let salt = random_bytes(16)?;
+    println!("key:   {key}");
+    println!("entry: {}", edge_core::auth::entry(name, &key, &salt));
+    eprintln!("add the entry to the API_KEYS secret (comma-separated); keep the key itself secret");
+    Ok(())
+}
+
+/// Bytes from the OS random source.
+pub fn random_bytes(n: usize) -> anyhow::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut buf = vec![0u8; n];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut buf))
+        .context("reading /dev/urandom")?;
+    Ok(buf)
 }
 
 /// The repository root.

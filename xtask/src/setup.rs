@@ -20,12 +20,102 @@ pub fn ort_dir() -> PathBuf {
     root().join(".tools/onnxruntime")
 }
 
+/// `wasm-bindgen-cli` version; must equal the `wasm-bindgen` pinned in `edge/Cargo.toml`.
+pub const WASM_BINDGEN_VERSION: &str = "0.2.130";
+/// `worker-build` version; matches the `worker` crate pinned in `edge/Cargo.toml`.
+pub const WORKER_BUILD_VERSION: &str = "0.8.7";
+
 /// Installs everything; returns the ONNX Runtime library path.
 pub fn all() -> anyhow::Result<PathBuf> {
     wasm_target()?;
     node_tools()?;
+    rust_tools()?;
     let lib = onnxruntime()?;
     Ok(lib)
+}
+
+/// Where `cargo install` puts `wasm-bindgen` and `worker-build`.
+pub fn cargo_bin(name: &str) -> PathBuf {
+    root().join(".tools/cargo/bin").join(name)
+}
+
+/// Installs `wasm-bindgen-cli` and `worker-build` from crates.io into `.tools/cargo/`, each
+/// only when the installed version differs from the pinned one. worker-build would
+/// otherwise download wasm-bindgen and wasm-opt from GitHub at build time.
+pub fn rust_tools() -> anyhow::Result<()> {
+    let lock = std::fs::read_to_string(root().join("Cargo.lock")).context("reading Cargo.lock")?;
+    let locked = lock
+        .split("[[package]]")
+        .find(|p| p.contains("name = \"wasm-bindgen\"\n"))
+        .and_then(|p| p.lines().find_map(|l| l.strip_prefix("version = ")))
+        .map(|v| v.trim_matches('"').to_owned());
+    if locked.as_deref() != Some(WASM_BINDGEN_VERSION) {
+        bail!(
+            "Cargo.lock has wasm-bindgen {locked:?} but xtask installs wasm-bindgen-cli {WASM_BINDGEN_VERSION}; \
+             keep `wasm-bindgen = \"={WASM_BINDGEN_VERSION}\"` in edge/Cargo.toml"
+        );
+    }
+    let tools = [
+        (
+            "wasm-bindgen",
+            "wasm-bindgen-cli",
+            WASM_BINDGEN_VERSION,
+            &["--no-default-features", "--bin", "wasm-bindgen"][..],
+        ),
+        (
+            "worker-build",
+            "worker-build",
+            WORKER_BUILD_VERSION,
+            &[][..],
+        ),
+    ];
+    for (bin, krate, version, extra) in tools {
+        let have = Command::new(cargo_bin(bin))
+            .arg("--version")
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        if have.split_whitespace().any(|w| w == version) {
+            continue;
+        }
+        eprintln!(
+            "installing {krate} {version} into .tools/cargo (once per machine, a few minutes)"
+        );
+        let mut c = crate::cargo();
+        c.args(["install", "--quiet", "--root"])
+            .arg(root().join(".tools/cargo"))
+            .arg("--target-dir")
+            .arg(root().join(".tools/cargo-target"))
+            .args(["--version", &format!("={version}"), krate])
+            .args(extra);
+        run_cmd(c).with_context(|| format!("installing {krate} {version} from crates.io"))?;
+    }
+    let _ = std::fs::remove_dir_all(root().join(".tools/cargo-target"));
+    Ok(())
+}
+
+/// Builds the Worker into `edge/build/` with worker-build, using only local tools.
+pub fn build_edge() -> anyhow::Result<()> {
+    node_tools()?;
+    rust_tools()?;
+    wasm_target()?;
+    let mut c = Command::new(cargo_bin("worker-build"));
+    c.args(["--profile", "wasm-release"])
+        .env("WASM_BINDGEN_BIN", cargo_bin("wasm-bindgen"))
+        .env("WASM_OPT_BIN", root().join("node_modules/.bin/wasm-opt"))
+        .env("ESBUILD_BIN", root().join("node_modules/.bin/esbuild"))
+        .env(
+            "CARGO",
+            std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()),
+        );
+    c.current_dir(root().join("edge"));
+    eprintln!("$ worker-build --profile wasm-release (in edge/)");
+    let status = c.status().context("starting worker-build")?;
+    if !status.success() {
+        bail!("worker-build failed with {status}");
+    }
+    Ok(())
 }
 
 /// Installs the npm lockfile's tools (Node.js 22, wrangler, esbuild, binaryen) into

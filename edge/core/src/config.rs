@@ -1,0 +1,90 @@
+//! Edge configuration, read from the platform's variables and secrets.
+//!
+//! | variable | default | meaning |
+//! |---|---|---|
+//! | `GCP_PROJECT` | — (required) | project of the Pub/Sub topic and Firestore database |
+//! | `PUBSUB_TOPIC` | `jobs` | topic job messages are published to |
+//! | `FIRESTORE_DATABASE` | `(default)` | Firestore database id |
+//! | `PUBSUB_EMULATOR_HOST` | — | `host:port` of the Pub/Sub emulator (no credentials then) |
+//! | `FIRESTORE_EMULATOR_HOST` | — | `host:port` of the Firestore emulator |
+//! | `API_KEYS` (secret) | — (required) | `name:salt_hex:sha256_hex` entries (`cargo xtask api-key`) |
+//! | `GCP_SERVICE_ACCOUNT_KEY` (secret) | — | service-account JSON key; required without emulators |
+//! | `RATE_LIMIT_PER_MINUTE` | `600` | per-key limit when the platform has no rate-limit binding |
+//! | `UPSTREAM_DEADLINE_MS` | `8000` | total time for one Pub/Sub or Firestore call with retries |
+
+use crate::auth::KeyStore;
+use crate::gcp::{GcpConfig, ServiceAccount};
+
+/// Parsed configuration; a missing or bad value is kept as its error message so that
+/// `/healthz` and every `/v1` route can say exactly what to fix.
+#[derive(Debug)]
+pub struct Config {
+    pub keys: Result<KeyStore, String>,
+    pub gcp: Result<(GcpConfig, Option<ServiceAccount>), String>,
+    pub rate_limit_per_minute: u32,
+}
+
+impl Config {
+    pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Self {
+        let get = |k: &str| {
+            get(k)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+        };
+        let keys = match get("API_KEYS") {
+            Some(s) => KeyStore::parse(&s),
+            None => Err(
+                "the API_KEYS secret is not set (entries from `cargo xtask api-key NAME`)".into(),
+            ),
+        };
+        let rate_limit_per_minute = get("RATE_LIMIT_PER_MINUTE")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(600);
+        Self {
+            keys,
+            gcp: gcp(&get),
+            rate_limit_per_minute,
+        }
+    }
+}
+
+fn gcp(
+    get: &impl Fn(&str) -> Option<String>,
+) -> Result<(GcpConfig, Option<ServiceAccount>), String> {
+    let project = get("GCP_PROJECT").ok_or("GCP_PROJECT is not set")?;
+    let emulator =
+        |var: &str| get(var).map(|h| format!("http://{}", h.trim_start_matches("http://")));
+    let pubsub_emu = emulator("PUBSUB_EMULATOR_HOST");
+    let firestore_emu = emulator("FIRESTORE_EMULATOR_HOST");
+    let account = match get("GCP_SERVICE_ACCOUNT_KEY") {
+        Some(json) => Some(serde_json::from_str::<ServiceAccount>(&json).map_err(|e| {
+            format!("GCP_SERVICE_ACCOUNT_KEY is not a service-account JSON key: {e}")
+        })?),
+        None if pubsub_emu.is_some() && firestore_emu.is_some() => None,
+        None => {
+            return Err(
+                "GCP_SERVICE_ACCOUNT_KEY is not set and no emulator hosts are configured".into(),
+            );
+        }
+    };
+    let deadline_ms = match get("UPSTREAM_DEADLINE_MS") {
+        Some(v) => v
+            .parse()
+            .map_err(|_| format!("UPSTREAM_DEADLINE_MS must be milliseconds, got {v:?}"))?,
+        None => 8_000,
+    };
+    Ok((
+        GcpConfig {
+            project,
+            topic: get("PUBSUB_TOPIC").unwrap_or_else(|| "jobs".into()),
+            database: get("FIRESTORE_DATABASE").unwrap_or_else(|| "(default)".into()),
+            pubsub_emulated: pubsub_emu.is_some(),
+            firestore_emulated: firestore_emu.is_some(),
+            pubsub_base: pubsub_emu.unwrap_or_else(|| "https://pubsub.googleapis.com".into()),
+            firestore_base: firestore_emu
+                .unwrap_or_else(|| "https://firestore.googleapis.com".into()),
+            deadline_ms,
+        },
+        account,
+    ))
+}

@@ -1,0 +1,554 @@
+//! The HTTP core, natively and with no async runtime: validation, auth, routing at the edge,
+//! errors. Upstream calls fail here (no network), which is itself a case: a 503, never a
+//! panic. The paths that reach Pub/Sub and Firestore run against the real emulators in the
+//! `stack` tests and through `wrangler dev`.
+
+use std::cell::Cell;
+use std::pin::pin;
+use std::task::{Context, Poll, Waker};
+
+use edge_core::api::Limits;
+use edge_core::auth::entry;
+use edge_core::{App, Config, HttpRequest, HttpResponse, Platform, Request, Response};
+use serde_json::{Value, json};
+
+const KEY_A: &str = "test-key-alice";
+const KEY_B: &str = "test-key-bob";
+
+/// A platform with a fake clock that advances on `sleep`, and no network.
+struct Offline {
+    now: Cell<u64>,
+    seq: Cell<u8>,
+    logs: std::cell::RefCell<Vec<String>>,
+}
+
+impl Offline {
+    fn new() -> Self {
+        Self {
+            now: Cell::new(1_795_790_154_000),
+            seq: Cell::new(0),
+            logs: Default::default(),
+        }
+    }
+}
+
+impl Platform for Offline {
+    async fn http(&self, _req: HttpRequest) -> Result<HttpResponse, String> {
+        Err("connection refused".into())
+    }
+    fn now_ms(&self) -> u64 {
+        self.now.get()
+    }
+    fn random(&self, buf: &mut [u8]) {
+        for b in buf {
+            self.seq.set(self.seq.get().wrapping_add(37));
+            *b = self.seq.get();
+        }
+    }
+    async fn sleep(&self, ms: u64) {
+        self.now.set(self.now.get() + ms);
+    }
+    async fn sign_rs256(&self, _: &[u8], _: &[u8]) -> Result<Vec<u8>, String> {
+        Err("no signer".into())
+    }
+    async fn rate_limit(&self, _key: &str) -> Option<bool> {
+        None
+    }
+    fn log(&self, line: &str) {
+        self.logs.borrow_mut().push(line.to_owned());
+    }
+}
+
+fn block_on<F: Future>(f: F) -> F::Output {
+    let mut f = pin!(f);
+    let mut cx = Context::from_waker(Waker::noop());
+    loop {
+        if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+    }
+}
+
+fn config(extra: &[(&str, &str)]) -> Config {
+    let keys = format!(
+        "{},{}",
+        entry("alice", KEY_A, b"0123456789ab"),
+        entry("bob", KEY_B, b"ba9876543210")
+    );
+    let mut vars = vec![
+        ("API_KEYS", keys),
+        ("GCP_PROJECT", "test".to_owned()),
+        ("PUBSUB_EMULATOR_HOST", "127.0.0.1:9".to_owned()),
+        ("FIRESTORE_EMULATOR_HOST", "127.0.0.1:9".to_owned()),
+        ("UPSTREAM_DEADLINE_MS", "1000".to_owned()),
+    ];
+    vars.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
+    Config::from_env(move |k| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone()))
+}
+
+fn small_limits() -> Limits {
+    Limits {
+        batch_items: 10,
+        ..Limits::default()
+    }
+}
+
+fn request(method: &str, path: &str, auth: Option<&str>, ct: Option<&str>, body: &[u8]) -> Request {
+    let (path, query) = path.split_once('?').unwrap_or((path, ""));
+    let mut headers = Vec::new();
+    if let Some(a) = auth {
+        headers.push(("authorization".to_owned(), a.to_owned()));
+    }
+    if let Some(c) = ct {
+        headers.push(("content-type".to_owned(), c.to_owned()));
+    }
+    Request {
+        method: method.into(),
+        path: path.into(),
+        query: query.into(),
+        headers,
+        body: body.to_vec(),
+    }
+}
+
+fn post(path: &str, body: &str) -> Request {
+    request(
+        "POST",
+        path,
+        Some(&format!("Bearer {KEY_A}")),
+        Some("application/json"),
+        body.as_bytes(),
+    )
+}
+
+fn serve(app: &App, req: Request) -> Response {
+    block_on(app.handle(&Offline::new(), req))
+}
+
+#[test]
+fn bad_requests_get_their_status_and_code() {
+    let app = App::with_limits(config(&[]), small_limits());
+    let auth = format!("Bearer {KEY_A}");
+    let items = |n: usize| {
+        let items: Vec<Value> = (0..n)
+            .map(|i| json!({"custom_id": format!("c{i}"), "input": "x"}))
+            .collect();
+        json!({"task": "classify", "items": items}).to_string()
+    };
+    let long = "가".repeat(2001);
+    let mut with_key = post("/v1/chat", r#"{"message":"근처 짜장면집 추천해줘"}"#);
+    with_key
+        .headers
+        .push(("idempotency-key".into(), "has space".into()));
+    let cases: Vec<(&str, Request, u16, &str)> = vec![
+        ("bad JSON", post("/v1/chat", "{"), 400, "invalid_json"),
+        ("not an object", post("/v1/chat", "[]"), 400, "invalid_body"),
+        (
+            "wrong type",
+            post("/v1/chat", r#"{"message": 5}"#),
+            400,
+            "invalid_type",
+        ),
+        (
+            "null message",
+            post("/v1/chat", r#"{"message": null}"#),
+            400,
+            "invalid_type",
+        ),
+        (
+            "unknown field",
+            post("/v1/chat", r#"{"message":"hi","extra":1}"#),
+            400,
+            "unknown_field",
+        ),
+        (
+            "missing message",
+            post("/v1/chat", "{}"),
+            400,
+            "missing_field",
+        ),
+        (
+            "empty message",
+            post("/v1/chat", r#"{"message":""}"#),
+            422,
+            "message_empty",
+        ),
+        (
+            "blank message",
+            post("/v1/chat", r#"{"message":"  \n "}"#),
+            422,
+            "message_empty",
+        ),
+        (
+            "2001 chars",
+            post("/v1/chat", &json!({"message": long}).to_string()),
+            422,
+            "message_too_long",
+        ),
+        (
+            "bad locale",
+            post("/v1/chat", r#"{"message":"hi","locale":"fr"}"#),
+            422,
+            "invalid_locale",
+        ),
+        (
+            "locale type",
+            post("/v1/chat", r#"{"message":"hi","locale":3}"#),
+            400,
+            "invalid_type",
+        ),
+        (
+            "wrong method",
+            request("GET", "/v1/chat", Some(&auth), None, b""),
+            405,
+            "method_not_allowed",
+        ),
+        (
+            "wrong method on health",
+            request("PUT", "/healthz", None, None, b""),
+            405,
+            "method_not_allowed",
+        ),
+        (
+            "text/plain",
+            request("POST", "/v1/chat", Some(&auth), Some("text/plain"), b"{}"),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            "no content type",
+            request("POST", "/v1/chat", Some(&auth), None, b"{}"),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            "no auth",
+            request("POST", "/v1/chat", None, Some("application/json"), b"{}"),
+            401,
+            "missing_api_key",
+        ),
+        (
+            "basic auth",
+            request(
+                "POST",
+                "/v1/chat",
+                Some("Basic eDp5"),
+                Some("application/json"),
+                b"{}",
+            ),
+            401,
+            "invalid_authorization",
+        ),
+        (
+            "wrong key",
+            request(
+                "POST",
+                "/v1/chat",
+                Some("Bearer nope"),
+                Some("application/json"),
+                b"{}",
+            ),
+            401,
+            "invalid_api_key",
+        ),
+        (
+            "non-UTF-8",
+            request(
+                "POST",
+                "/v1/chat",
+                Some(&auth),
+                Some("application/json"),
+                b"{\"message\":\"\xff\xfe\"}",
+            ),
+            400,
+            "invalid_utf8",
+        ),
+        (
+            "oversize body",
+            post(
+                "/v1/chat",
+                &format!(r#"{{"message":"{}"}}"#, "a".repeat(17_000)),
+            ),
+            413,
+            "payload_too_large",
+        ),
+        (
+            "unknown job",
+            request("GET", "/v1/jobs/not-a-job", Some(&auth), None, b""),
+            404,
+            "job_not_found",
+        ),
+        (
+            "bad wait",
+            request(
+                "GET",
+                "/v1/jobs/0123456789abcdef0123456789abcdef?wait=26",
+                Some(&auth),
+                None,
+                b"",
+            ),
+            422,
+            "invalid_wait",
+        ),
+        (
+            "wait not a number",
+            request(
+                "GET",
+                "/v1/jobs/0123456789abcdef0123456789abcdef?wait=x",
+                Some(&auth),
+                None,
+                b"",
+            ),
+            422,
+            "invalid_wait",
+        ),
+        (
+            "unknown route",
+            request("GET", "/v2/chat", Some(&auth), None, b""),
+            404,
+            "not_found",
+        ),
+        (
+            "huge batch",
+            post("/v1/batches", &items(11)),
+            413,
+            "too_many_items",
+        ),
+        (
+            "no items",
+            post("/v1/batches", r#"{"task":"classify","items":[]}"#),
+            422,
+            "no_items",
+        ),
+        (
+            "items not array",
+            post("/v1/batches", r#"{"task":"classify","items":{}}"#),
+            400,
+            "invalid_type",
+        ),
+        (
+            "bad task",
+            post(
+                "/v1/batches",
+                r#"{"task":"translate","items":[{"custom_id":"a","input":"x"}]}"#,
+            ),
+            422,
+            "invalid_task",
+        ),
+        (
+            "both sources",
+            post(
+                "/v1/batches",
+                r#"{"task":"classify","items":[],"input_uri":"gs://b/o"}"#,
+            ),
+            422,
+            "items_or_input_uri",
+        ),
+        (
+            "no source",
+            post("/v1/batches", r#"{"task":"classify"}"#),
+            422,
+            "items_or_input_uri",
+        ),
+        (
+            "bad uri",
+            post(
+                "/v1/batches",
+                r#"{"task":"classify","input_uri":"http://example.com/x"}"#,
+            ),
+            422,
+            "invalid_input_uri",
+        ),
+        (
+            "duplicate custom_id",
+            post(
+                "/v1/batches",
+                r#"{"task":"classify","items":[{"custom_id":"a","input":"x"},{"custom_id":"a","input":"y"}]}"#,
+            ),
+            422,
+            "duplicate_custom_id",
+        ),
+        (
+            "empty custom_id",
+            post(
+                "/v1/batches",
+                r#"{"task":"classify","items":[{"custom_id":"","input":"x"}]}"#,
+            ),
+            422,
+            "invalid_custom_id",
+        ),
+        (
+            "item missing input",
+            post(
+                "/v1/batches",
+                r#"{"task":"classify","items":[{"custom_id":"a"}]}"#,
+            ),
+            400,
+            "missing_field",
+        ),
+        (
+            "item unknown field",
+            post(
+                "/v1/batches",
+                r#"{"task":"classify","items":[{"custom_id":"a","input":"x","n":1}]}"#,
+            ),
+            400,
+            "unknown_field",
+        ),
+        (
+            "bad idempotency key",
+            with_key,
+            400,
+            "invalid_idempotency_key",
+        ),
+    ];
+    assert!(cases.len() >= 20);
+    for (name, req, status, code) in cases {
+        let r = serve(&app, req);
+        let body = r.json_body();
+        assert_eq!(
+            (r.status, body["error"]["code"].as_str()),
+            (status, Some(code)),
+            "{name}: {body}"
+        );
+        let message = body["error"]["message"].as_str().unwrap_or("");
+        assert!(message.len() > 10, "{name}: message {message:?}");
+        assert!(
+            r.header("x-request-id").is_some_and(|id| !id.is_empty()),
+            "{name}"
+        );
+        assert!(
+            r.header("content-type")
+                .is_some_and(|c| c.starts_with("application/json")),
+            "{name}"
+        );
+        if status == 405 {
+            assert!(r.header("allow").is_some(), "{name}");
+        }
+    }
+}
+
+#[test]
+fn healthz_reports_the_model_and_needs_no_key() {
+    let app = App::new(config(&[]));
+    let r = serve(&app, request("GET", "/healthz", None, None, b""));
+    assert_eq!(r.status, 200);
+    let body = r.json_body();
+    assert_eq!(body["status"], "ok");
+    assert_eq!(body["model"]["sha256"].as_str().map(str::len), Some(64));
+    assert!(body["model"]["name"].is_string());
+}
+
+#[test]
+fn misconfiguration_is_named_not_hidden() {
+    let app = App::new(Config::from_env(|_| None));
+    let r = serve(&app, request("GET", "/healthz", None, None, b""));
+    assert_eq!(r.status, 503);
+    let text = r.json_body().to_string();
+    assert!(
+        text.contains("API_KEYS") && text.contains("GCP_PROJECT"),
+        "{text}"
+    );
+    let r = serve(&app, post("/v1/chat", r#"{"message":"hi"}"#));
+    assert_eq!(
+        (r.status, r.json_body()["error"]["code"].as_str()),
+        (503, Some("misconfigured"))
+    );
+}
+
+#[test]
+fn trivial_messages_are_answered_at_the_edge_in_their_language() {
+    let app = App::new(config(&[]));
+    for (msg, locale, intent, hangul) in [
+        ("안녕하세요", None, "greeting", true),
+        ("고마워!", None, "thanks", true),
+        ("hello there", None, "greeting", false),
+        ("안녕", Some("en"), "greeting", false),
+    ] {
+        let body = match locale {
+            Some(l) => json!({"message": msg, "locale": l}),
+            None => json!({"message": msg}),
+        };
+        let r = serve(&app, post("/v1/chat", &body.to_string()));
+        let b = r.json_body();
+        assert_eq!(r.status, 200, "{msg}: {b}");
+        assert_eq!(
+            (b["route"].as_str(), b["intent"].as_str()),
+            (Some("edge"), Some(intent)),
+            "{msg}"
+        );
+        let reply = b["reply"].as_str().unwrap_or("");
+        assert_eq!(
+            reply.chars().any(|c| ('가'..='힣').contains(&c)),
+            hangul,
+            "{msg}: {reply}"
+        );
+        assert!(
+            b["confidence"]
+                .as_f64()
+                .is_some_and(|c| c > 0.5 && c <= 1.0)
+        );
+    }
+}
+
+#[test]
+fn a_queued_message_with_the_store_down_is_a_503_not_a_panic() {
+    let app = App::new(config(&[]));
+    let p = Offline::new();
+    let r = block_on(app.handle(
+        &p,
+        post("/v1/chat", r#"{"message":"안녕! 근처 짜장면집 추천해줘"}"#),
+    ));
+    assert_eq!(
+        (r.status, r.json_body()["error"]["code"].as_str()),
+        (503, Some("store_unavailable"))
+    );
+    // Retries stayed inside the deadline (1 s here) on the fake clock.
+    assert!(p.now_ms() - 1_795_790_154_000 <= 1_000);
+    // The log line has the routing decision and never the message text.
+    let logs = p.logs.borrow();
+    let line: Value = serde_json::from_str(&logs[0]).expect("JSON log line");
+    assert_eq!(line["route"], "queue");
+    assert_eq!(line["status"], 503);
+    assert!(!logs[0].contains("짜장면"), "{}", logs[0]);
+}
+
+#[test]
+fn request_ids_are_echoed_when_sane_and_generated_otherwise() {
+    let app = App::new(config(&[]));
+    let mut req = request("GET", "/healthz", None, None, b"");
+    req.headers.push(("x-request-id".into(), "abc-123".into()));
+    assert_eq!(serve(&app, req).header("x-request-id"), Some("abc-123"));
+    let mut req = request("GET", "/healthz", None, None, b"");
+    req.headers.push(("x-request-id".into(), "bad id\n".into()));
+    let id = serve(&app, req)
+        .header("x-request-id")
+        .map(str::to_owned)
+        .unwrap_or_default();
+    assert_eq!(id.len(), 16);
+}
+
+#[test]
+fn the_fallback_rate_limit_is_per_key() {
+    let app = App::new(config(&[("RATE_LIMIT_PER_MINUTE", "3")]));
+    let p = Offline::new();
+    let hi = r#"{"message":"hi"}"#;
+    for _ in 0..3 {
+        assert_eq!(block_on(app.handle(&p, post("/v1/chat", hi))).status, 200);
+    }
+    let r = block_on(app.handle(&p, post("/v1/chat", hi)));
+    assert_eq!(
+        (r.status, r.json_body()["error"]["code"].as_str()),
+        (429, Some("rate_limited"))
+    );
+    let bob = request(
+        "POST",
+        "/v1/chat",
+        Some(&format!("Bearer {KEY_B}")),
+        Some("application/json"),
+        hi.as_bytes(),
+    );
+    assert_eq!(block_on(app.handle(&p, bob)).status, 200);
+    p.now.set(p.now.get() + 60_000);
+    assert_eq!(block_on(app.handle(&p, post("/v1/chat", hi))).status, 200);
+}

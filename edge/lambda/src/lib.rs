@@ -1,0 +1,120 @@
+//! The edge on AWS Lambda: [`handle`] converts a `lambda_http` request, serves it with the
+//! same [`edge_core::App`] as the Worker, and converts the answer back. [`Native`] is the
+//! platform on plain Rust (reqwest, ring, tokio), also used by the emulator tests.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use edge_core::{App, HttpRequest, HttpResponse, Platform};
+use lambda_http::{Body, Request, Response};
+use ring::rand::{SecureRandom, SystemRandom};
+use ring::signature::{RSA_PKCS1_SHA256, RsaKeyPair};
+
+/// The platform on a native host.
+#[derive(Clone, Debug)]
+pub struct Native {
+    client: reqwest::Client,
+    rng: SystemRandom,
+}
+
+impl Default for Native {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Native {
+    pub fn new() -> Self {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap_or_default();
+        Self {
+            client,
+            rng: SystemRandom::new(),
+        }
+    }
+}
+
+impl Platform for Native {
+    async fn http(&self, req: HttpRequest) -> Result<HttpResponse, String> {
+        let method =
+            reqwest::Method::from_bytes(req.method.as_bytes()).map_err(|e| e.to_string())?;
+        let mut b = self.client.request(method, &req.url);
+        for (k, v) in &req.headers {
+            b = b.header(k, v);
+        }
+        if let Some(body) = req.body {
+            b = b.body(body);
+        }
+        let r = b.send().await.map_err(|e| e.to_string())?;
+        let status = r.status().as_u16();
+        let body = r.bytes().await.map_err(|e| e.to_string())?.to_vec();
+        Ok(HttpResponse { status, body })
+    }
+
+    fn now_ms(&self) -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+    }
+
+    fn random(&self, buf: &mut [u8]) {
+        // SystemRandom fails only without an OS entropy source; there is no safe fallback.
+        if self.rng.fill(buf).is_err() {
+            panic!("the OS random number generator is unavailable");
+        }
+    }
+
+    async fn sleep(&self, ms: u64) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+
+    async fn sign_rs256(&self, pkcs8_der: &[u8], msg: &[u8]) -> Result<Vec<u8>, String> {
+        let key =
+            RsaKeyPair::from_pkcs8(pkcs8_der).map_err(|e| format!("service-account key: {e}"))?;
+        let mut sig = vec![0u8; key.public().modulus_len()];
+        key.sign(&RSA_PKCS1_SHA256, &self.rng, msg, &mut sig)
+            .map_err(|e| format!("RS256 signing failed: {e}"))?;
+        Ok(sig)
+    }
+
+    async fn rate_limit(&self, _key: &str) -> Option<bool> {
+        None // Lambda has no rate-limit binding: the core's per-instance limit applies.
+    }
+
+    fn log(&self, line: &str) {
+        println!("{line}");
+    }
+}
+
+/// Serves one Lambda HTTP event. The core's futures are not `Send` (a Worker isolate is
+/// single-threaded), so each request runs on a blocking thread that drives it to completion.
+pub async fn handle(
+    app: Arc<App>,
+    platform: Native,
+    event: Request,
+) -> Result<Response<Body>, lambda_http::Error> {
+    let (parts, body) = event.into_parts();
+    let req = edge_core::Request {
+        method: parts.method.as_str().to_owned(),
+        path: parts.uri.path().to_owned(),
+        query: parts.uri.query().unwrap_or("").to_owned(),
+        headers: parts
+            .headers
+            .iter()
+            .filter_map(|(k, v)| {
+                Some((k.as_str().to_ascii_lowercase(), v.to_str().ok()?.to_owned()))
+            })
+            .collect(),
+        body: body.to_vec(),
+    };
+    let rt = tokio::runtime::Handle::current();
+    let res = tokio::task::spawn_blocking(move || rt.block_on(app.handle(&platform, req))).await?;
+    let mut builder = Response::builder().status(res.status);
+    for (k, v) in &res.headers {
+        builder = builder.header(k, v);
+    }
+    Ok(builder.body(Body::Text(String::from_utf8_lossy(&res.body).into_owned()))?)
+}

@@ -1,0 +1,122 @@
+//! The Lambda adapter with real `lambda_http` request values (API Gateway HTTP API / Function
+//! URL payload v2), parsed by `lambda_http` itself.
+
+use std::sync::Arc;
+
+use edge_core::auth::entry;
+use edge_core::{App, Config};
+use edge_lambda::{Native, handle};
+use serde_json::{Value, json};
+
+fn app() -> Arc<App> {
+    let keys = entry("alice", "lambda-key", b"0123456789ab");
+    let vars = [
+        ("API_KEYS", keys),
+        ("GCP_PROJECT", "test".to_owned()),
+        ("PUBSUB_EMULATOR_HOST", "127.0.0.1:9".to_owned()),
+        ("FIRESTORE_EMULATOR_HOST", "127.0.0.1:9".to_owned()),
+        ("UPSTREAM_DEADLINE_MS", "300".to_owned()),
+    ];
+    Arc::new(App::new(Config::from_env(|k| {
+        vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone())
+    })))
+}
+
+fn event(
+    method: &str,
+    path: &str,
+    query: &str,
+    headers: Value,
+    body: Option<&str>,
+) -> lambda_http::Request {
+    let ev = json!({
+        "version": "2.0",
+        "routeKey": "$default",
+        "rawPath": path,
+        "rawQueryString": query,
+        "headers": headers,
+        "requestContext": {
+            "accountId": "123456789012", "apiId": "api", "domainName": "x.lambda-url.ap-northeast-2.on.aws",
+            "domainPrefix": "x", "requestId": "r1", "routeKey": "$default", "stage": "$default",
+            "time": "27/Nov/2026:14:00:00 +0000", "timeEpoch": 1795790154000u64,
+            "http": {"method": method, "path": path, "protocol": "HTTP/1.1", "sourceIp": "127.0.0.1", "userAgent": "test"}
+        },
+        "body": body,
+        "isBase64Encoded": false
+    });
+    lambda_http::request::from_str(&ev.to_string()).expect("a valid API Gateway v2 event")
+}
+
+async fn call(ev: lambda_http::Request) -> (u16, Value, lambda_http::http::HeaderMap) {
+    let r = handle(app(), Native::new(), ev)
+        .await
+        .expect("handler answers");
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    let body: Value = match r.body() {
+        lambda_http::Body::Text(t) => serde_json::from_str(t).unwrap_or(Value::Null),
+        _ => Value::Null,
+    };
+    (status, body, headers)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn greeting_is_answered_at_the_edge() {
+    let headers = json!({"authorization": "Bearer lambda-key", "content-type": "application/json"});
+    let (status, body, h) = call(event(
+        "POST",
+        "/v1/chat",
+        "",
+        headers,
+        Some(r#"{"message":"안녕하세요"}"#),
+    ))
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["route"], "edge");
+    assert_eq!(body["intent"], "greeting");
+    assert!(h.get("x-request-id").is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_and_queries_pass_through() {
+    let (status, body, _) = call(event("GET", "/healthz", "", json!({}), None)).await;
+    assert_eq!((status, body["status"].as_str()), (200, Some("ok")));
+    let (status, body, _) = call(event(
+        "POST",
+        "/v1/chat",
+        "",
+        json!({"content-type": "application/json"}),
+        Some("{}"),
+    ))
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (401, Some("missing_api_key"))
+    );
+    let auth = json!({"authorization": "Bearer lambda-key"});
+    let (status, body, _) = call(event(
+        "GET",
+        "/v1/jobs/0123456789abcdef0123456789abcdef",
+        "wait=99",
+        auth.clone(),
+        None,
+    ))
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (422, Some("invalid_wait"))
+    );
+    // Firestore unreachable: a 503 from the system, not a 500 or a panic.
+    let (status, body, _) = call(event(
+        "GET",
+        "/v1/jobs/0123456789abcdef0123456789abcdef",
+        "",
+        auth,
+        None,
+    ))
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (503, Some("store_unavailable"))
+    );
+}

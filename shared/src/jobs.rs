@@ -1,0 +1,205 @@
+//! Jobs: the Firestore job record and the Pub/Sub job message, shared by edge and worker.
+//!
+//! The edge creates the record (`queued`) before it publishes the message; the worker moves
+//! it to `running` and to a final status. The record holds no raw user text: the edge masks
+//! personal data before anything leaves it.
+
+use serde::{Deserialize, Serialize};
+
+use crate::wire::{InputItem, Task};
+
+/// Firestore collection of job records.
+pub const JOBS_COLLECTION: &str = "jobs";
+/// Firestore collection of `Idempotency-Key` records.
+pub const IDEMPOTENCY_COLLECTION: &str = "idempotency";
+/// Record fields stored as Firestore timestamps (`expire_at` carries the TTL policy).
+pub const TIMESTAMP_FIELDS: &[&str] = &["expire_at"];
+/// How long an `Idempotency-Key` is honoured.
+pub const IDEMPOTENCY_TTL_MS: u64 = 24 * 3600 * 1000;
+/// How long a finished job record is kept (Firestore TTL on `expire_at`).
+pub const JOB_TTL_MS: u64 = 7 * 24 * 3600 * 1000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobKind {
+    Chat,
+    Batch,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobStatus {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobStatus {
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    pub total: u64,
+    pub done: u64,
+    pub failed: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobError {
+    pub code: String,
+    pub message: String,
+}
+
+/// A queued chat message (already masked).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatRequest {
+    pub message: String,
+    pub locale: String,
+}
+
+/// The job record (`jobs/{job_id}`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub job_id: String,
+    /// The API key name that created the job; no other key sees it.
+    pub owner: String,
+    pub kind: JobKind,
+    pub task: Task,
+    pub status: JobStatus,
+    pub counts: Counts,
+    /// Number of shard messages published (0: the worker shards `input_uri` itself).
+    pub shards: u32,
+    pub created_at: String,
+    pub updated_at: String,
+    #[serde(default)]
+    pub cancel_requested: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat: Option<ChatRequest>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_uri: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_uri: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<JobError>,
+    /// When Firestore's TTL policy may delete the record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expire_at: Option<String>,
+}
+
+/// What `GET /v1/jobs/{id}` shows: the record minus its internals.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobView {
+    pub job_id: String,
+    pub kind: JobKind,
+    pub task: Task,
+    pub status: JobStatus,
+    pub counts: Counts,
+    pub created_at: String,
+    pub updated_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_uri: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<JobError>,
+}
+
+impl From<&JobRecord> for JobView {
+    fn from(r: &JobRecord) -> Self {
+        Self {
+            job_id: r.job_id.clone(),
+            kind: r.kind,
+            task: r.task,
+            status: r.status,
+            counts: r.counts,
+            created_at: r.created_at.clone(),
+            updated_at: r.updated_at.clone(),
+            result: r.result.clone(),
+            output_uri: r.output_uri.clone(),
+            error: r.error.clone(),
+        }
+    }
+}
+
+/// The Pub/Sub message for one shard of a job (JSON in the message `data`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobMessage {
+    pub job_id: String,
+    pub kind: JobKind,
+    pub task: Task,
+    /// This shard's index, `0..shards`.
+    pub shard: u32,
+    pub shards: u32,
+    /// Inline items of this shard (masked).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub items: Vec<InputItem>,
+    /// A bulk input file the worker reads and shards itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_uri: Option<String>,
+    /// A queued chat message (masked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat: Option<ChatRequest>,
+}
+
+/// A stored `Idempotency-Key` answer (`idempotency/{sha256(owner, route, key)}`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdempotencyRecord {
+    pub owner: String,
+    /// `pending` while the first request runs, then `done`.
+    pub state: String,
+    pub status: u16,
+    /// The first answer's JSON body.
+    pub body: String,
+    pub created_at: String,
+    pub expire_at: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::firestore;
+
+    #[test]
+    fn job_record_round_trips_through_firestore() {
+        let rec = JobRecord {
+            job_id: "j1".into(),
+            owner: "team".into(),
+            kind: JobKind::Chat,
+            task: Task::Generate,
+            status: JobStatus::Queued,
+            counts: Counts {
+                total: 1,
+                done: 0,
+                failed: 0,
+            },
+            shards: 1,
+            created_at: "2026-11-27T00:00:00.000Z".into(),
+            updated_at: "2026-11-27T00:00:00.000Z".into(),
+            cancel_requested: false,
+            chat: Some(ChatRequest {
+                message: "짜장면 추천".into(),
+                locale: "ko".into(),
+            }),
+            input_uri: None,
+            result: Some(serde_json::json!({"reply": "..."})),
+            output_uri: None,
+            error: None,
+            expire_at: Some("2026-12-04T00:00:00.000Z".into()),
+        };
+        let doc = firestore::to_document(&rec, TIMESTAMP_FIELDS).expect("maps");
+        assert!(doc["fields"]["expire_at"]["timestampValue"].is_string());
+        let back: JobRecord = firestore::from_document(&doc).expect("reads");
+        assert_eq!(back, rec);
+        let view = serde_json::to_value(JobView::from(&back)).expect("view");
+        assert!(view.get("owner").is_none() && view.get("chat").is_none());
+        assert_eq!(view["status"], "queued");
+    }
+}
