@@ -249,6 +249,31 @@ impl Firestore {
         }
     }
 
+    /// Every document of `collection` (REST `Document`s), following pages.
+    pub async fn list(&self, collection: &str) -> anyhow::Result<Vec<Value>> {
+        let mut docs = Vec::new();
+        let mut page = String::new();
+        loop {
+            let url = format!("{}/{collection}?pageSize=300&pageToken={page}", self.base);
+            let resp = self
+                .http
+                .get(url)
+                .header("Authorization", "Bearer owner")
+                .send()
+                .await?;
+            let status = resp.status();
+            let v: Value = resp.json().await?;
+            if !status.is_success() {
+                bail!("Firestore list answered {status}: {v}");
+            }
+            docs.extend(v["documents"].as_array().into_iter().flatten().cloned());
+            match v["nextPageToken"].as_str() {
+                Some(t) if !t.is_empty() => page = t.to_owned(),
+                _ => return Ok(docs),
+            }
+        }
+    }
+
     /// Creates `collection/id` with typed `fields`; fails softly if it exists.
     pub async fn create(&self, collection: &str, id: &str, fields: Value) -> anyhow::Result<Write> {
         let url = format!("{}/{collection}?documentId={id}", self.base);

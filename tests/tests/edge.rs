@@ -1,0 +1,310 @@
+//! End to end: the built Worker in real `wrangler dev`, against the real emulators.
+//!
+//! One stack for the whole file (starting it takes tens of seconds); the steps run in order
+//! and the Pub/Sub outage comes last.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use edge_core::auth::entry;
+use serde_json::{Value, json};
+use stack::emulators::Emulators;
+use stack::gcp::{Firestore, PubSub, Received, Topology};
+use stack::wrangler::{EdgeConfig, Wrangler};
+
+const KEY_A: &str = "cs_e2e_key_alice";
+const KEY_B: &str = "cs_e2e_key_bob";
+
+struct Client {
+    http: reqwest::Client,
+    url: String,
+}
+
+impl Client {
+    async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        key: &str,
+        body: Option<Value>,
+        idem: Option<&str>,
+    ) -> (u16, Value, reqwest::header::HeaderMap) {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+        let mut r = self
+            .http
+            .request(m, format!("{}{path}", self.url))
+            .bearer_auth(key);
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        if let Some(k) = idem {
+            r = r.header("idempotency-key", k);
+        }
+        let resp = r.send().await.expect("wrangler answers");
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp.json().await.unwrap_or(Value::Null);
+        (status, body, headers)
+    }
+}
+
+async fn pull_n(ps: &PubSub, t: &Topology, n: usize) -> Vec<Received> {
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while got.len() < n && Instant::now() < deadline {
+        let batch = ps
+            .pull(&t.project, &t.subscription, 100)
+            .await
+            .expect("pull");
+        if !batch.is_empty() {
+            let ids: Vec<String> = batch.iter().map(|m| m.ack_id.clone()).collect();
+            ps.ack(&t.project, &t.subscription, &ids)
+                .await
+                .expect("ack");
+        }
+        got.extend(batch);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    got
+}
+
+fn message(r: &Received) -> Value {
+    serde_json::from_slice(&r.data).expect("JSON message data")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_in_wrangler_dev_serves_the_contract_against_the_emulators() {
+    let dir =
+        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(stack::unique_name("edge-e2e"));
+    let mut emu = Emulators::start(&dir.join("logs"))
+        .await
+        .expect("emulators start");
+    let t = Topology::unique("edge-e2e");
+    let ps = PubSub::new(&emu.pubsub_host);
+    ps.create_topology(&t, 60, 5).await.expect("topology");
+    let keys = format!(
+        "{},{}",
+        entry("alice", KEY_A, b"e2e-salt-a"),
+        entry("bob", KEY_B, b"e2e-salt-b")
+    );
+    let cfg = EdgeConfig {
+        project: t.project.clone(),
+        topic: t.topic.clone(),
+        pubsub_host: emu.pubsub_host.clone(),
+        firestore_host: emu.firestore_host.clone(),
+        api_keys: keys,
+        vars: vec![("UPSTREAM_DEADLINE_MS".into(), "2000".into())],
+        rate_limit: 10_000,
+    };
+    let wr = Wrangler::start(&dir.join("wrangler"), &cfg, 0)
+        .await
+        .expect("wrangler dev starts");
+    let c = Client {
+        http: reqwest::Client::new(),
+        url: wr.url.clone(),
+    };
+    let fs = Firestore::new(&emu.firestore_host, &t.project);
+
+    // Health, no key.
+    let r = c
+        .http
+        .get(format!("{}/healthz", c.url))
+        .send()
+        .await
+        .expect("healthz");
+    assert_eq!(r.status().as_u16(), 200);
+    assert!(r.headers().get("x-request-id").is_some());
+    let h: Value = r.json().await.expect("json");
+    assert_eq!(h["model"]["sha256"].as_str().map(str::len), Some(64), "{h}");
+
+    // A greeting is answered at the edge.
+    let (s, b, h) = c
+        .send(
+            "POST",
+            "/v1/chat",
+            KEY_A,
+            Some(json!({"message": "안녕하세요!"})),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (s, b["route"].as_str(), b["intent"].as_str()),
+        (200, Some("edge"), Some("greeting")),
+        "{b}"
+    );
+    assert!(h.get("x-request-id").is_some());
+
+    // A food request is queued: 202, Location, and a message with the job id (masked text).
+    let food = json!({"message": "안녕! 근처 짜장면집 추천해줘. 내 번호는 010-1234-5678"});
+    let (s, b, h) = c
+        .send(
+            "POST",
+            "/v1/chat",
+            KEY_A,
+            Some(food.clone()),
+            Some("idem-1"),
+        )
+        .await;
+    assert_eq!((s, b["route"].as_str()), (202, Some("queue")), "{b}");
+    let job = b["job_id"].as_str().expect("job id").to_owned();
+    assert_eq!(
+        h.get("location").and_then(|v| v.to_str().ok()),
+        Some(format!("/v1/jobs/{job}").as_str())
+    );
+    let msgs = pull_n(&ps, &t, 1).await;
+    assert_eq!(msgs.len(), 1);
+    let m = message(&msgs[0]);
+    assert_eq!(m["job_id"], job.as_str());
+    assert_eq!(msgs[0].attributes["job_id"], job.as_str());
+    let text = m["chat"]["message"].as_str().unwrap_or("");
+    assert!(text.contains("[phone]") && !text.contains("5678"), "{text}");
+
+    // Idempotent replay: the same answer, nothing new enqueued.
+    let (s, b2, h) = c
+        .send(
+            "POST",
+            "/v1/chat",
+            KEY_A,
+            Some(food.clone()),
+            Some("idem-1"),
+        )
+        .await;
+    assert_eq!(
+        (s, b2["job_id"].as_str()),
+        (202, Some(job.as_str())),
+        "{b2}"
+    );
+    assert_eq!(
+        h.get("idempotent-replayed").and_then(|v| v.to_str().ok()),
+        Some("true")
+    );
+    // The same key from another API key is a different request.
+    let (s, b3, _) = c
+        .send("POST", "/v1/chat", KEY_B, Some(food), Some("idem-1"))
+        .await;
+    assert_eq!(s, 202);
+    assert_ne!(b3["job_id"], b["job_id"]);
+    let msgs = pull_n(&ps, &t, 2).await;
+    assert_eq!(msgs.len(), 1, "a replay must not publish");
+    assert_eq!(message(&msgs[0])["job_id"], b3["job_id"]);
+
+    // GET returns the job to its owner, 404 to anyone else; wait=N long-polls.
+    let (s, v, _) = c
+        .send("GET", &format!("/v1/jobs/{job}"), KEY_A, None, None)
+        .await;
+    assert_eq!(
+        (s, v["status"].as_str(), v["kind"].as_str()),
+        (200, Some("queued"), Some("chat")),
+        "{v}"
+    );
+    assert_eq!(v["counts"], json!({"total": 1, "done": 0, "failed": 0}));
+    assert!(v.get("owner").is_none());
+    let (s, v, _) = c
+        .send("GET", &format!("/v1/jobs/{job}"), KEY_B, None, None)
+        .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (404, Some("job_not_found"))
+    );
+    let started = Instant::now();
+    let (s, _, _) = c
+        .send("GET", &format!("/v1/jobs/{job}?wait=2"), KEY_A, None, None)
+        .await;
+    assert_eq!(s, 200);
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // A batch of 2,500 items becomes 3 shard messages (1,000 items each at most).
+    let items: Vec<Value> = (0..2500)
+        .map(|i| json!({"custom_id": format!("i{i}"), "input": format!("메시지 {i} a@b.com")}))
+        .collect();
+    let (s, b, _) = c
+        .send(
+            "POST",
+            "/v1/batches",
+            KEY_A,
+            Some(json!({"task": "classify", "items": items})),
+            None,
+        )
+        .await;
+    assert_eq!((s, b["counts"]["total"].as_u64()), (202, Some(2500)), "{b}");
+    let batch = b["job_id"].as_str().expect("batch id").to_owned();
+    let msgs = pull_n(&ps, &t, 3).await;
+    assert_eq!(msgs.len(), 3);
+    let mut ids = HashSet::new();
+    for m in &msgs {
+        let v = message(m);
+        assert_eq!(
+            (v["job_id"].as_str(), v["shards"].as_u64()),
+            (Some(batch.as_str()), Some(3))
+        );
+        for it in v["items"].as_array().expect("items") {
+            assert!(
+                it["input"].as_str().is_some_and(|s| s.ends_with("[email]")),
+                "{it}"
+            );
+            ids.insert(it["custom_id"].as_str().unwrap_or_default().to_owned());
+        }
+    }
+    assert_eq!(ids.len(), 2500);
+
+    // DELETE asks for cancellation.
+    let (s, v, _) = c
+        .send("DELETE", &format!("/v1/jobs/{batch}"), KEY_A, None, None)
+        .await;
+    assert_eq!(
+        (s, v["cancel_requested"].as_bool()),
+        (202, Some(true)),
+        "{v}"
+    );
+    let (s, _, _) = c
+        .send("DELETE", &format!("/v1/jobs/{batch}"), KEY_B, None, None)
+        .await;
+    assert_eq!(s, 404);
+
+    // Pub/Sub outage: 503, and no job record is left `queued` without a message.
+    emu.pubsub.stop(Duration::from_secs(2));
+    let (s, v, _) = c
+        .send(
+            "POST",
+            "/v1/chat",
+            KEY_A,
+            Some(json!({"message": "떡볶이 맛집 알려줘"})),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (503, Some("queue_unavailable")),
+        "{v}"
+    );
+    let (s, v, _) = c
+        .send(
+            "POST",
+            "/v1/batches",
+            KEY_A,
+            Some(json!({"task": "classify", "items": [{"custom_id": "x", "input": "y"}]})),
+            None,
+        )
+        .await;
+    assert_eq!(s, 503, "{v}");
+    let accepted: HashSet<String> = [
+        job,
+        b3["job_id"].as_str().unwrap_or_default().to_owned(),
+        batch,
+    ]
+    .into();
+    let docs = fs.list("jobs").await.expect("list jobs");
+    for d in &docs {
+        let f = &d["fields"];
+        let id = f["job_id"]["stringValue"].as_str().unwrap_or_default();
+        if f["status"]["stringValue"] == "queued" {
+            assert!(accepted.contains(id), "orphaned queued job {id}");
+        }
+    }
+    assert_eq!(docs.len(), 3, "records: {docs:?}");
+    drop(wr);
+}
