@@ -55,8 +55,12 @@ pub struct ModelMeta {
     pub featurizer: FeaturizerConfig,
     /// Minimum probability per trivial intent for the edge to answer.
     pub thresholds: BTreeMap<String, f32>,
-    /// sha256 of `model.onnx`, hex.
+    /// sha256 of `model.onnx`, hex: the model's identity (reported on `/healthz`).
     pub onnx_sha256: String,
+    /// sha256 of `model.nnef.tar`, the same network in tract's NNEF form, which the edge
+    /// embeds (it keeps the ONNX parser out of the Worker).
+    #[serde(default)]
+    pub nnef_sha256: String,
     /// ONNX input and output tensor names.
     pub input: String,
     pub output: String,
@@ -226,6 +230,7 @@ mod tests {
             featurizer: FeaturizerConfig::default(),
             thresholds: [("greeting".to_owned(), 0.9), ("thanks".to_owned(), 0.8)].into(),
             onnx_sha256: String::new(),
+            nnef_sha256: String::new(),
             input: "features".into(),
             output: "probs".into(),
             metrics: BTreeMap::new(),

@@ -3,6 +3,7 @@
 //! Everything here is platform-free: no I/O, no clocks, no randomness. It compiles for
 //! `wasm32-unknown-unknown` and for the host.
 
+pub mod apikey;
 pub mod b64;
 pub mod features;
 pub mod firestore;

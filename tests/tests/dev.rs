@@ -25,7 +25,7 @@ fn dev_stops_cleanly_on(signal: i32) {
         panic!("target/release/xtask is missing: run the tests through `cargo xtask test`");
     };
     let mut child = Command::new(bin)
-        .arg("dev")
+        .args(["dev", "--port", "0"])
         .env("DEV_API_KEY", "test-key-123")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -42,6 +42,7 @@ fn dev_stops_cleanly_on(signal: i32) {
     });
     let mut groups = Vec::new();
     let mut key = None;
+    let mut url = None;
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let line = rx
@@ -55,6 +56,9 @@ fn dev_stops_cleanly_on(signal: i32) {
                     .expect("pid"),
             );
         }
+        if let Some(u) = line.strip_prefix("URL=") {
+            url = Some(u.to_owned());
+        }
         if let Some(k) = line.strip_prefix("DEV_API_KEY=") {
             key = Some(k.to_owned());
         }
@@ -67,8 +71,26 @@ fn dev_stops_cleanly_on(signal: i32) {
         Some("test-key-123"),
         "the development API key comes from DEV_API_KEY"
     );
-    assert_eq!(groups.len(), 2, "both emulators report their process group");
+    assert_eq!(
+        groups.len(),
+        3,
+        "both emulators and wrangler report their process group"
+    );
     assert!(groups.iter().all(|&g| alive(g)));
+    // The Worker answers with the development key.
+    let url = url.expect("xtask dev prints URL=");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let (status, body) = rt.block_on(async {
+        let r = reqwest::Client::new()
+            .post(format!("{url}/v1/chat"))
+            .bearer_auth("test-key-123")
+            .json(&serde_json::json!({"message": "hello"}))
+            .send()
+            .await
+            .expect("wrangler dev answers");
+        (r.status().as_u16(), r.text().await.unwrap_or_default())
+    });
+    assert_eq!(status, 200, "{body}");
 
     // SAFETY: signalling the child we spawned.
     unsafe { libc::kill(child.id() as i32, signal) };

@@ -3,6 +3,7 @@
 use anyhow::Context;
 use stack::emulators::Emulators;
 use stack::gcp::{PubSub, Topology};
+use stack::wrangler::{EdgeConfig, Wrangler};
 
 use crate::{root, setup};
 
@@ -11,12 +12,16 @@ pub struct Args {
     /// Google Cloud project id used with the emulators
     #[arg(long, env = "GOOGLE_CLOUD_PROJECT", default_value = "cheap-serve-dev")]
     pub project: String,
+    /// Port of `wrangler dev` on 127.0.0.1
+    #[arg(long, default_value_t = 8787)]
+    pub port: u16,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     // Fail on a missing prerequisite before spending minutes on installs.
     stack::prereq::emulator_tools(&stack::prereq::Env::from_process())?;
     setup::all()?;
+    setup::build_edge()?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(serve(args))
 }
@@ -45,6 +50,25 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         );
     }
     let api_key = dev_api_key();
+    let salt = crate::random_bytes(16)?;
+    let cfg = EdgeConfig {
+        project: args.project.clone(),
+        topic: topology.topic.clone(),
+        pubsub_host: emulators.pubsub_host.clone(),
+        firestore_host: emulators.firestore_host.clone(),
+        api_keys: shared::apikey::entry("dev", &api_key, &salt),
+        vars: Vec::new(),
+        rate_limit: 600,
+    };
+    eprintln!("starting wrangler dev on 127.0.0.1:{}", args.port);
+    let wrangler = Wrangler::start(&root().join(".dev/wrangler"), &cfg, args.port).await?;
+    println!(
+        "{} pid={} log={}",
+        wrangler.group.name(),
+        wrangler.group.pid(),
+        wrangler.group.log_path().display()
+    );
+    println!("URL={}", wrangler.url);
     println!("PUBSUB_EMULATOR_HOST={}", emulators.pubsub_host);
     println!("FIRESTORE_EMULATOR_HOST={}", emulators.firestore_host);
     println!(
@@ -56,6 +80,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
 
     stop.recv().await;
     eprintln!("stopping");
+    drop(wrangler);
     emulators.stop();
     Ok(())
 }

@@ -64,7 +64,7 @@ fn api_key(name: &str) -> anyhow::Result<()> {
     let key = format!("cs_{}", hex::encode(random_bytes(24)?));
     let salt = random_bytes(16)?;
     println!("key:   {key}");
-    println!("entry: {}", edge_core::auth::entry(name, &key, &salt));
+    println!("entry: {}", shared::apikey::entry(name, &key, &salt));
     eprintln!("add the entry to the API_KEYS secret (comma-separated); keep the key itself secret");
     Ok(())
 }

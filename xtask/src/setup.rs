@@ -100,6 +100,36 @@ pub fn build_edge() -> anyhow::Result<()> {
     node_tools()?;
     rust_tools()?;
     wasm_target()?;
+    // worker-build always re-runs wasm-bindgen and wasm-opt (a minute or more); skip it when
+    // the compiled Worker is the one edge/build/ was made from.
+    let mut c = crate::cargo();
+    c.args([
+        "build",
+        "--quiet",
+        "-p",
+        "edge",
+        "--lib",
+        "--target",
+        "wasm32-unknown-unknown",
+        "--profile",
+        "wasm-release",
+    ]);
+    run_cmd(c)?;
+    let wasm = root().join("target/wasm32-unknown-unknown/wasm-release/edge.wasm");
+    let stamp = root().join("edge/build/.source-sha256");
+    let digest = |p: &std::path::Path| -> anyhow::Result<String> {
+        use sha2::Digest;
+        Ok(hex::encode(sha2::Sha256::digest(
+            std::fs::read(p).with_context(|| format!("reading {}", p.display()))?,
+        )))
+    };
+    let source = digest(&wasm)?;
+    if root().join("edge/build/index.js").is_file()
+        && std::fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == source)
+    {
+        eprintln!("edge/build is up to date");
+        return Ok(());
+    }
     let mut c = Command::new(cargo_bin("worker-build"));
     c.args(["--profile", "wasm-release"])
         .env("WASM_BINDGEN_BIN", cargo_bin("wasm-bindgen"))
@@ -115,6 +145,7 @@ pub fn build_edge() -> anyhow::Result<()> {
     if !status.success() {
         bail!("worker-build failed with {status}");
     }
+    std::fs::write(&stamp, source)?;
     Ok(())
 }
 

@@ -32,20 +32,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     c.arg("--version");
     eprintln!("wrangler {}", crate::output(c)?.trim());
 
-    // The shared crate and the Worker must build for the edge's target.
-    let mut c = cargo();
-    c.args([
-        "build",
-        "-p",
-        "shared",
-        "-p",
-        "edge",
-        "--target",
-        "wasm32-unknown-unknown",
-        "--profile",
-        "wasm-release",
-    ]);
-    run_cmd(c)?;
+    // The Worker, built exactly as `wrangler deploy` builds it; the end-to-end tests run it.
+    setup::build_edge()?;
 
     // The committed model is what the committed data trains, byte for byte.
     crate::train::run(crate::train::Args::check())?;

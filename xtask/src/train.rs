@@ -111,12 +111,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let thresholds = calibrate(&mlp, &dev);
     let onnx = export_onnx(&mlp, featurizer.config())?;
     let sha = hex::encode(Sha256::digest(&onnx));
+    let nnef = onnx_to_nnef(&onnx, featurizer.dim())?;
     let mut meta = ModelMeta {
         name: "intent-mlp".into(),
         labels: LABELS.map(String::from).to_vec(),
         featurizer: featurizer.config(),
         thresholds,
         onnx_sha256: sha,
+        nnef_sha256: hex::encode(Sha256::digest(&nnef)),
         input: "features".into(),
         output: "probs".into(),
         metrics: BTreeMap::new(),
@@ -139,8 +141,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     let onnx_path = out.join("model.onnx");
     let json_path = out.join("model.json");
+    let nnef_path = out.join("model.nnef.tar");
     if args.check {
         let same = std::fs::read(&onnx_path).is_ok_and(|b| b == onnx)
+            && std::fs::read(&nnef_path).is_ok_and(|b| b == nnef)
             && std::fs::read_to_string(&json_path).is_ok_and(|s| s == json);
         if !same {
             bail!(
@@ -155,7 +159,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&out)?;
     std::fs::write(&onnx_path, &onnx)?;
+    std::fs::write(&nnef_path, &nnef)?;
     std::fs::write(&json_path, json)?;
+    eprintln!("wrote {} ({} bytes)", nnef_path.display(), nnef.len());
     eprintln!(
         "wrote {} ({} bytes, sha256 {})",
         onnx_path.display(),
@@ -164,6 +170,24 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     );
     eprintln!("wrote {}", json_path.display());
     Ok(())
+}
+
+/// The ONNX model as tract sees it after decluttering, written as a deterministic NNEF tar.
+fn onnx_to_nnef(onnx_bytes: &[u8], dim: usize) -> anyhow::Result<Vec<u8>> {
+    use tract_onnx::prelude::*;
+    let typed = tract_onnx::onnx()
+        .model_for_read(&mut std::io::Cursor::new(onnx_bytes))?
+        .with_input_fact(0, f32::fact([1, dim]).into())?
+        .into_typed()?
+        .into_decluttered()?;
+    // Plain NNEF only (no `tract_core` extension): the edge loads it with the standard
+    // registry alone, which keeps tract's other operators (FFT, …) out of the Worker.
+    let mut typed = typed;
+    typed.properties.clear();
+    let bytes = tract_nnef::nnef()
+        .without_tract_core()
+        .write_to_tar_with_config(&typed, Vec::new(), false, true)?;
+    Ok(bytes)
 }
 
 fn round4(x: f64) -> f64 {

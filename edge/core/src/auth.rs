@@ -4,7 +4,8 @@
 //! whitespace, where `hash = sha256(salt ‖ key)`. `name` is who owns the jobs a key creates.
 //! `cargo xtask api-key NAME` prints a fresh key and its entry.
 
-use sha2::{Digest, Sha256};
+use shared::apikey::digest;
+pub use shared::apikey::entry;
 
 use crate::http::ApiError;
 
@@ -92,22 +93,6 @@ impl KeyStore {
         self.owner(key)
             .ok_or_else(|| ApiError::new(401, "invalid_api_key", "the API key is not valid"))
     }
-}
-
-/// One `API_KEYS` entry for `key` under `name` with `salt`.
-pub fn entry(name: &str, key: &str, salt: &[u8]) -> String {
-    format!(
-        "{name}:{}:{}",
-        hex::encode(salt),
-        hex::encode(digest(salt, key))
-    )
-}
-
-fn digest(salt: &[u8], key: &str) -> [u8; 32] {
-    let mut h = Sha256::new();
-    h.update(salt);
-    h.update(key.as_bytes());
-    h.finalize().into()
 }
 
 /// Constant-time equality of two digests.

@@ -1,16 +1,19 @@
 //! The intent model: featurize → tract → routing policy.
 //!
 //! The model and its metadata are embedded in the binary (`include_bytes!`), so the edge, the
-//! `route` CLI and the worker's parity test all run exactly the committed model.
+//! `route` CLI and the worker's parity test all run exactly the committed model. The edge
+//! embeds the NNEF form (`model.nnef.tar`, written from `model.onnx` by
+//! `cargo xtask train-intent`), so tract's ONNX parser stays out of the Worker; the worker's
+//! parity test checks it against ONNX Runtime on `model.onnx`.
 
 use std::sync::{Arc, OnceLock};
 
 use sha2::{Digest, Sha256};
 use shared::intent::{Decision, MetaError, Policy};
-use tract_onnx::prelude::*;
+use tract_nnef::prelude::*;
 
-/// `models/intent/model.onnx`, embedded.
-pub static MODEL_ONNX: &[u8] = include_bytes!("../../../models/intent/model.onnx");
+/// `models/intent/model.nnef.tar`, embedded.
+pub static MODEL_NNEF: &[u8] = include_bytes!("../../../models/intent/model.nnef.tar");
 /// `models/intent/model.json`, embedded.
 pub static MODEL_JSON: &str = include_str!("../../../models/intent/model.json");
 
@@ -20,14 +23,65 @@ pub enum LoadError {
     #[error(transparent)]
     Meta(#[from] MetaError),
     #[error(
-        "model.onnx has sha256 {actual} but model.json expects {expected}; retrain with `cargo xtask train-intent`"
+        "model.nnef.tar has sha256 {actual} but model.json expects {expected}; retrain with `cargo xtask train-intent`"
     )]
     Checksum { expected: String, actual: String },
-    #[error("model.onnx cannot be loaded by tract: {0}")]
+    #[error("model.nnef.tar cannot be loaded by tract: {0}")]
     Tract(String),
 }
 
 type Plan = Arc<TypedRunnableModel>;
+
+/// NNEF with the standard operators only. `tract_nnef::nnef()` would also register every
+/// `tract_core` operator (FFT, STFT, …), and their code would then ship in the Worker.
+fn standard_nnef() -> tract_nnef::framework::Nnef {
+    use tract_nnef::internal::{DatLoader, GraphNnefLoader, ResourceLoader};
+    tract_nnef::framework::Nnef {
+        stdlib: tract_nnef::framework::stdlib(),
+        registries: vec![tract_nnef::ops::tract_nnef()],
+        resource_loaders: vec![GraphNnefLoader.into_boxed(), DatLoader.into_boxed()],
+        allow_extended_identifier_syntax: false,
+        extern_all_constants: false,
+    }
+}
+
+/// Reads the NNEF tar (`graph.nnef` plus `.dat` tensors) without `Framework::model_for_read`,
+/// whose sub-model support instantiates the full registry.
+fn proto_model(tar_bytes: &[u8]) -> TractResult<tract_nnef::ast::ProtoModel> {
+    use std::io::Read;
+    use tract_nnef::ast::{Identifier, ProtoModel};
+    let mut doc = None;
+    let mut tensors = std::collections::HashMap::new();
+    let mut archive = tar::Archive::new(std::io::Cursor::new(tar_bytes));
+    for entry in archive.entries()? {
+        let mut entry = entry?;
+        let path = entry
+            .path()?
+            .to_string_lossy()
+            .trim_start_matches("./")
+            .to_owned();
+        if path == "graph.nnef" {
+            let mut text = String::new();
+            entry.read_to_string(&mut text)?;
+            doc = Some(tract_nnef::ast::parse::parse_document(&text)?);
+        } else if let Some(id) = path.strip_suffix(".dat") {
+            let tensor = tract_nnef::tensors::read_tensor(&mut entry)?;
+            tensors.insert(Identifier::from(id), Arc::new(tensor));
+        } else {
+            return Err(tract_nnef::internal::format_err!(
+                "unexpected file {path} in the NNEF archive"
+            ));
+        }
+    }
+    Ok(ProtoModel {
+        doc: doc.ok_or_else(|| {
+            tract_nnef::internal::format_err!("the NNEF archive has no graph.nnef")
+        })?,
+        tensors,
+        quantization: None,
+        resources: Default::default(),
+    })
+}
 
 /// A loaded, optimised intent model.
 #[derive(Debug)]
@@ -38,23 +92,31 @@ pub struct IntentModel {
 }
 
 impl IntentModel {
-    /// Loads a model from its ONNX bytes and `model.json` text.
-    pub fn load(onnx: &[u8], meta_json: &str) -> Result<Self, LoadError> {
+    /// Loads a model from its NNEF tar bytes and `model.json` text.
+    pub fn load(nnef: &[u8], meta_json: &str) -> Result<Self, LoadError> {
         let policy = Policy::from_json(meta_json)?;
-        let sha256 = hex::encode(Sha256::digest(onnx));
-        if sha256 != policy.meta().onnx_sha256 {
+        let actual = hex::encode(Sha256::digest(nnef));
+        if actual != policy.meta().nnef_sha256 {
             return Err(LoadError::Checksum {
-                expected: policy.meta().onnx_sha256.clone(),
-                actual: sha256,
+                expected: policy.meta().nnef_sha256.clone(),
+                actual,
             });
         }
+        // The model's identity is its ONNX file; the NNEF tar was verified to come from it.
+        let sha256 = policy.meta().onnx_sha256.clone();
         let dim = policy.featurizer().dim();
         let tract = |e: TractError| LoadError::Tract(format!("{e:#}"));
-        let plan = tract_onnx::onnx()
-            .model_for_read(&mut std::io::Cursor::new(onnx))
-            .map_err(tract)?
-            .with_input_fact(0, f32::fact([1, dim]).into())
-            .map_err(tract)?
+        let proto = proto_model(nnef).map_err(tract)?;
+        let model = standard_nnef()
+            .model_for_proto_model(&proto)
+            .map_err(tract)?;
+        let want: TypedFact = f32::fact([1, dim]);
+        if model.input_fact(0).map_err(tract)? != &want {
+            return Err(LoadError::Tract(format!(
+                "the model input is not [1, {dim}] f32"
+            )));
+        }
+        let plan = model
             .into_optimized()
             .map_err(tract)?
             .into_runnable()
@@ -70,7 +132,7 @@ impl IntentModel {
     pub fn embedded() -> Result<&'static IntentModel, &'static LoadError> {
         static MODEL: OnceLock<Result<IntentModel, LoadError>> = OnceLock::new();
         MODEL
-            .get_or_init(|| IntentModel::load(MODEL_ONNX, MODEL_JSON))
+            .get_or_init(|| IntentModel::load(MODEL_NNEF, MODEL_JSON))
             .as_ref()
     }
 
@@ -129,7 +191,7 @@ mod tests {
 
     #[test]
     fn corrupted_model_is_rejected_by_checksum() {
-        let mut bytes = MODEL_ONNX.to_vec();
+        let mut bytes = MODEL_NNEF.to_vec();
         let last = bytes.len() - 1;
         bytes[last] ^= 1;
         assert!(matches!(
