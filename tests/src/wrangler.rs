@@ -20,8 +20,9 @@ pub struct EdgeConfig {
     pub api_keys: String,
     /// Further `[vars]`, e.g. `UPSTREAM_DEADLINE_MS`.
     pub vars: Vec<(String, String)>,
-    /// Requests per minute and key for the rate-limit binding.
-    pub rate_limit: u32,
+    /// Requests per minute and key for the rate-limit binding; `None`: no binding (the
+    /// Worker's per-isolate fallback limit applies).
+    pub rate_limit: Option<u32>,
 }
 
 /// A running `wrangler dev`.
@@ -82,10 +83,11 @@ impl Wrangler {
         for (k, v) in &vars {
             toml.push_str(&format!("{k} = {}\n", toml_str(v)));
         }
-        toml.push_str(&format!(
-            "\n[[ratelimits]]\nname = \"RATE_LIMITER\"\nnamespace_id = \"1001\"\nsimple = {{ limit = {}, period = 60 }}\n",
-            cfg.rate_limit
-        ));
+        if let Some(limit) = cfg.rate_limit {
+            toml.push_str(&format!(
+                "\n[[ratelimits]]\nname = \"RATE_LIMITER\"\nnamespace_id = \"1001\"\nsimple = {{ limit = {limit}, period = 60 }}\n"
+            ));
+        }
         let config = dir.join("wrangler.toml");
         std::fs::write(&config, toml)?;
         std::fs::write(

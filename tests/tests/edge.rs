@@ -94,7 +94,7 @@ async fn the_worker_in_wrangler_dev_serves_the_contract_against_the_emulators() 
         firestore_host: emu.firestore_host.clone(),
         api_keys: keys,
         vars: vec![("UPSTREAM_DEADLINE_MS".into(), "2000".into())],
-        rate_limit: 10_000,
+        rate_limit: Some(10_000),
     };
     let wr = Wrangler::start(&dir.join("wrangler"), &cfg, 0)
         .await

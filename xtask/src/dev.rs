@@ -58,7 +58,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         firestore_host: emulators.firestore_host.clone(),
         api_keys: shared::apikey::entry("dev", &api_key, &salt),
         vars: Vec::new(),
-        rate_limit: 600,
+        rate_limit: Some(600),
     };
     eprintln!("starting wrangler dev on 127.0.0.1:{}", args.port);
     let wrangler = Wrangler::start(&root().join(".dev/wrangler"), &cfg, args.port).await?;

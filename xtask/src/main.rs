@@ -1,5 +1,6 @@
 //! `cargo xtask <command>`: the project's automation. Run `cargo xtask --help`.
 
+mod bench;
 mod dev;
 mod setup;
 mod test;
@@ -28,6 +29,8 @@ enum Cmd {
     Setup,
     /// Build the Cloudflare Worker into edge/build/ (worker-build, local wasm-bindgen/wasm-opt/esbuild)
     BuildEdge,
+    /// Latency of the Worker in `wrangler dev`: trivial /v1/chat vs a hello-world route
+    BenchEdge(bench::Args),
     /// Print a new API key for NAME and its `API_KEYS` entry (salted SHA-256)
     ApiKey {
         /// Who owns the jobs this key creates
@@ -44,6 +47,7 @@ fn main() -> ExitCode {
         Cmd::Test(a) => test::run(a),
         Cmd::Setup => setup::all().map(drop),
         Cmd::BuildEdge => setup::build_edge(),
+        Cmd::BenchEdge(a) => bench::run(a),
         Cmd::ApiKey { name } => api_key(&name),
         Cmd::TrainIntent(a) => train::run(a),
     };

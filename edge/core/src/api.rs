@@ -20,7 +20,7 @@ use shared::wire::{InputItem, MAX_ITEM_CHARS, Task};
 
 use crate::auth::KeyStore;
 use crate::config::Config;
-use crate::gcp::{Created, Gcp};
+use crate::gcp::{Created, Gcp, Outgoing};
 use crate::http::{ApiError, Request, Response};
 use crate::mask::mask;
 use crate::model::IntentModel;
@@ -68,6 +68,7 @@ pub struct App {
     gcp: Result<Gcp, String>,
     limits: Limits,
     rate_limit_per_minute: u32,
+    log_all: bool,
     windows: Mutex<HashMap<String, (u64, u32)>>,
 }
 
@@ -93,6 +94,7 @@ impl App {
             gcp: config.gcp.map(|(c, sa)| Gcp::new(c, sa)),
             limits,
             rate_limit_per_minute: config.rate_limit_per_minute,
+            log_all: config.log_all,
             windows: Mutex::new(HashMap::new()),
         }
     }
@@ -114,6 +116,9 @@ impl App {
             Ok(r) => r,
             Err(e) => e.to_response(),
         };
+        if !self.log_all && response.status < 400 {
+            return response.with_header("x-request-id", request_id);
+        }
         let mut line = json!({
             "level": if response.status >= 500 { "error" } else { "info" },
             "ts": rfc3339(p.now_ms()),
@@ -259,7 +264,7 @@ impl App {
     ) -> Result<Response, ApiError> {
         let body = json_body(req, self.limits.chat_body_bytes)?;
         let fields = object_fields(&body, &["message", "locale"])?;
-        let message = required_str(&fields, "message")?;
+        let message = required_str(fields, "message")?;
         let n = message.chars().count();
         if message.trim().is_empty() {
             return Err(ApiError::new(
@@ -278,7 +283,7 @@ impl App {
                 ),
             ));
         }
-        let locale = match optional_str(&fields, "locale")? {
+        let locale = match optional_str(fields, "locale")? {
             None => Locale::detect(message),
             Some(l) => Locale::parse(l).ok_or_else(|| {
                 ApiError::new(
@@ -351,7 +356,7 @@ impl App {
     ) -> Result<Response, ApiError> {
         let body = json_body(req, self.limits.batch_body_bytes)?;
         let fields = object_fields(&body, &["task", "items", "input_uri"])?;
-        let task_s = required_str(&fields, "task")?;
+        let task_s = required_str(fields, "task")?;
         let task: Task = task_s
             .parse()
             .map_err(|e: String| ApiError::new(422, "invalid_task", e))?;
@@ -369,7 +374,7 @@ impl App {
         let input_uri = match items {
             Some(_) => None,
             None => {
-                let uri = required_str(&fields, "input_uri")?;
+                let uri = required_str(fields, "input_uri")?;
                 let valid = uri
                     .strip_prefix("gs://")
                     .and_then(|rest| rest.split_once('/'))
@@ -476,8 +481,8 @@ impl App {
                 ..e
             };
             let f = object_fields(item, &["custom_id", "input"]).map_err(at)?;
-            let custom_id = required_str(&f, "custom_id").map_err(at)?;
-            let input = required_str(&f, "input").map_err(at)?;
+            let custom_id = required_str(f, "custom_id").map_err(at)?;
+            let input = required_str(f, "input").map_err(at)?;
             let n = custom_id.chars().count();
             if n == 0 || n > self.limits.custom_id_chars {
                 return Err(at(ApiError::new(
@@ -811,8 +816,6 @@ pub fn shard(items: &[InputItem], limits: &Limits) -> Vec<Vec<InputItem>> {
     }
     shards
 }
-
-type Outgoing<'a> = (Vec<u8>, Vec<(&'a str, String)>);
 
 /// Groups messages into publish requests under Pub/Sub's per-request limits.
 fn publish_batches(messages: &[JobMessage]) -> Vec<Vec<Outgoing<'static>>> {

@@ -11,6 +11,7 @@
 //! | `GCP_SERVICE_ACCOUNT_KEY` (secret) | — | service-account JSON key; required without emulators |
 //! | `RATE_LIMIT_PER_MINUTE` | `600` | per-key limit when the platform has no rate-limit binding |
 //! | `UPSTREAM_DEADLINE_MS` | `8000` | total time for one Pub/Sub or Firestore call with retries |
+//! | `LOG_REQUESTS` | `all` | `all`: one JSON log line per request; `errors`: only for 4xx/5xx |
 
 use crate::auth::KeyStore;
 use crate::gcp::{GcpConfig, ServiceAccount};
@@ -22,6 +23,8 @@ pub struct Config {
     pub keys: Result<KeyStore, String>,
     pub gcp: Result<(GcpConfig, Option<ServiceAccount>), String>,
     pub rate_limit_per_minute: u32,
+    /// Log every request (`true`) or only failed ones.
+    pub log_all: bool,
 }
 
 impl Config {
@@ -44,6 +47,7 @@ impl Config {
             keys,
             gcp: gcp(&get),
             rate_limit_per_minute,
+            log_all: get("LOG_REQUESTS").is_none_or(|v| v != "errors"),
         }
     }
 }

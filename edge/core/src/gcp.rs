@@ -85,6 +85,9 @@ impl Upstream {
     }
 }
 
+/// One message to publish: JSON data and string attributes.
+pub type Outgoing<'a> = (Vec<u8>, Vec<(&'a str, String)>);
+
 /// Outcome of a conditional create.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Created {
@@ -275,7 +278,7 @@ impl Gcp {
     pub async fn publish(
         &self,
         p: &impl Platform,
-        messages: &[(Vec<u8>, Vec<(&str, String)>)],
+        messages: &[Outgoing<'_>],
     ) -> Result<Vec<String>, ApiError> {
         let url = format!(
             "{}/v1/projects/{}/topics/{}:publish",

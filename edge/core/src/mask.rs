@@ -98,7 +98,9 @@ fn numbers(c: &[char], spans: &mut Vec<Span>) {
         let mut seps = 0;
         while j < c.len() {
             if let Some(d) = digit(c[j]) {
-                groups.last_mut().map(|g| g.push((b'0' + d) as char));
+                if let Some(g) = groups.last_mut() {
+                    g.push((b'0' + d) as char);
+                }
                 seps = 0;
                 end = j + 1;
             } else if sep(c[j]) || (j == start && plus) {
@@ -167,7 +169,7 @@ fn luhn(d: &str) -> bool {
             }
         })
         .sum();
-    sum % 10 == 0
+    sum.is_multiple_of(10)
 }
 
 /// Whitespace-separated tokens as char ranges.

@@ -1,0 +1,121 @@
+//! `cargo xtask bench-edge`: latency of the Worker in `wrangler dev` on loopback.
+//!
+//! Trivial `/v1/chat` (answered at the edge: auth, validation, featurize, tract, reply) is
+//! measured side by side with `/hello` of the same Worker, interleaved in one run, so
+//! wrangler's local proxy cost cancels out. Also the cold start: time to `Ready on` and the
+//! first request to the fresh isolate.
+
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use stack::wrangler::{EdgeConfig, Wrangler};
+
+use crate::{root, setup};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Measured requests per route (after the warm-up)
+    #[arg(long, default_value_t = 2000)]
+    pub requests: usize,
+    /// Configure the rate-limit binding (as deployed); without it the Worker's in-isolate
+    /// fallback limit applies
+    #[arg(long)]
+    pub rate_limit_binding: bool,
+    /// `LOG_REQUESTS` for the Worker (`all` or `errors`)
+    #[arg(long, default_value = "all")]
+    pub log_requests: String,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    setup::build_edge()?;
+    tokio::runtime::Runtime::new()?.block_on(bench(args))
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted.get(i).copied().unwrap_or(f64::NAN)
+}
+
+async fn bench(args: Args) -> anyhow::Result<()> {
+    let key = format!("cs_bench_{}", hex::encode(crate::random_bytes(12)?));
+    let cfg = EdgeConfig {
+        project: "bench".into(),
+        topic: "jobs".into(),
+        // Trivial messages never reach Pub/Sub or Firestore.
+        pubsub_host: "127.0.0.1:9".into(),
+        firestore_host: "127.0.0.1:9".into(),
+        api_keys: shared::apikey::entry("bench", &key, &crate::random_bytes(16)?),
+        vars: vec![
+            ("RATE_LIMIT_PER_MINUTE".into(), "1000000".into()),
+            ("LOG_REQUESTS".into(), args.log_requests.clone()),
+        ],
+        rate_limit: args.rate_limit_binding.then_some(1_000_000),
+    };
+    let dir = root().join("target/bench-edge");
+    let _ = std::fs::remove_dir_all(&dir);
+    let spawned = Instant::now();
+    let wrangler = Wrangler::start(&dir, &cfg, 0).await?;
+    let ready = spawned.elapsed();
+    let http = reqwest::Client::new();
+    let chat = |http: &reqwest::Client| {
+        http.post(format!("{}/v1/chat", wrangler.url))
+            .bearer_auth(&key)
+            .header("content-type", "application/json")
+            .body(r#"{"message":"안녕하세요"}"#)
+    };
+    let t = Instant::now();
+    let first = chat(&http).send().await.context("first request")?;
+    let first_ms = t.elapsed().as_secs_f64() * 1e3;
+    if first.status() != 200 {
+        bail!(
+            "trivial chat answered {}: {}",
+            first.status(),
+            first.text().await.unwrap_or_default()
+        );
+    }
+    for _ in 0..200 {
+        http.get(format!("{}/hello", wrangler.url))
+            .send()
+            .await?
+            .bytes()
+            .await?;
+        chat(&http).send().await?.bytes().await?;
+    }
+    let (mut hello, mut trivial) = (Vec::new(), Vec::new());
+    for _ in 0..args.requests {
+        let t = Instant::now();
+        let r = http.get(format!("{}/hello", wrangler.url)).send().await?;
+        r.bytes().await?;
+        hello.push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        let r = chat(&http).send().await?;
+        let ok = r.status() == 200;
+        r.bytes().await?;
+        trivial.push(t.elapsed().as_secs_f64() * 1e3);
+        if !ok {
+            bail!("a trivial chat failed during the run");
+        }
+    }
+    drop(wrangler);
+    for v in [&mut hello, &mut trivial] {
+        v.sort_by(f64::total_cmp);
+    }
+    let (h50, h99) = (percentile(&hello, 0.5), percentile(&hello, 0.99));
+    let (c50, c99) = (percentile(&trivial, 0.5), percentile(&trivial, 0.99));
+    println!(
+        "wrangler dev on loopback, {} sequential requests per route, interleaved",
+        args.requests
+    );
+    println!();
+    println!("| route | p50 ms | p99 ms |");
+    println!("|---|---:|---:|");
+    println!("| GET /hello (same Worker, no core) | {h50:.2} | {h99:.2} |");
+    println!("| POST /v1/chat, trivial (edge answer) | {c50:.2} | {c99:.2} |");
+    println!("| difference | {:.2} | {:.2} |", c50 - h50, c99 - h99);
+    println!();
+    println!(
+        "cold start: wrangler ready after {:.1} s; first request {first_ms:.1} ms",
+        ready.as_secs_f64()
+    );
+    Ok(())
+}
