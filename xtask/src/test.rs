@@ -38,13 +38,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // The committed model is what the committed data trains, byte for byte.
     crate::train::run(crate::train::Args::check())?;
 
-    // The binaries the system tests start are built first, in release, as users run them.
+    // Release profile: the binaries the tests start (`batch-worker`, `route`) are built as
+    // users run them, and the build shares its artifacts with the release tools above.
     let mut c = cargo();
-    c.args(["build", "--release", "--bins"]);
-    run_cmd(c)?;
-
-    let mut c = cargo();
-    c.args(["test", "--workspace", "--exclude", "edge", "--no-fail-fast"]);
+    c.args([
+        "test",
+        "--release",
+        "--workspace",
+        "--exclude",
+        "edge",
+        "--no-fail-fast",
+    ]);
     run_cmd(c)?;
 
     eprintln!("xtask test: all checks passed in {:.0?}", started.elapsed());

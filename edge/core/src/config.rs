@@ -12,6 +12,7 @@
 //! | `RATE_LIMIT_PER_MINUTE` | `600` | per-key limit when the platform has no rate-limit binding |
 //! | `UPSTREAM_DEADLINE_MS` | `8000` | total time for one Pub/Sub or Firestore call with retries |
 //! | `LOG_REQUESTS` | `all` | `all`: one JSON log line per request; `errors`: only for 4xx/5xx |
+//! | `BENCH_CLASSIFY_REPEAT` | `1` | benchmark only: classify each chat message this many times |
 
 use crate::auth::KeyStore;
 use crate::gcp::{GcpConfig, ServiceAccount};
@@ -25,6 +26,9 @@ pub struct Config {
     pub rate_limit_per_minute: u32,
     /// Log every request (`true`) or only failed ones.
     pub log_all: bool,
+    /// Benchmark knob: how many times each chat message is classified (`bench-edge` derives
+    /// the classify cost inside the Worker from the latency difference).
+    pub classify_repeat: u32,
 }
 
 impl Config {
@@ -48,6 +52,10 @@ impl Config {
             gcp: gcp(&get),
             rate_limit_per_minute,
             log_all: get("LOG_REQUESTS").is_none_or(|v| v != "errors"),
+            classify_repeat: get("BENCH_CLASSIFY_REPEAT")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1)
+                .clamp(1, 10_000),
         }
     }
 }
