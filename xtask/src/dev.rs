@@ -49,7 +49,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             g.log_path().display()
         );
     }
-    let api_key = dev_api_key();
+    let api_key = dev_api_key()?;
     let salt = crate::random_bytes(16)?;
     let cfg = EdgeConfig {
         project: args.project.clone(),
@@ -86,18 +86,13 @@ async fn serve(args: Args) -> anyhow::Result<()> {
 }
 
 /// `DEV_API_KEY` if set, else a fresh random key.
-pub fn dev_api_key() -> String {
+pub fn dev_api_key() -> anyhow::Result<String> {
     if let Ok(k) = std::env::var("DEV_API_KEY")
         && !k.is_empty()
     {
-        return k;
+        return Ok(k);
     }
-    let mut bytes = [0u8; 18];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        use std::io::Read;
-        let _ = f.read_exact(&mut bytes);
-    }
-    format!("dev_{}", hex::encode(bytes))
+    Ok(format!("dev_{}", hex::encode(crate::random_bytes(18)?)))
 }
 
 /// SIGINT (Ctrl-C) or SIGTERM, registered up front.

