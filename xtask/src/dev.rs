@@ -21,7 +21,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // Fail on a missing prerequisite before spending minutes on installs.
     stack::prereq::emulator_tools(&stack::prereq::Env::from_process())?;
     setup::all()?;
-    setup::build_edge()?;
+    setup::build_worker()?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(serve(args))
 }

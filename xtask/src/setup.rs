@@ -95,11 +95,17 @@ pub fn rust_tools() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Builds the Worker into `edge/build/` with worker-build, using only local tools.
+/// Installs the tools the Worker build needs, then builds it (`cargo xtask build-edge`).
 pub fn build_edge() -> anyhow::Result<()> {
     node_tools()?;
     rust_tools()?;
     wasm_target()?;
+    build_worker()
+}
+
+/// Builds the Worker into `edge/build/` with worker-build, using only local tools (installed
+/// by [`all`] or [`build_edge`]).
+pub fn build_worker() -> anyhow::Result<()> {
     // worker-build always re-runs wasm-bindgen and wasm-opt (a minute or more); skip it when
     // the compiled Worker is the one edge/build/ was made from.
     let mut c = crate::cargo();

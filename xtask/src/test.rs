@@ -33,7 +33,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     eprintln!("wrangler {}", crate::output(c)?.trim());
 
     // The Worker, built exactly as `wrangler deploy` builds it; the end-to-end tests run it.
-    setup::build_edge()?;
+    setup::build_worker()?;
 
     // The committed model is what the committed data trains, byte for byte.
     crate::train::run(crate::train::Args::check())?;

@@ -433,11 +433,8 @@ impl App {
                     0,
                 ),
             };
-            let shards = if input_uri.is_some() {
-                0
-            } else {
-                messages.len() as u32
-            };
+            // Every message of a job carries the job's shard count (0: the worker shards).
+            let shards = messages.first().map_or(0, |m| m.shards);
             let record = JobRecord {
                 input_uri: input_uri.clone(),
                 ..new_record(&job_id, owner, JobKind::Batch, task, total, shards, now)
