@@ -2,8 +2,16 @@
 //! killed process loses no work.
 //!
 //! - [`engine`]: ONNX Runtime setup (library discovery, CUDA/CPU selection) and the models;
-//! - [`embedded`]: `batch-worker run`, the no-cloud mode over local files.
+//! - [`embedded`]: `batch-worker run`, the no-cloud mode over local files;
+//! - [`serve`]: `batch-worker serve`, shards from Pub/Sub with checkpoints in Firestore
+//!   ([`store`]), outputs in object storage ([`outputs`]), GCE preemption notices ([`gce`])
+//!   and Prometheus [`metrics`].
 
 pub mod embedded;
 pub mod engine;
+pub mod gce;
+pub mod metrics;
+pub mod outputs;
+pub mod serve;
+pub mod store;
 pub mod tasks;

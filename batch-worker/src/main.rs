@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use batch_worker::embedded::{self, RunError, RunOptions};
 use batch_worker::engine::Device;
+use batch_worker::serve::ServeConfig;
 use batch_worker::tasks::Classify;
 use clap::{Parser, Subcommand};
 use shared::wire::Task;
@@ -32,8 +33,75 @@ struct EngineArgs {
     batch_size: usize,
 }
 
+/// `batch-worker serve` settings; every flag can come from the environment variable named.
+#[derive(clap::Args, Clone)]
+struct ServeArgs {
+    /// Google Cloud project of the subscription and the Firestore database
+    #[arg(long, env = "GCP_PROJECT")]
+    project: String,
+    /// Pub/Sub subscription the jobs arrive on
+    #[arg(long, env = "PUBSUB_SUBSCRIPTION", default_value = "worker")]
+    subscription: String,
+    /// Topic that shards which keep stopping workers are moved to ("" to only log them)
+    #[arg(long, env = "DEAD_LETTER_TOPIC", default_value = "jobs-dead")]
+    dead_letter_topic: String,
+    /// Firestore database id
+    #[arg(long, env = "FIRESTORE_DATABASE", default_value = "(default)")]
+    database: String,
+    /// `host:port` of the Pub/Sub emulator (anonymous credentials); unset: Google Cloud
+    #[arg(long, env = "PUBSUB_EMULATOR_HOST")]
+    pubsub_emulator_host: Option<String>,
+    /// `host:port` of the Firestore emulator; unset: Google Cloud, token from the metadata server
+    #[arg(long, env = "FIRESTORE_EMULATOR_HOST")]
+    firestore_emulator_host: Option<String>,
+    /// Where outputs go: file:///absolute/dir or gs://bucket/prefix
+    #[arg(long, env = "OUTPUT_ROOT", default_value_t = default_output_root())]
+    output_root: String,
+    /// This worker's name in shard leases (default: the host name); a restarted worker with
+    /// the same id takes its own leases back at once
+    #[arg(long, env = "WORKER_ID")]
+    worker_id: Option<String>,
+    /// Commit outputs and the checkpoint after about this much work (seconds a SIGKILL can lose)
+    #[arg(long, env = "CHUNK_SECONDS", default_value_t = 5.0)]
+    chunk_seconds: f64,
+    /// A shard lease lasts this long past its last checkpoint; then another worker may take it
+    #[arg(long, env = "LEASE_SECONDS", default_value_t = 60)]
+    lease_seconds: u64,
+    /// Pub/Sub ack deadline extension (10..=600 s): how soon a crashed worker's messages return
+    #[arg(long, env = "ACK_EXTENSION_SECONDS", default_value_t = 60)]
+    ack_extension_seconds: u64,
+    /// Flow control: messages (shards) held at once
+    #[arg(long, env = "MAX_OUTSTANDING_MESSAGES", default_value_t = 4)]
+    max_outstanding_messages: i64,
+    /// Flow control: bytes of messages held at once
+    #[arg(long, env = "MAX_OUTSTANDING_BYTES", default_value_t = 64 << 20)]
+    max_outstanding_bytes: i64,
+    /// Quarantine a shard after this many deliveries that did not end in a drain
+    #[arg(long, env = "POISON_LIMIT", default_value_t = 5)]
+    poison_limit: u32,
+    /// Serve Prometheus metrics on this address ("" to disable)
+    #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9464")]
+    metrics_addr: String,
+    /// GCE metadata server `host:port` (default: metadata.google.internal on a GCE VM, none elsewhere)
+    #[arg(long, env = "GCE_METADATA_HOST")]
+    metadata_host: Option<String>,
+    /// Longest a drain may take before in-flight shards are abandoned (they resume from their checkpoint)
+    #[arg(long, env = "DRAIN_SECONDS", default_value_t = 20.0)]
+    drain_seconds: f64,
+    /// Fault injection for tests: crash-on-input=TEXT;batch-delay-ms=N
+    #[arg(long, env = "BATCH_WORKER_FAILPOINTS", default_value = "", hide = true)]
+    failpoints: String,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
+    /// Pull jobs from Pub/Sub until SIGTERM/SIGINT or a GCE preemption notice, then drain
+    Serve {
+        #[command(flatten)]
+        serve: ServeArgs,
+        #[command(flatten)]
+        engine: EngineArgs,
+    },
     /// Run one bulk job over a local JSONL file; resumable after any kill
     Run {
         #[arg(long, value_parser = ["classify", "generate"])]
@@ -52,6 +120,11 @@ enum Cmd {
     },
 }
 
+fn default_output_root() -> String {
+    let dir = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/tmp"));
+    format!("file://{}", dir.join("outputs").display())
+}
+
 /// `models/` of the source tree this binary was built from.
 fn default_model_dir() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../models"))
@@ -61,6 +134,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
     match cli.command {
+        Cmd::Serve { serve, engine } => serve_main(serve, engine),
         Cmd::Run {
             task,
             input,
@@ -113,6 +187,80 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+fn serve_main(args: ServeArgs, engine: EngineArgs) -> ExitCode {
+    let seconds = |name: &str, v: f64| {
+        if v > 0.0 && v.is_finite() {
+            Ok(std::time::Duration::from_secs_f64(v))
+        } else {
+            Err(format!(
+                "{name} must be a positive number of seconds, got {v}"
+            ))
+        }
+    };
+    let cfg = (|| -> Result<ServeConfig, String> {
+        Ok(ServeConfig {
+            chunk: seconds("--chunk-seconds", args.chunk_seconds)?,
+            drain_timeout: seconds("--drain-seconds", args.drain_seconds)?,
+            lease: std::time::Duration::from_secs(args.lease_seconds.max(1)),
+            ack_extension: std::time::Duration::from_secs(args.ack_extension_seconds),
+            failpoints: args.failpoints.parse()?,
+            worker_id: args
+                .worker_id
+                .filter(|w| !w.is_empty())
+                .unwrap_or_else(hostname),
+            project: args.project,
+            subscription: args.subscription,
+            dead_letter_topic: Some(args.dead_letter_topic).filter(|t| !t.is_empty()),
+            database: args.database,
+            pubsub_emulator: args.pubsub_emulator_host.filter(|h| !h.is_empty()),
+            firestore_emulator: args.firestore_emulator_host.filter(|h| !h.is_empty()),
+            output_root: args.output_root,
+            max_outstanding_messages: args.max_outstanding_messages,
+            max_outstanding_bytes: args.max_outstanding_bytes,
+            poison_limit: args.poison_limit.max(1),
+            metrics_addr: Some(args.metrics_addr).filter(|a| !a.is_empty()),
+            metadata_host: args.metadata_host,
+        })
+    })();
+    let cfg = match cfg {
+        Ok(c) => c,
+        Err(m) => return usage(&m),
+    };
+    let classify = match Classify::load(&engine.model_dir, engine.device, engine.batch_size) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("batch-worker: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("batch-worker: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(batch_worker::serve::serve(cfg, classify)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "serve stopped");
+            eprintln!("batch-worker: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| format!("worker-{}", std::process::id()))
 }
 
 fn usage(message: &str) -> ExitCode {

@@ -74,6 +74,9 @@ pub struct JobRecord {
     pub counts: Counts,
     /// Number of shard messages published (0: the worker shards `input_uri` itself).
     pub shards: u32,
+    /// Shards finished so far; the worker that brings it to `shards` finishes the job.
+    #[serde(default)]
+    pub shards_done: u32,
     pub created_at: String,
     pub updated_at: String,
     #[serde(default)]
@@ -149,6 +152,63 @@ pub struct JobMessage {
     pub chat: Option<ChatRequest>,
 }
 
+/// Firestore collection of shard checkpoints (`shards/{job_id}-{shard:05}`).
+pub const SHARDS_COLLECTION: &str = "shards";
+
+/// Where a shard stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ShardState {
+    Running,
+    Done,
+    /// Stopped the worker too often without finishing; its message went to the dead-letter
+    /// topic and the job failed.
+    Quarantined,
+}
+
+/// A shard's checkpoint and lease (`shards/{id}`), written only by workers.
+///
+/// Every write is conditioned on the `updateTime` the writer last read, so a worker whose
+/// lease was taken over (the epoch moved on) can no longer advance the cursor.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardRecord {
+    pub job_id: String,
+    pub shard: u32,
+    pub state: ShardState,
+    /// Items of this shard.
+    pub total: u64,
+    /// Items done (an output line committed for each), in input order.
+    pub cursor: u64,
+    /// Of those, error lines.
+    pub failed: u64,
+    /// Incremented by every lease take-over.
+    pub epoch: u64,
+    /// `WORKER_ID` of the lease holder ("" when released).
+    pub owner: String,
+    /// The holder's process instance (a new one after every restart).
+    pub instance: String,
+    /// Unix ms after which another worker may take the lease.
+    pub lease_expires_ms: u64,
+    /// Leases taken, and how many of them ended in a drain (preemption is not a failure).
+    pub deliveries: u32,
+    pub drains: u32,
+    /// Committed output chunks (object names under the output root), in order.
+    pub chunks: Vec<String>,
+    pub updated_at: String,
+}
+
+impl ShardRecord {
+    /// The document id of shard `shard` of `job_id`.
+    pub fn id(job_id: &str, shard: u32) -> String {
+        format!("{job_id}-{shard:05}")
+    }
+
+    /// Deliveries that ended without a drain: crashes, kills, lost leases.
+    pub fn crashes(&self) -> u32 {
+        self.deliveries.saturating_sub(self.drains)
+    }
+}
+
 /// A stored `Idempotency-Key` answer (`idempotency/{sha256(owner, route, key)}`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IdempotencyRecord {
@@ -181,6 +241,7 @@ mod tests {
                 failed: 0,
             },
             shards: 1,
+            shards_done: 0,
             created_at: "2026-11-27T00:00:00.000Z".into(),
             updated_at: "2026-11-27T00:00:00.000Z".into(),
             cancel_requested: false,

@@ -7,6 +7,7 @@ pub mod emulators;
 pub mod gcp;
 pub mod prereq;
 pub mod process;
+pub mod worker;
 pub mod wrangler;
 
 use std::time::Duration;

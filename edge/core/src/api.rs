@@ -791,6 +791,7 @@ fn new_record(
             failed: 0,
         },
         shards,
+        shards_done: 0,
         created_at: rfc3339(now),
         updated_at: rfc3339(now),
         cancel_requested: false,

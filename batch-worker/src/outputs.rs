@@ -1,0 +1,121 @@
+//! Object storage for inputs and outputs through `object_store`: `file:///…` (default) or
+//! `gs://bucket/prefix` in production.
+//!
+//! Layout under the output root, all names deterministic:
+//! - `{job}/chunks/shard-{s:05}/{start:010}-e{epoch}.jsonl`: one committed chunk, lines
+//!   `start..start+n` of the shard. The epoch in the name keeps a worker that lost its lease
+//!   from overwriting the chunk of the worker that took over.
+//! - `{job}/output/shard-{s:05}.jsonl`: the shard's committed chunks concatenated, written
+//!   when the shard completes. `output_uri` is `{root}/{job}/output/`: exactly one line per
+//!   input item across its files.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt};
+
+/// Why storage failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OutputError {
+    #[error("{0}")]
+    Config(String),
+    #[error("object storage: {0}")]
+    Store(#[from] object_store::Error),
+}
+
+/// A store plus the prefix everything goes under.
+#[derive(Debug, Clone)]
+pub struct Location {
+    store: Arc<dyn ObjectStore>,
+    prefix: ObjectPath,
+    /// The root as the user wrote it, without a trailing `/`.
+    uri: String,
+}
+
+/// Opens `file:///abs/dir` (created if missing) or `gs://bucket[/prefix]`.
+pub fn open(uri: &str) -> Result<Location, OutputError> {
+    let url = url::Url::parse(uri).map_err(|e| {
+        OutputError::Config(format!(
+            "{uri:?} is not a URL ({e}); use file:///absolute/dir or gs://bucket/prefix"
+        ))
+    })?;
+    match url.scheme() {
+        "file" => {
+            let dir = url.to_file_path().map_err(|()| {
+                OutputError::Config(format!("{uri:?}: use an absolute path, file:///dir"))
+            })?;
+            std::fs::create_dir_all(&dir).map_err(|e| {
+                OutputError::Config(format!("cannot create {}: {e}", dir.display()))
+            })?;
+        }
+        "gs" => {}
+        other => {
+            return Err(OutputError::Config(format!(
+                "{uri:?}: scheme {other:?} is not supported; use file:// or gs://"
+            )));
+        }
+    }
+    let (store, prefix) = object_store::parse_url_opts(&url, std::env::vars())?;
+    Ok(Location {
+        store: Arc::from(store),
+        prefix,
+        uri: uri.trim_end_matches('/').to_owned(),
+    })
+}
+
+impl Location {
+    fn path(&self, rel: &str) -> ObjectPath {
+        rel.split('/')
+            .filter(|p| !p.is_empty())
+            .fold(self.prefix.clone(), |p, part| p.join(part))
+    }
+
+    /// `{root}/{rel}` as a URI.
+    pub fn uri(&self, rel: &str) -> String {
+        format!("{}/{rel}", self.uri)
+    }
+
+    /// Writes `data` at `rel` (atomically: readers see the old object or the new one).
+    pub async fn put(&self, rel: &str, data: Vec<u8>) -> Result<(), OutputError> {
+        self.store
+            .put(&self.path(rel), Bytes::from(data).into())
+            .await?;
+        Ok(())
+    }
+
+    pub async fn get(&self, rel: &str) -> Result<Vec<u8>, OutputError> {
+        let r = self.store.get(&self.path(rel)).await?;
+        Ok(r.bytes().await?.to_vec())
+    }
+}
+
+/// Reads a whole object given by its full URI (`gs://bucket/file.jsonl`, `file:///…`).
+pub async fn read_uri(uri: &str) -> Result<Vec<u8>, OutputError> {
+    let url = url::Url::parse(uri)
+        .map_err(|e| OutputError::Config(format!("{uri:?} is not a URL ({e})")))?;
+    if !matches!(url.scheme(), "file" | "gs") {
+        return Err(OutputError::Config(format!(
+            "{uri:?}: scheme {:?} is not supported; use gs:// (or file:// for local runs)",
+            url.scheme()
+        )));
+    }
+    let (store, path) = object_store::parse_url_opts(&url, std::env::vars())?;
+    let r = store.get(&path).await?;
+    Ok(r.bytes().await?.to_vec())
+}
+
+/// Object name of a committed chunk.
+pub fn chunk_name(job: &str, shard: u32, start: u64, epoch: u64) -> String {
+    format!("{job}/chunks/shard-{shard:05}/{start:010}-e{epoch}.jsonl")
+}
+
+/// Object name of a completed shard's output.
+pub fn shard_output_name(job: &str, shard: u32) -> String {
+    format!("{job}/output/shard-{shard:05}.jsonl")
+}
+
+/// The job's `output_uri`.
+pub fn output_prefix(job: &str) -> String {
+    format!("{job}/output/")
+}

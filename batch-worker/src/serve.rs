@@ -1,0 +1,943 @@
+//! `batch-worker serve`: shards from Pub/Sub, checkpoints in Firestore, outputs in object
+//! storage. See ARCHITECTURE.md, "Batch worker", for the protocol; in short:
+//!
+//! 1. A message names one shard of a job. The worker reads the job record (final or
+//!    cancelled: ack) and the shard's checkpoint (done: finish the job if needed, ack).
+//! 2. It takes the shard's lease in one conditional commit: epoch + 1, owner, expiry,
+//!    deliveries + 1. A live lease of another worker is waited out, not stolen. A shard whose
+//!    deliveries minus drains reached the poison limit goes to the dead-letter topic and
+//!    fails its job.
+//! 3. Items run in micro-batches; about every `chunk` of work the results are written as one
+//!    object named by (shard, first item, epoch), then the checkpoint (cursor, counts, chunk
+//!    list, lease expiry) and the job's counters move in one commit conditioned on the
+//!    checkpoint's `updateTime`. A worker whose lease was taken over fails that condition and
+//!    stops the shard: its chunk object is never listed, so it is never output.
+//! 4. The last commit concatenates the listed chunks into the shard's output file, marks the
+//!    shard done and increments the job's `shards_done`; the commit that brings it to
+//!    `shards` marks the job succeeded. Only then is the message acked.
+//! 5. SIGTERM/SIGINT or GCE's preemption notice: stop pulling, commit what is done, release
+//!    the lease counting a drain (not a crash), nack, exit 0.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use google_cloud_pubsub::client::{Publisher, Subscriber};
+use google_cloud_pubsub::model::Message;
+use google_cloud_pubsub::subscriber::handler::Handler;
+use serde_json::json;
+use shared::jobs::{
+    JOBS_COLLECTION, JobKind, JobMessage, JobRecord, JobStatus, SHARDS_COLLECTION, ShardRecord,
+    ShardState,
+};
+use shared::time::rfc3339;
+use shared::wire::{InputItem, OutputLine, Task, parse_input_line};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::embedded::Processor;
+use crate::metrics::Metrics;
+use crate::outputs::{self, Location};
+use crate::store::{Committed, Precondition, Store, StoreError, Versioned, Write};
+use crate::tasks::Classify;
+
+/// Everything `serve` is configured with (from flags or the environment; see `--help`).
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub project: String,
+    pub subscription: String,
+    pub dead_letter_topic: Option<String>,
+    pub database: String,
+    pub pubsub_emulator: Option<String>,
+    pub firestore_emulator: Option<String>,
+    pub output_root: String,
+    pub worker_id: String,
+    pub chunk: Duration,
+    pub lease: Duration,
+    pub ack_extension: Duration,
+    pub max_outstanding_messages: i64,
+    pub max_outstanding_bytes: i64,
+    pub poison_limit: u32,
+    pub metrics_addr: Option<String>,
+    pub metadata_host: Option<String>,
+    pub drain_timeout: Duration,
+    pub failpoints: Failpoints,
+}
+
+/// Fault injection for tests (`BATCH_WORKER_FAILPOINTS`); empty in production.
+#[derive(Debug, Clone, Default)]
+pub struct Failpoints {
+    /// Abort the process (no cleanup, like a crash) when an item's input equals this.
+    pub crash_on_input: Option<String>,
+    /// Sleep this long per micro-batch, so that tests can kill the worker mid-shard.
+    pub batch_delay: Duration,
+}
+
+impl std::str::FromStr for Failpoints {
+    type Err = String;
+    /// `crash-on-input=TEXT;batch-delay-ms=N`
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut f = Failpoints::default();
+        for part in s.split(';').filter(|p| !p.trim().is_empty()) {
+            match part.split_once('=') {
+                Some(("crash-on-input", v)) => f.crash_on_input = Some(v.to_owned()),
+                Some(("batch-delay-ms", v)) => {
+                    let ms = v
+                        .parse()
+                        .map_err(|_| format!("batch-delay-ms={v:?} is not a number"))?;
+                    f.batch_delay = Duration::from_millis(ms);
+                }
+                _ => {
+                    return Err(format!(
+                        "unknown failpoint {part:?}; known: crash-on-input=TEXT, batch-delay-ms=N"
+                    ));
+                }
+            }
+        }
+        Ok(f)
+    }
+}
+
+/// Why handling a message failed (it is nacked and retried later).
+#[derive(Debug, thiserror::Error)]
+pub enum WorkError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Output(#[from] outputs::OutputError),
+    #[error("inference task failed: {0}")]
+    Join(String),
+}
+
+/// What to do with the message when its handling ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// The shard is finished (or needs nothing more): ack.
+    Ack,
+    /// Give it back at once (drain, lost lease): nack.
+    Nack,
+}
+
+struct Ctx {
+    cfg: ServeConfig,
+    store: Store,
+    out: Location,
+    classify: Arc<Mutex<Classify>>,
+    metrics: Arc<Metrics>,
+    drain: CancellationToken,
+    /// This process: a new value after every restart.
+    instance: String,
+    dead_letter: Option<Publisher>,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Runs until SIGTERM/SIGINT or a preemption notice, then drains. `Ok` means a clean drain.
+pub async fn serve(cfg: ServeConfig, classify: Classify) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let http = reqwest::Client::builder()
+        .build()
+        .context("building the HTTP client")?;
+    let meta = crate::gce::metadata_base(cfg.metadata_host.as_deref());
+    let store = match &cfg.firestore_emulator {
+        Some(host) => Store::emulator(http.clone(), host, &cfg.project, &cfg.database),
+        None => {
+            let base = meta.clone().context(
+                "FIRESTORE_EMULATOR_HOST is not set and there is no GCE metadata server to take credentials from (set GCE_METADATA_HOST)",
+            )?;
+            let tokens = Arc::new(crate::gce::TokenSource::new(http.clone(), base));
+            Store::production(http.clone(), &cfg.project, &cfg.database, tokens)
+        }
+    };
+    let out = outputs::open(&cfg.output_root).context("OUTPUT_ROOT")?;
+
+    let mut builder = Subscriber::builder();
+    if let Some(host) = &cfg.pubsub_emulator {
+        builder = builder
+            .with_endpoint(format!("http://{host}"))
+            .with_credentials(google_cloud_auth::credentials::anonymous::Builder::new().build());
+    }
+    let subscriber = builder.build().await.context("connecting to Pub/Sub")?;
+    let dead_letter = match &cfg.dead_letter_topic {
+        Some(topic) => {
+            let mut b = Publisher::builder(format!("projects/{}/topics/{topic}", cfg.project));
+            if let Some(host) = &cfg.pubsub_emulator {
+                b = b.with_endpoint(format!("http://{host}")).with_credentials(
+                    google_cloud_auth::credentials::anonymous::Builder::new().build(),
+                );
+            }
+            Some(
+                b.build()
+                    .await
+                    .context("Pub/Sub publisher for the dead-letter topic")?,
+            )
+        }
+        None => None,
+    };
+
+    let drain = CancellationToken::new();
+    let stop = CancellationToken::new();
+    let metrics = Arc::new(Metrics::default());
+    spawn_signal_watch(drain.clone())?;
+    if let Some(base) = meta {
+        tracing::info!(metadata = %base, "watching for GCE preemption notices");
+        tokio::spawn(crate::gce::watch_preemption(
+            base,
+            drain.clone(),
+            stop.clone(),
+        ));
+    }
+    if let Some(addr) = cfg.metrics_addr.as_deref().filter(|a| !a.is_empty()) {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("METRICS_ADDR {addr}"))?;
+        tracing::info!(addr = %listener.local_addr()?, "serving Prometheus metrics on /metrics");
+        tokio::spawn(crate::metrics::serve(
+            listener,
+            metrics.clone(),
+            stop.clone(),
+        ));
+    }
+
+    let subscription = format!(
+        "projects/{}/subscriptions/{}",
+        cfg.project, cfg.subscription
+    );
+    let mut stream = subscriber
+        .subscribe(subscription.clone())
+        .set_max_outstanding_messages(cfg.max_outstanding_messages)
+        .set_max_outstanding_bytes(cfg.max_outstanding_bytes)
+        .set_max_lease_extension(cfg.ack_extension)
+        .build();
+    let shutdown = stream.shutdown_token();
+    let provider = classify.provider();
+    let ctx = Arc::new(Ctx {
+        instance: format!("{:016x}", rand::random::<u64>()),
+        cfg,
+        store,
+        out,
+        classify: Arc::new(Mutex::new(classify)),
+        metrics,
+        drain: drain.clone(),
+        dead_letter,
+    });
+    tracing::info!(
+        worker_id = %ctx.cfg.worker_id,
+        instance = %ctx.instance,
+        %subscription,
+        provider,
+        "serving"
+    );
+
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut failure = None;
+    loop {
+        while tasks.try_join_next().is_some() {}
+        let next = tokio::select! {
+            _ = drain.cancelled() => break,
+            n = stream.next() => n,
+        };
+        match next {
+            Some(Ok((m, h))) => {
+                tasks.spawn(handle(ctx.clone(), m, h));
+            }
+            Some(Err(e)) => {
+                failure = Some(anyhow::anyhow!("pulling from {subscription}: {e}"));
+                drain.cancel();
+                break;
+            }
+            None => break,
+        }
+    }
+    let started = Instant::now();
+    tracing::info!(in_flight = tasks.len(), "draining: no new messages");
+    let drained = tokio::time::timeout(ctx.cfg.drain_timeout, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::error!(
+            left = tasks.len(),
+            "drain timed out; unfinished shards resume from their last checkpoint"
+        );
+        tasks.abort_all();
+    }
+    // Flush acks and nacks so nacked shards are redelivered at once.
+    let _ = tokio::time::timeout(Duration::from_secs(3), shutdown.shutdown()).await;
+    stop.cancel();
+    tracing::info!(drain_ms = started.elapsed().as_millis() as u64, "drained");
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+fn spawn_signal_watch(drain: CancellationToken) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!(signal = name, "draining");
+        drain.cancel();
+    });
+    Ok(())
+}
+
+async fn handle(ctx: Arc<Ctx>, m: Message, h: Handler) {
+    ctx.metrics.messages.add(1);
+    let attempt = h.delivery_attempt();
+    if attempt.is_some_and(|a| a > 1) {
+        ctx.metrics.redeliveries.add(1);
+    }
+    let msg: JobMessage = match serde_json::from_slice(&m.data) {
+        Ok(msg) => msg,
+        Err(e) => {
+            tracing::error!(error = %e, message_id = %m.message_id, "unreadable job message: dead-lettering it");
+            if dead_letter(&ctx, &m, &format!("unreadable job message: {e}")).await {
+                h.ack();
+            }
+            return;
+        }
+    };
+    let span = tracing::info_span!("shard", job_id = %msg.job_id, shard = msg.shard);
+    async {
+        tracing::debug!(?attempt, "message received");
+        match process(&ctx, &msg, &m).await {
+            Ok(Outcome::Ack) => h.ack(),
+            Ok(Outcome::Nack) => h.nack(),
+            Err(e) => {
+                // Transient (Firestore or storage unavailable): give it back after a pause.
+                tracing::warn!(error = %e, "shard interrupted; the message will be redelivered");
+                tokio::select! {
+                    _ = ctx.drain.cancelled() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                }
+                h.nack();
+            }
+        }
+    }
+    .instrument(span)
+    .await;
+}
+
+/// Publishes `m` to the dead-letter topic; `true` when it is safely there (or there is no
+/// dead-letter topic, in which case the reason is only logged).
+async fn dead_letter(ctx: &Ctx, m: &Message, reason: &str) -> bool {
+    let Some(p) = &ctx.dead_letter else {
+        tracing::error!(
+            reason,
+            "no DEAD_LETTER_TOPIC configured; dropping the message"
+        );
+        return true;
+    };
+    let mut attrs = m.attributes.clone();
+    attrs.insert("dead_letter_reason".into(), reason.to_owned());
+    attrs.insert("original_message_id".into(), m.message_id.clone());
+    let copy = Message::new()
+        .set_data(m.data.clone())
+        .set_attributes(attrs);
+    match p.publish(copy).await {
+        Ok(id) => {
+            tracing::warn!(dead_letter_id = %id, reason, "message moved to the dead-letter topic");
+            true
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "publishing to the dead-letter topic failed");
+            false
+        }
+    }
+}
+
+async fn process(ctx: &Ctx, msg: &JobMessage, raw: &Message) -> Result<Outcome, WorkError> {
+    let shard_id = ShardRecord::id(&msg.job_id, msg.shard);
+    let mut counted_redelivery = false;
+    loop {
+        let Some(job) = ctx
+            .store
+            .get::<JobRecord>(JOBS_COLLECTION, &msg.job_id)
+            .await?
+        else {
+            tracing::warn!("job record not found (expired or never created); dropping the message");
+            return Ok(Outcome::Ack);
+        };
+        if job.record.status.is_final() {
+            return Ok(Outcome::Ack);
+        }
+        if job.record.cancel_requested {
+            finish_job(ctx, &msg.job_id, Final::Cancelled).await?;
+            return Ok(Outcome::Ack);
+        }
+        let shard = ctx
+            .store
+            .get::<ShardRecord>(SHARDS_COLLECTION, &shard_id)
+            .await?;
+        if let Some(s) = &shard {
+            let r = &s.record;
+            if !counted_redelivery && r.deliveries > 0 {
+                counted_redelivery = true;
+                ctx.metrics.redeliveries.add(1);
+            }
+            match r.state {
+                ShardState::Done => {
+                    finish_if_complete(ctx, &msg.job_id).await?;
+                    return Ok(Outcome::Ack);
+                }
+                ShardState::Quarantined => return Ok(Outcome::Ack),
+                ShardState::Running => {}
+            }
+            let now = now_ms();
+            let restarted_here = r.owner == ctx.cfg.worker_id && r.instance != ctx.instance;
+            if !r.owner.is_empty() && r.lease_expires_ms > now && !restarted_here {
+                // Another live worker (or this one) holds it: wait, do not steal.
+                let wait = Duration::from_millis((r.lease_expires_ms - now).min(2000));
+                tokio::select! {
+                    _ = ctx.drain.cancelled() => return Ok(Outcome::Nack),
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                continue;
+            }
+            if r.crashes() >= ctx.cfg.poison_limit {
+                quarantine(ctx, msg, raw, s).await?;
+                return Ok(Outcome::Ack);
+            }
+        }
+        if ctx.drain.is_cancelled() {
+            return Ok(Outcome::Nack);
+        }
+
+        let items = match load_items(msg, &job.record).await {
+            Ok(items) => items,
+            Err(why) => {
+                finish_job(ctx, &msg.job_id, why).await?;
+                return Ok(Outcome::Ack);
+            }
+        };
+        let total = items.len() as u64;
+        let old = shard.as_ref().map(|s| &s.record);
+        let rec = ShardRecord {
+            job_id: msg.job_id.clone(),
+            shard: msg.shard,
+            state: ShardState::Running,
+            total,
+            cursor: old.map_or(0, |o| o.cursor),
+            failed: old.map_or(0, |o| o.failed),
+            epoch: old.map_or(0, |o| o.epoch) + 1,
+            owner: ctx.cfg.worker_id.clone(),
+            instance: ctx.instance.clone(),
+            lease_expires_ms: now_ms() + ctx.cfg.lease.as_millis() as u64,
+            deliveries: old.map_or(0, |o| o.deliveries) + 1,
+            drains: old.map_or(0, |o| o.drains),
+            chunks: old.map(|o| o.chunks.clone()).unwrap_or_default(),
+            updated_at: rfc3339(now_ms()),
+        };
+        let pre = match &shard {
+            Some(s) => Precondition::UpdateTime(s.update_time.clone()),
+            None => Precondition::Missing,
+        };
+        let mut writes = vec![Write::set(SHARDS_COLLECTION, &shard_id, &rec, pre)];
+        if job.record.status == JobStatus::Queued || job.record.shards == 0 {
+            let mut patch = json!({"status": "running", "updated_at": rfc3339(now_ms())});
+            if job.record.shards == 0 {
+                // An `input_uri` job: the worker knows its size now.
+                patch["shards"] = json!(1);
+                patch["counts"] = json!({
+                    "total": total,
+                    "done": job.record.counts.done,
+                    "failed": job.record.counts.failed,
+                });
+            }
+            writes.push(Write::patch(
+                JOBS_COLLECTION,
+                &msg.job_id,
+                patch,
+                Precondition::UpdateTime(job.update_time.clone()),
+            ));
+        }
+        match ctx.store.commit(&writes).await? {
+            Committed::Conflict => continue,
+            Committed::Done(results) => {
+                let update_time = results
+                    .first()
+                    .map(|r| r.update_time.clone())
+                    .unwrap_or_default();
+                tracing::info!(
+                    epoch = rec.epoch,
+                    cursor = rec.cursor,
+                    total,
+                    deliveries = rec.deliveries,
+                    "lease taken"
+                );
+                return run_shard(
+                    ctx,
+                    msg,
+                    &items,
+                    Versioned {
+                        record: rec,
+                        update_time,
+                    },
+                )
+                .await;
+            }
+        }
+    }
+}
+
+/// A job's final state, as this worker sets it.
+#[derive(Debug, Clone)]
+enum Final {
+    Cancelled,
+    Failed { code: &'static str, message: String },
+}
+
+/// The shard's items: inline, or read from `input_uri` (malformed lines become error lines).
+async fn load_items(
+    msg: &JobMessage,
+    job: &JobRecord,
+) -> Result<Vec<Result<InputItem, OutputLine>>, Final> {
+    if msg.kind == JobKind::Chat || msg.task == Task::Generate {
+        return Err(Final::Failed {
+            code: "model_unavailable",
+            message: "this worker has no text-generation model; classify jobs run, generate and queued chat jobs need one".into(),
+        });
+    }
+    if let Some(uri) = msg.input_uri.as_ref().or(job.input_uri.as_ref()) {
+        let bytes = outputs::read_uri(uri).await.map_err(|e| Final::Failed {
+            code: "input_unreadable",
+            message: format!("reading {uri}: {e}"),
+        })?;
+        let mut seen = std::collections::HashSet::new();
+        let mut items = Vec::new();
+        for (i, line) in bytes.split(|b| *b == b'\n').enumerate() {
+            let line_no = i as u64 + 1;
+            if line.trim_ascii().is_empty() {
+                continue;
+            }
+            let parsed = match std::str::from_utf8(line) {
+                Ok(s) => parse_input_line(s.trim_end_matches('\r'), line_no),
+                Err(_) => Err(OutputLine::error(
+                    line_no.to_string(),
+                    "invalid_item",
+                    format!("line {line_no} is not UTF-8"),
+                )),
+            };
+            items.push(match parsed {
+                Ok(item) if !seen.insert(item.custom_id.clone()) => Err(OutputLine::error(
+                    item.custom_id,
+                    "duplicate_custom_id",
+                    format!("line {line_no}: custom_id already used earlier in the file"),
+                )),
+                other => other,
+            });
+        }
+        return Ok(items);
+    }
+    Ok(msg.items.iter().cloned().map(Ok).collect())
+}
+
+/// Output lines for `items` (one per item, same order). A failing micro-batch is retried
+/// item by item so that one bad item becomes one error line.
+async fn infer(
+    ctx: &Ctx,
+    items: &[Result<InputItem, OutputLine>],
+) -> Result<Vec<OutputLine>, WorkError> {
+    let valid: Vec<InputItem> = items
+        .iter()
+        .filter_map(|i| i.as_ref().ok().cloned())
+        .collect();
+    if let Some(crash) = &ctx.cfg.failpoints.crash_on_input
+        && valid.iter().any(|i| &i.input == crash)
+    {
+        tracing::error!("failpoint crash-on-input hit: aborting");
+        std::process::abort();
+    }
+    if !ctx.cfg.failpoints.batch_delay.is_zero() {
+        tokio::time::sleep(ctx.cfg.failpoints.batch_delay).await;
+    }
+    let model = ctx.classify.clone();
+    let metrics = ctx.metrics.clone();
+    let results = tokio::task::spawn_blocking(move || {
+        let Ok(mut m) = model.lock() else {
+            return Vec::new();
+        };
+        let started = Instant::now();
+        let batch = m.process(&valid);
+        metrics.inference.observe(started.elapsed());
+        match batch {
+            Ok(lines) if lines.len() == valid.len() => lines,
+            other => {
+                if let Err(e) = other {
+                    tracing::warn!(error = %e, "micro-batch failed; retrying item by item");
+                }
+                valid
+                    .iter()
+                    .map(|item| match m.process(std::slice::from_ref(item)) {
+                        Ok(mut l) if l.len() == 1 => l.remove(0),
+                        Ok(_) => OutputLine::error(
+                            &item.custom_id,
+                            "inference_failed",
+                            "the model returned no output",
+                        ),
+                        Err(e) => {
+                            OutputLine::error(&item.custom_id, "inference_failed", e.to_string())
+                        }
+                    })
+                    .collect()
+            }
+        }
+    })
+    .await
+    .map_err(|e| WorkError::Join(e.to_string()))?;
+    let mut results = results.into_iter();
+    let mut out = Vec::with_capacity(items.len());
+    for item in items {
+        out.push(match item {
+            Err(line) => line.clone(),
+            Ok(i) => results.next().unwrap_or_else(|| {
+                OutputLine::error(
+                    &i.custom_id,
+                    "inference_failed",
+                    "the model runtime is unavailable",
+                )
+            }),
+        });
+    }
+    Ok(out)
+}
+
+/// Why a chunk commit did not advance the shard.
+enum CommitFailure {
+    /// Another worker holds the shard now.
+    LeaseLost,
+    /// The job record is gone.
+    JobGone,
+}
+
+async fn run_shard(
+    ctx: &Ctx,
+    msg: &JobMessage,
+    items: &[Result<InputItem, OutputLine>],
+    lease: Versioned<ShardRecord>,
+) -> Result<Outcome, WorkError> {
+    let Versioned {
+        record: mut rec,
+        mut update_time,
+    } = lease;
+    let total = items.len();
+    let batch = ctx.classify.lock().map(|m| m.batch_size()).unwrap_or(256);
+    let mut pos = usize::try_from(rec.cursor).unwrap_or(total).min(total);
+    let mut pending = String::new();
+    let mut pending_items = 0u64;
+    let mut pending_failed = 0u64;
+    let mut since = Instant::now();
+    loop {
+        let draining = ctx.drain.is_cancelled();
+        if !draining && pos < total {
+            let end = (pos + batch).min(total);
+            for line in infer(ctx, &items[pos..end]).await? {
+                pending_failed += u64::from(matches!(line, OutputLine::Err { .. }));
+                pending_items += 1;
+                pending.push_str(&serde_json::to_string(&line).unwrap_or_default());
+                pending.push('\n');
+            }
+            pos = end;
+            if since.elapsed() < ctx.cfg.chunk && pos < total {
+                continue;
+            }
+        }
+        // A chunk boundary.
+        let job = ctx
+            .store
+            .get::<JobRecord>(JOBS_COLLECTION, &msg.job_id)
+            .await?;
+        match job {
+            None => return Ok(Outcome::Ack),
+            Some(j) if j.record.status.is_final() => return Ok(Outcome::Ack),
+            Some(j) if j.record.cancel_requested => {
+                finish_job(ctx, &msg.job_id, Final::Cancelled).await?;
+                return Ok(Outcome::Ack);
+            }
+            Some(_) => {}
+        }
+        if pending_items > 0 || draining {
+            let started = Instant::now();
+            let chunk = (pending_items > 0)
+                .then(|| outputs::chunk_name(&msg.job_id, msg.shard, rec.cursor, rec.epoch));
+            if let Some(name) = &chunk {
+                ctx.out
+                    .put(name, std::mem::take(&mut pending).into_bytes())
+                    .await?;
+            }
+            let mut next = rec.clone();
+            next.cursor = pos as u64;
+            next.failed += pending_failed;
+            next.chunks.extend(chunk);
+            next.updated_at = rfc3339(now_ms());
+            if draining {
+                next.owner.clear();
+                next.lease_expires_ms = 0;
+                next.drains += 1;
+            } else {
+                next.lease_expires_ms = now_ms() + ctx.cfg.lease.as_millis() as u64;
+            }
+            let writes = [
+                Write::set(
+                    SHARDS_COLLECTION,
+                    &ShardRecord::id(&msg.job_id, msg.shard),
+                    &next,
+                    Precondition::UpdateTime(update_time.clone()),
+                ),
+                Write::patch(
+                    JOBS_COLLECTION,
+                    &msg.job_id,
+                    json!({"updated_at": rfc3339(now_ms())}),
+                    Precondition::Exists,
+                )
+                .increment("counts.done", pending_items as i64)
+                .increment("counts.failed", pending_failed as i64),
+            ];
+            match commit_checkpoint(ctx, &writes, &next).await? {
+                Ok(t) => update_time = t,
+                Err(CommitFailure::LeaseLost) => {
+                    ctx.metrics.lease_losses.add(1);
+                    tracing::warn!(
+                        epoch = rec.epoch,
+                        "lease lost to another worker: stopping this shard, its uncommitted chunk is discarded"
+                    );
+                    return Ok(Outcome::Nack);
+                }
+                Err(CommitFailure::JobGone) => return Ok(Outcome::Ack),
+            }
+            ctx.metrics.chunk_commit.observe(started.elapsed());
+            ctx.metrics.items.add(pending_items);
+            ctx.metrics.item_failures.add(pending_failed);
+            tracing::debug!(cursor = next.cursor, total, "chunk committed");
+            rec = next;
+            pending_items = 0;
+            pending_failed = 0;
+        }
+        if draining {
+            ctx.metrics.drains.add(1);
+            tracing::info!(
+                cursor = rec.cursor,
+                total,
+                "shard checkpointed and released for the drain"
+            );
+            return Ok(Outcome::Nack);
+        }
+        if pos >= total {
+            return complete_shard(ctx, msg, rec, update_time).await;
+        }
+        since = Instant::now();
+    }
+}
+
+/// Commits a checkpoint; on a precondition failure tells a lost lease from our own earlier
+/// attempt having landed (a retried commit) or a vanished job.
+async fn commit_checkpoint(
+    ctx: &Ctx,
+    writes: &[Write],
+    next: &ShardRecord,
+) -> Result<Result<String, CommitFailure>, WorkError> {
+    match ctx.store.commit(writes).await? {
+        Committed::Done(r) => Ok(Ok(r
+            .first()
+            .map(|w| w.update_time.clone())
+            .unwrap_or_default())),
+        Committed::Conflict => {
+            let now = ctx
+                .store
+                .get::<ShardRecord>(
+                    SHARDS_COLLECTION,
+                    &ShardRecord::id(&next.job_id, next.shard),
+                )
+                .await?;
+            Ok(match now {
+                Some(s) if s.record.epoch != next.epoch || s.record.instance != next.instance => {
+                    Err(CommitFailure::LeaseLost)
+                }
+                Some(s) if s.record.cursor == next.cursor && s.record.state == next.state => {
+                    Ok(s.update_time)
+                }
+                Some(_) => Err(CommitFailure::JobGone),
+                None => Err(CommitFailure::LeaseLost),
+            })
+        }
+    }
+}
+
+/// Writes the shard's output file, marks it done and counts it on the job; finishes the job
+/// when it was the last.
+async fn complete_shard(
+    ctx: &Ctx,
+    msg: &JobMessage,
+    rec: ShardRecord,
+    update_time: String,
+) -> Result<Outcome, WorkError> {
+    let mut all = Vec::new();
+    for c in &rec.chunks {
+        all.extend(ctx.out.get(c).await?);
+    }
+    ctx.out
+        .put(&outputs::shard_output_name(&msg.job_id, msg.shard), all)
+        .await?;
+    let mut done = rec.clone();
+    done.state = ShardState::Done;
+    done.owner.clear();
+    done.lease_expires_ms = 0;
+    done.updated_at = rfc3339(now_ms());
+    let writes = [
+        Write::set(
+            SHARDS_COLLECTION,
+            &ShardRecord::id(&msg.job_id, msg.shard),
+            &done,
+            Precondition::UpdateTime(update_time),
+        ),
+        Write::patch(
+            JOBS_COLLECTION,
+            &msg.job_id,
+            json!({"updated_at": rfc3339(now_ms())}),
+            Precondition::Exists,
+        )
+        .increment("shards_done", 1),
+    ];
+    match commit_checkpoint(ctx, &writes, &done).await? {
+        Ok(_) => {}
+        Err(CommitFailure::LeaseLost) => {
+            ctx.metrics.lease_losses.add(1);
+            return Ok(Outcome::Nack);
+        }
+        Err(CommitFailure::JobGone) => return Ok(Outcome::Ack),
+    }
+    ctx.metrics.shards_completed.add(1);
+    tracing::info!(items = done.total, failed = done.failed, "shard done");
+    finish_if_complete(ctx, &msg.job_id).await?;
+    Ok(Outcome::Ack)
+}
+
+/// Marks the job succeeded when every shard is done (idempotent; a conditional write, so
+/// two workers finishing the last shards cannot both miss it or both do it).
+async fn finish_if_complete(ctx: &Ctx, job_id: &str) -> Result<(), WorkError> {
+    loop {
+        let Some(job) = ctx.store.get::<JobRecord>(JOBS_COLLECTION, job_id).await? else {
+            return Ok(());
+        };
+        let r = &job.record;
+        if r.status.is_final() || r.shards == 0 || r.shards_done < r.shards {
+            return Ok(());
+        }
+        let patch = json!({
+            "status": "succeeded",
+            "updated_at": rfc3339(now_ms()),
+            "output_uri": ctx.out.uri(&outputs::output_prefix(job_id)),
+        });
+        let w = Write::patch(
+            JOBS_COLLECTION,
+            job_id,
+            patch,
+            Precondition::UpdateTime(job.update_time),
+        );
+        if let Committed::Done(_) = ctx.store.commit(&[w]).await? {
+            ctx.metrics.jobs_succeeded.add(1);
+            tracing::info!(
+                total = r.counts.total,
+                done = r.counts.done,
+                failed = r.counts.failed,
+                "job succeeded"
+            );
+            return Ok(());
+        }
+    }
+}
+
+/// Sets a final status unless the job already has one.
+async fn finish_job(ctx: &Ctx, job_id: &str, how: Final) -> Result<(), WorkError> {
+    loop {
+        let Some(job) = ctx.store.get::<JobRecord>(JOBS_COLLECTION, job_id).await? else {
+            return Ok(());
+        };
+        if job.record.status.is_final() {
+            return Ok(());
+        }
+        let now = rfc3339(now_ms());
+        let patch = match &how {
+            Final::Cancelled => json!({"status": "cancelled", "updated_at": now}),
+            Final::Failed { code, message } => json!({
+                "status": "failed",
+                "updated_at": now,
+                "error": {"code": code, "message": message},
+            }),
+        };
+        let w = Write::patch(
+            JOBS_COLLECTION,
+            job_id,
+            patch,
+            Precondition::UpdateTime(job.update_time),
+        );
+        if let Committed::Done(_) = ctx.store.commit(&[w]).await? {
+            match &how {
+                Final::Cancelled => {
+                    ctx.metrics.jobs_cancelled.add(1);
+                    tracing::info!("job cancelled");
+                }
+                Final::Failed { code, message } => {
+                    ctx.metrics.jobs_failed.add(1);
+                    tracing::warn!(code, message = %message, "job failed");
+                }
+            }
+            return Ok(());
+        }
+    }
+}
+
+/// The shard stopped workers too often: its message goes to the dead-letter topic, the
+/// shard is quarantined and the job failed with the reason.
+async fn quarantine(
+    ctx: &Ctx,
+    msg: &JobMessage,
+    raw: &Message,
+    shard: &Versioned<ShardRecord>,
+) -> Result<(), WorkError> {
+    let r = &shard.record;
+    let reason = format!(
+        "shard {} of job {} stopped a worker {} times without finishing (at item {} of {}); it was moved to the dead-letter topic",
+        msg.shard,
+        msg.job_id,
+        r.crashes(),
+        r.cursor,
+        r.total
+    );
+    if !dead_letter(ctx, raw, &reason).await {
+        return Err(WorkError::Store(StoreError::Unavailable(
+            "dead-letter topic unavailable".into(),
+        )));
+    }
+    let mut q = r.clone();
+    q.state = ShardState::Quarantined;
+    q.owner.clear();
+    q.updated_at = rfc3339(now_ms());
+    let w = Write::set(
+        SHARDS_COLLECTION,
+        &ShardRecord::id(&msg.job_id, msg.shard),
+        &q,
+        Precondition::UpdateTime(shard.update_time.clone()),
+    );
+    ctx.store.commit(&[w]).await?;
+    ctx.metrics.shards_quarantined.add(1);
+    finish_job(
+        ctx,
+        &msg.job_id,
+        Final::Failed {
+            code: "shard_failed",
+            message: reason,
+        },
+    )
+    .await
+}

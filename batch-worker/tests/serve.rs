@@ -1,0 +1,795 @@
+//! `batch-worker serve` against the real Pub/Sub and Firestore emulators and real ONNX
+//! Runtime: kills, drains, fencing, poison shards, cancellation and preemption notices.
+//!
+//! One emulator pair serves every scenario (each in its own project); the scenarios run one
+//! after another and the test reports every one that failed.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use serde_json::{Value, json};
+use shared::firestore;
+use shared::jobs::{
+    Counts, JOBS_COLLECTION, JobKind, JobMessage, JobRecord, JobStatus, SHARDS_COLLECTION,
+    ShardRecord, TIMESTAMP_FIELDS,
+};
+use shared::wire::{InputItem, Task};
+use stack::emulators::Emulators;
+use stack::gcp::{Firestore, PubSub, Topology};
+use stack::process::Group;
+use stack::worker::WorkerConfig;
+
+const BIN: &str = env!("CARGO_BIN_EXE_batch-worker");
+
+struct Fixture {
+    emu: Emulators,
+    dir: PathBuf,
+}
+
+/// One scenario's world: its own project, topics, output folder and workers.
+struct World<'a> {
+    fx: &'a Fixture,
+    name: String,
+    t: Topology,
+    ps: PubSub,
+    fs: Firestore,
+    out: PathBuf,
+}
+
+impl<'a> World<'a> {
+    async fn new(fx: &'a Fixture, name: &str) -> anyhow::Result<Self> {
+        let project = stack::unique_name(name);
+        let t = Topology::unique(&project);
+        let ps = PubSub::new(&fx.emu.pubsub_host);
+        // Ack deadline 10 s; the subscription's own dead-letter limit above the worker's.
+        ps.create_topology(&t, 10, 20).await?;
+        let fs = Firestore::new(&fx.emu.firestore_host, &project);
+        let out = fx.dir.join(name).join("out");
+        let _ = std::fs::remove_dir_all(fx.dir.join(name));
+        std::fs::create_dir_all(&out)?;
+        Ok(Self {
+            fx,
+            name: name.to_owned(),
+            t,
+            ps,
+            fs,
+            out,
+        })
+    }
+
+    /// A worker configured for fast tests: short chunks, leases and ack extensions.
+    fn worker(&self, id: &str) -> WorkerConfig {
+        WorkerConfig::new(Path::new(BIN), id, &self.fx.emu, &self.t, &self.out)
+            .with("CHUNK_SECONDS", "0.3")
+            .with("LEASE_SECONDS", "4")
+            .with("ACK_EXTENSION_SECONDS", "10")
+            .with("BATCH_SIZE", "32")
+    }
+
+    fn log(&self, file: &str) -> PathBuf {
+        self.fx.dir.join(&self.name).join(file)
+    }
+
+    /// Creates the job record as the edge does, then publishes its shard messages.
+    async fn submit(&self, job_id: &str, shards: &[Vec<InputItem>]) -> anyhow::Result<()> {
+        let total = shards.iter().map(Vec::len).sum::<usize>() as u64;
+        self.create_record(job_id, total, shards.len() as u32, None)
+            .await?;
+        for (i, items) in shards.iter().enumerate() {
+            self.publish(&JobMessage {
+                job_id: job_id.into(),
+                kind: JobKind::Batch,
+                task: Task::Classify,
+                shard: i as u32,
+                shards: shards.len() as u32,
+                items: items.clone(),
+                input_uri: None,
+                chat: None,
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn create_record(
+        &self,
+        job_id: &str,
+        total: u64,
+        shards: u32,
+        input_uri: Option<String>,
+    ) -> anyhow::Result<()> {
+        let now = shared::time::rfc3339(1_790_000_000_000);
+        let rec = JobRecord {
+            job_id: job_id.into(),
+            owner: "test".into(),
+            kind: JobKind::Batch,
+            task: Task::Classify,
+            status: JobStatus::Queued,
+            counts: Counts {
+                total,
+                done: 0,
+                failed: 0,
+            },
+            shards,
+            shards_done: 0,
+            created_at: now.clone(),
+            updated_at: now,
+            cancel_requested: false,
+            chat: None,
+            input_uri,
+            result: None,
+            output_uri: None,
+            error: None,
+            expire_at: None,
+        };
+        let doc = firestore::to_document(&rec, TIMESTAMP_FIELDS)?;
+        self.fs
+            .create(JOBS_COLLECTION, job_id, doc["fields"].clone())
+            .await?;
+        Ok(())
+    }
+
+    async fn publish(&self, m: &JobMessage) -> anyhow::Result<()> {
+        self.ps
+            .publish(
+                &self.t.project,
+                &self.t.topic,
+                &serde_json::to_vec(m)?,
+                &[("job_id", &m.job_id)],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn job(&self, job_id: &str) -> anyhow::Result<JobRecord> {
+        let (fields, _) = self
+            .fs
+            .get(JOBS_COLLECTION, job_id)
+            .await?
+            .context("job record missing")?;
+        Ok(firestore::from_document(&json!({ "fields": fields }))?)
+    }
+
+    async fn shard(&self, job_id: &str, shard: u32) -> anyhow::Result<Option<ShardRecord>> {
+        Ok(
+            match self
+                .fs
+                .get(SHARDS_COLLECTION, &ShardRecord::id(job_id, shard))
+                .await?
+            {
+                Some((fields, _)) => Some(firestore::from_document(&json!({ "fields": fields }))?),
+                None => None,
+            },
+        )
+    }
+
+    async fn wait_job(
+        &self,
+        job_id: &str,
+        timeout: Duration,
+        what: &str,
+        done: impl Fn(&JobRecord) -> bool,
+    ) -> anyhow::Result<JobRecord> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let j = self.job(job_id).await?;
+            if done(&j) {
+                return Ok(j);
+            }
+            if Instant::now() > deadline {
+                bail!("job {job_id}: {what} not reached after {timeout:?}; record: {j:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn wait_shard(
+        &self,
+        job_id: &str,
+        shard: u32,
+        timeout: Duration,
+        what: &str,
+        done: impl Fn(&ShardRecord) -> bool,
+    ) -> anyhow::Result<ShardRecord> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.shard(job_id, shard).await?
+                && done(&s)
+            {
+                return Ok(s);
+            }
+            if Instant::now() > deadline {
+                bail!("shard {job_id}/{shard}: {what} not reached after {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Every output line of the job, in file order.
+    fn output_lines(&self, job_id: &str) -> anyhow::Result<Vec<Value>> {
+        let dir = self.out.join(job_id).join("output");
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .with_context(|| format!("{}", dir.display()))?
+            .map(|e| e.map(|e| e.path()))
+            .collect::<Result<_, _>>()?;
+        files.sort();
+        let mut lines = Vec::new();
+        for f in files {
+            for l in std::fs::read_to_string(f)?.lines() {
+                lines.push(serde_json::from_str(l)?);
+            }
+        }
+        Ok(lines)
+    }
+
+    /// Every output line of the job, by `custom_id`; fails on a duplicate.
+    fn outputs(&self, job_id: &str) -> anyhow::Result<BTreeMap<String, Value>> {
+        let mut lines = BTreeMap::new();
+        for v in self.output_lines(job_id)? {
+            let id = v["custom_id"].as_str().context("custom_id")?.to_owned();
+            ensure!(
+                lines.insert(id.clone(), v).is_none(),
+                "custom_id {id} appears twice in the outputs of {job_id}"
+            );
+        }
+        Ok(lines)
+    }
+
+    /// Lines written in all chunk objects (committed or not): the work done, redone included.
+    fn chunk_lines(&self, job_id: &str) -> usize {
+        let mut n = 0;
+        let Ok(shards) = std::fs::read_dir(self.out.join(job_id).join("chunks")) else {
+            return 0;
+        };
+        for s in shards.flatten() {
+            for c in std::fs::read_dir(s.path()).into_iter().flatten().flatten() {
+                n += std::fs::read_to_string(c.path())
+                    .map(|t| t.lines().count())
+                    .unwrap_or(0);
+            }
+        }
+        n
+    }
+}
+
+/// `n` items over the intent test split, ids `{prefix}-{i}`.
+fn items(prefix: &str, n: usize) -> Vec<InputItem> {
+    let texts = common::test_split_texts();
+    (0..n)
+        .map(|i| InputItem {
+            custom_id: format!("{prefix}-{i}"),
+            input: texts[i % texts.len()].clone(),
+        })
+        .collect()
+}
+
+fn assert_exactly(outputs: &BTreeMap<String, Value>, items: &[InputItem]) -> anyhow::Result<()> {
+    ensure!(
+        outputs.len() == items.len(),
+        "{} output lines for {} items",
+        outputs.len(),
+        items.len()
+    );
+    for i in items {
+        ensure!(
+            outputs.contains_key(&i.custom_id),
+            "no output for {}",
+            i.custom_id
+        );
+    }
+    Ok(())
+}
+
+/// Waits for the group's leader to exit; its status and how long it took.
+async fn wait_exit(
+    g: &mut Group,
+    timeout: Duration,
+) -> anyhow::Result<(std::process::ExitStatus, Duration)> {
+    let started = Instant::now();
+    loop {
+        if let Some(s) = g.try_wait() {
+            return Ok((s, started.elapsed()));
+        }
+        if started.elapsed() > timeout {
+            bail!(
+                "{} still running after {timeout:?}:\n{}",
+                g.name(),
+                g.log_tail(20)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Plain job: three shards (one message published twice, as Pub/Sub may deliver it), an
+/// `input_uri` job with malformed lines, metrics; outputs equal `batch-worker run`'s.
+async fn outputs_once_and_equal_to_the_embedded_run(fx: &Fixture) -> anyhow::Result<()> {
+    let w = World::new(fx, "plain").await?;
+    let metrics_port = stack::free_port()?;
+    let _w1 = w
+        .worker("w1")
+        .with("METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
+        .start(&w.log("w1.log"))?;
+    let all = items("a", 2500);
+    let shards: Vec<Vec<InputItem>> = all.chunks(1000).map(<[InputItem]>::to_vec).collect();
+    w.submit("job-a", &shards).await?;
+    // A duplicate delivery of shard 1.
+    w.publish(&JobMessage {
+        job_id: "job-a".into(),
+        kind: JobKind::Batch,
+        task: Task::Classify,
+        shard: 1,
+        shards: 3,
+        items: shards[1].clone(),
+        input_uri: None,
+        chat: None,
+    })
+    .await?;
+
+    // An input_uri job: 300 lines, 3 malformed, 1 duplicate id.
+    let file_items = items("f", 300);
+    let mut text = String::new();
+    for (i, it) in file_items.iter().enumerate() {
+        match i {
+            10 => text.push_str("{\"custom_id\": \"broken\n"),
+            20 => text.push_str("not json at all\n"),
+            30 => text.push_str("{\"custom_id\": \"f-30\"}\n"),
+            40 => text.push_str(&format!(
+                "{}\n",
+                json!({"custom_id": "f-0", "input": "dup"})
+            )),
+            _ => text.push_str(&format!("{}\n", serde_json::to_string(it)?)),
+        }
+    }
+    let input = w.fx.dir.join("plain").join("input.jsonl");
+    std::fs::write(&input, &text)?;
+    let uri = format!("file://{}", input.display());
+    w.create_record("job-f", 0, 0, Some(uri.clone())).await?;
+    w.publish(&JobMessage {
+        job_id: "job-f".into(),
+        kind: JobKind::Batch,
+        task: Task::Classify,
+        shard: 0,
+        shards: 0,
+        items: Vec::new(),
+        input_uri: Some(uri),
+        chat: None,
+    })
+    .await?;
+
+    let a = w
+        .wait_job("job-a", Duration::from_secs(60), "succeeded", |j| {
+            j.status == JobStatus::Succeeded
+        })
+        .await?;
+    ensure!(
+        a.counts
+            == Counts {
+                total: 2500,
+                done: 2500,
+                failed: 0
+            },
+        "counts {:?}",
+        a.counts
+    );
+    ensure!(a.shards_done == 3, "shards_done {}", a.shards_done);
+    let out_uri = a.output_uri.clone().unwrap_or_default();
+    ensure!(
+        out_uri == format!("file://{}/job-a/output/", w.out.display()),
+        "output_uri {out_uri}"
+    );
+    let outputs = w.outputs("job-a")?;
+    assert_exactly(&outputs, &all)?;
+
+    // The same items through the embedded mode give the same lines.
+    let emb_in = w.fx.dir.join("plain").join("a.jsonl");
+    let emb_out = w.fx.dir.join("plain").join("a.out.jsonl");
+    let body: String = all
+        .iter()
+        .map(|i| serde_json::to_string(i).map(|s| s + "\n"))
+        .collect::<Result<_, _>>()?;
+    std::fs::write(&emb_in, body)?;
+    let st = std::process::Command::new(BIN)
+        .args(["run", "--task", "classify", "--device", "cpu", "--input"])
+        .arg(&emb_in)
+        .arg("--output")
+        .arg(&emb_out)
+        .env("RUST_LOG", "error")
+        .status()?;
+    ensure!(st.success(), "embedded run failed");
+    for l in std::fs::read_to_string(&emb_out)?.lines() {
+        let v: Value = serde_json::from_str(l)?;
+        let id = v["custom_id"].as_str().unwrap_or_default();
+        ensure!(outputs.get(id) == Some(&v), "serve and run differ for {id}");
+    }
+
+    let f = w
+        .wait_job("job-f", Duration::from_secs(30), "succeeded", |j| {
+            j.status == JobStatus::Succeeded
+        })
+        .await?;
+    ensure!(
+        f.counts
+            == Counts {
+                total: 300,
+                done: 300,
+                failed: 4
+            },
+        "input_uri counts {:?}",
+        f.counts
+    );
+    let fo = w.output_lines("job-f")?;
+    ensure!(fo.len() == 300, "{} lines for 300 input lines", fo.len());
+    for (i, id, code) in [
+        (10, "11", "invalid_item"),
+        (20, "21", "invalid_item"),
+        (30, "f-30", "invalid_item"),
+        (40, "f-0", "duplicate_custom_id"),
+    ] {
+        ensure!(
+            fo[i]["custom_id"] == id && fo[i]["error"]["code"] == code,
+            "line {}: {}",
+            i + 1,
+            fo[i]
+        );
+    }
+    ensure!(fo[0]["output"]["intent"].is_string(), "line 1: {}", fo[0]);
+
+    let metrics = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+        .await?
+        .text()
+        .await?;
+    ensure!(
+        metrics.contains("batch_worker_items_total 2800")
+            && metrics.contains("batch_worker_shards_completed_total 4")
+            && metrics.contains("batch_worker_inference_seconds_count"),
+        "metrics:\n{metrics}"
+    );
+    Ok(())
+}
+
+/// SIGKILL mid-shard, restart: every item once; the redo is at most about one chunk.
+async fn sigkill_then_restart_loses_nothing(fx: &Fixture) -> anyhow::Result<()> {
+    let w = World::new(fx, "sigkill").await?;
+    let cfg = w
+        .worker("w1")
+        .with("BATCH_WORKER_FAILPOINTS", "batch-delay-ms=40");
+    let mut w1 = cfg.start(&w.log("w1-a.log"))?;
+    let all = items("k", 3000);
+    w.submit("job-k", &[all.clone()]).await?;
+    w.wait_shard("job-k", 0, Duration::from_secs(30), "a first chunk", |s| {
+        s.cursor > 0
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    w1.signal(libc::SIGKILL);
+    wait_exit(&mut w1, Duration::from_secs(5)).await?;
+    let at_kill = w.shard("job-k", 0).await?.context("shard")?;
+    ensure!(at_kill.cursor < 3000, "finished before the kill");
+    let restarted = Instant::now();
+    let _w1 = cfg.start(&w.log("w1-b.log"))?;
+    w.wait_shard(
+        "job-k",
+        0,
+        Duration::from_secs(40),
+        "a commit after restart",
+        |s| s.epoch == 2 && s.cursor > at_kill.cursor,
+    )
+    .await?;
+    let first_commit = restarted.elapsed();
+    let j = w
+        .wait_job("job-k", Duration::from_secs(60), "succeeded", |j| {
+            j.status == JobStatus::Succeeded
+        })
+        .await?;
+    ensure!(j.counts.done == 3000, "counts {:?}", j.counts);
+    assert_exactly(&w.outputs("job-k")?, &all)?;
+    let redone = w.chunk_lines("job-k") - 3000;
+    eprintln!(
+        "sigkill: killed at cursor {}, redone {redone} items, first commit {:.1} s after restart",
+        at_kill.cursor,
+        first_commit.as_secs_f64()
+    );
+    // 0.3 s chunks at ~800 items/s: the uncommitted tail is a few hundred items at most.
+    ensure!(redone < 600, "redid {redone} items");
+    Ok(())
+}
+
+/// SIGTERM: the drain ends inside 20 s with exit 0, and another worker resumes from the
+/// checkpoint.
+async fn sigterm_drains_and_another_worker_resumes(fx: &Fixture) -> anyhow::Result<()> {
+    let w = World::new(fx, "sigterm").await?;
+    let slow = |id: &str| {
+        w.worker(id)
+            .with("BATCH_WORKER_FAILPOINTS", "batch-delay-ms=40")
+    };
+    let mut w1 = slow("w1").start(&w.log("w1.log"))?;
+    let all = items("d", 3000);
+    w.submit("job-d", &[all.clone()]).await?;
+    w.wait_shard("job-d", 0, Duration::from_secs(30), "a first chunk", |s| {
+        s.cursor > 0
+    })
+    .await?;
+    w1.signal(libc::SIGTERM);
+    let (status, took) = wait_exit(&mut w1, Duration::from_secs(25)).await?;
+    ensure!(status.success(), "drain exit status {status}");
+    ensure!(took < Duration::from_secs(20), "drain took {took:?}");
+    let s = w.shard("job-d", 0).await?.context("shard")?;
+    ensure!(
+        s.drains == 1 && s.owner.is_empty() && s.cursor > 0 && s.cursor < 3000,
+        "after the drain: {s:?}"
+    );
+    eprintln!(
+        "sigterm: drained in {} ms at cursor {}",
+        took.as_millis(),
+        s.cursor
+    );
+    let _w2 = slow("w2").start(&w.log("w2.log"))?;
+    w.wait_job("job-d", Duration::from_secs(60), "succeeded", |j| {
+        j.status == JobStatus::Succeeded
+    })
+    .await?;
+    assert_exactly(&w.outputs("job-d")?, &all)?;
+    ensure!(
+        w.chunk_lines("job-d") == 3000,
+        "a drain must redo nothing, chunks hold {} lines",
+        w.chunk_lines("job-d")
+    );
+    let end = w.shard("job-d", 0).await?.context("shard")?;
+    ensure!(end.crashes() == 0, "a drain counted as a crash: {end:?}");
+    Ok(())
+}
+
+/// Worker 1 stalls past its ack deadline and lease (SIGSTOP): the message is redelivered,
+/// worker 2 takes the shard; worker 1 wakes and cannot commit. One output per item.
+async fn fencing_stops_the_worker_that_lost_its_lease(fx: &Fixture) -> anyhow::Result<()> {
+    let w = World::new(fx, "fencing").await?;
+    let slow = |id: &str| {
+        w.worker(id)
+            .with("BATCH_WORKER_FAILPOINTS", "batch-delay-ms=40")
+    };
+    let w1 = slow("w1").start(&w.log("w1.log"))?;
+    let all = items("x", 4000);
+    w.submit("job-x", &[all.clone()]).await?;
+    w.wait_shard("job-x", 0, Duration::from_secs(30), "a first chunk", |s| {
+        s.cursor > 0
+    })
+    .await?;
+    w1.signal(libc::SIGSTOP);
+    let _w2 = slow("w2").start(&w.log("w2.log"))?;
+    let taken = w
+        .wait_shard(
+            "job-x",
+            0,
+            Duration::from_secs(60),
+            "take-over by w2",
+            |s| s.owner == "w2" && s.cursor > 0,
+        )
+        .await;
+    w1.signal(libc::SIGCONT);
+    let taken = taken?;
+    ensure!(taken.epoch == 2, "epoch {}", taken.epoch);
+    w.wait_job("job-x", Duration::from_secs(60), "succeeded", |j| {
+        j.status == JobStatus::Succeeded
+    })
+    .await?;
+    assert_exactly(&w.outputs("job-x")?, &all)?;
+    let log = std::fs::read_to_string(w.log("w1.log"))?;
+    ensure!(
+        log.contains("lease lost"),
+        "w1 never noticed its lost lease:\n{log}"
+    );
+    Ok(())
+}
+
+/// A shard that crashes the worker every time: after POISON_LIMIT crashes its message is in
+/// the dead-letter topic and the job failed with a reason; another job still succeeds.
+async fn poison_shard_is_dead_lettered(fx: &Fixture) -> anyhow::Result<()> {
+    let w = World::new(fx, "poison").await?;
+    let cfg = w
+        .worker("w1")
+        .with("POISON_LIMIT", "2")
+        .with("BATCH_WORKER_FAILPOINTS", "crash-on-input=💥 crash");
+    let ok = items("q", 200);
+    w.submit("job-q", &[ok.clone()]).await?;
+    let mut bad = items("p", 100);
+    bad[50].input = "💥 crash".into();
+    w.submit("job-p", &[bad]).await?;
+    let mut starts = 0;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let mut g = cfg.start(&w.log(&format!("w1-{starts}.log")))?;
+        starts += 1;
+        // Run until it crashes or the poison job is failed.
+        loop {
+            if g.try_wait().is_some() {
+                break;
+            }
+            if w.job("job-p").await?.status == JobStatus::Failed || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let p = w.job("job-p").await?;
+        if p.status == JobStatus::Failed {
+            let err = p.error.context("failed job without error")?;
+            ensure!(err.code == "shard_failed", "error {err:?}");
+            ensure!(err.message.contains("dead-letter"), "error {err:?}");
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "poison job not failed after {starts} starts"
+        );
+    }
+    ensure!(
+        starts == 3,
+        "expected 2 crashes then a quarantine, saw {starts} starts"
+    );
+    let dead = stack::wait_for("dead letter", Duration::from_secs(20), || {
+        let ps = w.ps.clone();
+        let (p, s) = (w.t.project.clone(), w.t.dead_letter_subscription.clone());
+        async move { ps.pull(&p, &s, 10).await.ok().filter(|m| !m.is_empty()) }
+    })
+    .await?;
+    let msg: JobMessage = serde_json::from_slice(&dead[0].data)?;
+    ensure!(msg.job_id == "job-p", "dead letter for {}", msg.job_id);
+    ensure!(
+        dead[0].attributes.contains_key("dead_letter_reason"),
+        "attributes {:?}",
+        dead[0].attributes
+    );
+    let q = w
+        .wait_job("job-q", Duration::from_secs(30), "succeeded", |j| {
+            j.status == JobStatus::Succeeded
+        })
+        .await?;
+    ensure!(q.counts.done == 200, "{:?}", q.counts);
+    assert_exactly(&w.outputs("job-q")?, &ok)?;
+    Ok(())
+}
+
+/// `cancel_requested` (what `DELETE /v1/jobs/{id}` sets) ends the job at a chunk boundary.
+async fn cancel_stops_at_a_chunk_boundary(fx: &Fixture) -> anyhow::Result<()> {
+    let w = World::new(fx, "cancel").await?;
+    let _w1 = w
+        .worker("w1")
+        .with("BATCH_WORKER_FAILPOINTS", "batch-delay-ms=40")
+        .start(&w.log("w1.log"))?;
+    w.submit("job-c", &[items("c", 4000)]).await?;
+    w.wait_shard("job-c", 0, Duration::from_secs(30), "a first chunk", |s| {
+        s.cursor > 0
+    })
+    .await?;
+    let (fields, ut) = w.fs.get(JOBS_COLLECTION, "job-c").await?.context("job")?;
+    let mut fields = fields;
+    fields["cancel_requested"] = json!({"booleanValue": true});
+    w.fs.update_if(JOBS_COLLECTION, "job-c", &ut, fields)
+        .await?;
+    let j = w
+        .wait_job("job-c", Duration::from_secs(10), "cancelled", |j| {
+            j.status == JobStatus::Cancelled
+        })
+        .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let s = w.shard("job-c", 0).await?.context("shard")?;
+    ensure!(s.cursor < 4000, "ran to the end after the cancel: {s:?}");
+    ensure!(
+        j.counts.done == s.cursor,
+        "counts {:?} vs cursor {}",
+        j.counts,
+        s.cursor
+    );
+    Ok(())
+}
+
+/// A local GCE metadata server whose `instance/preempted` flips to TRUE on demand.
+async fn metadata_server() -> anyhow::Result<(String, tokio::sync::watch::Sender<bool>)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let host = listener.local_addr()?.to_string();
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let mut rx = rx.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let n = sock.read(&mut buf).await.unwrap_or(0);
+                let head = String::from_utf8_lossy(&buf[..n]).to_string();
+                let ok_flavor = head
+                    .to_ascii_lowercase()
+                    .contains("metadata-flavor: google");
+                if !head.starts_with("GET /computeMetadata/v1/instance/preempted") || !ok_flavor {
+                    let _ = sock
+                        .write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
+                        .await;
+                    return;
+                }
+                if head.contains("wait_for_change=true") && !*rx.borrow() {
+                    let _ = rx.changed().await;
+                }
+                let (body, etag) = if *rx.borrow() {
+                    ("TRUE", "1")
+                } else {
+                    ("FALSE", "0")
+                };
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\nmetadata-flavor: Google\r\netag: {etag}\r\ncontent-type: application/text\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = sock.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    Ok((host, tx))
+}
+
+/// GCE's preemption notice drains the worker like SIGTERM.
+async fn preemption_notice_drains(fx: &Fixture) -> anyhow::Result<()> {
+    let w = World::new(fx, "preempt").await?;
+    let (host, flag) = metadata_server().await?;
+    let mut w1 = w
+        .worker("w1")
+        .with("BATCH_WORKER_FAILPOINTS", "batch-delay-ms=40")
+        .with("GCE_METADATA_HOST", host)
+        .start(&w.log("w1.log"))?;
+    let all = items("m", 3000);
+    w.submit("job-m", &[all.clone()]).await?;
+    w.wait_shard("job-m", 0, Duration::from_secs(30), "a first chunk", |s| {
+        s.cursor > 0
+    })
+    .await?;
+    flag.send_replace(true);
+    let (status, took) = wait_exit(&mut w1, Duration::from_secs(25)).await?;
+    ensure!(status.success(), "exit {status}");
+    ensure!(took < Duration::from_secs(20), "drain took {took:?}");
+    let s = w.shard("job-m", 0).await?.context("shard")?;
+    ensure!(s.drains == 1 && s.owner.is_empty(), "{s:?}");
+    let _w2 = w.worker("w2").start(&w.log("w2.log"))?;
+    w.wait_job("job-m", Duration::from_secs(60), "succeeded", |j| {
+        j.status == JobStatus::Succeeded
+    })
+    .await?;
+    assert_exactly(&w.outputs("job-m")?, &all)?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_keeps_every_item_exactly_once_through_faults() {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("serve-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let emu = Emulators::start(&dir).await.expect("emulators start");
+    let fx = Fixture { emu, dir };
+    let only = std::env::var("SERVE_SCENARIO").unwrap_or_default();
+    let mut failures = HashMap::new();
+    macro_rules! scenario {
+        ($f:ident) => {
+            if only.is_empty() || stringify!($f).contains(only.as_str()) {
+                let started = Instant::now();
+                let r = $f(&fx).await;
+                eprintln!(
+                    "scenario {}: {} in {:.1} s",
+                    stringify!($f),
+                    if r.is_ok() { "ok" } else { "FAILED" },
+                    started.elapsed().as_secs_f64()
+                );
+                if let Err(e) = r {
+                    failures.insert(stringify!($f), format!("{e:#}"));
+                }
+            }
+        };
+    }
+    scenario!(outputs_once_and_equal_to_the_embedded_run);
+    scenario!(sigkill_then_restart_loses_nothing);
+    scenario!(sigterm_drains_and_another_worker_resumes);
+    scenario!(fencing_stops_the_worker_that_lost_its_lease);
+    scenario!(poison_shard_is_dead_lettered);
+    scenario!(cancel_stops_at_a_chunk_boundary);
+    scenario!(preemption_notice_drains);
+    assert!(failures.is_empty(), "failed scenarios: {failures:#?}");
+}
