@@ -98,7 +98,7 @@ enum Cmd {
     /// Pull jobs from Pub/Sub until SIGTERM/SIGINT or a GCE preemption notice, then drain
     Serve {
         #[command(flatten)]
-        serve: ServeArgs,
+        serve: Box<ServeArgs>,
         #[command(flatten)]
         engine: EngineArgs,
     },
@@ -134,7 +134,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
     match cli.command {
-        Cmd::Serve { serve, engine } => serve_main(serve, engine),
+        Cmd::Serve { serve, engine } => serve_main(*serve, engine),
         Cmd::Run {
             task,
             input,

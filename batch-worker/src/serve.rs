@@ -127,6 +127,15 @@ struct Ctx {
     /// This process: a new value after every restart.
     instance: String,
     dead_letter: Option<Publisher>,
+    /// Shards run under the read side; a suspect shard (one that was in flight when a worker
+    /// died) under the write side, alone, so that the next crash is its own.
+    isolation: Arc<tokio::sync::RwLock<()>>,
+}
+
+/// This delivery's hold on [`Ctx::isolation`].
+enum Isolation {
+    Shared(#[allow(dead_code)] tokio::sync::OwnedRwLockReadGuard<()>),
+    Alone(#[allow(dead_code)] tokio::sync::OwnedRwLockWriteGuard<()>),
 }
 
 fn now_ms() -> u64 {
@@ -224,6 +233,7 @@ pub async fn serve(cfg: ServeConfig, classify: Classify) -> anyhow::Result<()> {
         metrics,
         drain: drain.clone(),
         dead_letter,
+        isolation: Arc::new(tokio::sync::RwLock::new(())),
     });
     tracing::info!(
         worker_id = %ctx.cfg.worker_id,
@@ -359,6 +369,7 @@ async fn dead_letter(ctx: &Ctx, m: &Message, reason: &str) -> bool {
 async fn process(ctx: &Ctx, msg: &JobMessage, raw: &Message) -> Result<Outcome, WorkError> {
     let shard_id = ShardRecord::id(&msg.job_id, msg.shard);
     let mut counted_redelivery = false;
+    let mut isolation: Option<Isolation> = None;
     loop {
         let Some(job) = ctx
             .store
@@ -411,6 +422,33 @@ async fn process(ctx: &Ctx, msg: &JobMessage, raw: &Message) -> Result<Outcome, 
         }
         if ctx.drain.is_cancelled() {
             return Ok(Outcome::Nack);
+        }
+        // A shard that was in flight when a worker died runs alone: if it is the poison, it
+        // takes down no other shard with it; if it is not, it completes.
+        let suspect = shard.as_ref().is_some_and(|s| s.record.crashes() > 0);
+        let fits = matches!(
+            (&isolation, suspect),
+            (Some(Isolation::Alone(_)), _) | (Some(Isolation::Shared(_)), false)
+        );
+        if !fits {
+            // Release a shared hold first: the write side waits for every reader.
+            drop(isolation.take());
+            let lock = ctx.isolation.clone();
+            let acquired = if suspect {
+                tracing::info!("shard was in flight during a crash: running it alone");
+                tokio::select! {
+                    _ = ctx.drain.cancelled() => return Ok(Outcome::Nack),
+                    g = lock.write_owned() => Isolation::Alone(g),
+                }
+            } else {
+                tokio::select! {
+                    _ = ctx.drain.cancelled() => return Ok(Outcome::Nack),
+                    g = lock.read_owned() => Isolation::Shared(g),
+                }
+            };
+            isolation = Some(acquired);
+            // The wait may have been long: look again.
+            continue;
         }
 
         let items = match load_items(msg, &job.record).await {

@@ -25,6 +25,13 @@ use stack::worker::WorkerConfig;
 
 const BIN: &str = env!("CARGO_BIN_EXE_batch-worker");
 
+/// How long a message of a killed worker may take to come back. The Pub/Sub emulator does
+/// not notice a closed streaming pull (its log shows `NoSuchMethodError` in
+/// `onRstStreamRead`): it keeps sending to the dead stream, and each message sent there
+/// returns only when its 10 s ack deadline passes, so a redelivery can take several rounds.
+/// Real Pub/Sub redelivers after one ack deadline.
+const REDELIVERY: Duration = Duration::from_secs(120);
+
 struct Fixture {
     emu: Emulators,
     dir: PathBuf,
@@ -460,7 +467,7 @@ async fn sigkill_then_restart_loses_nothing(fx: &Fixture) -> anyhow::Result<()> 
         .with("BATCH_WORKER_FAILPOINTS", "batch-delay-ms=40");
     let mut w1 = cfg.start(&w.log("w1-a.log"))?;
     let all = items("k", 3000);
-    w.submit("job-k", &[all.clone()]).await?;
+    w.submit("job-k", std::slice::from_ref(&all)).await?;
     w.wait_shard("job-k", 0, Duration::from_secs(30), "a first chunk", |s| {
         s.cursor > 0
     })
@@ -509,7 +516,7 @@ async fn sigterm_drains_and_another_worker_resumes(fx: &Fixture) -> anyhow::Resu
     };
     let mut w1 = slow("w1").start(&w.log("w1.log"))?;
     let all = items("d", 3000);
-    w.submit("job-d", &[all.clone()]).await?;
+    w.submit("job-d", std::slice::from_ref(&all)).await?;
     w.wait_shard("job-d", 0, Duration::from_secs(30), "a first chunk", |s| {
         s.cursor > 0
     })
@@ -540,7 +547,10 @@ async fn sigterm_drains_and_another_worker_resumes(fx: &Fixture) -> anyhow::Resu
         w.chunk_lines("job-d")
     );
     let end = w.shard("job-d", 0).await?.context("shard")?;
-    ensure!(end.crashes() == 0, "a drain counted as a crash: {end:?}");
+    ensure!(
+        end.deliveries == 2 && end.drains == 1,
+        "the drain must be recorded (and so not count toward the poison limit): {end:?}"
+    );
     Ok(())
 }
 
@@ -554,7 +564,7 @@ async fn fencing_stops_the_worker_that_lost_its_lease(fx: &Fixture) -> anyhow::R
     };
     let w1 = slow("w1").start(&w.log("w1.log"))?;
     let all = items("x", 4000);
-    w.submit("job-x", &[all.clone()]).await?;
+    w.submit("job-x", std::slice::from_ref(&all)).await?;
     w.wait_shard("job-x", 0, Duration::from_secs(30), "a first chunk", |s| {
         s.cursor > 0
     })
@@ -595,12 +605,12 @@ async fn poison_shard_is_dead_lettered(fx: &Fixture) -> anyhow::Result<()> {
         .with("POISON_LIMIT", "2")
         .with("BATCH_WORKER_FAILPOINTS", "crash-on-input=💥 crash");
     let ok = items("q", 200);
-    w.submit("job-q", &[ok.clone()]).await?;
+    w.submit("job-q", std::slice::from_ref(&ok)).await?;
     let mut bad = items("p", 100);
     bad[50].input = "💥 crash".into();
     w.submit("job-p", &[bad]).await?;
     let mut starts = 0;
-    let deadline = Instant::now() + Duration::from_secs(90);
+    let deadline = Instant::now() + 3 * REDELIVERY;
     loop {
         let mut g = cfg.start(&w.log(&format!("w1-{starts}.log")))?;
         starts += 1;
@@ -738,7 +748,7 @@ async fn preemption_notice_drains(fx: &Fixture) -> anyhow::Result<()> {
         .with("GCE_METADATA_HOST", host)
         .start(&w.log("w1.log"))?;
     let all = items("m", 3000);
-    w.submit("job-m", &[all.clone()]).await?;
+    w.submit("job-m", std::slice::from_ref(&all)).await?;
     w.wait_shard("job-m", 0, Duration::from_secs(30), "a first chunk", |s| {
         s.cursor > 0
     })

@@ -24,6 +24,60 @@ pub struct Emulators {
 /// How long the JVMs may take to come up on a loaded 2-core machine.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(90);
 
+/// The Pub/Sub emulator command: its jar run with the `tests/emulator-shim` class first on
+/// the classpath when the jar and `javac` are there (see that file for the emulator defect it
+/// repairs), else the launcher script as installed.
+fn pubsub_command(launcher: &Path, log_dir: &Path) -> Command {
+    match shimmed_classpath(launcher, log_dir) {
+        Ok(classpath) => {
+            let mut cmd = Command::new("java");
+            cmd.arg("-cp")
+                .arg(classpath)
+                .arg("com.google.cloud.pubsub.testing.v1.Main");
+            cmd
+        }
+        Err(e) => {
+            eprintln!(
+                "warning: running the Pub/Sub emulator unpatched ({e:#}); it may not redeliver the messages of a killed subscriber"
+            );
+            Command::new(launcher)
+        }
+    }
+}
+
+fn shimmed_classpath(launcher: &Path, log_dir: &Path) -> anyhow::Result<std::ffi::OsString> {
+    let lib = launcher
+        .parent()
+        .and_then(Path::parent)
+        .context("launcher path")?
+        .join("lib");
+    let jar = std::fs::read_dir(&lib)
+        .with_context(|| format!("reading {}", lib.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "jar"))
+        .with_context(|| format!("no emulator jar in {}", lib.display()))?;
+    let source = crate::root().join("tests/emulator-shim/io/grpc/InternalStatus.java");
+    let out = log_dir.join("emulator-shim");
+    let class = out.join("io/grpc/InternalStatus.class");
+    if !class.is_file() {
+        std::fs::create_dir_all(&out)?;
+        let status = Command::new("javac")
+            .arg("-nowarn")
+            .arg("-d")
+            .arg(&out)
+            .arg("-cp")
+            .arg(&jar)
+            .arg(&source)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .context("running javac")?;
+        anyhow::ensure!(status.success(), "javac failed on {}", source.display());
+    }
+    Ok(std::env::join_paths([out, jar])?)
+}
+
 impl Emulators {
     /// Starts both emulators (in parallel) with logs in `log_dir`, and waits until both answer.
     pub async fn start(log_dir: &Path) -> anyhow::Result<Self> {
@@ -32,7 +86,7 @@ impl Emulators {
         let pubsub_host = format!("127.0.0.1:{ps_port}");
         let firestore_host = format!("127.0.0.1:{fs_port}");
 
-        let mut cmd = Command::new(&tools.pubsub);
+        let mut cmd = pubsub_command(&tools.pubsub, log_dir);
         cmd.arg("--host=127.0.0.1").arg(format!("--port={ps_port}"));
         let pubsub = Group::spawn(
             "pubsub-emulator",
