@@ -265,6 +265,9 @@ pub async fn serve(cfg: ServeConfig, classify: Classify) -> anyhow::Result<()> {
     }
     let started = Instant::now();
     tracing::info!(in_flight = tasks.len(), "draining: no new messages");
+    // Close the stream first, so that shards nacked below go to other workers, not back to
+    // this one; the shutdown completes once every held message is acked or nacked and flushed.
+    let flushed = tokio::spawn(async move { shutdown.shutdown().await });
     let drained = tokio::time::timeout(ctx.cfg.drain_timeout, async {
         while tasks.join_next().await.is_some() {}
     })
@@ -277,7 +280,7 @@ pub async fn serve(cfg: ServeConfig, classify: Classify) -> anyhow::Result<()> {
         tasks.abort_all();
     }
     // Flush acks and nacks so nacked shards are redelivered at once.
-    let _ = tokio::time::timeout(Duration::from_secs(3), shutdown.shutdown()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(3), flushed).await;
     stop.cancel();
     tracing::info!(drain_ms = started.elapsed().as_millis() as u64, "drained");
     match failure {

@@ -27,6 +27,7 @@ fn dev_stops_cleanly_on(signal: i32) {
     let mut child = Command::new(bin)
         .args(["dev", "--port", "0"])
         .env("DEV_API_KEY", "test-key-123")
+        .env("METRICS_ADDR", "127.0.0.1:0")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -73,8 +74,8 @@ fn dev_stops_cleanly_on(signal: i32) {
     );
     assert_eq!(
         groups.len(),
-        3,
-        "both emulators and wrangler report their process group"
+        4,
+        "both emulators, the worker and wrangler report their process group"
     );
     assert!(groups.iter().all(|&g| alive(g)));
     // The Worker answers with the development key.
@@ -91,6 +92,56 @@ fn dev_stops_cleanly_on(signal: i32) {
         (r.status().as_u16(), r.text().await.unwrap_or_default())
     });
     assert_eq!(status, 200, "{body}");
+    // A batch goes through the Worker, Pub/Sub and the worker, and ends succeeded.
+    let job = rt.block_on(async {
+        let http = reqwest::Client::new();
+        let r = http
+            .post(format!("{url}/v1/batches"))
+            .bearer_auth("test-key-123")
+            .json(&serde_json::json!({"task": "classify", "items": [
+                {"custom_id": "a", "input": "안녕하세요"},
+                {"custom_id": "b", "input": "근처 짜장면집 추천해줘"},
+            ]}))
+            .send()
+            .await
+            .expect("batch accepted");
+        assert_eq!(r.status().as_u16(), 202);
+        let v: serde_json::Value = r.json().await.expect("json");
+        let status_url = v["status_url"].as_str().expect("status_url").to_owned();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let j: serde_json::Value = http
+                .get(format!("{url}{status_url}?wait=20"))
+                .bearer_auth("test-key-123")
+                .send()
+                .await
+                .expect("job")
+                .json()
+                .await
+                .expect("json");
+            if j["status"] == "succeeded" || Instant::now() > deadline {
+                break j;
+            }
+        }
+    });
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["counts"]["done"], 2, "{job}");
+    let dir = job["output_uri"]
+        .as_str()
+        .and_then(|u| u.strip_prefix("file://"))
+        .expect("file:// output_uri")
+        .to_owned();
+    let lines: usize = std::fs::read_dir(&dir)
+        .expect("output dir")
+        .flatten()
+        .map(|e| {
+            std::fs::read_to_string(e.path())
+                .unwrap_or_default()
+                .lines()
+                .count()
+        })
+        .sum();
+    assert_eq!(lines, 2, "one output line per item in {dir}");
 
     // SAFETY: signalling the child we spawned.
     unsafe { libc::kill(child.id() as i32, signal) };

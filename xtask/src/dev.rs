@@ -3,6 +3,7 @@
 use anyhow::Context;
 use stack::emulators::Emulators;
 use stack::gcp::{PubSub, Topology};
+use stack::worker::WorkerConfig;
 use stack::wrangler::{EdgeConfig, Wrangler};
 
 use crate::{root, setup};
@@ -22,6 +23,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     stack::prereq::emulator_tools(&stack::prereq::Env::from_process())?;
     setup::all()?;
     setup::build_worker()?;
+    let mut c = crate::cargo();
+    c.args([
+        "build",
+        "--quiet",
+        "--release",
+        "-p",
+        "batch-worker",
+        "--bin",
+        "batch-worker",
+    ]);
+    crate::run_cmd(c)?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(serve(args))
 }
@@ -41,7 +53,23 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         .await
         .context("creating topics and subscriptions")?;
 
-    for g in [&emulators.pubsub, &emulators.firestore] {
+    let outputs = root().join(".dev/outputs");
+    std::fs::create_dir_all(&outputs)?;
+    let worker = WorkerConfig::new(
+        &root().join("target/release/batch-worker"),
+        "dev-worker",
+        &emulators,
+        &topology,
+        &outputs,
+    )
+    .with(
+        "METRICS_ADDR",
+        std::env::var("METRICS_ADDR").unwrap_or_else(|_| "127.0.0.1:9464".into()),
+    )
+    .start(&logs.join("batch-worker.log"))
+    .context("starting batch-worker serve")?;
+
+    for g in [&emulators.pubsub, &emulators.firestore, &worker] {
         println!(
             "{} pid={} log={}",
             g.name(),
@@ -75,12 +103,15 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         "topic={} subscription={}",
         topology.topic, topology.subscription
     );
+    println!("OUTPUT_ROOT=file://{}", outputs.display());
     println!("DEV_API_KEY={api_key}");
     println!("ready; press Ctrl-C to stop");
 
     stop.recv().await;
     eprintln!("stopping");
     drop(wrangler);
+    // The worker drains (checkpoint, nack) on SIGTERM before the emulators go.
+    drop(worker);
     emulators.stop();
     Ok(())
 }
