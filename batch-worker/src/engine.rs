@@ -135,6 +135,8 @@ pub struct Classifier {
     policy: Policy,
     provider: &'static str,
     features: Vec<f32>,
+    /// Threads that featurize a micro-batch.
+    threads: usize,
     /// Time spent inside `session.run` so far.
     run_time: std::time::Duration,
 }
@@ -158,6 +160,7 @@ impl Classifier {
             policy,
             provider,
             features: Vec::new(),
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             run_time: std::time::Duration::ZERO,
         })
     }
@@ -184,8 +187,23 @@ impl Classifier {
         let f = self.policy.featurizer();
         let dim = f.dim();
         self.features.resize(texts.len() * dim, 0.0);
-        for (text, row) in texts.iter().zip(self.features.chunks_mut(dim)) {
-            f.featurize_into(text, row);
+        // Featurizing costs several times what the model does: spread it over the cores.
+        let threads = self.threads.min(texts.len().div_ceil(64)).max(1);
+        if threads == 1 {
+            for (text, row) in texts.iter().zip(self.features.chunks_mut(dim)) {
+                f.featurize_into(text, row);
+            }
+        } else {
+            let per = texts.len().div_ceil(threads);
+            std::thread::scope(|scope| {
+                for (texts, rows) in texts.chunks(per).zip(self.features.chunks_mut(per * dim)) {
+                    scope.spawn(move || {
+                        for (text, row) in texts.iter().zip(rows.chunks_mut(dim)) {
+                            f.featurize_into(text, row);
+                        }
+                    });
+                }
+            });
         }
         let input =
             ort::value::TensorRef::from_array_view(([texts.len(), dim], &self.features[..]))?;

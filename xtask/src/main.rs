@@ -1,6 +1,7 @@
 //! `cargo xtask <command>`: the project's automation. Run `cargo xtask --help`.
 
 mod bench;
+mod bench_worker;
 mod dev;
 mod setup;
 mod test;
@@ -31,6 +32,8 @@ enum Cmd {
     BuildEdge,
     /// Latency of the Worker in `wrangler dev`: trivial /v1/chat vs a hello-world route
     BenchEdge(bench::Args),
+    /// Throughput of `batch-worker run --task classify` per micro-batch size, vs Python's onnxruntime
+    BenchWorker(bench_worker::Args),
     /// Print a new API key for NAME and its `API_KEYS` entry (salted SHA-256)
     ApiKey {
         /// Who owns the jobs this key creates
@@ -48,6 +51,7 @@ fn main() -> ExitCode {
         Cmd::Setup => setup::all().map(drop),
         Cmd::BuildEdge => setup::build_edge(),
         Cmd::BenchEdge(a) => bench::run(a),
+        Cmd::BenchWorker(a) => bench_worker::run(a),
         Cmd::ApiKey { name } => api_key(&name),
         Cmd::TrainIntent(a) => train::run(a),
     };

@@ -1,0 +1,218 @@
+//! `cargo xtask bench-worker`: `batch-worker run --task classify` throughput per micro-batch
+//! size, the share of its wall time inside `session.run`, and the same model and batches run
+//! by Python's `onnxruntime` on the same features (from the same Rust featurizer).
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+
+use crate::{root, setup};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Items in the generated input
+    #[arg(long, default_value_t = 200_000)]
+    pub items: usize,
+    /// Micro-batch sizes to measure
+    #[arg(long, value_delimiter = ',', default_value = "64,256,1024")]
+    pub batch_sizes: Vec<usize>,
+}
+
+struct Row {
+    batch: usize,
+    items_per_s: f64,
+    share: f64,
+    session_items_per_s: f64,
+    python_items_per_s: f64,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    setup::onnxruntime()?;
+    let mut c = crate::cargo();
+    c.args([
+        "build",
+        "--quiet",
+        "--release",
+        "-p",
+        "batch-worker",
+        "--bin",
+        "batch-worker",
+    ]);
+    crate::run_cmd(c)?;
+    let dir = root().join("target/bench-worker");
+    std::fs::create_dir_all(&dir)?;
+
+    // Input: the intent splits, cycled, with unique ids.
+    let mut texts = Vec::new();
+    for split in ["train", "dev", "test"] {
+        let p = root().join(format!("models/intent/data/{split}.jsonl"));
+        for l in std::fs::read_to_string(&p)?.lines() {
+            let v: serde_json::Value = serde_json::from_str(l)?;
+            texts.push(v["text"].as_str().unwrap_or_default().to_owned());
+        }
+    }
+    let input = dir.join("items.jsonl");
+    let mut body = String::new();
+    for i in 0..args.items {
+        body.push_str(&serde_json::to_string(&serde_json::json!({
+            "custom_id": format!("i{i}"),
+            "input": texts[i % texts.len()],
+        }))?);
+        body.push('\n');
+    }
+    std::fs::write(&input, body)?;
+
+    // The same features for Python, from the Rust featurizer.
+    let meta = std::fs::read_to_string(root().join("models/intent/model.json"))?;
+    let policy = shared::intent::Policy::from_json(&meta).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let f = policy.featurizer();
+    let dim = f.dim();
+    let mut feats = vec![0f32; args.items * dim];
+    for (i, row) in feats.chunks_mut(dim).enumerate() {
+        f.featurize_into(&texts[i % texts.len()], row);
+    }
+    let feats_path = dir.join("features.f32");
+    std::fs::write(
+        &feats_path,
+        feats
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect::<Vec<u8>>(),
+    )?;
+    let py = python_env(&dir)?;
+
+    let mut rows = Vec::new();
+    for &batch in &args.batch_sizes {
+        let output = dir.join(format!("out-{batch}.jsonl"));
+        let _ = std::fs::remove_file(&output);
+        let started = Instant::now();
+        let out = Command::new(root().join("target/release/batch-worker"))
+            .args(["run", "--task", "classify", "--device", "cpu"])
+            .arg("--batch-size")
+            .arg(batch.to_string())
+            .arg("--input")
+            .arg(&input)
+            .arg("--output")
+            .arg(&output)
+            .env("RUST_LOG", "error")
+            .output()?;
+        let wall = started.elapsed().as_secs_f64();
+        if !out.status.success() {
+            bail!(
+                "batch-worker run failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        // "...; N items in S s (X items/s, P% inside session.run)"
+        let text = String::from_utf8_lossy(&out.stderr).to_string();
+        let items_per_s = between(&text, "s (", " items/s")
+            .with_context(|| format!("unexpected summary: {text}"))?;
+        let share = between(&text, "items/s, ", "% inside")
+            .with_context(|| format!("unexpected summary: {text}"))?
+            / 100.0;
+        let session_s = (args.items as f64 / items_per_s) * share;
+        let python = python_bench(&py, &feats_path, dim, args.items, batch)?;
+        eprintln!(
+            "batch {batch}: {items_per_s:.0} items/s end to end ({wall:.1} s with start-up), {:.0}% in session.run; Python session.run {python:.0} items/s",
+            share * 100.0
+        );
+        rows.push(Row {
+            batch,
+            items_per_s,
+            share,
+            session_items_per_s: args.items as f64 / session_s.max(1e-9),
+            python_items_per_s: python,
+        });
+    }
+    println!(
+        "\n`batch-worker run --task classify --device cpu`, {} items, {} CPU cores\n",
+        args.items,
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!(
+        "| micro-batch | worker items/s (end to end) | share in `session.run` | worker `session.run` items/s | Python `onnxruntime` `session.run` items/s | ratio end to end / Python | ratio `session.run` / Python |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for r in rows {
+        println!(
+            "| {} | {:.0} | {:.0} % | {:.0} | {:.0} | {:.2} | {:.2} |",
+            r.batch,
+            r.items_per_s,
+            r.share * 100.0,
+            r.session_items_per_s,
+            r.python_items_per_s,
+            r.items_per_s / r.python_items_per_s,
+            r.session_items_per_s / r.python_items_per_s
+        );
+    }
+    Ok(())
+}
+
+fn between(text: &str, start: &str, end: &str) -> Option<f64> {
+    let from = text.rfind(start)? + start.len();
+    let to = from + text[from..].find(end)?;
+    text[from..to].trim().parse().ok()
+}
+
+/// A folder with the pinned `onnxruntime` Python package and numpy (`pip install --target`).
+fn python_env(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
+    let target = dir.join("python");
+    let stamp = target.join(".ort-version");
+    if std::fs::read_to_string(&stamp).is_ok_and(|v| v.trim() == setup::ORT_VERSION) {
+        return Ok(target);
+    }
+    let mut c = Command::new("python3");
+    c.args(["-m", "pip", "install", "--quiet", "--target"])
+        .arg(&target)
+        .arg(format!("onnxruntime=={}", setup::ORT_VERSION))
+        .arg("numpy<3");
+    crate::run_cmd(c).context("installing onnxruntime and numpy for the Python baseline")?;
+    std::fs::write(&stamp, setup::ORT_VERSION)?;
+    Ok(target)
+}
+
+/// Items/s of Python's `session.run` over the features in micro-batches of `batch`.
+fn python_bench(
+    py: &Path,
+    feats: &Path,
+    dim: usize,
+    n: usize,
+    batch: usize,
+) -> anyhow::Result<f64> {
+    let script = r#"
+import sys, time, json
+import numpy as np
+import onnxruntime as ort
+model, feats, dim, n, batch = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+x = np.fromfile(feats, dtype=np.float32).reshape(n, dim)
+s = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+name = s.get_inputs()[0].name
+s.run(None, {name: x[:batch]})
+t = time.perf_counter()
+for i in range(0, n, batch):
+    s.run(None, {name: x[i:i + batch]})
+print(n / (time.perf_counter() - t))
+"#;
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(root().join("models/intent/model.onnx"))
+        .arg(feats)
+        .arg(dim.to_string())
+        .arg(n.to_string())
+        .arg(batch.to_string())
+        .env("PYTHONPATH", py)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "python baseline failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .context("python baseline printed no number")
+}
