@@ -16,6 +16,19 @@ fn alive(pgid: i32) -> bool {
     unsafe { libc::kill(-pgid, 0) == 0 }
 }
 
+/// Stops `xtask dev` with SIGTERM if the test fails before it does so itself.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            // SAFETY: signalling the child we spawned.
+            unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// One stack at a time: two pairs of JVMs starting together crowd a 2-core machine.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
@@ -24,7 +37,7 @@ fn dev_stops_cleanly_on(signal: i32) {
     let Some(bin) = xtask() else {
         panic!("target/release/xtask is missing: run the tests through `cargo xtask test`");
     };
-    let mut child = Command::new(bin)
+    let child = Command::new(bin)
         .args(["dev", "--port", "0"])
         .env("DEV_API_KEY", "test-key-123")
         .env("METRICS_ADDR", "127.0.0.1:0")
@@ -32,7 +45,8 @@ fn dev_stops_cleanly_on(signal: i32) {
         .stderr(Stdio::null())
         .spawn()
         .expect("xtask dev starts");
-    let stdout = child.stdout.take().expect("stdout");
+    let mut child = Running(child);
+    let stdout = child.0.stdout.take().expect("stdout");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -144,8 +158,8 @@ fn dev_stops_cleanly_on(signal: i32) {
     assert_eq!(lines, 2, "one output line per item in {dir}");
 
     // SAFETY: signalling the child we spawned.
-    unsafe { libc::kill(child.id() as i32, signal) };
-    let status = child.wait().expect("xtask dev exits");
+    unsafe { libc::kill(child.0.id() as i32, signal) };
+    let status = child.0.wait().expect("xtask dev exits");
     assert!(status.success(), "{status}");
     let deadline = Instant::now() + Duration::from_secs(10);
     while groups.iter().any(|&g| alive(g)) && Instant::now() < deadline {
