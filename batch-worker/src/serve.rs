@@ -307,9 +307,6 @@ fn spawn_signal_watch(drain: CancellationToken) -> anyhow::Result<()> {
 async fn handle(ctx: Arc<Ctx>, m: Message, h: Handler) {
     ctx.metrics.messages.add(1);
     let attempt = h.delivery_attempt();
-    if attempt.is_some_and(|a| a > 1) {
-        ctx.metrics.redeliveries.add(1);
-    }
     let msg: JobMessage = match serde_json::from_slice(&m.data) {
         Ok(msg) => msg,
         Err(e) => {
@@ -323,7 +320,7 @@ async fn handle(ctx: Arc<Ctx>, m: Message, h: Handler) {
     let span = tracing::info_span!("shard", job_id = %msg.job_id, shard = msg.shard);
     async {
         tracing::debug!(?attempt, "message received");
-        match process(&ctx, &msg, &m).await {
+        match process(&ctx, &msg, &m, attempt.is_some_and(|a| a > 1)).await {
             Ok(Outcome::Ack) => h.ack(),
             Ok(Outcome::Nack) => h.nack(),
             Err(e) => {
@@ -369,9 +366,19 @@ async fn dead_letter(ctx: &Ctx, m: &Message, reason: &str) -> bool {
     }
 }
 
-async fn process(ctx: &Ctx, msg: &JobMessage, raw: &Message) -> Result<Outcome, WorkError> {
+/// `redelivered`: Pub/Sub says so (only with a dead-letter policy); the shard's checkpoint
+/// having seen a delivery before also counts, once.
+async fn process(
+    ctx: &Ctx,
+    msg: &JobMessage,
+    raw: &Message,
+    redelivered: bool,
+) -> Result<Outcome, WorkError> {
     let shard_id = ShardRecord::id(&msg.job_id, msg.shard);
-    let mut counted_redelivery = false;
+    let mut counted_redelivery = redelivered;
+    if redelivered {
+        ctx.metrics.redeliveries.add(1);
+    }
     let mut isolation: Option<Isolation> = None;
     loop {
         let Some(job) = ctx
