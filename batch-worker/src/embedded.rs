@@ -374,11 +374,17 @@ pub fn run<P: Processor>(
                 Err(line) => slots.push(Slot::Ready(line)),
             }
         }
-        let mut results = processor
-            .process(&items)?
-            .into_iter()
-            .map(Some)
-            .collect::<Vec<_>>();
+        let mut results = match processor.process(&items) {
+            Ok(r) => r.into_iter().map(Some).collect::<Vec<_>>(),
+            // A signal stopped the micro-batch mid-way: commit what came before it; the
+            // batch itself is redone by the next run.
+            Err(EngineError::Interrupted) => {
+                commit(&mut out, &mut pending, &mut ckpt, &ckpt_path)?;
+                progress.abandon();
+                return Err(RunError::Interrupted(ckpt.items));
+            }
+            Err(e) => return Err(e.into()),
+        };
         for slot in slots {
             let line = match slot {
                 Slot::Ready(l) => l,
@@ -401,12 +407,7 @@ pub fn run<P: Processor>(
 
         let stop = STOP.load(Ordering::SeqCst);
         if eof || stop || last_commit.elapsed() >= chunk {
-            out.write_all(pending.as_bytes())
-                .and_then(|()| out.sync_data())
-                .map_err(io("writing partial output"))?;
-            ckpt.output_bytes += pending.len() as u64;
-            pending.clear();
-            write_checkpoint(&ckpt_path, &ckpt)?;
+            commit(&mut out, &mut pending, &mut ckpt, &ckpt_path)?;
             last_commit = Instant::now();
             if stop && !eof {
                 progress.abandon();
@@ -423,6 +424,21 @@ pub fn run<P: Processor>(
         inference: processor.inference_time(),
         ..summary
     })
+}
+
+/// Appends `pending` to the partial output, syncs it, then records it in the checkpoint.
+fn commit(
+    out: &mut std::fs::File,
+    pending: &mut String,
+    ckpt: &mut Checkpoint,
+    ckpt_path: &Path,
+) -> Result<(), RunError> {
+    out.write_all(pending.as_bytes())
+        .and_then(|()| out.sync_data())
+        .map_err(io("writing partial output"))?;
+    ckpt.output_bytes += pending.len() as u64;
+    pending.clear();
+    write_checkpoint(ckpt_path, ckpt)
 }
 
 /// Moves the partial output into place and removes the checkpoint (idempotent).

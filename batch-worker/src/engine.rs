@@ -39,6 +39,11 @@ pub enum EngineError {
     Cuda(String),
     #[error("inference failed: {0}")]
     Run(#[from] ort::Error),
+    #[error("{0}")]
+    Invalid(String),
+    /// A drain asked generation to stop; the batch's items are redone later.
+    #[error("interrupted by a drain")]
+    Interrupted,
 }
 
 /// The ONNX Runtime shared library: `ORT_DYLIB_PATH`, else `libonnxruntime.so` beside the

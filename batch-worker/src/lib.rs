@@ -1,7 +1,8 @@
 //! The batch worker: inference with ONNX Runtime over bulk items, checkpointed so that a
 //! killed process loses no work.
 //!
-//! - [`engine`]: ONNX Runtime setup (library discovery, CUDA/CPU selection) and the models;
+//! - [`engine`]: ONNX Runtime setup (library discovery, CUDA/CPU selection) and the classifier;
+//! - [`generate`]: text generation (KV-cache decoder, tokenizer, chat template, sampling);
 //! - [`embedded`]: `batch-worker run`, the no-cloud mode over local files;
 //! - [`serve`]: `batch-worker serve`, shards from Pub/Sub with checkpoints in Firestore
 //!   ([`store`]), outputs in object storage ([`outputs`]), GCE preemption notices ([`gce`])
@@ -10,6 +11,7 @@
 pub mod embedded;
 pub mod engine;
 pub mod gce;
+pub mod generate;
 pub mod metrics;
 pub mod outputs;
 pub mod serve;

@@ -5,8 +5,9 @@ use std::process::ExitCode;
 
 use batch_worker::embedded::{self, RunError, RunOptions};
 use batch_worker::engine::Device;
+use batch_worker::generate::Sampling;
 use batch_worker::serve::ServeConfig;
-use batch_worker::tasks::Classify;
+use batch_worker::tasks::{Classify, Generate, GenerateOptions, PromptFormat};
 use clap::{Parser, Subcommand};
 use shared::wire::Task;
 
@@ -28,9 +29,64 @@ struct EngineArgs {
     /// Folder with the models (`intent/model.onnx`, …)
     #[arg(long, env = "MODEL_DIR", default_value_os_t = default_model_dir())]
     model_dir: PathBuf,
-    /// Items per inference call
+    /// Items per inference call (classify)
     #[arg(long, env = "BATCH_SIZE", default_value_t = 256)]
     batch_size: usize,
+    #[command(flatten)]
+    generate: GenerateArgs,
+}
+
+#[derive(clap::Args, Clone)]
+struct GenerateArgs {
+    /// Prompts decoded together in one static batch (generate, chat)
+    #[arg(long, env = "GENERATE_BATCH_SIZE", default_value_t = 8)]
+    generate_batch_size: usize,
+    /// Tokens generated at most per item, the stop token included
+    #[arg(long, env = "MAX_NEW_TOKENS", default_value_t = 128)]
+    max_new_tokens: usize,
+    /// 0 decodes greedily; above 0, samples from logits divided by it
+    #[arg(long, env = "TEMPERATURE", default_value_t = 0.0)]
+    temperature: f32,
+    /// Sample from the smallest set of tokens whose probability reaches this (0 < p ≤ 1)
+    #[arg(long, env = "TOP_P", default_value_t = 1.0)]
+    top_p: f32,
+    /// Sampling seed; each item's stream is this seed mixed with its custom_id
+    #[arg(long, env = "SEED", default_value_t = 0)]
+    seed: u64,
+    /// The assistant's system prompt for chat messages and chat-format generate items
+    #[arg(long, env = "SYSTEM_PROMPT", default_value = batch_worker::generate::DEFAULT_SYSTEM_PROMPT)]
+    system_prompt: String,
+    /// chat: wrap each generate input in the chat template; raw: feed it as it is
+    #[arg(long, env = "PROMPT_FORMAT", value_enum, default_value = "chat")]
+    prompt_format: PromptFormat,
+}
+
+impl GenerateArgs {
+    fn options(&self) -> Result<GenerateOptions, String> {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return Err(format!(
+                "--temperature must be 0 (greedy) or a positive number, got {}",
+                self.temperature
+            ));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(format!("--top-p must be in (0, 1], got {}", self.top_p));
+        }
+        if self.max_new_tokens == 0 {
+            return Err("--max-new-tokens must be at least 1".into());
+        }
+        Ok(GenerateOptions {
+            sampling: Sampling {
+                max_new_tokens: self.max_new_tokens,
+                temperature: self.temperature,
+                top_p: self.top_p,
+                seed: self.seed,
+            },
+            batch_size: self.generate_batch_size.max(1),
+            system_prompt: self.system_prompt.clone(),
+            format: self.prompt_format,
+        })
+    }
 }
 
 /// `batch-worker serve` settings; every flag can come from the environment variable named.
@@ -155,10 +211,15 @@ fn main() -> ExitCode {
             };
             embedded::install_signal_handlers();
             let result = match task {
-                Task::Classify => embedded::run(&opts, || Classify::load(&engine.model_dir, engine.device, engine.batch_size)),
-                Task::Generate => Err(RunError::Usage(
-                    "task generate needs a text-generation model, which this build does not include yet".into(),
-                )),
+                Task::Classify => embedded::run(&opts, || {
+                    Classify::load(&engine.model_dir, engine.device, engine.batch_size)
+                }),
+                Task::Generate => match engine.generate.options() {
+                    Ok(o) => embedded::run(&opts, || {
+                        Generate::load(&engine.model_dir, engine.device, o)
+                    }),
+                    Err(m) => Err(RunError::Usage(m)),
+                },
             };
             match result {
                 Ok(s) => {
@@ -235,6 +296,27 @@ fn serve_main(args: ServeArgs, engine: EngineArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let generate = match engine.generate.options() {
+        Err(m) => return usage(&m),
+        Ok(o) => {
+            let dir = batch_worker::generate::model_dir(&engine.model_dir);
+            if dir.join("model.onnx").is_file() {
+                match Generate::load(&engine.model_dir, engine.device, o) {
+                    Ok(g) => Some(g),
+                    Err(e) => {
+                        eprintln!("batch-worker: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            } else {
+                tracing::warn!(
+                    dir = %dir.display(),
+                    "no text-generation model: generate and queued chat jobs will fail with model_unavailable"
+                );
+                None
+            }
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -245,7 +327,7 @@ fn serve_main(args: ServeArgs, engine: EngineArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(batch_worker::serve::serve(cfg, classify)) {
+    match runtime.block_on(batch_worker::serve::serve(cfg, classify, generate)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "serve stopped");

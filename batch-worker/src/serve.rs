@@ -35,10 +35,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::embedded::Processor;
+use crate::engine::EngineError;
 use crate::metrics::Metrics;
 use crate::outputs::{self, Location};
 use crate::store::{Committed, Precondition, Store, StoreError, Versioned, Write};
-use crate::tasks::Classify;
+use crate::tasks::{Classify, Generate};
 
 /// Everything `serve` is configured with (from flags or the environment; see `--help`).
 #[derive(Debug, Clone)]
@@ -106,6 +107,9 @@ pub enum WorkError {
     Output(#[from] outputs::OutputError),
     #[error("inference task failed: {0}")]
     Join(String),
+    /// The drain stopped a micro-batch mid-way; it is redone from the checkpoint.
+    #[error("interrupted by the drain")]
+    Interrupted,
 }
 
 /// What to do with the message when its handling ends.
@@ -122,6 +126,8 @@ struct Ctx {
     store: Store,
     out: Location,
     classify: Arc<Mutex<Classify>>,
+    /// The text-generation model, when the model folder has one.
+    generate: Option<Arc<Mutex<Generate>>>,
     metrics: Arc<Metrics>,
     drain: CancellationToken,
     /// This process: a new value after every restart.
@@ -146,7 +152,11 @@ fn now_ms() -> u64 {
 }
 
 /// Runs until SIGTERM/SIGINT or a preemption notice, then drains. `Ok` means a clean drain.
-pub async fn serve(cfg: ServeConfig, classify: Classify) -> anyhow::Result<()> {
+pub async fn serve(
+    cfg: ServeConfig,
+    classify: Classify,
+    generate: Option<Generate>,
+) -> anyhow::Result<()> {
     use anyhow::Context as _;
     let http = reqwest::Client::builder()
         .build()
@@ -230,6 +240,11 @@ pub async fn serve(cfg: ServeConfig, classify: Classify) -> anyhow::Result<()> {
         store,
         out,
         classify: Arc::new(Mutex::new(classify)),
+        generate: generate.map(|mut g| {
+            let drain = drain.clone();
+            g.set_stop(Box::new(move || drain.is_cancelled()));
+            Arc::new(Mutex::new(g))
+        }),
         metrics,
         drain: drain.clone(),
         dead_letter,
@@ -461,7 +476,7 @@ async fn process(
             continue;
         }
 
-        let items = match load_items(msg, &job.record).await {
+        let items = match load_items(msg, &job.record, ctx.generate.is_some()).await {
             Ok(items) => items,
             Err(why) => {
                 finish_job(ctx, &msg.job_id, why).await?;
@@ -549,12 +564,25 @@ enum Final {
 async fn load_items(
     msg: &JobMessage,
     job: &JobRecord,
+    has_generator: bool,
 ) -> Result<Vec<Result<InputItem, OutputLine>>, Final> {
-    if msg.kind == JobKind::Chat || msg.task == Task::Generate {
+    if msg.task == Task::Generate && !has_generator {
         return Err(Final::Failed {
             code: "model_unavailable",
-            message: "this worker has no text-generation model; classify jobs run, generate and queued chat jobs need one".into(),
+            message: "this worker has no text-generation model (MODEL_DIR/lm); classify jobs run, generate and queued chat jobs need one".into(),
         });
+    }
+    if msg.kind == JobKind::Chat {
+        let Some(chat) = msg.chat.as_ref().or(job.chat.as_ref()) else {
+            return Err(Final::Failed {
+                code: "invalid_job",
+                message: "a chat job without its message".into(),
+            });
+        };
+        return Ok(vec![Ok(InputItem {
+            custom_id: msg.job_id.clone(),
+            input: chat.message.clone(),
+        })]);
     }
     if let Some(uri) = msg.input_uri.as_ref().or(job.input_uri.as_ref()) {
         let bytes = outputs::read_uri(uri).await.map_err(|e| Final::Failed {
@@ -594,6 +622,7 @@ async fn load_items(
 /// item by item so that one bad item becomes one error line.
 async fn infer(
     ctx: &Ctx,
+    task: Task,
     items: &[Result<InputItem, OutputLine>],
 ) -> Result<Vec<OutputLine>, WorkError> {
     let valid: Vec<InputItem> = items
@@ -609,17 +638,18 @@ async fn infer(
     if !ctx.cfg.failpoints.batch_delay.is_zero() {
         tokio::time::sleep(ctx.cfg.failpoints.batch_delay).await;
     }
-    let model = ctx.classify.clone();
+    let model = processor(ctx, task);
     let metrics = ctx.metrics.clone();
     let results = tokio::task::spawn_blocking(move || {
-        let Ok(mut m) = model.lock() else {
-            return Vec::new();
+        let Some(Ok(mut m)) = model.as_ref().map(|m| m.lock()) else {
+            return Ok(Vec::new());
         };
         let started = Instant::now();
         let batch = m.process(&valid);
         metrics.inference.observe(started.elapsed());
-        match batch {
+        Ok(match batch {
             Ok(lines) if lines.len() == valid.len() => lines,
+            Err(EngineError::Interrupted) => return Err(WorkError::Interrupted),
             other => {
                 if let Err(e) = other {
                     tracing::warn!(error = %e, "micro-batch failed; retrying item by item");
@@ -639,10 +669,10 @@ async fn infer(
                     })
                     .collect()
             }
-        }
+        })
     })
     .await
-    .map_err(|e| WorkError::Join(e.to_string()))?;
+    .map_err(|e| WorkError::Join(e.to_string()))??;
     let mut results = results.into_iter();
     let mut out = Vec::with_capacity(items.len());
     for item in items {
@@ -658,6 +688,17 @@ async fn infer(
         });
     }
     Ok(out)
+}
+
+/// The model that runs `task`'s items.
+fn processor(ctx: &Ctx, task: Task) -> Option<Arc<Mutex<dyn Processor + Send>>> {
+    match task {
+        Task::Classify => Some(ctx.classify.clone()),
+        Task::Generate => ctx
+            .generate
+            .clone()
+            .map(|g| g as Arc<Mutex<dyn Processor + Send>>),
+    }
 }
 
 /// Why a chunk commit did not advance the shard.
@@ -679,25 +720,35 @@ async fn run_shard(
         mut update_time,
     } = lease;
     let total = items.len();
-    let batch = ctx.classify.lock().map(|m| m.batch_size()).unwrap_or(256);
+    let batch = processor(ctx, msg.task)
+        .and_then(|p| p.lock().ok().map(|m| m.batch_size()))
+        .unwrap_or(1);
     let mut pos = usize::try_from(rec.cursor).unwrap_or(total).min(total);
     let mut pending = String::new();
     let mut pending_items = 0u64;
     let mut pending_failed = 0u64;
     let mut since = Instant::now();
     loop {
-        let draining = ctx.drain.is_cancelled();
+        let mut draining = ctx.drain.is_cancelled();
         if !draining && pos < total {
             let end = (pos + batch).min(total);
-            for line in infer(ctx, &items[pos..end]).await? {
-                pending_failed += u64::from(matches!(line, OutputLine::Err { .. }));
-                pending_items += 1;
-                pending.push_str(&serde_json::to_string(&line).unwrap_or_default());
-                pending.push('\n');
-            }
-            pos = end;
-            if since.elapsed() < ctx.cfg.chunk && pos < total {
-                continue;
+            match infer(ctx, msg.task, &items[pos..end]).await {
+                Ok(lines) => {
+                    for line in lines {
+                        pending_failed += u64::from(matches!(line, OutputLine::Err { .. }));
+                        pending_items += 1;
+                        pending.push_str(&serde_json::to_string(&line).unwrap_or_default());
+                        pending.push('\n');
+                    }
+                    pos = end;
+                    if since.elapsed() < ctx.cfg.chunk && pos < total {
+                        continue;
+                    }
+                }
+                // The drain stopped generation mid-batch: those items are redone, the
+                // ones before them are committed below.
+                Err(WorkError::Interrupted) => draining = true,
+                Err(e) => return Err(e),
             }
         }
         // A chunk boundary.
@@ -881,11 +932,37 @@ async fn finish_if_complete(ctx: &Ctx, job_id: &str) -> Result<(), WorkError> {
         if r.status.is_final() || r.shards == 0 || r.shards_done < r.shards {
             return Ok(());
         }
-        let patch = json!({
-            "status": "succeeded",
-            "updated_at": rfc3339(now_ms()),
-            "output_uri": ctx.out.uri(&outputs::output_prefix(job_id)),
-        });
+        let patch = if r.kind == JobKind::Chat {
+            // The reply is the one output line of the one shard.
+            let out = ctx.out.get(&outputs::shard_output_name(job_id, 0)).await?;
+            let line = std::str::from_utf8(&out)
+                .ok()
+                .and_then(|s| s.lines().next())
+                .and_then(|l| serde_json::from_str::<OutputLine>(l).ok());
+            match line {
+                Some(OutputLine::Ok { output, .. }) => json!({
+                    "status": "succeeded",
+                    "updated_at": rfc3339(now_ms()),
+                    "result": {"reply": output["text"].as_str().unwrap_or_default()},
+                }),
+                Some(OutputLine::Err { error, .. }) => json!({
+                    "status": "failed",
+                    "updated_at": rfc3339(now_ms()),
+                    "error": {"code": error.code, "message": error.message},
+                }),
+                None => json!({
+                    "status": "failed",
+                    "updated_at": rfc3339(now_ms()),
+                    "error": {"code": "internal", "message": "the reply's output line is unreadable"},
+                }),
+            }
+        } else {
+            json!({
+                "status": "succeeded",
+                "updated_at": rfc3339(now_ms()),
+                "output_uri": ctx.out.uri(&outputs::output_prefix(job_id)),
+            })
+        };
         let w = Write::patch(
             JOBS_COLLECTION,
             job_id,

@@ -2,10 +2,11 @@
 
 use std::path::Path;
 
-use shared::wire::{InputItem, OutputLine};
+use shared::wire::{GenerateOutput, InputItem, OutputLine};
 
 use crate::embedded::Processor;
 use crate::engine::{Classifier, Device, EngineError};
+use crate::generate::{Generator, Sampling, item_key};
 
 /// `classify`: the edge's intent model over each item.
 pub struct Classify {
@@ -45,6 +46,142 @@ impl Processor for Classify {
             .map(|(item, out)| OutputLine::Ok {
                 custom_id: item.custom_id.clone(),
                 output: serde_json::to_value(out).unwrap_or_default(),
+            })
+            .collect())
+    }
+}
+
+/// How `generate` inputs become prompts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PromptFormat {
+    /// Each input is a user message, wrapped with the system prompt in the chat template
+    Chat,
+    /// Each input is fed to the model as it is (completion models, benchmarks)
+    Raw,
+}
+
+/// Settings of the `generate` task.
+#[derive(Clone, Debug)]
+pub struct GenerateOptions {
+    pub sampling: Sampling,
+    pub batch_size: usize,
+    pub system_prompt: String,
+    pub format: PromptFormat,
+}
+
+/// `generate`: the text-generation model over each item; `{"text", "tokens"}` per item.
+pub struct Generate {
+    model: Generator,
+    opts: GenerateOptions,
+    stop: Box<dyn Fn() -> bool + Send>,
+}
+
+impl Generate {
+    /// Loads `<model_dir>/lm`.
+    pub fn load(
+        model_dir: &Path,
+        device: Device,
+        opts: GenerateOptions,
+    ) -> Result<Self, EngineError> {
+        Ok(Self {
+            model: Generator::load(&crate::generate::model_dir(model_dir), device)?,
+            opts: GenerateOptions {
+                batch_size: opts.batch_size.max(1),
+                ..opts
+            },
+            stop: Box::new(|| crate::embedded::STOP.load(std::sync::atomic::Ordering::SeqCst)),
+        })
+    }
+
+    /// What ends a batch early (between decoding steps): by default SIGINT/SIGTERM.
+    pub fn set_stop(&mut self, stop: Box<dyn Fn() -> bool + Send>) {
+        self.stop = stop;
+    }
+
+    pub fn provider(&self) -> &'static str {
+        self.model.provider()
+    }
+
+    pub fn generator(&self) -> &Generator {
+        &self.model
+    }
+
+    /// The prompt of one input.
+    fn prompt(&self, input: &str) -> Result<Vec<u32>, String> {
+        let text = match self.opts.format {
+            PromptFormat::Chat => self.model.chat_prompt(&self.opts.system_prompt, input)?,
+            PromptFormat::Raw => input.to_owned(),
+        };
+        let ids = self.model.encode(&text)?;
+        if ids.is_empty() {
+            return Err("the prompt is empty".into());
+        }
+        if let Some(max) = self.model.max_positions()
+            && ids.len() >= max
+        {
+            return Err(format!(
+                "the prompt has {} tokens; the model takes {max} at most",
+                ids.len()
+            ));
+        }
+        Ok(ids)
+    }
+}
+
+impl Processor for Generate {
+    fn batch_size(&self) -> usize {
+        self.opts.batch_size
+    }
+
+    fn inference_time(&self) -> std::time::Duration {
+        self.model.run_time()
+    }
+
+    fn process(&mut self, items: &[InputItem]) -> Result<Vec<OutputLine>, EngineError> {
+        let mut lines: Vec<Option<OutputLine>> = vec![None; items.len()];
+        let mut rows = Vec::new();
+        let mut prompts = Vec::new();
+        let mut keys = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            match self.prompt(&item.input) {
+                Ok(p) => {
+                    rows.push(i);
+                    prompts.push(p);
+                    keys.push(item_key(&item.custom_id));
+                }
+                Err(m) => lines[i] = Some(OutputLine::error(&item.custom_id, "invalid_prompt", m)),
+            }
+        }
+        let stop = &self.stop;
+        let generated = self.model.generate(
+            &prompts,
+            &keys,
+            &self.opts.sampling,
+            &|| stop(),
+            &mut |_, _, _| {},
+        )?;
+        for (row, g) in rows.into_iter().zip(generated) {
+            let item = &items[row];
+            let content = g.content();
+            lines[row] = Some(match self.model.decode(content) {
+                Ok(text) => OutputLine::Ok {
+                    custom_id: item.custom_id.clone(),
+                    output: serde_json::to_value(GenerateOutput {
+                        text,
+                        tokens: u32::try_from(content.len()).unwrap_or(u32::MAX),
+                    })
+                    .unwrap_or_default(),
+                },
+                Err(m) => OutputLine::error(&item.custom_id, "inference_failed", m),
+            });
+        }
+        Ok(lines
+            .into_iter()
+            .zip(items)
+            .map(|(l, item)| {
+                l.unwrap_or_else(|| {
+                    OutputLine::error(&item.custom_id, "inference_failed", "no output")
+                })
             })
             .collect())
     }

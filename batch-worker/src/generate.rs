@@ -1,0 +1,660 @@
+//! Text generation: a decoder-only ONNX model with a KV cache, as Hugging Face Optimum exports
+//! `text-generation-with-past`, its `tokenizer.json`, the chat template from
+//! `tokenizer_config.json`, and greedy or seeded temperature/top-p decoding over statically
+//! batched prompts.
+//!
+//! A model folder holds `model.onnx`, `tokenizer.json`, `tokenizer_config.json` and
+//! `config.json` (and optionally `generation_config.json`), the files `optimum-cli export onnx`
+//! writes. Layer count, key/value heads and head size come from the model's inputs.
+
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use ort::session::{Session, SessionInputValue};
+use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
+use tokenizers::Tokenizer;
+
+use crate::engine::{self, Device, EngineError};
+
+/// The system prompt of the children's restaurant assistant.
+pub const DEFAULT_SYSTEM_PROMPT: &str = "너는 아동급식카드로 식사하는 어린이에게 근처 식당을 추천하는 친절한 도우미야. 어린이가 이해하기 쉬운 말로 짧고 안전하게 답해. 사용자가 영어로 말하면 영어로 답해.";
+
+/// ChatML, for a model folder whose `tokenizer_config.json` carries no template.
+const CHATML: &str = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+
+/// How tokens are chosen.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sampling {
+    /// Tokens generated at most per item (the stop token included).
+    pub max_new_tokens: usize,
+    /// 0: greedy. Otherwise logits are divided by it before the softmax.
+    pub temperature: f32,
+    /// Nucleus sampling: draw from the smallest set of tokens whose probability reaches it.
+    pub top_p: f32,
+    /// With an item's own key (its `custom_id`), seeds that item's random stream, so an item's
+    /// text does not depend on which other items share its batch or on restarts.
+    pub seed: u64,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Self {
+            max_new_tokens: 128,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+        }
+    }
+}
+
+/// One item's new tokens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Generated {
+    /// New token ids, the stop token (if one came) last.
+    pub ids: Vec<u32>,
+    /// Whether a stop token ended it (else `max_new_tokens` or the context length did).
+    pub stopped: bool,
+}
+
+impl Generated {
+    /// The new tokens without the stop token.
+    pub fn content(&self) -> &[u32] {
+        if self.stopped {
+            &self.ids[..self.ids.len().saturating_sub(1)]
+        } else {
+            &self.ids
+        }
+    }
+}
+
+/// What the model's inputs say about it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Interface {
+    pub layers: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub position_ids: bool,
+}
+
+impl Interface {
+    /// Checks `inputs`/`outputs` against Optimum's `text-generation-with-past` interface.
+    pub fn read(session: &Session) -> Result<Self, String> {
+        let inputs = session.inputs();
+        let find = |name: &str| inputs.iter().find(|i| i.name() == name);
+        for name in ["input_ids", "attention_mask"] {
+            if find(name).is_none() {
+                return Err(format!(
+                    "the model has no input `{name}`: it must be a decoder-only text-generation export with a KV cache (optimum-cli export onnx --task text-generation-with-past)"
+                ));
+            }
+        }
+        let Some(first) = find("past_key_values.0.key") else {
+            return Err("the model has no input `past_key_values.0.key`: export it with a KV cache (optimum-cli export onnx --task text-generation-with-past)".into());
+        };
+        let (kv_heads, head_dim) = match first.dtype() {
+            ValueType::Tensor { ty, shape, .. } => {
+                if *ty != TensorElementType::Float32 {
+                    return Err(format!(
+                        "`past_key_values.0.key` holds {ty:?}; this worker runs models whose KV cache is float32 (quantize weights only)"
+                    ));
+                }
+                match shape[..] {
+                    [_, h, _, d] if h > 0 && d > 0 => (h as usize, d as usize),
+                    _ => {
+                        return Err(format!(
+                            "`past_key_values.0.key` has shape {shape:?}; expected [batch, heads, past, head_dim] with fixed heads and head_dim"
+                        ));
+                    }
+                }
+            }
+            other => {
+                return Err(format!(
+                    "`past_key_values.0.key` is not a tensor: {other:?}"
+                ));
+            }
+        };
+        let mut layers = 0;
+        while find(&format!("past_key_values.{layers}.key")).is_some() {
+            layers += 1;
+        }
+        for i in 0..layers {
+            let v = format!("past_key_values.{i}.value");
+            if find(&v).is_none() {
+                return Err(format!("the model has no input `{v}`"));
+            }
+        }
+        let outputs = session.outputs();
+        let has_out = |name: &str| outputs.iter().any(|o| o.name() == name);
+        if !has_out("logits") {
+            return Err("the model has no output `logits`".into());
+        }
+        for i in 0..layers {
+            for kind in ["key", "value"] {
+                let p = format!("present.{i}.{kind}");
+                if !has_out(&p) {
+                    return Err(format!("the model has no output `{p}`"));
+                }
+            }
+        }
+        Ok(Self {
+            layers,
+            kv_heads,
+            head_dim,
+            position_ids: find("position_ids").is_some(),
+        })
+    }
+}
+
+/// A text-generation model on ONNX Runtime with its tokenizer and chat template.
+pub struct Generator {
+    session: Session,
+    tokenizer: Tokenizer,
+    interface: Interface,
+    template: minijinja::Environment<'static>,
+    bos_token: String,
+    eos_token: String,
+    stop_ids: Vec<u32>,
+    pad_id: u32,
+    max_positions: Option<usize>,
+    provider: &'static str,
+    run_time: Duration,
+    name: String,
+}
+
+fn model_err(path: &Path, message: impl Into<String>) -> EngineError {
+    EngineError::Model {
+        path: path.to_owned(),
+        message: message.into(),
+    }
+}
+
+fn read_json(path: &Path, required: bool) -> Result<serde_json::Value, EngineError> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => serde_json::from_str(&s).map_err(|e| model_err(path, e.to_string())),
+        Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => {
+            Ok(serde_json::Value::Null)
+        }
+        Err(source) => Err(EngineError::Io {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// A token field of `tokenizer_config.json`: a string or `{"content": s}`.
+fn token_field(v: &serde_json::Value) -> Option<String> {
+    match v {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(Into::into),
+        _ => None,
+    }
+}
+
+/// `eos_token_id` as an int or a list of ints.
+fn ids_field(v: &serde_json::Value) -> Vec<u32> {
+    match v {
+        serde_json::Value::Number(n) => n.as_u64().map(|n| n as u32).into_iter().collect(),
+        serde_json::Value::Array(a) => a
+            .iter()
+            .filter_map(|n| n.as_u64().map(|n| n as u32))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+impl Generator {
+    /// Loads a model folder (see the module docs).
+    pub fn load(dir: &Path, device: Device) -> Result<Self, EngineError> {
+        let model_path = dir.join("model.onnx");
+        if !model_path.is_file() {
+            return Err(model_err(
+                dir,
+                "no model.onnx here: a text-generation model folder holds model.onnx, tokenizer.json, tokenizer_config.json and config.json",
+            ));
+        }
+        let tok_path = dir.join("tokenizer.json");
+        let tokenizer =
+            Tokenizer::from_file(&tok_path).map_err(|e| model_err(&tok_path, e.to_string()))?;
+        let tok_cfg = read_json(&dir.join("tokenizer_config.json"), false)?;
+        let config = read_json(&dir.join("config.json"), true)?;
+        let gen_cfg = read_json(&dir.join("generation_config.json"), false)?;
+
+        let (session, provider) = engine::session(&model_path, device)?;
+        let interface = Interface::read(&session).map_err(|m| model_err(&model_path, m))?;
+
+        let eos_token = token_field(&tok_cfg["eos_token"]).unwrap_or_default();
+        let bos_token = token_field(&tok_cfg["bos_token"]).unwrap_or_default();
+        let mut stop_ids = ids_field(&config["eos_token_id"]);
+        stop_ids.extend(ids_field(&gen_cfg["eos_token_id"]));
+        if let Some(id) = tokenizer.token_to_id(&eos_token) {
+            stop_ids.push(id);
+        }
+        stop_ids.sort_unstable();
+        stop_ids.dedup();
+        if stop_ids.is_empty() {
+            return Err(model_err(
+                dir,
+                "no stop token: set eos_token_id in config.json or eos_token in tokenizer_config.json",
+            ));
+        }
+        let pad_id = config["pad_token_id"]
+            .as_u64()
+            .map(|n| n as u32)
+            .or_else(|| token_field(&tok_cfg["pad_token"]).and_then(|t| tokenizer.token_to_id(&t)))
+            .unwrap_or(stop_ids[0]);
+        let max_positions = config["max_position_embeddings"]
+            .as_u64()
+            .or_else(|| config["n_positions"].as_u64())
+            .map(|n| n as usize);
+
+        let source = match tok_cfg["chat_template"].as_str() {
+            Some(t) => t.to_owned(),
+            None => {
+                tracing::warn!(model = %dir.display(), "tokenizer_config.json has no chat_template; using ChatML");
+                CHATML.to_owned()
+            }
+        };
+        let mut template = minijinja::Environment::new();
+        template.add_function(
+            "raise_exception",
+            |msg: String| -> Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        template.add_template_owned("chat", source).map_err(|e| {
+            model_err(
+                &dir.join("tokenizer_config.json"),
+                format!("chat_template: {e}"),
+            )
+        })?;
+
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "lm".into());
+        tracing::info!(
+            provider,
+            model = %dir.display(),
+            layers = interface.layers,
+            kv_heads = interface.kv_heads,
+            head_dim = interface.head_dim,
+            "text-generation model loaded"
+        );
+        Ok(Self {
+            session,
+            tokenizer,
+            interface,
+            template,
+            bos_token,
+            eos_token,
+            stop_ids,
+            pad_id,
+            max_positions,
+            provider,
+            run_time: Duration::ZERO,
+            name,
+        })
+    }
+
+    pub fn provider(&self) -> &'static str {
+        self.provider
+    }
+
+    pub fn interface(&self) -> &Interface {
+        &self.interface
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn stop_ids(&self) -> &[u32] {
+        &self.stop_ids
+    }
+
+    /// Longest prompt plus generation the model takes, when its config says.
+    pub fn max_positions(&self) -> Option<usize> {
+        self.max_positions
+    }
+
+    /// Total time spent inside `session.run`.
+    pub fn run_time(&self) -> Duration {
+        self.run_time
+    }
+
+    /// The prompt text for one user message under `system`, through the chat template.
+    pub fn chat_prompt(&self, system: &str, user: &str) -> Result<String, String> {
+        let messages = [
+            minijinja::context! { role => "system", content => system },
+            minijinja::context! { role => "user", content => user },
+        ];
+        let t = self
+            .template
+            .get_template("chat")
+            .map_err(|e| e.to_string())?;
+        t.render(minijinja::context! {
+            messages => messages,
+            add_generation_prompt => true,
+            bos_token => self.bos_token.as_str(),
+            eos_token => self.eos_token.as_str(),
+        })
+        .map_err(|e| format!("chat template: {e}"))
+    }
+
+    /// Token ids of `text`, special tokens written in it recognised, none added.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
+        self.tokenizer
+            .encode(text, false)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| format!("tokenizing: {e}"))
+    }
+
+    /// Text of `ids`, special tokens left out.
+    pub fn decode(&self, ids: &[u32]) -> Result<String, String> {
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|e| format!("detokenizing: {e}"))
+    }
+
+    /// Generates for each prompt (token ids, at least one each) in one static batch: prompts
+    /// are left-padded, finished rows keep running masked until every row is done.
+    ///
+    /// `keys[i]` seeds row `i`'s sampling; `stop()` is asked between decoding steps and ends
+    /// the batch early with [`EngineError::Interrupted`]; `observe(step, row, logits)` sees
+    /// the logits each token was chosen from.
+    pub fn generate(
+        &mut self,
+        prompts: &[Vec<u32>],
+        keys: &[u64],
+        sampling: &Sampling,
+        stop: &dyn Fn() -> bool,
+        observe: &mut dyn FnMut(usize, usize, &[f32]),
+    ) -> Result<Vec<Generated>, EngineError> {
+        let b = prompts.len();
+        if b == 0 {
+            return Ok(Vec::new());
+        }
+        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        if prompts.iter().any(Vec::is_empty) {
+            return Err(EngineError::Invalid("an empty prompt".into()));
+        }
+        let mut budget = sampling.max_new_tokens;
+        if let Some(max) = self.max_positions {
+            if longest >= max {
+                return Err(EngineError::Invalid(format!(
+                    "the prompt has {longest} tokens; the model takes {max} at most"
+                )));
+            }
+            budget = budget.min(max - longest);
+        }
+        let Interface {
+            layers,
+            kv_heads,
+            head_dim,
+            position_ids: wants_positions,
+        } = self.interface.clone();
+
+        // Step 0 feeds the padded prompts; every later step one token per row.
+        let mut ids: Vec<i64> = Vec::with_capacity(b * longest);
+        let mut mask: Vec<i64> = Vec::with_capacity(b * (longest + budget));
+        let mut lens: Vec<i64> = Vec::with_capacity(b);
+        for p in prompts {
+            let pad = longest - p.len();
+            ids.extend(std::iter::repeat_n(i64::from(self.pad_id), pad));
+            ids.extend(p.iter().map(|&t| i64::from(t)));
+            lens.push(p.len() as i64);
+        }
+        for p in prompts {
+            let pad = longest - p.len();
+            mask.extend(std::iter::repeat_n(0, pad));
+            mask.extend(std::iter::repeat_n(1, p.len()));
+        }
+        let mut positions: Vec<i64> = prompts
+            .iter()
+            .flat_map(|p| {
+                let pad = longest - p.len();
+                std::iter::repeat_n(0, pad).chain(0..p.len() as i64)
+            })
+            .collect();
+        let mut seq = longest;
+        let mut total = longest;
+        let mut past: Vec<DynValue> = Vec::with_capacity(2 * layers);
+        for _ in 0..2 * layers {
+            let empty = Tensor::<f32>::from_array((
+                [b, kv_heads, 0, head_dim],
+                Vec::<f32>::new().into_boxed_slice(),
+            ))?;
+            past.push(empty.into_dyn());
+        }
+        let mut rngs: Vec<SplitMix64> = keys
+            .iter()
+            .map(|k| SplitMix64(sampling.seed ^ k.wrapping_mul(0x9E37_79B9_7F4A_7C15)))
+            .collect();
+        rngs.resize(b, SplitMix64(sampling.seed));
+        let mut out: Vec<Generated> = vec![
+            Generated {
+                ids: Vec::new(),
+                stopped: false,
+            };
+            b
+        ];
+        let mut scratch = Vec::new();
+        for step in 0..budget {
+            if step > 0 && stop() {
+                return Err(EngineError::Interrupted);
+            }
+            let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> =
+                Vec::with_capacity(3 + 2 * layers);
+            inputs.push((
+                "input_ids".into(),
+                Tensor::from_array(([b, seq], std::mem::take(&mut ids).into_boxed_slice()))?.into(),
+            ));
+            inputs.push((
+                "attention_mask".into(),
+                Tensor::from_array(([b, total], mask.clone().into_boxed_slice()))?.into(),
+            ));
+            if wants_positions {
+                inputs.push((
+                    "position_ids".into(),
+                    Tensor::from_array((
+                        [b, seq],
+                        std::mem::take(&mut positions).into_boxed_slice(),
+                    ))?
+                    .into(),
+                ));
+            }
+            for (i, v) in std::mem::take(&mut past).into_iter().enumerate() {
+                let kind = if i % 2 == 0 { "key" } else { "value" };
+                inputs.push((format!("past_key_values.{}.{kind}", i / 2).into(), v.into()));
+            }
+            let started = Instant::now();
+            let mut outputs = self.session.run(inputs)?;
+            self.run_time += started.elapsed();
+            for i in 0..layers {
+                for kind in ["key", "value"] {
+                    let name = format!("present.{i}.{kind}");
+                    let v = outputs.remove(name.as_str()).ok_or_else(|| {
+                        EngineError::Invalid(format!("the model returned no `{name}`"))
+                    })?;
+                    past.push(v);
+                }
+            }
+            let (shape, logits) = outputs["logits"].try_extract_tensor::<f32>()?;
+            let vocab = match shape[..] {
+                [rows, s, v] if rows as usize == b && s as usize == seq && v > 0 => v as usize,
+                _ => {
+                    return Err(EngineError::Invalid(format!(
+                        "logits have shape {shape:?}, expected [{b}, {seq}, vocab]"
+                    )));
+                }
+            };
+            let mut next = Vec::with_capacity(b);
+            let mut all_done = true;
+            for row in 0..b {
+                let at = (row * seq + seq - 1) * vocab;
+                let l = &logits[at..at + vocab];
+                let g = &mut out[row];
+                if g.stopped {
+                    next.push(i64::from(self.pad_id));
+                    continue;
+                }
+                observe(step, row, l);
+                let t = pick(l, sampling, &mut rngs[row], &mut scratch);
+                g.ids.push(t);
+                if self.stop_ids.contains(&t) {
+                    g.stopped = true;
+                } else {
+                    all_done = false;
+                }
+                next.push(i64::from(t));
+            }
+            drop(outputs);
+            if all_done || step + 1 == budget {
+                break;
+            }
+            // The next step: each row's new token at its next position.
+            ids = next;
+            positions = lens.clone();
+            for l in &mut lens {
+                *l += 1;
+            }
+            let mut grown = Vec::with_capacity(b * (total + 1));
+            for row in mask.chunks(total) {
+                grown.extend_from_slice(row);
+                grown.push(1);
+            }
+            mask = grown;
+            total += 1;
+            seq = 1;
+        }
+        Ok(out)
+    }
+}
+
+/// A small, fully specified PRNG, so that a seed gives the same text on every build.
+#[derive(Clone, Debug)]
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// FNV-1a: a stable 64-bit key for an item's `custom_id`.
+pub fn item_key(custom_id: &str) -> u64 {
+    custom_id.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// The next token from `logits`: the first maximum when greedy, else a draw from the
+/// temperature-scaled top-p distribution.
+fn pick(logits: &[f32], s: &Sampling, rng: &mut SplitMix64, scratch: &mut Vec<(f32, u32)>) -> u32 {
+    let argmax = || {
+        let mut best = 0;
+        for (i, &v) in logits.iter().enumerate() {
+            if v > logits[best] {
+                best = i;
+            }
+        }
+        best as u32
+    };
+    if s.temperature <= 0.0 || !s.temperature.is_finite() {
+        return argmax();
+    }
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    scratch.clear();
+    scratch.extend(
+        logits
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| (((v - max) / s.temperature).exp(), i as u32)),
+    );
+    // Most probable first; equal probabilities by token id, so the order is total.
+    scratch.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    let sum: f64 = scratch.iter().map(|p| f64::from(p.0)).sum();
+    let top_p = f64::from(s.top_p.clamp(0.0, 1.0));
+    let mut kept = 0.0;
+    let mut n = 0;
+    for p in scratch.iter() {
+        kept += f64::from(p.0);
+        n += 1;
+        if kept >= top_p * sum {
+            break;
+        }
+    }
+    let target = rng.next_f64() * kept;
+    let mut acc = 0.0;
+    for p in &scratch[..n] {
+        acc += f64::from(p.0);
+        if acc > target {
+            return p.1;
+        }
+    }
+    scratch[n.saturating_sub(1)].1
+}
+
+/// Where a text-generation model folder is expected under the models folder.
+pub fn model_dir(models: &Path) -> PathBuf {
+    models.join("lm")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_takes_the_first_maximum() {
+        let s = Sampling::default();
+        let mut rng = SplitMix64(1);
+        let mut scratch = Vec::new();
+        assert_eq!(pick(&[0.0, 3.0, 3.0, -1.0], &s, &mut rng, &mut scratch), 1);
+    }
+
+    #[test]
+    fn top_p_keeps_only_the_nucleus() {
+        let s = Sampling {
+            temperature: 1.0,
+            top_p: 0.5,
+            ..Sampling::default()
+        };
+        let mut rng = SplitMix64(7);
+        let mut scratch = Vec::new();
+        // Token 2 alone holds > 50 % of the mass: it is the only candidate.
+        for _ in 0..200 {
+            assert_eq!(pick(&[0.0, 1.0, 5.0, 1.0], &s, &mut rng, &mut scratch), 2);
+        }
+        let wide = Sampling {
+            top_p: 1.0,
+            ..s.clone()
+        };
+        let mut seen = [0u32; 4];
+        for _ in 0..2000 {
+            seen[pick(&[0.0, 1.0, 1.5, 1.0], &wide, &mut rng, &mut scratch) as usize] += 1;
+        }
+        assert!(
+            seen.iter().all(|&n| n > 50),
+            "every token drawn sometimes: {seen:?}"
+        );
+    }
+
+    #[test]
+    fn item_keys_are_stable() {
+        assert_eq!(item_key(""), 0xcbf2_9ce4_8422_2325);
+        assert_ne!(item_key("a"), item_key("b"));
+    }
+}

@@ -1,0 +1,342 @@
+//! Text generation against the independent numpy reference (`models/lm/reference.json`),
+//! batching, sampling, the interface check, and `batch-worker run --task generate`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use batch_worker::engine::{Device, EngineError};
+use batch_worker::generate::{Generated, Generator, Sampling};
+use serde::Deserialize;
+
+const BIN: &str = env!("CARGO_BIN_EXE_batch-worker");
+
+fn lm_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/lm")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("generate-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+#[derive(Deserialize)]
+struct Reference {
+    max_new_tokens: usize,
+    prompts: Vec<RefPrompt>,
+}
+
+#[derive(Deserialize)]
+struct RefPrompt {
+    text: String,
+    input_ids: Vec<u32>,
+    generated_ids: Vec<u32>,
+    first_step_logits: Vec<f32>,
+    last_step_logits: Vec<f32>,
+}
+
+fn reference() -> Reference {
+    let s = std::fs::read_to_string(lm_dir().join("reference.json")).expect("reference.json");
+    serde_json::from_str(&s).expect("reference parses")
+}
+
+fn load() -> Generator {
+    Generator::load(&lm_dir(), Device::Cpu).expect("the test model loads")
+}
+
+fn never() -> bool {
+    false
+}
+
+fn greedy(n: usize) -> Sampling {
+    Sampling {
+        max_new_tokens: n,
+        ..Sampling::default()
+    }
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn greedy_decoding_reproduces_the_numpy_reference() {
+    let r = reference();
+    let mut g = load();
+    let i = g.interface().clone();
+    assert_eq!(
+        (i.layers, i.kv_heads, i.head_dim),
+        (2, 4, 16),
+        "read from the inputs"
+    );
+    let mut worst = 0.0f32;
+    for p in &r.prompts {
+        assert_eq!(
+            g.encode(&p.text).expect("encodes"),
+            p.input_ids,
+            "{}",
+            p.text
+        );
+        let mut steps: Vec<Vec<f32>> = Vec::new();
+        let out = g
+            .generate(
+                std::slice::from_ref(&p.input_ids),
+                &[0],
+                &greedy(r.max_new_tokens),
+                &never,
+                &mut |_, _, l| steps.push(l.to_vec()),
+            )
+            .expect("generates");
+        assert_eq!(out[0].ids, p.generated_ids, "greedy ids for {:?}", p.text);
+        let first = max_diff(&steps[0], &p.first_step_logits);
+        let last = max_diff(steps.last().expect("a step"), &p.last_step_logits);
+        assert!(
+            first < 1e-4 && last < 1e-4,
+            "logits differ by {first} / {last}"
+        );
+        worst = worst.max(first).max(last);
+    }
+    eprintln!("max |logit - reference| = {worst:e}");
+}
+
+#[test]
+fn a_left_padded_batch_gives_each_prompt_its_own_result() {
+    let r = reference();
+    let mut g = load();
+    let prompts: Vec<Vec<u32>> = r.prompts.iter().map(|p| p.input_ids.clone()).collect();
+    let keys: Vec<u64> = (0..prompts.len() as u64).collect();
+    let out = g
+        .generate(
+            &prompts,
+            &keys,
+            &greedy(r.max_new_tokens),
+            &never,
+            &mut |_, _, _| {},
+        )
+        .expect("generates");
+    for (p, o) in r.prompts.iter().zip(&out) {
+        assert_eq!(
+            o.ids, p.generated_ids,
+            "batched greedy ids for {:?}",
+            p.text
+        );
+    }
+}
+
+#[test]
+fn sampling_is_reproducible_and_independent_of_the_batch() {
+    let r = reference();
+    let mut g = load();
+    let prompts: Vec<Vec<u32>> = r.prompts.iter().map(|p| p.input_ids.clone()).collect();
+    let keys: Vec<u64> = (100..100 + prompts.len() as u64).collect();
+    let s = |seed| Sampling {
+        max_new_tokens: 24,
+        temperature: 1.0,
+        top_p: 0.9,
+        seed,
+    };
+    let mut run = |prompts: &[Vec<u32>], keys: &[u64], seed| -> Vec<Generated> {
+        g.generate(prompts, keys, &s(seed), &never, &mut |_, _, _| {})
+            .expect("generates")
+    };
+    let a = run(&prompts, &keys, 7);
+    let b = run(&prompts, &keys, 7);
+    assert_eq!(a, b, "same seed, same tokens");
+    let c = run(&prompts, &keys, 8);
+    assert_ne!(a, c, "another seed, other tokens");
+    let alone = run(&prompts[2..3], &keys[2..3], 7);
+    assert_eq!(
+        alone[0], a[2],
+        "an item's tokens do not depend on its batch"
+    );
+    let greedy_ids: Vec<_> = r.prompts.iter().map(|p| p.generated_ids.clone()).collect();
+    assert!(
+        a.iter()
+            .zip(&greedy_ids)
+            .any(|(x, y)| &x.ids[..20.min(x.ids.len())] != y),
+        "sampling differs from greedy somewhere"
+    );
+}
+
+#[test]
+fn max_new_tokens_and_the_stop_check_bound_generation() {
+    let r = reference();
+    let mut g = load();
+    let p = &r.prompts[0];
+    let out = g
+        .generate(
+            std::slice::from_ref(&p.input_ids),
+            &[0],
+            &greedy(3),
+            &never,
+            &mut |_, _, _| {},
+        )
+        .expect("generates");
+    assert_eq!(out[0].ids, p.generated_ids[..3]);
+    assert!(!out[0].stopped);
+    let err = g
+        .generate(
+            std::slice::from_ref(&p.input_ids),
+            &[0],
+            &greedy(10),
+            &|| true,
+            &mut |_, _, _| {},
+        )
+        .expect_err("stop() interrupts");
+    assert!(matches!(err, EngineError::Interrupted), "{err}");
+}
+
+#[test]
+fn the_chat_template_renders_the_reference_chat_prompts() {
+    let r = reference();
+    let g = load();
+    let chats: Vec<&RefPrompt> = r
+        .prompts
+        .iter()
+        .filter(|p| p.text.starts_with("<|im_start|>system\n"))
+        .collect();
+    assert!(!chats.is_empty());
+    for p in chats {
+        let body = p.text.trim_start_matches("<|im_start|>system\n");
+        let (system, rest) = body
+            .split_once("<|im_end|>\n<|im_start|>user\n")
+            .expect("chatml");
+        let user = rest.trim_end_matches("<|im_end|>\n<|im_start|>assistant\n");
+        assert_eq!(g.chat_prompt(system, user).expect("renders"), p.text);
+    }
+}
+
+#[test]
+fn a_model_without_the_text_generation_interface_is_rejected_by_name() {
+    let dir = scratch("wrong-interface");
+    let intent = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/intent/model.onnx");
+    std::fs::copy(intent, dir.join("model.onnx")).expect("copy");
+    for f in ["tokenizer.json", "tokenizer_config.json", "config.json"] {
+        std::fs::copy(lm_dir().join(f), dir.join(f)).expect("copy");
+    }
+    let err = Generator::load(&dir, Device::Cpu)
+        .err()
+        .expect("the intent classifier is no text-generation model")
+        .to_string();
+    assert!(err.contains("no input `input_ids`"), "{err}");
+    assert!(err.contains("text-generation-with-past"), "{err}");
+}
+
+#[test]
+fn run_task_generate_writes_one_line_per_prompt() {
+    let dir = scratch("run");
+    let input = dir.join("prompts.jsonl");
+    let output = dir.join("out.jsonl");
+    let corpus = std::fs::read_to_string(lm_dir().join("corpus.txt")).expect("corpus");
+    let mut lines: Vec<String> = corpus
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .take(32)
+        .enumerate()
+        .map(|(i, t)| serde_json::json!({"custom_id": format!("p{i}"), "input": t}).to_string())
+        .collect();
+    assert_eq!(lines.len(), 32);
+    lines.push("{\"custom_id\": \"broken".into());
+    std::fs::write(&input, lines.join("\n") + "\n").expect("write");
+    let out = Command::new(BIN)
+        .args([
+            "run",
+            "--task",
+            "generate",
+            "--device",
+            "cpu",
+            "--max-new-tokens",
+            "16",
+        ])
+        .args(["--generate-batch-size", "8", "--input"])
+        .arg(&input)
+        .arg("--output")
+        .arg(&output)
+        .env("RUST_LOG", "error")
+        .stdin(Stdio::null())
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&output).expect("output");
+    let rows: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    assert_eq!(rows.len(), 33);
+    let ok: Vec<&serde_json::Value> = rows.iter().filter(|r| r.get("output").is_some()).collect();
+    assert_eq!(ok.len(), 32, "32 prompts, 32 outputs");
+    for r in &ok {
+        let tokens = r["output"]["tokens"].as_u64().expect("tokens");
+        assert!((1..=16).contains(&tokens), "{r}");
+        assert!(r["output"]["text"].is_string(), "{r}");
+    }
+    assert!(
+        ok.iter()
+            .any(|r| !r["output"]["text"].as_str().unwrap_or("").is_empty())
+    );
+    assert_eq!(rows[32]["error"]["code"], "invalid_item");
+
+    // The same run again from scratch gives the same text: greedy decoding, batch-independent.
+    let again = dir.join("again.jsonl");
+    let out = Command::new(BIN)
+        .args([
+            "run",
+            "--task",
+            "generate",
+            "--device",
+            "cpu",
+            "--max-new-tokens",
+            "16",
+        ])
+        .args(["--generate-batch-size", "5", "--input"])
+        .arg(&input)
+        .arg("--output")
+        .arg(&again)
+        .env("RUST_LOG", "error")
+        .stdin(Stdio::null())
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read_to_string(&again).expect("output"), text);
+}
+
+#[test]
+fn bad_sampling_flags_exit_2_with_one_line() {
+    let dir = scratch("flags");
+    let input = dir.join("in.jsonl");
+    std::fs::write(&input, "{\"custom_id\":\"a\",\"input\":\"hi\"}\n").expect("write");
+    let cases: [&[&str]; 3] = [
+        &["--top-p", "0"],
+        &["--temperature=-1"],
+        &["--max-new-tokens", "0"],
+    ];
+    for flags in cases {
+        let out = Command::new(BIN)
+            .args(["run", "--task", "generate", "--device", "cpu", "--input"])
+            .arg(&input)
+            .arg("--output")
+            .arg(dir.join("out.jsonl"))
+            .args(flags)
+            .stdin(Stdio::null())
+            .output()
+            .expect("runs");
+        assert_eq!(out.status.code(), Some(2), "{flags:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        let flag = flags[0].split('=').next().unwrap_or_default();
+        assert!(err.contains(flag), "{flags:?}: {err}");
+    }
+}
