@@ -35,6 +35,8 @@ pub struct Sampling {
     /// With an item's own key (its `custom_id`), seeds that item's random stream, so an item's
     /// text does not depend on which other items share its batch or on restarts.
     pub seed: u64,
+    /// Generate exactly `max_new_tokens` whatever comes (benchmarks).
+    pub ignore_stop: bool,
 }
 
 impl Default for Sampling {
@@ -44,6 +46,7 @@ impl Default for Sampling {
             temperature: 0.0,
             top_p: 1.0,
             seed: 0,
+            ignore_stop: false,
         }
     }
 }
@@ -505,7 +508,7 @@ impl Generator {
                 observe(step, row, l);
                 let t = pick(l, sampling, &mut rngs[row], &mut scratch);
                 g.ids.push(t);
-                if self.stop_ids.contains(&t) {
+                if !sampling.ignore_stop && self.stop_ids.contains(&t) {
                     g.stopped = true;
                 } else {
                     all_done = false;

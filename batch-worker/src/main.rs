@@ -59,6 +59,9 @@ struct GenerateArgs {
     /// chat: wrap each generate input in the chat template; raw: feed it as it is
     #[arg(long, env = "PROMPT_FORMAT", value_enum, default_value = "chat")]
     prompt_format: PromptFormat,
+    /// Always generate --max-new-tokens tokens, stop tokens included (benchmarks)
+    #[arg(long, hide = true)]
+    ignore_stop_tokens: bool,
 }
 
 impl GenerateArgs {
@@ -81,6 +84,7 @@ impl GenerateArgs {
                 temperature: self.temperature,
                 top_p: self.top_p,
                 seed: self.seed,
+                ignore_stop: self.ignore_stop_tokens,
             },
             batch_size: self.generate_batch_size.max(1),
             system_prompt: self.system_prompt.clone(),

@@ -140,6 +140,7 @@ fn sampling_is_reproducible_and_independent_of_the_batch() {
         temperature: 1.0,
         top_p: 0.9,
         seed,
+        ignore_stop: false,
     };
     let mut run = |prompts: &[Vec<u32>], keys: &[u64], seed| -> Vec<Generated> {
         g.generate(prompts, keys, &s(seed), &never, &mut |_, _, _| {})

@@ -109,12 +109,32 @@ impl<'a> World<'a> {
         shards: u32,
         input_uri: Option<String>,
     ) -> anyhow::Result<()> {
+        self.create_record_of(
+            job_id,
+            JobKind::Batch,
+            Task::Classify,
+            total,
+            shards,
+            input_uri,
+        )
+        .await
+    }
+
+    async fn create_record_of(
+        &self,
+        job_id: &str,
+        kind: JobKind,
+        task: Task,
+        total: u64,
+        shards: u32,
+        input_uri: Option<String>,
+    ) -> anyhow::Result<()> {
         let now = shared::time::rfc3339(1_790_000_000_000);
         let rec = JobRecord {
             job_id: job_id.into(),
             owner: "test".into(),
-            kind: JobKind::Batch,
-            task: Task::Classify,
+            kind,
+            task,
             status: JobStatus::Queued,
             counts: Counts {
                 total,
@@ -456,6 +476,156 @@ async fn outputs_once_and_equal_to_the_embedded_run(fx: &Fixture) -> anyhow::Res
             && metrics.contains("batch_worker_inference_seconds_count"),
         "metrics:\n{metrics}"
     );
+    Ok(())
+}
+
+/// Text generation through serve: a queued chat message gets its reply in the job record,
+/// a `generate` batch drained mid-way (SIGTERM while a micro-batch decodes) is finished by
+/// another worker; outputs equal `batch-worker run --task generate` and nothing committed
+/// is redone.
+async fn generation_answers_chat_and_batches(fx: &Fixture) -> anyhow::Result<()> {
+    let w = World::new(fx, "generate").await?;
+    let gen_worker = |id: &str| {
+        w.worker(id)
+            .with("MAX_NEW_TOKENS", "24")
+            .with("GENERATE_BATCH_SIZE", "4")
+            .with("BATCH_WORKER_FAILPOINTS", "batch-delay-ms=150")
+    };
+    let mut w1 = gen_worker("w1").start(&w.log("w1.log"))?;
+
+    // A queued chat message, as the edge publishes it.
+    let message = "근처에서 급식카드로 먹을 수 있는 김밥집 추천해줘";
+    let chat = shared::jobs::ChatRequest {
+        message: message.into(),
+        locale: "ko".into(),
+    };
+    w.create_record_of("chat-1", JobKind::Chat, Task::Generate, 1, 1, None)
+        .await?;
+    w.publish(&JobMessage {
+        job_id: "chat-1".into(),
+        kind: JobKind::Chat,
+        task: Task::Generate,
+        shard: 0,
+        shards: 1,
+        items: Vec::new(),
+        input_uri: None,
+        chat: Some(chat),
+    })
+    .await?;
+    let done = w
+        .wait_job("chat-1", Duration::from_secs(60), "succeeded", |j| {
+            j.status.is_final()
+        })
+        .await?;
+    ensure!(done.status == JobStatus::Succeeded, "chat job: {done:?}");
+    let reply = done
+        .result
+        .as_ref()
+        .and_then(|r| r["reply"].as_str())
+        .context("result.reply")?
+        .to_owned();
+
+    // A generate batch, drained mid-way.
+    let all: Vec<InputItem> = common::test_split_texts()
+        .into_iter()
+        .take(40)
+        .enumerate()
+        .map(|(i, t)| InputItem {
+            custom_id: format!("g-{i}"),
+            input: t,
+        })
+        .collect();
+    w.create_record_of("gen-1", JobKind::Batch, Task::Generate, 40, 1, None)
+        .await?;
+    w.publish(&JobMessage {
+        job_id: "gen-1".into(),
+        kind: JobKind::Batch,
+        task: Task::Generate,
+        shard: 0,
+        shards: 1,
+        items: all.clone(),
+        input_uri: None,
+        chat: None,
+    })
+    .await?;
+    w.wait_shard("gen-1", 0, Duration::from_secs(60), "a first chunk", |s| {
+        s.cursor > 0
+    })
+    .await?;
+    w1.signal(libc::SIGTERM);
+    let (status, took) = wait_exit(&mut w1, Duration::from_secs(25)).await?;
+    ensure!(
+        status.success() && took < Duration::from_secs(20),
+        "drain: {status} in {took:?}"
+    );
+    let s = w.shard("gen-1", 0).await?.context("shard")?;
+    ensure!(s.drains == 1 && s.cursor < 40, "after the drain: {s:?}");
+    eprintln!(
+        "generate: drained in {} ms at item {}",
+        took.as_millis(),
+        s.cursor
+    );
+    let _w2 = gen_worker("w2").start(&w.log("w2.log"))?;
+    w.wait_job("gen-1", Duration::from_secs(90), "succeeded", |j| {
+        j.status == JobStatus::Succeeded
+    })
+    .await?;
+    let outputs = w.outputs("gen-1")?;
+    assert_exactly(&outputs, &all)?;
+    ensure!(
+        w.chunk_lines("gen-1") == 40,
+        "a drain redoes nothing: {} lines",
+        w.chunk_lines("gen-1")
+    );
+
+    // The embedded run over the same items (and the chat message) gives the same text.
+    let dir = fx.dir.join("generate");
+    let input = dir.join("in.jsonl");
+    let mut lines: Vec<String> = all
+        .iter()
+        .map(|i| serde_json::to_string(i))
+        .collect::<Result<_, _>>()?;
+    lines.push(json!({"custom_id": "chat", "input": message}).to_string());
+    std::fs::write(&input, lines.join("\n") + "\n")?;
+    let output = dir.join("embedded.jsonl");
+    let run = std::process::Command::new(BIN)
+        .args([
+            "run",
+            "--task",
+            "generate",
+            "--device",
+            "cpu",
+            "--max-new-tokens",
+            "24",
+            "--input",
+        ])
+        .arg(&input)
+        .arg("--output")
+        .arg(&output)
+        .env("RUST_LOG", "error")
+        .output()?;
+    ensure!(
+        run.status.success(),
+        "embedded run: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let mut embedded = BTreeMap::new();
+    for l in std::fs::read_to_string(&output)?.lines() {
+        let v: Value = serde_json::from_str(l)?;
+        embedded.insert(v["custom_id"].as_str().unwrap_or_default().to_owned(), v);
+    }
+    ensure!(
+        embedded["chat"]["output"]["text"] == reply.as_str(),
+        "chat reply {reply:?} vs {}",
+        embedded["chat"]
+    );
+    for (id, v) in &outputs {
+        ensure!(
+            embedded.get(id) == Some(v),
+            "{id}: serve {v} vs run {:?}",
+            embedded.get(id)
+        );
+    }
     Ok(())
 }
 
@@ -808,5 +978,6 @@ async fn serve_keeps_every_item_exactly_once_through_faults() {
     scenario!(poison_shard_is_dead_lettered);
     scenario!(cancel_stops_at_a_chunk_boundary);
     scenario!(preemption_notice_drains);
+    scenario!(generation_answers_chat_and_batches);
     assert!(failures.is_empty(), "failed scenarios: {failures:#?}");
 }

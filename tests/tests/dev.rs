@@ -111,6 +111,39 @@ fn dev_stops_cleanly_on(signal: i32) {
         (r.status().as_u16(), r.text().await.unwrap_or_default())
     });
     assert_eq!(status, 200, "{body}");
+    // A food request is queued; the worker's text-generation model writes the reply.
+    let chat = rt.block_on(async {
+        let http = reqwest::Client::new();
+        let r = http
+            .post(format!("{url}/v1/chat"))
+            .bearer_auth("test-key-123")
+            .json(&serde_json::json!({"message": "근처에서 급식카드 되는 짜장면집 추천해줘"}))
+            .send()
+            .await
+            .expect("chat accepted");
+        assert_eq!(r.status().as_u16(), 202);
+        let v: serde_json::Value = r.json().await.expect("json");
+        assert_eq!(v["route"], "queue", "{v}");
+        let status_url = v["status_url"].as_str().expect("status_url").to_owned();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let j: serde_json::Value = http
+                .get(format!("{url}{status_url}?wait=20"))
+                .bearer_auth("test-key-123")
+                .send()
+                .await
+                .expect("job")
+                .json()
+                .await
+                .expect("json");
+            if j["status"] != "queued" && j["status"] != "running" || Instant::now() > deadline {
+                break j;
+            }
+        }
+    });
+    assert_eq!(chat["status"], "succeeded", "{chat}");
+    assert_eq!(chat["kind"], "chat", "{chat}");
+    assert!(chat["result"]["reply"].is_string(), "{chat}");
     // A batch goes through the Worker, Pub/Sub and the worker, and ends succeeded.
     let job = rt.block_on(async {
         let http = reqwest::Client::new();

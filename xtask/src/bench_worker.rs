@@ -30,17 +30,7 @@ struct Row {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     setup::onnxruntime()?;
-    let mut c = crate::cargo();
-    c.args([
-        "build",
-        "--quiet",
-        "--release",
-        "-p",
-        "batch-worker",
-        "--bin",
-        "batch-worker",
-    ]);
-    crate::run_cmd(c)?;
+    let worker = setup::batch_worker()?;
     let dir = root().join("target/bench-worker");
     std::fs::create_dir_all(&dir)?;
 
@@ -88,7 +78,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let output = dir.join(format!("out-{batch}.jsonl"));
         let _ = std::fs::remove_file(&output);
         let started = Instant::now();
-        let out = Command::new(root().join("target/release/batch-worker"))
+        let out = Command::new(&worker)
             .args(["run", "--task", "classify", "--device", "cpu"])
             .arg("--batch-size")
             .arg(batch.to_string())
@@ -150,7 +140,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn between(text: &str, start: &str, end: &str) -> Option<f64> {
+pub fn between(text: &str, start: &str, end: &str) -> Option<f64> {
     let from = text.rfind(start)? + start.len();
     let to = from + text[from..].find(end)?;
     text[from..to].trim().parse().ok()

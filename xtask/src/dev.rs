@@ -25,17 +25,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     setup::build_worker()?;
     // BATCH_WORKER_BIN: a worker binary already built (the tests pass the one they built).
     if std::env::var_os("BATCH_WORKER_BIN").is_none() {
-        let mut c = crate::cargo();
-        c.args([
-            "build",
-            "--quiet",
-            "--release",
-            "-p",
-            "batch-worker",
-            "--bin",
-            "batch-worker",
-        ]);
-        crate::run_cmd(c)?;
+        setup::batch_worker()?;
     }
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(serve(args))

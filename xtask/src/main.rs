@@ -1,6 +1,7 @@
 //! `cargo xtask <command>`: the project's automation. Run `cargo xtask --help`.
 
 mod bench;
+mod bench_generate;
 mod bench_worker;
 mod cost;
 mod dev;
@@ -36,6 +37,8 @@ enum Cmd {
     BenchEdge(bench::Args),
     /// Throughput of `batch-worker run --task classify` per micro-batch size, vs Python's onnxruntime
     BenchWorker(bench_worker::Args),
+    /// Tokens/s of `batch-worker run --task generate` per static batch size, vs the same loop in Python's onnxruntime
+    BenchGenerate(bench_generate::Args),
     /// Monthly cost of always-on GPU, spot GPU + edge, home workstation and API-only
     Cost(cost::Args),
     /// Print a new API key for NAME and its `API_KEYS` entry (salted SHA-256)
@@ -56,6 +59,7 @@ fn main() -> ExitCode {
         Cmd::BuildEdge => setup::build_edge(),
         Cmd::BenchEdge(a) => bench::run(a),
         Cmd::BenchWorker(a) => bench_worker::run(a),
+        Cmd::BenchGenerate(a) => bench_generate::run(a),
         Cmd::Cost(a) => cost::run(a),
         Cmd::ApiKey { name } => api_key(&name),
         Cmd::TrainIntent(a) => train::run(a),

@@ -196,6 +196,22 @@ pub fn build_worker() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Builds the release `batch-worker` and returns its path.
+pub fn batch_worker() -> anyhow::Result<PathBuf> {
+    let mut c = crate::cargo();
+    c.args([
+        "build",
+        "--quiet",
+        "--release",
+        "-p",
+        "batch-worker",
+        "--bin",
+        "batch-worker",
+    ]);
+    run_cmd(c)?;
+    Ok(root().join("target/release/batch-worker"))
+}
+
 /// Installs the npm lockfile's tools (Node.js 22, wrangler, esbuild, binaryen) into
 /// `node_modules/`, unless that lockfile is already installed.
 pub fn node_tools() -> anyhow::Result<()> {

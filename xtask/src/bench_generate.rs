@@ -1,0 +1,157 @@
+//! `cargo xtask bench-generate`: tokens/s of `batch-worker run --task generate` on the test
+//! model per static batch size, and the same model and greedy decoding loop (left padding,
+//! KV cache) through Python's `onnxruntime` (`models/lm/bench_generate.py`).
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context, bail};
+
+use crate::bench_worker::between;
+use crate::{root, setup};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Prompts per run (lines of models/lm/corpus.txt, cycled)
+    #[arg(long, default_value_t = 256)]
+    pub prompts: usize,
+    /// New tokens per prompt (stop tokens ignored, so every item makes exactly this many)
+    #[arg(long, default_value_t = 32)]
+    pub max_new_tokens: usize,
+    /// Static batch sizes to measure
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    pub batch_sizes: Vec<usize>,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    setup::onnxruntime()?;
+    let worker = setup::batch_worker()?;
+    let dir = root().join("target/bench-generate");
+    std::fs::create_dir_all(&dir)?;
+    let model = root().join("models/lm");
+    let corpus = std::fs::read_to_string(model.join("corpus.txt"))?;
+    let texts: Vec<&str> = corpus.lines().filter(|l| !l.trim().is_empty()).collect();
+    let input = dir.join("prompts.jsonl");
+    let mut body = String::new();
+    for i in 0..args.prompts {
+        body.push_str(&serde_json::to_string(&serde_json::json!({
+            "custom_id": format!("p{i}"),
+            "input": texts[i % texts.len()],
+        }))?);
+        body.push('\n');
+    }
+    std::fs::write(&input, body)?;
+    let py = python_env(&dir)?;
+    let tokens = (args.prompts * args.max_new_tokens) as f64;
+
+    let mut rows = Vec::new();
+    for &batch in &args.batch_sizes {
+        let output = dir.join(format!("out-{batch}.jsonl"));
+        let _ = std::fs::remove_file(&output);
+        let out = Command::new(&worker)
+            .args(["run", "--task", "generate", "--device", "cpu"])
+            .args(["--prompt-format", "raw", "--ignore-stop-tokens"])
+            .arg("--max-new-tokens")
+            .arg(args.max_new_tokens.to_string())
+            .arg("--generate-batch-size")
+            .arg(batch.to_string())
+            .arg("--input")
+            .arg(&input)
+            .arg("--output")
+            .arg(&output)
+            .env("RUST_LOG", "error")
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "batch-worker run failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let text = String::from_utf8_lossy(&out.stderr).to_string();
+        let items_per_s = between(&text, "s (", " items/s")
+            .with_context(|| format!("unexpected summary: {text}"))?;
+        let share = between(&text, "items/s, ", "% inside")
+            .with_context(|| format!("unexpected summary: {text}"))?
+            / 100.0;
+        let rust = items_per_s * args.max_new_tokens as f64;
+        let session = rust / share.max(1e-9);
+        let python = python_bench(&py, &model, &input, args, batch)?;
+        eprintln!(
+            "batch {batch}: {rust:.0} tokens/s end to end, {:.0}% in session.run; Python {python:.0} tokens/s",
+            share * 100.0
+        );
+        rows.push((batch, rust, share, session, python));
+    }
+    println!(
+        "\n`batch-worker run --task generate --device cpu` on models/lm, {} prompts × {} new tokens ({tokens:.0} tokens), greedy, {} CPU cores\n",
+        args.prompts,
+        args.max_new_tokens,
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!(
+        "| batch | worker tokens/s (end to end) | share in `session.run` | worker `session.run` tokens/s | Python `onnxruntime` loop tokens/s | ratio end to end / Python |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for (batch, rust, share, session, python) in rows {
+        println!(
+            "| {batch} | {rust:.0} | {:.0} % | {session:.0} | {python:.0} | {:.2} |",
+            share * 100.0,
+            rust / python
+        );
+    }
+    Ok(())
+}
+
+/// The pinned packages of `models/lm/requirements.txt` (`pip install --target`).
+fn python_env(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
+    let target = dir.join("python");
+    let req = root().join("models/lm/requirements.txt");
+    let wanted = std::fs::read_to_string(&req)?;
+    let stamp = target.join(".requirements");
+    if std::fs::read_to_string(&stamp).is_ok_and(|v| v == wanted) {
+        return Ok(target);
+    }
+    let mut c = Command::new("python3");
+    c.args(["-m", "pip", "install", "--quiet", "--target"])
+        .arg(&target)
+        .arg("-r")
+        .arg(&req);
+    crate::run_cmd(c).context("installing models/lm/requirements.txt for the Python baseline")?;
+    std::fs::write(&stamp, wanted)?;
+    Ok(target)
+}
+
+fn python_bench(
+    py: &Path,
+    model: &Path,
+    input: &Path,
+    args: &Args,
+    batch: usize,
+) -> anyhow::Result<f64> {
+    let out = Command::new("python3")
+        .arg(model.join("bench_generate.py"))
+        .arg("--model-dir")
+        .arg(model)
+        .arg("--input")
+        .arg(input)
+        .args(["--batch", &batch.to_string()])
+        .args(["--prompts", &args.prompts.to_string()])
+        .args(["--max-new-tokens", &args.max_new_tokens.to_string()])
+        .env("PYTHONPATH", py)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "python baseline failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "python baseline printed {:?}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })?;
+    v["tokens_per_s"]
+        .as_f64()
+        .context("python baseline printed no tokens_per_s")
+}
