@@ -75,7 +75,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             / 100.0;
         let rust = items_per_s * args.max_new_tokens as f64;
         let session = rust / share.max(1e-9);
-        let python = python_bench(&py, &model, &input, args, batch)?;
+        let python = python_bench(&py, &model, &input, &args, batch)?;
         eprintln!(
             "batch {batch}: {rust:.0} tokens/s end to end, {:.0}% in session.run; Python {python:.0} tokens/s",
             share * 100.0
