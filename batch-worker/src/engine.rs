@@ -5,6 +5,7 @@ use std::sync::OnceLock;
 
 use ort::environment::Environment;
 use ort::session::Session;
+use ort::session::builder::AutoDevicePolicy;
 use shared::intent::{Decision, Policy};
 use shared::wire::ClassifyOutput;
 
@@ -116,8 +117,12 @@ pub fn session(model: &Path, device: Device) -> Result<(Session, &'static str), 
             .map_err(ort::Error::<()>::from)?
             .commit_from_memory(&bytes)
     };
-    let cpu =
-        || -> Result<Session, ort::Error> { Session::builder(env)?.commit_from_memory(&bytes) };
+    let cpu = || -> Result<Session, ort::Error> {
+        Session::builder(env)?
+            .with_auto_device(AutoDevicePolicy::Default)
+            .map_err(ort::Error::<()>::from)?
+            .commit_from_memory(&bytes)
+    };
     match device {
         Device::Cpu => Ok((cpu().map_err(model_err)?, "cpu")),
         Device::Cuda => Ok((
