@@ -583,7 +583,7 @@ async fn generation_answers_chat_and_batches(fx: &Fixture) -> anyhow::Result<()>
     let input = dir.join("in.jsonl");
     let mut lines: Vec<String> = all
         .iter()
-        .map(|i| serde_json::to_string(i))
+        .map(serde_json::to_string)
         .collect::<Result<_, _>>()?;
     lines.push(json!({"custom_id": "chat", "input": message}).to_string());
     std::fs::write(&input, lines.join("\n") + "\n")?;
