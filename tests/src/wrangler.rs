@@ -52,6 +52,11 @@ fn toml_str(s: &str) -> String {
     serde_json::Value::from(s).to_string()
 }
 
+/// `edge/assets/`: the Worker's static assets (the demo page at `/`).
+pub fn assets_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../edge/assets")
+}
+
 impl Wrangler {
     /// Writes the config into `dir` and starts `wrangler dev` on `port` (0: any free port).
     pub async fn start(dir: &Path, cfg: &EdgeConfig, port: u16) -> anyhow::Result<Self> {
@@ -84,6 +89,11 @@ impl Wrangler {
         for (k, v) in &vars {
             toml.push_str(&format!("{k} = {}\n", toml_str(v)));
         }
+        // The demo page and any other static files, served before the Worker runs.
+        toml.push_str(&format!(
+            "\n[assets]\ndirectory = {}\n",
+            toml_str(&assets_dir().to_string_lossy())
+        ));
         if let Some(limit) = cfg.rate_limit {
             toml.push_str(&format!(
                 "\n[[ratelimits]]\nname = \"RATE_LIMITER\"\nnamespace_id = \"1001\"\nsimple = {{ limit = {limit}, period = 60 }}\n"

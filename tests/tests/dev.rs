@@ -195,6 +195,11 @@ fn dev_stops_cleanly_on(signal: i32) {
         .sum();
     assert_eq!(lines, 2, "one output line per item in {dir}");
 
+    // The demo page in a real browser, against the same stack (once: the SIGINT run).
+    if signal == libc::SIGINT {
+        browser_test(&url);
+    }
+
     // SAFETY: signalling the child we spawned.
     unsafe { libc::kill(child.0.id() as i32, signal) };
     let status = child.0.wait().expect("xtask dev exits");
@@ -206,6 +211,41 @@ fn dev_stops_cleanly_on(signal: i32) {
     for g in groups {
         assert!(!alive(g), "process group {g} survived `xtask dev`");
     }
+}
+
+/// Runs `tests/browser/page.mjs` (playwright-core driving Debian's chromium) against `url`.
+fn browser_test(url: &str) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let chromium = std::env::var_os("CHROMIUM")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+                .iter()
+                .map(std::path::PathBuf::from)
+                .find(|p| p.is_file())
+        })
+        .expect(
+            "chromium not found: `cargo xtask setup` installs Debian's chromium, or set CHROMIUM",
+        );
+    let artifacts = Path::new(env!("CARGO_TARGET_TMPDIR")).join("browser");
+    let mut cmd = Command::new(stack::wrangler::node());
+    cmd.arg(root.join("tests/browser/page.mjs"))
+        .env("PAGE_URL", url)
+        .env("API_KEY", "test-key-123")
+        .env("CHROMIUM", &chromium)
+        .env("ARTIFACTS", &artifacts)
+        .current_dir(&root);
+    if let Some(shot) = std::env::var_os("PAGE_SCREENSHOT") {
+        cmd.env("SCREENSHOT", shot);
+    }
+    let out = cmd.output().expect("node runs the browser test");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{text}");
+    assert!(out.status.success(), "browser test failed:\n{text}");
 }
 
 #[test]

