@@ -148,6 +148,10 @@ struct ServeArgs {
     /// Longest a drain may take before in-flight shards are abandoned (they resume from their checkpoint)
     #[arg(long, env = "DRAIN_SECONDS", default_value_t = 20.0)]
     drain_seconds: f64,
+    /// A generate request waits this long for concurrent ones (other chat messages) to share
+    /// its static batch
+    #[arg(long, env = "GENERATE_GATHER_MS", default_value_t = 10)]
+    generate_gather_ms: u64,
     /// Fault injection for tests: crash-on-input=TEXT;batch-delay-ms=N
     #[arg(long, env = "BATCH_WORKER_FAILPOINTS", default_value = "", hide = true)]
     failpoints: String,
@@ -267,6 +271,7 @@ fn serve_main(args: ServeArgs, engine: EngineArgs) -> ExitCode {
     let cfg = (|| -> Result<ServeConfig, String> {
         Ok(ServeConfig {
             chunk: seconds("--chunk-seconds", args.chunk_seconds)?,
+            gather: std::time::Duration::from_millis(args.generate_gather_ms),
             drain_timeout: seconds("--drain-seconds", args.drain_seconds)?,
             lease: std::time::Duration::from_secs(args.lease_seconds.max(1)),
             ack_extension: std::time::Duration::from_secs(args.ack_extension_seconds),

@@ -83,6 +83,9 @@ pub struct Metrics {
     pub jobs_succeeded: Counter,
     pub jobs_failed: Counter,
     pub jobs_cancelled: Counter,
+    pub generate_batches: Counter,
+    pub generate_rows: Counter,
+    pub generate_merged: Counter,
     pub inference: Histogram,
     pub chunk_commit: Histogram,
 }
@@ -91,7 +94,7 @@ impl Metrics {
     /// The text exposition format.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let counters: [(&str, &str, &Counter); 11] = [
+        let counters: [(&str, &str, &Counter); 14] = [
             (
                 "batch_worker_items_total",
                 "Items with a committed output line",
@@ -146,6 +149,21 @@ impl Metrics {
                 "batch_worker_jobs_cancelled_total",
                 "Jobs this worker marked cancelled",
                 &self.jobs_cancelled,
+            ),
+            (
+                "batch_worker_generate_batches_total",
+                "Static batches decoded by the text-generation model",
+                &self.generate_batches,
+            ),
+            (
+                "batch_worker_generate_rows_total",
+                "Prompts decoded in those batches",
+                &self.generate_rows,
+            ),
+            (
+                "batch_worker_generate_merged_total",
+                "Batches that joined items of more than one shard (concurrent chat messages)",
+                &self.generate_merged,
             ),
         ];
         for (name, help, c) in counters {

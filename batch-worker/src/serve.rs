@@ -44,6 +44,8 @@ use crate::tasks::{Classify, Generate};
 /// Everything `serve` is configured with (from flags or the environment; see `--help`).
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
+    /// How long a generate request waits for others to share its static batch.
+    pub gather: Duration,
     pub project: String,
     pub subscription: String,
     pub dead_letter_topic: Option<String>,
@@ -127,7 +129,9 @@ struct Ctx {
     out: Location,
     classify: Arc<Mutex<Classify>>,
     /// The text-generation model, when the model folder has one.
-    generate: Option<Arc<Mutex<Generate>>>,
+    generate: Option<Gatherer>,
+    /// Prompts per generate micro-batch.
+    generate_batch: usize,
     metrics: Arc<Metrics>,
     drain: CancellationToken,
     /// This process: a new value after every restart.
@@ -234,17 +238,26 @@ pub async fn serve(
         .build();
     let shutdown = stream.shutdown_token();
     let provider = classify.provider();
+    let generate_batch = generate.as_ref().map_or(1, |g| g.batch_size());
+    let generate = match generate {
+        Some(mut g) => {
+            let drain = drain.clone();
+            g.set_stop(Box::new(move || drain.is_cancelled()));
+            Some(
+                Gatherer::start(g, cfg.gather, metrics.clone())
+                    .context("starting the generation thread")?,
+            )
+        }
+        None => None,
+    };
     let ctx = Arc::new(Ctx {
         instance: format!("{:016x}", rand::random::<u64>()),
         cfg,
         store,
         out,
         classify: Arc::new(Mutex::new(classify)),
-        generate: generate.map(|mut g| {
-            let drain = drain.clone();
-            g.set_stop(Box::new(move || drain.is_cancelled()));
-            Arc::new(Mutex::new(g))
-        }),
+        generate_batch,
+        generate,
         metrics,
         drain: drain.clone(),
         dead_letter,
@@ -638,41 +651,22 @@ async fn infer(
     if !ctx.cfg.failpoints.batch_delay.is_zero() {
         tokio::time::sleep(ctx.cfg.failpoints.batch_delay).await;
     }
-    let model = processor(ctx, task);
-    let metrics = ctx.metrics.clone();
-    let results = tokio::task::spawn_blocking(move || {
-        let Some(Ok(mut m)) = model.as_ref().map(|m| m.lock()) else {
-            return Ok(Vec::new());
-        };
-        let started = Instant::now();
-        let batch = m.process(&valid);
-        metrics.inference.observe(started.elapsed());
-        Ok(match batch {
-            Ok(lines) if lines.len() == valid.len() => lines,
-            Err(EngineError::Interrupted) => return Err(WorkError::Interrupted),
-            other => {
-                if let Err(e) = other {
-                    tracing::warn!(error = %e, "micro-batch failed; retrying item by item");
-                }
-                valid
-                    .iter()
-                    .map(|item| match m.process(std::slice::from_ref(item)) {
-                        Ok(mut l) if l.len() == 1 => l.remove(0),
-                        Ok(_) => OutputLine::error(
-                            &item.custom_id,
-                            "inference_failed",
-                            "the model returned no output",
-                        ),
-                        Err(e) => {
-                            OutputLine::error(&item.custom_id, "inference_failed", e.to_string())
-                        }
-                    })
-                    .collect()
-            }
-        })
-    })
-    .await
-    .map_err(|e| WorkError::Join(e.to_string()))??;
+    let results = match (task, &ctx.generate) {
+        (Task::Generate, Some(g)) => g.submit(valid).await?,
+        (Task::Generate, None) => Vec::new(),
+        (Task::Classify, _) => {
+            let model = ctx.classify.clone();
+            let metrics = ctx.metrics.clone();
+            tokio::task::spawn_blocking(move || {
+                let Ok(mut m) = model.lock() else {
+                    return Ok(Vec::new());
+                };
+                run_items(&mut *m, &valid, &metrics).map_err(|Interrupted| WorkError::Interrupted)
+            })
+            .await
+            .map_err(|e| WorkError::Join(e.to_string()))??
+        }
+    };
     let mut results = results.into_iter();
     let mut out = Vec::with_capacity(items.len());
     for item in items {
@@ -690,14 +684,122 @@ async fn infer(
     Ok(out)
 }
 
-/// The model that runs `task`'s items.
-fn processor(ctx: &Ctx, task: Task) -> Option<Arc<Mutex<dyn Processor + Send>>> {
-    match task {
-        Task::Classify => Some(ctx.classify.clone()),
-        Task::Generate => ctx
-            .generate
-            .clone()
-            .map(|g| g as Arc<Mutex<dyn Processor + Send>>),
+/// A drain stopped the model mid-batch.
+struct Interrupted;
+
+/// One output line per item: the micro-batch at once; if it fails, item by item so that one
+/// bad item is one error line.
+fn run_items(
+    m: &mut dyn Processor,
+    valid: &[InputItem],
+    metrics: &Metrics,
+) -> Result<Vec<OutputLine>, Interrupted> {
+    let started = Instant::now();
+    let batch = m.process(valid);
+    metrics.inference.observe(started.elapsed());
+    match batch {
+        Ok(lines) if lines.len() == valid.len() => Ok(lines),
+        Err(EngineError::Interrupted) => Err(Interrupted),
+        other => {
+            if let Err(e) = other {
+                tracing::warn!(error = %e, "micro-batch failed; retrying item by item");
+            }
+            let mut out = Vec::with_capacity(valid.len());
+            for item in valid {
+                out.push(match m.process(std::slice::from_ref(item)) {
+                    Ok(mut l) if l.len() == 1 => l.remove(0),
+                    Ok(_) => OutputLine::error(
+                        &item.custom_id,
+                        "inference_failed",
+                        "the model returned no output",
+                    ),
+                    Err(EngineError::Interrupted) => return Err(Interrupted),
+                    Err(e) => OutputLine::error(&item.custom_id, "inference_failed", e.to_string()),
+                });
+            }
+            Ok(out)
+        }
+    }
+}
+
+type Reply = tokio::sync::oneshot::Sender<Result<Vec<OutputLine>, Interrupted>>;
+
+/// The text-generation model on its own thread. Items submitted by concurrent shards (queued
+/// chat messages above all) are decoded together: requests that arrive within
+/// `GENERATE_GATHER_MS` of the first one, up to the model's batch size, form one static batch.
+pub struct Gatherer {
+    tx: std::sync::mpsc::Sender<(Vec<InputItem>, Reply)>,
+}
+
+impl Gatherer {
+    fn start(mut model: Generate, window: Duration, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+        let (tx, rx) = std::sync::mpsc::channel::<(Vec<InputItem>, Reply)>();
+        let batch = model.batch_size();
+        std::thread::Builder::new()
+            .name("generate".into())
+            .spawn(move || {
+                let mut carried = None;
+                loop {
+                    let first = match carried.take() {
+                        Some(r) => r,
+                        None => match rx.recv() {
+                            Ok(r) => r,
+                            Err(_) => return,
+                        },
+                    };
+                    let deadline = Instant::now() + window;
+                    let mut n = first.0.len();
+                    let mut requests = vec![first];
+                    while n < batch {
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        match rx.recv_timeout(left) {
+                            Ok(r) if n + r.0.len() <= batch => {
+                                n += r.0.len();
+                                requests.push(r);
+                            }
+                            Ok(r) => {
+                                carried = Some(r);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    metrics.generate_batches.add(1);
+                    metrics.generate_rows.add(n as u64);
+                    if requests.len() > 1 {
+                        metrics.generate_merged.add(1);
+                    }
+                    let items: Vec<InputItem> =
+                        requests.iter().flat_map(|r| r.0.iter().cloned()).collect();
+                    match run_items(&mut model, &items, &metrics) {
+                        Ok(lines) => {
+                            let mut lines = lines.into_iter();
+                            for (mine, reply) in requests {
+                                let _ = reply.send(Ok(lines.by_ref().take(mine.len()).collect()));
+                            }
+                        }
+                        Err(Interrupted) => {
+                            for (_, reply) in requests {
+                                let _ = reply.send(Err(Interrupted));
+                            }
+                        }
+                    }
+                }
+            })?;
+        Ok(Self { tx })
+    }
+
+    /// Output lines for `items` (same order).
+    async fn submit(&self, items: Vec<InputItem>) -> Result<Vec<OutputLine>, WorkError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.tx
+            .send((items, reply))
+            .map_err(|_| WorkError::Join("the generation thread stopped".into()))?;
+        match answer.await {
+            Ok(Ok(lines)) => Ok(lines),
+            Ok(Err(Interrupted)) => Err(WorkError::Interrupted),
+            Err(_) => Err(WorkError::Join("the generation thread stopped".into())),
+        }
     }
 }
 
@@ -720,9 +822,10 @@ async fn run_shard(
         mut update_time,
     } = lease;
     let total = items.len();
-    let batch = processor(ctx, msg.task)
-        .and_then(|p| p.lock().ok().map(|m| m.batch_size()))
-        .unwrap_or(1);
+    let batch = match msg.task {
+        Task::Classify => ctx.classify.lock().map(|m| m.batch_size()).unwrap_or(256),
+        Task::Generate => ctx.generate_batch,
+    };
     let mut pos = usize::try_from(rec.cursor).unwrap_or(total).min(total);
     let mut pending = String::new();
     let mut pending_items = 0u64;

@@ -490,6 +490,7 @@ async fn generation_answers_chat_and_batches(fx: &Fixture) -> anyhow::Result<()>
             .with("MAX_NEW_TOKENS", "24")
             .with("GENERATE_BATCH_SIZE", "4")
             .with("BATCH_WORKER_FAILPOINTS", "batch-delay-ms=150")
+            .with("GENERATE_GATHER_MS", "300")
     };
     let mut w1 = gen_worker("w1").start(&w.log("w1.log"))?;
 
@@ -565,11 +566,67 @@ async fn generation_answers_chat_and_batches(fx: &Fixture) -> anyhow::Result<()>
         took.as_millis(),
         s.cursor
     );
-    let _w2 = gen_worker("w2").start(&w.log("w2.log"))?;
+    let metrics_port = stack::free_port()?;
+    let _w2 = gen_worker("w2")
+        .with("METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
+        .start(&w.log("w2.log"))?;
     w.wait_job("gen-1", Duration::from_secs(90), "succeeded", |j| {
         j.status == JobStatus::Succeeded
     })
     .await?;
+
+    // Concurrent chat messages share static batches.
+    let burst = [
+        "떡볶이 먹고 싶어",
+        "Where can I eat noodles with my meal card?",
+        "오늘 저녁 뭐 먹을까",
+        "김밥집 어디 있어?",
+    ];
+    for (i, m) in burst.iter().enumerate() {
+        let id = format!("chat-m{i}");
+        w.create_record_of(&id, JobKind::Chat, Task::Generate, 1, 1, None)
+            .await?;
+        w.publish(&JobMessage {
+            job_id: id,
+            kind: JobKind::Chat,
+            task: Task::Generate,
+            shard: 0,
+            shards: 1,
+            items: Vec::new(),
+            input_uri: None,
+            chat: Some(shared::jobs::ChatRequest {
+                message: (*m).into(),
+                locale: "ko".into(),
+            }),
+        })
+        .await?;
+    }
+    let mut burst_replies = Vec::new();
+    for i in 0..burst.len() {
+        let j = w
+            .wait_job(
+                &format!("chat-m{i}"),
+                Duration::from_secs(60),
+                "final",
+                |j| j.status.is_final(),
+            )
+            .await?;
+        ensure!(j.status == JobStatus::Succeeded, "chat-m{i}: {j:?}");
+        burst_replies.push(j.result.context("result")?["reply"].clone());
+    }
+    let metrics = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+        .await?
+        .text()
+        .await?;
+    let merged: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("batch_worker_generate_merged_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .context("merged metric")?;
+    ensure!(
+        merged >= 1,
+        "no batch joined concurrent chat messages:\n{metrics}"
+    );
     let outputs = w.outputs("gen-1")?;
     assert_exactly(&outputs, &all)?;
     ensure!(
@@ -586,6 +643,9 @@ async fn generation_answers_chat_and_batches(fx: &Fixture) -> anyhow::Result<()>
         .map(serde_json::to_string)
         .collect::<Result<_, _>>()?;
     lines.push(json!({"custom_id": "chat", "input": message}).to_string());
+    for (i, m) in burst.iter().enumerate() {
+        lines.push(json!({"custom_id": format!("m{i}"), "input": m}).to_string());
+    }
     std::fs::write(&input, lines.join("\n") + "\n")?;
     let output = dir.join("embedded.jsonl");
     let run = std::process::Command::new(BIN)
@@ -619,6 +679,13 @@ async fn generation_answers_chat_and_batches(fx: &Fixture) -> anyhow::Result<()>
         "chat reply {reply:?} vs {}",
         embedded["chat"]
     );
+    for (i, r) in burst_replies.iter().enumerate() {
+        ensure!(
+            embedded[&format!("m{i}")]["output"]["text"] == *r,
+            "chat-m{i}: a shared batch changed the reply: {r} vs {}",
+            embedded[&format!("m{i}")]
+        );
+    }
     for (id, v) in &outputs {
         ensure!(
             embedded.get(id) == Some(v),

@@ -167,11 +167,14 @@ pub fn rust_tools() -> anyhow::Result<()> {
             "installing {krate} {version} into .tools/cargo (once per machine, a few minutes)"
         );
         let mut c = crate::cargo();
+        // opt-level 1: these tools run for a second or two per build, and compile ~25 % faster.
         c.args(["install", "--quiet", "--root"])
             .arg(root().join(".tools/cargo"))
             .arg("--target-dir")
             .arg(root().join(".tools/cargo-target"))
             .args(["--version", &format!("={version}"), krate])
+            .args(["--config", "profile.release.opt-level=1"])
+            .args(["--config", "profile.release.debug=0"])
             .args(extra);
         run_cmd(c).with_context(|| format!("installing {krate} {version} from crates.io"))?;
     }
