@@ -341,3 +341,99 @@ fn bad_sampling_flags_exit_2_with_one_line() {
         assert!(err.contains(flag), "{flags:?}: {err}");
     }
 }
+
+/// SIGTERM in the middle of a decoding batch: the run commits what came before it and exits
+/// 1; run again, it finishes, and the output equals an uninterrupted run's.
+#[test]
+fn sigterm_mid_batch_then_rerun_equals_an_uninterrupted_run() {
+    let dir = scratch("sigterm");
+    let input = dir.join("prompts.jsonl");
+    let corpus = std::fs::read_to_string(lm_dir().join("corpus.txt")).expect("corpus");
+    let texts: Vec<&str> = corpus.lines().filter(|l| !l.trim().is_empty()).collect();
+    let body: String = (0..160)
+        .map(|i| {
+            serde_json::json!({"custom_id": format!("p{i}"), "input": texts[i % texts.len()]})
+                .to_string()
+                + "\n"
+        })
+        .collect();
+    std::fs::write(&input, body).expect("write");
+    let cmd = |output: &Path| {
+        let mut c = Command::new(BIN);
+        c.args([
+            "run",
+            "--task",
+            "generate",
+            "--device",
+            "cpu",
+            "--max-new-tokens",
+            "48",
+        ])
+        .args([
+            "--generate-batch-size",
+            "8",
+            "--chunk-seconds",
+            "0.1",
+            "--input",
+        ])
+        .arg(&input)
+        .arg("--output")
+        .arg(output)
+        .env("RUST_LOG", "error")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+        c
+    };
+    let whole = dir.join("whole.jsonl");
+    assert!(cmd(&whole).status().expect("runs").success());
+
+    let out = dir.join("out.jsonl");
+    let partial = dir.join("out.jsonl.partial");
+    let mut child = cmd(&out).spawn().expect("starts");
+    let started = std::time::Instant::now();
+    while std::fs::metadata(&partial).map_or(0, |m| m.len()) == 0 {
+        assert!(
+            started.elapsed().as_secs() < 60,
+            "no chunk committed in 60 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // SAFETY: signalling the child we spawned.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().expect("exits");
+    let committed = std::fs::read_to_string(&partial)
+        .unwrap_or_default()
+        .lines()
+        .count();
+    if status.success() {
+        // It finished before the signal landed: nothing to resume, and that is fine.
+        assert_eq!(
+            std::fs::read_to_string(&out).expect("out"),
+            std::fs::read_to_string(&whole).expect("whole")
+        );
+        return;
+    }
+    assert_eq!(status.code(), Some(1), "an interrupted run exits 1");
+    assert!(
+        committed < 160,
+        "interrupted before the end ({committed} lines)"
+    );
+    let again = cmd(&out).output().expect("reruns");
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&again.stderr)
+            .contains(&format!("resumed after {committed} items")),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(&out).expect("out"),
+        std::fs::read_to_string(&whole).expect("whole"),
+        "the resumed output equals the uninterrupted one"
+    );
+}
