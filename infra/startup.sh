@@ -107,10 +107,23 @@ main() {
   output_root="$(metadata instance/attributes/output-root)"
   poison="$(metadata instance/attributes/poison-limit 5)"
   device="$(metadata instance/attributes/device auto)"
+  # Optional: the text-generation model folder as its own bundle (a 3B model does not belong
+  # in the worker release); without it the worker uses models/lm of the release, if any.
+  local lm_url lm_sha lm_line=""
+  lm_url="$(metadata instance/attributes/lm-url "")"
+  lm_sha="$(metadata instance/attributes/lm-sha256 "")"
 
   install worker "$version" "$url" "$sha"
   install onnxruntime-gpu "$ort_sha" "$ort_url" "$ort_sha"
   local worker_dir="$APP/worker/$version" ort_dir="$APP/onnxruntime-gpu/$ort_sha"
+  if [[ -n "$lm_url" ]]; then
+    install lm "$lm_sha" "$lm_url" "$lm_sha"
+    if [[ ! -f "$APP/lm/$lm_sha/model.onnx" ]]; then
+      log "the model bundle $lm_url has no model.onnx at its top level"
+      return 1
+    fi
+    lm_line="LM_DIR=${APP#"$ROOT"}/lm/$lm_sha"
+  fi
   if [[ ! -x "$worker_dir/bin/batch-worker" ]]; then
     log "the release $url has no bin/batch-worker"
     return 1
@@ -126,6 +139,7 @@ OUTPUT_ROOT=$output_root
 POISON_LIMIT=$poison
 DEVICE=$device
 MODEL_DIR=${worker_dir#"$ROOT"}/models
+$lm_line
 ORT_DYLIB_PATH=${ort_dir#"$ROOT"}/lib/libonnxruntime.so
 LD_LIBRARY_PATH=${ort_dir#"$ROOT"}/lib
 WORKER_ID=$("$HOSTNAME_CMD")

@@ -38,6 +38,9 @@ struct EngineArgs {
 
 #[derive(clap::Args, Clone)]
 struct GenerateArgs {
+    /// The text-generation model folder (model.onnx, tokenizer.json, …); default MODEL_DIR/lm
+    #[arg(long, env = "LM_DIR")]
+    lm_dir: Option<PathBuf>,
     /// Prompts decoded together in one static batch (generate, chat)
     #[arg(long, env = "GENERATE_BATCH_SIZE", default_value_t = 8)]
     generate_batch_size: usize,
@@ -62,6 +65,16 @@ struct GenerateArgs {
     /// Always generate --max-new-tokens tokens, stop tokens included (benchmarks)
     #[arg(long, hide = true)]
     ignore_stop_tokens: bool,
+}
+
+impl EngineArgs {
+    /// `--lm-dir`, else `MODEL_DIR/lm`.
+    fn lm_dir(&self) -> PathBuf {
+        self.generate
+            .lm_dir
+            .clone()
+            .unwrap_or_else(|| batch_worker::generate::model_dir(&self.model_dir))
+    }
 }
 
 impl GenerateArgs {
@@ -223,9 +236,9 @@ fn main() -> ExitCode {
                     Classify::load(&engine.model_dir, engine.device, engine.batch_size)
                 }),
                 Task::Generate => match engine.generate.options() {
-                    Ok(o) => embedded::run(&opts, || {
-                        Generate::load(&engine.model_dir, engine.device, o)
-                    }),
+                    Ok(o) => {
+                        embedded::run(&opts, || Generate::load(&engine.lm_dir(), engine.device, o))
+                    }
                     Err(m) => Err(RunError::Usage(m)),
                 },
             };
@@ -308,9 +321,9 @@ fn serve_main(args: ServeArgs, engine: EngineArgs) -> ExitCode {
     let generate = match engine.generate.options() {
         Err(m) => return usage(&m),
         Ok(o) => {
-            let dir = batch_worker::generate::model_dir(&engine.model_dir);
+            let dir = engine.lm_dir();
             if dir.join("model.onnx").is_file() {
-                match Generate::load(&engine.model_dir, engine.device, o) {
+                match Generate::load(&dir, engine.device, o) {
                     Ok(g) => Some(g),
                     Err(e) => {
                         eprintln!("batch-worker: {e}");

@@ -77,14 +77,10 @@ pub struct Generate {
 }
 
 impl Generate {
-    /// Loads `<model_dir>/lm`.
-    pub fn load(
-        model_dir: &Path,
-        device: Device,
-        opts: GenerateOptions,
-    ) -> Result<Self, EngineError> {
+    /// Loads the text-generation model folder `lm_dir`.
+    pub fn load(lm_dir: &Path, device: Device, opts: GenerateOptions) -> Result<Self, EngineError> {
         Ok(Self {
-            model: Generator::load(&crate::generate::model_dir(model_dir), device)?,
+            model: Generator::load(lm_dir, device)?,
             opts: GenerateOptions {
                 batch_size: opts.batch_size.max(1),
                 ..opts

@@ -223,6 +223,8 @@ resource "google_compute_instance_template" "worker" {
     worker-sha256         = var.worker_sha256
     ort-url               = var.ort_url
     ort-sha256            = var.ort_sha256
+    lm-url                = var.lm_url
+    lm-sha256             = var.lm_sha256
     pubsub-subscription   = google_pubsub_subscription.worker.name
     dead-letter-topic     = google_pubsub_topic.dead_letter.name
     output-root           = "gs://${google_storage_bucket.outputs.name}"

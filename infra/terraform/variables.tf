@@ -69,6 +69,18 @@ variable "ort_sha256" {
   type        = string
 }
 
+variable "lm_url" {
+  description = "URL (https:// or gs://) of the text-generation model bundle: a tar.gz of the folder with model.onnx, tokenizer.json, tokenizer_config.json and config.json at its top level. Empty: the worker release's models/lm."
+  type        = string
+  default     = ""
+}
+
+variable "lm_sha256" {
+  description = "sha256 of the text-generation model bundle (required with lm_url)."
+  type        = string
+  default     = ""
+}
+
 variable "max_workers" {
   description = "Most worker VMs the autoscaler may run."
   type        = number

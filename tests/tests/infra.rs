@@ -162,6 +162,8 @@ struct Fixture {
     systemctl: PathBuf,
     hostname: PathBuf,
     log: PathBuf,
+    /// sha256 of the text-generation model bundle the metadata points at.
+    lm_sha: String,
 }
 
 fn fixture(name: &str, bad_sha: bool) -> Fixture {
@@ -183,6 +185,15 @@ fn fixture(name: &str, bad_sha: bool) -> Fixture {
         sha256(&worker)
     };
     let ort_sha = sha256(&ort);
+    let lm = tarball(
+        &dir.join("l"),
+        &[
+            ("model.onnx", "not a real model", 0o644),
+            ("tokenizer.json", "{}", 0o644),
+        ],
+    );
+    let lm_sha = sha256(&lm);
+    let lm_sha_kept = lm_sha.clone();
     let (base, server) = serve(|base| {
         let attr = |k: &str| format!("/computeMetadata/v1/instance/attributes/{k}");
         HashMap::from([
@@ -201,10 +212,16 @@ fn fixture(name: &str, bad_sha: bool) -> Fixture {
                 format!("{base}/releases/ort.tar.gz").into_bytes(),
             ),
             (attr("ort-sha256"), ort_sha.into_bytes()),
+            (
+                attr("lm-url"),
+                format!("{base}/releases/lm.tar.gz").into_bytes(),
+            ),
+            (attr("lm-sha256"), lm_sha.into_bytes()),
             (attr("pubsub-subscription"), b"worker".to_vec()),
             (attr("output-root"), b"gs://bucket/out".to_vec()),
             ("/releases/worker.tar.gz".into(), worker),
             ("/releases/ort.tar.gz".into(), ort),
+            ("/releases/lm.tar.gz".into(), lm),
         ])
     });
     let (systemctl, hostname, log) = stubs(&dir);
@@ -217,6 +234,7 @@ fn fixture(name: &str, bad_sha: bool) -> Fixture {
         systemctl,
         hostname,
         log,
+        lm_sha: lm_sha_kept,
     }
 }
 
@@ -282,6 +300,12 @@ fn startup_script_installs_configures_and_is_idempotent() {
     );
     let env =
         std::fs::read_to_string(f.sysroot.join("etc/cheap-serve/worker.env")).expect("env file");
+    let lm_line = format!("LM_DIR=/opt/cheap-serve/lm/{}", f.lm_sha);
+    assert!(
+        f.sysroot
+            .join(format!("opt/cheap-serve/lm/{}/model.onnx", f.lm_sha))
+            .is_file()
+    );
     for line in [
         "GCP_PROJECT=proj-1",
         "PUBSUB_SUBSCRIPTION=worker",
@@ -290,6 +314,7 @@ fn startup_script_installs_configures_and_is_idempotent() {
         "POISON_LIMIT=5",
         "DEVICE=auto",
         "MODEL_DIR=/opt/cheap-serve/worker/0.1.0/models",
+        lm_line.as_str(),
         "WORKER_ID=vm-7",
     ] {
         assert!(
