@@ -229,6 +229,20 @@ fn a_model_without_the_text_generation_interface_is_rejected_by_name() {
     assert!(err.contains("text-generation-with-past"), "{err}");
 }
 
+/// `batch-worker run --task generate --device cpu` from `input` to `output` with `extra` flags.
+fn generate_run(input: &Path, output: &Path, extra: &[&str]) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(["run", "--task", "generate", "--device", "cpu"])
+        .args(extra)
+        .arg("--input")
+        .arg(input)
+        .arg("--output")
+        .arg(output)
+        .env("RUST_LOG", "error")
+        .stdin(Stdio::null());
+    c
+}
+
 #[test]
 fn run_task_generate_writes_one_line_per_prompt() {
     let dir = scratch("run");
@@ -245,24 +259,13 @@ fn run_task_generate_writes_one_line_per_prompt() {
     assert_eq!(lines.len(), 32);
     lines.push("{\"custom_id\": \"broken".into());
     std::fs::write(&input, lines.join("\n") + "\n").expect("write");
-    let out = Command::new(BIN)
-        .args([
-            "run",
-            "--task",
-            "generate",
-            "--device",
-            "cpu",
-            "--max-new-tokens",
-            "16",
-        ])
-        .args(["--generate-batch-size", "8", "--input"])
-        .arg(&input)
-        .arg("--output")
-        .arg(&output)
-        .env("RUST_LOG", "error")
-        .stdin(Stdio::null())
-        .output()
-        .expect("runs");
+    let out = generate_run(
+        &input,
+        &output,
+        &["--max-new-tokens", "16", "--generate-batch-size", "8"],
+    )
+    .output()
+    .expect("runs");
     assert!(
         out.status.success(),
         "{}",
@@ -289,24 +292,13 @@ fn run_task_generate_writes_one_line_per_prompt() {
 
     // The same run again from scratch gives the same text: greedy decoding, batch-independent.
     let again = dir.join("again.jsonl");
-    let out = Command::new(BIN)
-        .args([
-            "run",
-            "--task",
-            "generate",
-            "--device",
-            "cpu",
-            "--max-new-tokens",
-            "16",
-        ])
-        .args(["--generate-batch-size", "5", "--input"])
-        .arg(&input)
-        .arg("--output")
-        .arg(&again)
-        .env("RUST_LOG", "error")
-        .stdin(Stdio::null())
-        .output()
-        .expect("runs");
+    let out = generate_run(
+        &input,
+        &again,
+        &["--max-new-tokens", "16", "--generate-batch-size", "5"],
+    )
+    .output()
+    .expect("runs");
     assert!(
         out.status.success(),
         "{}",
@@ -326,13 +318,7 @@ fn bad_sampling_flags_exit_2_with_one_line() {
         &["--max-new-tokens", "0"],
     ];
     for flags in cases {
-        let out = Command::new(BIN)
-            .args(["run", "--task", "generate", "--device", "cpu", "--input"])
-            .arg(&input)
-            .arg("--output")
-            .arg(dir.join("out.jsonl"))
-            .args(flags)
-            .stdin(Stdio::null())
+        let out = generate_run(&input, &dir.join("out.jsonl"), flags)
             .output()
             .expect("runs");
         assert_eq!(out.status.code(), Some(2), "{flags:?}");
@@ -359,30 +345,19 @@ fn sigterm_mid_batch_then_rerun_equals_an_uninterrupted_run() {
         .collect();
     std::fs::write(&input, body).expect("write");
     let cmd = |output: &Path| {
-        let mut c = Command::new(BIN);
-        c.args([
-            "run",
-            "--task",
-            "generate",
-            "--device",
-            "cpu",
-            "--max-new-tokens",
-            "48",
-        ])
-        .args([
-            "--generate-batch-size",
-            "8",
-            "--chunk-seconds",
-            "0.1",
-            "--input",
-        ])
-        .arg(&input)
-        .arg("--output")
-        .arg(output)
-        .env("RUST_LOG", "error")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+        let mut c = generate_run(
+            &input,
+            output,
+            &[
+                "--max-new-tokens",
+                "48",
+                "--generate-batch-size",
+                "8",
+                "--chunk-seconds",
+                "0.1",
+            ],
+        );
+        c.stdout(Stdio::null()).stderr(Stdio::piped());
         c
     };
     let whole = dir.join("whole.jsonl");

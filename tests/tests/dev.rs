@@ -125,21 +125,7 @@ fn dev_stops_cleanly_on(signal: i32) {
         let v: serde_json::Value = r.json().await.expect("json");
         assert_eq!(v["route"], "queue", "{v}");
         let status_url = v["status_url"].as_str().expect("status_url").to_owned();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let j: serde_json::Value = http
-                .get(format!("{url}{status_url}?wait=20"))
-                .bearer_auth("test-key-123")
-                .send()
-                .await
-                .expect("job")
-                .json()
-                .await
-                .expect("json");
-            if j["status"] != "queued" && j["status"] != "running" || Instant::now() > deadline {
-                break j;
-            }
-        }
+        wait_finished(&http, &url, &status_url).await
     });
     assert_eq!(chat["status"], "succeeded", "{chat}");
     assert_eq!(chat["kind"], "chat", "{chat}");
@@ -160,21 +146,7 @@ fn dev_stops_cleanly_on(signal: i32) {
         assert_eq!(r.status().as_u16(), 202);
         let v: serde_json::Value = r.json().await.expect("json");
         let status_url = v["status_url"].as_str().expect("status_url").to_owned();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let j: serde_json::Value = http
-                .get(format!("{url}{status_url}?wait=20"))
-                .bearer_auth("test-key-123")
-                .send()
-                .await
-                .expect("job")
-                .json()
-                .await
-                .expect("json");
-            if j["status"] == "succeeded" || Instant::now() > deadline {
-                break j;
-            }
-        }
+        wait_finished(&http, &url, &status_url).await
     });
     assert_eq!(job["status"], "succeeded", "{job}");
     assert_eq!(job["counts"]["done"], 2, "{job}");
@@ -210,6 +182,26 @@ fn dev_stops_cleanly_on(signal: i32) {
     }
     for g in groups {
         assert!(!alive(g), "process group {g} survived `xtask dev`");
+    }
+}
+
+/// Long-polls `status_url` (`?wait=20`) until the job is no longer queued or running, or a
+/// minute passes; the last job view.
+async fn wait_finished(http: &reqwest::Client, url: &str, status_url: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let j: serde_json::Value = http
+            .get(format!("{url}{status_url}?wait=20"))
+            .bearer_auth("test-key-123")
+            .send()
+            .await
+            .expect("job")
+            .json()
+            .await
+            .expect("json");
+        if j["status"] != "queued" && j["status"] != "running" || Instant::now() > deadline {
+            return j;
+        }
     }
 }
 
