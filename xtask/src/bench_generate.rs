@@ -7,7 +7,7 @@ use std::process::Command;
 
 use anyhow::{Context, bail};
 
-use crate::bench_worker::between;
+use crate::bench_worker::{between, pip_target, write_items};
 use crate::{root, setup};
 
 #[derive(clap::Args)]
@@ -35,15 +35,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let corpus = std::fs::read_to_string(model.join("corpus.txt"))?;
     let texts: Vec<&str> = corpus.lines().filter(|l| !l.trim().is_empty()).collect();
     let input = dir.join("prompts.jsonl");
-    let mut body = String::new();
-    for i in 0..args.prompts {
-        body.push_str(&serde_json::to_string(&serde_json::json!({
-            "custom_id": format!("p{i}"),
-            "input": texts[i % texts.len()],
-        }))?);
-        body.push('\n');
-    }
-    std::fs::write(&input, body)?;
+    write_items(&input, &texts, args.prompts, "p")?;
     let py = python_env(&dir)?;
     let tokens = (args.prompts * args.max_new_tokens) as f64;
 
@@ -127,21 +119,14 @@ fn worker_run(
 
 /// The pinned packages of `models/lm/requirements.txt` (`pip install --target`).
 fn python_env(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
-    let target = dir.join("python");
     let req = root().join("models/lm/requirements.txt");
     let wanted = std::fs::read_to_string(&req)?;
-    let stamp = target.join(".requirements");
-    if std::fs::read_to_string(&stamp).is_ok_and(|v| v == wanted) {
-        return Ok(target);
-    }
-    let mut c = Command::new("python3");
-    c.args(["-m", "pip", "install", "--quiet", "--target"])
-        .arg(&target)
-        .arg("-r")
-        .arg(&req);
-    crate::run_cmd(c).context("installing models/lm/requirements.txt for the Python baseline")?;
-    std::fs::write(&stamp, wanted)?;
-    Ok(target)
+    pip_target(
+        &dir.join("python"),
+        &["-r", &req.to_string_lossy()],
+        &wanted,
+        "installing models/lm/requirements.txt for the Python baseline",
+    )
 }
 
 fn python_bench(

@@ -44,15 +44,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     let input = dir.join("items.jsonl");
-    let mut body = String::new();
-    for i in 0..args.items {
-        body.push_str(&serde_json::to_string(&serde_json::json!({
-            "custom_id": format!("i{i}"),
-            "input": texts[i % texts.len()],
-        }))?);
-        body.push('\n');
-    }
-    std::fs::write(&input, body)?;
+    write_items(&input, &texts, args.items, "i")?;
 
     // The same features for Python, from the Rust featurizer.
     let meta = std::fs::read_to_string(root().join("models/intent/model.json"))?;
@@ -148,19 +140,52 @@ pub fn between(text: &str, start: &str, end: &str) -> Option<f64> {
 
 /// A folder with the pinned `onnxruntime` Python package and numpy (`pip install --target`).
 fn python_env(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
-    let target = dir.join("python");
-    let stamp = target.join(".ort-version");
-    if std::fs::read_to_string(&stamp).is_ok_and(|v| v.trim() == setup::ORT_VERSION) {
-        return Ok(target);
+    let ort = format!("onnxruntime=={}", setup::ORT_VERSION);
+    pip_target(
+        &dir.join("python"),
+        &[&ort, "numpy<3"],
+        setup::ORT_VERSION,
+        "installing onnxruntime and numpy for the Python baseline",
+    )
+}
+
+/// `pip install --target DIR ARGS` unless DIR's stamp already holds `stamp`.
+pub fn pip_target(
+    target: &Path,
+    args: &[&str],
+    stamp: &str,
+    what: &str,
+) -> anyhow::Result<std::path::PathBuf> {
+    let stamp_file = target.join(".stamp");
+    if std::fs::read_to_string(&stamp_file).is_ok_and(|v| v == stamp) {
+        return Ok(target.to_owned());
     }
     let mut c = Command::new("python3");
     c.args(["-m", "pip", "install", "--quiet", "--target"])
-        .arg(&target)
-        .arg(format!("onnxruntime=={}", setup::ORT_VERSION))
-        .arg("numpy<3");
-    crate::run_cmd(c).context("installing onnxruntime and numpy for the Python baseline")?;
-    std::fs::write(&stamp, setup::ORT_VERSION)?;
-    Ok(target)
+        .arg(target)
+        .args(args);
+    crate::run_cmd(c).with_context(|| what.to_owned())?;
+    std::fs::write(&stamp_file, stamp)?;
+    Ok(target.to_owned())
+}
+
+/// `n` input lines `{"custom_id": "{prefix}{i}", "input": texts[i % len]}` into `path`.
+pub fn write_items<S: AsRef<str>>(
+    path: &Path,
+    texts: &[S],
+    n: usize,
+    prefix: &str,
+) -> anyhow::Result<()> {
+    let mut body = String::new();
+    for i in 0..n {
+        body.push_str(&serde_json::to_string(&serde_json::json!({
+            "custom_id": format!("{prefix}{i}"),
+            "input": texts[i % texts.len()].as_ref(),
+        }))?);
+        body.push('\n');
+    }
+    std::fs::write(path, body)?;
+    Ok(())
 }
 
 /// Items/s of Python's `session.run` over the features in micro-batches of `batch`.
