@@ -102,6 +102,26 @@ impl<'a> World<'a> {
         Ok(())
     }
 
+    /// A queued chat message, as the edge creates and publishes it.
+    async fn submit_chat(&self, job_id: &str, message: &str) -> anyhow::Result<()> {
+        self.create_record_of(job_id, JobKind::Chat, Task::Generate, 1, 1, None)
+            .await?;
+        self.publish(&JobMessage {
+            job_id: job_id.into(),
+            kind: JobKind::Chat,
+            task: Task::Generate,
+            shard: 0,
+            shards: 1,
+            items: Vec::new(),
+            input_uri: None,
+            chat: Some(shared::jobs::ChatRequest {
+                message: message.into(),
+                locale: "ko".into(),
+            }),
+        })
+        .await
+    }
+
     async fn create_record(
         &self,
         job_id: &str,
@@ -496,23 +516,7 @@ async fn generation_answers_chat_and_batches(fx: &Fixture) -> anyhow::Result<()>
 
     // A queued chat message, as the edge publishes it.
     let message = "근처에서 급식카드로 먹을 수 있는 김밥집 추천해줘";
-    let chat = shared::jobs::ChatRequest {
-        message: message.into(),
-        locale: "ko".into(),
-    };
-    w.create_record_of("chat-1", JobKind::Chat, Task::Generate, 1, 1, None)
-        .await?;
-    w.publish(&JobMessage {
-        job_id: "chat-1".into(),
-        kind: JobKind::Chat,
-        task: Task::Generate,
-        shard: 0,
-        shards: 1,
-        items: Vec::new(),
-        input_uri: None,
-        chat: Some(chat),
-    })
-    .await?;
+    w.submit_chat("chat-1", message).await?;
     let done = w
         .wait_job("chat-1", Duration::from_secs(60), "succeeded", |j| {
             j.status.is_final()
@@ -583,23 +587,7 @@ async fn generation_answers_chat_and_batches(fx: &Fixture) -> anyhow::Result<()>
         "김밥집 어디 있어?",
     ];
     for (i, m) in burst.iter().enumerate() {
-        let id = format!("chat-m{i}");
-        w.create_record_of(&id, JobKind::Chat, Task::Generate, 1, 1, None)
-            .await?;
-        w.publish(&JobMessage {
-            job_id: id,
-            kind: JobKind::Chat,
-            task: Task::Generate,
-            shard: 0,
-            shards: 1,
-            items: Vec::new(),
-            input_uri: None,
-            chat: Some(shared::jobs::ChatRequest {
-                message: (*m).into(),
-                locale: "ko".into(),
-            }),
-        })
-        .await?;
+        w.submit_chat(&format!("chat-m{i}"), m).await?;
     }
     let mut burst_replies = Vec::new();
     for i in 0..burst.len() {
