@@ -837,6 +837,7 @@ async fn run_shard(
             let end = (pos + batch).min(total);
             match infer(ctx, msg.task, &items[pos..end]).await {
                 Ok(lines) => {
+                    tracing::debug!(items = end - pos, "micro-batch inferred");
                     for line in lines {
                         pending_failed += u64::from(matches!(line, OutputLine::Err { .. }));
                         pending_items += 1;
@@ -920,7 +921,12 @@ async fn run_shard(
             ctx.metrics.chunk_commit.observe(started.elapsed());
             ctx.metrics.items.add(pending_items);
             ctx.metrics.item_failures.add(pending_failed);
-            tracing::debug!(cursor = next.cursor, total, "chunk committed");
+            tracing::info!(
+                cursor = next.cursor,
+                total,
+                items = pending_items,
+                "chunk committed"
+            );
             rec = next;
             pending_items = 0;
             pending_failed = 0;

@@ -929,55 +929,14 @@ async fn cancel_stops_at_a_chunk_boundary(fx: &Fixture) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A local GCE metadata server whose `instance/preempted` flips to TRUE on demand.
-async fn metadata_server() -> anyhow::Result<(String, tokio::sync::watch::Sender<bool>)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let host = listener.local_addr()?.to_string();
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        while let Ok((mut sock, _)) = listener.accept().await {
-            let mut rx = rx.clone();
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 4096];
-                let n = sock.read(&mut buf).await.unwrap_or(0);
-                let head = String::from_utf8_lossy(&buf[..n]).to_string();
-                let ok_flavor = head
-                    .to_ascii_lowercase()
-                    .contains("metadata-flavor: google");
-                if !head.starts_with("GET /computeMetadata/v1/instance/preempted") || !ok_flavor {
-                    let _ = sock
-                        .write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
-                        .await;
-                    return;
-                }
-                if head.contains("wait_for_change=true") && !*rx.borrow() {
-                    let _ = rx.changed().await;
-                }
-                let (body, etag) = if *rx.borrow() {
-                    ("TRUE", "1")
-                } else {
-                    ("FALSE", "0")
-                };
-                let resp = format!(
-                    "HTTP/1.1 200 OK\r\nmetadata-flavor: Google\r\netag: {etag}\r\ncontent-type: application/text\r\ncontent-length: {}\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = sock.write_all(resp.as_bytes()).await;
-            });
-        }
-    });
-    Ok((host, tx))
-}
-
 /// GCE's preemption notice drains the worker like SIGTERM.
 async fn preemption_notice_drains(fx: &Fixture) -> anyhow::Result<()> {
     let w = World::new(fx, "preempt").await?;
-    let (host, flag) = metadata_server().await?;
+    let metadata = stack::metadata::MetadataServer::start().await?;
     let mut w1 = w
         .worker("w1")
         .with("BATCH_WORKER_FAILPOINTS", "batch-delay-ms=40")
-        .with("GCE_METADATA_HOST", host)
+        .with("GCE_METADATA_HOST", &metadata.host)
         .start(&w.log("w1.log"))?;
     let all = items("m", 3000);
     w.submit("job-m", std::slice::from_ref(&all)).await?;
@@ -985,7 +944,7 @@ async fn preemption_notice_drains(fx: &Fixture) -> anyhow::Result<()> {
         s.cursor > 0
     })
     .await?;
-    flag.send_replace(true);
+    metadata.set_preempted(true);
     let (status, took) = wait_exit(&mut w1, Duration::from_secs(25)).await?;
     ensure!(status.success(), "exit {status}");
     ensure!(took < Duration::from_secs(20), "drain took {took:?}");

@@ -3,8 +3,11 @@
 //! Every service runs in its own process group ([`process::Group`]) and the whole group is
 //! killed on drop, so no `java` child of an emulator launcher outlives its owner.
 
+pub mod chaos;
 pub mod emulators;
 pub mod gcp;
+pub mod load;
+pub mod metadata;
 pub mod prereq;
 pub mod process;
 pub mod worker;
@@ -20,6 +23,22 @@ pub fn root() -> std::path::PathBuf {
         .parent()
         .map(std::path::Path::to_path_buf)
         .unwrap_or_default()
+}
+
+/// The texts of the intent model's test split (`models/intent/data/test.jsonl`).
+pub fn intent_test_texts() -> anyhow::Result<Vec<String>> {
+    let path = root().join("models/intent/data/test.jsonl");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    text.lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l)?;
+            v["text"]
+                .as_str()
+                .map(str::to_owned)
+                .with_context(|| format!("{}: a line without `text`", path.display()))
+        })
+        .collect()
 }
 
 /// Asks the OS for a free loopback TCP port.

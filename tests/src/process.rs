@@ -96,6 +96,39 @@ impl Group {
         status
     }
 
+    /// Resident memory of every process in the group, in bytes (Linux `/proc`).
+    pub fn rss_bytes(&self) -> u64 {
+        let pgid = self.child.id() as i64;
+        let mut total = 0;
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            // Fields after the parenthesised command: state ppid pgrp ...
+            let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+                continue;
+            };
+            if rest
+                .split_whitespace()
+                .nth(2)
+                .and_then(|g| g.parse::<i64>().ok())
+                != Some(pgid)
+            {
+                continue;
+            }
+            let status = std::fs::read_to_string(entry.path().join("status")).unwrap_or_default();
+            if let Some(kb) = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse::<u64>().ok())
+            {
+                total += kb * 1024;
+            }
+        }
+        total
+    }
+
     /// Whether any process of the group is still alive.
     pub fn group_alive(&self) -> bool {
         let pgid = self.child.id() as libc::pid_t;

@@ -27,8 +27,50 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    println!("{}", measure(&args)?.table());
+    Ok(())
+}
+
+/// Builds the Worker and measures it.
+pub fn measure(args: &Args) -> anyhow::Result<Report> {
     setup::build_edge()?;
     tokio::runtime::Runtime::new()?.block_on(bench(args))
+}
+
+/// What `bench-edge` measured.
+pub struct Report {
+    pub requests: usize,
+    /// Sorted latencies (ms) of `GET /hello` and of trivial `POST /v1/chat`.
+    pub hello: Vec<f64>,
+    pub chat: Vec<f64>,
+    pub per_classify_ms: f64,
+    pub repeat: u32,
+    pub ready_s: f64,
+    pub first_ms: f64,
+}
+
+impl Report {
+    pub fn table(&self) -> String {
+        let (h50, h99) = (percentile(&self.hello, 0.5), percentile(&self.hello, 0.99));
+        let (c50, c99) = (percentile(&self.chat, 0.5), percentile(&self.chat, 0.99));
+        format!(
+            "`wrangler dev` on loopback, {} sequential requests per route, interleaved\n\n\
+             | route | p50 ms | p99 ms |\n|---|---:|---:|\n\
+             | GET /hello (same Worker, no core) | {h50:.2} | {h99:.2} |\n\
+             | POST /v1/chat, trivial (edge answer) | {c50:.2} | {c99:.2} |\n\
+             | difference | {:.2} | {:.2} |\n\n\
+             classify (featurize + tract + decide) inside the Worker: {:.3} ms per message \
+             (from {} classifications per request, 300 requests)\n\n\
+             cold start: wrangler ready after {:.1} s; first request {:.1} ms\n",
+            self.requests,
+            c50 - h50,
+            c99 - h99,
+            self.per_classify_ms,
+            self.repeat,
+            self.ready_s,
+            self.first_ms
+        )
+    }
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -45,7 +87,7 @@ struct Run {
 
 /// Starts a Worker with `repeat` classifications per message and measures `n` interleaved
 /// requests per route after a warm-up.
-async fn measure(args: &Args, repeat: u32, n: usize) -> anyhow::Result<Run> {
+async fn measure_once(args: &Args, repeat: u32, n: usize) -> anyhow::Result<Run> {
     let key = format!("cs_bench_{}", hex::encode(crate::random_bytes(12)?));
     let cfg = EdgeConfig {
         project: "bench".into(),
@@ -114,34 +156,21 @@ async fn measure(args: &Args, repeat: u32, n: usize) -> anyhow::Result<Run> {
     })
 }
 
-async fn bench(args: Args) -> anyhow::Result<()> {
-    let run = measure(&args, 1, args.requests).await?;
+async fn bench(args: &Args) -> anyhow::Result<Report> {
+    let run = measure_once(args, 1, args.requests).await?;
     const REPEAT: u32 = 101;
-    let heavy = measure(&args, REPEAT, 300).await?;
-    let (h50, h99) = (percentile(&run.hello, 0.5), percentile(&run.hello, 0.99));
-    let (c50, c99) = (percentile(&run.chat, 0.5), percentile(&run.chat, 0.99));
+    let heavy = measure_once(args, REPEAT, 300).await?;
+    let (h50, c50) = (percentile(&run.hello, 0.5), percentile(&run.chat, 0.5));
     let per_classify_ms =
         (percentile(&heavy.chat, 0.5) - percentile(&heavy.hello, 0.5) - (c50 - h50))
             / f64::from(REPEAT - 1);
-    println!(
-        "wrangler dev on loopback, {} sequential requests per route, interleaved",
-        args.requests
-    );
-    println!();
-    println!("| route | p50 ms | p99 ms |");
-    println!("|---|---:|---:|");
-    println!("| GET /hello (same Worker, no core) | {h50:.2} | {h99:.2} |");
-    println!("| POST /v1/chat, trivial (edge answer) | {c50:.2} | {c99:.2} |");
-    println!("| difference | {:.2} | {:.2} |", c50 - h50, c99 - h99);
-    println!();
-    println!(
-        "classify (featurize + tract + decide) inside the Worker: {:.3} ms per message \
-         (from {REPEAT} classifications per request, 300 requests)",
-        per_classify_ms
-    );
-    println!(
-        "cold start: wrangler ready after {:.1} s; first request {:.1} ms",
-        run.ready_s, run.first_ms
-    );
-    Ok(())
+    Ok(Report {
+        requests: args.requests,
+        hello: run.hello,
+        chat: run.chat,
+        per_classify_ms,
+        repeat: REPEAT,
+        ready_s: run.ready_s,
+        first_ms: run.first_ms,
+    })
 }

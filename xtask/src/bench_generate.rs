@@ -26,7 +26,55 @@ pub struct Args {
     pub repeat: usize,
 }
 
+/// One static batch size's measurement.
+pub struct Row {
+    pub batch: usize,
+    pub tokens_per_s: f64,
+    pub share: f64,
+    pub session_tokens_per_s: f64,
+    pub python_tokens_per_s: f64,
+}
+
+/// The measurements and what they were made with.
+pub struct Report {
+    pub prompts: usize,
+    pub max_new_tokens: usize,
+    pub rows: Vec<Row>,
+}
+
+impl Report {
+    /// A heading line and a Markdown table.
+    pub fn table(&self) -> String {
+        let mut s = format!(
+            "`batch-worker run --task generate --device cpu` on models/lm, {} prompts × {} new tokens ({} tokens), greedy, {} CPU cores\n\n",
+            self.prompts,
+            self.max_new_tokens,
+            self.prompts * self.max_new_tokens,
+            crate::cores()
+        );
+        s.push_str("| batch | worker tokens/s (end to end) | share in `session.run` | worker `session.run` tokens/s | Python `onnxruntime` loop tokens/s | ratio end to end / Python |\n");
+        s.push_str("|---|---|---|---|---|---|\n");
+        for r in &self.rows {
+            s.push_str(&format!(
+                "| {} | {:.0} | {:.0} % | {:.0} | {:.0} | {:.2} |\n",
+                r.batch,
+                r.tokens_per_s,
+                r.share * 100.0,
+                r.session_tokens_per_s,
+                r.python_tokens_per_s,
+                r.tokens_per_s / r.python_tokens_per_s
+            ));
+        }
+        s
+    }
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
+    println!("\n{}", measure(&args)?.table());
+    Ok(())
+}
+
+pub fn measure(args: &Args) -> anyhow::Result<Report> {
     setup::onnxruntime()?;
     let worker = setup::batch_worker()?;
     let dir = root().join("target/bench-generate");
@@ -37,7 +85,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let input = dir.join("prompts.jsonl");
     write_items(&input, &texts, args.prompts, "p")?;
     let py = python_env(&dir)?;
-    let tokens = (args.prompts * args.max_new_tokens) as f64;
 
     let mut rows = Vec::new();
     for &batch in &args.batch_sizes {
@@ -45,37 +92,30 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let mut best = (0.0f64, 0.0f64, 0.0f64);
         let mut python = 0.0f64;
         for _ in 0..args.repeat.max(1) {
-            let (rust, share) = worker_run(&worker, &dir, &input, &args, batch)?;
+            let (rust, share) = worker_run(&worker, &dir, &input, args, batch)?;
             if rust > best.0 {
                 best = (rust, share, rust / share.max(1e-9));
             }
-            python = python.max(python_bench(&py, &model, &input, &args, batch)?);
+            python = python.max(python_bench(&py, &model, &input, args, batch)?);
         }
         let (rust, share, session) = best;
         eprintln!(
             "batch {batch}: {rust:.0} tokens/s end to end, {:.0}% in session.run; Python {python:.0} tokens/s",
             share * 100.0
         );
-        rows.push((batch, rust, share, session, python));
+        rows.push(Row {
+            batch,
+            tokens_per_s: rust,
+            share,
+            session_tokens_per_s: session,
+            python_tokens_per_s: python,
+        });
     }
-    println!(
-        "\n`batch-worker run --task generate --device cpu` on models/lm, {} prompts × {} new tokens ({tokens:.0} tokens), greedy, {} CPU cores\n",
-        args.prompts,
-        args.max_new_tokens,
-        std::thread::available_parallelism().map_or(0, |n| n.get())
-    );
-    println!(
-        "| batch | worker tokens/s (end to end) | share in `session.run` | worker `session.run` tokens/s | Python `onnxruntime` loop tokens/s | ratio end to end / Python |"
-    );
-    println!("|---|---|---|---|---|---|");
-    for (batch, rust, share, session, python) in rows {
-        println!(
-            "| {batch} | {rust:.0} | {:.0} % | {session:.0} | {python:.0} | {:.2} |",
-            share * 100.0,
-            rust / python
-        );
-    }
-    Ok(())
+    Ok(Report {
+        prompts: args.prompts,
+        max_new_tokens: args.max_new_tokens,
+        rows,
+    })
 }
 
 /// One `batch-worker run`: its tokens/s (model load and tokenization included) and the share

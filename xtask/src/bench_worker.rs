@@ -20,15 +20,53 @@ pub struct Args {
     pub batch_sizes: Vec<usize>,
 }
 
-struct Row {
-    batch: usize,
-    items_per_s: f64,
-    share: f64,
-    session_items_per_s: f64,
-    python_items_per_s: f64,
+/// One micro-batch size's measurement.
+pub struct Row {
+    pub batch: usize,
+    pub items_per_s: f64,
+    pub share: f64,
+    pub session_items_per_s: f64,
+    pub python_items_per_s: f64,
+}
+
+/// The measurements and what they were made with.
+pub struct Report {
+    pub items: usize,
+    pub rows: Vec<Row>,
+}
+
+impl Report {
+    /// A heading line and a Markdown table.
+    pub fn table(&self) -> String {
+        let mut s = format!(
+            "`batch-worker run --task classify --device cpu`, {} items, {} CPU cores\n\n",
+            self.items,
+            crate::cores()
+        );
+        s.push_str("| micro-batch | worker items/s (end to end) | share in `session.run` | worker `session.run` items/s | Python `onnxruntime` `session.run` items/s | ratio end to end / Python | ratio `session.run` / Python |\n");
+        s.push_str("|---|---|---|---|---|---|---|\n");
+        for r in &self.rows {
+            s.push_str(&format!(
+                "| {} | {:.0} | {:.0} % | {:.0} | {:.0} | {:.2} | {:.2} |\n",
+                r.batch,
+                r.items_per_s,
+                r.share * 100.0,
+                r.session_items_per_s,
+                r.python_items_per_s,
+                r.items_per_s / r.python_items_per_s,
+                r.session_items_per_s / r.python_items_per_s
+            ));
+        }
+        s
+    }
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    println!("\n{}", measure(&args)?.table());
+    Ok(())
+}
+
+pub fn measure(args: &Args) -> anyhow::Result<Report> {
     setup::onnxruntime()?;
     let worker = setup::batch_worker()?;
     let dir = root().join("target/bench-worker");
@@ -108,28 +146,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             python_items_per_s: python,
         });
     }
-    println!(
-        "\n`batch-worker run --task classify --device cpu`, {} items, {} CPU cores\n",
-        args.items,
-        std::thread::available_parallelism().map_or(0, |n| n.get())
-    );
-    println!(
-        "| micro-batch | worker items/s (end to end) | share in `session.run` | worker `session.run` items/s | Python `onnxruntime` `session.run` items/s | ratio end to end / Python | ratio `session.run` / Python |"
-    );
-    println!("|---|---|---|---|---|---|---|");
-    for r in rows {
-        println!(
-            "| {} | {:.0} | {:.0} % | {:.0} | {:.0} | {:.2} | {:.2} |",
-            r.batch,
-            r.items_per_s,
-            r.share * 100.0,
-            r.session_items_per_s,
-            r.python_items_per_s,
-            r.items_per_s / r.python_items_per_s,
-            r.session_items_per_s / r.python_items_per_s
-        );
-    }
-    Ok(())
+    Ok(Report {
+        items: args.items,
+        rows,
+    })
 }
 
 pub fn between(text: &str, start: &str, end: &str) -> Option<f64> {

@@ -3,9 +3,12 @@
 mod bench;
 mod bench_generate;
 mod bench_worker;
+mod chaos;
 mod cost;
 mod dev;
+mod load;
 mod prices;
+mod report;
 mod setup;
 mod test;
 mod train;
@@ -33,12 +36,18 @@ enum Cmd {
     Setup,
     /// Build the Cloudflare Worker into edge/build/ (worker-build, local wasm-bindgen/wasm-opt/esbuild)
     BuildEdge,
+    /// Every benchmark: writes BENCHMARKS.md and the plots in docs/bench/
+    Bench(report::Args),
+    /// Loopback load on /v1/chat of the local stack: requests/s, p50/p99, errors, edge memory
+    Load(load::Args),
     /// Latency of the Worker in `wrangler dev`: trivial /v1/chat vs a hello-world route
     BenchEdge(bench::Args),
     /// Throughput of `batch-worker run --task classify` per micro-batch size, vs Python's onnxruntime
     BenchWorker(bench_worker::Args),
     /// Tokens/s of `batch-worker run --task generate` per static batch size, vs the same loop in Python's onnxruntime
     BenchGenerate(bench_generate::Args),
+    /// The whole stack under SIGKILL, SIGTERM and a preemption notice: nothing lost or duplicated
+    Chaos(chaos::Args),
     /// Monthly cost of always-on GPU, spot GPU + edge, home workstation and API-only
     Cost(cost::Args),
     /// Print a new API key for NAME and its `API_KEYS` entry (salted SHA-256)
@@ -57,9 +66,12 @@ fn main() -> ExitCode {
         Cmd::Test(a) => test::run(a),
         Cmd::Setup => setup::all().and_then(|_| setup::chromium()).map(drop),
         Cmd::BuildEdge => setup::build_edge(),
+        Cmd::Bench(a) => report::run(a),
+        Cmd::Load(a) => load::run(a),
         Cmd::BenchEdge(a) => bench::run(a),
         Cmd::BenchWorker(a) => bench_worker::run(a),
         Cmd::BenchGenerate(a) => bench_generate::run(a),
+        Cmd::Chaos(a) => chaos::run(a),
         Cmd::Cost(a) => cost::run(a),
         Cmd::ApiKey { name } => api_key(&name),
         Cmd::TrainIntent(a) => train::run(a),
@@ -94,6 +106,11 @@ pub fn random_bytes(n: usize) -> anyhow::Result<Vec<u8>> {
         .and_then(|mut f| f.read_exact(&mut buf))
         .context("reading /dev/urandom")?;
     Ok(buf)
+}
+
+/// CPU cores this process may use.
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(0, |n| n.get())
 }
 
 /// The repository root.

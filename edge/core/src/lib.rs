@@ -15,6 +15,7 @@ pub mod mask;
 pub mod model;
 pub mod platform;
 pub mod replies;
+pub mod testing;
 
 pub use api::App;
 pub use config::Config;

@@ -3,71 +3,14 @@
 //! panic. The paths that reach Pub/Sub and Firestore run against the real emulators in the
 //! `stack` tests and through `wrangler dev`.
 
-use std::cell::Cell;
-use std::pin::pin;
-use std::task::{Context, Poll, Waker};
-
 use edge_core::api::Limits;
 use edge_core::auth::entry;
-use edge_core::{App, Config, HttpRequest, HttpResponse, Platform, Request, Response};
+use edge_core::testing::{Offline, block_on};
+use edge_core::{App, Config, Platform, Request, Response};
 use serde_json::{Value, json};
 
 const KEY_A: &str = "test-key-alice";
 const KEY_B: &str = "test-key-bob";
-
-/// A platform with a fake clock that advances on `sleep`, and no network.
-struct Offline {
-    now: Cell<u64>,
-    seq: Cell<u8>,
-    logs: std::cell::RefCell<Vec<String>>,
-}
-
-impl Offline {
-    fn new() -> Self {
-        Self {
-            now: Cell::new(1_795_790_154_000),
-            seq: Cell::new(0),
-            logs: Default::default(),
-        }
-    }
-}
-
-impl Platform for Offline {
-    async fn http(&self, _req: HttpRequest) -> Result<HttpResponse, String> {
-        Err("connection refused".into())
-    }
-    fn now_ms(&self) -> u64 {
-        self.now.get()
-    }
-    fn random(&self, buf: &mut [u8]) {
-        for b in buf {
-            self.seq.set(self.seq.get().wrapping_add(37));
-            *b = self.seq.get();
-        }
-    }
-    async fn sleep(&self, ms: u64) {
-        self.now.set(self.now.get() + ms);
-    }
-    async fn sign_rs256(&self, _: &[u8], _: &[u8]) -> Result<Vec<u8>, String> {
-        Err("no signer".into())
-    }
-    async fn rate_limit(&self, _key: &str) -> Option<bool> {
-        None
-    }
-    fn log(&self, line: &str) {
-        self.logs.borrow_mut().push(line.to_owned());
-    }
-}
-
-fn block_on<F: Future>(f: F) -> F::Output {
-    let mut f = pin!(f);
-    let mut cx = Context::from_waker(Waker::noop());
-    loop {
-        if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
-            return v;
-        }
-    }
-}
 
 fn config(extra: &[(&str, &str)]) -> Config {
     let keys = format!(
