@@ -49,6 +49,8 @@ pub struct Config {
     pub restart_delay: Duration,
     /// Every job must be finished this long after the last kill.
     pub finish_timeout: Duration,
+    /// Before a kill, wait at most this long for the chosen worker to have a shard in flight.
+    pub aim: Duration,
     /// Seed of the kill schedule.
     pub seed: u64,
     /// Afterwards, this long a load on `/v1/chat` of the same stack (none: no load).
@@ -62,6 +64,8 @@ pub struct Kill {
     pub worker: usize,
     /// Seconds since the traffic started.
     pub at_s: f64,
+    /// Shards the killed process held (leases taken minus shards it finished or released).
+    pub in_flight: u64,
     /// Exit status of the killed process, as text.
     pub exit: String,
     /// SIGTERM and preemption: how long the drain took.
@@ -100,7 +104,8 @@ impl Report {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "{} classify items in {} batch jobs and {} queued chat messages; {} faults (seed {}); \
+            "{} classify items in {} batch jobs and {} queued chat messages; {} faults (seed {}) on \
+             two workers whose micro-batches of 64 are slowed by 20 ms to stand for a heavier model; \
              all {} jobs succeeded, every item exactly once and equal to `batch-worker run`, in {:.1} s.",
             self.classify_items,
             self.jobs - self.chats,
@@ -115,16 +120,17 @@ impl Report {
             "Redone items {} in all; {} redeliveries; {} drains recorded; edge answered the submissions in p50 {:.1} ms, p99 {:.1} ms.\n",
             self.redone_items, self.redeliveries, self.drains, self.submit_ms.0, self.submit_ms.1
         );
-        s.push_str("| # | fault | worker | at (s) | exit | drain (ms) | redone items | restart → first commit (s) |\n");
-        s.push_str("|---:|---|---:|---:|---|---:|---:|---:|\n");
+        s.push_str("| # | fault | worker | at (s) | shards in flight | exit | drain (ms) | redone items | restart → first commit (s) |\n");
+        s.push_str("|---:|---|---:|---:|---:|---|---:|---:|---:|\n");
         for (i, k) in self.kills.iter().enumerate() {
             let _ = writeln!(
                 s,
-                "| {} | {} | w{} | {:.1} | {} | {} | {} | {} |",
+                "| {} | {} | w{} | {:.1} | {} | {} | {} | {} | {} |",
                 i + 1,
                 k.kind,
                 k.worker,
                 k.at_s,
+                k.in_flight,
                 k.exit,
                 k.drain_ms.map_or("—".into(), |d| d.to_string()),
                 k.redone_items,
@@ -204,11 +210,19 @@ impl Slot {
     }
 }
 
-/// What one process's log says: items inferred and items committed.
+/// What one process's log says: items inferred and committed, shards taken and let go.
 #[derive(Default, Debug)]
 struct LogTally {
     inferred: u64,
     committed: u64,
+    taken: u64,
+    ended: u64,
+}
+
+impl LogTally {
+    fn in_flight(&self) -> u64 {
+        self.taken.saturating_sub(self.ended)
+    }
 }
 
 fn tally(log: &Path) -> LogTally {
@@ -221,6 +235,14 @@ fn tally(log: &Path) -> LogTally {
         match v["fields"]["message"].as_str() {
             Some("micro-batch inferred") => t.inferred += items,
             Some("chunk committed") => t.committed += items,
+            Some("lease taken") => t.taken += 1,
+            Some(m)
+                if m == "shard done"
+                    || m.starts_with("shard checkpointed and released")
+                    || m.starts_with("lease lost to another worker") =>
+            {
+                t.ended += 1
+            }
             _ => {}
         }
     }
@@ -305,6 +327,12 @@ async fn with_emulators(
             .with("LEASE_SECONDS", "10")
             .with("ACK_EXTENSION_SECONDS", "10")
             .with("GCE_METADATA_HOST", &metadata.host)
+            // The intent MLP takes ~2.5 µs an item, so a shard is done in a blink and a kill at
+            // a random instant would mostly meet an idle worker: each micro-batch of 64 is
+            // slowed by 20 ms, standing for a heavier model, and chunks are 1 s.
+            .with("BATCH_SIZE", "64")
+            .with("CHUNK_SECONDS", "1")
+            .with("BATCH_WORKER_FAILPOINTS", "batch-delay-ms=20")
             // One prompt per decoding batch: padded batches are not bitwise batch-invariant
             // (and the random test model has near-ties), so replies compare exactly with
             // `batch-worker run --generate-batch-size 1` only this way.
@@ -481,10 +509,18 @@ async fn drive(
         tokio::time::sleep(rng.between(cfg.kill_gap)).await;
         let worker = (rng.next() % slots.len() as u64) as usize;
         let slot = &mut slots[worker];
+        let log_before = slot.logs.last().cloned().unwrap_or_default();
+        // Aim at work: wait (bounded) until the worker holds a shard, then a random instant
+        // within the next 50 ms (a chat shard is done in tens of milliseconds).
+        let aiming = Instant::now();
+        while tally(&log_before).in_flight() == 0 && aiming.elapsed() < cfg.aim {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(rng.next() % 50)).await;
+        let in_flight = tally(&log_before).in_flight();
         let Some(mut process) = slot.process.take() else {
             bail!("worker {worker} is not running");
         };
-        let log_before = slot.logs.last().cloned().unwrap_or_default();
         let kind = if n == preempt_at {
             "preemption notice"
         } else if kills
@@ -544,6 +580,7 @@ async fn drive(
             kind,
             worker,
             at_s,
+            in_flight,
             exit: status.to_string().replace("exit status: ", "exit "),
             drain_ms: (kind != "SIGKILL").then_some(took.as_millis() as u64),
             redone_items: t.inferred.saturating_sub(t.committed),

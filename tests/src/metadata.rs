@@ -47,7 +47,7 @@ async fn answer(mut sock: tokio::net::TcpStream, mut rx: watch::Receiver<bool>) 
         .contains("metadata-flavor: google");
     if !head.starts_with("GET /computeMetadata/v1/instance/preempted") || !ok_flavor {
         let _ = sock
-            .write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
+            .write_all(b"HTTP/1.1 404 Not Found\r\nconnection: close\r\ncontent-length: 0\r\n\r\n")
             .await;
         return;
     }
@@ -60,8 +60,10 @@ async fn answer(mut sock: tokio::net::TcpStream, mut rx: watch::Receiver<bool>) 
         ("FALSE", "0")
     };
     let resp = format!(
-        "HTTP/1.1 200 OK\r\nmetadata-flavor: Google\r\netag: {etag}\r\ncontent-type: application/text\r\ncontent-length: {}\r\n\r\n{body}",
+        "HTTP/1.1 200 OK\r\nmetadata-flavor: Google\r\netag: {etag}\r\ncontent-type: application/text\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
     );
     let _ = sock.write_all(resp.as_bytes()).await;
+    // One request per connection, as `connection: close` says.
+    let _ = sock.shutdown().await;
 }

@@ -18,6 +18,7 @@ async fn the_stack_loses_and_duplicates_nothing_under_kills() {
         traffic: Duration::from_secs(6),
         kill_gap: (Duration::from_millis(500), Duration::from_millis(1500)),
         restart_delay: Duration::from_secs(1),
+        aim: Duration::from_secs(3),
         finish_timeout: Duration::from_secs(240),
         seed: 7,
         load: Some(Duration::from_secs(8)),

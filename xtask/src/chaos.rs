@@ -17,7 +17,7 @@ pub struct Args {
     #[arg(long, default_value_t = 10)]
     pub kills: usize,
     /// Seconds over which the traffic arrives
-    #[arg(long, default_value_t = 30.0)]
+    #[arg(long, default_value_t = 90.0)]
     pub traffic_seconds: f64,
     /// Seconds before a killed worker is restarted (the systemd unit's RestartSec)
     #[arg(long, default_value_t = 5.0)]
@@ -54,6 +54,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         traffic: Duration::from_secs_f64(args.traffic_seconds),
         kill_gap: (Duration::from_millis(500), Duration::from_millis(2500)),
         restart_delay: Duration::from_secs_f64(args.restart_seconds),
+        aim: Duration::from_secs(10),
         finish_timeout: Duration::from_secs(900),
         seed,
         load: Some(Duration::from_secs(30)),

@@ -6,6 +6,7 @@ mod bench_worker;
 mod chaos;
 mod cost;
 mod dev;
+mod fuzz;
 mod load;
 mod prices;
 mod report;
@@ -48,6 +49,8 @@ enum Cmd {
     BenchGenerate(bench_generate::Args),
     /// The whole stack under SIGKILL, SIGTERM and a preemption notice: nothing lost or duplicated
     Chaos(chaos::Args),
+    /// Run the cargo-fuzz targets (request parsing, featurizer) from the committed seeds
+    Fuzz(fuzz::Args),
     /// Monthly cost of always-on GPU, spot GPU + edge, home workstation and API-only
     Cost(cost::Args),
     /// Print a new API key for NAME and its `API_KEYS` entry (salted SHA-256)
@@ -72,6 +75,7 @@ fn main() -> ExitCode {
         Cmd::BenchWorker(a) => bench_worker::run(a),
         Cmd::BenchGenerate(a) => bench_generate::run(a),
         Cmd::Chaos(a) => chaos::run(a),
+        Cmd::Fuzz(a) => fuzz::run(a),
         Cmd::Cost(a) => cost::run(a),
         Cmd::ApiKey { name } => api_key(&name),
         Cmd::TrainIntent(a) => train::run(a),

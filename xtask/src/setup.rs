@@ -154,32 +154,36 @@ pub fn rust_tools() -> anyhow::Result<()> {
         ),
     ];
     for (bin, krate, version, extra) in tools {
-        let have = Command::new(cargo_bin(bin))
-            .arg("--version")
-            .output()
-            .ok()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default();
-        if have.split_whitespace().any(|w| w == version) {
-            continue;
-        }
-        eprintln!(
-            "installing {krate} {version} into .tools/cargo (once per machine, a few minutes)"
-        );
-        let mut c = crate::cargo();
-        // opt-level 1: these tools run for a second or two per build, and compile ~25 % faster.
-        c.args(["install", "--quiet", "--root"])
-            .arg(root().join(".tools/cargo"))
-            .arg("--target-dir")
-            .arg(root().join(".tools/cargo-target"))
-            .args(["--version", &format!("={version}"), krate])
-            .args(["--config", "profile.release.opt-level=1"])
-            .args(["--config", "profile.release.debug=0"])
-            .args(extra);
-        run_cmd(c).with_context(|| format!("installing {krate} {version} from crates.io"))?;
+        cargo_install(bin, krate, version, extra)?;
     }
     let _ = std::fs::remove_dir_all(root().join(".tools/cargo-target"));
     Ok(())
+}
+
+/// Installs `krate` at exactly `version` from crates.io into `.tools/cargo/`, unless
+/// `.tools/cargo/bin/{bin} --version` already names that version.
+pub fn cargo_install(bin: &str, krate: &str, version: &str, extra: &[&str]) -> anyhow::Result<()> {
+    let have = Command::new(cargo_bin(bin))
+        .arg("--version")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    if have.split_whitespace().any(|w| w == version) {
+        return Ok(());
+    }
+    eprintln!("installing {krate} {version} into .tools/cargo (once per machine, a few minutes)");
+    let mut c = crate::cargo();
+    // opt-level 1: these tools run for a second or two per build, and compile ~25 % faster.
+    c.args(["install", "--quiet", "--root"])
+        .arg(root().join(".tools/cargo"))
+        .arg("--target-dir")
+        .arg(root().join(".tools/cargo-target"))
+        .args(["--version", &format!("={version}"), krate])
+        .args(["--config", "profile.release.opt-level=1"])
+        .args(["--config", "profile.release.debug=0"])
+        .args(extra);
+    run_cmd(c).with_context(|| format!("installing {krate} {version} from crates.io"))
 }
 
 /// Installs the tools the Worker build needs, then builds it (`cargo xtask build-edge`).
@@ -242,15 +246,18 @@ pub fn build_worker() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Builds the release `batch-worker` and returns its path.
+/// Builds the release `batch-worker` and returns its path. Selecting the workspace (and
+/// only then the binary) resolves features as `cargo xtask test` does, so the two builds
+/// share their artifacts instead of rebuilding each other's.
 pub fn batch_worker() -> anyhow::Result<PathBuf> {
     let mut c = crate::cargo();
     c.args([
         "build",
         "--quiet",
         "--release",
-        "-p",
-        "batch-worker",
+        "--workspace",
+        "--exclude",
+        "edge",
         "--bin",
         "batch-worker",
     ]);
