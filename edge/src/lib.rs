@@ -45,11 +45,17 @@ async fn fetch(
             .collect(),
         body: req.bytes().await.unwrap_or_default(),
     };
+    let health = core_req.path == "/healthz";
     let platform = Cf { env: &env };
     let res = app.handle(&platform, core_req).await;
     let headers = Headers::new();
     for (k, v) in &res.headers {
         headers.append(k, v)?;
+    }
+    if health {
+        // The isolate's WASM linear memory (it only grows): the load test watches it.
+        let bytes = core::arch::wasm32::memory_size(0) as u64 * 65_536;
+        headers.append("x-wasm-memory-bytes", &bytes.to_string())?;
     }
     Ok(worker::Response::from_bytes(res.body)?
         .with_status(res.status)

@@ -9,5 +9,6 @@ pub mod features;
 pub mod firestore;
 pub mod intent;
 pub mod jobs;
+pub mod rng;
 pub mod time;
 pub mod wire;

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use serde_json::{Value, json};
+use shared::rng::SplitMix64;
 use shared::wire::InputItem;
 
 use crate::emulators::Emulators;
@@ -149,25 +150,9 @@ impl Report {
     }
 }
 
-/// SplitMix64: the kill schedule's randomness, reproducible from the seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    fn between(&mut self, (lo, hi): (Duration, Duration)) -> Duration {
-        lo + (hi.saturating_sub(lo)).mul_f64(self.unit())
-    }
+/// A uniform duration in `[lo, hi)`.
+fn between(rng: &mut SplitMix64, (lo, hi): (Duration, Duration)) -> Duration {
+    lo + (hi.saturating_sub(lo)).mul_f64(rng.next_f64())
 }
 
 const KEY: &str = "cs_chaos_key";
@@ -501,13 +486,13 @@ async fn drive(
     logs: &Path,
     started: Instant,
 ) -> anyhow::Result<(Vec<Kill>, Probes)> {
-    let mut rng = Rng(cfg.seed);
+    let mut rng = SplitMix64(cfg.seed);
     let mut kills = Vec::new();
     let mut probes = Vec::new();
     let preempt_at = cfg.kills / 2;
     for n in 0..=cfg.kills {
-        tokio::time::sleep(rng.between(cfg.kill_gap)).await;
-        let worker = (rng.next() % slots.len() as u64) as usize;
+        tokio::time::sleep(between(&mut rng, cfg.kill_gap)).await;
+        let worker = (rng.next_u64() % slots.len() as u64) as usize;
         let slot = &mut slots[worker];
         let log_before = slot.logs.last().cloned().unwrap_or_default();
         // Aim at work: wait (bounded) until the worker holds a shard, then a random instant
@@ -516,7 +501,7 @@ async fn drive(
         while tally(&log_before).in_flight() == 0 && aiming.elapsed() < cfg.aim {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        tokio::time::sleep(Duration::from_millis(rng.next() % 50)).await;
+        tokio::time::sleep(Duration::from_millis(rng.next_u64() % 50)).await;
         let in_flight = tally(&log_before).in_flight();
         let Some(mut process) = slot.process.take() else {
             bail!("worker {worker} is not running");

@@ -81,6 +81,9 @@ pub struct Report {
     pub edge_ms: Vec<f64>,
     /// `(seconds since start, resident bytes)` of the edge's processes, once a second.
     pub rss: Vec<(f64, u64)>,
+    /// `(seconds since start, bytes)` of the Worker's own WASM linear memory, once a second
+    /// (from `/healthz`'s `x-wasm-memory-bytes`; empty where the edge does not report it).
+    pub wasm: Vec<(f64, u64)>,
 }
 
 impl Report {
@@ -105,6 +108,16 @@ impl Report {
         last / first - 1.0
     }
 
+    /// The Worker's WASM memory after the first 2 s of load and at the end, in bytes.
+    pub fn wasm_first_last(&self) -> Option<(u64, u64)> {
+        let first = self
+            .wasm
+            .iter()
+            .find(|w| w.0 >= 2.0)
+            .or(self.wasm.first())?;
+        Some((first.1, self.wasm.last()?.1))
+    }
+
     /// One Markdown table row set.
     pub fn table(&self) -> String {
         let mb = |b: u64| b as f64 / (1024.0 * 1024.0);
@@ -112,9 +125,9 @@ impl Report {
         let rss_max = self.rss.iter().map(|r| r.1).max().unwrap_or(0);
         let rss_last = self.rss.last().map_or(0, |r| r.1);
         format!(
-            "| requests | req/s | errors | p50 ms | p99 ms | edge answers (p50 / p99 ms) | queued (p50 / p99 ms) | edge RSS first / max / last (MiB) |\n\
-             |---:|---:|---:|---:|---:|---|---|---|\n\
-             | {} | {:.0} | {} | {:.2} | {:.2} | {} ({:.2} / {:.2}) | {} ({:.2} / {:.2}) | {:.0} / {:.0} / {:.0} ({:+.1} %) |\n",
+            "| requests | req/s | errors | p50 ms | p99 ms | edge answers (p50 / p99 ms) | queued (p50 / p99 ms) | edge RSS first / max / last (MiB) | Worker WASM memory after 2 s / last (MiB) |\n\
+             |---:|---:|---:|---:|---:|---|---|---|---|\n\
+             | {} | {:.0} | {} | {:.2} | {:.2} | {} ({:.2} / {:.2}) | {} ({:.2} / {:.2}) | {:.0} / {:.0} / {:.0} ({:+.1} %) | {} |\n",
             self.requests,
             self.rps(),
             self.errors,
@@ -129,7 +142,12 @@ impl Report {
             mb(rss_first),
             mb(rss_max),
             mb(rss_last),
-            self.rss_growth() * 100.0
+            self.rss_growth() * 100.0,
+            self.wasm_first_last().map_or("—".into(), |(a, b)| format!(
+                "{:.1} / {:.1}",
+                mb(a),
+                mb(b)
+            ))
         )
     }
 }
@@ -162,8 +180,13 @@ pub async fn run(cfg: &Config, rss: &(dyn Fn() -> u64 + Sync)) -> Report {
         }));
     }
     let mut samples = Vec::new();
+    let mut wasm = Vec::new();
     while Instant::now() < deadline {
-        samples.push((started.elapsed().as_secs_f64(), rss()));
+        let at = started.elapsed().as_secs_f64();
+        samples.push((at, rss()));
+        if let Some(bytes) = wasm_memory(&http, &cfg.url).await {
+            wasm.push((at, bytes));
+        }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let mut outcomes = Vec::new();
@@ -175,6 +198,9 @@ pub async fn run(cfg: &Config, rss: &(dyn Fn() -> u64 + Sync)) -> Report {
     }
     samples.push((started.elapsed().as_secs_f64(), rss()));
     let seconds = started.elapsed().as_secs_f64();
+    if let Some(bytes) = wasm_memory(&http, &cfg.url).await {
+        wasm.push((seconds, bytes));
+    }
     let (mut edge, mut queue, mut all, mut errors) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for o in outcomes {
@@ -201,7 +227,19 @@ pub async fn run(cfg: &Config, rss: &(dyn Fn() -> u64 + Sync)) -> Report {
         edge: Latency::of(edge),
         queue: Latency::of(queue),
         rss: samples,
+        wasm,
     }
+}
+
+/// The Worker's WASM memory from `/healthz` (`None` if it does not say).
+async fn wasm_memory(http: &reqwest::Client, url: &str) -> Option<u64> {
+    let r = http.get(format!("{url}/healthz")).send().await.ok()?;
+    r.headers()
+        .get("x-wasm-memory-bytes")?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
 }
 
 async fn one(http: &reqwest::Client, cfg: &Config, i: usize) -> Outcome {

@@ -17,6 +17,7 @@ use shared::features::{Featurizer, FeaturizerConfig};
 use shared::intent::{
     ModelMeta, OTHER, Policy, Scoreboard, Scores, TRIVIAL_INTENTS, expected_route,
 };
+use shared::rng::SplitMix64;
 use tract_onnx::pb;
 
 use crate::root;
@@ -84,7 +85,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     );
 
     let mut mlp = Mlp::init(featurizer.dim(), HIDDEN, LABELS.len(), SEED);
-    let mut rng = SplitMix(SEED ^ 0xa5a5);
+    let mut rng = SplitMix(SplitMix64(SEED ^ 0xa5a5));
     let mut order: Vec<usize> = (0..train.len()).collect();
     let mut adam = Adam::new(&mlp);
     for epoch in 0..EPOCHS {
@@ -255,16 +256,12 @@ fn drop_features(ex: &Example, rate: f32, rng: &mut SplitMix) -> Example {
     Example { x, y: ex.y }
 }
 
-/// Deterministic PRNG (SplitMix64).
-struct SplitMix(u64);
+/// Deterministic PRNG (SplitMix64) with what training draws from it.
+struct SplitMix(SplitMix64);
 
 impl SplitMix {
     fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
 
     /// Uniform in [-1, 1).
@@ -296,7 +293,7 @@ pub struct Mlp {
 
 impl Mlp {
     fn init(input: usize, hidden: usize, classes: usize, seed: u64) -> Self {
-        let mut rng = SplitMix(seed);
+        let mut rng = SplitMix(SplitMix64(seed));
         let a1 = (6.0 / (16.0 + hidden as f32)).sqrt(); // ~16 active inputs per message
         let a2 = (6.0 / (hidden + classes) as f32).sqrt();
         Self {
