@@ -108,34 +108,39 @@ impl Featurizer {
         assert_eq!(out.len(), self.dim(), "feature buffer has the wrong length");
         out.fill(0.0);
         let buckets = self.config.buckets;
+        // The buckets hit, one bit each, so that the rest of the work visits only them, in
+        // bucket order (a short message hits ~100 of 4096).
+        let mut touched = vec![0u64; (buckets as usize).div_ceil(64)];
         let mut emit = |family: u8, gram: &[char]| {
-            let bucket = hash(family, gram) % buckets;
-            out[bucket as usize] += 1.0;
+            let bucket = (hash(family, gram) % buckets) as usize;
+            out[bucket] += 1.0;
+            touched[bucket / 64] |= 1 << (bucket % 64);
         };
 
         let normalized = normalize(text, self.config.max_chars as usize);
 
-        // Words, and the character stream with one `_` between words and at both ends.
-        let mut chars = vec![BOUNDARY];
-        let mut n_words = 0u32;
-        let mut n_chars = 0u32;
-        for word in normalized
-            .split(|c: char| !is_word_char(c))
-            .filter(|w| !w.is_empty())
-        {
-            let word: Vec<char> = word.chars().collect();
-            emit(b'w', &word);
-            n_words += 1;
-            n_chars += word.len() as u32;
-            chars.extend_from_slice(&word);
-            chars.push(BOUNDARY);
-        }
-        // Punctuation and emoji carry signal too (`?` vs `!`, 👋 vs 🙏): keep them as grams.
-        for c in normalized
-            .chars()
-            .filter(|c| !is_word_char(*c) && !c.is_whitespace())
-        {
-            emit(b'p', &[c]);
+        // Words (split on whitespace and punctuation), and the character stream with one `_`
+        // between words and at both ends. Punctuation and emoji carry signal too (`?` vs `!`,
+        // 👋 vs 🙏): they are kept as grams of their own.
+        let mut chars = Vec::with_capacity(normalized.len() + 2);
+        chars.push(BOUNDARY);
+        let (mut n_words, mut n_chars) = (0u32, 0u32);
+        let mut word_start = None;
+        for c in normalized.chars().chain(std::iter::once(' ')) {
+            if is_word_char(c) {
+                word_start.get_or_insert(chars.len());
+                chars.push(c);
+                continue;
+            }
+            if let Some(start) = word_start.take() {
+                emit(b'w', &chars[start..]);
+                n_words += 1;
+                n_chars += (chars.len() - start) as u32;
+                chars.push(BOUNDARY);
+            }
+            if !c.is_whitespace() {
+                emit(b'p', &[c]);
+            }
         }
         ngrams(&chars, 1, 3, |g| emit(b'c', g));
 
@@ -150,16 +155,28 @@ impl Featurizer {
         emit(b'l', &[char::from(b'c'), length_bucket(n_chars)]);
         emit(b'l', &[char::from(b'w'), length_bucket(n_words)]);
 
+        // In bucket order, so the sum (and every bit of the result) is that of a dense pass.
+        let hit = || {
+            touched.iter().enumerate().flat_map(|(i, &word)| {
+                let mut rest = word;
+                std::iter::from_fn(move || {
+                    (rest != 0).then(|| {
+                        let bit = rest.trailing_zeros() as usize;
+                        rest &= rest - 1;
+                        i * 64 + bit
+                    })
+                })
+            })
+        };
         let mut norm = 0.0f32;
-        for v in out.iter_mut() {
-            if *v > 0.0 {
-                *v = 1.0 + v.ln();
-                norm += *v * *v;
-            }
+        for b in hit() {
+            let v = &mut out[b];
+            *v = 1.0 + v.ln();
+            norm += *v * *v;
         }
         if norm > 0.0 {
             let inv = norm.sqrt().recip();
-            out.iter_mut().for_each(|v| *v *= inv);
+            hit().for_each(|b| out[b] *= inv);
         }
     }
 }
@@ -168,29 +185,45 @@ const BOUNDARY: char = '_';
 
 /// NFKC, lower case, at most `max_chars` input characters, runs longer than two squashed.
 pub fn normalize(text: &str, max_chars: usize) -> String {
+    use unicode_normalization::{IsNormalized, is_nfkc_quick};
     let mut out = String::with_capacity(text.len().min(max_chars * 4));
     let (mut last, mut run) = ('\0', 0usize);
-    for c in text
-        .chars()
-        .take(max_chars)
-        .nfkc()
-        .flat_map(char::to_lowercase)
-    {
+    let mut push = |c: char| {
         if c == last {
             run += 1;
             if run > 2 {
-                continue;
+                return;
             }
         } else {
             (last, run) = (c, 1);
         }
         out.push(c);
+    };
+    let mut lower = |c: char| {
+        // Hangul syllables have no case; skip their table lookup.
+        if c.is_ascii() || is_hangul_syllable(c) {
+            push(c.to_ascii_lowercase());
+        } else {
+            c.to_lowercase().for_each(&mut push);
+        }
+    };
+    let head = || text.chars().take(max_chars);
+    // Most messages (ASCII, precomposed Hangul) are already NFKC: skip the decomposition.
+    if is_nfkc_quick(head()) == IsNormalized::Yes {
+        head().for_each(&mut lower);
+    } else {
+        head().nfkc().for_each(&mut lower);
     }
     out
 }
 
+fn is_hangul_syllable(c: char) -> bool {
+    ('\u{AC00}'..='\u{D7A3}').contains(&c)
+}
+
 fn is_word_char(c: char) -> bool {
-    c.is_alphanumeric() || is_jamo(c)
+    // Hangul syllables first: they are most of the text and `is_alphanumeric` looks them up.
+    is_hangul_syllable(c) || c.is_alphanumeric() || is_jamo(c)
 }
 
 fn is_jamo(c: char) -> bool {

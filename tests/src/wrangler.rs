@@ -14,6 +14,8 @@ use crate::{root, wait_for};
 pub struct EdgeConfig {
     pub project: String,
     pub topic: String,
+    /// `host:port` of the emulators; empty leaves the variable out, so the Worker calls
+    /// `PUBSUB_ENDPOINT` / `FIRESTORE_ENDPOINT` with service-account credentials.
     pub pubsub_host: String,
     pub firestore_host: String,
     /// The `API_KEYS` secret (entries from `cargo xtask api-key`).
@@ -81,6 +83,7 @@ impl Wrangler {
                 cfg.firestore_host.clone(),
             ),
         ];
+        vars.retain(|(_, v)| !v.is_empty());
         vars.extend(cfg.vars.iter().cloned());
         let mut toml = format!(
             "name = \"cheap-serve-edge-local\"\nmain = {}\ncompatibility_date = \"2025-09-01\"\n\n[vars]\n",
@@ -117,7 +120,7 @@ impl Wrangler {
                 "--port",
                 &port.to_string(),
                 "--log-level",
-                "info",
+                "log",
             ])
             .arg("--persist-to")
             .arg(dir.join("state"))

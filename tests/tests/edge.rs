@@ -10,6 +10,7 @@ use edge_core::auth::entry;
 use serde_json::{Value, json};
 use stack::emulators::Emulators;
 use stack::gcp::{Firestore, PubSub, Received, Topology};
+use stack::google::{FakeGoogle, TEST_CLIENT_EMAIL};
 use stack::wrangler::{EdgeConfig, Wrangler};
 
 const KEY_A: &str = "cs_e2e_key_alice";
@@ -45,6 +46,27 @@ impl Client {
         let headers = resp.headers().clone();
         let body = resp.json().await.unwrap_or(Value::Null);
         (status, body, headers)
+    }
+}
+
+/// The Worker's JSON log line for `request_id`, from wrangler's output.
+async fn log_line(wr: &Wrangler, request_id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(wr.group.log_path()).unwrap_or_default();
+        if let Some(line) = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l.trim()).ok())
+            .find(|v| v["request_id"] == request_id)
+        {
+            return line;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no log line for request {request_id}; wrangler log:\n{}",
+            wr.group.log_tail(20)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -159,6 +181,26 @@ async fn the_worker_in_wrangler_dev_serves_the_contract_against_the_emulators() 
     let text = m["chat"]["message"].as_str().unwrap_or("");
     assert!(text.contains("[phone]") && !text.contains("5678"), "{text}");
 
+    // Its structured log line reaches wrangler's output (written after the response went
+    // out), with route and intent but none of the message's text.
+    let request_id = h
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .expect("x-request-id")
+        .to_owned();
+    let line = log_line(&wr, &request_id).await;
+    assert_eq!(
+        (line["route"].as_str(), line["status"].as_u64()),
+        (Some("queue"), Some(202)),
+        "{line}"
+    );
+    assert!(
+        line["latency_ms"].is_u64() && line["confidence"].is_f64(),
+        "{line}"
+    );
+    let raw = line.to_string();
+    assert!(!raw.contains("짜장면") && !raw.contains("5678"), "{raw}");
+
     // Idempotent replay: the same answer, nothing new enqueued.
     let (s, b2, h) = c
         .send(
@@ -264,6 +306,56 @@ async fn the_worker_in_wrangler_dev_serves_the_contract_against_the_emulators() 
         .send("DELETE", &format!("/v1/jobs/{batch}"), KEY_B, None, None)
         .await;
     assert_eq!(s, 404);
+
+    // Production credentials, no Pub/Sub emulator: the Worker signs a JWT with WebCrypto
+    // (RS256), exchanges it at the service account's `token_uri`, publishes with the access
+    // token and keeps it for the next message. `FakeGoogle` plays Google's token endpoint
+    // and Pub/Sub, and checks the signature with the key's public half.
+    let project = format!("{}-sa", t.project);
+    let google = FakeGoogle::start(&project, "t").await.expect("fake google");
+    let prod = EdgeConfig {
+        project,
+        topic: "t".into(),
+        pubsub_host: String::new(),
+        firestore_host: emu.firestore_host.clone(),
+        api_keys: cfg.api_keys.clone(),
+        vars: vec![
+            ("PUBSUB_ENDPOINT".into(), google.base.clone()),
+            (
+                "GCP_SERVICE_ACCOUNT_KEY".into(),
+                google.service_account().to_string(),
+            ),
+        ],
+        rate_limit: None,
+    };
+    let wr_sa = Wrangler::start(&dir.join("wrangler-sa"), &prod, 0)
+        .await
+        .expect("wrangler dev starts");
+    let c_sa = Client {
+        http: c.http.clone(),
+        url: wr_sa.url.clone(),
+    };
+    for _ in 0..2 {
+        let (s, v, _) = c_sa
+            .send(
+                "POST",
+                "/v1/chat",
+                KEY_A,
+                Some(json!({"message": "떡볶이 맛집 알려줘"})),
+                None,
+            )
+            .await;
+        assert_eq!((s, v["route"].as_str()), (202, Some("queue")), "{v}");
+    }
+    let seen = google.seen();
+    assert_eq!((seen.tokens_issued, seen.refused), (1, 0), "{seen:?}");
+    assert_eq!(seen.publish_auth, ["Bearer tok-1"; 2]);
+    assert_eq!(seen.claims[0]["iss"], TEST_CLIENT_EMAIL);
+    assert_eq!(
+        seen.claims[0]["aud"],
+        format!("{}/token", google.base).as_str()
+    );
+    drop(wr_sa);
 
     // Pub/Sub outage: 503, and no job record is left `queued` without a message.
     emu.pubsub.stop(Duration::from_secs(2));

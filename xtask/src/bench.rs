@@ -2,7 +2,8 @@
 //!
 //! Trivial `/v1/chat` (answered at the edge: auth, validation, featurize, tract, reply) is
 //! measured side by side with `/hello` of the same Worker, interleaved in one run, so
-//! wrangler's local proxy cost cancels out. Also the cold start: time to `Ready on` and the
+//! wrangler's local proxy cost cancels out: `POST /hello` with the same headers and body (the
+//! Worker reads the body and answers "hello"), and `GET /hello`. Also the cold start: time to `Ready on` and the
 //! first request to the fresh isolate.
 
 use std::time::Instant;
@@ -40,8 +41,9 @@ pub fn measure(args: &Args) -> anyhow::Result<Report> {
 /// What `bench-edge` measured.
 pub struct Report {
     pub requests: usize,
-    /// Sorted latencies (ms) of `GET /hello` and of trivial `POST /v1/chat`.
+    /// Sorted latencies (ms) of `GET /hello`, `POST /hello` and trivial `POST /v1/chat`.
     pub hello: Vec<f64>,
+    pub hello_post: Vec<f64>,
     pub chat: Vec<f64>,
     pub per_classify_ms: f64,
     pub repeat: u32,
@@ -51,20 +53,28 @@ pub struct Report {
 
 impl Report {
     pub fn table(&self) -> String {
-        let (h50, h99) = (percentile(&self.hello, 0.5), percentile(&self.hello, 0.99));
+        let (g50, g99) = (percentile(&self.hello, 0.5), percentile(&self.hello, 0.99));
+        let (h50, h99) = (
+            percentile(&self.hello_post, 0.5),
+            percentile(&self.hello_post, 0.99),
+        );
         let (c50, c99) = (percentile(&self.chat, 0.5), percentile(&self.chat, 0.99));
         format!(
             "`wrangler dev` on loopback, {} sequential requests per route, interleaved\n\n\
              | route | p50 ms | p99 ms |\n|---|---:|---:|\n\
-             | GET /hello (same Worker, no core) | {h50:.2} | {h99:.2} |\n\
+             | GET /hello (same Worker, no core) | {g50:.2} | {g99:.2} |\n\
+             | POST /hello (same headers and body, read; no core) | {h50:.2} | {h99:.2} |\n\
              | POST /v1/chat, trivial (edge answer) | {c50:.2} | {c99:.2} |\n\
-             | difference | {:.2} | {:.2} |\n\n\
+             | difference /v1/chat − POST /hello | {:.2} | {:.2} |\n\
+             | difference /v1/chat − GET /hello | {:.2} | {:.2} |\n\n\
              classify (featurize + tract + decide) inside the Worker: {:.3} ms per message \
              (from {} classifications per request, 300 requests)\n\n\
              cold start: wrangler ready after {:.1} s; first request {:.1} ms\n",
             self.requests,
             c50 - h50,
             c99 - h99,
+            c50 - g50,
+            c99 - g99,
             self.per_classify_ms,
             self.repeat,
             self.ready_s,
@@ -80,6 +90,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 struct Run {
     hello: Vec<f64>,
+    hello_post: Vec<f64>,
     chat: Vec<f64>,
     ready_s: f64,
     first_ms: f64,
@@ -110,12 +121,13 @@ async fn measure_once(args: &Args, repeat: u32, n: usize) -> anyhow::Result<Run>
     let ready_s = spawned.elapsed().as_secs_f64();
     let http = reqwest::Client::new();
     let hello_url = format!("{}/hello", wrangler.url);
-    let chat = |http: &reqwest::Client| {
-        http.post(format!("{}/v1/chat", wrangler.url))
+    let post = |http: &reqwest::Client, path: &str| {
+        http.post(format!("{}{path}", wrangler.url))
             .bearer_auth(&key)
             .header("content-type", "application/json")
             .body(r#"{"message":"안녕하세요"}"#)
     };
+    let chat = |http: &reqwest::Client| post(http, "/v1/chat");
     let t = Instant::now();
     let first = chat(&http).send().await.context("first request")?;
     let first_ms = t.elapsed().as_secs_f64() * 1e3;
@@ -128,13 +140,17 @@ async fn measure_once(args: &Args, repeat: u32, n: usize) -> anyhow::Result<Run>
     }
     for _ in 0..200.min(n) {
         http.get(&hello_url).send().await?.bytes().await?;
+        post(&http, "/hello").send().await?.bytes().await?;
         chat(&http).send().await?.bytes().await?;
     }
-    let (mut hello, mut trivial) = (Vec::new(), Vec::new());
+    let (mut hello, mut hello_post, mut trivial) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..n {
         let t = Instant::now();
         http.get(&hello_url).send().await?.bytes().await?;
         hello.push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        post(&http, "/hello").send().await?.bytes().await?;
+        hello_post.push(t.elapsed().as_secs_f64() * 1e3);
         let t = Instant::now();
         let r = chat(&http).send().await?;
         let ok = r.status() == 200;
@@ -145,11 +161,12 @@ async fn measure_once(args: &Args, repeat: u32, n: usize) -> anyhow::Result<Run>
         }
     }
     drop(wrangler);
-    for v in [&mut hello, &mut trivial] {
+    for v in [&mut hello, &mut hello_post, &mut trivial] {
         v.sort_by(f64::total_cmp);
     }
     Ok(Run {
         hello,
+        hello_post,
         chat: trivial,
         ready_s,
         first_ms,
@@ -160,13 +177,14 @@ async fn bench(args: &Args) -> anyhow::Result<Report> {
     let run = measure_once(args, 1, args.requests).await?;
     const REPEAT: u32 = 101;
     let heavy = measure_once(args, REPEAT, 300).await?;
-    let (h50, c50) = (percentile(&run.hello, 0.5), percentile(&run.chat, 0.5));
+    let (h50, c50) = (percentile(&run.hello_post, 0.5), percentile(&run.chat, 0.5));
     let per_classify_ms =
-        (percentile(&heavy.chat, 0.5) - percentile(&heavy.hello, 0.5) - (c50 - h50))
+        (percentile(&heavy.chat, 0.5) - percentile(&heavy.hello_post, 0.5) - (c50 - h50))
             / f64::from(REPEAT - 1);
     Ok(Report {
         requests: args.requests,
         hello: run.hello,
+        hello_post: run.hello_post,
         chat: run.chat,
         per_classify_ms,
         repeat: REPEAT,

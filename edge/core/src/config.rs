@@ -7,6 +7,8 @@
 //! | `FIRESTORE_DATABASE` | `(default)` | Firestore database id |
 //! | `PUBSUB_EMULATOR_HOST` | — | `host:port` of the Pub/Sub emulator (no credentials then) |
 //! | `FIRESTORE_EMULATOR_HOST` | — | `host:port` of the Firestore emulator |
+//! | `PUBSUB_ENDPOINT` | `https://pubsub.googleapis.com` | Pub/Sub API base URL with credentials (e.g. a regional endpoint `https://asia-northeast3-pubsub.googleapis.com`) |
+//! | `FIRESTORE_ENDPOINT` | `https://firestore.googleapis.com` | Firestore API base URL with credentials |
 //! | `API_KEYS` (secret) | — (required) | `name:salt_hex:sha256_hex` entries (`cargo xtask api-key`) |
 //! | `GCP_SERVICE_ACCOUNT_KEY` (secret) | — | service-account JSON key; required without emulators |
 //! | `RATE_LIMIT_PER_MINUTE` | `600` | per-key limit when the platform has no rate-limit binding |
@@ -66,6 +68,17 @@ fn gcp(
     let project = get("GCP_PROJECT").ok_or("GCP_PROJECT is not set")?;
     let emulator =
         |var: &str| get(var).map(|h| format!("http://{}", h.trim_start_matches("http://")));
+    let endpoint = |var: &str| match get(var) {
+        Some(u) if u.starts_with("https://") || u.starts_with("http://") => {
+            Ok(Some(u.trim_end_matches('/').to_owned()))
+        }
+        Some(u) => Err(format!("{var} must be an http(s) URL, got {u:?}")),
+        None => Ok(None),
+    };
+    let (pubsub_endpoint, firestore_endpoint) = (
+        endpoint("PUBSUB_ENDPOINT")?,
+        endpoint("FIRESTORE_ENDPOINT")?,
+    );
     let pubsub_emu = emulator("PUBSUB_EMULATOR_HOST");
     let firestore_emu = emulator("FIRESTORE_EMULATOR_HOST");
     let account = match get("GCP_SERVICE_ACCOUNT_KEY") {
@@ -92,11 +105,69 @@ fn gcp(
             database: get("FIRESTORE_DATABASE").unwrap_or_else(|| "(default)".into()),
             pubsub_emulated: pubsub_emu.is_some(),
             firestore_emulated: firestore_emu.is_some(),
-            pubsub_base: pubsub_emu.unwrap_or_else(|| "https://pubsub.googleapis.com".into()),
+            pubsub_base: pubsub_emu
+                .or(pubsub_endpoint)
+                .unwrap_or_else(|| "https://pubsub.googleapis.com".into()),
             firestore_base: firestore_emu
+                .or(firestore_endpoint)
                 .unwrap_or_else(|| "https://firestore.googleapis.com".into()),
             deadline_ms,
         },
         account,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gcp_of(vars: &[(&str, &str)]) -> Result<GcpConfig, String> {
+        let get = |k: &str| {
+            vars.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| (*v).to_owned())
+        };
+        gcp(&get).map(|(c, _)| c)
+    }
+
+    #[test]
+    fn endpoints_default_to_google_and_can_be_overridden() {
+        let emu = [
+            ("GCP_PROJECT", "p"),
+            ("PUBSUB_EMULATOR_HOST", "127.0.0.1:1"),
+            ("FIRESTORE_EMULATOR_HOST", "127.0.0.1:2"),
+        ];
+        let c = gcp_of(&emu).expect("emulators");
+        assert_eq!(
+            (c.pubsub_base.as_str(), c.pubsub_emulated),
+            ("http://127.0.0.1:1", true)
+        );
+        let sa = r#"{"client_email":"e@p.iam.gserviceaccount.com","private_key":"k"}"#;
+        let c = gcp_of(&[("GCP_PROJECT", "p"), ("GCP_SERVICE_ACCOUNT_KEY", sa)]).expect("prod");
+        assert_eq!(c.pubsub_base, "https://pubsub.googleapis.com");
+        assert_eq!(c.firestore_base, "https://firestore.googleapis.com");
+        let c = gcp_of(&[
+            ("GCP_PROJECT", "p"),
+            ("GCP_SERVICE_ACCOUNT_KEY", sa),
+            (
+                "PUBSUB_ENDPOINT",
+                "https://asia-northeast3-pubsub.googleapis.com/",
+            ),
+        ])
+        .expect("regional");
+        assert_eq!(
+            (c.pubsub_base.as_str(), c.pubsub_emulated),
+            ("https://asia-northeast3-pubsub.googleapis.com", false)
+        );
+        let e = gcp_of(&[
+            ("GCP_PROJECT", "p"),
+            ("GCP_SERVICE_ACCOUNT_KEY", sa),
+            ("FIRESTORE_ENDPOINT", "firestore.example"),
+        ])
+        .expect_err("not a URL");
+        assert!(
+            e.contains("FIRESTORE_ENDPOINT must be an http(s) URL"),
+            "{e}"
+        );
+    }
 }

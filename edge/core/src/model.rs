@@ -150,9 +150,9 @@ impl IntentModel {
 
     /// The label probabilities for `text`.
     pub fn probabilities(&self, text: &str) -> Result<Vec<f32>, TractError> {
-        let features = self.policy.featurizer().featurize(text);
-        let dim = features.len();
-        let input = Tensor::from_shape(&[1, dim], &features)?;
+        let featurizer = self.policy.featurizer();
+        let mut input = Tensor::zero::<f32>(&[1, featurizer.dim()])?;
+        featurizer.featurize_into(text, input.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?);
         let out = self.plan.run(tvec!(input.into()))?;
         let probs = out[0].to_plain_array_view::<f32>()?;
         Ok(probs.iter().copied().collect())
