@@ -44,6 +44,9 @@ pub struct RunOptions {
     pub chunk_seconds: f64,
     /// Show a progress bar (only drawn when stderr is a terminal).
     pub progress: bool,
+    /// What else decides the outputs (the generation settings), recorded in the checkpoint:
+    /// a run resumed under other settings is refused, so no output mixes two of them.
+    pub settings: String,
 }
 
 /// Why a run stopped.
@@ -94,6 +97,10 @@ struct Checkpoint {
     /// Committed length of the partial output.
     output_bytes: u64,
     done: bool,
+    /// [`RunOptions::settings`] of the run that wrote it (empty in checkpoints from before
+    /// settings were recorded).
+    #[serde(default)]
+    settings: String,
 }
 
 const CHECKPOINT_VERSION: u32 = 1;
@@ -253,10 +260,19 @@ pub fn run<P: Processor>(
                 ckpt_path.display()
             )));
         }
+        Some(c) if !c.settings.is_empty() && c.settings != opts.settings => {
+            return Err(RunError::Usage(format!(
+                "checkpoint {} was written with other settings ({}; now {}); run with the same settings to continue, or delete it to start over",
+                ckpt_path.display(),
+                c.settings,
+                opts.settings
+            )));
+        }
         Some(c) => c,
         None => Checkpoint {
             version: CHECKPOINT_VERSION,
             task: opts.task,
+            settings: opts.settings.clone(),
             input_sha256: sha,
             input_offset: 0,
             items: 0,

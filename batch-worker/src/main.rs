@@ -229,6 +229,7 @@ fn main() -> ExitCode {
                 output,
                 chunk_seconds,
                 progress: true,
+                settings: String::new(),
             };
             embedded::install_signal_handlers();
             let result = match task {
@@ -237,6 +238,10 @@ fn main() -> ExitCode {
                 }),
                 Task::Generate => match engine.generate.options() {
                     Ok(o) => {
+                        let opts = RunOptions {
+                            settings: o.settings(),
+                            ..opts.clone()
+                        };
                         embedded::run(&opts, || Generate::load(&engine.lm_dir(), engine.device, o))
                     }
                     Err(m) => Err(RunError::Usage(m)),

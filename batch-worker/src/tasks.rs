@@ -69,6 +69,25 @@ pub struct GenerateOptions {
     pub format: PromptFormat,
 }
 
+impl GenerateOptions {
+    /// The settings that decide each item's text, as one line (`batch-worker run` records
+    /// it in its checkpoint). The batch size is left out: it groups items, it does not change how each is decoded.
+    pub fn settings(&self) -> String {
+        use sha2::Digest;
+        let s = &self.sampling;
+        format!(
+            "max_new_tokens={} temperature={} top_p={} seed={} ignore_stop={} format={:?} system_prompt_sha256={}",
+            s.max_new_tokens,
+            s.temperature,
+            s.top_p,
+            s.seed,
+            s.ignore_stop,
+            self.format,
+            &hex::encode(sha2::Sha256::digest(self.system_prompt.as_bytes()))[..16]
+        )
+    }
+}
+
 /// `generate`: the text-generation model over each item; `{"text", "tokens"}` per item.
 pub struct Generate {
     model: Generator,

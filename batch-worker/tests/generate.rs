@@ -394,6 +394,23 @@ fn sigterm_mid_batch_then_rerun_equals_an_uninterrupted_run() {
         committed < 160,
         "interrupted before the end ({committed} lines)"
     );
+    // Resuming under other generation settings is refused, and changes nothing.
+    let other = generate_run(&input, &out, &["--max-new-tokens", "16"])
+        .output()
+        .expect("runs");
+    let err = String::from_utf8_lossy(&other.stderr);
+    assert_eq!(other.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("was written with other settings") && err.contains("max_new_tokens=48"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&partial)
+            .unwrap_or_default()
+            .lines()
+            .count(),
+        committed
+    );
     let again = cmd(&out).output().expect("reruns");
     assert!(
         again.status.success(),
