@@ -364,6 +364,19 @@ impl Generator {
             .map_err(|e| format!("detokenizing: {e}"))
     }
 
+    /// The text of a generation, the stop token left out. One cut by `max_new_tokens` can end
+    /// inside a multi-byte character (byte-level tokens): its trailing bytes would decode to
+    /// U+FFFD, and are dropped.
+    pub fn text(&self, g: &Generated) -> Result<String, String> {
+        let mut text = self.decode(g.content())?;
+        if !g.stopped {
+            while text.ends_with(char::REPLACEMENT_CHARACTER) {
+                text.pop();
+            }
+        }
+        Ok(text)
+    }
+
     /// Generates for each prompt (token ids, at least one each) in one static batch: prompts
     /// are left-padded, finished rows keep running masked until every row is done.
     ///

@@ -178,7 +178,7 @@ impl Processor for Generate {
         for (row, g) in rows.into_iter().zip(generated) {
             let item = &items[row];
             let content = g.content();
-            lines[row] = Some(match self.model.decode(content) {
+            lines[row] = Some(match self.model.text(&g) {
                 Ok(text) => OutputLine::Ok {
                     custom_id: item.custom_id.clone(),
                     output: serde_json::to_value(GenerateOutput {

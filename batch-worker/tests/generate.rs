@@ -193,6 +193,33 @@ fn max_new_tokens_and_the_stop_check_bound_generation() {
     assert!(matches!(err, EngineError::Interrupted), "{err}");
 }
 
+/// A generation cut inside a multi-byte character (byte-level tokens) ends at the last whole
+/// character instead of U+FFFD; a stopped one is decoded as it is.
+#[test]
+fn a_cut_inside_a_character_leaves_no_replacement_character() {
+    let m = load();
+    // A character outside the tiny tokenizer's merges is spelled as its UTF-8 bytes.
+    let ids = m.encode("밥 漢字").expect("encodes");
+    let cut = (1..ids.len())
+        .find(|&n| {
+            m.decode(&ids[..n])
+                .is_ok_and(|t| t.ends_with(char::REPLACEMENT_CHARACTER))
+        })
+        .expect("the byte-level tokenizer spells 漢 as bytes");
+    let g = Generated {
+        ids: ids[..cut].to_vec(),
+        stopped: false,
+    };
+    let text = m.text(&g).expect("decodes");
+    assert!(!text.contains(char::REPLACEMENT_CHARACTER), "{text:?}");
+    assert!("밥 漢字".starts_with(&text), "{text:?}");
+    let whole = Generated {
+        ids: ids.clone(),
+        stopped: false,
+    };
+    assert_eq!(m.text(&whole).expect("decodes"), "밥 漢字");
+}
+
 #[test]
 fn the_chat_template_renders_the_reference_chat_prompts() {
     let r = reference();
