@@ -47,6 +47,12 @@ impl Client {
         let body = resp.json().await.unwrap_or(Value::Null);
         (status, body, headers)
     }
+
+    /// `POST /v1/chat` with `message`, no idempotency key.
+    async fn chat(&self, key: &str, message: &str) -> (u16, Value, reqwest::header::HeaderMap) {
+        let body = json!({ "message": message });
+        self.send("POST", "/v1/chat", key, Some(body), None).await
+    }
 }
 
 /// The Worker's JSON log line for `request_id`, from wrangler's output.
@@ -140,15 +146,7 @@ async fn the_worker_in_wrangler_dev_serves_the_contract_against_the_emulators() 
     assert_eq!(h["model"]["sha256"].as_str().map(str::len), Some(64), "{h}");
 
     // A greeting is answered at the edge.
-    let (s, b, h) = c
-        .send(
-            "POST",
-            "/v1/chat",
-            KEY_A,
-            Some(json!({"message": "안녕하세요!"})),
-            None,
-        )
-        .await;
+    let (s, b, h) = c.chat(KEY_A, "안녕하세요!").await;
     assert_eq!(
         (s, b["route"].as_str(), b["intent"].as_str()),
         (200, Some("edge"), Some("greeting")),
@@ -336,15 +334,7 @@ async fn the_worker_in_wrangler_dev_serves_the_contract_against_the_emulators() 
         url: wr_sa.url.clone(),
     };
     for _ in 0..2 {
-        let (s, v, _) = c_sa
-            .send(
-                "POST",
-                "/v1/chat",
-                KEY_A,
-                Some(json!({"message": "떡볶이 맛집 알려줘"})),
-                None,
-            )
-            .await;
+        let (s, v, _) = c_sa.chat(KEY_A, "떡볶이 맛집 알려줘").await;
         assert_eq!((s, v["route"].as_str()), (202, Some("queue")), "{v}");
     }
     let seen = google.seen();
@@ -359,15 +349,7 @@ async fn the_worker_in_wrangler_dev_serves_the_contract_against_the_emulators() 
 
     // Pub/Sub outage: 503, and no job record is left `queued` without a message.
     emu.pubsub.stop(Duration::from_secs(2));
-    let (s, v, _) = c
-        .send(
-            "POST",
-            "/v1/chat",
-            KEY_A,
-            Some(json!({"message": "떡볶이 맛집 알려줘"})),
-            None,
-        )
-        .await;
+    let (s, v, _) = c.chat(KEY_A, "떡볶이 맛집 알려줘").await;
     assert_eq!(
         (s, v["error"]["code"].as_str()),
         (503, Some("queue_unavailable")),
