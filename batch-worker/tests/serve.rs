@@ -20,7 +20,6 @@ use shared::jobs::{
 use shared::wire::{InputItem, Task};
 use stack::emulators::Emulators;
 use stack::gcp::{Firestore, PubSub, Topology};
-use stack::process::Group;
 use stack::worker::WorkerConfig;
 
 const BIN: &str = env!("CARGO_BIN_EXE_batch-worker");
@@ -331,27 +330,6 @@ fn assert_exactly(outputs: &BTreeMap<String, Value>, items: &[InputItem]) -> any
     Ok(())
 }
 
-/// Waits for the group's leader to exit; its status and how long it took.
-async fn wait_exit(
-    g: &mut Group,
-    timeout: Duration,
-) -> anyhow::Result<(std::process::ExitStatus, Duration)> {
-    let started = Instant::now();
-    loop {
-        if let Some(s) = g.try_wait() {
-            return Ok((s, started.elapsed()));
-        }
-        if started.elapsed() > timeout {
-            bail!(
-                "{} still running after {timeout:?}:\n{}",
-                g.name(),
-                g.log_tail(20)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// Plain job: three shards (one message published twice, as Pub/Sub may deliver it), an
 /// `input_uri` job with malformed lines, metrics; outputs equal `batch-worker run`'s.
 async fn outputs_once_and_equal_to_the_embedded_run(fx: &Fixture) -> anyhow::Result<()> {
@@ -558,7 +536,7 @@ async fn generation_answers_chat_and_batches(fx: &Fixture) -> anyhow::Result<()>
     })
     .await?;
     w1.signal(libc::SIGTERM);
-    let (status, took) = wait_exit(&mut w1, Duration::from_secs(25)).await?;
+    let (status, took) = w1.wait_exit(Duration::from_secs(25)).await?;
     ensure!(
         status.success() && took < Duration::from_secs(20),
         "drain: {status} in {took:?}"
@@ -699,7 +677,7 @@ async fn sigkill_then_restart_loses_nothing(fx: &Fixture) -> anyhow::Result<()> 
     .await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     w1.signal(libc::SIGKILL);
-    wait_exit(&mut w1, Duration::from_secs(5)).await?;
+    w1.wait_exit(Duration::from_secs(5)).await?;
     let at_kill = w.shard("job-k", 0).await?.context("shard")?;
     ensure!(at_kill.cursor < 3000, "finished before the kill");
     let restarted = Instant::now();
@@ -754,7 +732,7 @@ async fn sigterm_drains_and_another_worker_resumes(fx: &Fixture) -> anyhow::Resu
     })
     .await?;
     w1.signal(libc::SIGTERM);
-    let (status, took) = wait_exit(&mut w1, Duration::from_secs(25)).await?;
+    let (status, took) = w1.wait_exit(Duration::from_secs(25)).await?;
     ensure!(status.success(), "drain exit status {status}");
     ensure!(took < Duration::from_secs(20), "drain took {took:?}");
     let s = w.shard("job-d", 0).await?.context("shard")?;
@@ -945,7 +923,7 @@ async fn preemption_notice_drains(fx: &Fixture) -> anyhow::Result<()> {
     })
     .await?;
     metadata.set_preempted(true);
-    let (status, took) = wait_exit(&mut w1, Duration::from_secs(25)).await?;
+    let (status, took) = w1.wait_exit(Duration::from_secs(25)).await?;
     ensure!(status.success(), "exit {status}");
     ensure!(took < Duration::from_secs(20), "drain took {took:?}");
     let s = w.shard("job-m", 0).await?.context("shard")?;

@@ -202,35 +202,54 @@ struct LogTally {
     committed: u64,
     taken: u64,
     ended: u64,
+    /// Bytes of the log read so far (whole lines only).
+    read: u64,
 }
 
 impl LogTally {
     fn in_flight(&self) -> u64 {
         self.taken.saturating_sub(self.ended)
     }
+
+    /// Adds the whole lines written to `log` since the last call.
+    fn update(&mut self, log: &Path) -> &Self {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut buf = Vec::new();
+        let read = std::fs::File::open(log).and_then(|mut f| {
+            f.seek(SeekFrom::Start(self.read))?;
+            f.read_to_end(&mut buf)
+        });
+        let Some(end) = read.ok().and(buf.iter().rposition(|&b| b == b'\n')) else {
+            return self;
+        };
+        self.read += end as u64 + 1;
+        for line in String::from_utf8_lossy(&buf[..end]).lines() {
+            let Ok(v) = serde_json::from_str::<Value>(line) else {
+                continue;
+            };
+            let items = v["fields"]["items"].as_u64().unwrap_or(0);
+            match v["fields"]["message"].as_str() {
+                Some("micro-batch inferred") => self.inferred += items,
+                Some("chunk committed") => self.committed += items,
+                Some("lease taken") => self.taken += 1,
+                Some(m)
+                    if m == "shard done"
+                        || m.starts_with("shard checkpointed and released")
+                        || m.starts_with("lease lost to another worker") =>
+                {
+                    self.ended += 1
+                }
+                _ => {}
+            }
+        }
+        self
+    }
 }
 
+/// What the whole of `log` says.
 fn tally(log: &Path) -> LogTally {
     let mut t = LogTally::default();
-    for line in std::fs::read_to_string(log).unwrap_or_default().lines() {
-        let Ok(v) = serde_json::from_str::<Value>(line) else {
-            continue;
-        };
-        let items = v["fields"]["items"].as_u64().unwrap_or(0);
-        match v["fields"]["message"].as_str() {
-            Some("micro-batch inferred") => t.inferred += items,
-            Some("chunk committed") => t.committed += items,
-            Some("lease taken") => t.taken += 1,
-            Some(m)
-                if m == "shard done"
-                    || m.starts_with("shard checkpointed and released")
-                    || m.starts_with("lease lost to another worker") =>
-            {
-                t.ended += 1
-            }
-            _ => {}
-        }
-    }
+    t.update(log);
     t
 }
 
@@ -490,6 +509,7 @@ async fn drive(
     let mut kills = Vec::new();
     let mut probes = Vec::new();
     let preempt_at = cfg.kills / 2;
+    let mut signals = 0usize;
     for n in 0..=cfg.kills {
         tokio::time::sleep(between(&mut rng, cfg.kill_gap)).await;
         let worker = (rng.next_u64() % slots.len() as u64) as usize;
@@ -498,50 +518,36 @@ async fn drive(
         // Aim at work: wait (bounded) until the worker holds a shard, then a random instant
         // within the next 50 ms (a chat shard is done in tens of milliseconds).
         let aiming = Instant::now();
-        while tally(&log_before).in_flight() == 0 && aiming.elapsed() < cfg.aim {
+        let mut seen = LogTally::default();
+        while seen.update(&log_before).in_flight() == 0 && aiming.elapsed() < cfg.aim {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         tokio::time::sleep(Duration::from_millis(rng.next_u64() % 50)).await;
-        let in_flight = tally(&log_before).in_flight();
+        let in_flight = seen.update(&log_before).in_flight();
         let Some(mut process) = slot.process.take() else {
             bail!("worker {worker} is not running");
         };
+        // Signals alternate, SIGKILL first; the preemption notice comes halfway.
         let kind = if n == preempt_at {
             "preemption notice"
-        } else if kills
-            .iter()
-            .filter(|k: &&Kill| k.kind != "preemption notice")
-            .count()
-            % 2
-            == 0
-        {
-            "SIGKILL"
         } else {
-            "SIGTERM"
+            signals += 1;
+            if signals % 2 == 1 {
+                "SIGKILL"
+            } else {
+                "SIGTERM"
+            }
         };
         let at_s = started.elapsed().as_secs_f64();
-        let signalled = Instant::now();
         match kind {
             "SIGKILL" => process.signal(libc::SIGKILL),
             "SIGTERM" => process.signal(libc::SIGTERM),
             _ => slot.metadata.set_preempted(true),
         }
-        let status = loop {
-            if let Some(s) = process.try_wait() {
-                break Some(s);
-            }
-            if signalled.elapsed() > Duration::from_secs(25) {
-                break None;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        };
-        let took = signalled.elapsed();
-        let Some(status) = status else {
-            bail!(
-                "worker {worker} did not exit within 25 s of a {kind}:\n{}",
-                process.log_tail(20)
-            );
-        };
+        let (status, took) = process
+            .wait_exit(Duration::from_secs(25))
+            .await
+            .with_context(|| format!("worker {worker} after a {kind}"))?;
         drop(process);
         if kind != "SIGKILL" {
             ensure!(

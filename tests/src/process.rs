@@ -63,6 +63,28 @@ impl Group {
         self.child.try_wait().ok().flatten()
     }
 
+    /// Waits (polling every 10 ms) until the leader exits: its status and how long that took,
+    /// or an error with the log's tail after `timeout`.
+    pub async fn wait_exit(
+        &mut self,
+        timeout: Duration,
+    ) -> anyhow::Result<(std::process::ExitStatus, Duration)> {
+        let started = Instant::now();
+        loop {
+            if let Some(s) = self.try_wait() {
+                return Ok((s, started.elapsed()));
+            }
+            if started.elapsed() > timeout {
+                anyhow::bail!(
+                    "{} still running after {timeout:?}:\n{}",
+                    self.name,
+                    self.log_tail(20)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Sends `signal` to the whole group.
     pub fn signal(&self, signal: i32) {
         let pgid = self.child.id() as libc::pid_t;
