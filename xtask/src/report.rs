@@ -197,21 +197,17 @@ fn latency_histogram(sorted_ms: &[f64], path: &Path) -> anyhow::Result<()> {
         bins[((ms * 10.0) as usize).min(top)] += 1;
     }
     let ymax = bins.iter().copied().max().unwrap_or(1) + 1;
-    let area = SVGBackend::new(path, (800, 420)).into_drawing_area();
-    area.fill(&WHITE).map_err(plot_err)?;
-    let mut chart = ChartBuilder::on(&area)
-        .caption(
-            format!(
-                "Trivial POST /v1/chat in wrangler dev: {} requests (p50 {p50:.2} ms, p99 {p99:.2} ms)",
-                sorted_ms.len()
-            ),
-            ("sans-serif", 18),
-        )
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(56)
-        .build_cartesian_2d(0f64..(top as f64 + 1.0) / 10.0, 0u32..ymax)
-        .map_err(plot_err)?;
+    let area = canvas(path)?;
+    let mut chart = chart_on(
+        &area,
+        format!(
+            "Trivial POST /v1/chat in wrangler dev: {} requests (p50 {p50:.2} ms, p99 {p99:.2} ms)",
+            sorted_ms.len()
+        ),
+        56,
+    )
+    .build_cartesian_2d(0f64..(top as f64 + 1.0) / 10.0, 0u32..ymax)
+    .map_err(plot_err)?;
     chart
         .configure_mesh()
         .x_desc("latency (ms), 0.1 ms bins; the last bin holds everything slower")
@@ -232,14 +228,7 @@ fn latency_histogram(sorted_ms: &[f64], path: &Path) -> anyhow::Result<()> {
             .label(format!("{label} {x:.2} ms"))
             .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2)));
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(plot_err)?;
-    area.present().map_err(plot_err)?;
-    Ok(())
+    legend_and_present(&mut chart, &area, SeriesLabelPosition::MiddleRight)
 }
 
 /// Items/s against micro-batch size (log scale): the worker end to end, the worker's
@@ -255,22 +244,18 @@ fn throughput_plot(report: &bench_worker::Report, path: &Path) -> anyhow::Result
         .flat_map(|r| [r.items_per_s, r.session_items_per_s, r.python_items_per_s])
         .fold(0.0, f64::max)
         * 1.15;
-    let area = SVGBackend::new(path, (800, 420)).into_drawing_area();
-    area.fill(&WHITE).map_err(plot_err)?;
-    let mut chart = ChartBuilder::on(&area)
-        .caption(
-            format!(
-                "batch-worker run --task classify, {} items, {} CPU cores",
-                report.items,
-                crate::cores()
-            ),
-            ("sans-serif", 18),
-        )
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(70)
-        .build_cartesian_2d(-1i32..n, 0f64..ymax.max(1.0))
-        .map_err(plot_err)?;
+    let area = canvas(path)?;
+    let mut chart = chart_on(
+        &area,
+        format!(
+            "batch-worker run --task classify, {} items, {} CPU cores",
+            report.items,
+            crate::cores()
+        ),
+        70,
+    )
+    .build_cartesian_2d(-1i32..n, 0f64..ymax.max(1.0))
+    .map_err(plot_err)?;
     chart
         .configure_mesh()
         .x_desc("micro-batch size (items per session.run)")
@@ -319,9 +304,43 @@ fn throughput_plot(report: &bench_worker::Report, path: &Path) -> anyhow::Result
             )
             .map_err(plot_err)?;
     }
+    legend_and_present(&mut chart, &area, SeriesLabelPosition::UpperLeft)
+}
+
+type Canvas<'a> = DrawingArea<SVGBackend<'a>, plotters::coord::Shift>;
+
+/// An 800 × 420 SVG canvas on white.
+fn canvas(path: &Path) -> anyhow::Result<Canvas<'_>> {
+    let area = SVGBackend::new(path, (800, 420)).into_drawing_area();
+    area.fill(&WHITE).map_err(plot_err)?;
+    Ok(area)
+}
+
+/// A chart on `area` with `caption` and the margins both plots use; `y_labels` is the width
+/// of the y labels' area.
+fn chart_on<'a, 'b>(
+    area: &'a Canvas<'b>,
+    caption: String,
+    y_labels: u32,
+) -> ChartBuilder<'a, 'b, SVGBackend<'b>> {
+    let mut builder = ChartBuilder::on(area);
+    builder
+        .caption(caption, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(y_labels);
+    builder
+}
+
+/// Draws the series' legend at `position` and writes the file.
+fn legend_and_present<'a, CT: plotters::coord::CoordTranslate>(
+    chart: &mut ChartContext<'a, SVGBackend<'a>, CT>,
+    area: &Canvas<'a>,
+    position: SeriesLabelPosition,
+) -> anyhow::Result<()> {
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
+        .position(position)
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .draw()
