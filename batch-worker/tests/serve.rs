@@ -105,20 +105,11 @@ impl<'a> World<'a> {
     async fn submit_chat(&self, job_id: &str, message: &str) -> anyhow::Result<()> {
         self.create_record_of(job_id, JobKind::Chat, Task::Generate, 1, 1, None)
             .await?;
-        self.publish(&JobMessage {
-            job_id: job_id.into(),
-            kind: JobKind::Chat,
-            task: Task::Generate,
-            shard: 0,
-            shards: 1,
-            items: Vec::new(),
-            input_uri: None,
-            chat: Some(shared::jobs::ChatRequest {
-                message: message.into(),
-                locale: "ko".into(),
-            }),
-        })
-        .await
+        let chat = shared::jobs::ChatRequest {
+            message: message.into(),
+            locale: "ko".into(),
+        };
+        self.publish(&JobMessage::chat(job_id, chat)).await
     }
 
     async fn create_record(

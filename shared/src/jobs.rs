@@ -152,6 +152,22 @@ pub struct JobMessage {
     pub chat: Option<ChatRequest>,
 }
 
+impl JobMessage {
+    /// The one message of a queued chat job: a single `generate` shard carrying `chat`.
+    pub fn chat(job_id: &str, chat: ChatRequest) -> Self {
+        Self {
+            job_id: job_id.to_owned(),
+            kind: JobKind::Chat,
+            task: Task::Generate,
+            shard: 0,
+            shards: 1,
+            items: Vec::new(),
+            input_uri: None,
+            chat: Some(chat),
+        }
+    }
+}
+
 /// Firestore collection of shard checkpoints (`shards/{job_id}-{shard:05}`).
 pub const SHARDS_COLLECTION: &str = "shards";
 

@@ -330,16 +330,7 @@ impl App {
                 chat: Some(chat.clone()),
                 ..record
             };
-            let msg = JobMessage {
-                job_id: job_id.clone(),
-                kind: JobKind::Chat,
-                task: Task::Generate,
-                shard: 0,
-                shards: 1,
-                items: Vec::new(),
-                input_uri: None,
-                chat: Some(chat),
-            };
+            let msg = JobMessage::chat(&job_id, chat);
             self.enqueue(p, &record, &[msg]).await?;
             let url = format!("/v1/jobs/{job_id}");
             Ok(Response::json(
