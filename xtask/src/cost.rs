@@ -18,7 +18,7 @@ pub struct Args {
     #[arg(long, default_value_t = 0.6)]
     pub trivial_share: f64,
     /// Share of trivial messages the edge answers (measured: `route eval` on the test split)
-    #[arg(long, default_value_t = 0.779)]
+    #[arg(long, default_value_t = 0.806)]
     pub edge_recall: f64,
     /// Bulk items a day (each generates one reply-sized text)
     #[arg(long, default_value_t = 2_000.0)]
@@ -190,7 +190,7 @@ mod tests {
             chat_per_day: 10_000.0,
             heavy_share: Some(0.5),
             trivial_share: 0.6,
-            edge_recall: 0.779,
+            edge_recall: 0.806,
             bulk_items_per_day: 0.0,
             gpu_seconds_per_reply: 2.0,
             active_hours_per_day: 10.0,

@@ -49,7 +49,11 @@ impl Args {
 /// Labels in model output order.
 pub const LABELS: [&str; 6] = ["greeting", "thanks", "goodbye", "help", "identity", OTHER];
 const HIDDEN: usize = 32;
-const EPOCHS: usize = 20;
+const EPOCHS: usize = 30;
+/// The exported weights are the running mean of the weights after each epoch from this one
+/// on (stochastic weight averaging): better calibrated probabilities, so the thresholds that
+/// keep edge precision at 0.99 let more trivial messages through.
+const AVERAGE_FROM_EPOCH: usize = 10;
 const BATCH: usize = 32;
 const LEARNING_RATE: f32 = 0.003;
 const WEIGHT_DECAY: f32 = 1e-4;
@@ -88,6 +92,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut rng = SplitMix(SplitMix64(SEED ^ 0xa5a5));
     let mut order: Vec<usize> = (0..train.len()).collect();
     let mut adam = Adam::new(&mlp);
+    let mut averaged: Option<Mlp> = None;
     for epoch in 0..EPOCHS {
         rng.shuffle(&mut order);
         let mut loss = 0.0f64;
@@ -99,6 +104,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
             adam.step(&mut mlp, &grad, batch.len());
         }
+        if let Some(k) = epoch.checked_sub(AVERAGE_FROM_EPOCH) {
+            let mean = averaged.get_or_insert_with(|| mlp.clone());
+            let k = k as f32;
+            for (m, w) in mean.params_mut().into_iter().zip(mlp.params()) {
+                for (m, w) in m.iter_mut().zip(w) {
+                    *m = (*m * k + w) / (k + 1.0);
+                }
+            }
+        }
         if epoch % 5 == 4 || epoch + 1 == EPOCHS {
             eprintln!(
                 "epoch {:>2}: loss {:.4}, dev accuracy {:.4}",
@@ -109,6 +123,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     }
 
+    let mlp = averaged.unwrap_or(mlp);
+    eprintln!(
+        "weights averaged over epochs {}..={EPOCHS}: dev accuracy {:.4}",
+        AVERAGE_FROM_EPOCH + 1,
+        accuracy(&mlp, &dev)
+    );
     let thresholds = calibrate(&mlp, &dev);
     let onnx = export_onnx(&mlp, featurizer.config())?;
     let sha = hex::encode(Sha256::digest(&onnx));
