@@ -556,7 +556,8 @@ async fn drive(
                 std::fs::read_to_string(&log_before).unwrap_or_default()
             );
         }
-        let t = tally(&log_before);
+        seen.update(&log_before);
+        let t = seen;
         // The unit's RestartSec; a preempted VM boots a fresh instance (flag cleared).
         tokio::time::sleep(cfg.restart_delay).await;
         slot.metadata.set_preempted(false);
