@@ -1048,8 +1048,10 @@ def report(out, stats):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.path.join(HERE, "data"), help="output directory")
+    ap.add_argument("--seed", type=int, default=SEED,
+                    help="random seed (augmentation and split); the committed data uses the default")
     args = ap.parse_args(argv)
-    rng = random.Random(SEED)
+    rng = random.Random(args.seed)
     out, stats = build(rng)
     write(out, args.out, rng)
     cnt, total, other, ten = report(out, stats)
