@@ -308,7 +308,7 @@ impl App {
         }
         if let Some(d) = &decision
             && d.route == Route::Edge
-            && let Some(text) = reply(&d.intent, locale)
+            && let Some(text) = reply(&d.intent, locale, message)
         {
             trace.route = Some(Route::Edge);
             return Ok(Response::json(
