@@ -102,8 +102,9 @@ pub fn environment() -> Result<&'static Environment, EngineError> {
 /// Builds a session for `model` on `device`; returns it with the provider's name.
 ///
 /// `spin`: let ONNX Runtime's CPU threads busy-wait for the next run (its default). Right for
-/// a tight loop of runs (text generation: 1.3-1.5x the tokens/s); wrong when our own threads
-/// work between runs (classify featurizes on every core: 1.4x the items/s without it).
+/// a tight loop of runs (text generation lost ~25 % of its tokens/s without it); wrong when our
+/// own threads work between runs (classify featurizes on every core between runs, and the
+/// spinning threads took those cores: ~97k items/s with it, 110k-150k without).
 pub fn session(
     model: &Path,
     device: Device,
