@@ -143,6 +143,10 @@ struct ServeArgs {
     /// Pub/Sub ack deadline extension (10..=600 s): how soon a crashed worker's messages return
     #[arg(long, env = "ACK_EXTENSION_SECONDS", default_value_t = 60)]
     ack_extension_seconds: u64,
+    /// Longest a message (its shard's whole run) is kept leased; a shard still running then is
+    /// redelivered to another worker, which waits out this one's shard lease
+    #[arg(long, env = "MAX_LEASE_SECONDS", default_value_t = 6 * 3600)]
+    max_lease_seconds: u64,
     /// Flow control: messages (shards) held at once
     #[arg(long, env = "MAX_OUTSTANDING_MESSAGES", default_value_t = 4)]
     max_outstanding_messages: i64,
@@ -293,6 +297,7 @@ fn serve_main(args: ServeArgs, engine: EngineArgs) -> ExitCode {
             drain_timeout: seconds("--drain-seconds", args.drain_seconds)?,
             lease: std::time::Duration::from_secs(args.lease_seconds.max(1)),
             ack_extension: std::time::Duration::from_secs(args.ack_extension_seconds),
+            max_lease: std::time::Duration::from_secs(args.max_lease_seconds.max(60)),
             failpoints: args.failpoints.parse()?,
             worker_id: args
                 .worker_id

@@ -57,6 +57,8 @@ pub struct ServeConfig {
     pub chunk: Duration,
     pub lease: Duration,
     pub ack_extension: Duration,
+    /// Longest a message stays leased (lease extension stops after it).
+    pub max_lease: Duration,
     pub max_outstanding_messages: i64,
     pub max_outstanding_bytes: i64,
     pub poison_limit: u32,
@@ -235,6 +237,8 @@ pub async fn serve(
         .set_max_outstanding_messages(cfg.max_outstanding_messages)
         .set_max_outstanding_bytes(cfg.max_outstanding_bytes)
         .set_max_lease_extension(cfg.ack_extension)
+        // The library's default is one hour; an `input_uri` shard can run longer.
+        .set_max_lease(cfg.max_lease)
         .build();
     let shutdown = stream.shutdown_token();
     let provider = classify.provider();
