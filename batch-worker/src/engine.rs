@@ -104,7 +104,8 @@ pub fn environment() -> Result<&'static Environment, EngineError> {
 /// `spin`: let ONNX Runtime's CPU threads busy-wait for the next run (its default). Right for
 /// a tight loop of runs (text generation lost ~25 % of its tokens/s without it); wrong when our
 /// own threads work between runs (classify featurizes on every core between runs, and the
-/// spinning threads took those cores: ~97k items/s with it, 110k-150k without).
+/// spinning threads took those cores: at micro-batch 256, 77k-86k items/s with it, 105k-114k
+/// without; only at 64 and below, where runs are short and frequent, spinning wins).
 pub fn session(
     model: &Path,
     device: Device,

@@ -47,6 +47,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let worker = bench_worker::measure(&bench_worker::Args {
         items: if q { 20_000 } else { 200_000 },
         batch_sizes: vec![16, 64, 256, 1024, 4096],
+        repeat: if q { 1 } else { 3 },
     })?;
     eprintln!("bench: 5/5 batch-worker text generation");
     let generate = bench_generate::measure(&bench_generate::Args {
@@ -367,6 +368,7 @@ mod tests {
         assert!(h.starts_with("<svg") && h.contains("p99") && h.contains("<rect"));
         let report = bench_worker::Report {
             items: 1000,
+            repeat: 1,
             rows: [16, 256, 4096]
                 .iter()
                 .map(|&b| bench_worker::Row {
