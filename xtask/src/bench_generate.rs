@@ -7,7 +7,7 @@ use std::process::Command;
 
 use anyhow::{Context, bail};
 
-use crate::bench_worker::{between, pip_target, write_items};
+use crate::bench_worker::{pip_target, worker_run, write_items};
 use crate::{root, setup};
 
 #[derive(clap::Args)]
@@ -92,7 +92,7 @@ pub fn measure(args: &Args) -> anyhow::Result<Report> {
         let mut best = (0.0f64, 0.0f64, 0.0f64);
         let mut python = 0.0f64;
         for _ in 0..args.repeat.max(1) {
-            let (rust, share) = worker_run(&worker, &dir, &input, args, batch)?;
+            let (rust, share) = generate_run(&worker, &dir, &input, args, batch)?;
             if rust > best.0 {
                 best = (rust, share, rust / share.max(1e-9));
             }
@@ -120,40 +120,25 @@ pub fn measure(args: &Args) -> anyhow::Result<Report> {
 
 /// One `batch-worker run`: its tokens/s (model load and tokenization included) and the share
 /// of its wall time inside `session.run`.
-fn worker_run(
+fn generate_run(
     worker: &Path,
     dir: &Path,
     input: &Path,
     args: &Args,
     batch: usize,
 ) -> anyhow::Result<(f64, f64)> {
-    let output = dir.join(format!("out-{batch}.jsonl"));
-    let _ = std::fs::remove_file(&output);
-    let out = Command::new(worker)
-        .args(["run", "--task", "generate", "--device", "cpu"])
-        .args(["--prompt-format", "raw", "--ignore-stop-tokens"])
-        .arg("--max-new-tokens")
-        .arg(args.max_new_tokens.to_string())
-        .arg("--generate-batch-size")
-        .arg(batch.to_string())
-        .arg("--input")
-        .arg(input)
-        .arg("--output")
-        .arg(&output)
-        .env("RUST_LOG", "error")
-        .output()?;
-    if !out.status.success() {
-        bail!(
-            "batch-worker run failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let text = String::from_utf8_lossy(&out.stderr).to_string();
-    let items_per_s =
-        between(&text, "s (", " items/s").with_context(|| format!("unexpected summary: {text}"))?;
-    let share = between(&text, "items/s, ", "% inside")
-        .with_context(|| format!("unexpected summary: {text}"))?
-        / 100.0;
+    let max_new_tokens = args.max_new_tokens.to_string();
+    let task = [
+        "--task",
+        "generate",
+        "--prompt-format",
+        "raw",
+        "--ignore-stop-tokens",
+        "--max-new-tokens",
+        &max_new_tokens,
+    ];
+    let (items_per_s, share, _) =
+        worker_run(worker, dir, input, &task, "--generate-batch-size", batch)?;
     Ok((items_per_s * args.max_new_tokens as f64, share))
 }
 

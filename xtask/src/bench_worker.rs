@@ -115,7 +115,14 @@ pub fn measure(args: &Args) -> anyhow::Result<Report> {
         // Worker and Python take turns, so a slow spell of the machine hits both sides.
         let (mut items_per_s, mut share, mut python) = (0.0f64, 0.0f64, 0.0f64);
         for run in 0..args.repeat.max(1) {
-            let (ips, sh, wall) = worker_run(&worker, &dir, &input, batch)?;
+            let (ips, sh, wall) = worker_run(
+                &worker,
+                &dir,
+                &input,
+                &["--task", "classify"],
+                "--batch-size",
+                batch,
+            )?;
             let py_ips = python_bench(&py, &feats_path, dim, args.items, batch)?;
             eprintln!(
                 "batch {batch}, run {}: {ips:.0} items/s end to end ({wall:.1} s with start-up), {:.0}% in session.run; Python session.run {py_ips:.0} items/s",
@@ -143,20 +150,23 @@ pub fn measure(args: &Args) -> anyhow::Result<Report> {
     })
 }
 
-/// One `batch-worker run` over `input`: (items/s, share of wall time in `session.run`, wall
-/// seconds with start-up).
-fn worker_run(
+/// One `batch-worker run --device cpu` over `input` with `task_args` and `batch` as
+/// `batch_flag`: (items/s, share of wall time in `session.run`, wall seconds with start-up).
+pub fn worker_run(
     worker: &Path,
     dir: &Path,
     input: &Path,
+    task_args: &[&str],
+    batch_flag: &str,
     batch: usize,
 ) -> anyhow::Result<(f64, f64, f64)> {
     let output = dir.join(format!("out-{batch}.jsonl"));
     let _ = std::fs::remove_file(&output);
     let started = Instant::now();
     let out = Command::new(worker)
-        .args(["run", "--task", "classify", "--device", "cpu"])
-        .arg("--batch-size")
+        .args(["run", "--device", "cpu"])
+        .args(task_args)
+        .arg(batch_flag)
         .arg(batch.to_string())
         .arg("--input")
         .arg(input)
