@@ -573,8 +573,16 @@ async fn process(
 /// A job's final state, as this worker sets it.
 #[derive(Debug, Clone)]
 enum Final {
+    /// A batch job: its outputs under `output_uri`; a chat job: its `result`.
+    Succeeded {
+        result: Option<serde_json::Value>,
+        output_uri: Option<String>,
+    },
     Cancelled,
-    Failed { code: &'static str, message: String },
+    Failed {
+        code: String,
+        message: String,
+    },
 }
 
 /// The shard's items: inline, or read from `input_uri` (malformed lines become error lines).
@@ -585,14 +593,14 @@ async fn load_items(
 ) -> Result<Vec<Result<InputItem, OutputLine>>, Final> {
     if msg.task == Task::Generate && !has_generator {
         return Err(Final::Failed {
-            code: "model_unavailable",
+            code: "model_unavailable".into(),
             message: "this worker has no text-generation model (MODEL_DIR/lm); classify jobs run, generate and queued chat jobs need one".into(),
         });
     }
     if msg.kind == JobKind::Chat {
         let Some(chat) = msg.chat.as_ref().or(job.chat.as_ref()) else {
             return Err(Final::Failed {
-                code: "invalid_job",
+                code: "invalid_job".into(),
                 message: "a chat job without its message".into(),
             });
         };
@@ -603,7 +611,7 @@ async fn load_items(
     }
     if let Some(uri) = msg.input_uri.as_ref().or(job.input_uri.as_ref()) {
         let bytes = outputs::read_uri(uri).await.map_err(|e| Final::Failed {
-            code: "input_unreadable",
+            code: "input_unreadable".into(),
             message: format!("reading {uri}: {e}"),
         })?;
         let mut seen = std::collections::HashSet::new();
@@ -1034,78 +1042,81 @@ async fn complete_shard(
     Ok(Outcome::Ack)
 }
 
-/// Marks the job succeeded when every shard is done (idempotent; a conditional write, so
-/// two workers finishing the last shards cannot both miss it or both do it).
+/// Finishes the job when every shard is done: succeeded, or failed for a chat job whose
+/// reply is an error line (idempotent; a conditional write, so two workers finishing the last
+/// shards cannot both miss it or both do it).
 async fn finish_if_complete(ctx: &Ctx, job_id: &str) -> Result<(), WorkError> {
+    let complete =
+        |r: &JobRecord| !r.status.is_final() && r.shards > 0 && r.shards_done >= r.shards;
+    let Some(job) = ctx.store.get::<JobRecord>(JOBS_COLLECTION, job_id).await? else {
+        return Ok(());
+    };
+    if !complete(&job.record) {
+        return Ok(());
+    }
+    let how = if job.record.kind == JobKind::Chat {
+        // The reply is the one output line of the one shard.
+        let out = ctx.out.get(&outputs::shard_output_name(job_id, 0)).await?;
+        let line = std::str::from_utf8(&out)
+            .ok()
+            .and_then(|s| s.lines().next())
+            .and_then(|l| serde_json::from_str::<OutputLine>(l).ok());
+        match line {
+            Some(OutputLine::Ok { output, .. }) => Final::Succeeded {
+                result: Some(json!({"reply": output["text"].as_str().unwrap_or_default()})),
+                output_uri: None,
+            },
+            Some(OutputLine::Err { error, .. }) => Final::Failed {
+                code: error.code,
+                message: error.message,
+            },
+            None => Final::Failed {
+                code: "internal".into(),
+                message: "the reply's output line is unreadable".into(),
+            },
+        }
+    } else {
+        Final::Succeeded {
+            result: None,
+            output_uri: Some(ctx.out.uri(&outputs::output_prefix(job_id))),
+        }
+    };
+    set_final(ctx, job_id, how, complete).await
+}
+
+/// Sets a final status unless the job already has one.
+async fn finish_job(ctx: &Ctx, job_id: &str, how: Final) -> Result<(), WorkError> {
+    set_final(ctx, job_id, how, |r| !r.status.is_final()).await
+}
+
+/// Writes `how` into the job record while `applies` holds for it (a precondition on the
+/// record's update time makes a concurrent change win; the record is then read again).
+async fn set_final(
+    ctx: &Ctx,
+    job_id: &str,
+    how: Final,
+    applies: impl Fn(&JobRecord) -> bool,
+) -> Result<(), WorkError> {
     loop {
         let Some(job) = ctx.store.get::<JobRecord>(JOBS_COLLECTION, job_id).await? else {
             return Ok(());
         };
         let r = &job.record;
-        if r.status.is_final() || r.shards == 0 || r.shards_done < r.shards {
-            return Ok(());
-        }
-        let patch = if r.kind == JobKind::Chat {
-            // The reply is the one output line of the one shard.
-            let out = ctx.out.get(&outputs::shard_output_name(job_id, 0)).await?;
-            let line = std::str::from_utf8(&out)
-                .ok()
-                .and_then(|s| s.lines().next())
-                .and_then(|l| serde_json::from_str::<OutputLine>(l).ok());
-            match line {
-                Some(OutputLine::Ok { output, .. }) => json!({
-                    "status": "succeeded",
-                    "updated_at": rfc3339(now_ms()),
-                    "result": {"reply": output["text"].as_str().unwrap_or_default()},
-                }),
-                Some(OutputLine::Err { error, .. }) => json!({
-                    "status": "failed",
-                    "updated_at": rfc3339(now_ms()),
-                    "error": {"code": error.code, "message": error.message},
-                }),
-                None => json!({
-                    "status": "failed",
-                    "updated_at": rfc3339(now_ms()),
-                    "error": {"code": "internal", "message": "the reply's output line is unreadable"},
-                }),
-            }
-        } else {
-            json!({
-                "status": "succeeded",
-                "updated_at": rfc3339(now_ms()),
-                "output_uri": ctx.out.uri(&outputs::output_prefix(job_id)),
-            })
-        };
-        let w = Write::patch(
-            JOBS_COLLECTION,
-            job_id,
-            patch,
-            Precondition::UpdateTime(job.update_time),
-        );
-        if let Committed::Done(_) = ctx.store.commit(&[w]).await? {
-            ctx.metrics.jobs_succeeded.add(1);
-            tracing::info!(
-                total = r.counts.total,
-                done = r.counts.done,
-                failed = r.counts.failed,
-                "job succeeded"
-            );
-            return Ok(());
-        }
-    }
-}
-
-/// Sets a final status unless the job already has one.
-async fn finish_job(ctx: &Ctx, job_id: &str, how: Final) -> Result<(), WorkError> {
-    loop {
-        let Some(job) = ctx.store.get::<JobRecord>(JOBS_COLLECTION, job_id).await? else {
-            return Ok(());
-        };
-        if job.record.status.is_final() {
+        if !applies(r) {
             return Ok(());
         }
         let now = rfc3339(now_ms());
         let patch = match &how {
+            Final::Succeeded { result, output_uri } => {
+                let mut p = json!({"status": "succeeded", "updated_at": now});
+                if let Some(result) = result {
+                    p["result"] = result.clone();
+                }
+                if let Some(uri) = output_uri {
+                    p["output_uri"] = json!(uri);
+                }
+                p
+            }
             Final::Cancelled => json!({"status": "cancelled", "updated_at": now}),
             Final::Failed { code, message } => json!({
                 "status": "failed",
@@ -1117,10 +1128,19 @@ async fn finish_job(ctx: &Ctx, job_id: &str, how: Final) -> Result<(), WorkError
             JOBS_COLLECTION,
             job_id,
             patch,
-            Precondition::UpdateTime(job.update_time),
+            Precondition::UpdateTime(job.update_time.clone()),
         );
         if let Committed::Done(_) = ctx.store.commit(&[w]).await? {
             match &how {
+                Final::Succeeded { .. } => {
+                    ctx.metrics.jobs_succeeded.add(1);
+                    tracing::info!(
+                        total = r.counts.total,
+                        done = r.counts.done,
+                        failed = r.counts.failed,
+                        "job succeeded"
+                    );
+                }
                 Final::Cancelled => {
                     ctx.metrics.jobs_cancelled.add(1);
                     tracing::info!("job cancelled");
@@ -1173,7 +1193,7 @@ async fn quarantine(
         ctx,
         &msg.job_id,
         Final::Failed {
-            code: "shard_failed",
+            code: "shard_failed".into(),
             message: reason,
         },
     )
