@@ -1081,25 +1081,31 @@ async fn finish_if_complete(ctx: &Ctx, job_id: &str) -> Result<(), WorkError> {
             output_uri: Some(ctx.out.uri(&outputs::output_prefix(job_id))),
         }
     };
-    set_final(ctx, job_id, how, complete).await
+    set_final(ctx, job_id, how, complete, Some(job)).await
 }
 
 /// Sets a final status unless the job already has one.
 async fn finish_job(ctx: &Ctx, job_id: &str, how: Final) -> Result<(), WorkError> {
-    set_final(ctx, job_id, how, |r| !r.status.is_final()).await
+    set_final(ctx, job_id, how, |r| !r.status.is_final(), None).await
 }
 
 /// Writes `how` into the job record while `applies` holds for it (a precondition on the
 /// record's update time makes a concurrent change win; the record is then read again).
+/// `known`: the record as the caller just read it, so the first attempt does not read it again.
 async fn set_final(
     ctx: &Ctx,
     job_id: &str,
     how: Final,
     applies: impl Fn(&JobRecord) -> bool,
+    mut known: Option<Versioned<JobRecord>>,
 ) -> Result<(), WorkError> {
     loop {
-        let Some(job) = ctx.store.get::<JobRecord>(JOBS_COLLECTION, job_id).await? else {
-            return Ok(());
+        let job = match known.take() {
+            Some(job) => job,
+            None => match ctx.store.get::<JobRecord>(JOBS_COLLECTION, job_id).await? {
+                Some(job) => job,
+                None => return Ok(()),
+            },
         };
         let r = &job.record;
         if !applies(r) {
