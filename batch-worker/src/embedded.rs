@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use shared::features::Featurizer;
 use shared::wire::{InputItem, OutputLine, Task, parse_input_line};
 
 use crate::engine::EngineError;
@@ -28,6 +29,22 @@ pub trait Processor {
     /// Largest micro-batch this processor wants.
     fn batch_size(&self) -> usize;
     fn process(&mut self, items: &[InputItem]) -> Result<Vec<OutputLine>, EngineError>;
+    /// The featurizer whose rows this processor's model reads, if it has one. [`run`] then
+    /// featurizes each micro-batch on its reading thread, while the model runs the micro-batch
+    /// before, and hands the rows to [`Processor::process_features`].
+    fn featurizer(&self) -> Option<Featurizer> {
+        None
+    }
+    /// [`Processor::process`] given the items' rows of [`Processor::featurizer`]
+    /// (`items.len() × dim`, row-major).
+    fn process_features(
+        &mut self,
+        items: &[InputItem],
+        features: &[f32],
+    ) -> Result<Vec<OutputLine>, EngineError> {
+        let _ = features;
+        self.process(items)
+    }
     /// Time spent in the model runtime itself (the rest of a run is our overhead).
     fn inference_time(&self) -> Duration {
         Duration::ZERO
@@ -240,8 +257,100 @@ enum Slot {
     Pending(usize),
 }
 
+/// One output line as JSON.
+struct Encoded {
+    json: String,
+    error: bool,
+}
+
+impl Encoded {
+    fn new(line: &OutputLine) -> Self {
+        Self {
+            // Serializing these types cannot fail (string keys, finite numbers); should it
+            // ever, the item still gets its one line, as an error.
+            json: serde_json::to_string(line).unwrap_or_else(|e| {
+                serde_json::json!({
+                    "custom_id": line.custom_id(),
+                    "error": {"code": "internal", "message": format!("encoding the output: {e}")},
+                })
+                .to_string()
+            }),
+            error: matches!(line, OutputLine::Err { .. }),
+        }
+    }
+}
+
+/// The input file from the checkpoint on, with what reading it needs to remember.
+struct Input {
+    reader: BufReader<File>,
+    buf: Vec<u8>,
+    line_no: u64,
+    /// Every custom_id seen so far (a repeated one is an error line).
+    seen: HashSet<String>,
+}
+
+/// One micro-batch as read: a slot per line, the valid items, the bytes consumed.
+struct Batch {
+    slots: Vec<Slot>,
+    items: Vec<InputItem>,
+    bytes: u64,
+    eof: bool,
+}
+
+impl Input {
+    /// Reads lines until `batch_size` valid items or the end of the input.
+    fn read_batch(&mut self, batch_size: usize) -> Result<Batch, RunError> {
+        let mut batch = Batch {
+            slots: Vec::new(),
+            items: Vec::with_capacity(batch_size),
+            bytes: 0,
+            eof: false,
+        };
+        while batch.items.len() < batch_size {
+            self.buf.clear();
+            let n = self
+                .reader
+                .read_until(b'\n', &mut self.buf)
+                .map_err(io("reading input"))?;
+            if n == 0 {
+                batch.eof = true;
+                break;
+            }
+            batch.bytes += n as u64;
+            self.line_no += 1;
+            let line_no = self.line_no;
+            if self.buf.trim_ascii().is_empty() {
+                continue;
+            }
+            let parsed = match std::str::from_utf8(&self.buf) {
+                Ok(s) => parse_input_line(s.trim_end_matches(['\n', '\r']), line_no),
+                Err(_) => Err(OutputLine::error(
+                    line_no.to_string(),
+                    "invalid_item",
+                    format!("line {line_no} is not UTF-8"),
+                )),
+            };
+            match parsed {
+                Ok(item) if !self.seen.insert(item.custom_id.clone()) => {
+                    batch.slots.push(Slot::Ready(OutputLine::error(
+                        item.custom_id,
+                        "duplicate_custom_id",
+                        format!("line {line_no}: custom_id already used earlier in the file"),
+                    )))
+                }
+                Ok(item) => {
+                    batch.slots.push(Slot::Pending(batch.items.len()));
+                    batch.items.push(item);
+                }
+                Err(line) => batch.slots.push(Slot::Ready(line)),
+            }
+        }
+        Ok(batch)
+    }
+}
+
 /// Runs (or resumes) the job. `processor` is created lazily, after validation.
-pub fn run<P: Processor>(
+pub fn run<P: Processor + Send>(
     opts: &RunOptions,
     make_processor: impl FnOnce() -> Result<P, EngineError>,
 ) -> Result<Summary, RunError> {
@@ -343,94 +452,113 @@ pub fn run<P: Processor>(
     }
 
     let mut processor = make_processor()?;
+    let batch_size = processor.batch_size().max(1);
     let progress = progress_bar(opts.progress, total, ckpt.items);
     let chunk = Duration::from_secs_f64(opts.chunk_seconds);
     let mut pending = String::new();
     let mut last_commit = Instant::now();
-    let mut eof = false;
-    while !eof {
-        // Read one micro-batch.
-        let mut slots = Vec::new();
-        let mut items = Vec::new();
-        let mut batch_bytes = 0u64;
-        while items.len() < processor.batch_size() {
-            buf.clear();
-            let n = reader
-                .read_until(b'\n', &mut buf)
-                .map_err(io("reading input"))?;
-            if n == 0 {
-                eof = true;
-                break;
-            }
-            batch_bytes += n as u64;
-            line_no += 1;
-            if buf.trim_ascii().is_empty() {
-                continue;
-            }
-            let parsed = match std::str::from_utf8(&buf) {
-                Ok(s) => parse_input_line(s.trim_end_matches(['\n', '\r']), line_no),
-                Err(_) => Err(OutputLine::error(
-                    line_no.to_string(),
-                    "invalid_item",
-                    format!("line {line_no} is not UTF-8"),
-                )),
-            };
-            match parsed {
-                Ok(item) if !seen.insert(item.custom_id.clone()) => {
-                    slots.push(Slot::Ready(OutputLine::error(
-                        item.custom_id,
-                        "duplicate_custom_id",
-                        format!("line {line_no}: custom_id already used earlier in the file"),
-                    )))
+    let mut input = Input {
+        reader,
+        buf,
+        line_no,
+        seen,
+    };
+    // The model runs on a thread of its own, fed one micro-batch ahead: reading and parsing
+    // the next micro-batch and encoding the last one's results overlap inference. Only
+    // results that came back are counted and committed; a micro-batch still in flight when
+    // the run stops is redone by the next run, like one cut short by a signal.
+    let featurizer = processor.featurizer();
+    std::thread::scope(|scope| -> Result<(), RunError> {
+        let (to_model, model_in) = std::sync::mpsc::sync_channel::<(Vec<InputItem>, Vec<f32>)>(1);
+        let (model_out, from_model) = std::sync::mpsc::sync_channel(1);
+        let model = &mut processor;
+        scope.spawn(move || {
+            for (items, features) in model_in {
+                let result = match featurizer {
+                    Some(_) => model.process_features(&items, &features),
+                    None => model.process(&items),
                 }
-                Ok(item) => {
-                    slots.push(Slot::Pending(items.len()));
-                    items.push(item);
+                // Encoded here, where it overlaps the reading thread's work.
+                .map(|lines| lines.iter().map(Encoded::new).collect::<Vec<_>>());
+                // The feature buffer goes back to be filled again (no 4 MB allocation and
+                // page faults per micro-batch).
+                if model_out.send((result, features)).is_err() {
+                    break;
                 }
-                Err(line) => slots.push(Slot::Ready(line)),
             }
-        }
-        let mut results = match processor.process(&items) {
-            Ok(r) => r.into_iter().map(Some).collect::<Vec<_>>(),
-            // A signal stopped the micro-batch mid-way: commit what came before it; the
-            // batch itself is redone by the next run.
-            Err(EngineError::Interrupted) => {
-                commit(&mut out, &mut pending, &mut ckpt, &ckpt_path)?;
-                progress.abandon();
-                return Err(RunError::Interrupted(ckpt.items));
-            }
-            Err(e) => return Err(e.into()),
+        });
+        let mut spare: Vec<Vec<f32>> = Vec::new();
+        let model_stopped = || {
+            RunError::Engine(EngineError::Invalid(
+                "the inference thread stopped unexpectedly".into(),
+            ))
         };
-        for slot in slots {
-            let line = match slot {
-                Slot::Ready(l) => l,
-                Slot::Pending(i) => results[i].take().ok_or_else(|| {
-                    RunError::Engine(EngineError::Model {
-                        path: PathBuf::new(),
-                        message: "processor returned too few results".into(),
-                    })
-                })?,
+        let mut in_flight = std::collections::VecDeque::new();
+        let mut eof = false;
+        loop {
+            while !eof && in_flight.len() < 2 {
+                let batch = input.read_batch(batch_size)?;
+                eof = batch.eof;
+                let mut features = spare.pop().unwrap_or_default();
+                if let Some(f) = &featurizer {
+                    features.resize(batch.items.len() * f.dim(), 0.0);
+                    for (item, row) in batch.items.iter().zip(features.chunks_mut(f.dim())) {
+                        f.featurize_into(&item.input, row);
+                    }
+                }
+                to_model
+                    .send((batch.items, features))
+                    .map_err(|_| model_stopped())?;
+                in_flight.push_back((batch.slots, batch.bytes));
+            }
+            let Some((slots, batch_bytes)) = in_flight.pop_front() else {
+                return Ok(());
             };
-            ckpt.errors += u64::from(matches!(line, OutputLine::Err { .. }));
-            ckpt.items += 1;
-            pending.push_str(
-                &serde_json::to_string(&line).map_err(|e| io("encoding output")(e.into()))?,
-            );
-            pending.push('\n');
-        }
-        ckpt.input_offset += batch_bytes;
-        progress.set_position(ckpt.items);
+            let (result, features) = from_model.recv().map_err(|_| model_stopped())?;
+            spare.push(features);
+            let mut results = match result {
+                Ok(r) => r.into_iter().map(Some).collect::<Vec<_>>(),
+                // A signal stopped the micro-batch mid-way: commit what came before it; the
+                // batch itself is redone by the next run.
+                Err(EngineError::Interrupted) => {
+                    commit(&mut out, &mut pending, &mut ckpt, &ckpt_path)?;
+                    progress.abandon();
+                    return Err(RunError::Interrupted(ckpt.items));
+                }
+                Err(e) => return Err(e.into()),
+            };
+            for slot in slots {
+                let line = match slot {
+                    Slot::Ready(l) => Encoded::new(&l),
+                    Slot::Pending(i) => {
+                        results.get_mut(i).and_then(Option::take).ok_or_else(|| {
+                            RunError::Engine(EngineError::Model {
+                                path: PathBuf::new(),
+                                message: "processor returned too few results".into(),
+                            })
+                        })?
+                    }
+                };
+                ckpt.errors += u64::from(line.error);
+                ckpt.items += 1;
+                pending.push_str(&line.json);
+                pending.push('\n');
+            }
+            ckpt.input_offset += batch_bytes;
+            progress.set_position(ckpt.items);
 
-        let stop = STOP.load(Ordering::SeqCst);
-        if eof || stop || last_commit.elapsed() >= chunk {
-            commit(&mut out, &mut pending, &mut ckpt, &ckpt_path)?;
-            last_commit = Instant::now();
-            if stop && !eof {
-                progress.abandon();
-                return Err(RunError::Interrupted(ckpt.items));
+            let done = eof && in_flight.is_empty();
+            let stop = STOP.load(Ordering::SeqCst);
+            if done || stop || last_commit.elapsed() >= chunk {
+                commit(&mut out, &mut pending, &mut ckpt, &ckpt_path)?;
+                last_commit = Instant::now();
+                if stop && !done {
+                    progress.abandon();
+                    return Err(RunError::Interrupted(ckpt.items));
+                }
             }
         }
-    }
+    })?;
     progress.finish_and_clear();
     ckpt.done = true;
     write_checkpoint(&ckpt_path, &ckpt)?;

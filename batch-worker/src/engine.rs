@@ -99,17 +99,25 @@ pub fn environment() -> Result<&'static Environment, EngineError> {
     })
 }
 
+/// How ONNX Runtime uses the CPU when a session runs there.
+#[derive(Clone, Copy, Debug)]
+pub struct CpuThreads {
+    /// Threads inside one `session.run`; 0: ONNX Runtime's default (one per core). Beside
+    /// threads of our own, an explicit count ran faster than the default (classify, 2 cores:
+    /// ~172k items/s with the default, ~230k with 1 or 2).
+    pub intra: usize,
+    /// Let those threads busy-wait for the next run (ONNX Runtime's default). Right for a
+    /// tight loop of runs (text generation lost ~25 % of its tokens/s without it); wrong when
+    /// our own threads work between runs (classify featurizing on every core between runs:
+    /// the spinning threads took those cores).
+    pub spin: bool,
+}
+
 /// Builds a session for `model` on `device`; returns it with the provider's name.
-///
-/// `spin`: let ONNX Runtime's CPU threads busy-wait for the next run (its default). Right for
-/// a tight loop of runs (text generation lost ~25 % of its tokens/s without it); wrong when our
-/// own threads work between runs (classify featurizes on every core between runs, and the
-/// spinning threads took those cores: at micro-batch 256, 77k-86k items/s with it, 105k-114k
-/// without; only at 64 and below, where runs are short and frequent, spinning wins).
 pub fn session(
     model: &Path,
     device: Device,
-    spin: bool,
+    threads: CpuThreads,
 ) -> Result<(Session, &'static str), EngineError> {
     let env = environment()?;
     let model_err = |e: ort::Error| EngineError::Model {
@@ -129,7 +137,8 @@ pub fn session(
     };
     let cpu = || -> Result<Session, ort::Error> {
         Session::builder(env)?
-            .with_intra_op_spinning(spin)?
+            .with_intra_threads(threads.intra)?
+            .with_intra_op_spinning(threads.spin)?
             .with_auto_device(AutoDevicePolicy::Default)
             .map_err(ort::Error::<()>::from)?
             .commit_from_memory(&bytes)
@@ -163,8 +172,8 @@ pub struct Classifier {
 }
 
 impl Classifier {
-    /// Loads `<dir>/model.onnx` and `<dir>/model.json`.
-    pub fn load(dir: &Path, device: Device) -> Result<Self, EngineError> {
+    /// Loads `<dir>/model.onnx` and `<dir>/model.json`; `intra_threads` as in [`CpuThreads`].
+    pub fn load(dir: &Path, device: Device, intra_threads: usize) -> Result<Self, EngineError> {
         let meta_path = dir.join("model.json");
         let meta = std::fs::read_to_string(&meta_path).map_err(|source| EngineError::Io {
             path: meta_path.clone(),
@@ -174,7 +183,11 @@ impl Classifier {
             path: meta_path,
             message: e.to_string(),
         })?;
-        let (session, provider) = session(&dir.join("model.onnx"), device, false)?;
+        let threads = CpuThreads {
+            intra: intra_threads,
+            spin: false,
+        };
+        let (session, provider) = session(&dir.join("model.onnx"), device, threads)?;
         tracing::info!(provider, model = %dir.display(), "classifier loaded");
         Ok(Self {
             session,
@@ -226,8 +239,25 @@ impl Classifier {
                 }
             });
         }
-        let input =
-            ort::value::TensorRef::from_array_view(([texts.len(), dim], &self.features[..]))?;
+        let features = std::mem::take(&mut self.features);
+        let probs = self.run_features(texts.len(), &features);
+        self.features = features;
+        probs
+    }
+
+    /// Probabilities for `n` rows of features (`n × dim`, row-major), one `session.run`.
+    fn run_features(&mut self, n: usize, features: &[f32]) -> Result<Vec<Vec<f32>>, EngineError> {
+        let dim = self.policy.featurizer().dim();
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        if features.len() != n * dim {
+            return Err(EngineError::Invalid(format!(
+                "{} feature values for {n} rows of {dim}",
+                features.len()
+            )));
+        }
+        let input = ort::value::TensorRef::from_array_view(([n, dim], features))?;
         let meta = self.policy.meta();
         let started = std::time::Instant::now();
         let outputs = self
@@ -239,10 +269,24 @@ impl Classifier {
         Ok(probs.chunks(classes).map(<[f32]>::to_vec).collect())
     }
 
+    /// Classifies `n` rows of features made by [`Policy::featurizer`].
+    pub fn classify_features(
+        &mut self,
+        n: usize,
+        features: &[f32],
+    ) -> Result<Vec<ClassifyOutput>, EngineError> {
+        let probs = self.run_features(n, features)?;
+        Ok(self.decide(&probs))
+    }
+
     /// Classifies a micro-batch.
     pub fn classify(&mut self, texts: &[&str]) -> Result<Vec<ClassifyOutput>, EngineError> {
         let probs = self.probabilities(texts)?;
-        Ok(probs
+        Ok(self.decide(&probs))
+    }
+
+    fn decide(&self, probs: &[Vec<f32>]) -> Vec<ClassifyOutput> {
+        probs
             .iter()
             .map(|p| {
                 let Decision {
@@ -256,6 +300,6 @@ impl Classifier {
                     route,
                 }
             })
-            .collect())
+            .collect()
     }
 }

@@ -224,7 +224,14 @@ impl Generator {
         let config = read_json(&dir.join("config.json"), true)?;
         let gen_cfg = read_json(&dir.join("generation_config.json"), false)?;
 
-        let (session, provider) = engine::session(&model_path, device, true)?;
+        let (session, provider) = engine::session(
+            &model_path,
+            device,
+            engine::CpuThreads {
+                intra: 0,
+                spin: true,
+            },
+        )?;
         let interface = Interface::read(&session).map_err(|m| model_err(&model_path, m))?;
 
         let eos_token = token_field(&tok_cfg["eos_token"]).unwrap_or_default();

@@ -238,7 +238,7 @@ fn main() -> ExitCode {
             embedded::install_signal_handlers();
             let result = match task {
                 Task::Classify => embedded::run(&opts, || {
-                    Classify::load(&engine.model_dir, engine.device, engine.batch_size)
+                    Classify::load(&engine.model_dir, engine.device, engine.batch_size, 1)
                 }),
                 Task::Generate => match engine.generate.options() {
                     Ok(o) => {
@@ -321,7 +321,7 @@ fn serve_main(args: ServeArgs, engine: EngineArgs) -> ExitCode {
         Ok(c) => c,
         Err(m) => return usage(&m),
     };
-    let classify = match Classify::load(&engine.model_dir, engine.device, engine.batch_size) {
+    let classify = match Classify::load(&engine.model_dir, engine.device, engine.batch_size, 0) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("batch-worker: {e}");

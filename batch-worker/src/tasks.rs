@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use shared::wire::{GenerateOutput, InputItem, OutputLine};
+use shared::wire::{ClassifyOutput, GenerateOutput, InputItem, OutputLine};
 
 use crate::embedded::Processor;
 use crate::engine::{Classifier, Device, EngineError};
@@ -15,10 +15,17 @@ pub struct Classify {
 }
 
 impl Classify {
-    /// Loads `<model_dir>/intent`.
-    pub fn load(model_dir: &Path, device: Device, batch_size: usize) -> Result<Self, EngineError> {
+    /// Loads `<model_dir>/intent`. `intra_threads`: ONNX Runtime's threads per run (0: its
+    /// default); `batch-worker run` gives 1, since its model thread runs beside the thread
+    /// that reads and featurizes the next micro-batch.
+    pub fn load(
+        model_dir: &Path,
+        device: Device,
+        batch_size: usize,
+        intra_threads: usize,
+    ) -> Result<Self, EngineError> {
         Ok(Self {
-            model: Classifier::load(&model_dir.join("intent"), device)?,
+            model: Classifier::load(&model_dir.join("intent"), device, intra_threads)?,
             batch_size: batch_size.max(1),
         })
     }
@@ -40,15 +47,32 @@ impl Processor for Classify {
     fn process(&mut self, items: &[InputItem]) -> Result<Vec<OutputLine>, EngineError> {
         let texts: Vec<&str> = items.iter().map(|i| i.input.as_str()).collect();
         let outputs = self.model.classify(&texts)?;
-        Ok(items
-            .iter()
-            .zip(outputs)
-            .map(|(item, out)| OutputLine::Ok {
-                custom_id: item.custom_id.clone(),
-                output: serde_json::to_value(out).unwrap_or_default(),
-            })
-            .collect())
+        Ok(lines(items, outputs))
     }
+
+    fn featurizer(&self) -> Option<shared::features::Featurizer> {
+        Some(*self.model.policy().featurizer())
+    }
+
+    fn process_features(
+        &mut self,
+        items: &[InputItem],
+        features: &[f32],
+    ) -> Result<Vec<OutputLine>, EngineError> {
+        let outputs = self.model.classify_features(items.len(), features)?;
+        Ok(lines(items, outputs))
+    }
+}
+
+fn lines(items: &[InputItem], outputs: Vec<ClassifyOutput>) -> Vec<OutputLine> {
+    items
+        .iter()
+        .zip(outputs)
+        .map(|(item, out)| OutputLine::Ok {
+            custom_id: item.custom_id.clone(),
+            output: serde_json::to_value(out).unwrap_or_default(),
+        })
+        .collect()
 }
 
 /// How `generate` inputs become prompts.

@@ -7,7 +7,7 @@ use edge_core::model::IntentModel;
 
 #[test]
 fn onnx_runtime_and_tract_agree_on_the_test_split() {
-    let mut ort = Classifier::load(std::path::Path::new(common::INTENT_DIR), Device::Cpu)
+    let mut ort = Classifier::load(std::path::Path::new(common::INTENT_DIR), Device::Cpu, 0)
         .expect("ORT loads the model");
     let tract = IntentModel::embedded().expect("tract loads the model");
     let texts = common::test_split_texts();

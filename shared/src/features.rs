@@ -107,22 +107,42 @@ impl Featurizer {
     pub fn featurize_into(&self, text: &str, out: &mut [f32]) {
         assert_eq!(out.len(), self.dim(), "feature buffer has the wrong length");
         out.fill(0.0);
+        // The working buffers live per thread and keep their capacity, so a message costs no
+        // allocation once a thread has seen one as long.
+        SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+            Ok(mut s) => self.featurize_with(text, out, &mut s),
+            // Only reachable if featurizing re-entered itself on this thread.
+            Err(_) => self.featurize_with(text, out, &mut Scratch::default()),
+        });
+    }
+
+    fn featurize_with(&self, text: &str, out: &mut [f32], s: &mut Scratch) {
         let buckets = self.config.buckets;
+        let mask = buckets.is_power_of_two().then(|| buckets - 1);
         // The buckets hit, one bit each, so that the rest of the work visits only them, in
         // bucket order (a short message hits ~100 of 4096).
-        let mut touched = vec![0u64; (buckets as usize).div_ceil(64)];
-        let mut emit = |family: u8, gram: &[char]| {
-            let bucket = (hash(family, gram) % buckets) as usize;
+        let Scratch {
+            normalized,
+            chars,
+            jamo,
+            initials,
+            touched,
+            ..
+        } = s;
+        touched.clear();
+        touched.resize((buckets as usize).div_ceil(64), 0);
+        let mut emit = |h: u32| {
+            let bucket = mask.map_or(h % buckets, |m| h & m) as usize;
             out[bucket] += 1.0;
             touched[bucket / 64] |= 1 << (bucket % 64);
         };
 
-        let normalized = normalize(text, self.config.max_chars as usize);
+        normalize_into(text, self.config.max_chars as usize, normalized);
 
         // Words (split on whitespace and punctuation), and the character stream with one `_`
         // between words and at both ends. Punctuation and emoji carry signal too (`?` vs `!`,
         // 👋 vs 🙏): they are kept as grams of their own.
-        let mut chars = Vec::with_capacity(normalized.len() + 2);
+        chars.clear();
         chars.push(BOUNDARY);
         let (mut n_words, mut n_chars) = (0u32, 0u32);
         let mut word_start = None;
@@ -133,60 +153,98 @@ impl Featurizer {
                 continue;
             }
             if let Some(start) = word_start.take() {
-                emit(b'w', &chars[start..]);
+                emit(hash(b'w', &chars[start..]));
                 n_words += 1;
                 n_chars += (chars.len() - start) as u32;
                 chars.push(BOUNDARY);
             }
             if !c.is_whitespace() {
-                emit(b'p', &[c]);
+                emit(hash(b'p', &[c]));
             }
         }
-        ngrams(&chars, 1, 3, |g| emit(b'c', g));
+        hashed_ngrams(chars, b'c', 1, 3, &mut emit);
 
-        let mut jamo = Vec::with_capacity(chars.len() * 3);
-        let mut initials = Vec::with_capacity(chars.len());
-        for &c in &chars {
-            decompose(c, &mut jamo, &mut initials);
+        jamo.clear();
+        initials.clear();
+        for &c in chars.iter() {
+            decompose(c, jamo, initials);
         }
-        ngrams(&jamo, 2, 4, |g| emit(b'j', g));
-        ngrams(&initials, 2, 3, |g| emit(b'i', g));
+        hashed_ngrams(jamo, b'j', 2, 4, &mut emit);
+        hashed_ngrams(initials, b'i', 2, 3, &mut emit);
 
-        emit(b'l', &[char::from(b'c'), length_bucket(n_chars)]);
-        emit(b'l', &[char::from(b'w'), length_bucket(n_words)]);
+        emit(hash(b'l', &[char::from(b'c'), length_bucket(n_chars)]));
+        emit(hash(b'l', &[char::from(b'w'), length_bucket(n_words)]));
 
         // In bucket order, so the sum (and every bit of the result) is that of a dense pass.
-        let hit = || {
-            touched.iter().enumerate().flat_map(|(i, &word)| {
-                let mut rest = word;
-                std::iter::from_fn(move || {
-                    (rest != 0).then(|| {
-                        let bit = rest.trailing_zeros() as usize;
-                        rest &= rest - 1;
-                        i * 64 + bit
-                    })
-                })
-            })
-        };
+        let Scratch {
+            touched,
+            hits,
+            log_table,
+            ..
+        } = s;
+        if log_table.is_empty() {
+            // `1 + ln(count)` for the small counts nearly every bucket has, computed by the
+            // same `ln` as the fallback below, so the table changes no bit.
+            log_table.extend((0..LOG_TABLE).map(|n| 1.0 + (n as f32).ln()));
+        }
+        hits.clear();
         let mut norm = 0.0f32;
-        for b in hit() {
-            let v = &mut out[b];
-            *v = 1.0 + v.ln();
-            norm += *v * *v;
+        for (i, &word) in touched.iter().enumerate() {
+            let mut rest = word;
+            while rest != 0 {
+                let b = i * 64 + rest.trailing_zeros() as usize;
+                rest &= rest - 1;
+                let v = &mut out[b];
+                *v = log_table
+                    .get(*v as usize)
+                    .copied()
+                    .unwrap_or_else(|| 1.0 + v.ln());
+                norm += *v * *v;
+                hits.push(b as u32);
+            }
         }
         if norm > 0.0 {
             let inv = norm.sqrt().recip();
-            hit().for_each(|b| out[b] *= inv);
+            for &b in hits.iter() {
+                out[b as usize] *= inv;
+            }
         }
     }
+}
+
+/// Counts below this have `1 + ln(count)` precomputed.
+const LOG_TABLE: usize = 64;
+
+/// A thread's reusable working buffers for [`Featurizer::featurize_into`].
+#[derive(Default)]
+struct Scratch {
+    normalized: String,
+    chars: Vec<char>,
+    jamo: Vec<char>,
+    initials: Vec<char>,
+    touched: Vec<u64>,
+    /// The buckets hit, in bucket order.
+    hits: Vec<u32>,
+    log_table: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
 }
 
 const BOUNDARY: char = '_';
 
 /// NFKC, lower case, at most `max_chars` input characters, runs longer than two squashed.
 pub fn normalize(text: &str, max_chars: usize) -> String {
-    use unicode_normalization::{IsNormalized, is_nfkc_quick};
     let mut out = String::with_capacity(text.len().min(max_chars * 4));
+    normalize_into(text, max_chars, &mut out);
+    out
+}
+
+/// [`normalize`] into `out` (cleared first).
+fn normalize_into(text: &str, max_chars: usize, out: &mut String) {
+    use unicode_normalization::{IsNormalized, is_nfkc_quick};
+    out.clear();
     let (mut last, mut run) = ('\0', 0usize);
     let mut push = |c: char| {
         if c == last {
@@ -214,7 +272,6 @@ pub fn normalize(text: &str, max_chars: usize) -> String {
     } else {
         head().nfkc().for_each(&mut lower);
     }
-    out
 }
 
 fn is_hangul_syllable(c: char) -> bool {
@@ -230,12 +287,20 @@ fn is_jamo(c: char) -> bool {
     matches!(c, '\u{1100}'..='\u{11FF}' | '\u{3131}'..='\u{318E}' | '\u{A960}'..='\u{A97F}' | '\u{D7B0}'..='\u{D7FF}')
 }
 
-fn ngrams(s: &[char], min: usize, max: usize, mut f: impl FnMut(&[char])) {
-    for n in min..=max {
-        for gram in s.windows(n) {
-            // A gram made only of boundaries says nothing.
-            if gram.iter().any(|&c| c != BOUNDARY) {
-                f(gram);
+/// Emits the hash of every `min..=max`-gram of `s` under `family`, except grams made only of
+/// boundaries (they say nothing). The grams starting at one position share their prefix, and
+/// FNV-1a is computed left to right, so each position hashes its longest gram once and emits
+/// the shorter ones on the way: `hash(family, gram)` for each, in another order than gram
+/// length by gram length, which the counts do not see.
+fn hashed_ngrams(s: &[char], family: u8, min: usize, max: usize, emit: &mut impl FnMut(u32)) {
+    for start in 0..s.len() {
+        let mut h = fnv_start(family);
+        let mut informative = false;
+        for (len, &c) in (1..=max).zip(&s[start..]) {
+            h = fnv_char(h, c);
+            informative |= c != BOUNDARY;
+            if len >= min && informative {
+                emit(h);
             }
         }
     }
@@ -332,18 +397,22 @@ fn length_bucket(n: u32) -> char {
     }
 }
 
-/// FNV-1a over the family tag and the code points: stable across platforms and releases.
+/// FNV-1a over the family tag and the code points (each as 4 little-endian bytes): stable
+/// across platforms and releases.
 fn hash(family: u8, gram: &[char]) -> u32 {
-    let mut h: u32 = 0x811c_9dc5;
-    let mut feed = |b: u8| {
-        h ^= u32::from(b);
-        h = h.wrapping_mul(0x0100_0193);
-    };
-    feed(family);
-    for &c in gram {
-        for b in (c as u32).to_le_bytes() {
-            feed(b);
-        }
+    gram.iter().fold(fnv_start(family), |h, &c| fnv_char(h, c))
+}
+
+const FNV_OFFSET: u32 = 0x811c_9dc5;
+const FNV_PRIME: u32 = 0x0100_0193;
+
+fn fnv_start(family: u8) -> u32 {
+    (FNV_OFFSET ^ u32::from(family)).wrapping_mul(FNV_PRIME)
+}
+
+fn fnv_char(mut h: u32, c: char) -> u32 {
+    for b in (c as u32).to_le_bytes() {
+        h = (h ^ u32::from(b)).wrapping_mul(FNV_PRIME);
     }
     h
 }
@@ -359,6 +428,108 @@ mod tests {
 
     fn cosine(a: &[f32], b: &[f32]) -> f32 {
         a.iter().zip(b).map(|(x, y)| x * y).sum()
+    }
+
+    /// The featurizer as first written (one hash per gram from scratch, fresh buffers, `%`):
+    /// the optimised [`Featurizer::featurize_into`] must give the same bits.
+    fn reference(fz: &Featurizer, text: &str) -> Vec<f32> {
+        fn ngrams(s: &[char], min: usize, max: usize, mut f: impl FnMut(&[char])) {
+            for n in min..=max {
+                for gram in s.windows(n) {
+                    if gram.iter().any(|&c| c != BOUNDARY) {
+                        f(gram);
+                    }
+                }
+            }
+        }
+        fn fnv(family: u8, gram: &[char]) -> u32 {
+            let mut h: u32 = 0x811c_9dc5;
+            let mut feed = |b: u8| {
+                h ^= u32::from(b);
+                h = h.wrapping_mul(0x0100_0193);
+            };
+            feed(family);
+            for &c in gram {
+                for b in (c as u32).to_le_bytes() {
+                    feed(b);
+                }
+            }
+            h
+        }
+        let buckets = fz.config.buckets;
+        let mut out = vec![0.0f32; fz.dim()];
+        let mut emit =
+            |family: u8, gram: &[char]| out[(fnv(family, gram) % buckets) as usize] += 1.0;
+        let normalized = normalize(text, fz.config.max_chars as usize);
+        let mut chars = vec![BOUNDARY];
+        let (mut n_words, mut n_chars) = (0u32, 0u32);
+        let mut word_start = None;
+        for c in normalized.chars().chain(std::iter::once(' ')) {
+            if is_word_char(c) {
+                word_start.get_or_insert(chars.len());
+                chars.push(c);
+                continue;
+            }
+            if let Some(start) = word_start.take() {
+                emit(b'w', &chars[start..]);
+                n_words += 1;
+                n_chars += (chars.len() - start) as u32;
+                chars.push(BOUNDARY);
+            }
+            if !c.is_whitespace() {
+                emit(b'p', &[c]);
+            }
+        }
+        ngrams(&chars, 1, 3, |g| emit(b'c', g));
+        let (mut jamo, mut initials) = (Vec::new(), Vec::new());
+        for &c in &chars {
+            decompose(c, &mut jamo, &mut initials);
+        }
+        ngrams(&jamo, 2, 4, |g| emit(b'j', g));
+        ngrams(&initials, 2, 3, |g| emit(b'i', g));
+        emit(b'l', &[char::from(b'c'), length_bucket(n_chars)]);
+        emit(b'l', &[char::from(b'w'), length_bucket(n_words)]);
+        let mut norm = 0.0f32;
+        for v in out.iter_mut().filter(|v| **v > 0.0) {
+            *v = 1.0 + v.ln();
+            norm += *v * *v;
+        }
+        if norm > 0.0 {
+            let inv = norm.sqrt().recip();
+            out.iter_mut().for_each(|v| *v *= inv);
+        }
+        out
+    }
+
+    #[test]
+    fn every_committed_intent_line_featurizes_as_the_reference_does() {
+        let fz = f();
+        // Also a bucket count that is not a power of two (the `%` path).
+        let odd = Featurizer::new(FeaturizerConfig {
+            buckets: 3000,
+            ..FeaturizerConfig::default()
+        })
+        .expect("valid config");
+        let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/intent/data");
+        let mut lines = 0;
+        for split in ["train", "dev", "test"] {
+            let text = std::fs::read_to_string(data.join(format!("{split}.jsonl")))
+                .expect("the intent data is committed");
+            for line in text.lines() {
+                let v: serde_json::Value = serde_json::from_str(line).expect("valid JSON line");
+                let t = v["text"].as_str().expect("a text field");
+                assert_eq!(fz.featurize(t), reference(&fz, t), "{t:?}");
+                if lines % 7 == 0 {
+                    assert_eq!(
+                        odd.featurize(t),
+                        reference(&odd, t),
+                        "{t:?} at 3000 buckets"
+                    );
+                }
+                lines += 1;
+            }
+        }
+        assert!(lines > 30_000, "{lines} lines");
     }
 
     #[test]
@@ -479,6 +650,12 @@ mod tests {
             prop_assert!(v.iter().all(|x| x.is_finite() && *x >= 0.0));
             let norm: f32 = v.iter().map(|x| x * x).sum();
             prop_assert!((norm - 1.0).abs() < 1e-4, "norm {}", norm);
+        }
+
+        #[test]
+        fn featurize_equals_the_reference(s in any::<String>()) {
+            let fz = f();
+            prop_assert_eq!(fz.featurize(&s), reference(&fz, &s));
         }
 
         #[test]
