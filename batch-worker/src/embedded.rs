@@ -257,6 +257,25 @@ enum Slot {
     Pending(usize),
 }
 
+/// A micro-batch on its way to the model thread: its items and feature rows, of which the
+/// first `featurized` are filled (the model thread fills the rest).
+struct ToModel {
+    items: Vec<InputItem>,
+    features: Vec<f32>,
+    featurized: usize,
+}
+
+/// A micro-batch's results, its feature buffer for reuse, and how long the model thread had
+/// waited for it.
+struct FromModel {
+    result: Result<Vec<Encoded>, EngineError>,
+    features: Vec<f32>,
+    idle: Duration,
+}
+
+/// How far the featurizing share moves per micro-batch.
+const BALANCE_STEP: f64 = 1.0 / 64.0;
+
 /// One output line as JSON.
 struct Encoded {
     json: String,
@@ -469,25 +488,43 @@ pub fn run<P: Processor + Send>(
     // the run stops is redone by the next run, like one cut short by a signal.
     let featurizer = processor.featurizer();
     std::thread::scope(|scope| -> Result<(), RunError> {
-        let (to_model, model_in) = std::sync::mpsc::sync_channel::<(Vec<InputItem>, Vec<f32>)>(1);
-        let (model_out, from_model) = std::sync::mpsc::sync_channel(1);
+        let (to_model, model_in) = std::sync::mpsc::sync_channel::<ToModel>(1);
+        let (model_out, from_model) = std::sync::mpsc::sync_channel::<FromModel>(1);
         let model = &mut processor;
         scope.spawn(move || {
-            for (items, features) in model_in {
+            let mut waiting = Instant::now();
+            for mut batch in model_in {
+                let idle = waiting.elapsed();
                 let result = match featurizer {
-                    Some(_) => model.process_features(&items, &features),
-                    None => model.process(&items),
+                    Some(f) => {
+                        let rows = batch.features.chunks_mut(f.dim()).zip(&batch.items);
+                        for (row, item) in rows.skip(batch.featurized) {
+                            f.featurize_into(&item.input, row);
+                        }
+                        model.process_features(&batch.items, &batch.features)
+                    }
+                    None => model.process(&batch.items),
                 }
                 // Encoded here, where it overlaps the reading thread's work.
                 .map(|lines| lines.iter().map(Encoded::new).collect::<Vec<_>>());
                 // The feature buffer goes back to be filled again (no 4 MB allocation and
                 // page faults per micro-batch).
-                if model_out.send((result, features)).is_err() {
+                let back = FromModel {
+                    result,
+                    features: batch.features,
+                    idle,
+                };
+                if model_out.send(back).is_err() {
                     break;
                 }
+                waiting = Instant::now();
             }
         });
         let mut spare: Vec<Vec<f32>> = Vec::new();
+        // The share of each micro-batch's rows featurized here; the model thread does the rest
+        // before its run. Moved a step per micro-batch towards the thread that waited less, so
+        // neither idles (2 CPU cores: ~0.8, which ran 13 % faster than 1.0).
+        let mut share = 0.8f64;
         let model_stopped = || {
             RunError::Engine(EngineError::Invalid(
                 "the inference thread stopped unexpectedly".into(),
@@ -500,22 +537,38 @@ pub fn run<P: Processor + Send>(
                 let batch = input.read_batch(batch_size)?;
                 eof = batch.eof;
                 let mut features = spare.pop().unwrap_or_default();
+                let mut featurized = 0;
                 if let Some(f) = &featurizer {
                     features.resize(batch.items.len() * f.dim(), 0.0);
-                    for (item, row) in batch.items.iter().zip(features.chunks_mut(f.dim())) {
+                    featurized = (batch.items.len() as f64 * share).round() as usize;
+                    let rows = batch.items.iter().zip(features.chunks_mut(f.dim()));
+                    for (item, row) in rows.take(featurized) {
                         f.featurize_into(&item.input, row);
                     }
                 }
-                to_model
-                    .send((batch.items, features))
-                    .map_err(|_| model_stopped())?;
+                let batch_out = ToModel {
+                    items: batch.items,
+                    features,
+                    featurized,
+                };
+                to_model.send(batch_out).map_err(|_| model_stopped())?;
                 in_flight.push_back((batch.slots, batch.bytes));
             }
             let Some((slots, batch_bytes)) = in_flight.pop_front() else {
+                tracing::debug!(share, "share of featurizing on the reading thread");
                 return Ok(());
             };
-            let (result, features) = from_model.recv().map_err(|_| model_stopped())?;
-            spare.push(features);
+            let waiting = Instant::now();
+            let back = from_model.recv().map_err(|_| model_stopped())?;
+            let waited = waiting.elapsed();
+            share = if back.idle > waited {
+                share - BALANCE_STEP
+            } else {
+                share + BALANCE_STEP
+            }
+            .clamp(0.0, 1.0);
+            spare.push(back.features);
+            let result = back.result;
             let mut results = match result {
                 Ok(r) => r.into_iter().map(Some).collect::<Vec<_>>(),
                 // A signal stopped the micro-batch mid-way: commit what came before it; the

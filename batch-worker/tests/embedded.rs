@@ -68,14 +68,15 @@ fn next(state: &mut u64) -> u64 {
 fn embedded_run_survives_repeated_sigkill_and_equals_an_uninterrupted_run() {
     let dir = scratch("sigkill");
     let input = dir.join("in.jsonl");
-    write_input(&input, 120_000);
+    // Big enough that twelve kills land before a run ends: ~1.6 s of work at 250k items/s.
+    write_input(&input, 400_000);
 
     let reference = run_to_end(
         &input,
         &dir.join("reference.jsonl"),
         &["--batch-size", "64"],
     );
-    assert_eq!(reference.lines().count(), 120_000);
+    assert_eq!(reference.lines().count(), 400_000);
 
     let output = dir.join("out.jsonl");
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
@@ -90,7 +91,7 @@ fn embedded_run_survives_repeated_sigkill_and_equals_an_uninterrupted_run() {
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn");
-        std::thread::sleep(Duration::from_millis(30 + next(&mut rng) % 300));
+        std::thread::sleep(Duration::from_millis(20 + next(&mut rng) % 150));
         match child.try_wait().expect("try_wait") {
             Some(_) => break, // finished before the kill: the rest of the test still checks it
             None => {
@@ -207,4 +208,50 @@ fn checkpoint_of_another_input_is_refused() {
     let out = run(&input, &output, &[]).output().expect("runs");
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("belongs to another input"));
+}
+
+/// `run` featurizes each micro-batch on two threads (a share on the reading thread, the rest
+/// on the model thread) into recycled buffers; every line must still be what the classifier
+/// gives that text on its own path.
+#[test]
+fn classify_run_gives_each_line_what_the_classifier_gives_its_text() {
+    use batch_worker::engine::{Classifier, Device};
+    let dir = scratch("classify-rows");
+    let (input, output) = (dir.join("in.jsonl"), dir.join("out.jsonl"));
+    // Texts of every length in one micro-batch after another: a row that kept values of the
+    // text it held before would show.
+    let mut texts = common::test_split_texts();
+    texts.truncate(2000);
+    texts.sort_by_key(|t| std::cmp::Reverse(t.len() * 7919 % 1000));
+    let lines: Vec<String> = texts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| serde_json::json!({"custom_id": format!("c{i}"), "input": t}).to_string())
+        .collect();
+    std::fs::write(&input, lines.join("\n") + "\n").expect("write input");
+    let got = run_to_end(&input, &output, &["--batch-size", "96"]);
+
+    let mut clf = Classifier::load(Path::new(common::INTENT_DIR), Device::Cpu, 0)
+        .expect("ORT loads the model");
+    let mut n = 0;
+    for (i, (line, text)) in got.lines().zip(&texts).enumerate() {
+        let v: serde_json::Value = serde_json::from_str(line).expect("JSON line");
+        assert_eq!(v["custom_id"], format!("c{i}"));
+        let want = &clf.classify(&[text.as_str()]).expect("ORT runs")[0];
+        let out = &v["output"];
+        assert_eq!(out["intent"], want.intent.as_str(), "{text:?}");
+        assert_eq!(
+            out["route"],
+            serde_json::to_value(want.route).expect("route"),
+            "{text:?}"
+        );
+        let conf = out["confidence"].as_f64().expect("confidence");
+        assert!(
+            (conf - f64::from(want.confidence)).abs() < 1e-5,
+            "{text:?}: {conf} vs {}",
+            want.confidence
+        );
+        n += 1;
+    }
+    assert_eq!(n, texts.len());
 }
