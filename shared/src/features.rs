@@ -139,29 +139,9 @@ impl Featurizer {
 
         normalize_into(text, self.config.max_chars as usize, normalized);
 
-        // Words (split on whitespace and punctuation), and the character stream with one `_`
-        // between words and at both ends. Punctuation and emoji carry signal too (`?` vs `!`,
-        // 👋 vs 🙏): they are kept as grams of their own.
-        chars.clear();
-        chars.push(BOUNDARY);
-        let (mut n_words, mut n_chars) = (0u32, 0u32);
-        let mut word_start = None;
-        for c in normalized.chars().chain(std::iter::once(' ')) {
-            if is_word_char(c) {
-                word_start.get_or_insert(chars.len());
-                chars.push(c);
-                continue;
-            }
-            if let Some(start) = word_start.take() {
-                emit(hash(b'w', &chars[start..]));
-                n_words += 1;
-                n_chars += (chars.len() - start) as u32;
-                chars.push(BOUNDARY);
-            }
-            if !c.is_whitespace() {
-                emit(hash(b'p', &[c]));
-            }
-        }
+        let (n_words, n_chars) = split_words(normalized, chars, |family, gram| {
+            emit(hash(family, gram));
+        });
         hashed_ngrams(chars, b'c', 1, 3, &mut emit);
 
         jamo.clear();
@@ -233,6 +213,38 @@ thread_local! {
 }
 
 const BOUNDARY: char = '_';
+
+/// Words (split on whitespace and punctuation) and the character stream with one `_` between
+/// words and at both ends, into `chars` (cleared first). Each word is emitted as a `w` gram, and
+/// each punctuation mark or emoji as a `p` gram of its own: they carry signal too (`?` vs `!`,
+/// 👋 vs 🙏). Returns (words, characters in words).
+fn split_words(
+    normalized: &str,
+    chars: &mut Vec<char>,
+    mut emit: impl FnMut(u8, &[char]),
+) -> (u32, u32) {
+    chars.clear();
+    chars.push(BOUNDARY);
+    let (mut n_words, mut n_chars) = (0u32, 0u32);
+    let mut word_start = None;
+    for c in normalized.chars().chain(std::iter::once(' ')) {
+        if is_word_char(c) {
+            word_start.get_or_insert(chars.len());
+            chars.push(c);
+            continue;
+        }
+        if let Some(start) = word_start.take() {
+            emit(b'w', &chars[start..]);
+            n_words += 1;
+            n_chars += (chars.len() - start) as u32;
+            chars.push(BOUNDARY);
+        }
+        if !c.is_whitespace() {
+            emit(b'p', &[c]);
+        }
+    }
+    (n_words, n_chars)
+}
 
 /// NFKC, lower case, at most `max_chars` input characters, runs longer than two squashed.
 pub fn normalize(text: &str, max_chars: usize) -> String {
@@ -430,8 +442,10 @@ mod tests {
         a.iter().zip(b).map(|(x, y)| x * y).sum()
     }
 
-    /// The featurizer as first written (one hash per gram from scratch, fresh buffers, `%`):
-    /// the optimised [`Featurizer::featurize_into`] must give the same bits.
+    /// The featurizer as first written (one hash per gram from scratch, fresh buffers, `%`,
+    /// `ln` per bucket, dense passes): the optimised [`Featurizer::featurize_into`] must give
+    /// the same bits. It shares normalisation, word splitting and jamo decomposition, which
+    /// the optimisation left as they were.
     fn reference(fz: &Featurizer, text: &str) -> Vec<f32> {
         fn ngrams(s: &[char], min: usize, max: usize, mut f: impl FnMut(&[char])) {
             for n in min..=max {
@@ -461,25 +475,9 @@ mod tests {
         let mut emit =
             |family: u8, gram: &[char]| out[(fnv(family, gram) % buckets) as usize] += 1.0;
         let normalized = normalize(text, fz.config.max_chars as usize);
-        let mut chars = vec![BOUNDARY];
-        let (mut n_words, mut n_chars) = (0u32, 0u32);
-        let mut word_start = None;
-        for c in normalized.chars().chain(std::iter::once(' ')) {
-            if is_word_char(c) {
-                word_start.get_or_insert(chars.len());
-                chars.push(c);
-                continue;
-            }
-            if let Some(start) = word_start.take() {
-                emit(b'w', &chars[start..]);
-                n_words += 1;
-                n_chars += (chars.len() - start) as u32;
-                chars.push(BOUNDARY);
-            }
-            if !c.is_whitespace() {
-                emit(b'p', &[c]);
-            }
-        }
+        // Word splitting is shared: the optimisation did not touch it.
+        let mut chars = Vec::new();
+        let (n_words, n_chars) = split_words(&normalized, &mut chars, &mut emit);
         ngrams(&chars, 1, 3, |g| emit(b'c', g));
         let (mut jamo, mut initials) = (Vec::new(), Vec::new());
         for &c in &chars {
