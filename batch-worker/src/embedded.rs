@@ -273,6 +273,13 @@ struct FromModel {
     idle: Duration,
 }
 
+/// The rows of `items` into `rows` (`items.len() × dim`).
+fn featurize_rows(f: &Featurizer, items: &[InputItem], rows: &mut [f32]) {
+    for (item, row) in items.iter().zip(rows.chunks_mut(f.dim())) {
+        f.featurize_into(&item.input, row);
+    }
+}
+
 /// How far the featurizing share moves per micro-batch.
 const BALANCE_STEP: f64 = 1.0 / 64.0;
 
@@ -497,10 +504,8 @@ pub fn run<P: Processor + Send>(
                 let idle = waiting.elapsed();
                 let result = match featurizer {
                     Some(f) => {
-                        let rows = batch.features.chunks_mut(f.dim()).zip(&batch.items);
-                        for (row, item) in rows.skip(batch.featurized) {
-                            f.featurize_into(&item.input, row);
-                        }
+                        let (done, rest) = (batch.featurized, batch.featurized * f.dim());
+                        featurize_rows(&f, &batch.items[done..], &mut batch.features[rest..]);
                         model.process_features(&batch.items, &batch.features)
                     }
                     None => model.process(&batch.items),
@@ -541,10 +546,8 @@ pub fn run<P: Processor + Send>(
                 if let Some(f) = &featurizer {
                     features.resize(batch.items.len() * f.dim(), 0.0);
                     featurized = (batch.items.len() as f64 * share).round() as usize;
-                    let rows = batch.items.iter().zip(features.chunks_mut(f.dim()));
-                    for (item, row) in rows.take(featurized) {
-                        f.featurize_into(&item.input, row);
-                    }
+                    let head = featurized * f.dim();
+                    featurize_rows(f, &batch.items[..featurized], &mut features[..head]);
                 }
                 let batch_out = ToModel {
                     items: batch.items,
@@ -568,8 +571,7 @@ pub fn run<P: Processor + Send>(
             }
             .clamp(0.0, 1.0);
             spare.push(back.features);
-            let result = back.result;
-            let mut results = match result {
+            let mut results = match back.result {
                 Ok(r) => r.into_iter().map(Some).collect::<Vec<_>>(),
                 // A signal stopped the micro-batch mid-way: commit what came before it; the
                 // batch itself is redone by the next run.
