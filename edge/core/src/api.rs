@@ -109,10 +109,7 @@ impl App {
     /// (never the message text).
     pub async fn handle(&self, p: &impl Platform, req: Request) -> Response {
         let start = p.now_ms();
-        let request_id = match req.header("x-request-id") {
-            Some(id) if valid_request_id(id) => id.to_owned(),
-            _ => random_hex(p, 8),
-        };
+        let request_id = request_id(p, &req);
         let mut trace = Trace::default();
         let response = match self.route(p, &req, &mut trace).await {
             Ok(r) => r,
@@ -923,6 +920,15 @@ fn optional_str<'a>(m: &'a Map<String, Value>, field: &str) -> Result<Option<&'a
             .as_str()
             .map(Some)
             .ok_or_else(|| type_error(field, "a string")),
+    }
+}
+
+/// The request's `x-request-id` if it is a usable one (1–128 of `[A-Za-z0-9._-]`), else a new
+/// random one: what every response carries.
+pub fn request_id(p: &impl Platform, req: &Request) -> String {
+    match req.header("x-request-id") {
+        Some(id) if valid_request_id(id) => id.to_owned(),
+        _ => random_hex(p, 8),
     }
 }
 

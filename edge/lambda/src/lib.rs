@@ -1,6 +1,8 @@
 //! The edge on AWS Lambda: [`handle`] converts a `lambda_http` request, serves it with the
-//! same [`edge_core::App`] as the Worker, and converts the answer back. [`Native`] is the
-//! platform on plain Rust (reqwest, ring, tokio), also used by the emulator tests.
+//! same [`edge_core::App`] as the Worker, and converts the answer back. `GET /` is the demo
+//! page, built into the binary (the Worker serves the same file as a static asset).
+//! [`Native`] is the platform on plain Rust (reqwest, ring, tokio), also used by the emulator
+//! tests.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -89,6 +91,26 @@ impl Platform for Native {
     }
 }
 
+/// `edge/assets/index.html`: the demo page, one self-contained file.
+pub const DEMO_PAGE: &str = include_str!("../../assets/index.html");
+
+fn demo_page(
+    platform: &Native,
+    req: &edge_core::Request,
+) -> Result<Response<Body>, lambda_http::Error> {
+    let body = if req.method == "HEAD" {
+        Body::Empty
+    } else {
+        Body::Text(DEMO_PAGE.to_owned())
+    };
+    Ok(Response::builder()
+        .status(200)
+        .header("content-type", "text/html; charset=utf-8")
+        .header("cache-control", "no-cache")
+        .header("x-request-id", edge_core::api::request_id(platform, req))
+        .body(body)?)
+}
+
 /// Serves one Lambda HTTP event. The core's futures are not `Send` (a Worker isolate is
 /// single-threaded), so each request runs on a blocking thread that drives it to completion.
 pub async fn handle(
@@ -110,6 +132,9 @@ pub async fn handle(
             .collect(),
         body: body.to_vec(),
     };
+    if req.path == "/" && matches!(req.method.as_str(), "GET" | "HEAD") {
+        return demo_page(&platform, &req);
+    }
     let rt = tokio::runtime::Handle::current();
     let res = tokio::task::spawn_blocking(move || rt.block_on(app.handle(&platform, req))).await?;
     let mut builder = Response::builder().status(res.status);

@@ -120,3 +120,45 @@ async fn errors_and_queries_pass_through() {
         (503, Some("store_unavailable"))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_serves_the_demo_page() {
+    let page =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../assets/index.html"))
+            .expect("edge/assets/index.html");
+    let r = handle(app(), Native::new(), event("GET", "/", "", json!({}), None))
+        .await
+        .expect("handler answers");
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(
+        r.headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok()),
+        Some("text/html; charset=utf-8")
+    );
+    assert!(r.headers().get("x-request-id").is_some());
+    match r.body() {
+        lambda_http::Body::Text(t) => assert_eq!(t, &page),
+        other => panic!("expected the page as text, got {other:?}"),
+    }
+
+    // A caller's usable request id is kept, as on every other route.
+    let ev = event("HEAD", "/", "", json!({"x-request-id": "trace-42"}), None);
+    let r = handle(app(), Native::new(), ev)
+        .await
+        .expect("handler answers");
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(
+        r.headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok()),
+        Some("trace-42")
+    );
+    assert!(matches!(r.body(), lambda_http::Body::Empty));
+
+    // Only GET and HEAD: anything else at `/` is the API's JSON error.
+    let (status, body, h) = call(event("POST", "/", "", json!({}), None)).await;
+    assert!(status == 404 || status == 405, "{status} {body}");
+    assert!(body["error"]["code"].is_string(), "{body}");
+    assert!(h.get("x-request-id").is_some());
+}
