@@ -6,6 +6,7 @@ use std::sync::Arc;
 use edge_core::auth::entry;
 use edge_core::{App, Config};
 use edge_lambda::{Native, handle};
+use lambda_http::Body;
 use serde_json::{Value, json};
 
 fn app() -> Arc<App> {
@@ -121,40 +122,40 @@ async fn errors_and_queries_pass_through() {
     );
 }
 
+/// GET or HEAD `/` with `headers`: (status, the header `name`, the body).
+async fn root(method: &str, headers: Value, name: &str) -> (u16, Option<String>, Body) {
+    let r = handle(app(), Native::new(), event(method, "/", "", headers, None))
+        .await
+        .expect("handler answers");
+    let header = r.headers().get(name).and_then(|v| v.to_str().ok());
+    (
+        r.status().as_u16(),
+        header.map(str::to_owned),
+        r.into_body(),
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn root_serves_the_demo_page() {
     let page =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../assets/index.html"))
             .expect("edge/assets/index.html");
-    let r = handle(app(), Native::new(), event("GET", "/", "", json!({}), None))
-        .await
-        .expect("handler answers");
-    assert_eq!(r.status().as_u16(), 200);
-    assert_eq!(
-        r.headers()
-            .get("content-type")
-            .and_then(|v| v.to_str().ok()),
-        Some("text/html; charset=utf-8")
-    );
-    assert!(r.headers().get("x-request-id").is_some());
-    match r.body() {
-        lambda_http::Body::Text(t) => assert_eq!(t, &page),
+    let (status, content_type, body) = root("GET", json!({}), "content-type").await;
+    assert_eq!(status, 200);
+    assert_eq!(content_type.as_deref(), Some("text/html; charset=utf-8"));
+    match body {
+        Body::Text(t) => assert_eq!(t, page),
         other => panic!("expected the page as text, got {other:?}"),
     }
+    let (_, request_id, _) = root("GET", json!({}), "x-request-id").await;
+    assert!(request_id.is_some_and(|id| id.len() == 16));
 
-    // A caller's usable request id is kept, as on every other route.
-    let ev = event("HEAD", "/", "", json!({"x-request-id": "trace-42"}), None);
-    let r = handle(app(), Native::new(), ev)
-        .await
-        .expect("handler answers");
-    assert_eq!(r.status().as_u16(), 200);
-    assert_eq!(
-        r.headers()
-            .get("x-request-id")
-            .and_then(|v| v.to_str().ok()),
-        Some("trace-42")
-    );
-    assert!(matches!(r.body(), lambda_http::Body::Empty));
+    // A caller's usable request id is kept, as on every other route; HEAD has no body.
+    let (status, request_id, body) =
+        root("HEAD", json!({"x-request-id": "trace-42"}), "x-request-id").await;
+    assert_eq!(status, 200);
+    assert_eq!(request_id.as_deref(), Some("trace-42"));
+    assert!(matches!(body, Body::Empty));
 
     // Only GET and HEAD: anything else at `/` is the API's JSON error.
     let (status, body, h) = call(event("POST", "/", "", json!({}), None)).await;
