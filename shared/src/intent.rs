@@ -44,6 +44,16 @@ pub fn expected_route(intent: &str) -> Route {
     }
 }
 
+/// Whether the edge's reply for `answered` is a right answer to a message whose intent is
+/// `actual`: the same intent, or a thank-you and a farewell, which are both closing turns.
+/// "Thanks, bye" is labelled `goodbye` and often read as `thanks`; "you're welcome, ask me any
+/// time" answers it as well as "bye, see you next time" does, and either answers a bare
+/// "thanks!" harmlessly. Training calibrates the thresholds with this rule.
+pub fn reply_fits(answered: &str, actual: &str) -> bool {
+    const CLOSING: [&str; 2] = ["thanks", "goodbye"];
+    answered == actual || (CLOSING.contains(&answered) && CLOSING.contains(&actual))
+}
+
 /// `models/intent/model.json`: everything needed to use `model.onnx`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -236,6 +246,17 @@ mod tests {
             metrics: BTreeMap::new(),
         };
         Policy::new(meta).expect("valid meta")
+    }
+
+    #[test]
+    fn only_closing_turns_answer_each_other() {
+        assert!(reply_fits("thanks", "thanks"));
+        assert!(reply_fits("thanks", "goodbye"));
+        assert!(reply_fits("goodbye", "thanks"));
+        assert!(!reply_fits("greeting", "goodbye"));
+        assert!(!reply_fits("help", "identity"));
+        assert!(!reply_fits("thanks", OTHER));
+        assert!(!reply_fits("goodbye", OTHER));
     }
 
     #[test]
