@@ -575,7 +575,6 @@ fn accuracy(mlp: &Mlp, split: &[Example]) -> f64 {
 /// the dev split are at least `TARGET_PRECISION` right: the message's own intent, or one whose
 /// reply fits it ([`reply_fits`]: thanks and goodbye answer each other), not just "trivial".
 fn calibrate(mlp: &Mlp, dev: &[Example]) -> BTreeMap<String, f32> {
-    let mut out = BTreeMap::new();
     let preds: Vec<(usize, f32, usize)> = dev
         .iter()
         .map(|e| {
@@ -584,6 +583,12 @@ fn calibrate(mlp: &Mlp, dev: &[Example]) -> BTreeMap<String, f32> {
             (k, p[k], e.y)
         })
         .collect();
+    thresholds(&preds)
+}
+
+/// [`calibrate`] over `(predicted label, its probability, true label)` triples.
+fn thresholds(preds: &[(usize, f32, usize)]) -> BTreeMap<String, f32> {
+    let mut out = BTreeMap::new();
     for (c, name) in LABELS
         .iter()
         .enumerate()
@@ -707,4 +712,53 @@ fn export_onnx(mlp: &Mlp, featurizer: FeaturizerConfig) -> anyhow::Result<Vec<u8
         ..Default::default()
     };
     Ok(model.encode_to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn label(name: &str) -> usize {
+        LABELS.iter().position(|&l| l == name).expect("a label")
+    }
+
+    /// 300 right `thanks` answers from 0.99 down to 0.70, plus `extra`.
+    fn thanks_threshold(extra: &[(f32, &str)]) -> f32 {
+        let thanks = label("thanks");
+        let mut preds: Vec<_> = (0..300)
+            .map(|i| (thanks, 0.99 - i as f32 * 0.001, thanks))
+            .collect();
+        preds.extend(extra.iter().map(|&(p, y)| (thanks, p, label(y))));
+        thresholds(&preds)["thanks"]
+    }
+
+    #[test]
+    fn queued_messages_read_as_thanks_raise_the_threshold() {
+        assert!((thanks_threshold(&[]) - 0.691).abs() < 1e-4);
+        // Three mistakes at 0.7505, below 240 right answers: a cut with one of them holds
+        // 99.3 % (240 of 241), one with two does not (240 of 242), nor any lower one (300 of
+        // 303 at best).
+        let raised = thanks_threshold(&[(0.7505, OTHER); 3]);
+        assert!((raised - 0.7505).abs() < 1e-6, "{raised}");
+    }
+
+    #[test]
+    fn farewells_read_as_thanks_do_not() {
+        let clean = thanks_threshold(&[]);
+        assert_eq!(thanks_threshold(&[(0.7505, "goodbye"); 3]), clean);
+        // Any other trivial intent does.
+        let greetings = thanks_threshold(&[(0.7505, "greeting"); 3]);
+        assert!((greetings - 0.7505).abs() < 1e-6, "{greetings}");
+    }
+
+    #[test]
+    fn no_threshold_is_below_the_floor() {
+        let thanks = label("thanks");
+        let preds: Vec<_> = (0..100)
+            .map(|i| (thanks, 0.5 - i as f32 * 0.001, thanks))
+            .collect();
+        assert_eq!(thresholds(&preds)["thanks"], MIN_THRESHOLD);
+        // An intent never predicted gets 1.0: the edge does not answer it.
+        assert_eq!(thresholds(&preds)["greeting"], 1.0);
+    }
 }
