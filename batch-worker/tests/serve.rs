@@ -15,11 +15,12 @@ use serde_json::{Value, json};
 use shared::firestore;
 use shared::jobs::{
     Counts, JOBS_COLLECTION, JobKind, JobMessage, JobRecord, JobStatus, SHARDS_COLLECTION,
-    ShardRecord, TIMESTAMP_FIELDS,
+    ShardRecord,
 };
 use shared::wire::{InputItem, Task};
 use stack::emulators::Emulators;
 use stack::gcp::{Firestore, PubSub, Topology};
+use stack::jobs::Jobs;
 use stack::worker::WorkerConfig;
 
 const BIN: &str = env!("CARGO_BIN_EXE_batch-worker");
@@ -80,30 +81,23 @@ impl<'a> World<'a> {
         self.fx.dir.join(&self.name).join(file)
     }
 
+    fn jobs(&self) -> Jobs {
+        Jobs {
+            ps: self.ps.clone(),
+            fs: self.fs.clone(),
+            topology: self.t.clone(),
+        }
+    }
+
     /// Creates the job record as the edge does, then publishes its shard messages.
     async fn submit(&self, job_id: &str, shards: &[Vec<InputItem>]) -> anyhow::Result<()> {
-        let total = shards.iter().map(Vec::len).sum::<usize>() as u64;
-        self.create_record(job_id, total, shards.len() as u32, None)
-            .await?;
-        for (i, items) in shards.iter().enumerate() {
-            self.publish(&JobMessage {
-                job_id: job_id.into(),
-                kind: JobKind::Batch,
-                task: Task::Classify,
-                shard: i as u32,
-                shards: shards.len() as u32,
-                items: items.clone(),
-                input_uri: None,
-                chat: None,
-            })
-            .await?;
-        }
-        Ok(())
+        self.jobs().submit(job_id, shards).await
     }
 
     /// A queued chat message, as the edge creates and publishes it.
     async fn submit_chat(&self, job_id: &str, message: &str) -> anyhow::Result<()> {
-        self.create_record_of(job_id, JobKind::Chat, Task::Generate, 1, 1, None)
+        self.jobs()
+            .create_record(job_id, JobKind::Chat, Task::Generate, 1, 1, None)
             .await?;
         let chat = shared::jobs::ChatRequest {
             message: message.into(),
@@ -119,76 +113,24 @@ impl<'a> World<'a> {
         shards: u32,
         input_uri: Option<String>,
     ) -> anyhow::Result<()> {
-        self.create_record_of(
-            job_id,
-            JobKind::Batch,
-            Task::Classify,
-            total,
-            shards,
-            input_uri,
-        )
-        .await
-    }
-
-    async fn create_record_of(
-        &self,
-        job_id: &str,
-        kind: JobKind,
-        task: Task,
-        total: u64,
-        shards: u32,
-        input_uri: Option<String>,
-    ) -> anyhow::Result<()> {
-        let now = shared::time::rfc3339(1_790_000_000_000);
-        let rec = JobRecord {
-            job_id: job_id.into(),
-            owner: "test".into(),
-            kind,
-            task,
-            status: JobStatus::Queued,
-            counts: Counts {
+        self.jobs()
+            .create_record(
+                job_id,
+                JobKind::Batch,
+                Task::Classify,
                 total,
-                done: 0,
-                failed: 0,
-            },
-            shards,
-            shards_done: 0,
-            created_at: now.clone(),
-            updated_at: now,
-            cancel_requested: false,
-            chat: None,
-            input_uri,
-            result: None,
-            output_uri: None,
-            error: None,
-            expire_at: None,
-        };
-        let doc = firestore::to_document(&rec, TIMESTAMP_FIELDS)?;
-        self.fs
-            .create(JOBS_COLLECTION, job_id, doc["fields"].clone())
-            .await?;
-        Ok(())
+                shards,
+                input_uri,
+            )
+            .await
     }
 
     async fn publish(&self, m: &JobMessage) -> anyhow::Result<()> {
-        self.ps
-            .publish(
-                &self.t.project,
-                &self.t.topic,
-                &serde_json::to_vec(m)?,
-                &[("job_id", &m.job_id)],
-            )
-            .await?;
-        Ok(())
+        self.jobs().publish(m).await
     }
 
     async fn job(&self, job_id: &str) -> anyhow::Result<JobRecord> {
-        let (fields, _) = self
-            .fs
-            .get(JOBS_COLLECTION, job_id)
-            .await?
-            .context("job record missing")?;
-        Ok(firestore::from_document(&json!({ "fields": fields }))?)
+        self.jobs().job(job_id).await
     }
 
     async fn shard(&self, job_id: &str, shard: u32) -> anyhow::Result<Option<ShardRecord>> {
@@ -509,7 +451,8 @@ async fn generation_answers_chat_and_batches(fx: &Fixture) -> anyhow::Result<()>
             input: t,
         })
         .collect();
-    w.create_record_of("gen-1", JobKind::Batch, Task::Generate, 40, 1, None)
+    w.jobs()
+        .create_record("gen-1", JobKind::Batch, Task::Generate, 40, 1, None)
         .await?;
     w.publish(&JobMessage {
         job_id: "gen-1".into(),

@@ -96,6 +96,44 @@ pub struct JobRecord {
     pub expire_at: Option<String>,
 }
 
+impl JobRecord {
+    /// A `queued` job as the edge writes it before publishing its messages: nothing done yet,
+    /// both timestamps `now` (RFC 3339), no expiry.
+    pub fn queued(
+        job_id: &str,
+        owner: &str,
+        kind: JobKind,
+        task: Task,
+        total: u64,
+        shards: u32,
+        now: &str,
+    ) -> Self {
+        Self {
+            job_id: job_id.to_owned(),
+            owner: owner.to_owned(),
+            kind,
+            task,
+            status: JobStatus::Queued,
+            counts: Counts {
+                total,
+                done: 0,
+                failed: 0,
+            },
+            shards,
+            shards_done: 0,
+            created_at: now.to_owned(),
+            updated_at: now.to_owned(),
+            cancel_requested: false,
+            chat: None,
+            input_uri: None,
+            result: None,
+            output_uri: None,
+            error: None,
+            expire_at: None,
+        }
+    }
+}
+
 /// What `GET /v1/jobs/{id}` shows: the record minus its internals.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct JobView {

@@ -7,6 +7,7 @@ pub mod chaos;
 pub mod emulators;
 pub mod gcp;
 pub mod google;
+pub mod jobs;
 pub mod load;
 pub mod metadata;
 pub mod prereq;

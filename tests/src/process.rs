@@ -118,6 +118,31 @@ impl Group {
         status
     }
 
+    /// CPU time (user + system, all threads) the group's leader has used so far, in seconds
+    /// (Linux `/proc`); 0 if it cannot be read.
+    pub fn cpu_seconds(&self) -> f64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // Fields after the parenthesised command: state is the 3rd field of the line, utime
+        // and stime the 14th and 15th.
+        let ticks: u64 = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| {
+                rest.split_whitespace()
+                    .skip(11)
+                    .take(2)
+                    .filter_map(|v| v.parse::<u64>().ok())
+                    .sum()
+            })
+            .unwrap_or(0);
+        // SAFETY: sysconf only reads a configuration value.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        if hz <= 0 {
+            return 0.0;
+        }
+        ticks as f64 / hz as f64
+    }
+
     /// Resident memory of every process in the group, in bytes (Linux `/proc`).
     pub fn rss_bytes(&self) -> u64 {
         let pgid = self.child.id() as i64;

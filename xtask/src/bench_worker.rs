@@ -80,14 +80,7 @@ pub fn measure(args: &Args) -> anyhow::Result<Report> {
     std::fs::create_dir_all(&dir)?;
 
     // Input: the intent splits, cycled, with unique ids.
-    let mut texts = Vec::new();
-    for split in ["train", "dev", "test"] {
-        let p = root().join(format!("models/intent/data/{split}.jsonl"));
-        for l in std::fs::read_to_string(&p)?.lines() {
-            let v: serde_json::Value = serde_json::from_str(l)?;
-            texts.push(v["text"].as_str().unwrap_or_default().to_owned());
-        }
-    }
+    let texts = intent_texts()?;
     let input = dir.join("items.jsonl");
     write_items(&input, &texts, args.items, "i")?;
 
@@ -148,6 +141,19 @@ pub fn measure(args: &Args) -> anyhow::Result<Report> {
         repeat: args.repeat.max(1),
         rows,
     })
+}
+
+/// The texts of the intent model's train, dev and test splits: the benchmarks' messages.
+pub fn intent_texts() -> anyhow::Result<Vec<String>> {
+    let mut texts = Vec::new();
+    for split in ["train", "dev", "test"] {
+        let p = root().join(format!("models/intent/data/{split}.jsonl"));
+        for l in std::fs::read_to_string(&p)?.lines() {
+            let v: serde_json::Value = serde_json::from_str(l)?;
+            texts.push(v["text"].as_str().unwrap_or_default().to_owned());
+        }
+    }
+    Ok(texts)
 }
 
 /// One `batch-worker run --device cpu` over `input` with `task_args` and `batch` as

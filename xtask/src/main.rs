@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_generate;
+mod bench_serve;
 mod bench_worker;
 mod chaos;
 mod cost;
@@ -45,6 +46,8 @@ enum Cmd {
     BenchEdge(bench::Args),
     /// Throughput of `batch-worker run --task classify` per micro-batch size, vs Python's onnxruntime
     BenchWorker(bench_worker::Args),
+    /// Throughput of `batch-worker serve` on one classify job through the emulators, vs `batch-worker run`
+    BenchServe(bench_serve::Args),
     /// Tokens/s of `batch-worker run --task generate` per static batch size, vs the same loop in Python's onnxruntime
     BenchGenerate(bench_generate::Args),
     /// The whole stack under SIGKILL, SIGTERM and a preemption notice: nothing lost or duplicated
@@ -73,6 +76,7 @@ fn main() -> ExitCode {
         Cmd::Load(a) => load::run(a),
         Cmd::BenchEdge(a) => bench::run(a),
         Cmd::BenchWorker(a) => bench_worker::run(a),
+        Cmd::BenchServe(a) => bench_serve::run(a),
         Cmd::BenchGenerate(a) => bench_generate::run(a),
         Cmd::Chaos(a) => chaos::run(a),
         Cmd::Fuzz(a) => fuzz::run(a),

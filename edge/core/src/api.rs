@@ -12,8 +12,8 @@ use sha2::{Digest, Sha256};
 use shared::firestore;
 use shared::intent::Route;
 use shared::jobs::{
-    ChatRequest, Counts, IDEMPOTENCY_COLLECTION, IDEMPOTENCY_TTL_MS, IdempotencyRecord, JOB_TTL_MS,
-    JOBS_COLLECTION, JobKind, JobMessage, JobRecord, JobStatus, JobView, TIMESTAMP_FIELDS,
+    ChatRequest, IDEMPOTENCY_COLLECTION, IDEMPOTENCY_TTL_MS, IdempotencyRecord, JOB_TTL_MS,
+    JOBS_COLLECTION, JobKind, JobMessage, JobRecord, JobView, TIMESTAMP_FIELDS,
 };
 use shared::time::{parse_rfc3339, rfc3339};
 use shared::wire::{InputItem, MAX_ITEM_CHARS, Task};
@@ -322,7 +322,7 @@ impl App {
                 message: masked,
                 locale: locale.as_str().to_owned(),
             };
-            let record = new_record(&job_id, owner, JobKind::Chat, Task::Generate, 1, 1, now);
+            let record = new_record(&job_id, owner, JobKind::Chat, Task::Generate, (1, 1), now);
             let record = JobRecord {
                 chat: Some(chat.clone()),
                 ..record
@@ -425,7 +425,7 @@ impl App {
             let shards = messages.first().map_or(0, |m| m.shards);
             let record = JobRecord {
                 input_uri: input_uri.clone(),
-                ..new_record(&job_id, owner, JobKind::Batch, task, total, shards, now)
+                ..new_record(&job_id, owner, JobKind::Batch, task, (total, shards), now)
             };
             self.enqueue(p, &record, &messages).await?;
             let url = format!("/v1/jobs/{job_id}");
@@ -758,37 +758,19 @@ fn fields(object: Value) -> Value {
     }
 }
 
+/// A new job's record: queued at `now`, expiring `JOB_TTL_MS` later.
 fn new_record(
     job_id: &str,
     owner: &str,
     kind: JobKind,
     task: Task,
-    total: u64,
-    shards: u32,
+    size: (u64, u32),
     now: u64,
 ) -> JobRecord {
+    let (total, shards) = size;
     JobRecord {
-        job_id: job_id.to_owned(),
-        owner: owner.to_owned(),
-        kind,
-        task,
-        status: JobStatus::Queued,
-        counts: Counts {
-            total,
-            done: 0,
-            failed: 0,
-        },
-        shards,
-        shards_done: 0,
-        created_at: rfc3339(now),
-        updated_at: rfc3339(now),
-        cancel_requested: false,
-        chat: None,
-        input_uri: None,
-        result: None,
-        output_uri: None,
-        error: None,
         expire_at: Some(rfc3339(now + JOB_TTL_MS)),
+        ..JobRecord::queued(job_id, owner, kind, task, total, shards, &rfc3339(now))
     }
 }
 
