@@ -106,9 +106,29 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 pub fn measure(args: &Args) -> anyhow::Result<Report> {
     ensure!(
-        args.items > 0 && args.shards > 0 && args.batch_size > 0,
-        "--items, --shards and --batch-size must be at least 1"
+        args.items > 0 && args.shards > 0 && args.batch_size > 0 && args.repeat > 0,
+        "--items, --shards, --batch-size and --repeat must be at least 1"
     );
+    let texts = intent_texts()?;
+    let items: Vec<InputItem> = (0..args.items)
+        .map(|i| InputItem {
+            custom_id: format!("i{i}"),
+            input: texts[i % texts.len()].clone(),
+        })
+        .collect();
+    let per_shard = args.items.div_ceil(args.shards);
+    let shards: Vec<Vec<InputItem>> = items.chunks(per_shard).map(<[_]>::to_vec).collect();
+    // Pub/Sub takes messages of up to 10 MB; the edge keeps its shards far below that.
+    let largest = shards
+        .iter()
+        .map(|s| serde_json::to_vec(s).map_or(0, |v| v.len()))
+        .max()
+        .unwrap_or(0);
+    ensure!(
+        largest < 9_000_000,
+        "a shard of {per_shard} items is {largest} bytes of JSON, too near Pub/Sub's 10 MB message limit: use more --shards"
+    );
+
     stack::prereq::emulator_tools(&stack::prereq::Env::from_process())?;
     setup::onnxruntime()?;
     let worker = setup::batch_worker()?;
@@ -116,7 +136,6 @@ pub fn measure(args: &Args) -> anyhow::Result<Report> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
 
-    let texts = intent_texts()?;
     let input = dir.join("items.jsonl");
     write_items(&input, &texts, args.items, "i")?;
     let (mut run_items_per_s, mut run_cpu_s) = (0f64, 0f64);
@@ -136,15 +155,6 @@ pub fn measure(args: &Args) -> anyhow::Result<Report> {
             (run_items_per_s, run_cpu_s) = (ips, cpu);
         }
     }
-
-    let items: Vec<InputItem> = (0..args.items)
-        .map(|i| InputItem {
-            custom_id: format!("i{i}"),
-            input: texts[i % texts.len()].clone(),
-        })
-        .collect();
-    let per_shard = args.items.div_ceil(args.shards);
-    let shards: Vec<Vec<InputItem>> = items.chunks(per_shard).map(<[_]>::to_vec).collect();
 
     let serve_s = tokio::runtime::Runtime::new()?.block_on(async {
         let mut emu = Emulators::start(&dir.join("logs")).await?;
