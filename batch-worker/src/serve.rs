@@ -25,6 +25,7 @@ use google_cloud_pubsub::client::{Publisher, Subscriber};
 use google_cloud_pubsub::model::Message;
 use google_cloud_pubsub::subscriber::handler::Handler;
 use serde_json::json;
+use shared::features::Featurizer;
 use shared::jobs::{
     JOBS_COLLECTION, JobKind, JobMessage, JobRecord, JobStatus, SHARDS_COLLECTION, ShardRecord,
     ShardState,
@@ -130,6 +131,14 @@ struct Ctx {
     store: Store,
     out: Location,
     classify: Arc<Mutex<Classify>>,
+    /// The classifier's featurizer: shards featurize their micro-batch before they take the
+    /// model, so one shard's rows are made while another's run.
+    classify_featurizer: Option<Featurizer>,
+    /// Micro-batches being featurized or run at once (one per core, plus the one in the
+    /// model); the other shards wait without holding a thread.
+    classify_slots: Arc<tokio::sync::Semaphore>,
+    /// Feature row buffers, at most one per slot, kept with their capacity.
+    feature_rows: Arc<Mutex<Vec<Vec<f32>>>>,
     /// The text-generation model, when the model folder has one.
     generate: Option<Gatherer>,
     /// Prompts per generate micro-batch.
@@ -242,6 +251,7 @@ pub async fn serve(
         .build();
     let shutdown = stream.shutdown_token();
     let provider = classify.provider();
+    let classify_featurizer = classify.featurizer();
     let generate_batch = generate.as_ref().map_or(1, |g| g.batch_size());
     let generate = match generate {
         Some(mut g) => {
@@ -260,6 +270,11 @@ pub async fn serve(
         store,
         out,
         classify: Arc::new(Mutex::new(classify)),
+        classify_featurizer,
+        classify_slots: Arc::new(tokio::sync::Semaphore::new(
+            std::thread::available_parallelism().map_or(1, |n| n.get()) + 1,
+        )),
+        feature_rows: Arc::default(),
         generate_batch,
         generate,
         metrics,
@@ -669,11 +684,34 @@ async fn infer(
         (Task::Classify, _) => {
             let model = ctx.classify.clone();
             let metrics = ctx.metrics.clone();
+            let featurizer = ctx.classify_featurizer;
+            let pool = ctx.feature_rows.clone();
+            // The semaphore is never closed.
+            let slot = ctx.classify_slots.clone().acquire_owned().await.ok();
             tokio::task::spawn_blocking(move || {
-                let Ok(mut m) = model.lock() else {
-                    return Ok(Vec::new());
+                let _slot = slot;
+                let mut rows = pool
+                    .lock()
+                    .ok()
+                    .and_then(|mut p| p.pop())
+                    .unwrap_or_default();
+                // Before taking the model, so that another shard's micro-batch runs meanwhile.
+                let features = featurizer.map(|f| {
+                    rows.resize(valid.len() * f.dim(), 0.0);
+                    for (item, row) in valid.iter().zip(rows.chunks_mut(f.dim())) {
+                        f.featurize_into(&item.input, row);
+                    }
+                    &rows[..]
+                });
+                let lines = match model.lock() {
+                    Ok(mut m) => run_items(&mut *m, &valid, features, &metrics)
+                        .map_err(|Interrupted| WorkError::Interrupted),
+                    Err(_) => Ok(Vec::new()),
                 };
-                run_items(&mut *m, &valid, &metrics).map_err(|Interrupted| WorkError::Interrupted)
+                if let Ok(mut p) = pool.lock() {
+                    p.push(rows);
+                }
+                lines
             })
             .await
             .map_err(|e| WorkError::Join(e.to_string()))??
@@ -699,15 +737,20 @@ async fn infer(
 /// A drain stopped the model mid-batch.
 struct Interrupted;
 
-/// One output line per item: the micro-batch at once; if it fails, item by item so that one
-/// bad item is one error line.
+/// One output line per item: the micro-batch at once (from its feature rows when the caller
+/// made them, see [`Processor::process_features`]); if it fails, item by item so that one bad
+/// item is one error line.
 fn run_items(
     m: &mut dyn Processor,
     valid: &[InputItem],
+    features: Option<&[f32]>,
     metrics: &Metrics,
 ) -> Result<Vec<OutputLine>, Interrupted> {
     let started = Instant::now();
-    let batch = m.process(valid);
+    let batch = match features {
+        Some(rows) => m.process_features(valid, rows),
+        None => m.process(valid),
+    };
     metrics.inference.observe(started.elapsed());
     match batch {
         Ok(lines) if lines.len() == valid.len() => Ok(lines),
@@ -783,7 +826,7 @@ impl Gatherer {
                     }
                     let items: Vec<InputItem> =
                         requests.iter().flat_map(|r| r.0.iter().cloned()).collect();
-                    match run_items(&mut model, &items, &metrics) {
+                    match run_items(&mut model, &items, None, &metrics) {
                         Ok(lines) => {
                             let mut lines = lines.into_iter();
                             for (mine, reply) in requests {
