@@ -274,7 +274,7 @@ struct FromModel {
 }
 
 /// The rows of `items` into `rows` (`items.len() × dim`).
-fn featurize_rows(f: &Featurizer, items: &[InputItem], rows: &mut [f32]) {
+pub(crate) fn featurize_rows(f: &Featurizer, items: &[InputItem], rows: &mut [f32]) {
     for (item, row) in items.iter().zip(rows.chunks_mut(f.dim())) {
         f.featurize_into(&item.input, row);
     }

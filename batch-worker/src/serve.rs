@@ -35,7 +35,7 @@ use shared::wire::{InputItem, OutputLine, Task, parse_input_line};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::embedded::Processor;
+use crate::embedded::{Processor, featurize_rows};
 use crate::engine::EngineError;
 use crate::metrics::Metrics;
 use crate::outputs::{self, Location};
@@ -698,9 +698,7 @@ async fn infer(
                 // Before taking the model, so that another shard's micro-batch runs meanwhile.
                 let features = featurizer.map(|f| {
                     rows.resize(valid.len() * f.dim(), 0.0);
-                    for (item, row) in valid.iter().zip(rows.chunks_mut(f.dim())) {
-                        f.featurize_into(&item.input, row);
-                    }
+                    featurize_rows(&f, &valid, &mut rows);
                     &rows[..]
                 });
                 let lines = match model.lock() {
