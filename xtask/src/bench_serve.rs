@@ -13,7 +13,7 @@ use stack::gcp::{PubSub, Topology};
 use stack::jobs::Jobs;
 use stack::worker::WorkerConfig;
 
-use crate::bench_worker::{intent_texts, worker_run, write_items};
+use crate::bench_worker::{intent_texts, worker_run};
 use crate::{root, setup};
 
 #[derive(clap::Args)]
@@ -137,7 +137,12 @@ pub fn measure(args: &Args) -> anyhow::Result<Report> {
     std::fs::create_dir_all(&dir)?;
 
     let input = dir.join("items.jsonl");
-    write_items(&input, &texts, args.items, "i")?;
+    let mut body = String::new();
+    for item in &items {
+        body.push_str(&serde_json::to_string(item)?);
+        body.push('\n');
+    }
+    std::fs::write(&input, body)?;
     let (mut run_items_per_s, mut run_cpu_s) = (0f64, 0f64);
     for _ in 0..args.repeat {
         let cpu_before = children_cpu_seconds();
