@@ -127,13 +127,22 @@ impl Featurizer {
             jamo,
             initials,
             touched,
+            counts,
             ..
         } = s;
         touched.clear();
         touched.resize((buckets as usize).div_ceil(64), 0);
+        // All zero between calls: the pass below resets every bucket it reads.
+        if counts.len() < buckets as usize {
+            counts.resize(buckets as usize, 0);
+        }
         let mut emit = |h: u32| {
-            let bucket = mask.map_or(h % buckets, |m| h & m) as usize;
-            out[bucket] += 1.0;
+            // Not `map_or(h % buckets, …)`: its argument is evaluated, a division per gram.
+            let bucket = match mask {
+                Some(m) => h & m,
+                None => h % buckets,
+            } as usize;
+            counts[bucket] += 1;
             touched[bucket / 64] |= 1 << (bucket % 64);
         };
 
@@ -158,6 +167,7 @@ impl Featurizer {
         // In bucket order, so the sum (and every bit of the result) is that of a dense pass.
         let Scratch {
             touched,
+            counts,
             hits,
             log_table,
             ..
@@ -174,20 +184,20 @@ impl Featurizer {
             while rest != 0 {
                 let b = i * 64 + rest.trailing_zeros() as usize;
                 rest &= rest - 1;
-                let v = &mut out[b];
-                *v = log_table
-                    .get(*v as usize)
+                let count = std::mem::take(&mut counts[b]);
+                // The count is exact as an `f32` (below 2^24), as the first version's
+                // float counters were.
+                let v = log_table
+                    .get(count as usize)
                     .copied()
-                    .unwrap_or_else(|| 1.0 + v.ln());
-                norm += *v * *v;
-                hits.push(b as u32);
+                    .unwrap_or_else(|| 1.0 + (count as f32).ln());
+                norm += v * v;
+                hits.push((b as u32, v));
             }
         }
-        if norm > 0.0 {
-            let inv = norm.sqrt().recip();
-            for &b in hits.iter() {
-                out[b as usize] *= inv;
-            }
+        let inv = if norm > 0.0 { norm.sqrt().recip() } else { 1.0 };
+        for &(b, v) in hits.iter() {
+            out[b as usize] = v * inv;
         }
     }
 }
@@ -203,8 +213,10 @@ struct Scratch {
     jamo: Vec<char>,
     initials: Vec<char>,
     touched: Vec<u64>,
-    /// The buckets hit, in bucket order.
-    hits: Vec<u32>,
+    /// Grams per bucket; all zero between calls.
+    counts: Vec<u32>,
+    /// The buckets hit and their `1 + ln(count)`, in bucket order.
+    hits: Vec<(u32, f32)>,
     log_table: Vec<f32>,
 }
 
@@ -279,7 +291,11 @@ fn normalize_into(text: &str, max_chars: usize, out: &mut String) {
     };
     let head = || text.chars().take(max_chars);
     // Most messages (ASCII, precomposed Hangul) are already NFKC: skip the decomposition.
-    if is_nfkc_quick(head()) == IsNormalized::Yes {
+    // Text made only of those is NFKC without a table lookup (neither composes with what
+    // follows it unless that is a combining mark or a conjoining jamo, which are neither).
+    if head().all(|c| c.is_ascii() || is_hangul_syllable(c))
+        || is_nfkc_quick(head()) == IsNormalized::Yes
+    {
         head().for_each(&mut lower);
     } else {
         head().nfkc().for_each(&mut lower);
@@ -291,8 +307,9 @@ fn is_hangul_syllable(c: char) -> bool {
 }
 
 fn is_word_char(c: char) -> bool {
-    // Hangul syllables first: they are most of the text and `is_alphanumeric` looks them up.
-    is_hangul_syllable(c) || c.is_alphanumeric() || is_jamo(c)
+    // Hangul syllables and jamo first: they are most of the text and `is_alphanumeric` looks
+    // them up in a table.
+    is_hangul_syllable(c) || is_jamo(c) || c.is_alphanumeric()
 }
 
 fn is_jamo(c: char) -> bool {
@@ -422,8 +439,18 @@ fn fnv_start(family: u8) -> u32 {
     (FNV_OFFSET ^ u32::from(family)).wrapping_mul(FNV_PRIME)
 }
 
+/// `FNV_PRIME` to the third power (wrapping).
+const FNV_PRIME_3: u32 = FNV_PRIME.wrapping_mul(FNV_PRIME).wrapping_mul(FNV_PRIME);
+
 fn fnv_char(mut h: u32, c: char) -> u32 {
-    for b in (c as u32).to_le_bytes() {
+    let u = c as u32;
+    if u < 0x1_0000 {
+        // A zero byte only multiplies (`h ^ 0 = h`), and wrapping multiplication is
+        // associative, so the two high bytes of a BMP code point are one multiplication by
+        // the prime's square: two multiplications in all instead of four, same bits.
+        return ((h ^ (u & 0xff)).wrapping_mul(FNV_PRIME) ^ (u >> 8)).wrapping_mul(FNV_PRIME_3);
+    }
+    for b in u.to_le_bytes() {
         h = (h ^ u32::from(b)).wrapping_mul(FNV_PRIME);
     }
     h
