@@ -26,7 +26,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    setup::cargo_install("cargo-fuzz", "cargo-fuzz", CARGO_FUZZ_VERSION, &[])?;
+    setup::cargo_install("cargo-fuzz", "cargo-fuzz", CARGO_FUZZ_VERSION, &[], 1)?;
     let _ = std::fs::remove_dir_all(root().join(".tools/cargo-target"));
     let targets: Vec<String> = if args.targets.is_empty() {
         TARGETS.iter().map(|t| (*t).to_owned()).collect()

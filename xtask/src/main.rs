@@ -130,11 +130,21 @@ pub fn root() -> PathBuf {
 pub fn run_cmd(mut cmd: Command) -> anyhow::Result<()> {
     cmd.current_dir(root());
     eprintln!("$ {}", show(&cmd));
+    let started = std::time::Instant::now();
     let status = cmd
         .status()
         .with_context(|| format!("starting {}", show(&cmd)))?;
     if !status.success() {
         bail!("`{}` failed with {status}", show(&cmd));
+    }
+    // Where a CI run spends its time, step by step.
+    let took = started.elapsed();
+    if took.as_secs() >= 10 {
+        eprintln!(
+            "  ({} took {:.0?})",
+            cmd.get_program().to_string_lossy(),
+            took
+        );
     }
     Ok(())
 }
