@@ -40,6 +40,11 @@ pub struct Args {
     /// by several points with the split alone, so compare changes over several seeds
     #[arg(long, value_delimiter = ',', conflicts_with = "check")]
     split_seeds: Vec<u64>,
+    /// With --split-seeds: how many seeds are generated and trained at once (training is
+    /// single-threaded, so up to one per core; each seed has its own folder). Default: the
+    /// number of cores
+    #[arg(long, requires = "split_seeds", value_parser = clap::value_parser!(u16).range(1..))]
+    jobs: Option<u16>,
 }
 
 impl Args {
@@ -50,6 +55,7 @@ impl Args {
             out: "models/intent".into(),
             check: true,
             split_seeds: Vec::new(),
+            jobs: None,
         }
     }
 }
@@ -83,7 +89,8 @@ struct Example {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     if !args.split_seeds.is_empty() {
-        return split_seeds(&args.split_seeds);
+        let jobs = args.jobs.map_or_else(crate::cores, usize::from);
+        return split_seeds(&args.split_seeds, jobs);
     }
     let out = root().join(&args.out);
     let Trained {
@@ -260,36 +267,43 @@ fn fit(dim: usize, train: &[&Example], dev: Option<&[Example]>) -> Mlp {
     mlp
 }
 
-/// `--split-seeds`: the same training over differently split data; scores per seed and mean.
-fn split_seeds(seeds: &[u64]) -> anyhow::Result<()> {
-    let mut rows = Vec::new();
-    for &seed in seeds {
-        let dir = root().join(format!("target/intent-splits/{seed}"));
-        let status = std::process::Command::new("python3")
-            .arg(root().join("models/intent/generate.py"))
-            .arg("--seed")
-            .arg(seed.to_string())
-            .arg("--out")
-            .arg(&dir)
-            .stdout(std::process::Stdio::null())
-            .status()
-            .context("running python3 models/intent/generate.py")?;
-        if !status.success() {
-            bail!("models/intent/generate.py --seed {seed} failed ({status})");
+/// `--split-seeds`: the same training over differently split data, `jobs` seeds at a time;
+/// scores per seed (in the order given) and their mean.
+fn split_seeds(seeds: &[u64], jobs: usize) -> anyhow::Result<()> {
+    let mut unique = seeds.to_vec();
+    unique.sort_unstable();
+    unique.dedup();
+    if unique.len() != seeds.len() {
+        bail!("--split-seeds names a seed twice; each seed's data has one folder");
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..jobs.clamp(1, seeds.len()) {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(&seed) = seeds.get(i) else { break };
+                    let row = split_seed(seed);
+                    let failed = row.is_err();
+                    if let Ok(mut r) = results.lock() {
+                        r.push((i, row));
+                    }
+                    if failed {
+                        // The others finish the seed they are on; no new ones start.
+                        next.store(seeds.len(), std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            });
         }
-        eprintln!("split seed {seed}:");
-        let metrics = train_model(&dir)?.meta.metrics;
-        let get = |k: &str| metrics.get(k).copied().unwrap_or(f64::NAN);
-        rows.push((
-            seed.to_string(),
-            [
-                get("dev_edge_precision"),
-                get("dev_edge_recall"),
-                get("test_edge_precision"),
-                get("test_edge_recall"),
-                get("test_accuracy"),
-            ],
-        ));
+    });
+    let mut results = results
+        .into_inner()
+        .map_err(|_| anyhow::anyhow!("a training thread panicked"))?;
+    results.sort_by_key(|(i, _)| *i);
+    let mut rows = Vec::new();
+    for (i, row) in results {
+        rows.push((seeds[i].to_string(), row?));
     }
     let n = rows.len() as f64;
     let mut mean = [0.0; 5];
@@ -310,6 +324,37 @@ fn split_seeds(seeds: &[u64]) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// One seed of `--split-seeds`: its data generated into `target/intent-splits/{seed}`, a model
+/// trained on it (nothing is written), and its dev and test scores.
+fn split_seed(seed: u64) -> anyhow::Result<[f64; 5]> {
+    let dir = root().join(format!("target/intent-splits/{seed}"));
+    let status = std::process::Command::new("python3")
+        .arg(root().join("models/intent/generate.py"))
+        .arg("--seed")
+        .arg(seed.to_string())
+        .arg("--out")
+        .arg(&dir)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .context("running python3 models/intent/generate.py")?;
+    if !status.success() {
+        bail!("models/intent/generate.py --seed {seed} failed ({status})");
+    }
+    eprintln!("split seed {seed}: training");
+    let metrics = train_model(&dir)
+        .with_context(|| format!("split seed {seed}"))?
+        .meta
+        .metrics;
+    let get = |k: &str| metrics.get(k).copied().unwrap_or(f64::NAN);
+    Ok([
+        get("dev_edge_precision"),
+        get("dev_edge_recall"),
+        get("test_edge_precision"),
+        get("test_edge_recall"),
+        get("test_accuracy"),
+    ])
 }
 
 /// The ONNX model as tract sees it after decluttering, written as a deterministic NNEF tar.
