@@ -185,8 +185,8 @@ impl Featurizer {
                 let b = i * 64 + rest.trailing_zeros() as usize;
                 rest &= rest - 1;
                 let count = std::mem::take(&mut counts[b]);
-                // The count is exact as an `f32` (below 2^24), as the first version's
-                // float counters were.
+                // As an `f32` the count is exact (far below 2^24: at most ~16 grams per
+                // character of at most 2^20), as the first version's float counters were.
                 let v = log_table
                     .get(count as usize)
                     .copied()
@@ -291,8 +291,8 @@ fn normalize_into(text: &str, max_chars: usize, out: &mut String) {
     };
     let head = || text.chars().take(max_chars);
     // Most messages (ASCII, precomposed Hangul) are already NFKC: skip the decomposition.
-    // Text made only of those is NFKC without a table lookup (neither composes with what
-    // follows it unless that is a combining mark or a conjoining jamo, which are neither).
+    // Both are NFKC and compose only with a following combining mark or conjoining jamo, so
+    // text made of them alone is NFKC without a table lookup.
     if head().all(|c| c.is_ascii() || is_hangul_syllable(c))
         || is_nfkc_quick(head()) == IsNormalized::Yes
     {
@@ -445,9 +445,10 @@ const FNV_PRIME_3: u32 = FNV_PRIME.wrapping_mul(FNV_PRIME).wrapping_mul(FNV_PRIM
 fn fnv_char(mut h: u32, c: char) -> u32 {
     let u = c as u32;
     if u < 0x1_0000 {
-        // A zero byte only multiplies (`h ^ 0 = h`), and wrapping multiplication is
-        // associative, so the two high bytes of a BMP code point are one multiplication by
-        // the prime's square: two multiplications in all instead of four, same bits.
+        // A BMP code point's two high bytes are zero, and a zero byte only multiplies
+        // (`h ^ 0 = h`); wrapping multiplication is associative, so the second byte's step and
+        // theirs are one multiplication by the prime's cube: two in all instead of four, same
+        // bits.
         return ((h ^ (u & 0xff)).wrapping_mul(FNV_PRIME) ^ (u >> 8)).wrapping_mul(FNV_PRIME_3);
     }
     for b in u.to_le_bytes() {
