@@ -140,10 +140,14 @@ pub fn run_cmd(mut cmd: Command) -> anyhow::Result<()> {
     // Where a CI run spends its time, step by step.
     let took = started.elapsed();
     if took.as_secs() >= 10 {
+        // The program's name and first argument: `cargo clippy`, `cargo install`, `npm ci`.
+        let program = std::path::Path::new(cmd.get_program());
+        let name = program.file_name().unwrap_or(program.as_os_str());
+        let first = cmd.get_args().next().unwrap_or_default();
         eprintln!(
-            "  ({} took {:.0?})",
-            cmd.get_program().to_string_lossy(),
-            took
+            "  ({} {} took {took:.0?})",
+            name.to_string_lossy(),
+            first.to_string_lossy()
         );
     }
     Ok(())
