@@ -126,9 +126,10 @@ pub fn root() -> PathBuf {
     stack::root()
 }
 
-/// Runs `cmd` in the repository root, echoing it; fails if it fails.
+/// Runs `cmd` in the repository root, or in the folder the caller already set, echoing it and
+/// the time of any slow step; fails if it fails.
 pub fn run_cmd(mut cmd: Command) -> anyhow::Result<()> {
-    cmd.current_dir(root());
+    in_root(&mut cmd);
     eprintln!("$ {}", show(&cmd));
     let started = std::time::Instant::now();
     let status = cmd
@@ -155,7 +156,7 @@ pub fn run_cmd(mut cmd: Command) -> anyhow::Result<()> {
 
 /// Runs `cmd` and returns its stdout.
 pub fn output(mut cmd: Command) -> anyhow::Result<String> {
-    cmd.current_dir(root());
+    in_root(&mut cmd);
     let out = cmd
         .output()
         .with_context(|| format!("starting {}", show(&cmd)))?;
@@ -170,15 +171,54 @@ pub fn output(mut cmd: Command) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Sets the repository root as `cmd`'s working folder unless the caller chose one.
+fn in_root(cmd: &mut Command) {
+    if cmd.get_current_dir().is_none() {
+        cmd.current_dir(root());
+    }
+}
+
+/// The command line as a user would type it, with its folder when that is not the root.
 fn show(cmd: &Command) -> String {
     let mut s = cmd.get_program().to_string_lossy().into_owned();
     for a in cmd.get_args() {
         s.push(' ');
         s.push_str(&a.to_string_lossy());
     }
+    if let Some(dir) = cmd.get_current_dir().filter(|d| *d != root()) {
+        let dir = dir.strip_prefix(root()).unwrap_or(dir);
+        s.push_str(&format!(" (in {}/)", dir.display()));
+    }
     s
 }
 
 pub fn cargo() -> Command {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_run_in_the_root_unless_the_caller_chose_a_folder() {
+        let mut plain = Command::new("true");
+        in_root(&mut plain);
+        assert_eq!(plain.get_current_dir(), Some(root().as_path()));
+        assert_eq!(show(&plain), "true");
+
+        let mut edge = Command::new("worker-build");
+        edge.arg("--profile").current_dir(root().join("edge"));
+        in_root(&mut edge);
+        assert_eq!(edge.get_current_dir(), Some(root().join("edge").as_path()));
+        assert_eq!(show(&edge), "worker-build --profile (in edge/)");
+    }
+
+    #[test]
+    fn a_failing_command_is_an_error_that_names_it() {
+        let mut c = Command::new("false");
+        c.arg("--flag");
+        let e = run_cmd(c).expect_err("`false` fails");
+        assert!(e.to_string().contains("`false --flag` failed"), "{e}");
+    }
 }

@@ -252,13 +252,7 @@ pub fn build_worker() -> anyhow::Result<()> {
             std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()),
         );
     c.current_dir(root().join("edge"));
-    eprintln!("$ worker-build --profile wasm-release (in edge/)");
-    let started = std::time::Instant::now();
-    let status = c.status().context("starting worker-build")?;
-    if !status.success() {
-        bail!("worker-build failed with {status}");
-    }
-    eprintln!("  (worker-build took {:.0?})", started.elapsed());
+    run_cmd(c)?;
     std::fs::write(&stamp, source)?;
     Ok(())
 }
