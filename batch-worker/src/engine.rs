@@ -247,9 +247,24 @@ impl Classifier {
 
     /// Probabilities for `n` rows of features (`n × dim`, row-major), one `session.run`.
     fn run_features(&mut self, n: usize, features: &[f32]) -> Result<Vec<Vec<f32>>, EngineError> {
+        self.with_probabilities(n, features, |_, probs, classes| {
+            probs.chunks(classes).map(<[f32]>::to_vec).collect()
+        })
+    }
+
+    /// Runs `n` rows of features (`n × dim`, row-major) in one `session.run` and calls `f` with
+    /// the policy, the probabilities (`n × classes`, row-major, borrowed from the runtime's
+    /// output: nothing copied) and the number of classes.
+    pub fn with_probabilities<R>(
+        &mut self,
+        n: usize,
+        features: &[f32],
+        f: impl FnOnce(&Policy, &[f32], usize) -> R,
+    ) -> Result<R, EngineError> {
         let dim = self.policy.featurizer().dim();
+        let classes = self.policy.meta().labels.len();
         if n == 0 {
-            return Ok(Vec::new());
+            return Ok(f(&self.policy, &[], classes));
         }
         if features.len() != n * dim {
             return Err(EngineError::Invalid(format!(
@@ -265,8 +280,13 @@ impl Classifier {
             .run(ort::inputs![meta.input.as_str() => input])?;
         self.run_time += started.elapsed();
         let (_, probs) = outputs[meta.output.as_str()].try_extract_tensor::<f32>()?;
-        let classes = meta.labels.len();
-        Ok(probs.chunks(classes).map(<[f32]>::to_vec).collect())
+        if probs.len() != n * classes {
+            return Err(EngineError::Invalid(format!(
+                "the model gave {} probabilities for {n} rows of {classes} classes",
+                probs.len()
+            )));
+        }
+        Ok(f(&self.policy, probs, classes))
     }
 
     /// Classifies `n` rows of features made by [`Policy::featurizer`].

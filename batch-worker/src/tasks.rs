@@ -4,7 +4,7 @@ use std::path::Path;
 
 use shared::wire::{ClassifyOutput, GenerateOutput, InputItem, OutputLine};
 
-use crate::embedded::Processor;
+use crate::embedded::{EncodedLines, Processor};
 use crate::engine::{Classifier, Device, EngineError};
 use crate::generate::{Generator, Sampling, item_key};
 
@@ -62,6 +62,56 @@ impl Processor for Classify {
         let outputs = self.model.classify_features(items.len(), features)?;
         Ok(lines(items, outputs))
     }
+
+    fn encode_features(
+        &mut self,
+        items: &[InputItem],
+        features: &[f32],
+        out: &mut EncodedLines,
+    ) -> Result<(), EngineError> {
+        self.model
+            .with_probabilities(items.len(), features, |policy, probs, classes| {
+                for (item, p) in items.iter().zip(probs.chunks(classes)) {
+                    let (intent, confidence, route) = policy.decide_label(p);
+                    push_classify(out, &item.custom_id, intent, confidence, route);
+                }
+            })
+    }
+}
+
+/// Appends the `classify` output line of one item to `out`.
+fn push_classify(
+    out: &mut EncodedLines,
+    custom_id: &str,
+    intent: &str,
+    confidence: f32,
+    route: shared::intent::Route,
+) {
+    let line = ClassifyLine {
+        custom_id,
+        output: SortedClassifyOutput {
+            confidence: f64::from(confidence),
+            intent,
+            route,
+        },
+    };
+    out.push_json(custom_id, &line, false);
+}
+
+/// A `classify` output line, encoded directly: the same bytes as [`OutputLine::Ok`] holding
+/// `serde_json::to_value(ClassifyOutput)`, whose `Value` sorts object keys and holds numbers
+/// as `f64`, without building that `Value` per item.
+#[derive(serde::Serialize)]
+struct ClassifyLine<'a> {
+    custom_id: &'a str,
+    output: SortedClassifyOutput<'a>,
+}
+
+#[derive(serde::Serialize)]
+struct SortedClassifyOutput<'a> {
+    confidence: f64,
+    intent: &'a str,
+    route: shared::intent::Route,
 }
 
 fn lines(items: &[InputItem], outputs: Vec<ClassifyOutput>) -> Vec<OutputLine> {
@@ -223,5 +273,53 @@ impl Processor for Generate {
                 })
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use shared::intent::Route;
+
+    use super::*;
+
+    #[test]
+    fn classify_lines_encode_as_output_lines_do() {
+        let cases = [
+            ("a", "greeting", 0.99994755f32, Route::Edge),
+            (
+                "quote\" back\\slash \u{1}ctl 한글 🙂",
+                "other",
+                0.1,
+                Route::Queue,
+            ),
+            ("b", "thanks", 1.0, Route::Edge),
+            ("c", "help", 0.0, Route::Queue),
+            ("d", "identity", 1.2e-7, Route::Queue),
+            ("e", "goodbye", f32::MIN_POSITIVE, Route::Queue),
+        ];
+        let (mut direct, mut generic) = (EncodedLines::default(), EncodedLines::default());
+        for (i, &(id, intent, confidence, route)) in cases.iter().enumerate() {
+            push_classify(&mut direct, id, intent, confidence, route);
+            let item = InputItem {
+                custom_id: id.to_owned(),
+                input: String::new(),
+            };
+            let out = ClassifyOutput {
+                intent: intent.to_owned(),
+                confidence,
+                route,
+            };
+            for line in lines(std::slice::from_ref(&item), vec![out]) {
+                generic.push(&line);
+            }
+            let (d, g) = (direct.get(i), generic.get(i));
+            assert!(d.is_some(), "no line {i}");
+            assert_eq!(
+                d,
+                g,
+                "line {i}: {:?}",
+                d.map(|(j, _)| String::from_utf8_lossy(j))
+            );
+        }
     }
 }
