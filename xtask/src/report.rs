@@ -377,6 +377,7 @@ mod tests {
                     share: 0.5,
                     session_items_per_s: 2000.0 * b as f64,
                     python_items_per_s: 1500.0 * b as f64,
+                    python_one_thread_items_per_s: 900.0 * b as f64,
                 })
                 .collect(),
         };
