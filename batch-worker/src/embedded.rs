@@ -1,7 +1,8 @@
 //! `batch-worker run`: a bulk job over local files, with no cloud service.
 //!
 //! Durability protocol (each step is crash-safe, SIGKILL included):
-//! 1. results of a chunk (≈ `chunk_seconds` of work) are appended to `OUT.partial` and fsynced;
+//! 1. results of a chunk (≈ `chunk_seconds` of work) are appended to `OUT.partial` (in 1 MiB
+//!    pieces as they come) and fsynced;
 //! 2. the checkpoint `OUT.ckpt` (input offset, items done, committed output length) is written
 //!    to a temporary file, fsynced and renamed over the old one;
 //! 3. at the end the checkpoint is marked done, `OUT.partial` is renamed to `OUT`, and the
@@ -541,7 +542,11 @@ pub fn run<P: Processor + Send>(
     let batch_size = processor.batch_size().max(1);
     let progress = progress_bar(opts.progress, total, ckpt.items);
     let chunk = Duration::from_secs_f64(opts.chunk_seconds);
-    let mut pending = Vec::new();
+    let mut out = Partial {
+        file: out,
+        pending: Vec::new(),
+        spilled: 0,
+    };
     let mut last_commit = Instant::now();
     let mut input = Input {
         reader,
@@ -640,7 +645,7 @@ pub fn run<P: Processor + Send>(
                 // A signal stopped the micro-batch mid-way: commit what came before it; the
                 // batch itself is redone by the next run.
                 Err(EngineError::Interrupted) => {
-                    commit(&mut out, &mut pending, &mut ckpt, &ckpt_path)?;
+                    out.commit(&mut ckpt, &ckpt_path)?;
                     progress.abandon();
                     return Err(RunError::Interrupted(ckpt.items));
                 }
@@ -649,7 +654,7 @@ pub fn run<P: Processor + Send>(
             let results = &back.lines;
             for slot in slots {
                 let error = match slot {
-                    Slot::Ready(l) => encode_line(&l, &mut pending),
+                    Slot::Ready(l) => encode_line(&l, &mut out.pending),
                     Slot::Pending(i) => {
                         let (json, error) = results.get(i).ok_or_else(|| {
                             RunError::Engine(EngineError::Model {
@@ -657,14 +662,15 @@ pub fn run<P: Processor + Send>(
                                 message: "processor returned too few results".into(),
                             })
                         })?;
-                        pending.extend_from_slice(json);
+                        out.pending.extend_from_slice(json);
                         error
                     }
                 };
                 ckpt.errors += u64::from(error);
                 ckpt.items += 1;
-                pending.push(b'\n');
+                out.pending.push(b'\n');
             }
+            out.spill_if_full()?;
             spare.push((back.features, back.lines));
             ckpt.input_offset += batch_bytes;
             progress.set_position(ckpt.items);
@@ -672,7 +678,7 @@ pub fn run<P: Processor + Send>(
             let done = eof && in_flight.is_empty();
             let stop = STOP.load(Ordering::SeqCst);
             if done || stop || last_commit.elapsed() >= chunk {
-                commit(&mut out, &mut pending, &mut ckpt, &ckpt_path)?;
+                out.commit(&mut ckpt, &ckpt_path)?;
                 last_commit = Instant::now();
                 if stop && !done {
                     progress.abandon();
@@ -692,19 +698,45 @@ pub fn run<P: Processor + Send>(
     })
 }
 
-/// Appends `pending` to the partial output, syncs it, then records it in the checkpoint.
-fn commit(
-    out: &mut std::fs::File,
-    pending: &mut Vec<u8>,
-    ckpt: &mut Checkpoint,
-    ckpt_path: &Path,
-) -> Result<(), RunError> {
-    out.write_all(pending)
-        .and_then(|()| out.sync_data())
-        .map_err(io("writing partial output"))?;
-    ckpt.output_bytes += pending.len() as u64;
-    pending.clear();
-    write_checkpoint(ckpt_path, ckpt)
+/// The partial output past its committed length: lines are appended to `pending`, handed to
+/// the file in pieces of [`Partial::SPILL`] bytes, and committed (synced, then recorded in the
+/// checkpoint) once per chunk. Bytes written but not committed are cut off by the next run,
+/// like any write a kill interrupts.
+struct Partial {
+    file: File,
+    pending: Vec<u8>,
+    /// Bytes written to `file` since the last commit.
+    spilled: u64,
+}
+
+impl Partial {
+    /// Large enough to make few `write` calls, small enough to stay in the cache: holding a
+    /// whole chunk (≈ 5 s, 100+ MB of `classify` lines) cost page faults and copies as it grew.
+    const SPILL: usize = 1 << 20;
+
+    /// Writes the pending lines to the file, without syncing, once they fill a piece.
+    fn spill_if_full(&mut self) -> Result<(), RunError> {
+        if self.pending.len() >= Self::SPILL {
+            self.file
+                .write_all(&self.pending)
+                .map_err(io("writing partial output"))?;
+            self.spilled += self.pending.len() as u64;
+            self.pending.clear();
+        }
+        Ok(())
+    }
+
+    /// Writes the pending lines, syncs the file, then records its length in the checkpoint.
+    fn commit(&mut self, ckpt: &mut Checkpoint, ckpt_path: &Path) -> Result<(), RunError> {
+        self.file
+            .write_all(&self.pending)
+            .and_then(|()| self.file.sync_data())
+            .map_err(io("writing partial output"))?;
+        ckpt.output_bytes += self.spilled + self.pending.len() as u64;
+        self.spilled = 0;
+        self.pending.clear();
+        write_checkpoint(ckpt_path, ckpt)
+    }
 }
 
 /// Moves the partial output into place and removes the checkpoint (idempotent).

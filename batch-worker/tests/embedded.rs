@@ -81,12 +81,17 @@ fn embedded_run_survives_repeated_sigkill_and_equals_an_uninterrupted_run() {
     let output = dir.join("out.jsonl");
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
     let mut kills = 0;
+    // Kills that left output past the committed length (lines written in 1 MiB pieces
+    // between commits): the next run must cut them off.
+    let mut uncommitted = 0;
     let deadline = Instant::now() + Duration::from_secs(240);
     while kills < 12 && Instant::now() < deadline {
+        // Every other run commits rarely, so that its kill lands between two commits.
+        let chunk = if kills % 2 == 0 { "0.02" } else { "0.5" };
         let mut child = run(
             &input,
             &output,
-            &["--batch-size", "64", "--chunk-seconds", "0.02"],
+            &["--batch-size", "64", "--chunk-seconds", chunk],
         )
         .stderr(Stdio::null())
         .spawn()
@@ -98,12 +103,24 @@ fn embedded_run_survives_repeated_sigkill_and_equals_an_uninterrupted_run() {
                 child.kill().expect("SIGKILL");
                 child.wait().expect("reaped");
                 kills += 1;
+                let committed = std::fs::read(dir.join("out.jsonl.ckpt"))
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                    .and_then(|c| c["output_bytes"].as_u64())
+                    .unwrap_or(0);
+                let written =
+                    std::fs::metadata(dir.join("out.jsonl.partial")).map_or(0, |m| m.len());
+                uncommitted += usize::from(written > committed);
             }
         }
     }
     assert!(
         kills >= 10,
         "only {kills} kills landed before the run finished; make the input bigger"
+    );
+    assert!(
+        uncommitted > 0,
+        "no kill landed between writing output and committing it"
     );
     let resumed = run_to_end(&input, &output, &["--batch-size", "64"]);
     assert_eq!(resumed.lines().count(), reference.lines().count());
