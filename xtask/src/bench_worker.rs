@@ -33,6 +33,9 @@ pub struct Row {
     pub python_items_per_s: f64,
     /// Python with one intra-op thread, as the worker's model thread runs.
     pub python_one_thread_items_per_s: f64,
+    /// Python doing the worker's job on the same features: `session.run`, the routing
+    /// decision and the same output lines, checked byte for byte against the worker's.
+    pub python_job_items_per_s: f64,
 }
 
 /// The measurements and what they were made with.
@@ -52,11 +55,11 @@ impl Report {
             crate::cores(),
             self.repeat
         );
-        s.push_str("| micro-batch | worker items/s (end to end) | share in `session.run` | worker `session.run` items/s (1 thread) | Python `onnxruntime` `session.run` items/s | ratio end to end / Python | ratio `session.run` / Python | Python `session.run` items/s, 1 thread | ratio `session.run` / Python, 1 thread each |\n");
-        s.push_str("|---|---|---|---|---|---|---|---|---|\n");
+        s.push_str("| micro-batch | worker items/s (end to end) | share in `session.run` | worker `session.run` items/s (1 thread) | Python `onnxruntime` `session.run` items/s | ratio end to end / Python | ratio `session.run` / Python | Python `session.run` items/s, 1 thread | ratio `session.run` / Python, 1 thread each | Python, the same job on the same features, items/s | ratio end to end / Python's same job |\n");
+        s.push_str("|---|---|---|---|---|---|---|---|---|---|---|\n");
         for r in &self.rows {
             s.push_str(&format!(
-                "| {} | {:.0} | {:.0} % | {:.0} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} |\n",
+                "| {} | {:.0} | {:.0} % | {:.0} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.0} | {:.2} |\n",
                 r.batch,
                 r.items_per_s,
                 r.share * 100.0,
@@ -65,7 +68,9 @@ impl Report {
                 r.items_per_s / r.python_items_per_s,
                 r.session_items_per_s / r.python_items_per_s,
                 r.python_one_thread_items_per_s,
-                r.session_items_per_s / r.python_one_thread_items_per_s
+                r.session_items_per_s / r.python_one_thread_items_per_s,
+                r.python_job_items_per_s,
+                r.items_per_s / r.python_job_items_per_s
             ));
         }
         s
@@ -110,8 +115,8 @@ pub fn measure(args: &Args) -> anyhow::Result<Report> {
     let mut rows = Vec::new();
     for &batch in &args.batch_sizes {
         // Worker and Python take turns, so a slow spell of the machine hits both sides.
-        let (mut items_per_s, mut share, mut python, mut python_one) =
-            (0.0f64, 0.0f64, 0.0f64, 0.0f64);
+        let (mut items_per_s, mut share, mut python, mut python_one, mut python_job) =
+            (0.0f64, 0.0f64, 0.0f64, 0.0f64, 0.0f64);
         for run in 0..args.repeat.max(1) {
             let (ips, sh, wall) = worker_run(
                 &worker,
@@ -121,14 +126,39 @@ pub fn measure(args: &Args) -> anyhow::Result<Report> {
                 "--batch-size",
                 batch,
             )?;
-            let py_ips = python_bench(&py, &feats_path, dim, args.items, batch, 0)?;
-            let py_one = python_bench(&py, &feats_path, dim, args.items, batch, 1)?;
+            let py_ips = python_bench(
+                &py,
+                &feats_path,
+                dim,
+                args.items,
+                batch,
+                PyMode::Session { threads: 0 },
+            )?;
+            let py_one = python_bench(
+                &py,
+                &feats_path,
+                dim,
+                args.items,
+                batch,
+                PyMode::Session { threads: 1 },
+            )?;
+            let py_out = dir.join(format!("python-out-{batch}.jsonl"));
+            let py_job = python_bench(
+                &py,
+                &feats_path,
+                dim,
+                args.items,
+                batch,
+                PyMode::Job { output: &py_out },
+            )?;
+            same_lines(&dir.join(format!("out-{batch}.jsonl")), &py_out)?;
             eprintln!(
-                "batch {batch}, run {}: {ips:.0} items/s end to end ({wall:.1} s with start-up), {:.0}% in session.run; Python session.run {py_ips:.0} items/s ({py_one:.0} with one thread)",
+                "batch {batch}, run {}: {ips:.0} items/s end to end ({wall:.1} s with start-up), {:.0}% in session.run; Python session.run {py_ips:.0} items/s ({py_one:.0} with one thread), Python's same job on the same features {py_job:.0} items/s",
                 run + 1,
                 sh * 100.0
             );
             python_one = python_one.max(py_one);
+            python_job = python_job.max(py_job);
             if ips > items_per_s {
                 (items_per_s, share) = (ips, sh);
             }
@@ -142,6 +172,7 @@ pub fn measure(args: &Args) -> anyhow::Result<Report> {
             session_items_per_s: args.items as f64 / session_s.max(1e-9),
             python_items_per_s: python,
             python_one_thread_items_per_s: python_one,
+            python_job_items_per_s: python_job,
         });
     }
     Ok(Report {
@@ -261,41 +292,84 @@ pub fn write_items<S: AsRef<str>>(
     Ok(())
 }
 
-/// Items/s of Python's `session.run` over the features in micro-batches of `batch`, with
-/// `threads` intra-op threads (0: ONNX Runtime's default, one per core).
+/// What the Python baseline times.
+#[derive(Clone, Copy)]
+enum PyMode<'a> {
+    /// `session.run` alone, with `threads` intra-op threads (0: ONNX Runtime's default, one
+    /// per core).
+    Session { threads: usize },
+    /// The worker's whole job on the given features, with ONNX Runtime's default threads:
+    /// `session.run`, the routing decision, and the same output lines written to the file.
+    Job { output: &'a Path },
+}
+
+/// Items/s of Python's `onnxruntime` over the features in micro-batches of `batch`.
 fn python_bench(
     py: &Path,
     feats: &Path,
     dim: usize,
     n: usize,
     batch: usize,
-    threads: usize,
+    mode: PyMode<'_>,
 ) -> anyhow::Result<f64> {
+    // The job mode is written for speed: the decision is vectorized with numpy, and each
+    // line is one f-string. Its ids are made before the clock starts (the worker reads them
+    // from its input), and `json.dumps` escapes them as the worker does.
     let script = r#"
-import sys, time, json
+import sys, time, json, os
 import numpy as np
 import onnxruntime as ort
-model, feats, dim, n, batch, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+model, meta, feats, dim, n, batch, threads, out = sys.argv[1:9]
+dim, n, batch, threads = int(dim), int(n), int(batch), int(threads)
 x = np.fromfile(feats, dtype=np.float32).reshape(n, dim)
 o = ort.SessionOptions()
 o.intra_op_num_threads = threads
 s = ort.InferenceSession(model, o, providers=["CPUExecutionProvider"])
 name = s.get_inputs()[0].name
 s.run(None, {name: x[:batch]})
+if not out:
+    t = time.perf_counter()
+    for i in range(0, n, batch):
+        s.run(None, {name: x[i:i + batch]})
+    print(n / (time.perf_counter() - t))
+    sys.exit(0)
+m = json.load(open(meta, encoding="utf-8"))
+labels = [json.dumps(l, ensure_ascii=False) for l in m["labels"]]
+thr = np.array([m["thresholds"].get(l, np.inf) for l in m["labels"]], dtype=np.float32)
+routes = ('"queue"', '"edge"')
+ids = ["i%d" % i for i in range(n)]
+dumps = json.dumps
 t = time.perf_counter()
-for i in range(0, n, batch):
-    s.run(None, {name: x[i:i + batch]})
+with open(out, "w", encoding="utf-8") as f:
+    for i in range(0, n, batch):
+        p = s.run(None, {name: x[i:i + batch]})[0]
+        top = p.argmax(axis=1)
+        conf = p[np.arange(len(top)), top]
+        edge = conf >= thr[top]
+        f.write("".join(
+            '{"custom_id":%s,"output":{"confidence":%r,"intent":%s,"route":%s}}\n'
+            % (dumps(k), c, labels[j], routes[e])
+            for k, c, j, e in zip(ids[i:i + batch], conf.tolist(), top.tolist(), edge.tolist())
+        ))
+    f.flush()
+    os.fsync(f.fileno())
 print(n / (time.perf_counter() - t))
 "#;
+    let (threads, output) = match mode {
+        PyMode::Session { threads } => (threads, None),
+        PyMode::Job { output } => (0, Some(output)),
+    };
     let out = Command::new("python3")
         .arg("-c")
         .arg(script)
         .arg(root().join("models/intent/model.onnx"))
+        .arg(root().join("models/intent/model.json"))
         .arg(feats)
         .arg(dim.to_string())
         .arg(n.to_string())
         .arg(batch.to_string())
         .arg(threads.to_string())
+        .arg(output.map(|p| p.as_os_str()).unwrap_or_default())
         .env("PYTHONPATH", py)
         .output()?;
     if !out.status.success() {
@@ -308,4 +382,31 @@ print(n / (time.perf_counter() - t))
         .trim()
         .parse()
         .context("python baseline printed no number")
+}
+
+/// Fails unless the two files hold the same bytes, naming the first line that differs.
+fn same_lines(ours: &Path, theirs: &Path) -> anyhow::Result<()> {
+    let a = std::fs::read(ours).with_context(|| format!("reading {}", ours.display()))?;
+    let b = std::fs::read(theirs).with_context(|| format!("reading {}", theirs.display()))?;
+    if a == b {
+        return Ok(());
+    }
+    let (la, lb) = (a.split(|&c| c == b'\n'), b.split(|&c| c == b'\n'));
+    let Some((n, (x, y))) = la.zip(lb).enumerate().find(|(_, (x, y))| x != y) else {
+        bail!(
+            "{} ({} bytes) and {} ({} bytes) differ in length",
+            ours.display(),
+            a.len(),
+            theirs.display(),
+            b.len()
+        );
+    };
+    let n = n + 1;
+    bail!(
+        "{} and {} differ (line {n}: {:?} against {:?}); the Python baseline would not be doing the worker's job",
+        ours.display(),
+        theirs.display(),
+        String::from_utf8_lossy(x),
+        String::from_utf8_lossy(y)
+    )
 }

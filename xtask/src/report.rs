@@ -242,7 +242,14 @@ fn throughput_plot(report: &bench_worker::Report, path: &Path) -> anyhow::Result
     let ymax = report
         .rows
         .iter()
-        .flat_map(|r| [r.items_per_s, r.session_items_per_s, r.python_items_per_s])
+        .flat_map(|r| {
+            [
+                r.items_per_s,
+                r.session_items_per_s,
+                r.python_items_per_s,
+                r.python_job_items_per_s,
+            ]
+        })
         .fold(0.0, f64::max)
         * 1.15;
     let area = canvas(path)?;
@@ -272,7 +279,7 @@ fn throughput_plot(report: &bench_worker::Report, path: &Path) -> anyhow::Result
         .draw()
         .map_err(plot_err)?;
     type Series = (&'static str, RGBColor, fn(&bench_worker::Row) -> f64);
-    let series: [Series; 3] = [
+    let series: [Series; 4] = [
         (
             "worker, end to end (read, featurize, infer, write)",
             BLUE,
@@ -284,6 +291,11 @@ fn throughput_plot(report: &bench_worker::Report, path: &Path) -> anyhow::Result
         ("Python onnxruntime, session.run", RED, |r| {
             r.python_items_per_s
         }),
+        (
+            "Python onnxruntime, the same job on the same features",
+            MAGENTA,
+            |r| r.python_job_items_per_s,
+        ),
     ];
     for (label, color, f) in series {
         let points: Vec<(i32, f64)> = report
@@ -378,12 +390,13 @@ mod tests {
                     session_items_per_s: 2000.0 * b as f64,
                     python_items_per_s: 1500.0 * b as f64,
                     python_one_thread_items_per_s: 900.0 * b as f64,
+                    python_job_items_per_s: 700.0 * b as f64,
                 })
                 .collect(),
         };
         throughput_plot(&report, &dir.join("t.svg")).expect("plot");
         let t = std::fs::read_to_string(dir.join("t.svg")).expect("svg");
-        assert!(t.contains("4096") && t.contains("Python onnxruntime"));
+        assert!(t.contains("4096") && t.contains("the same job on the same features"));
         let _ = std::fs::remove_dir_all(&dir);
     }
 
