@@ -391,22 +391,57 @@ fn same_lines(ours: &Path, theirs: &Path) -> anyhow::Result<()> {
     if a == b {
         return Ok(());
     }
-    let (la, lb) = (a.split(|&c| c == b'\n'), b.split(|&c| c == b'\n'));
-    let Some((n, (x, y))) = la.zip(lb).enumerate().find(|(_, (x, y))| x != y) else {
-        bail!(
-            "{} ({} bytes) and {} ({} bytes) differ in length",
-            ours.display(),
-            a.len(),
-            theirs.display(),
-            b.len()
-        );
+    let show = |l: Option<&[u8]>| {
+        l.map_or("no such line".to_owned(), |l| {
+            format!("{:?}", String::from_utf8_lossy(l))
+        })
     };
-    let n = n + 1;
-    bail!(
-        "{} and {} differ (line {n}: {:?} against {:?}); the Python baseline would not be doing the worker's job",
-        ours.display(),
-        theirs.display(),
-        String::from_utf8_lossy(x),
-        String::from_utf8_lossy(y)
-    )
+    let (mut la, mut lb) = (
+        a.split_inclusive(|&c| c == b'\n'),
+        b.split_inclusive(|&c| c == b'\n'),
+    );
+    for n in 1.. {
+        let (x, y) = (la.next(), lb.next());
+        if x.is_none() && y.is_none() {
+            break;
+        }
+        if x != y {
+            bail!(
+                "{} and {} differ at line {n}: {} against {}; the Python baseline would not be doing the worker's job",
+                ours.display(),
+                theirs.display(),
+                show(x),
+                show(y)
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_lines_names_the_first_line_that_differs() {
+        let dir = std::env::temp_dir().join(format!("xtask-same-lines-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let (a, b) = (dir.join("a.jsonl"), dir.join("b.jsonl"));
+        std::fs::write(&a, "{\"x\":1}\n{\"x\":2}\n").expect("write");
+        std::fs::write(&b, "{\"x\":1}\n{\"x\":2}\n").expect("write");
+        assert!(same_lines(&a, &b).is_ok());
+
+        std::fs::write(&b, "{\"x\":1}\n{\"x\":3}\n").expect("write");
+        let e = same_lines(&a, &b).expect_err("differs").to_string();
+        assert!(e.contains("line 2:") && e.contains("x\\\":3"), "{e}");
+
+        std::fs::write(&b, "{\"x\":1}\n{\"x\":2}\n{\"x\":4}\n").expect("write");
+        let e = same_lines(&a, &b).expect_err("longer").to_string();
+        assert!(e.contains("line 3: no such line against"), "{e}");
+
+        std::fs::write(&b, "{\"x\":1}\n{\"x\":2}").expect("write");
+        let e = same_lines(&a, &b).expect_err("no last newline").to_string();
+        assert!(e.contains("line 2:"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
