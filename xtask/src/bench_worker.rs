@@ -117,31 +117,9 @@ pub fn measure(args: &Args) -> anyhow::Result<Report> {
                 "--batch-size",
                 batch,
             )?;
-            let py_ips = python_bench(
-                &py,
-                &feats_path,
-                dim,
-                args.items,
-                batch,
-                PyMode::Session { threads: 0 },
-            )?;
-            let py_one = python_bench(
-                &py,
-                &feats_path,
-                dim,
-                args.items,
-                batch,
-                PyMode::Session { threads: 1 },
-            )?;
             let py_out = dir.join(format!("python-out-{batch}.jsonl"));
-            let py_job = python_bench(
-                &py,
-                &feats_path,
-                dim,
-                args.items,
-                batch,
-                PyMode::Job { output: &py_out },
-            )?;
+            let (py_ips, py_one, py_job) =
+                python_bench(&py, &feats_path, dim, args.items, batch, &py_out)?;
             same_lines(&dir.join(format!("out-{batch}.jsonl")), &py_out)?;
             eprintln!(
                 "batch {batch}, run {}: {ips:.0} items/s end to end ({wall:.1} s with start-up), {:.0}% in session.run; Python session.run {py_ips:.0} items/s ({py_one:.0} with one thread), Python's same job on the same features {py_job:.0} items/s",
@@ -316,35 +294,28 @@ pub fn write_items<S: AsRef<str>>(
     Ok(())
 }
 
-/// What the Python baseline times.
-#[derive(Clone, Copy)]
-enum PyMode<'a> {
-    /// `session.run` alone, with `threads` intra-op threads (0: ONNX Runtime's default, one
-    /// per core).
-    Session { threads: usize },
-    /// The worker's whole job on the given features, with ONNX Runtime's default threads:
-    /// `session.run`, the routing decision, and the same output lines written to the file.
-    Job { output: &'a Path },
-}
-
-/// Items/s of Python's `onnxruntime` over the features in micro-batches of `batch`.
+/// Items/s of Python's `onnxruntime` over the features in micro-batches of `batch`, three
+/// ways, in one process (the features are read once): `session.run` alone with ONNX Runtime's
+/// default threads (one per core); `session.run` alone with one intra-op thread; and the
+/// worker's whole job with the default threads — `session.run`, the routing decision, and the
+/// same output lines written to `output`.
 fn python_bench(
     py: &Path,
     feats: &Path,
     dim: usize,
     n: usize,
     batch: usize,
-    mode: PyMode<'_>,
-) -> anyhow::Result<f64> {
-    // The job mode is written for speed: the decision is vectorized with numpy, and each
-    // line is one f-string. Its ids are made before the clock starts (the worker reads them
-    // from its input), and `json.dumps` escapes them as the worker does.
+    output: &Path,
+) -> anyhow::Result<(f64, f64, f64)> {
+    // The job is written for speed: the decision is vectorized with numpy, and each line is
+    // one `%` format. Its ids are made before the clock starts (the worker reads them from
+    // its input), and `json.dumps` escapes them as the worker does.
     let script = r#"
 import sys, time, json, os
 import numpy as np
 import onnxruntime as ort
-model, meta, feats, dim, n, batch, threads, out = sys.argv[1:9]
-dim, n, batch, threads = int(dim), int(n), int(batch), int(threads)
+model, meta, feats, dim, n, batch, out = sys.argv[1:8]
+dim, n, batch = int(dim), int(n), int(batch)
 raw = np.fromfile(feats, dtype="<u4")
 x = np.zeros((n, dim), dtype=np.float32)
 at = 0
@@ -353,43 +324,47 @@ for r in range(n):
     x[r, raw[at + 1:at + 1 + k]] = raw[at + 1 + k:at + 1 + 2 * k].view("<f4")
     at += 1 + 2 * k
 assert at == len(raw), "features file has trailing data"
-o = ort.SessionOptions()
-o.intra_op_num_threads = threads
-s = ort.InferenceSession(model, o, providers=["CPUExecutionProvider"])
-name = s.get_inputs()[0].name
-s.run(None, {name: x[:batch]})
-if not out:
+
+def session(threads):
+    o = ort.SessionOptions()
+    o.intra_op_num_threads = threads
+    s = ort.InferenceSession(model, o, providers=["CPUExecutionProvider"])
+    s.run(None, {s.get_inputs()[0].name: x[:batch]})
+    return s, s.get_inputs()[0].name
+
+def bare(threads):
+    s, name = session(threads)
     t = time.perf_counter()
     for i in range(0, n, batch):
         s.run(None, {name: x[i:i + batch]})
-    print(n / (time.perf_counter() - t))
-    sys.exit(0)
-m = json.load(open(meta, encoding="utf-8"))
-labels = [json.dumps(l, ensure_ascii=False) for l in m["labels"]]
-thr = np.array([m["thresholds"].get(l, np.inf) for l in m["labels"]], dtype=np.float32)
-routes = ('"queue"', '"edge"')
-ids = ["i%d" % i for i in range(n)]
-dumps = json.dumps
-t = time.perf_counter()
-with open(out, "w", encoding="utf-8") as f:
-    for i in range(0, n, batch):
-        p = s.run(None, {name: x[i:i + batch]})[0]
-        top = p.argmax(axis=1)
-        conf = p[np.arange(len(top)), top]
-        edge = conf >= thr[top]
-        f.write("".join(
-            '{"custom_id":%s,"output":{"confidence":%r,"intent":%s,"route":%s}}\n'
-            % (dumps(k), c, labels[j], routes[e])
-            for k, c, j, e in zip(ids[i:i + batch], conf.tolist(), top.tolist(), edge.tolist())
-        ))
-    f.flush()
-    os.fsync(f.fileno())
-print(n / (time.perf_counter() - t))
+    return n / (time.perf_counter() - t)
+
+def job():
+    s, name = session(0)
+    m = json.load(open(meta, encoding="utf-8"))
+    labels = [json.dumps(l, ensure_ascii=False) for l in m["labels"]]
+    thr = np.array([m["thresholds"].get(l, np.inf) for l in m["labels"]], dtype=np.float32)
+    routes = ('"queue"', '"edge"')
+    ids = ["i%d" % i for i in range(n)]
+    dumps = json.dumps
+    t = time.perf_counter()
+    with open(out, "w", encoding="utf-8") as f:
+        for i in range(0, n, batch):
+            p = s.run(None, {name: x[i:i + batch]})[0]
+            top = p.argmax(axis=1)
+            conf = p[np.arange(len(top)), top]
+            edge = conf >= thr[top]
+            f.write("".join(
+                '{"custom_id":%s,"output":{"confidence":%r,"intent":%s,"route":%s}}\n'
+                % (dumps(k), c, labels[j], routes[e])
+                for k, c, j, e in zip(ids[i:i + batch], conf.tolist(), top.tolist(), edge.tolist())
+            ))
+        f.flush()
+        os.fsync(f.fileno())
+    return n / (time.perf_counter() - t)
+
+print(bare(0), bare(1), job())
 "#;
-    let (threads, output) = match mode {
-        PyMode::Session { threads } => (threads, None),
-        PyMode::Job { output } => (0, Some(output)),
-    };
     let out = Command::new("python3")
         .arg("-c")
         .arg(script)
@@ -399,8 +374,7 @@ print(n / (time.perf_counter() - t))
         .arg(dim.to_string())
         .arg(n.to_string())
         .arg(batch.to_string())
-        .arg(threads.to_string())
-        .arg(output.map(|p| p.as_os_str()).unwrap_or_default())
+        .arg(output)
         .env("PYTHONPATH", py)
         .output()?;
     if !out.status.success() {
@@ -409,10 +383,16 @@ print(n / (time.perf_counter() - t))
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .context("python baseline printed no number")
+    let text = String::from_utf8_lossy(&out.stdout);
+    let numbers: Vec<f64> = text
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("python baseline printed {text:?}"))?;
+    match numbers[..] {
+        [bare, one, job] => Ok((bare, one, job)),
+        _ => bail!("python baseline printed {text:?}, not three numbers"),
+    }
 }
 
 /// Fails unless the two files hold the same bytes, naming the first line that differs.
