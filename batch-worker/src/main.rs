@@ -118,6 +118,13 @@ struct ServeArgs {
     /// Topic that shards which keep stopping workers are moved to ("" to only log them)
     #[arg(long, env = "DEAD_LETTER_TOPIC", default_value = "jobs-dead")]
     dead_letter_topic: String,
+    /// Jobs topic: a worker that takes an `input_uri` job publishes its shards here, so that
+    /// several workers share the file ("" to run such a job as one shard on one worker)
+    #[arg(long, env = "JOBS_TOPIC", default_value = "jobs")]
+    jobs_topic: String,
+    /// Input lines per shard of an `input_uri` job
+    #[arg(long, env = "INPUT_SHARD_ITEMS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    input_shard_items: u64,
     /// Firestore database id
     #[arg(long, env = "FIRESTORE_DATABASE", default_value = "(default)")]
     database: String,
@@ -306,6 +313,8 @@ fn serve_main(args: ServeArgs, engine: EngineArgs) -> ExitCode {
             project: args.project,
             subscription: args.subscription,
             dead_letter_topic: Some(args.dead_letter_topic).filter(|t| !t.is_empty()),
+            jobs_topic: Some(args.jobs_topic).filter(|t| !t.is_empty()),
+            input_shard_items: args.input_shard_items,
             database: args.database,
             pubsub_emulator: args.pubsub_emulator_host.filter(|h| !h.is_empty()),
             firestore_emulator: args.firestore_emulator_host.filter(|h| !h.is_empty()),

@@ -27,6 +27,9 @@ pub enum OutputError {
     Config(String),
     #[error("object storage: {0}")]
     Store(#[from] object_store::Error),
+    /// The input object is not the version the job was planned from.
+    #[error("{0} changed after the job was planned (another version of the object)")]
+    Changed(String),
 }
 
 /// A store plus the prefix everything goes under.
@@ -102,8 +105,9 @@ impl Location {
     }
 }
 
-/// Reads a whole object given by its full URI (`gs://bucket/file.jsonl`, `file:///…`).
-pub async fn read_uri(uri: &str) -> Result<Vec<u8>, OutputError> {
+/// The store and path of an object given by its full URI (`gs://bucket/file.jsonl`,
+/// `file:///…`).
+fn object(uri: &str) -> Result<(Box<dyn ObjectStore>, ObjectPath), OutputError> {
     let url = url::Url::parse(uri)
         .map_err(|e| OutputError::Config(format!("{uri:?} is not a URL ({e})")))?;
     if !matches!(url.scheme(), "file" | "gs") {
@@ -112,9 +116,48 @@ pub async fn read_uri(uri: &str) -> Result<Vec<u8>, OutputError> {
             url.scheme()
         )));
     }
-    let (store, path) = object_store::parse_url_opts(&url, std::env::vars())?;
+    Ok(object_store::parse_url_opts(&url, std::env::vars())?)
+}
+
+/// Reads a whole object given by its full URI, with its version (ETag) where the store has
+/// one.
+pub async fn read_uri(uri: &str) -> Result<(Vec<u8>, Option<String>), OutputError> {
+    let (store, path) = object(uri)?;
     let r = store.get(&path).await?;
-    Ok(r.bytes().await?.to_vec())
+    let version = r.meta.e_tag.clone();
+    Ok((r.bytes().await?.to_vec(), version))
+}
+
+/// Reads bytes `range` of the object at `uri`. With `version`, the object must still have
+/// that ETag ([`OutputError::Changed`] if not).
+pub async fn read_uri_range(
+    uri: &str,
+    range: std::ops::Range<u64>,
+    version: Option<&str>,
+) -> Result<Vec<u8>, OutputError> {
+    let (store, path) = object(uri)?;
+    let options = object_store::GetOptions {
+        if_match: version.map(str::to_owned),
+        // An empty range still checks the version (`head`), and asks for no bytes.
+        head: range.is_empty(),
+        range: (!range.is_empty()).then(|| range.clone().into()),
+        ..Default::default()
+    };
+    let r = match store.get_opts(&path, options).await {
+        Ok(r) => r,
+        Err(object_store::Error::Precondition { .. }) => {
+            return Err(OutputError::Changed(uri.to_owned()));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if range.is_empty() {
+        return Ok(Vec::new());
+    }
+    let bytes = r.bytes().await?;
+    if bytes.len() as u64 != range.end - range.start {
+        return Err(OutputError::Changed(uri.to_owned()));
+    }
+    Ok(bytes.to_vec())
 }
 
 /// Object name of a committed chunk.

@@ -27,8 +27,8 @@ use google_cloud_pubsub::subscriber::handler::Handler;
 use serde_json::json;
 use shared::features::Featurizer;
 use shared::jobs::{
-    JOBS_COLLECTION, JobKind, JobMessage, JobRecord, JobStatus, SHARDS_COLLECTION, ShardRecord,
-    ShardState,
+    InputRange, JOBS_COLLECTION, JobKind, JobMessage, JobRecord, JobStatus, SHARDS_COLLECTION,
+    ShardRecord, ShardState,
 };
 use shared::time::rfc3339;
 use shared::wire::{InputItem, OutputLine, Task, parse_input_line};
@@ -50,6 +50,10 @@ pub struct ServeConfig {
     pub project: String,
     pub subscription: String,
     pub dead_letter_topic: Option<String>,
+    /// Where the shards of an `input_uri` job are published (none: one shard, one worker).
+    pub jobs_topic: Option<String>,
+    /// Input lines per shard of an `input_uri` job.
+    pub input_shard_items: u64,
     pub database: String,
     pub pubsub_emulator: Option<String>,
     pub firestore_emulator: Option<String>,
@@ -112,6 +116,8 @@ pub enum WorkError {
     Output(#[from] outputs::OutputError),
     #[error("inference task failed: {0}")]
     Join(String),
+    #[error("publishing the shards of an input file: {0}")]
+    Publish(String),
     /// The drain stopped a micro-batch mid-way; it is redone from the checkpoint.
     #[error("interrupted by the drain")]
     Interrupted,
@@ -148,6 +154,8 @@ struct Ctx {
     /// This process: a new value after every restart.
     instance: String,
     dead_letter: Option<Publisher>,
+    /// Publishes the shards of `input_uri` jobs (`JOBS_TOPIC`).
+    jobs: Option<Publisher>,
     /// Shards run under the read side; a suspect shard (one that was in flight when a worker
     /// died) under the write side, alone, so that the next crash is its own.
     isolation: Arc<tokio::sync::RwLock<()>>,
@@ -196,22 +204,24 @@ pub async fn serve(
             .with_credentials(google_cloud_auth::credentials::anonymous::Builder::new().build());
     }
     let subscriber = builder.build().await.context("connecting to Pub/Sub")?;
-    let dead_letter = match &cfg.dead_letter_topic {
-        Some(topic) => {
-            let mut b = Publisher::builder(format!("projects/{}/topics/{topic}", cfg.project));
-            if let Some(host) = &cfg.pubsub_emulator {
-                b = b.with_endpoint(format!("http://{host}")).with_credentials(
-                    google_cloud_auth::credentials::anonymous::Builder::new().build(),
-                );
-            }
-            Some(
-                b.build()
-                    .await
-                    .context("Pub/Sub publisher for the dead-letter topic")?,
-            )
+    let publisher = async |topic: &Option<String>, what: &str| -> anyhow::Result<_> {
+        let Some(topic) = topic else {
+            return Ok(None);
+        };
+        let mut b = Publisher::builder(format!("projects/{}/topics/{topic}", cfg.project));
+        if let Some(host) = &cfg.pubsub_emulator {
+            b = b.with_endpoint(format!("http://{host}")).with_credentials(
+                google_cloud_auth::credentials::anonymous::Builder::new().build(),
+            );
         }
-        None => None,
+        let p = b
+            .build()
+            .await
+            .with_context(|| format!("Pub/Sub publisher for the {what} topic {topic}"))?;
+        Ok(Some(p))
     };
+    let dead_letter = publisher(&cfg.dead_letter_topic, "dead-letter").await?;
+    let jobs = publisher(&cfg.jobs_topic, "jobs").await?;
 
     let drain = CancellationToken::new();
     let stop = CancellationToken::new();
@@ -280,6 +290,7 @@ pub async fn serve(
         metrics,
         drain: drain.clone(),
         dead_letter,
+        jobs,
         isolation: Arc::new(tokio::sync::RwLock::new(())),
     });
     tracing::info!(
@@ -442,6 +453,16 @@ async fn process(
         if job.record.cancel_requested {
             finish_job(ctx, &msg.job_id, Final::Cancelled).await?;
             return Ok(Outcome::Ack);
+        }
+        if msg.kind == JobKind::Batch
+            && msg.range.is_none()
+            && let (Some(uri), Some(jobs)) = (
+                msg.input_uri.as_ref().or(job.record.input_uri.as_ref()),
+                &ctx.jobs,
+            )
+        {
+            let uri = uri.clone();
+            return plan_job(ctx, msg, &uri, jobs, job).await;
         }
         let shard = ctx
             .store
@@ -624,38 +645,236 @@ async fn load_items(
             input: chat.message.clone(),
         })]);
     }
-    if let Some(uri) = msg.input_uri.as_ref().or(job.input_uri.as_ref()) {
-        let bytes = outputs::read_uri(uri).await.map_err(|e| Final::Failed {
+    let Some(uri) = msg.input_uri.as_ref().or(job.input_uri.as_ref()) else {
+        return Ok(msg.items.iter().cloned().map(Ok).collect());
+    };
+    let unreadable = |e: outputs::OutputError| match e {
+        outputs::OutputError::Changed(_) => Final::Failed {
+            code: "input_changed".into(),
+            message: e.to_string(),
+        },
+        e => Final::Failed {
             code: "input_unreadable".into(),
             message: format!("reading {uri}: {e}"),
-        })?;
-        let mut seen = std::collections::HashSet::new();
-        let mut items = Vec::new();
-        for (i, line) in bytes.split(|b| *b == b'\n').enumerate() {
-            let line_no = i as u64 + 1;
-            if line.trim_ascii().is_empty() {
-                continue;
-            }
-            let parsed = match std::str::from_utf8(line) {
-                Ok(s) => parse_input_line(s.trim_end_matches('\r'), line_no),
-                Err(_) => Err(OutputLine::error(
-                    line_no.to_string(),
-                    "invalid_item",
-                    format!("line {line_no} is not UTF-8"),
-                )),
-            };
-            items.push(match parsed {
-                Ok(item) if !seen.insert(item.custom_id.clone()) => Err(OutputLine::error(
-                    item.custom_id,
-                    "duplicate_custom_id",
-                    format!("line {line_no}: custom_id already used earlier in the file"),
-                )),
-                other => other,
-            });
-        }
-        return Ok(items);
+        },
+    };
+    if let Some(range) = &msg.range {
+        let bytes = outputs::read_uri_range(uri, range.start..range.end, range.version.as_deref())
+            .await
+            .map_err(unreadable)?;
+        let duplicates: std::collections::HashSet<u64> = range.duplicates.iter().copied().collect();
+        return Ok(parse_lines(&bytes, range.first_line, |line_no, _| {
+            duplicates.contains(&line_no)
+        }));
     }
-    Ok(msg.items.iter().cloned().map(Ok).collect())
+    // No jobs topic to publish shards on: the whole file is this one shard.
+    let (bytes, _) = outputs::read_uri(uri).await.map_err(unreadable)?;
+    let mut seen = std::collections::HashSet::new();
+    Ok(parse_lines(&bytes, 1, |_, id| !seen.insert(id.to_owned())))
+}
+
+/// The items of the input lines in `bytes`, the first numbered `first_line`: malformed lines
+/// and those `duplicate` says repeat an earlier `custom_id` become error lines; blank lines
+/// are skipped.
+fn parse_lines(
+    bytes: &[u8],
+    first_line: u64,
+    mut duplicate: impl FnMut(u64, &str) -> bool,
+) -> Vec<Result<InputItem, OutputLine>> {
+    let mut items = Vec::new();
+    for (line_no, line) in (first_line..).zip(bytes.split(|b| *b == b'\n')) {
+        if line.trim_ascii().is_empty() {
+            continue;
+        }
+        items.push(match parse_line(line, line_no) {
+            Ok(item) if duplicate(line_no, &item.custom_id) => Err(OutputLine::error(
+                item.custom_id,
+                "duplicate_custom_id",
+                format!("line {line_no}: custom_id already used earlier in the file"),
+            )),
+            other => other,
+        });
+    }
+    items
+}
+
+/// One input line (without its `\n`) as an item, or its error line.
+fn parse_line(line: &[u8], line_no: u64) -> Result<InputItem, OutputLine> {
+    match std::str::from_utf8(line) {
+        Ok(s) => parse_input_line(s.trim_end_matches('\r'), line_no),
+        Err(_) => Err(OutputLine::error(
+            line_no.to_string(),
+            "invalid_item",
+            format!("line {line_no} is not UTF-8"),
+        )),
+    }
+}
+
+/// An `input_uri` file cut into shards.
+#[derive(Debug, PartialEq)]
+struct InputPlan {
+    ranges: Vec<InputRange>,
+    /// Non-blank lines: the job's items.
+    total: u64,
+}
+
+/// Cuts `bytes` (an input file of version `version`) into ranges of at most `per_shard`
+/// non-blank lines, on line boundaries, and lists in each range the lines whose `custom_id` an
+/// earlier line of the file used. Always at least one range (an empty file's is empty).
+/// Deterministic: planning the same bytes again gives the same shards.
+fn plan_input(bytes: &[u8], per_shard: u64, version: Option<&str>) -> InputPlan {
+    use sha2::{Digest, Sha256};
+    let per_shard = per_shard.max(1);
+    let range = |start: usize, end: usize, first_line: u64, duplicates: Vec<u64>| InputRange {
+        start: start as u64,
+        end: end as u64,
+        first_line,
+        version: version.map(str::to_owned),
+        duplicates,
+    };
+    // 128 bits of each id's SHA-256, not the ids themselves: a file of millions of lines is
+    // planned in a fraction of its size, and a collision is out of reach.
+    let mut seen = std::collections::HashSet::<[u8; 16]>::new();
+    let mut ranges = Vec::new();
+    let (mut start, mut first_line, mut in_range, mut total) = (0usize, 1u64, 0u64, 0u64);
+    let mut duplicates = Vec::new();
+    let mut end = 0usize;
+    for (line_no, line) in (1u64..).zip(bytes.split_inclusive(|b| *b == b'\n')) {
+        end += line.len();
+        let content = line.strip_suffix(b"\n").unwrap_or(line);
+        if content.trim_ascii().is_empty() {
+            continue;
+        }
+        if let Ok(item) = parse_line(content, line_no) {
+            let digest = Sha256::digest(item.custom_id.as_bytes());
+            let mut key = [0u8; 16];
+            key.copy_from_slice(&digest[..16]);
+            if !seen.insert(key) {
+                duplicates.push(line_no);
+            }
+        }
+        in_range += 1;
+        total += 1;
+        if in_range == per_shard {
+            ranges.push(range(
+                start,
+                end,
+                first_line,
+                std::mem::take(&mut duplicates),
+            ));
+            (start, first_line, in_range) = (end, line_no + 1, 0);
+        }
+    }
+    // The last lines, or nothing at all (a file of blank lines after the last cut adds none).
+    if in_range > 0 || ranges.is_empty() {
+        ranges.push(range(start, bytes.len(), first_line, duplicates));
+    }
+    InputPlan { ranges, total }
+}
+
+/// Plans an `input_uri` job (its message has no range): reads the file, records the number of
+/// shards and items on the job, and publishes one message per range, so that several workers
+/// share the file. Safe to repeat (a redelivery after a crash): the same file gives the same
+/// plan, a shard published twice is fenced like any redelivered one, and a shard already done
+/// is only acked.
+async fn plan_job(
+    ctx: &Ctx,
+    msg: &JobMessage,
+    uri: &str,
+    jobs: &Publisher,
+    job: Versioned<JobRecord>,
+) -> Result<Outcome, WorkError> {
+    if ctx.drain.is_cancelled() {
+        return Ok(Outcome::Nack);
+    }
+    let (bytes, version) = match outputs::read_uri(uri).await {
+        Ok(read) => read,
+        Err(e) => {
+            let why = Final::Failed {
+                code: "input_unreadable".into(),
+                message: format!("reading {uri}: {e}"),
+            };
+            finish_job(ctx, &msg.job_id, why).await?;
+            return Ok(Outcome::Ack);
+        }
+    };
+    let per_shard = ctx.cfg.input_shard_items;
+    let plan =
+        tokio::task::spawn_blocking(move || plan_input(&bytes, per_shard, version.as_deref()))
+            .await
+            .map_err(|e| WorkError::Join(e.to_string()))?;
+    let shards = u32::try_from(plan.ranges.len()).unwrap_or(u32::MAX);
+    let mut job = job;
+    loop {
+        if job.record.shards == shards {
+            break;
+        }
+        if job.record.shards != 0 {
+            let why = Final::Failed {
+                code: "input_changed".into(),
+                message: format!(
+                    "{uri} changed after the job was planned ({} shards then, {shards} now)",
+                    job.record.shards
+                ),
+            };
+            finish_job(ctx, &msg.job_id, why).await?;
+            return Ok(Outcome::Ack);
+        }
+        let patch = json!({
+            "status": "running",
+            "shards": shards,
+            "counts": {
+                "total": plan.total,
+                "done": job.record.counts.done,
+                "failed": job.record.counts.failed,
+            },
+            "updated_at": rfc3339(now_ms()),
+        });
+        let write = Write::patch(
+            JOBS_COLLECTION,
+            &msg.job_id,
+            patch,
+            Precondition::UpdateTime(job.update_time.clone()),
+        );
+        if let Committed::Done(_) = ctx.store.commit(&[write]).await? {
+            break;
+        }
+        // Changed meanwhile (a cancel, or another worker planned it): look again.
+        job = match ctx
+            .store
+            .get::<JobRecord>(JOBS_COLLECTION, &msg.job_id)
+            .await?
+        {
+            Some(j) if !j.record.status.is_final() && !j.record.cancel_requested => j,
+            // Gone, finished or cancelled: the shard messages of the next delivery sort it out.
+            _ => return Ok(Outcome::Nack),
+        };
+    }
+    let mut pending = Vec::with_capacity(plan.ranges.len());
+    for (i, range) in plan.ranges.into_iter().enumerate() {
+        let shard = JobMessage {
+            job_id: msg.job_id.clone(),
+            kind: JobKind::Batch,
+            task: msg.task,
+            shard: i as u32,
+            shards,
+            items: Vec::new(),
+            input_uri: Some(uri.to_owned()),
+            range: Some(range),
+            chat: None,
+        };
+        let data = serde_json::to_vec(&shard).map_err(|e| WorkError::Publish(e.to_string()))?;
+        pending.push(jobs.publish(Message::new().set_data(data)));
+    }
+    for p in pending {
+        p.await.map_err(|e| WorkError::Publish(e.to_string()))?;
+    }
+    tracing::info!(
+        shards,
+        items = plan.total,
+        "input planned, its shards published"
+    );
+    Ok(Outcome::Ack)
 }
 
 /// Output lines for `items` (one per item, same order). A failing micro-batch is retried
@@ -1245,4 +1464,84 @@ async fn quarantine(
         },
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The whole file parsed as one shard, as a worker without a jobs topic does.
+    fn whole(bytes: &[u8]) -> Vec<Result<InputItem, OutputLine>> {
+        let mut seen = std::collections::HashSet::new();
+        parse_lines(bytes, 1, |_, id| !seen.insert(id.to_owned()))
+    }
+
+    /// Every range parsed as its shard does, in order.
+    fn sharded(bytes: &[u8], plan: &InputPlan) -> Vec<Result<InputItem, OutputLine>> {
+        let mut all = Vec::new();
+        for r in &plan.ranges {
+            let part = &bytes[r.start as usize..r.end as usize];
+            all.extend(parse_lines(part, r.first_line, |n, _| {
+                r.duplicates.contains(&n)
+            }));
+        }
+        all
+    }
+
+    #[test]
+    fn shards_of_a_file_give_the_lines_the_whole_file_gives() {
+        let file = concat!(
+            "{\"custom_id\":\"a\",\"input\":\"안녕\"}\n",
+            "\n",
+            "{\"custom_id\":\"b\",\"input\":\"hi\"}\r\n",
+            "not json\n",
+            "{\"custom_id\":\"a\",\"input\":\"dup of line 1\"}\n",
+            "   \n",
+            "{\"custom_id\":\"c\",\"input\":\"짜장면\"}\n",
+            "{\"custom_id\":\"b\",\"input\":\"dup of line 3\"}\n",
+            "{\"input\":\"no id\"}\n",
+            "{\"custom_id\":\"d\",\"input\":\"last, no newline\"}",
+        )
+        .as_bytes()
+        .to_vec();
+        let mut bad_utf8 = file.clone();
+        bad_utf8.splice(0..0, b"\xff\xfe\n".iter().copied());
+        for bytes in [file, bad_utf8] {
+            let want = whole(&bytes);
+            assert!(want.len() >= 8, "{want:?}");
+            assert!(want.iter().filter(|l| l.is_err()).count() >= 4);
+            for per_shard in [1, 2, 3, 4, 8, 9, 100] {
+                let plan = plan_input(&bytes, per_shard, Some("v1"));
+                assert_eq!(plan.total, want.len() as u64, "per_shard {per_shard}");
+                assert_eq!(
+                    plan.ranges.len() as u64,
+                    plan.total.div_ceil(per_shard),
+                    "per_shard {per_shard}"
+                );
+                assert_eq!(sharded(&bytes, &plan), want, "per_shard {per_shard}");
+                // Contiguous, on line starts, covering every line.
+                assert_eq!(plan.ranges[0].start, 0);
+                for w in plan.ranges.windows(2) {
+                    assert_eq!(w[0].end, w[1].start);
+                    assert_eq!(bytes[w[1].start as usize - 1], b'\n');
+                }
+                assert!(
+                    plan.ranges
+                        .iter()
+                        .all(|r| r.version.as_deref() == Some("v1"))
+                );
+                assert_eq!(plan, plan_input(&bytes, per_shard, Some("v1")));
+            }
+        }
+    }
+
+    #[test]
+    fn a_file_without_items_is_one_empty_shard() {
+        for bytes in [&b""[..], b"\n\n  \n"] {
+            let plan = plan_input(bytes, 10, None);
+            assert_eq!(plan.total, 0);
+            assert_eq!(plan.ranges.len(), 1);
+            assert!(sharded(bytes, &plan).is_empty());
+        }
+    }
 }

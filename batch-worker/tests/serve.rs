@@ -263,6 +263,34 @@ fn assert_exactly(outputs: &BTreeMap<String, Value>, items: &[InputItem]) -> any
     Ok(())
 }
 
+/// The one message the edge publishes for an `input_uri` job: the plan, no range.
+fn plan_message(job_id: &str, uri: &str) -> JobMessage {
+    JobMessage {
+        job_id: job_id.into(),
+        kind: JobKind::Batch,
+        task: Task::Classify,
+        shard: 0,
+        shards: 0,
+        items: Vec::new(),
+        input_uri: Some(uri.into()),
+        range: None,
+        chat: None,
+    }
+}
+
+/// `batch-worker run --task classify` from `input` to `output`.
+fn embedded_run(input: &Path, output: &Path) -> anyhow::Result<()> {
+    let st = std::process::Command::new(BIN)
+        .args(["run", "--task", "classify", "--device", "cpu", "--input"])
+        .arg(input)
+        .arg("--output")
+        .arg(output)
+        .env("RUST_LOG", "error")
+        .status()?;
+    ensure!(st.success(), "embedded run failed: {st}");
+    Ok(())
+}
+
 /// Plain job: three shards (one message published twice, as Pub/Sub may deliver it), an
 /// `input_uri` job with malformed lines, metrics; outputs equal `batch-worker run`'s.
 async fn outputs_once_and_equal_to_the_embedded_run(fx: &Fixture) -> anyhow::Result<()> {
@@ -284,6 +312,7 @@ async fn outputs_once_and_equal_to_the_embedded_run(fx: &Fixture) -> anyhow::Res
         shards: 3,
         items: shards[1].clone(),
         input_uri: None,
+        range: None,
         chat: None,
     })
     .await?;
@@ -307,17 +336,7 @@ async fn outputs_once_and_equal_to_the_embedded_run(fx: &Fixture) -> anyhow::Res
     std::fs::write(&input, &text)?;
     let uri = format!("file://{}", input.display());
     w.create_record("job-f", 0, 0, Some(uri.clone())).await?;
-    w.publish(&JobMessage {
-        job_id: "job-f".into(),
-        kind: JobKind::Batch,
-        task: Task::Classify,
-        shard: 0,
-        shards: 0,
-        items: Vec::new(),
-        input_uri: Some(uri),
-        chat: None,
-    })
-    .await?;
+    w.publish(&plan_message("job-f", &uri)).await?;
 
     let a = w
         .wait_job("job-a", Duration::from_secs(60), "succeeded", |j| {
@@ -351,14 +370,7 @@ async fn outputs_once_and_equal_to_the_embedded_run(fx: &Fixture) -> anyhow::Res
         .map(|i| serde_json::to_string(i).map(|s| s + "\n"))
         .collect::<Result<_, _>>()?;
     std::fs::write(&emb_in, body)?;
-    let st = std::process::Command::new(BIN)
-        .args(["run", "--task", "classify", "--device", "cpu", "--input"])
-        .arg(&emb_in)
-        .arg("--output")
-        .arg(&emb_out)
-        .env("RUST_LOG", "error")
-        .status()?;
-    ensure!(st.success(), "embedded run failed");
+    embedded_run(&emb_in, &emb_out)?;
     for l in std::fs::read_to_string(&emb_out)?.lines() {
         let v: Value = serde_json::from_str(l)?;
         let id = v["custom_id"].as_str().unwrap_or_default();
@@ -406,6 +418,126 @@ async fn outputs_once_and_equal_to_the_embedded_run(fx: &Fixture) -> anyhow::Res
             && metrics.contains("batch_worker_shards_completed_total 4")
             && metrics.contains("batch_worker_inference_seconds_count"),
         "metrics:\n{metrics}"
+    );
+    Ok(())
+}
+
+/// An `input_uri` file of 1,000 lines is cut into shards of 100 by the worker that takes the
+/// job (its plan message is delivered twice: a redelivery after a crash plans again). That
+/// worker is drained once it has committed a chunk, and a second worker finishes the shards. The
+/// job's output files, in order, equal `batch-worker run`'s output on the same file byte for
+/// byte: malformed lines and a duplicate id four shards away included.
+async fn input_file_is_shared_by_workers(fx: &Fixture) -> anyhow::Result<()> {
+    let w = World::new(fx, "input-shards").await?;
+    let worker = |id: &str| {
+        w.worker(id)
+            .with("INPUT_SHARD_ITEMS", "100")
+            .with("BATCH_WORKER_FAILPOINTS", "batch-delay-ms=200")
+    };
+    let mut w1 = worker("w1").start(&w.log("w1.log"))?;
+    let file_items = items("s", 1000);
+    let mut text = String::new();
+    for (i, it) in file_items.iter().enumerate() {
+        match i {
+            5 => text.push_str("{\"custom_id\": \"broken\n"),
+            150 => text.push('\n'),
+            420 => text.push_str(&format!(
+                "{}\n",
+                json!({"custom_id": "s-7", "input": "dup"})
+            )),
+            999 => text.push_str(&serde_json::to_string(it)?),
+            _ => text.push_str(&format!("{}\n", serde_json::to_string(it)?)),
+        }
+    }
+    let dir = w.fx.dir.join("input-shards");
+    let input = dir.join("input.jsonl");
+    std::fs::write(&input, &text)?;
+    let uri = format!("file://{}", input.display());
+    w.create_record("job-s", 0, 0, Some(uri.clone())).await?;
+    let plan = plan_message("job-s", &uri);
+    w.publish(&plan).await?;
+    w.publish(&plan).await?;
+    w.wait_shard("job-s", 0, Duration::from_secs(60), "a first chunk", |s| {
+        s.cursor > 0
+    })
+    .await?;
+    w1.signal(libc::SIGTERM);
+    let (status, _) = w1.wait_exit(Duration::from_secs(25)).await?;
+    ensure!(status.success(), "drain exit status {status}");
+    let _w2 = worker("w2").start(&w.log("w2.log"))?;
+
+    let job = w
+        .wait_job("job-s", Duration::from_secs(90), "succeeded", |j| {
+            j.status == JobStatus::Succeeded
+        })
+        .await?;
+    // 999 non-blank lines; two error lines (the broken one, the duplicate).
+    ensure!(
+        job.counts
+            == Counts {
+                total: 999,
+                done: 999,
+                failed: 2
+            },
+        "counts {:?}",
+        job.counts
+    );
+    ensure!(
+        job.shards == 10 && job.shards_done == 10,
+        "shards {} done {}",
+        job.shards,
+        job.shards_done
+    );
+    let taken = |log: &str| {
+        std::fs::read_to_string(w.log(log)).map(|t| {
+            t.lines()
+                .filter(|l| l.contains("lease taken") && l.contains("job-s"))
+                .count()
+        })
+    };
+    let (by_w1, by_w2) = (taken("w1.log")?, taken("w2.log")?);
+    eprintln!("input-shards: leases taken by w1 {by_w1}, by w2 {by_w2}");
+    ensure!(
+        by_w1 > 0 && by_w2 > 0,
+        "both workers must have run shards: w1 {by_w1}, w2 {by_w2}"
+    );
+    ensure!(
+        w.chunk_lines("job-s") == 999,
+        "a drain must redo nothing, chunks hold {} lines",
+        w.chunk_lines("job-s")
+    );
+
+    let served: String = {
+        let out = w.out.join("job-s").join("output");
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&out)?
+            .map(|e| e.map(|e| e.path()))
+            .collect::<Result<_, _>>()?;
+        files.sort();
+        ensure!(files.len() == 10, "{} output files", files.len());
+        files
+            .iter()
+            .map(std::fs::read_to_string)
+            .collect::<Result<_, _>>()?
+    };
+    let emb_out = dir.join("run.out.jsonl");
+    embedded_run(&input, &emb_out)?;
+    let run = std::fs::read_to_string(&emb_out)?;
+    ensure!(
+        run.lines().count() == 999,
+        "run wrote {} lines",
+        run.lines().count()
+    );
+    for (n, (a, b)) in served.lines().zip(run.lines()).enumerate() {
+        ensure!(a == b, "output line {}: serve {a} / run {b}", n + 1);
+    }
+    ensure!(
+        served == run,
+        "serve wrote {} lines",
+        served.lines().count()
+    );
+    ensure!(
+        served.contains("line 421: custom_id already used earlier in the file"),
+        "no duplicate error line"
     );
     Ok(())
 }
@@ -462,6 +594,7 @@ async fn generation_answers_chat_and_batches(fx: &Fixture) -> anyhow::Result<()>
         shards: 1,
         items: all.clone(),
         input_uri: None,
+        range: None,
         chat: None,
     })
     .await?;
@@ -898,6 +1031,7 @@ async fn serve_keeps_every_item_exactly_once_through_faults() {
         };
     }
     scenario!(outputs_once_and_equal_to_the_embedded_run);
+    scenario!(input_file_is_shared_by_workers);
     scenario!(sigkill_then_restart_loses_nothing);
     scenario!(sigterm_drains_and_another_worker_resumes);
     scenario!(fencing_stops_the_worker_that_lost_its_lease);

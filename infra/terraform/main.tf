@@ -143,12 +143,20 @@ resource "google_project_iam_member" "edge_firestore" {
   member  = "serviceAccount:${google_service_account.edge.email}"
 }
 
-# Worker: pull from its subscription, publish quarantined shards to the dead-letter topic,
-# job records and checkpoints, objects of the output bucket, logs and metrics.
+# Worker: pull from its subscription, publish quarantined shards to the dead-letter topic and
+# the shards of input files to the jobs topic, job records and checkpoints, objects of the
+# output bucket, logs and metrics.
 resource "google_pubsub_subscription_iam_member" "worker_subscribes" {
   subscription = google_pubsub_subscription.worker.id
   role         = "roles/pubsub.subscriber"
   member       = "serviceAccount:${google_service_account.worker.email}"
+}
+
+# The worker that takes an input-file job publishes its shards to the jobs topic.
+resource "google_pubsub_topic_iam_member" "worker_publishes_shards" {
+  topic  = google_pubsub_topic.jobs.id
+  role   = "roles/pubsub.publisher"
+  member = "serviceAccount:${google_service_account.worker.email}"
 }
 
 resource "google_pubsub_topic_iam_member" "worker_dead_letters" {
@@ -227,6 +235,7 @@ resource "google_compute_instance_template" "worker" {
     lm-sha256             = var.lm_sha256
     pubsub-subscription   = google_pubsub_subscription.worker.name
     dead-letter-topic     = google_pubsub_topic.dead_letter.name
+    jobs-topic            = google_pubsub_topic.jobs.name
     output-root           = "gs://${google_storage_bucket.outputs.name}"
     poison-limit          = tostring(var.poison_limit)
     device                = "auto"

@@ -182,12 +182,37 @@ pub struct JobMessage {
     /// Inline items of this shard (masked).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub items: Vec<InputItem>,
-    /// A bulk input file the worker reads and shards itself.
+    /// A bulk input file. Without `range` (`shards` 0, as the edge publishes it) the worker
+    /// that takes the message plans the job: it cuts the file into ranges and publishes one
+    /// message per range; with `range` the message is one of those shards.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub input_uri: Option<String>,
+    /// This shard's part of `input_uri`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub range: Option<InputRange>,
     /// A queued chat message (masked).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chat: Option<ChatRequest>,
+}
+
+/// One shard's part of an `input_uri` file, as the worker that planned the job cut it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputRange {
+    /// First byte of the range: the start of a line.
+    pub start: u64,
+    /// One past the last byte: the end of a line (after its `\n`) or of the file.
+    pub end: u64,
+    /// Line number (from 1) of the line at `start`: error lines and duplicates name it.
+    pub first_line: u64,
+    /// The object's version (ETag) the plan was made from; a shard that finds another version
+    /// fails the job instead of mixing two files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// Line numbers in the range whose `custom_id` an earlier line of the file already used:
+    /// they become `duplicate_custom_id` error lines.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub duplicates: Vec<u64>,
 }
 
 impl JobMessage {
@@ -201,6 +226,7 @@ impl JobMessage {
             shards: 1,
             items: Vec::new(),
             input_uri: None,
+            range: None,
             chat: Some(chat),
         }
     }

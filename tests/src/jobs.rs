@@ -47,6 +47,7 @@ impl Jobs {
                 shards: shards.len() as u32,
                 items: items.clone(),
                 input_uri: None,
+                range: None,
                 chat: None,
             })
             .await?;

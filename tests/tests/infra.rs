@@ -310,6 +310,7 @@ fn startup_script_installs_configures_and_is_idempotent() {
         "GCP_PROJECT=proj-1",
         "PUBSUB_SUBSCRIPTION=worker",
         "DEAD_LETTER_TOPIC=jobs-dead",
+        "JOBS_TOPIC=jobs",
         "OUTPUT_ROOT=gs://bucket/out",
         "POISON_LIMIT=5",
         "DEVICE=auto",
@@ -565,6 +566,16 @@ fn terraform_declares_the_queue_store_bucket_accounts_and_spot_workers() {
     );
     assert_eq!(attr(worker_sub, "role"), "roles/pubsub.subscriber");
     assert!(attr(worker_sub, "member").contains("google_service_account.worker"));
+    // The worker that takes an input-file job publishes its shards to the jobs topic.
+    let worker_pub = find(
+        &tf,
+        "resource",
+        "google_pubsub_topic_iam_member",
+        "worker_publishes_shards",
+    );
+    assert_eq!(attr(worker_pub, "role"), "roles/pubsub.publisher");
+    assert!(attr(worker_pub, "topic").contains("google_pubsub_topic.jobs"));
+    assert!(attr(worker_pub, "member").contains("google_service_account.worker"));
     let objects = find(
         &tf,
         "resource",
@@ -598,7 +609,9 @@ fn terraform_declares_the_queue_store_bucket_accounts_and_spot_workers() {
     assert_eq!(attr(tpl, "guest_accelerator.type"), "var.gpu_type");
     let metadata = attr(tpl, "metadata");
     assert!(
-        metadata.contains("startup.sh") && metadata.contains("shutdown.sh"),
+        metadata.contains("startup.sh")
+            && metadata.contains("shutdown.sh")
+            && metadata.contains("jobs-topic"),
         "{metadata}"
     );
     assert!(attr(tpl, "disk.source_image").contains("var.worker_image"));

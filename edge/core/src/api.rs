@@ -402,6 +402,7 @@ impl App {
                             shards: n,
                             items,
                             input_uri: None,
+                            range: None,
                             chat: None,
                         })
                         .collect::<Vec<_>>();
@@ -416,6 +417,7 @@ impl App {
                         shards: 0,
                         items: Vec::new(),
                         input_uri: input_uri.clone(),
+                        range: None,
                         chat: None,
                     }],
                     0,
