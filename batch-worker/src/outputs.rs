@@ -128,6 +128,25 @@ pub async fn read_uri(uri: &str) -> Result<(Vec<u8>, Option<String>), OutputErro
     Ok((r.bytes().await?.to_vec(), version))
 }
 
+/// Reads the object at `uri` piece by piece as storage delivers it, never whole: `start`
+/// makes the reader from the object's version (ETag, where the store has one), `feed` gives
+/// it each piece in order.
+pub async fn read_uri_pieces<T>(
+    uri: &str,
+    start: impl FnOnce(Option<&str>) -> T,
+    mut feed: impl FnMut(&mut T, &[u8]),
+) -> Result<T, OutputError> {
+    use futures::StreamExt;
+    let (store, path) = object(uri)?;
+    let r = store.get(&path).await?;
+    let mut reader = start(r.meta.e_tag.as_deref());
+    let mut pieces = r.into_stream();
+    while let Some(piece) = pieces.next().await {
+        feed(&mut reader, &piece?);
+    }
+    Ok(reader)
+}
+
 /// Reads bytes `range` of the object at `uri`. With `version`, the object must still have
 /// that ETag ([`OutputError::Changed`] if not).
 pub async fn read_uri_range(
@@ -196,6 +215,41 @@ mod tests {
             b"{\"i\":1}\n"
         );
         assert_eq!(loc.get(&name).await.expect("get"), b"{\"i\":1}\n");
+        std::fs::remove_dir_all(&dir).expect("clean up");
+    }
+
+    /// A shard reads its byte range of the version its job was planned from; once the object
+    /// is replaced, the read fails as `Changed` instead of returning the other file's bytes.
+    #[tokio::test]
+    async fn a_range_read_refuses_another_version_of_the_input() {
+        let dir = std::env::temp_dir().join(format!("outputs range {}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let file = dir.join("in.jsonl");
+        std::fs::write(&file, "line one\nline two\n").expect("write input");
+        let uri = url::Url::from_file_path(&file)
+            .expect("absolute path")
+            .to_string();
+        let (bytes, version) = read_uri(&uri).await.expect("read whole");
+        assert_eq!(bytes, b"line one\nline two\n");
+        let version = version.expect("local files have an ETag");
+        let read = |r: std::ops::Range<u64>, v: Option<String>| {
+            let uri = uri.clone();
+            async move { read_uri_range(&uri, r, v.as_deref()).await }
+        };
+        assert_eq!(
+            read(9..18, Some(version.clone())).await.expect("range"),
+            b"line two\n"
+        );
+        assert_eq!(read(9..9, Some(version.clone())).await.expect("empty"), b"");
+        assert_eq!(read(0..4, None).await.expect("unversioned"), b"line");
+
+        std::fs::write(&file, "another file, longer than the first\n").expect("replace");
+        for r in [9..18, 9..9] {
+            let err = read(r.clone(), Some(version.clone()))
+                .await
+                .expect_err("changed");
+            assert!(matches!(err, OutputError::Changed(_)), "{r:?}: {err}");
+        }
         std::fs::remove_dir_all(&dir).expect("clean up");
     }
 }

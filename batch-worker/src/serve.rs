@@ -718,58 +718,119 @@ struct InputPlan {
     total: u64,
 }
 
-/// Cuts `bytes` (an input file of version `version`) into ranges of at most `per_shard`
-/// non-blank lines, on line boundaries, and lists in each range the lines whose `custom_id` an
-/// earlier line of the file used. Always at least one range (an empty file's is empty).
-/// Deterministic: planning the same bytes again gives the same shards.
-fn plan_input(bytes: &[u8], per_shard: u64, version: Option<&str>) -> InputPlan {
-    use sha2::{Digest, Sha256};
-    let per_shard = per_shard.max(1);
-    let range = |start: usize, end: usize, first_line: u64, duplicates: Vec<u64>| InputRange {
-        start: start as u64,
-        end: end as u64,
-        first_line,
-        version: version.map(str::to_owned),
-        duplicates,
-    };
-    // 128 bits of each id's SHA-256, not the ids themselves: a file of millions of lines is
-    // planned in a fraction of its size, and a collision is out of reach.
-    let mut seen = std::collections::HashSet::<[u8; 16]>::new();
-    let mut ranges = Vec::new();
-    let (mut start, mut first_line, mut in_range, mut total) = (0usize, 1u64, 0u64, 0u64);
-    let mut duplicates = Vec::new();
-    let mut end = 0usize;
-    for (line_no, line) in (1u64..).zip(bytes.split_inclusive(|b| *b == b'\n')) {
-        end += line.len();
+/// Cuts an input file, fed in pieces as storage delivers it, into ranges of at most
+/// `per_shard` non-blank lines, on line boundaries, and lists in each range the lines whose
+/// `custom_id` an earlier line of the file used. Always at least one range (an empty file's is
+/// empty). Deterministic: the same bytes, however they are split into pieces, give the same
+/// shards, so planning again after a crash publishes the same ones.
+struct Planner {
+    per_shard: u64,
+    version: Option<String>,
+    /// 128 bits of each id's SHA-256, not the ids themselves: a file of millions of lines is
+    /// planned in a fraction of its size, and a collision is out of reach.
+    seen: std::collections::HashSet<[u8; 16]>,
+    ranges: Vec<InputRange>,
+    /// The range being filled: its first byte and line, its items and duplicates so far.
+    start: u64,
+    first_line: u64,
+    in_range: u64,
+    duplicates: Vec<u64>,
+    /// Items in the whole file so far.
+    total: u64,
+    /// Bytes and lines consumed (whole lines only).
+    end: u64,
+    lines: u64,
+    /// The bytes of a line not yet ended by `\n`.
+    partial: Vec<u8>,
+}
+
+impl Planner {
+    fn new(per_shard: u64, version: Option<String>) -> Self {
+        Self {
+            per_shard: per_shard.max(1),
+            version,
+            seen: Default::default(),
+            ranges: Vec::new(),
+            start: 0,
+            first_line: 1,
+            in_range: 0,
+            duplicates: Vec::new(),
+            total: 0,
+            end: 0,
+            lines: 0,
+            partial: Vec::new(),
+        }
+    }
+
+    /// The next bytes of the file.
+    fn feed(&mut self, mut bytes: &[u8]) {
+        while let Some(i) = bytes.iter().position(|b| *b == b'\n') {
+            let (line, rest) = bytes.split_at(i + 1);
+            if self.partial.is_empty() {
+                self.line(line);
+            } else {
+                let mut whole = std::mem::take(&mut self.partial);
+                whole.extend_from_slice(line);
+                self.line(&whole);
+                whole.clear();
+                self.partial = whole;
+            }
+            bytes = rest;
+        }
+        self.partial.extend_from_slice(bytes);
+    }
+
+    /// One line, with its `\n` if it has one.
+    fn line(&mut self, line: &[u8]) {
+        self.lines += 1;
+        self.end += line.len() as u64;
         let content = line.strip_suffix(b"\n").unwrap_or(line);
         if content.trim_ascii().is_empty() {
-            continue;
+            return;
         }
-        if let Ok(item) = parse_line(content, line_no) {
+        if let Ok(item) = parse_line(content, self.lines) {
+            use sha2::{Digest, Sha256};
             let digest = Sha256::digest(item.custom_id.as_bytes());
             let mut key = [0u8; 16];
             key.copy_from_slice(&digest[..16]);
-            if !seen.insert(key) {
-                duplicates.push(line_no);
+            if !self.seen.insert(key) {
+                self.duplicates.push(self.lines);
             }
         }
-        in_range += 1;
-        total += 1;
-        if in_range == per_shard {
-            ranges.push(range(
-                start,
-                end,
-                first_line,
-                std::mem::take(&mut duplicates),
-            ));
-            (start, first_line, in_range) = (end, line_no + 1, 0);
+        self.in_range += 1;
+        self.total += 1;
+        if self.in_range == self.per_shard {
+            self.close();
+            (self.start, self.first_line, self.in_range) = (self.end, self.lines + 1, 0);
         }
     }
-    // The last lines, or nothing at all (a file of blank lines after the last cut adds none).
-    if in_range > 0 || ranges.is_empty() {
-        ranges.push(range(start, bytes.len(), first_line, duplicates));
+
+    /// Ends the range being filled at the bytes consumed so far.
+    fn close(&mut self) {
+        self.ranges.push(InputRange {
+            start: self.start,
+            end: self.end,
+            first_line: self.first_line,
+            version: self.version.clone(),
+            duplicates: std::mem::take(&mut self.duplicates),
+        });
     }
-    InputPlan { ranges, total }
+
+    /// The plan, once the whole file was fed.
+    fn finish(mut self) -> InputPlan {
+        if !self.partial.is_empty() {
+            let last = std::mem::take(&mut self.partial);
+            self.line(&last);
+        }
+        // The last lines, or nothing at all (blank lines after the last cut add none).
+        if self.in_range > 0 || self.ranges.is_empty() {
+            self.close();
+        }
+        InputPlan {
+            ranges: self.ranges,
+            total: self.total,
+        }
+    }
 }
 
 /// Plans an `input_uri` job (its message has no range): reads the file, records the number of
@@ -787,8 +848,16 @@ async fn plan_job(
     if ctx.drain.is_cancelled() {
         return Ok(Outcome::Nack);
     }
-    let (bytes, version) = match outputs::read_uri(uri).await {
-        Ok(read) => read,
+    // The file is read as a stream and never held whole.
+    let per_shard = ctx.cfg.input_shard_items;
+    let read = outputs::read_uri_pieces(
+        uri,
+        |version| Planner::new(per_shard, version.map(str::to_owned)),
+        |planner, piece| tokio::task::block_in_place(|| planner.feed(piece)),
+    )
+    .await;
+    let plan = match read {
+        Ok(planner) => planner.finish(),
         Err(e) => {
             let why = Final::Failed {
                 code: "input_unreadable".into(),
@@ -798,11 +867,6 @@ async fn plan_job(
             return Ok(Outcome::Ack);
         }
     };
-    let per_shard = ctx.cfg.input_shard_items;
-    let plan =
-        tokio::task::spawn_blocking(move || plan_input(&bytes, per_shard, version.as_deref()))
-            .await
-            .map_err(|e| WorkError::Join(e.to_string()))?;
     let shards = u32::try_from(plan.ranges.len()).unwrap_or(u32::MAX);
     let mut job = job;
     loop {
@@ -1476,6 +1540,15 @@ mod tests {
         parse_lines(bytes, 1, |_, id| !seen.insert(id.to_owned()))
     }
 
+    /// The plan of `bytes` fed in pieces of `piece` bytes.
+    fn plan(bytes: &[u8], per_shard: u64, version: Option<&str>, piece: usize) -> InputPlan {
+        let mut p = Planner::new(per_shard, version.map(str::to_owned));
+        for chunk in bytes.chunks(piece) {
+            p.feed(chunk);
+        }
+        p.finish()
+    }
+
     /// Every range parsed as its shard does, in order.
     fn sharded(bytes: &[u8], plan: &InputPlan) -> Vec<Result<InputItem, OutputLine>> {
         let mut all = Vec::new();
@@ -1511,7 +1584,7 @@ mod tests {
             assert!(want.len() >= 8, "{want:?}");
             assert!(want.iter().filter(|l| l.is_err()).count() >= 4);
             for per_shard in [1, 2, 3, 4, 8, 9, 100] {
-                let plan = plan_input(&bytes, per_shard, Some("v1"));
+                let plan = plan(&bytes, per_shard, Some("v1"), bytes.len().max(1));
                 assert_eq!(plan.total, want.len() as u64, "per_shard {per_shard}");
                 assert_eq!(
                     plan.ranges.len() as u64,
@@ -1530,7 +1603,10 @@ mod tests {
                         .iter()
                         .all(|r| r.version.as_deref() == Some("v1"))
                 );
-                assert_eq!(plan, plan_input(&bytes, per_shard, Some("v1")));
+                // However storage splits the file into pieces.
+                for piece in [1, 2, 7, 64] {
+                    assert_eq!(plan, self::plan(&bytes, per_shard, Some("v1"), piece));
+                }
             }
         }
     }
@@ -1538,7 +1614,7 @@ mod tests {
     #[test]
     fn a_file_without_items_is_one_empty_shard() {
         for bytes in [&b""[..], b"\n\n  \n"] {
-            let plan = plan_input(bytes, 10, None);
+            let plan = plan(bytes, 10, None, 3);
             assert_eq!(plan.total, 0);
             assert_eq!(plan.ranges.len(), 1);
             assert!(sharded(bytes, &plan).is_empty());
