@@ -877,7 +877,9 @@ async fn plan_job(
             let why = Final::Failed {
                 code: "input_changed".into(),
                 message: format!(
-                    "{uri} changed after the job was planned ({} shards then, {shards} now)",
+                    "{uri} was planned into {} shards before and into {shards} now: the file \
+                     changed during the job, or workers with another INPUT_SHARD_ITEMS share \
+                     the subscription",
                     job.record.shards
                 ),
             };

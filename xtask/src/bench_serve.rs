@@ -6,8 +6,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
-use shared::jobs::JobStatus;
-use shared::wire::InputItem;
+use shared::jobs::{JobKind, JobMessage, JobStatus};
+use shared::wire::{InputItem, Task};
 use stack::emulators::Emulators;
 use stack::gcp::{PubSub, Topology};
 use stack::jobs::Jobs;
@@ -34,10 +34,17 @@ pub struct Args {
     /// Give up on a job after this many seconds
     #[arg(long, default_value_t = 600)]
     pub timeout: u64,
+    /// Submit the job as an input file (`input_uri`) that the worker plans into the shards
+    /// itself (`INPUT_SHARD_ITEMS` = items / shards), instead of inline shard messages; the
+    /// clock includes the planning
+    #[arg(long)]
+    pub input_uri: bool,
 }
 
 /// What was measured.
 pub struct Report {
+    /// The job was an input file the worker planned (else inline shard messages).
+    pub input_uri: bool,
     pub items: usize,
     pub shards: usize,
     pub batch: usize,
@@ -75,13 +82,18 @@ impl Report {
     /// A heading line and a Markdown table.
     pub fn table(&self) -> String {
         format!(
-            "`batch-worker serve --device cpu`, one worker, on one `classify` job of {} items in {} shards (Pub/Sub and Firestore emulators, `file://` outputs), micro-batch {}, {} CPU cores, fastest of {} jobs per mode, each with a fresh worker; the job waits in the subscription; the clock and the worker's CPU time run from its `serving` log line to the job's `succeeded` (`run`: its own summary's clock; its CPU time includes its start-up)\n\n\
+            "`batch-worker serve --device cpu`, one worker, on one `classify` job of {} items in {} shards{} (Pub/Sub and Firestore emulators, `file://` outputs), micro-batch {}, {} CPU cores, fastest of {} jobs per mode, each with a fresh worker; the job waits in the subscription; the clock and the worker's CPU time run from its `serving` log line to the job's `succeeded` (`run`: its own summary's clock; its CPU time includes its start-up)\n\n\
              | mode | items/s | seconds | worker CPU seconds | worker CPU µs per item |\n|---|---|---|---|---|\n\
              | `serve` (Pub/Sub, Firestore checkpoints, chunk objects) | {:.0} | {:.2} | {:.2} | {:.1} |\n\
              | `run` (embedded, same items) | {:.0} | {:.2} | {:.2} | {:.1} |\n\
              | ratio serve / run | {:.2} | | {:.2} | |\n",
             self.items,
             self.shards,
+            if self.input_uri {
+                ", given as one input file that the worker cut into them"
+            } else {
+                ""
+            },
             self.batch,
             crate::cores(),
             self.repeat,
@@ -161,12 +173,20 @@ pub fn measure(args: &Args) -> anyhow::Result<Report> {
         }
     }
 
+    let file_uri = format!("file://{}", input.display());
     let serve_s = tokio::runtime::Runtime::new()?.block_on(async {
         let mut emu = Emulators::start(&dir.join("logs")).await?;
         let mut best: Timing = (f64::INFINITY, 0.0);
         let mut result = Ok(());
         for round in 0..args.repeat {
-            match serve_job(args, round, &worker, &dir, &emu, &shards).await {
+            let job = match args.input_uri {
+                true => Job::File {
+                    uri: &file_uri,
+                    per_shard,
+                },
+                false => Job::Inline(&shards),
+            };
+            match serve_job(args, round, &worker, &dir, &emu, job).await {
                 Ok((s, cpu)) => {
                     eprintln!(
                         "bench-serve: `serve` {:.0} items/s, {cpu:.2} CPU seconds",
@@ -187,6 +207,7 @@ pub fn measure(args: &Args) -> anyhow::Result<Report> {
     })?;
     let (serve_s, serve_cpu_s) = serve_s;
     Ok(Report {
+        input_uri: args.input_uri,
         items: args.items,
         shards: shards.len(),
         batch: args.batch_size,
@@ -198,6 +219,15 @@ pub fn measure(args: &Args) -> anyhow::Result<Report> {
     })
 }
 
+/// How the job is handed to the worker.
+#[derive(Clone, Copy)]
+enum Job<'a> {
+    /// Shard messages with their items, as the edge publishes an inline batch.
+    Inline(&'a [Vec<InputItem>]),
+    /// One input file, planned by the worker into shards of `per_shard` lines.
+    File { uri: &'a str, per_shard: usize },
+}
+
 /// Submits the job, starts one worker and times it from `serving` to the job's `succeeded`;
 /// checks that every item has exactly one output line.
 async fn serve_job(
@@ -206,7 +236,7 @@ async fn serve_job(
     worker: &Path,
     dir: &Path,
     emu: &Emulators,
-    shards: &[Vec<InputItem>],
+    job: Job<'_>,
 ) -> anyhow::Result<Timing> {
     let t = Topology::unique("bench-serve");
     PubSub::new(&emu.pubsub_host)
@@ -217,12 +247,38 @@ async fn serve_job(
     let jobs = Jobs::new(&emu.pubsub_host, &emu.firestore_host, &t);
     let job_id = format!("bench-serve-{round}");
     let job_id = job_id.as_str();
-    jobs.submit(job_id, shards).await?;
     let out = dir.join(format!("out-{round}"));
+    let mut config = WorkerConfig::new(worker, "bench-serve", emu, &t, &out)
+        .with("BATCH_SIZE", args.batch_size.to_string());
+    match job {
+        Job::Inline(shards) => jobs.submit(job_id, shards).await?,
+        Job::File { uri, per_shard } => {
+            jobs.create_record(
+                job_id,
+                JobKind::Batch,
+                Task::Classify,
+                0,
+                0,
+                Some(uri.into()),
+            )
+            .await?;
+            jobs.publish(&JobMessage {
+                job_id: job_id.into(),
+                kind: JobKind::Batch,
+                task: Task::Classify,
+                shard: 0,
+                shards: 0,
+                items: Vec::new(),
+                input_uri: Some(uri.into()),
+                range: None,
+                chat: None,
+            })
+            .await?;
+            config = config.with("INPUT_SHARD_ITEMS", per_shard.to_string());
+        }
+    }
     std::fs::create_dir_all(&out)?;
-    let w = WorkerConfig::new(worker, "bench-serve", emu, &t, &out)
-        .with("BATCH_SIZE", args.batch_size.to_string())
-        .start(&dir.join(format!("logs/worker-{round}.log")))?;
+    let w = config.start(&dir.join(format!("logs/worker-{round}.log")))?;
     let serving = || std::fs::read_to_string(w.log_path()).is_ok_and(|l| l.contains("\"serving\""));
     let deadline = Instant::now() + Duration::from_secs(60);
     while !serving() {
@@ -265,7 +321,7 @@ async fn serve_job(
             ensure!(ids.insert(id.clone()), "{id} has two output lines");
         }
     }
-    let items: usize = shards.iter().map(Vec::len).sum();
+    let items = args.items;
     ensure!(
         ids.len() == items,
         "{} output lines for {items} items",
