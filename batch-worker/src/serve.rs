@@ -912,7 +912,7 @@ async fn plan_job(
             .await?
         {
             Some(j) if !j.record.status.is_final() && !j.record.cancel_requested => j,
-            // Gone, finished or cancelled: the shard messages of the next delivery sort it out.
+            // Gone, finished or cancelled: this message's next delivery sees it and acks.
             _ => return Ok(Outcome::Nack),
         };
     }
