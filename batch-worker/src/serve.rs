@@ -80,11 +80,13 @@ pub struct Failpoints {
     pub crash_on_input: Option<String>,
     /// Sleep this long per micro-batch, so that tests can kill the worker mid-shard.
     pub batch_delay: Duration,
+    /// Abort once an input file's plan is on its job record, before its shards are published.
+    pub crash_after_plan: bool,
 }
 
 impl std::str::FromStr for Failpoints {
     type Err = String;
-    /// `crash-on-input=TEXT;batch-delay-ms=N`
+    /// `crash-on-input=TEXT;batch-delay-ms=N;crash-after-plan=1`
     fn from_str(s: &str) -> Result<Self, String> {
         let mut f = Failpoints::default();
         for part in s.split(';').filter(|p| !p.trim().is_empty()) {
@@ -96,9 +98,10 @@ impl std::str::FromStr for Failpoints {
                         .map_err(|_| format!("batch-delay-ms={v:?} is not a number"))?;
                     f.batch_delay = Duration::from_millis(ms);
                 }
+                Some(("crash-after-plan", v)) => f.crash_after_plan = v == "1",
                 _ => {
                     return Err(format!(
-                        "unknown failpoint {part:?}; known: crash-on-input=TEXT, batch-delay-ms=N"
+                        "unknown failpoint {part:?}; known: crash-on-input=TEXT, batch-delay-ms=N, crash-after-plan=1"
                     ));
                 }
             }
@@ -915,6 +918,10 @@ async fn plan_job(
             // Gone, finished or cancelled: this message's next delivery sees it and acks.
             _ => return Ok(Outcome::Nack),
         };
+    }
+    if ctx.cfg.failpoints.crash_after_plan {
+        tracing::error!("failpoint crash-after-plan hit: aborting");
+        std::process::abort();
     }
     let mut pending = Vec::with_capacity(plan.ranges.len());
     for (i, range) in plan.ranges.into_iter().enumerate() {

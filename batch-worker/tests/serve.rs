@@ -188,21 +188,25 @@ impl<'a> World<'a> {
         }
     }
 
-    /// Every output line of the job, in file order.
-    fn output_lines(&self, job_id: &str) -> anyhow::Result<Vec<Value>> {
+    /// The job's output files, in name order, and their text concatenated.
+    fn output_text(&self, job_id: &str) -> anyhow::Result<(usize, String)> {
         let dir = self.out.join(job_id).join("output");
         let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
             .with_context(|| format!("{}", dir.display()))?
             .map(|e| e.map(|e| e.path()))
             .collect::<Result<_, _>>()?;
         files.sort();
-        let mut lines = Vec::new();
-        for f in files {
-            for l in std::fs::read_to_string(f)?.lines() {
-                lines.push(serde_json::from_str(l)?);
-            }
-        }
-        Ok(lines)
+        let text = files
+            .iter()
+            .map(std::fs::read_to_string)
+            .collect::<Result<_, _>>()?;
+        Ok((files.len(), text))
+    }
+
+    /// Every output line of the job, in file order.
+    fn output_lines(&self, job_id: &str) -> anyhow::Result<Vec<Value>> {
+        let (_, text) = self.output_text(job_id)?;
+        text.lines().map(|l| Ok(serde_json::from_str(l)?)).collect()
     }
 
     /// Every output line of the job, by `custom_id`; fails on a duplicate.
@@ -263,21 +267,6 @@ fn assert_exactly(outputs: &BTreeMap<String, Value>, items: &[InputItem]) -> any
     Ok(())
 }
 
-/// The one message the edge publishes for an `input_uri` job: the plan, no range.
-fn plan_message(job_id: &str, uri: &str) -> JobMessage {
-    JobMessage {
-        job_id: job_id.into(),
-        kind: JobKind::Batch,
-        task: Task::Classify,
-        shard: 0,
-        shards: 0,
-        items: Vec::new(),
-        input_uri: Some(uri.into()),
-        range: None,
-        chat: None,
-    }
-}
-
 /// `batch-worker run --task classify` from `input` to `output`.
 fn embedded_run(input: &Path, output: &Path) -> anyhow::Result<()> {
     let st = std::process::Command::new(BIN)
@@ -336,7 +325,8 @@ async fn outputs_once_and_equal_to_the_embedded_run(fx: &Fixture) -> anyhow::Res
     std::fs::write(&input, &text)?;
     let uri = format!("file://{}", input.display());
     w.create_record("job-f", 0, 0, Some(uri.clone())).await?;
-    w.publish(&plan_message("job-f", &uri)).await?;
+    w.publish(&JobMessage::input_file("job-f", Task::Classify, &uri))
+        .await?;
 
     let a = w
         .wait_job("job-a", Duration::from_secs(60), "succeeded", |j| {
@@ -454,7 +444,7 @@ async fn input_file_is_shared_by_workers(fx: &Fixture) -> anyhow::Result<()> {
     std::fs::write(&input, &text)?;
     let uri = format!("file://{}", input.display());
     w.create_record("job-s", 0, 0, Some(uri.clone())).await?;
-    let plan = plan_message("job-s", &uri);
+    let plan = JobMessage::input_file("job-s", Task::Classify, &uri);
     w.publish(&plan).await?;
     w.publish(&plan).await?;
     w.wait_shard("job-s", 0, Duration::from_secs(60), "a first chunk", |s| {
@@ -507,18 +497,8 @@ async fn input_file_is_shared_by_workers(fx: &Fixture) -> anyhow::Result<()> {
         w.chunk_lines("job-s")
     );
 
-    let served: String = {
-        let out = w.out.join("job-s").join("output");
-        let mut files: Vec<PathBuf> = std::fs::read_dir(&out)?
-            .map(|e| e.map(|e| e.path()))
-            .collect::<Result<_, _>>()?;
-        files.sort();
-        ensure!(files.len() == 10, "{} output files", files.len());
-        files
-            .iter()
-            .map(std::fs::read_to_string)
-            .collect::<Result<_, _>>()?
-    };
+    let (files, served) = w.output_text("job-s")?;
+    ensure!(files == 10, "{files} output files");
     let emb_out = dir.join("run.out.jsonl");
     embedded_run(&input, &emb_out)?;
     let run = std::fs::read_to_string(&emb_out)?;
@@ -538,6 +518,66 @@ async fn input_file_is_shared_by_workers(fx: &Fixture) -> anyhow::Result<()> {
     ensure!(
         served.contains("line 421: custom_id already used earlier in the file"),
         "no duplicate error line"
+    );
+    Ok(())
+}
+
+/// The worker that plans an input file dies (abort) after the plan is on the job record and
+/// before any shard is published. The plan message comes back to a restarted worker, which
+/// plans the same shards again from the same bytes and publishes them: the job completes, its
+/// output equal to `batch-worker run`'s byte for byte.
+async fn plan_survives_a_crash_before_its_shards_are_published(fx: &Fixture) -> anyhow::Result<()> {
+    let w = World::new(fx, "plan-crash").await?;
+    let mut w1 = w
+        .worker("w1")
+        .with("INPUT_SHARD_ITEMS", "100")
+        .with("BATCH_WORKER_FAILPOINTS", "crash-after-plan=1")
+        .start(&w.log("w1.log"))?;
+    let dir = w.fx.dir.join("plan-crash");
+    let input = dir.join("input.jsonl");
+    let body: String = items("p", 300)
+        .iter()
+        .map(|i| serde_json::to_string(i).map(|s| s + "\n"))
+        .collect::<Result<_, _>>()?;
+    std::fs::write(&input, body)?;
+    let uri = format!("file://{}", input.display());
+    w.create_record("job-p", 0, 0, Some(uri.clone())).await?;
+    w.publish(&JobMessage::input_file("job-p", Task::Classify, &uri))
+        .await?;
+    let (status, _) = w1.wait_exit(Duration::from_secs(30)).await?;
+    ensure!(
+        !status.success(),
+        "the failpoint must abort the worker: {status}"
+    );
+    let planned = w.job("job-p").await?;
+    ensure!(
+        planned.shards == 3 && planned.counts.total == 300 && planned.status == JobStatus::Running,
+        "the plan must be on the record: {planned:?}"
+    );
+    ensure!(
+        w.shard("job-p", 0).await?.is_none(),
+        "no shard may have started before the crash"
+    );
+    // The same worker restarted without the failpoint (the VM's service restarting it).
+    let _w1 = w
+        .worker("w1")
+        .with("INPUT_SHARD_ITEMS", "100")
+        .start(&w.log("w1b.log"))?;
+    let job = w
+        .wait_job("job-p", REDELIVERY, "succeeded", |j| {
+            j.status == JobStatus::Succeeded
+        })
+        .await?;
+    ensure!(
+        job.shards_done == 3 && job.counts.done == 300 && job.counts.failed == 0,
+        "{job:?}"
+    );
+    let run_out = dir.join("run.out.jsonl");
+    embedded_run(&input, &run_out)?;
+    let (files, served) = w.output_text("job-p")?;
+    ensure!(
+        files == 3 && served == std::fs::read_to_string(&run_out)?,
+        "serve's output ({files} files) differs from run's"
     );
     Ok(())
 }
@@ -1032,6 +1072,7 @@ async fn serve_keeps_every_item_exactly_once_through_faults() {
     }
     scenario!(outputs_once_and_equal_to_the_embedded_run);
     scenario!(input_file_is_shared_by_workers);
+    scenario!(plan_survives_a_crash_before_its_shards_are_published);
     scenario!(sigkill_then_restart_loses_nothing);
     scenario!(sigterm_drains_and_another_worker_resumes);
     scenario!(fencing_stops_the_worker_that_lost_its_lease);

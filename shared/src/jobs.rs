@@ -216,6 +216,22 @@ pub struct InputRange {
 }
 
 impl JobMessage {
+    /// The one message of an `input_uri` batch job, as the edge publishes it: no shards yet
+    /// (`shards` 0) and no range; the worker that takes it plans the shards.
+    pub fn input_file(job_id: &str, task: Task, input_uri: &str) -> Self {
+        Self {
+            job_id: job_id.to_owned(),
+            kind: JobKind::Batch,
+            task,
+            shard: 0,
+            shards: 0,
+            items: Vec::new(),
+            input_uri: Some(input_uri.to_owned()),
+            range: None,
+            chat: None,
+        }
+    }
+
     /// The one message of a queued chat job: a single `generate` shard carrying `chat`.
     pub fn chat(job_id: &str, chat: ChatRequest) -> Self {
         Self {

@@ -262,18 +262,8 @@ async fn serve_job(
                 Some(uri.into()),
             )
             .await?;
-            jobs.publish(&JobMessage {
-                job_id: job_id.into(),
-                kind: JobKind::Batch,
-                task: Task::Classify,
-                shard: 0,
-                shards: 0,
-                items: Vec::new(),
-                input_uri: Some(uri.into()),
-                range: None,
-                chat: None,
-            })
-            .await?;
+            jobs.publish(&JobMessage::input_file(job_id, Task::Classify, uri))
+                .await?;
             config = config.with("INPUT_SHARD_ITEMS", per_shard.to_string());
         }
     }

@@ -408,18 +408,12 @@ impl App {
                         .collect::<Vec<_>>();
                     (msgs, items.len() as u64)
                 }
+                // Without items there is an `input_uri`: its one plan message.
                 None => (
-                    vec![JobMessage {
-                        job_id: job_id.clone(),
-                        kind: JobKind::Batch,
-                        task,
-                        shard: 0,
-                        shards: 0,
-                        items: Vec::new(),
-                        input_uri: input_uri.clone(),
-                        range: None,
-                        chat: None,
-                    }],
+                    input_uri
+                        .iter()
+                        .map(|uri| JobMessage::input_file(&job_id, task, uri))
+                        .collect(),
                     0,
                 ),
             };
