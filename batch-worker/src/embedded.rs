@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use shared::features::Featurizer;
-use shared::wire::{InputItem, OutputLine, Task, parse_input_line};
+use shared::wire::{
+    InputItem, OutputLine, Task, duplicate_id_line, parse_input_bytes, parse_input_line,
+};
 
 use crate::engine::EngineError;
 
@@ -409,22 +411,10 @@ impl Input {
             if self.buf.trim_ascii().is_empty() {
                 continue;
             }
-            let parsed = match std::str::from_utf8(&self.buf) {
-                Ok(s) => parse_input_line(s.trim_end_matches(['\n', '\r']), line_no),
-                Err(_) => Err(OutputLine::error(
-                    line_no.to_string(),
-                    "invalid_item",
-                    format!("line {line_no} is not UTF-8"),
-                )),
-            };
-            match parsed {
-                Ok(item) if !self.seen.insert(item.custom_id.clone()) => {
-                    batch.slots.push(Slot::Ready(OutputLine::error(
-                        item.custom_id,
-                        "duplicate_custom_id",
-                        format!("line {line_no}: custom_id already used earlier in the file"),
-                    )))
-                }
+            match parse_input_bytes(&self.buf, line_no) {
+                Ok(item) if !self.seen.insert(item.custom_id.clone()) => batch
+                    .slots
+                    .push(Slot::Ready(duplicate_id_line(item, line_no))),
                 Ok(item) => {
                     batch.slots.push(Slot::Pending(batch.items.len()));
                     batch.items.push(item);

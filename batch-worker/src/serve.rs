@@ -31,7 +31,7 @@ use shared::jobs::{
     ShardRecord, ShardState,
 };
 use shared::time::rfc3339;
-use shared::wire::{InputItem, OutputLine, Task, parse_input_line};
+use shared::wire::{InputItem, OutputLine, Task, duplicate_id_line, parse_input_bytes};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -671,7 +671,7 @@ async fn load_items(
         }));
     }
     // No jobs topic to publish shards on: the whole file is this one shard.
-    let (bytes, _) = outputs::read_uri(uri).await.map_err(unreadable)?;
+    let bytes = outputs::read_uri(uri).await.map_err(unreadable)?;
     let mut seen = std::collections::HashSet::new();
     Ok(parse_lines(&bytes, 1, |_, id| !seen.insert(id.to_owned())))
 }
@@ -689,28 +689,14 @@ fn parse_lines(
         if line.trim_ascii().is_empty() {
             continue;
         }
-        items.push(match parse_line(line, line_no) {
-            Ok(item) if duplicate(line_no, &item.custom_id) => Err(OutputLine::error(
-                item.custom_id,
-                "duplicate_custom_id",
-                format!("line {line_no}: custom_id already used earlier in the file"),
-            )),
+        items.push(match parse_input_bytes(line, line_no) {
+            Ok(item) if duplicate(line_no, &item.custom_id) => {
+                Err(duplicate_id_line(item, line_no))
+            }
             other => other,
         });
     }
     items
-}
-
-/// One input line (without its `\n`) as an item, or its error line.
-fn parse_line(line: &[u8], line_no: u64) -> Result<InputItem, OutputLine> {
-    match std::str::from_utf8(line) {
-        Ok(s) => parse_input_line(s.trim_end_matches('\r'), line_no),
-        Err(_) => Err(OutputLine::error(
-            line_no.to_string(),
-            "invalid_item",
-            format!("line {line_no} is not UTF-8"),
-        )),
-    }
 }
 
 /// An `input_uri` file cut into shards.
@@ -791,7 +777,7 @@ impl Planner {
         if content.trim_ascii().is_empty() {
             return;
         }
-        if let Ok(item) = parse_line(content, self.lines) {
+        if let Ok(item) = parse_input_bytes(content, self.lines) {
             use sha2::{Digest, Sha256};
             let digest = Sha256::digest(item.custom_id.as_bytes());
             let mut key = [0u8; 16];

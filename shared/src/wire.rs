@@ -97,6 +97,29 @@ impl OutputLine {
 /// Largest accepted `input` text of a bulk item, in characters.
 pub const MAX_ITEM_CHARS: usize = 32_000;
 
+/// [`parse_input_line`] for a line as read from a file: bytes, with or without its `\n` (and
+/// `\r`). A line that is not UTF-8 becomes an error line as well.
+pub fn parse_input_bytes(line: &[u8], line_no: u64) -> Result<InputItem, OutputLine> {
+    match std::str::from_utf8(line) {
+        Ok(s) => parse_input_line(s.trim_end_matches(['\n', '\r']), line_no),
+        Err(_) => Err(OutputLine::error(
+            line_no.to_string(),
+            "invalid_item",
+            format!("line {line_no} is not UTF-8"),
+        )),
+    }
+}
+
+/// The error line of the item on line `line_no` whose `custom_id` an earlier line of the file
+/// used.
+pub fn duplicate_id_line(item: InputItem, line_no: u64) -> OutputLine {
+    OutputLine::error(
+        item.custom_id,
+        "duplicate_custom_id",
+        format!("line {line_no}: custom_id already used earlier in the file"),
+    )
+}
+
 /// Parses one input line. `line_no` is 1-based; a line whose `custom_id` cannot be read gets
 /// its line number as `custom_id` in the error.
 pub fn parse_input_line(line: &str, line_no: u64) -> Result<InputItem, OutputLine> {
