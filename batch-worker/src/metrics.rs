@@ -132,7 +132,7 @@ impl Metrics {
             ),
             (
                 "batch_worker_shards_quarantined_total",
-                "Shards sent to the dead-letter topic",
+                "Shards (and input_uri plans) sent to the dead-letter topic",
                 &self.shards_quarantined,
             ),
             (

@@ -128,21 +128,23 @@ pub async fn read_uri(uri: &str) -> Result<Vec<u8>, OutputError> {
 
 /// Reads the object at `uri` piece by piece as storage delivers it, never whole: `start`
 /// makes the reader from the object's version (ETag, where the store has one), `feed` gives
-/// it each piece in order.
+/// it each piece in order and says whether to go on. `None`: `feed` stopped the read.
 pub async fn read_uri_pieces<T>(
     uri: &str,
     start: impl FnOnce(Option<&str>) -> T,
-    mut feed: impl FnMut(&mut T, &[u8]),
-) -> Result<T, OutputError> {
+    mut feed: impl FnMut(&mut T, &[u8]) -> bool,
+) -> Result<Option<T>, OutputError> {
     use futures::StreamExt;
     let (store, path) = object(uri)?;
     let r = store.get(&path).await?;
     let mut reader = start(r.meta.e_tag.as_deref());
     let mut pieces = r.into_stream();
     while let Some(piece) = pieces.next().await {
-        feed(&mut reader, &piece?);
+        if !feed(&mut reader, &piece?) {
+            return Ok(None);
+        }
     }
-    Ok(reader)
+    Ok(Some(reader))
 }
 
 /// Reads bytes `range` of the object at `uri`. With `version`, the object must still have
@@ -230,10 +232,14 @@ mod tests {
         let (version, bytes) = read_uri_pieces(
             &uri,
             |v| (v.map(str::to_owned), Vec::new()),
-            |(_, all), piece| all.extend_from_slice(piece),
+            |(_, all), piece| {
+                all.extend_from_slice(piece);
+                true
+            },
         )
         .await
-        .expect("read in pieces");
+        .expect("read in pieces")
+        .expect("never stopped");
         assert_eq!(bytes, b"line one\nline two\n");
         let version = version.expect("local files have an ETag");
         let read = |r: std::ops::Range<u64>, v: Option<String>| {
@@ -246,6 +252,11 @@ mod tests {
         );
         assert_eq!(read(9..9, Some(version.clone())).await.expect("empty"), b"");
         assert_eq!(read(0..4, None).await.expect("unversioned"), b"line");
+        let stopped = read_uri_pieces(&uri, |_| (), |_, _| false).await;
+        assert!(
+            matches!(stopped, Ok(None)),
+            "a stopped read gives no reader"
+        );
 
         std::fs::write(&file, "another file, longer than the first\n").expect("replace");
         for r in [9..18, 9..9] {

@@ -82,11 +82,13 @@ pub struct Failpoints {
     pub batch_delay: Duration,
     /// Abort once an input file's plan is on its job record, before its shards are published.
     pub crash_after_plan: bool,
+    /// Abort once an input file is read, before its plan is on its job record.
+    pub crash_while_planning: bool,
 }
 
 impl std::str::FromStr for Failpoints {
     type Err = String;
-    /// `crash-on-input=TEXT;batch-delay-ms=N;crash-after-plan=1`
+    /// `crash-on-input=TEXT;batch-delay-ms=N;crash-after-plan=1;crash-while-planning=1`
     fn from_str(s: &str) -> Result<Self, String> {
         let mut f = Failpoints::default();
         for part in s.split(';').filter(|p| !p.trim().is_empty()) {
@@ -99,9 +101,10 @@ impl std::str::FromStr for Failpoints {
                     f.batch_delay = Duration::from_millis(ms);
                 }
                 Some(("crash-after-plan", v)) => f.crash_after_plan = v == "1",
+                Some(("crash-while-planning", v)) => f.crash_while_planning = v == "1",
                 _ => {
                     return Err(format!(
-                        "unknown failpoint {part:?}; known: crash-on-input=TEXT, batch-delay-ms=N, crash-after-plan=1"
+                        "unknown failpoint {part:?}; known: crash-on-input=TEXT, batch-delay-ms=N, crash-after-plan=1, crash-while-planning=1"
                     ));
                 }
             }
@@ -465,7 +468,7 @@ async fn process(
             )
         {
             let uri = uri.clone();
-            return plan_job(ctx, msg, &uri, jobs, job).await;
+            return plan_job(ctx, msg, raw, &uri, jobs, job).await;
         }
         let shard = ctx
             .store
@@ -830,6 +833,7 @@ impl Planner {
 async fn plan_job(
     ctx: &Ctx,
     msg: &JobMessage,
+    raw: &Message,
     uri: &str,
     jobs: &Publisher,
     job: Versioned<JobRecord>,
@@ -837,16 +841,36 @@ async fn plan_job(
     if ctx.drain.is_cancelled() {
         return Ok(Outcome::Nack);
     }
-    // The file is read as a stream and never held whole.
+    // A plan that stops its worker every time (too little memory, a bug) ends like a poison
+    // shard instead of keeping its job `queued` until the subscription gives up on it.
+    if job.record.plan_crashes() >= ctx.cfg.poison_limit {
+        quarantine_plan(ctx, msg, raw, uri, &job.record).await?;
+        return Ok(Outcome::Ack);
+    }
+    let Some(mut job) = count_plan_attempt(ctx, &msg.job_id, job).await? else {
+        // Finished, cancelled or gone meanwhile: the next delivery sorts it out.
+        return Ok(Outcome::Nack);
+    };
+    // The file is read as a stream and never held whole; a drain stops the read.
     let per_shard = ctx.cfg.input_shard_items;
     let read = outputs::read_uri_pieces(
         uri,
         |version| Planner::new(per_shard, version.map(str::to_owned)),
-        |planner, piece| tokio::task::block_in_place(|| planner.feed(piece)),
+        |planner, piece| {
+            !ctx.drain.is_cancelled() && {
+                tokio::task::block_in_place(|| planner.feed(piece));
+                true
+            }
+        },
     )
     .await;
     let plan = match read {
-        Ok(planner) => planner.finish(),
+        Ok(Some(planner)) => planner.finish(),
+        Ok(None) => {
+            tracing::info!("drained while planning; the plan message goes back");
+            plan_finished(ctx, &msg.job_id).await?;
+            return Ok(Outcome::Nack);
+        }
         Err(e) => {
             let why = Final::Failed {
                 code: "input_unreadable".into(),
@@ -856,8 +880,11 @@ async fn plan_job(
             return Ok(Outcome::Ack);
         }
     };
+    if ctx.cfg.failpoints.crash_while_planning {
+        tracing::error!("failpoint crash-while-planning hit: aborting");
+        std::process::abort();
+    }
     let shards = u32::try_from(plan.ranges.len()).unwrap_or(u32::MAX);
-    let mut job = job;
     loop {
         if job.record.shards == shards {
             break;
@@ -928,12 +955,83 @@ async fn plan_job(
     for p in pending {
         p.await.map_err(|e| WorkError::Publish(e.to_string()))?;
     }
+    plan_finished(ctx, &msg.job_id).await?;
     tracing::info!(
         shards,
         items = plan.total,
         "input planned, its shards published"
     );
     Ok(Outcome::Ack)
+}
+
+/// Records on the job that a worker starts planning it, before it reads a byte: a crash
+/// from here on counts towards the poison limit. `None`: the job finished, was cancelled or
+/// is gone.
+async fn count_plan_attempt(
+    ctx: &Ctx,
+    job_id: &str,
+    mut job: Versioned<JobRecord>,
+) -> Result<Option<Versioned<JobRecord>>, WorkError> {
+    loop {
+        let write = Write::patch(
+            JOBS_COLLECTION,
+            job_id,
+            json!({}),
+            Precondition::UpdateTime(job.update_time.clone()),
+        )
+        .increment("plan_attempts", 1);
+        if let Committed::Done(results) = ctx.store.commit(&[write]).await? {
+            if let Some(r) = results.into_iter().next() {
+                job.update_time = r.update_time;
+            }
+            job.record.plan_attempts += 1;
+            return Ok(Some(job));
+        }
+        job = match ctx.store.get::<JobRecord>(JOBS_COLLECTION, job_id).await? {
+            Some(j) if !j.record.status.is_final() && !j.record.cancel_requested => j,
+            _ => return Ok(None),
+        };
+    }
+}
+
+/// Records that a plan attempt ended without a crash (published, or drained).
+async fn plan_finished(ctx: &Ctx, job_id: &str) -> Result<(), WorkError> {
+    let write = Write::patch(JOBS_COLLECTION, job_id, json!({}), Precondition::Exists)
+        .increment("plan_finished", 1);
+    // A record deleted meanwhile (Conflict) has nothing left to count.
+    ctx.store.commit(&[write]).await?;
+    Ok(())
+}
+
+/// Planning the job's input stopped a worker too often: its plan message goes to the
+/// dead-letter topic and the job fails with the reason.
+async fn quarantine_plan(
+    ctx: &Ctx,
+    msg: &JobMessage,
+    raw: &Message,
+    uri: &str,
+    job: &JobRecord,
+) -> Result<(), WorkError> {
+    let reason = format!(
+        "planning job {}'s input {uri} stopped a worker {} times without finishing; its message was moved to the dead-letter topic",
+        msg.job_id,
+        job.plan_crashes(),
+    );
+    if !dead_letter(ctx, raw, &reason).await {
+        return Err(WorkError::Store(StoreError::Unavailable(
+            "dead-letter topic unavailable".into(),
+        )));
+    }
+    ctx.metrics.shards_quarantined.add(1);
+    finish_job(
+        ctx,
+        &msg.job_id,
+        Final::Failed {
+            code: "plan_failed".into(),
+            message: reason,
+        },
+    )
+    .await
 }
 
 /// Output lines for `items` (one per item, same order). A failing micro-batch is retried

@@ -188,6 +188,53 @@ impl<'a> World<'a> {
         }
     }
 
+    /// Starts `cfg` again each time it stops (as the VM's service does) until `job_id` is
+    /// failed; the number of starts and the failed record.
+    async fn restart_until_failed(
+        &self,
+        cfg: &WorkerConfig,
+        job_id: &str,
+    ) -> anyhow::Result<(usize, JobRecord)> {
+        let deadline = Instant::now() + 3 * REDELIVERY;
+        let mut starts = 0;
+        loop {
+            let mut g = cfg.start(&self.log(&format!("{}-{starts}.log", cfg.worker_id)))?;
+            starts += 1;
+            // Run until it crashes or the job is failed.
+            loop {
+                if g.try_wait().is_some() {
+                    break;
+                }
+                if self.job(job_id).await?.status == JobStatus::Failed || Instant::now() > deadline
+                {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let job = self.job(job_id).await?;
+            if job.status == JobStatus::Failed {
+                return Ok((starts, job));
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "{job_id} not failed after {starts} starts: {job:?}"
+            );
+        }
+    }
+
+    /// Waits for messages on the dead-letter subscription.
+    async fn dead_letters(&self) -> anyhow::Result<Vec<stack::gcp::Received>> {
+        stack::wait_for("dead letter", Duration::from_secs(20), || {
+            let ps = self.ps.clone();
+            let (p, s) = (
+                self.t.project.clone(),
+                self.t.dead_letter_subscription.clone(),
+            );
+            async move { ps.pull(&p, &s, 10).await.ok().filter(|m| !m.is_empty()) }
+        })
+        .await
+    }
+
     /// The job's output files, in name order, and their text concatenated.
     fn output_text(&self, job_id: &str) -> anyhow::Result<(usize, String)> {
         let dir = self.out.join(job_id).join("output");
@@ -572,12 +619,60 @@ async fn plan_survives_a_crash_before_its_shards_are_published(fx: &Fixture) -> 
         job.shards_done == 3 && job.counts.done == 300 && job.counts.failed == 0,
         "{job:?}"
     );
+    ensure!(
+        job.plan_attempts == 2 && job.plan_finished == 1 && job.plan_crashes() == 1,
+        "one crashed and one finished plan attempt: {job:?}"
+    );
     let run_out = dir.join("run.out.jsonl");
     embedded_run(&input, &run_out)?;
     let (files, served) = w.output_text("job-p")?;
     ensure!(
         files == 3 && served == std::fs::read_to_string(&run_out)?,
         "serve's output ({files} files) differs from run's"
+    );
+    Ok(())
+}
+
+/// An input file whose planning stops the worker every time (here a failpoint; in production
+/// too little memory or a bug) ends like a poison shard: after `POISON_LIMIT` crashed plan
+/// attempts its message is on the dead-letter topic and the job is failed with the reason,
+/// instead of staying `queued` while the subscription redelivers it.
+async fn plan_that_crashes_every_time_is_dead_lettered(fx: &Fixture) -> anyhow::Result<()> {
+    let w = World::new(fx, "plan-poison").await?;
+    let cfg = w
+        .worker("w1")
+        .with("POISON_LIMIT", "2")
+        .with("BATCH_WORKER_FAILPOINTS", "crash-while-planning=1");
+    let dir = w.fx.dir.join("plan-poison");
+    let input = dir.join("input.jsonl");
+    let body: String = items("z", 50)
+        .iter()
+        .map(|i| serde_json::to_string(i).map(|s| s + "\n"))
+        .collect::<Result<_, _>>()?;
+    std::fs::write(&input, body)?;
+    let uri = format!("file://{}", input.display());
+    w.create_record("job-z", 0, 0, Some(uri.clone())).await?;
+    w.publish(&JobMessage::input_file("job-z", Task::Classify, &uri))
+        .await?;
+    let (starts, failed) = w.restart_until_failed(&cfg, "job-z").await?;
+    ensure!(
+        starts == 3,
+        "expected 2 crashed plans then a quarantine, saw {starts} starts"
+    );
+    ensure!(
+        failed.plan_attempts == 2 && failed.plan_finished == 0 && failed.shards == 0,
+        "a crashed plan must leave no plan behind: {failed:?}"
+    );
+    let err = failed.error.context("failed job without error")?;
+    ensure!(
+        err.code == "plan_failed" && err.message.contains("2 times"),
+        "error {err:?}"
+    );
+    let dead = w.dead_letters().await?;
+    let msg: JobMessage = serde_json::from_slice(&dead[0].data)?;
+    ensure!(
+        msg.job_id == "job-z" && msg.range.is_none(),
+        "dead letter {msg:?}"
     );
     Ok(())
 }
@@ -926,43 +1021,15 @@ async fn poison_shard_is_dead_lettered(fx: &Fixture) -> anyhow::Result<()> {
     let mut bad = items("p", 100);
     bad[50].input = "💥 crash".into();
     w.submit("job-p", &[bad]).await?;
-    let mut starts = 0;
-    let deadline = Instant::now() + 3 * REDELIVERY;
-    loop {
-        let mut g = cfg.start(&w.log(&format!("w1-{starts}.log")))?;
-        starts += 1;
-        // Run until it crashes or the poison job is failed.
-        loop {
-            if g.try_wait().is_some() {
-                break;
-            }
-            if w.job("job-p").await?.status == JobStatus::Failed || Instant::now() > deadline {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let p = w.job("job-p").await?;
-        if p.status == JobStatus::Failed {
-            let err = p.error.context("failed job without error")?;
-            ensure!(err.code == "shard_failed", "error {err:?}");
-            ensure!(err.message.contains("dead-letter"), "error {err:?}");
-            break;
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "poison job not failed after {starts} starts"
-        );
-    }
+    let (starts, p) = w.restart_until_failed(&cfg, "job-p").await?;
+    let err = p.error.context("failed job without error")?;
+    ensure!(err.code == "shard_failed", "error {err:?}");
+    ensure!(err.message.contains("dead-letter"), "error {err:?}");
     ensure!(
         starts == 3,
         "expected 2 crashes then a quarantine, saw {starts} starts"
     );
-    let dead = stack::wait_for("dead letter", Duration::from_secs(20), || {
-        let ps = w.ps.clone();
-        let (p, s) = (w.t.project.clone(), w.t.dead_letter_subscription.clone());
-        async move { ps.pull(&p, &s, 10).await.ok().filter(|m| !m.is_empty()) }
-    })
-    .await?;
+    let dead = w.dead_letters().await?;
     let msg: JobMessage = serde_json::from_slice(&dead[0].data)?;
     ensure!(msg.job_id == "job-p", "dead letter for {}", msg.job_id);
     ensure!(
@@ -1073,6 +1140,7 @@ async fn serve_keeps_every_item_exactly_once_through_faults() {
     scenario!(outputs_once_and_equal_to_the_embedded_run);
     scenario!(input_file_is_shared_by_workers);
     scenario!(plan_survives_a_crash_before_its_shards_are_published);
+    scenario!(plan_that_crashes_every_time_is_dead_lettered);
     scenario!(sigkill_then_restart_loses_nothing);
     scenario!(sigterm_drains_and_another_worker_resumes);
     scenario!(fencing_stops_the_worker_that_lost_its_lease);

@@ -77,6 +77,12 @@ pub struct JobRecord {
     /// Shards finished so far; the worker that brings it to `shards` finishes the job.
     #[serde(default)]
     pub shards_done: u32,
+    /// Deliveries of an `input_uri` job's plan message that a worker started planning.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub plan_attempts: u32,
+    /// Of those, the ones that ended without a crash: planned and published, or drained.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub plan_finished: u32,
     pub created_at: String,
     pub updated_at: String,
     #[serde(default)]
@@ -121,6 +127,8 @@ impl JobRecord {
             },
             shards,
             shards_done: 0,
+            plan_attempts: 0,
+            plan_finished: 0,
             created_at: now.to_owned(),
             updated_at: now.to_owned(),
             cancel_requested: false,
@@ -132,6 +140,15 @@ impl JobRecord {
             expire_at: None,
         }
     }
+
+    /// Plan deliveries that stopped a worker while it planned (killed, out of memory, a bug).
+    pub fn plan_crashes(&self) -> u32 {
+        self.plan_attempts.saturating_sub(self.plan_finished)
+    }
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// What `GET /v1/jobs/{id}` shows: the record minus its internals.
@@ -338,6 +355,8 @@ mod tests {
             },
             shards: 1,
             shards_done: 0,
+            plan_attempts: 3,
+            plan_finished: 1,
             created_at: "2026-11-27T00:00:00.000Z".into(),
             updated_at: "2026-11-27T00:00:00.000Z".into(),
             cancel_requested: false,
@@ -357,6 +376,8 @@ mod tests {
         assert_eq!(back, rec);
         let view = serde_json::to_value(JobView::from(&back)).expect("view");
         assert!(view.get("owner").is_none() && view.get("chat").is_none());
+        assert!(view.get("plan_attempts").is_none());
+        assert_eq!(back.plan_crashes(), 2);
         assert_eq!(view["status"], "queued");
     }
 }
