@@ -84,27 +84,35 @@ pub struct Failpoints {
     pub crash_after_plan: bool,
     /// Abort once an input file is read, before its plan is on its job record.
     pub crash_while_planning: bool,
+    /// Sleep this long per piece of an input file read while planning, so that tests can
+    /// drain the worker mid-plan.
+    pub plan_delay: Duration,
 }
 
 impl std::str::FromStr for Failpoints {
     type Err = String;
-    /// `crash-on-input=TEXT;batch-delay-ms=N;crash-after-plan=1;crash-while-planning=1`
+    /// `crash-on-input=TEXT;batch-delay-ms=N;crash-after-plan=1;crash-while-planning=1;plan-delay-ms=N`
     fn from_str(s: &str) -> Result<Self, String> {
         let mut f = Failpoints::default();
         for part in s.split(';').filter(|p| !p.trim().is_empty()) {
             match part.split_once('=') {
                 Some(("crash-on-input", v)) => f.crash_on_input = Some(v.to_owned()),
-                Some(("batch-delay-ms", v)) => {
+                Some((name @ ("batch-delay-ms" | "plan-delay-ms"), v)) => {
                     let ms = v
                         .parse()
-                        .map_err(|_| format!("batch-delay-ms={v:?} is not a number"))?;
-                    f.batch_delay = Duration::from_millis(ms);
+                        .map_err(|_| format!("{name}={v:?} is not a number"))?;
+                    let delay = Duration::from_millis(ms);
+                    if name == "batch-delay-ms" {
+                        f.batch_delay = delay;
+                    } else {
+                        f.plan_delay = delay;
+                    }
                 }
                 Some(("crash-after-plan", v)) => f.crash_after_plan = v == "1",
                 Some(("crash-while-planning", v)) => f.crash_while_planning = v == "1",
                 _ => {
                     return Err(format!(
-                        "unknown failpoint {part:?}; known: crash-on-input=TEXT, batch-delay-ms=N, crash-after-plan=1, crash-while-planning=1"
+                        "unknown failpoint {part:?}; known: crash-on-input=TEXT, batch-delay-ms=N, crash-after-plan=1, crash-while-planning=1, plan-delay-ms=N"
                     ));
                 }
             }
@@ -858,7 +866,10 @@ async fn plan_job(
         |version| Planner::new(per_shard, version.map(str::to_owned)),
         |planner, piece| {
             !ctx.drain.is_cancelled() && {
-                tokio::task::block_in_place(|| planner.feed(piece));
+                tokio::task::block_in_place(|| {
+                    planner.feed(piece);
+                    std::thread::sleep(ctx.cfg.failpoints.plan_delay);
+                });
                 true
             }
         },

@@ -633,6 +633,71 @@ async fn plan_survives_a_crash_before_its_shards_are_published(fx: &Fixture) -> 
     Ok(())
 }
 
+/// SIGTERM while a worker plans a large input file: the read stops between two pieces, the
+/// worker exits 0 well inside the drain budget with nothing planned, the attempt is recorded
+/// as finished (so it never counts towards the poison limit), and another worker plans and
+/// runs the job.
+async fn drain_while_planning_gives_the_plan_back(fx: &Fixture) -> anyhow::Result<()> {
+    let w = World::new(fx, "plan-drain").await?;
+    let dir = w.fx.dir.join("plan-drain");
+    let input = dir.join("input.jsonl");
+    let all = items("d", 2000);
+    let body: String = all
+        .iter()
+        .map(|i| serde_json::to_string(i).map(|s| s + "\n"))
+        .collect::<Result<_, _>>()?;
+    std::fs::write(&input, body)?;
+    let uri = format!("file://{}", input.display());
+    w.create_record("job-d", 0, 0, Some(uri.clone())).await?;
+    // Each piece of the file (8 KiB here) takes 500 ms to plan: about 7 s in all.
+    let mut w1 = w
+        .worker("w1")
+        .with("INPUT_SHARD_ITEMS", "1000")
+        .with("BATCH_WORKER_FAILPOINTS", "plan-delay-ms=500")
+        .start(&w.log("w1.log"))?;
+    w.publish(&JobMessage::input_file("job-d", Task::Classify, &uri))
+        .await?;
+    stack::wait_for("a plan attempt", Duration::from_secs(30), || async {
+        let job = w.job("job-d").await.ok()?;
+        (job.plan_attempts == 1).then_some(())
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    w1.signal(libc::SIGTERM);
+    let (status, took) = w1.wait_exit(Duration::from_secs(25)).await?;
+    ensure!(status.success(), "drain exit status {status}");
+    ensure!(
+        took < Duration::from_secs(5),
+        "a drain must stop planning between pieces; took {took:?}"
+    );
+    let drained = w.job("job-d").await?;
+    ensure!(
+        drained.status == JobStatus::Queued
+            && drained.shards == 0
+            && drained.plan_attempts == 1
+            && drained.plan_finished == 1,
+        "after the drain: {drained:?}"
+    );
+    let _w2 = w
+        .worker("w2")
+        .with("INPUT_SHARD_ITEMS", "1000")
+        .start(&w.log("w2.log"))?;
+    let job = w
+        .wait_job("job-d", REDELIVERY, "succeeded", |j| {
+            j.status == JobStatus::Succeeded
+        })
+        .await?;
+    ensure!(
+        job.shards == 2
+            && job.counts.done == 2000
+            && job.plan_attempts == 2
+            && job.plan_crashes() == 0,
+        "{job:?}"
+    );
+    assert_exactly(&w.outputs("job-d")?, &all)?;
+    Ok(())
+}
+
 /// An input file whose planning stops the worker every time (here a failpoint; in production
 /// too little memory or a bug) ends like a poison shard: after `POISON_LIMIT` crashed plan
 /// attempts its message is on the dead-letter topic and the job is failed with the reason,
@@ -1141,6 +1206,7 @@ async fn serve_keeps_every_item_exactly_once_through_faults() {
     scenario!(input_file_is_shared_by_workers);
     scenario!(plan_survives_a_crash_before_its_shards_are_published);
     scenario!(plan_that_crashes_every_time_is_dead_lettered);
+    scenario!(drain_while_planning_gives_the_plan_back);
     scenario!(sigkill_then_restart_loses_nothing);
     scenario!(sigterm_drains_and_another_worker_resumes);
     scenario!(fencing_stops_the_worker_that_lost_its_lease);
