@@ -164,6 +164,8 @@ pub struct Generator {
     provider: &'static str,
     run_time: Duration,
     name: String,
+    /// Slept after each step (benchmarks only).
+    step_delay: Duration,
 }
 
 fn model_err(path: &Path, message: impl Into<String>) -> EngineError {
@@ -307,6 +309,7 @@ impl Generator {
             max_positions,
             provider,
             run_time: Duration::ZERO,
+            step_delay: Duration::ZERO,
             name,
         })
     }
@@ -333,6 +336,12 @@ impl Generator {
     }
 
     /// Total time spent inside `session.run`.
+    /// Sleeps `delay` after each decoding step, inside the measured model time: a tiny test
+    /// model then takes as long per step as a large one on a GPU (benchmarks only).
+    pub fn set_step_delay(&mut self, delay: Duration) {
+        self.step_delay = delay;
+    }
+
     pub fn run_time(&self) -> Duration {
         self.run_time
     }
@@ -384,8 +393,8 @@ impl Generator {
         Ok(text)
     }
 
-    /// Generates for each prompt (token ids, at least one each) in one static batch: prompts
-    /// are left-padded, finished rows keep running masked until every row is done.
+    /// Generates for each prompt (token ids, at least one each) in one batch: prompts are
+    /// left-padded, and a row that finishes leaves the batch (see [`Decoding`]).
     ///
     /// `keys[i]` seeds row `i`'s sampling; `stop()` is asked between decoding steps and ends
     /// the batch early with [`EngineError::Interrupted`]; `observe(step, row, logits)` sees
@@ -398,55 +407,105 @@ impl Generator {
         stop: &dyn Fn() -> bool,
         observe: &mut dyn FnMut(usize, usize, &[f32]),
     ) -> Result<Vec<Generated>, EngineError> {
-        let b = prompts.len();
-        if b == 0 {
-            return Ok(Vec::new());
+        let tags: Vec<usize> = (0..prompts.len()).collect();
+        let mut out: Vec<Generated> = vec![
+            Generated {
+                ids: Vec::new(),
+                stopped: false,
+            };
+            prompts.len()
+        ];
+        let (mut d, done) = self.start(prompts, &tags, keys, sampling, observe)?;
+        for (row, g) in done {
+            out[row] = g;
         }
-        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        while !d.is_empty() {
+            if stop() {
+                return Err(EngineError::Interrupted);
+            }
+            for (row, g) in self.step(&mut d, sampling, observe)? {
+                out[row] = g;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Tokens row `prompt_len` may generate: `max_new_tokens`, and no more than the model's
+    /// positions leave.
+    fn budget(&self, prompt_len: usize, sampling: &Sampling) -> usize {
+        self.max_positions.map_or(sampling.max_new_tokens, |max| {
+            sampling.max_new_tokens.min(max.saturating_sub(prompt_len))
+        })
+    }
+
+    /// Reads `prompts` (left-padded into one batch) and picks each one's first token: the
+    /// start of a [`Decoding`] whose rows are named by `tags`. Rows that are finished at once
+    /// (a stop token first, a budget of one token or none) are returned instead of joining it.
+    pub fn start(
+        &mut self,
+        prompts: &[Vec<u32>],
+        tags: &[usize],
+        keys: &[u64],
+        sampling: &Sampling,
+        observe: &mut dyn FnMut(usize, usize, &[f32]),
+    ) -> Result<(Decoding, Vec<(usize, Generated)>), EngineError> {
         if prompts.iter().any(Vec::is_empty) {
             return Err(EngineError::Invalid("an empty prompt".into()));
         }
-        let mut budget = sampling.max_new_tokens;
-        if let Some(max) = self.max_positions {
-            if longest >= max {
-                return Err(EngineError::Invalid(format!(
-                    "the prompt has {longest} tokens; the model takes {max} at most"
-                )));
-            }
-            budget = budget.min(max - longest);
+        if let Some(max) = self.max_positions
+            && let Some(long) = prompts.iter().find(|p| p.len() >= max)
+        {
+            return Err(EngineError::Invalid(format!(
+                "the prompt has {} tokens; the model takes {max} at most",
+                long.len()
+            )));
         }
-        let Interface {
-            layers,
-            kv_heads,
-            head_dim,
-            position_ids: wants_positions,
-        } = self.interface.clone();
-
-        // Step 0 feeds the padded prompts; every later step one token per row.
+        let mut rows = Vec::with_capacity(prompts.len());
+        let mut done = Vec::new();
+        for (i, p) in prompts.iter().enumerate() {
+            let tag = tags.get(i).copied().unwrap_or(i);
+            let key = keys.get(i).copied();
+            let row = Row {
+                tag,
+                len: p.len(),
+                next: 0,
+                budget: self.budget(p.len(), sampling),
+                rng: SplitMix64(key.map_or(sampling.seed, |k| {
+                    sampling.seed ^ k.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                })),
+                out: Generated {
+                    ids: Vec::new(),
+                    stopped: false,
+                },
+            };
+            if row.budget == 0 {
+                done.push((tag, row.out));
+            } else {
+                rows.push((row, p));
+            }
+        }
+        let layers = self.interface.layers;
+        let mut d = Decoding {
+            rows: Vec::new(),
+            total: 0,
+            past: Vec::new(),
+            shape: (self.interface.kv_heads, self.interface.head_dim),
+        };
+        if rows.is_empty() {
+            return Ok((d, done));
+        }
+        let b = rows.len();
+        let longest = rows.iter().map(|(_, p)| p.len()).max().unwrap_or(0);
         let mut ids: Vec<i64> = Vec::with_capacity(b * longest);
-        let mut mask: Vec<i64> = Vec::with_capacity(b * (longest + budget));
-        let mut lens: Vec<i64> = Vec::with_capacity(b);
-        for p in prompts {
+        let mut positions: Vec<i64> = Vec::with_capacity(b * longest);
+        for (_, p) in &rows {
             let pad = longest - p.len();
             ids.extend(std::iter::repeat_n(i64::from(self.pad_id), pad));
             ids.extend(p.iter().map(|&t| i64::from(t)));
-            lens.push(p.len() as i64);
+            positions.extend(std::iter::repeat_n(0, pad).chain(0..p.len() as i64));
         }
-        for p in prompts {
-            let pad = longest - p.len();
-            mask.extend(std::iter::repeat_n(0, pad));
-            mask.extend(std::iter::repeat_n(1, p.len()));
-        }
-        let mut positions: Vec<i64> = prompts
-            .iter()
-            .flat_map(|p| {
-                let pad = longest - p.len();
-                std::iter::repeat_n(0, pad).chain(0..p.len() as i64)
-            })
-            .collect();
-        let mut seq = longest;
-        let mut total = longest;
-        let mut past: Vec<DynValue> = Vec::with_capacity(2 * layers);
+        let (kv_heads, head_dim) = d.shape;
+        let mut past = Vec::with_capacity(2 * layers);
         for _ in 0..2 * layers {
             let empty = Tensor::<f32>::from_array((
                 [b, kv_heads, 0, head_dim],
@@ -454,108 +513,312 @@ impl Generator {
             ))?;
             past.push(empty.into_dyn());
         }
-        let mut rngs: Vec<SplitMix64> = keys
-            .iter()
-            .map(|k| SplitMix64(sampling.seed ^ k.wrapping_mul(0x9E37_79B9_7F4A_7C15)))
-            .collect();
-        rngs.resize(b, SplitMix64(sampling.seed));
-        let mut out: Vec<Generated> = vec![
-            Generated {
-                ids: Vec::new(),
-                stopped: false,
-            };
-            b
-        ];
+        d.rows = rows.into_iter().map(|(r, _)| r).collect();
+        d.total = longest;
+        let lens: Vec<usize> = d.rows.iter().map(|r| r.len).collect();
+        let stop_ids = self.stop_ids.clone();
         let mut scratch = Vec::new();
-        for step in 0..budget {
-            if step > 0 && stop() {
-                return Err(EngineError::Interrupted);
-            }
-            let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> =
-                Vec::with_capacity(3 + 2 * layers);
-            inputs.push((
-                "input_ids".into(),
-                Tensor::from_array(([b, seq], std::mem::take(&mut ids).into_boxed_slice()))?.into(),
-            ));
-            inputs.push((
-                "attention_mask".into(),
-                Tensor::from_array(([b, total], mask.clone().into_boxed_slice()))?.into(),
-            ));
-            if wants_positions {
-                inputs.push((
-                    "position_ids".into(),
-                    Tensor::from_array((
-                        [b, seq],
-                        std::mem::take(&mut positions).into_boxed_slice(),
-                    ))?
-                    .into(),
-                ));
-            }
-            for (i, v) in std::mem::take(&mut past).into_iter().enumerate() {
-                let kind = if i % 2 == 0 { "key" } else { "value" };
-                inputs.push((format!("past_key_values.{}.{kind}", i / 2).into(), v.into()));
-            }
-            let started = Instant::now();
-            let mut outputs = self.session.run(inputs)?;
-            self.run_time += started.elapsed();
-            for i in 0..layers {
-                for kind in ["key", "value"] {
-                    let name = format!("present.{i}.{kind}");
-                    let v = outputs.remove(name.as_str()).ok_or_else(|| {
-                        EngineError::Invalid(format!("the model returned no `{name}`"))
-                    })?;
-                    past.push(v);
-                }
-            }
-            let (shape, logits) = outputs["logits"].try_extract_tensor::<f32>()?;
-            let vocab = match shape[..] {
-                [rows, s, v] if rows as usize == b && s as usize == seq && v > 0 => v as usize,
-                _ => {
-                    return Err(EngineError::Invalid(format!(
-                        "logits have shape {shape:?}, expected [{b}, {seq}, vocab]"
-                    )));
-                }
-            };
-            let mut next = Vec::with_capacity(b);
-            let mut all_done = true;
-            for row in 0..b {
-                let at = (row * seq + seq - 1) * vocab;
-                let l = &logits[at..at + vocab];
-                let g = &mut out[row];
-                if g.stopped {
-                    next.push(i64::from(self.pad_id));
-                    continue;
-                }
-                observe(step, row, l);
-                let t = pick(l, sampling, &mut rngs[row], &mut scratch);
-                g.ids.push(t);
-                if !sampling.ignore_stop && self.stop_ids.contains(&t) {
-                    g.stopped = true;
-                } else {
-                    all_done = false;
-                }
-                next.push(i64::from(t));
-            }
-            drop(outputs);
-            if all_done || step + 1 == budget {
-                break;
-            }
-            // The next step: each row's new token at its next position.
-            ids = next;
-            positions = lens.clone();
-            for l in &mut lens {
-                *l += 1;
-            }
-            let mut grown = Vec::with_capacity(b * (total + 1));
-            for row in mask.chunks(total) {
-                grown.extend_from_slice(row);
-                grown.push(1);
-            }
-            mask = grown;
-            total += 1;
-            seq = 1;
+        d.past = self.forward(
+            ids,
+            positions,
+            &lens,
+            longest,
+            longest,
+            past,
+            |row, logits| {
+                let r = &mut d.rows[row];
+                choose(r, logits, sampling, &stop_ids, &mut scratch, observe);
+            },
+        )?;
+        done.extend(d.retire());
+        Ok((d, done))
+    }
+
+    /// One decoding step for every row of `d`: each feeds the token it picked last and picks
+    /// the next. Rows that finish (a stop token, their budget) leave `d` and are returned.
+    pub fn step(
+        &mut self,
+        d: &mut Decoding,
+        sampling: &Sampling,
+        observe: &mut dyn FnMut(usize, usize, &[f32]),
+    ) -> Result<Vec<(usize, Generated)>, EngineError> {
+        if d.is_empty() {
+            return Ok(Vec::new());
         }
-        Ok(out)
+        let ids: Vec<i64> = d.rows.iter().map(|r| i64::from(r.next)).collect();
+        let positions: Vec<i64> = d.rows.iter().map(|r| r.len as i64).collect();
+        for r in &mut d.rows {
+            r.len += 1;
+        }
+        d.total += 1;
+        let lens: Vec<usize> = d.rows.iter().map(|r| r.len).collect();
+        let past = std::mem::take(&mut d.past);
+        let rows = &mut d.rows;
+        let stop_ids = self.stop_ids.clone();
+        let mut scratch = Vec::new();
+        d.past = self.forward(ids, positions, &lens, 1, d.total, past, |row, logits| {
+            choose(
+                &mut rows[row],
+                logits,
+                sampling,
+                &stop_ids,
+                &mut scratch,
+                observe,
+            );
+        })?;
+        Ok(d.retire())
+    }
+
+    /// Runs the model on `seq` new tokens per row over a cache of `total` positions (row `i`'s
+    /// last `lens[i]` real, the rest padding), gives each row's last logits to `pick`, and
+    /// returns the cache for the next step.
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &mut self,
+        ids: Vec<i64>,
+        positions: Vec<i64>,
+        lens: &[usize],
+        seq: usize,
+        total: usize,
+        past: Vec<DynValue>,
+        mut pick: impl FnMut(usize, &[f32]),
+    ) -> Result<Vec<DynValue>, EngineError> {
+        let b = lens.len();
+        let layers = self.interface.layers;
+        let mut mask: Vec<i64> = Vec::with_capacity(b * total);
+        for &len in lens {
+            mask.extend(std::iter::repeat_n(0, total - len));
+            mask.extend(std::iter::repeat_n(1, len));
+        }
+        let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> =
+            Vec::with_capacity(3 + 2 * layers);
+        inputs.push((
+            "input_ids".into(),
+            Tensor::from_array(([b, seq], ids.into_boxed_slice()))?.into(),
+        ));
+        inputs.push((
+            "attention_mask".into(),
+            Tensor::from_array(([b, total], mask.into_boxed_slice()))?.into(),
+        ));
+        if self.interface.position_ids {
+            inputs.push((
+                "position_ids".into(),
+                Tensor::from_array(([b, seq], positions.into_boxed_slice()))?.into(),
+            ));
+        }
+        for (i, v) in past.into_iter().enumerate() {
+            let kind = if i % 2 == 0 { "key" } else { "value" };
+            inputs.push((format!("past_key_values.{}.{kind}", i / 2).into(), v.into()));
+        }
+        let started = Instant::now();
+        let mut outputs = self.session.run(inputs)?;
+        std::thread::sleep(self.step_delay);
+        self.run_time += started.elapsed();
+        let mut present = Vec::with_capacity(2 * layers);
+        for i in 0..layers {
+            for kind in ["key", "value"] {
+                let name = format!("present.{i}.{kind}");
+                let v = outputs.remove(name.as_str()).ok_or_else(|| {
+                    EngineError::Invalid(format!("the model returned no `{name}`"))
+                })?;
+                present.push(v);
+            }
+        }
+        let (shape, logits) = outputs["logits"].try_extract_tensor::<f32>()?;
+        let vocab = match shape[..] {
+            [rows, s, v] if rows as usize == b && s as usize == seq && v > 0 => v as usize,
+            _ => {
+                return Err(EngineError::Invalid(format!(
+                    "logits have shape {shape:?}, expected [{b}, {seq}, vocab]"
+                )));
+            }
+        };
+        for row in 0..b {
+            let at = (row * seq + seq - 1) * vocab;
+            pick(row, &logits[at..at + vocab]);
+        }
+        Ok(present)
+    }
+}
+
+/// Picks `row`'s next token from its last logits and records it.
+fn choose(
+    row: &mut Row,
+    logits: &[f32],
+    sampling: &Sampling,
+    stop_ids: &[u32],
+    scratch: &mut Vec<(f32, u32)>,
+    observe: &mut dyn FnMut(usize, usize, &[f32]),
+) {
+    observe(row.out.ids.len(), row.tag, logits);
+    let t = pick(logits, sampling, &mut row.rng, scratch);
+    row.out.ids.push(t);
+    row.next = t;
+    if !sampling.ignore_stop && stop_ids.contains(&t) {
+        row.out.stopped = true;
+    }
+}
+
+/// One row of a [`Decoding`].
+struct Row {
+    tag: usize,
+    /// Real tokens in the cache: the position of the token the next step feeds.
+    len: usize,
+    /// The token the next step feeds (the last one picked).
+    next: u32,
+    /// Tokens it may generate in all.
+    budget: usize,
+    rng: SplitMix64,
+    out: Generated,
+}
+
+impl Row {
+    fn finished(&self) -> bool {
+        self.out.stopped || self.out.ids.len() >= self.budget
+    }
+}
+
+/// A batch being decoded whose rows join ([`Decoding::merge`]) and leave (when they finish)
+/// between steps: continuous batching. Each row's tokens are right-aligned in the KV cache
+/// and the padding on their left is masked out, so a row's tokens do not depend on the rows
+/// beside it; the cache is never longer than its longest row.
+pub struct Decoding {
+    rows: Vec<Row>,
+    /// Cache length: the longest row's `len`.
+    total: usize,
+    /// `past_key_values.{i}.{key,value}` for the next step, `[rows, heads, total, head_dim]`.
+    past: Vec<DynValue>,
+    /// Key/value heads and head size.
+    shape: (usize, usize),
+}
+
+impl Decoding {
+    /// The tags of the rows still being decoded.
+    pub fn tags(&self) -> Vec<usize> {
+        self.rows.iter().map(|r| r.tag).collect()
+    }
+
+    /// Rows still being decoded.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Takes `other`'s rows into this batch (the shorter cache padded on the left).
+    pub fn merge(&mut self, other: Decoding) -> Result<(), EngineError> {
+        if other.is_empty() {
+            return Ok(());
+        }
+        if self.is_empty() {
+            *self = other;
+            return Ok(());
+        }
+        let total = self.total.max(other.total);
+        let mut past = Vec::with_capacity(self.past.len());
+        for (a, b) in self.past.iter().zip(&other.past) {
+            let a = self.cache(a, self.rows.len(), self.total)?;
+            let b = self.cache(b, other.rows.len(), other.total)?;
+            let from_a = (0..self.rows.len()).map(|r| (a, self.total, r));
+            let from_b = (0..other.rows.len()).map(|r| (b, other.total, r));
+            past.push(self.regroup(from_a.chain(from_b), total)?);
+        }
+        self.past = past;
+        self.total = total;
+        self.rows.extend(other.rows);
+        Ok(())
+    }
+
+    /// Removes the finished rows and returns their tokens; the cache keeps only the others,
+    /// cut to the longest of them.
+    fn retire(&mut self) -> Vec<(usize, Generated)> {
+        if !self.rows.iter().any(Row::finished) {
+            return Vec::new();
+        }
+        let keep: Vec<usize> = (0..self.rows.len())
+            .filter(|&r| !self.rows[r].finished())
+            .collect();
+        let total = keep.iter().map(|&r| self.rows[r].len).max().unwrap_or(0);
+        let past = if keep.is_empty() {
+            Ok(Vec::new())
+        } else {
+            self.past
+                .iter()
+                .map(|v| {
+                    let data = self.cache(v, self.rows.len(), self.total)?;
+                    self.regroup(keep.iter().map(|&r| (data, self.total, r)), total)
+                })
+                .collect::<Result<Vec<_>, EngineError>>()
+        };
+        let (done, kept): (Vec<Row>, Vec<Row>) = std::mem::take(&mut self.rows)
+            .into_iter()
+            .partition(Row::finished);
+        self.rows = kept;
+        match past {
+            Ok(past) => {
+                self.past = past;
+                self.total = total;
+            }
+            // Cannot happen for tensors this batch made; if it did, the remaining rows are
+            // given up rather than decoded from a wrong cache.
+            Err(_) => {
+                self.past = Vec::new();
+                self.total = 0;
+                let mut gave_up = std::mem::take(&mut self.rows);
+                for r in &mut gave_up {
+                    r.out.stopped = false;
+                }
+                return done
+                    .into_iter()
+                    .chain(gave_up)
+                    .map(|r| (r.tag, r.out))
+                    .collect();
+            }
+        }
+        done.into_iter().map(|r| (r.tag, r.out)).collect()
+    }
+
+    /// The data of cache tensor `v`, checked to be `[rows, heads, total, head_dim]`.
+    fn cache<'a>(
+        &self,
+        v: &'a DynValue,
+        rows: usize,
+        total: usize,
+    ) -> Result<&'a [f32], EngineError> {
+        let (shape, data) = v.try_extract_tensor::<f32>()?;
+        let (heads, dim) = self.shape;
+        let want = [rows, heads, total, dim].map(|n| n as i64);
+        if shape[..] != want[..] {
+            return Err(EngineError::Invalid(format!(
+                "a KV cache output has shape {shape:?}, expected {want:?}"
+            )));
+        }
+        Ok(data)
+    }
+
+    /// One cache tensor `[rows, heads, total, head_dim]` from `rows` = (source tensor data, its
+    /// cache length, row in it): each row's last `min(its length, total)` positions,
+    /// right-aligned, zeros before them.
+    fn regroup<'a>(
+        &self,
+        rows: impl Iterator<Item = (&'a [f32], usize, usize)>,
+        total: usize,
+    ) -> Result<DynValue, EngineError> {
+        let (heads, dim) = self.shape;
+        let mut out: Vec<f32> = Vec::new();
+        let mut n = 0;
+        for (data, len, row) in rows {
+            let keep = len.min(total);
+            for h in 0..heads {
+                let base = ((row * heads + h) * len + (len - keep)) * dim;
+                out.extend(std::iter::repeat_n(0.0, (total - keep) * dim));
+                out.extend_from_slice(&data[base..base + keep * dim]);
+            }
+            n += 1;
+        }
+        Ok(Tensor::from_array(([n, heads, total, dim], out.into_boxed_slice()))?.into_dyn())
     }
 }
 

@@ -41,7 +41,7 @@ struct GenerateArgs {
     /// The text-generation model folder (model.onnx, tokenizer.json, …); default MODEL_DIR/lm
     #[arg(long, env = "LM_DIR")]
     lm_dir: Option<PathBuf>,
-    /// Prompts decoded together in one static batch (generate, chat)
+    /// Prompts decoded together at most (generate, chat)
     #[arg(long, env = "GENERATE_BATCH_SIZE", default_value_t = 8)]
     generate_batch_size: usize,
     /// Tokens generated at most per item, the stop token included
@@ -172,11 +172,11 @@ struct ServeArgs {
     /// Longest a drain may take before in-flight shards are abandoned (they resume from their checkpoint)
     #[arg(long, env = "DRAIN_SECONDS", default_value_t = 20.0)]
     drain_seconds: f64,
-    /// A generate request waits this long for concurrent ones (other chat messages) to share
-    /// its static batch
+    /// An idle generation thread waits this long after a request for concurrent ones (other
+    /// chat messages) to share its prefill
     #[arg(long, env = "GENERATE_GATHER_MS", default_value_t = 10)]
     generate_gather_ms: u64,
-    /// Fault injection for tests: crash-on-input=TEXT;batch-delay-ms=N
+    /// Fault injection for tests and benchmarks (see serve::Failpoints)
     #[arg(long, env = "BATCH_WORKER_FAILPOINTS", default_value = "", hide = true)]
     failpoints: String,
 }

@@ -152,17 +152,17 @@ impl Metrics {
             ),
             (
                 "batch_worker_generate_batches_total",
-                "Static batches decoded by the text-generation model",
+                "Prefills of the text-generation model: prompts read together, then decoded beside the rows already running",
                 &self.generate_batches,
             ),
             (
                 "batch_worker_generate_rows_total",
-                "Prompts decoded in those batches",
+                "Prompts read in those prefills",
                 &self.generate_rows,
             ),
             (
                 "batch_worker_generate_merged_total",
-                "Batches that joined items of more than one shard (concurrent chat messages)",
+                "Prefills that joined items of more than one shard, or rows already decoding (concurrent chat messages)",
                 &self.generate_merged,
             ),
         ];

@@ -18,6 +18,7 @@
 //! 5. SIGTERM/SIGINT or GCE's preemption notice: stop pulling, commit what is done, release
 //!    the lease counting a drain (not a crash), nack, exit 0.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -37,6 +38,7 @@ use tracing::Instrument;
 
 use crate::embedded::{Processor, featurize_rows};
 use crate::engine::EngineError;
+use crate::generate::{Decoding, Generated, item_key};
 use crate::metrics::Metrics;
 use crate::outputs::{self, Location};
 use crate::store::{Committed, Precondition, Store, StoreError, Versioned, Write};
@@ -45,7 +47,7 @@ use crate::tasks::{Classify, Generate};
 /// Everything `serve` is configured with (from flags or the environment; see `--help`).
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
-    /// How long a generate request waits for others to share its static batch.
+    /// How long an idle generation thread waits after a request for others to share its prefill.
     pub gather: Duration,
     pub project: String,
     pub subscription: String,
@@ -87,32 +89,38 @@ pub struct Failpoints {
     /// Sleep this long per piece of an input file read while planning, so that tests can
     /// drain the worker mid-plan.
     pub plan_delay: Duration,
+    /// Sleep this long after each text-generation step (`cargo xtask bench-chat` makes the
+    /// tiny test model as slow per step as a large model on a GPU).
+    pub generate_step_delay: Duration,
 }
 
 impl std::str::FromStr for Failpoints {
     type Err = String;
-    /// `crash-on-input=TEXT;batch-delay-ms=N;crash-after-plan=1;crash-while-planning=1;plan-delay-ms=N`
+    /// `crash-on-input=TEXT;batch-delay-ms=N;crash-after-plan=1;crash-while-planning=1;plan-delay-ms=N;generate-step-delay-ms=N`
     fn from_str(s: &str) -> Result<Self, String> {
         let mut f = Failpoints::default();
         for part in s.split(';').filter(|p| !p.trim().is_empty()) {
             match part.split_once('=') {
                 Some(("crash-on-input", v)) => f.crash_on_input = Some(v.to_owned()),
-                Some((name @ ("batch-delay-ms" | "plan-delay-ms"), v)) => {
+                Some((
+                    name @ ("batch-delay-ms" | "plan-delay-ms" | "generate-step-delay-ms"),
+                    v,
+                )) => {
                     let ms = v
                         .parse()
                         .map_err(|_| format!("{name}={v:?} is not a number"))?;
                     let delay = Duration::from_millis(ms);
-                    if name == "batch-delay-ms" {
-                        f.batch_delay = delay;
-                    } else {
-                        f.plan_delay = delay;
+                    match name {
+                        "batch-delay-ms" => f.batch_delay = delay,
+                        "plan-delay-ms" => f.plan_delay = delay,
+                        _ => f.generate_step_delay = delay,
                     }
                 }
                 Some(("crash-after-plan", v)) => f.crash_after_plan = v == "1",
                 Some(("crash-while-planning", v)) => f.crash_while_planning = v == "1",
                 _ => {
                     return Err(format!(
-                        "unknown failpoint {part:?}; known: crash-on-input=TEXT, batch-delay-ms=N, crash-after-plan=1, crash-while-planning=1, plan-delay-ms=N"
+                        "unknown failpoint {part:?}; known: crash-on-input=TEXT, batch-delay-ms=N, crash-after-plan=1, crash-while-planning=1, plan-delay-ms=N, generate-step-delay-ms=N"
                     ));
                 }
             }
@@ -281,6 +289,7 @@ pub async fn serve(
         Some(mut g) => {
             let drain = drain.clone();
             g.set_stop(Box::new(move || drain.is_cancelled()));
+            g.set_step_delay(cfg.failpoints.generate_step_delay);
             Some(
                 Gatherer::start(g, cfg.gather, metrics.clone())
                     .context("starting the generation thread")?,
@@ -1164,11 +1173,137 @@ fn run_items(
 
 type Reply = tokio::sync::oneshot::Sender<Result<Vec<OutputLine>, Interrupted>>;
 
-/// The text-generation model on its own thread. Items submitted by concurrent shards (queued
-/// chat messages above all) are decoded together: requests that arrive within
-/// `GENERATE_GATHER_MS` of the first one, up to the model's batch size, form one static batch.
+/// The text-generation model on its own thread, decoding the items of concurrent shards
+/// (queued chat messages above all) together by continuous batching: between two decoding
+/// steps, rows that finished leave the batch and waiting requests join it (their prompts read
+/// in one prefill), up to the model's batch size. A request is answered as soon as its own
+/// items are done, not when the whole batch is. An idle thread waits `GENERATE_GATHER_MS`
+/// after a first request for others to share its prefill.
 pub struct Gatherer {
     tx: std::sync::mpsc::Sender<(Vec<InputItem>, Reply)>,
+}
+
+/// A request being decoded: one shard's micro-batch.
+struct Pending {
+    items: Vec<InputItem>,
+    lines: Vec<Option<OutputLine>>,
+    /// Items without a line yet.
+    left: usize,
+    reply: Reply,
+    admitted: Instant,
+}
+
+/// The generation thread's requests and which request and item each decoding row is.
+#[derive(Default)]
+struct Inflight {
+    requests: HashMap<u64, Pending>,
+    rows: HashMap<usize, (u64, usize)>,
+    next_request: u64,
+    next_row: usize,
+}
+
+impl Inflight {
+    /// Takes `items` in: their prompts, row tags and keys are appended to `rows` (an item
+    /// whose prompt is unusable gets its error line at once).
+    fn admit(
+        &mut self,
+        model: &Generate,
+        items: Vec<InputItem>,
+        reply: Reply,
+        rows: &mut (Vec<Vec<u32>>, Vec<usize>, Vec<u64>),
+    ) {
+        let id = self.next_request;
+        self.next_request += 1;
+        let mut p = Pending {
+            lines: vec![None; items.len()],
+            left: items.len(),
+            items,
+            reply,
+            admitted: Instant::now(),
+        };
+        for (i, item) in p.items.iter().enumerate() {
+            match model.prompt(&item.input) {
+                Ok(prompt) => {
+                    let tag = self.next_row;
+                    self.next_row += 1;
+                    self.rows.insert(tag, (id, i));
+                    rows.0.push(prompt);
+                    rows.1.push(tag);
+                    rows.2.push(item_key(&item.custom_id));
+                }
+                Err(m) => {
+                    p.lines[i] = Some(OutputLine::error(&item.custom_id, "invalid_prompt", m));
+                    p.left -= 1;
+                }
+            }
+        }
+        self.requests.insert(id, p);
+    }
+
+    /// Records the lines of rows that finished.
+    fn finish(&mut self, model: &Generate, done: Vec<(usize, Generated)>) {
+        for (tag, g) in done {
+            if let Some((id, i)) = self.rows.remove(&tag)
+                && let Some(p) = self.requests.get_mut(&id)
+            {
+                p.lines[i] = Some(model.line(&p.items[i], &g));
+                p.left -= 1;
+            }
+        }
+    }
+
+    /// The batch of rows `tags` failed: each of their items is decoded again alone, and one
+    /// that fails alone too gets an error line.
+    fn fail(&mut self, model: &mut Generate, tags: &[usize], error: &EngineError) {
+        tracing::warn!(%error, rows = tags.len(), "generation batch failed; retrying item by item");
+        for tag in tags {
+            let Some((id, i)) = self.rows.remove(tag) else {
+                continue;
+            };
+            let Some(p) = self.requests.get_mut(&id) else {
+                continue;
+            };
+            let item = &p.items[i];
+            let line = match model.process(std::slice::from_ref(item)) {
+                Ok(mut l) if l.len() == 1 => l.remove(0),
+                // A drain: the request is given back with the others.
+                Err(EngineError::Interrupted) => continue,
+                Ok(_) => OutputLine::error(
+                    &item.custom_id,
+                    "inference_failed",
+                    "the model returned no output",
+                ),
+                Err(e) => OutputLine::error(&item.custom_id, "inference_failed", e.to_string()),
+            };
+            p.lines[i] = Some(line);
+            p.left -= 1;
+        }
+    }
+
+    /// Answers the requests whose items all have their lines.
+    fn answer(&mut self, metrics: &Metrics) {
+        let complete: Vec<u64> = self
+            .requests
+            .iter()
+            .filter(|(_, p)| p.left == 0)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in complete {
+            if let Some(p) = self.requests.remove(&id) {
+                metrics.inference.observe(p.admitted.elapsed());
+                let lines = p.lines.into_iter().flatten().collect();
+                let _ = p.reply.send(Ok(lines));
+            }
+        }
+    }
+
+    /// Gives every request back unanswered (a drain): they are redone after it.
+    fn interrupt(&mut self) {
+        self.rows.clear();
+        for (_, p) in self.requests.drain() {
+            let _ = p.reply.send(Err(Interrupted));
+        }
+    }
 }
 
 impl Gatherer {
@@ -1178,52 +1313,95 @@ impl Gatherer {
         std::thread::Builder::new()
             .name("generate".into())
             .spawn(move || {
-                let mut carried = None;
+                let mut queue: std::collections::VecDeque<(Vec<InputItem>, Reply)> =
+                    Default::default();
+                let mut inflight = Inflight::default();
+                let mut decoding: Option<Decoding> = None;
                 loop {
-                    let first = match carried.take() {
-                        Some(r) => r,
-                        None => match rx.recv() {
-                            Ok(r) => r,
+                    let running = decoding.as_ref().map_or(0, Decoding::len);
+                    if running == 0 && queue.is_empty() {
+                        // Idle: wait for a request, then briefly for others to share its prefill.
+                        match rx.recv() {
+                            Ok(r) => queue.push_back(r),
                             Err(_) => return,
-                        },
-                    };
-                    let deadline = Instant::now() + window;
-                    let mut n = first.0.len();
-                    let mut requests = vec![first];
-                    while n < batch {
-                        let left = deadline.saturating_duration_since(Instant::now());
-                        match rx.recv_timeout(left) {
-                            Ok(r) if n + r.0.len() <= batch => {
-                                n += r.0.len();
-                                requests.push(r);
-                            }
-                            Ok(r) => {
-                                carried = Some(r);
-                                break;
-                            }
-                            Err(_) => break,
                         }
-                    }
-                    metrics.generate_batches.add(1);
-                    metrics.generate_rows.add(n as u64);
-                    if requests.len() > 1 {
-                        metrics.generate_merged.add(1);
-                    }
-                    let items: Vec<InputItem> =
-                        requests.iter().flat_map(|r| r.0.iter().cloned()).collect();
-                    match run_items(&mut model, &items, None, &metrics) {
-                        Ok(lines) => {
-                            let mut lines = lines.into_iter();
-                            for (mine, reply) in requests {
-                                let _ = reply.send(Ok(lines.by_ref().take(mine.len()).collect()));
+                        let deadline = Instant::now() + window;
+                        let mut n = queue.iter().map(|r| r.0.len()).sum::<usize>();
+                        while n < batch {
+                            let left = deadline.saturating_duration_since(Instant::now());
+                            match rx.recv_timeout(left) {
+                                Ok(r) => {
+                                    n += r.0.len();
+                                    queue.push_back(r);
+                                }
+                                Err(_) => break,
                             }
                         }
-                        Err(Interrupted) => {
-                            for (_, reply) in requests {
-                                let _ = reply.send(Err(Interrupted));
+                    } else {
+                        while let Ok(r) = rx.try_recv() {
+                            queue.push_back(r);
+                        }
+                    }
+                    if model.stopping() {
+                        decoding = None;
+                        inflight.interrupt();
+                        for (_, reply) in queue.drain(..) {
+                            let _ = reply.send(Err(Interrupted));
+                        }
+                        continue;
+                    }
+                    // Waiting requests join while their items fit beside the running rows.
+                    let mut rows = (Vec::new(), Vec::new(), Vec::new());
+                    let (mut taken, mut admitted) = (running, 0);
+                    while let Some((items, _)) = queue.front() {
+                        if taken > 0 && taken + items.len() > batch {
+                            break;
+                        }
+                        let Some((items, reply)) = queue.pop_front() else {
+                            break;
+                        };
+                        taken += items.len();
+                        admitted += 1;
+                        inflight.admit(&model, items, reply, &mut rows);
+                    }
+                    let (prompts, tags, keys) = rows;
+                    if !prompts.is_empty() {
+                        metrics.generate_batches.add(1);
+                        metrics.generate_rows.add(prompts.len() as u64);
+                        if running > 0 || admitted > 1 {
+                            metrics.generate_merged.add(1);
+                        }
+                        match model.start(&prompts, &tags, &keys) {
+                            Ok((more, done)) => {
+                                inflight.finish(&model, done);
+                                match decoding.as_mut() {
+                                    None => decoding = Some(more),
+                                    Some(d) => {
+                                        let both: Vec<usize> =
+                                            d.tags().into_iter().chain(more.tags()).collect();
+                                        if let Err(e) = d.merge(more) {
+                                            decoding = None;
+                                            inflight.fail(&mut model, &both, &e);
+                                        }
+                                    }
+                                }
+                            }
+                            Err(e) => inflight.fail(&mut model, &tags, &e),
+                        }
+                    }
+                    if let Some(d) = decoding.as_mut()
+                        && !d.is_empty()
+                    {
+                        match model.step(d) {
+                            Ok(done) => inflight.finish(&model, done),
+                            Err(e) => {
+                                let tags = d.tags();
+                                decoding = None;
+                                inflight.fail(&mut model, &tags, &e);
                             }
                         }
                     }
+                    inflight.answer(&metrics);
                 }
             })?;
         Ok(Self { tx })

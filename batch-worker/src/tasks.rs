@@ -6,7 +6,7 @@ use shared::wire::{ClassifyOutput, GenerateOutput, InputItem, OutputLine};
 
 use crate::embedded::{EncodedLines, Processor};
 use crate::engine::{Classifier, Device, EngineError};
-use crate::generate::{Generator, Sampling, item_key};
+use crate::generate::{Decoding, Generated, Generator, Sampling, item_key};
 
 /// `classify`: the edge's intent model over each item.
 pub struct Classify {
@@ -195,8 +195,51 @@ impl Generate {
         &self.model
     }
 
+    /// Sleep this long after each decoding step (fault injection for benchmarks).
+    pub fn set_step_delay(&mut self, delay: std::time::Duration) {
+        self.model.set_step_delay(delay);
+    }
+
+    /// Whether a drain asks generation to stop.
+    pub fn stopping(&self) -> bool {
+        (self.stop)()
+    }
+
+    /// Reads `prompts` and picks their first tokens: a new [`Decoding`] of rows `tags`, and
+    /// the rows already finished (see [`Generator::start`]).
+    pub fn start(
+        &mut self,
+        prompts: &[Vec<u32>],
+        tags: &[usize],
+        keys: &[u64],
+    ) -> Result<(Decoding, Vec<(usize, Generated)>), EngineError> {
+        self.model
+            .start(prompts, tags, keys, &self.opts.sampling, &mut |_, _, _| {})
+    }
+
+    /// One decoding step of `d`; the rows that finished.
+    pub fn step(&mut self, d: &mut Decoding) -> Result<Vec<(usize, Generated)>, EngineError> {
+        self.model.step(d, &self.opts.sampling, &mut |_, _, _| {})
+    }
+
+    /// `item`'s output line from its generated tokens.
+    pub fn line(&self, item: &InputItem, g: &Generated) -> OutputLine {
+        let content = g.content();
+        match self.model.text(g) {
+            Ok(text) => OutputLine::Ok {
+                custom_id: item.custom_id.clone(),
+                output: serde_json::to_value(GenerateOutput {
+                    text,
+                    tokens: u32::try_from(content.len()).unwrap_or(u32::MAX),
+                })
+                .unwrap_or_default(),
+            },
+            Err(m) => OutputLine::error(&item.custom_id, "inference_failed", m),
+        }
+    }
+
     /// The prompt of one input.
-    fn prompt(&self, input: &str) -> Result<Vec<u32>, String> {
+    pub fn prompt(&self, input: &str) -> Result<Vec<u32>, String> {
         let text = match self.opts.format {
             PromptFormat::Chat => self.model.chat_prompt(&self.opts.system_prompt, input)?,
             PromptFormat::Raw => input.to_owned(),
@@ -250,19 +293,7 @@ impl Processor for Generate {
             &mut |_, _, _| {},
         )?;
         for (row, g) in rows.into_iter().zip(generated) {
-            let item = &items[row];
-            let content = g.content();
-            lines[row] = Some(match self.model.text(&g) {
-                Ok(text) => OutputLine::Ok {
-                    custom_id: item.custom_id.clone(),
-                    output: serde_json::to_value(GenerateOutput {
-                        text,
-                        tokens: u32::try_from(content.len()).unwrap_or(u32::MAX),
-                    })
-                    .unwrap_or_default(),
-                },
-                Err(m) => OutputLine::error(&item.custom_id, "inference_failed", m),
-            });
+            lines[row] = Some(self.line(&items[row], &g));
         }
         Ok(lines
             .into_iter()

@@ -129,6 +129,67 @@ fn a_left_padded_batch_gives_each_prompt_its_own_result() {
     }
 }
 
+/// Continuous batching: rows join a batch that is already decoding (their cache shorter or
+/// longer than the running rows', so either side is padded) and leave it as they finish;
+/// every row still gets exactly the tokens it gets alone, greedy and sampled.
+#[test]
+fn rows_that_join_a_running_batch_get_their_own_tokens() {
+    let r = reference();
+    let mut g = load();
+    let prompts: Vec<Vec<u32>> = r.prompts.iter().map(|p| p.input_ids.clone()).collect();
+    let keys: Vec<u64> = (500..500 + prompts.len() as u64).collect();
+    let sampled = Sampling {
+        max_new_tokens: 24,
+        temperature: 1.0,
+        top_p: 0.9,
+        seed: 3,
+        ignore_stop: false,
+    };
+    for s in [greedy(r.max_new_tokens), sampled] {
+        let alone: Vec<Generated> = (0..prompts.len())
+            .map(|i| {
+                let mut o = g
+                    .generate(&prompts[i..=i], &keys[i..=i], &s, &never, &mut |_, _, _| {})
+                    .expect("generates alone");
+                o.remove(0)
+            })
+            .collect();
+        let mut got: Vec<Option<Generated>> = vec![None; prompts.len()];
+        let mut put = |done: Vec<(usize, Generated)>| {
+            for (tag, out) in done {
+                assert!(got[tag].replace(out).is_none(), "row {tag} finished twice");
+            }
+        };
+        // Prompt 1 (9 tokens) runs alone for 3 steps; prompts 0 and 4 (17 and 71 tokens,
+        // longer caches) join; 3 steps later prompts 2, 3 and 5 (13, 12 and 69 tokens,
+        // shorter than the running cache by then) join too.
+        let (mut d, done) = g
+            .start(&prompts[1..2], &[1], &keys[1..2], &s, &mut |_, _, _| {})
+            .expect("starts");
+        put(done);
+        let mut joins = vec![vec![2usize, 3, 5], vec![0, 4]];
+        let mut steps = 0;
+        while !d.is_empty() || !joins.is_empty() {
+            if steps % 3 == 0
+                && let Some(tags) = joins.pop()
+            {
+                let p: Vec<Vec<u32>> = tags.iter().map(|&t| prompts[t].clone()).collect();
+                let k: Vec<u64> = tags.iter().map(|&t| keys[t]).collect();
+                let (more, done) = g
+                    .start(&p, &tags, &k, &s, &mut |_, _, _| {})
+                    .expect("starts");
+                put(done);
+                d.merge(more).expect("merges");
+            }
+            put(g.step(&mut d, &s, &mut |_, _, _| {}).expect("steps"));
+            steps += 1;
+        }
+        for (i, (a, b)) in alone.iter().zip(&got).enumerate() {
+            assert_eq!(Some(a), b.as_ref(), "prompt {i}, {s:?}");
+        }
+    }
+}
+
 #[test]
 fn sampling_is_reproducible_and_independent_of_the_batch() {
     let r = reference();

@@ -96,14 +96,7 @@ impl<'a> World<'a> {
 
     /// A queued chat message, as the edge creates and publishes it.
     async fn submit_chat(&self, job_id: &str, message: &str) -> anyhow::Result<()> {
-        self.jobs()
-            .create_record(job_id, JobKind::Chat, Task::Generate, 1, 1, None)
-            .await?;
-        let chat = shared::jobs::ChatRequest {
-            message: message.into(),
-            locale: "ko".into(),
-        };
-        self.publish(&JobMessage::chat(job_id, chat)).await
+        self.jobs().submit_chat(job_id, message).await
     }
 
     async fn create_record(

@@ -1,5 +1,5 @@
 //! Jobs as the edge creates them: the Firestore record first, then the shard messages on
-//! Pub/Sub. Used by the worker's system tests and by `cargo xtask bench-serve`.
+//! Pub/Sub. Used by the worker's system tests and by `cargo xtask bench-serve` and `bench-chat`.
 
 use anyhow::Context;
 use serde_json::json;
@@ -53,6 +53,17 @@ impl Jobs {
             .await?;
         }
         Ok(())
+    }
+
+    /// A queued chat message, as the edge turns one into a job: its record, then its message.
+    pub async fn submit_chat(&self, job_id: &str, message: &str) -> anyhow::Result<()> {
+        self.create_record(job_id, JobKind::Chat, Task::Generate, 1, 1, None)
+            .await?;
+        let chat = shared::jobs::ChatRequest {
+            message: message.into(),
+            locale: "ko".into(),
+        };
+        self.publish(&JobMessage::chat(job_id, chat)).await
     }
 
     /// A `queued` job record, as the edge writes it before publishing.

@@ -1,6 +1,7 @@
 //! `cargo xtask <command>`: the project's automation. Run `cargo xtask --help`.
 
 mod bench;
+mod bench_chat;
 mod bench_generate;
 mod bench_serve;
 mod bench_worker;
@@ -48,6 +49,8 @@ enum Cmd {
     BenchWorker(bench_worker::Args),
     /// Throughput of `batch-worker serve` on one classify job through the emulators, vs `batch-worker run`
     BenchServe(bench_serve::Args),
+    /// How long queued chat messages wait for their replies from `batch-worker serve` when they arrive while others decode
+    BenchChat(bench_chat::Args),
     /// Tokens/s of `batch-worker run --task generate` per static batch size, vs the same loop in Python's onnxruntime
     BenchGenerate(bench_generate::Args),
     /// The whole stack under SIGKILL, SIGTERM and a preemption notice: nothing lost or duplicated
@@ -77,6 +80,7 @@ fn main() -> ExitCode {
         Cmd::BenchEdge(a) => bench::run(a),
         Cmd::BenchWorker(a) => bench_worker::run(a),
         Cmd::BenchServe(a) => bench_serve::run(a),
+        Cmd::BenchChat(a) => bench_chat::run(a),
         Cmd::BenchGenerate(a) => bench_generate::run(a),
         Cmd::Chaos(a) => chaos::run(a),
         Cmd::Fuzz(a) => fuzz::run(a),
