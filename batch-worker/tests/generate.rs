@@ -190,6 +190,49 @@ fn rows_that_join_a_running_batch_get_their_own_tokens() {
     }
 }
 
+/// A row near the model's last position gets only the tokens its positions leave (256 here),
+/// while a short row beside it goes on: when the long row leaves, the cache is cut to the
+/// short row's length and the short row's tokens are still its own.
+#[test]
+fn each_row_gets_the_tokens_its_own_positions_leave() {
+    let r = reference();
+    let mut g = load();
+    let max = g
+        .max_positions()
+        .expect("config.json sets max_position_embeddings");
+    let long: Vec<u32> = r
+        .prompts
+        .iter()
+        .flat_map(|p| p.input_ids.iter().copied())
+        .cycle()
+        .take(max - 6)
+        .collect();
+    let short = r.prompts[1].input_ids.clone();
+    let s = Sampling {
+        ignore_stop: true,
+        ..greedy(40)
+    };
+    let both = g
+        .generate(
+            &[long.clone(), short.clone()],
+            &[1, 2],
+            &s,
+            &never,
+            &mut |_, _, _| {},
+        )
+        .expect("generates");
+    assert_eq!(both[0].ids.len(), 6, "the long prompt has 6 positions left");
+    assert_eq!(both[1].ids.len(), 40, "the short one its max_new_tokens");
+    let alone = g
+        .generate(&[short], &[2], &s, &never, &mut |_, _, _| {})
+        .expect("generates alone");
+    assert_eq!(both[1], alone[0]);
+    let long_alone = g
+        .generate(&[long], &[1], &s, &never, &mut |_, _, _| {})
+        .expect("generates alone");
+    assert_eq!(both[0], long_alone[0]);
+}
+
 #[test]
 fn sampling_is_reproducible_and_independent_of_the_batch() {
     let r = reference();
