@@ -699,12 +699,16 @@ impl App {
                 }
             },
         };
-        let deadline = p.now_ms() + wait * 1000;
+        let started = p.now_ms();
+        let deadline = started + wait * 1000;
         let mut rec = self.read_job(p, owner, id).await?;
-        let mut interval = 250;
-        while !rec.status.is_final() && p.now_ms() + interval <= deadline {
+        loop {
+            let now = p.now_ms();
+            let interval = poll_interval(now.saturating_sub(started));
+            if rec.status.is_final() || now + interval > deadline {
+                break;
+            }
             p.sleep(interval).await;
-            interval = (interval * 2).min(2_000);
             rec = self.read_job(p, owner, id).await?;
         }
         let view = serde_json::to_value(JobView::from(&rec))
@@ -767,6 +771,18 @@ fn new_record(
     JobRecord {
         expire_at: Some(rfc3339(now + JOB_TTL_MS)),
         ..JobRecord::queued(job_id, owner, kind, task, total, shards, &rfc3339(now))
+    }
+}
+
+/// Milliseconds between two reads of a job during `GET /v1/jobs/{id}?wait=N`, `elapsed` ms
+/// after the first read. A queued chat reply usually comes within a few seconds, so those are
+/// read closely (a reply is seen at most 250 ms late), later ones less often: a 25 s wait
+/// takes 39 reads, under the 50 subrequests a Worker may make per request on the Free plan.
+pub fn poll_interval(elapsed_ms: u64) -> u64 {
+    match elapsed_ms {
+        0..3_000 => 250,
+        3_000..7_000 => 500,
+        _ => 1_000,
     }
 }
 

@@ -495,3 +495,29 @@ fn the_fallback_rate_limit_is_per_key() {
     p.now.set(p.now.get() + 60_000);
     assert_eq!(block_on(app.handle(&p, post("/v1/chat", hi))).status, 200);
 }
+
+/// `?wait=N` reads the job every 250 ms for its first 3 s (a chat reply is seen at most
+/// 250 ms late) and still stays under the Free plan's 50 subrequests in the longest wait.
+#[test]
+fn long_polls_read_closely_at_first_and_stay_under_the_subrequest_limit() {
+    let wait_ms = 25_000;
+    let (mut elapsed, mut reads) = (0, 1);
+    let mut gaps = Vec::new();
+    loop {
+        let gap = edge_core::api::poll_interval(elapsed);
+        if elapsed + gap > wait_ms {
+            break;
+        }
+        elapsed += gap;
+        reads += 1;
+        gaps.push((elapsed, gap));
+    }
+    assert!(
+        gaps.iter()
+            .filter(|(at, _)| *at <= 3_000)
+            .all(|(_, g)| *g <= 250),
+        "{gaps:?}"
+    );
+    assert!(reads <= 40, "{reads} reads in a 25 s wait");
+    assert!(elapsed >= 24_000, "the wait ends {elapsed} ms in");
+}
