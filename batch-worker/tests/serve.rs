@@ -181,6 +181,23 @@ impl<'a> World<'a> {
         }
     }
 
+    /// A job given as the input file `file` (JSONL of `items`, in this scenario's folder),
+    /// as the edge submits one: its record, then its plan message. The file's path and URI.
+    async fn submit_input_file(
+        &self,
+        job_id: &str,
+        file: &str,
+        items: &[InputItem],
+    ) -> anyhow::Result<(PathBuf, String)> {
+        let input = self.fx.dir.join(&self.name).join(file);
+        write_items(&input, items)?;
+        let uri = format!("file://{}", input.display());
+        self.create_record(job_id, 0, 0, Some(uri.clone())).await?;
+        self.publish(&JobMessage::input_file(job_id, Task::Classify, &uri))
+            .await?;
+        Ok((input, uri))
+    }
+
     /// Starts `cfg` again each time it stops (as the VM's service does) until `job_id` is
     /// failed; the number of starts and the failed record.
     async fn restart_until_failed(
@@ -290,6 +307,16 @@ fn items(prefix: &str, n: usize) -> Vec<InputItem> {
         .collect()
 }
 
+/// Writes `items` as JSONL.
+fn write_items(path: &Path, items: &[InputItem]) -> anyhow::Result<()> {
+    let body: String = items
+        .iter()
+        .map(|i| serde_json::to_string(i).map(|s| s + "\n"))
+        .collect::<Result<_, _>>()?;
+    std::fs::write(path, body)?;
+    Ok(())
+}
+
 fn assert_exactly(outputs: &BTreeMap<String, Value>, items: &[InputItem]) -> anyhow::Result<()> {
     ensure!(
         outputs.len() == items.len(),
@@ -395,11 +422,7 @@ async fn outputs_once_and_equal_to_the_embedded_run(fx: &Fixture) -> anyhow::Res
     // The same items through the embedded mode give the same lines.
     let emb_in = w.fx.dir.join("plain").join("a.jsonl");
     let emb_out = w.fx.dir.join("plain").join("a.out.jsonl");
-    let body: String = all
-        .iter()
-        .map(|i| serde_json::to_string(i).map(|s| s + "\n"))
-        .collect::<Result<_, _>>()?;
-    std::fs::write(&emb_in, body)?;
+    write_items(&emb_in, &all)?;
     embedded_run(&emb_in, &emb_out)?;
     for l in std::fs::read_to_string(&emb_out)?.lines() {
         let v: Value = serde_json::from_str(l)?;
@@ -573,16 +596,8 @@ async fn plan_survives_a_crash_before_its_shards_are_published(fx: &Fixture) -> 
         .with("INPUT_SHARD_ITEMS", "100")
         .with("BATCH_WORKER_FAILPOINTS", "crash-after-plan=1")
         .start(&w.log("w1.log"))?;
-    let dir = w.fx.dir.join("plan-crash");
-    let input = dir.join("input.jsonl");
-    let body: String = items("p", 300)
-        .iter()
-        .map(|i| serde_json::to_string(i).map(|s| s + "\n"))
-        .collect::<Result<_, _>>()?;
-    std::fs::write(&input, body)?;
-    let uri = format!("file://{}", input.display());
-    w.create_record("job-p", 0, 0, Some(uri.clone())).await?;
-    w.publish(&JobMessage::input_file("job-p", Task::Classify, &uri))
+    let (input, _) = w
+        .submit_input_file("job-p", "input.jsonl", &items("p", 300))
         .await?;
     let (status, _) = w1.wait_exit(Duration::from_secs(30)).await?;
     ensure!(
@@ -616,7 +631,7 @@ async fn plan_survives_a_crash_before_its_shards_are_published(fx: &Fixture) -> 
         job.plan_attempts == 2 && job.plan_finished == 1 && job.plan_crashes() == 1,
         "one crashed and one finished plan attempt: {job:?}"
     );
-    let run_out = dir.join("run.out.jsonl");
+    let run_out = input.with_file_name("run.out.jsonl");
     embedded_run(&input, &run_out)?;
     let (files, served) = w.output_text("job-p")?;
     ensure!(
@@ -635,11 +650,7 @@ async fn drain_while_planning_gives_the_plan_back(fx: &Fixture) -> anyhow::Resul
     let dir = w.fx.dir.join("plan-drain");
     let input = dir.join("input.jsonl");
     let all = items("d", 2000);
-    let body: String = all
-        .iter()
-        .map(|i| serde_json::to_string(i).map(|s| s + "\n"))
-        .collect::<Result<_, _>>()?;
-    std::fs::write(&input, body)?;
+    write_items(&input, &all)?;
     let uri = format!("file://{}", input.display());
     w.create_record("job-d", 0, 0, Some(uri.clone())).await?;
     // Each piece of the file (8 KiB here) takes 500 ms to plan: about 7 s in all.
@@ -701,16 +712,7 @@ async fn plan_that_crashes_every_time_is_dead_lettered(fx: &Fixture) -> anyhow::
         .worker("w1")
         .with("POISON_LIMIT", "2")
         .with("BATCH_WORKER_FAILPOINTS", "crash-while-planning=1");
-    let dir = w.fx.dir.join("plan-poison");
-    let input = dir.join("input.jsonl");
-    let body: String = items("z", 50)
-        .iter()
-        .map(|i| serde_json::to_string(i).map(|s| s + "\n"))
-        .collect::<Result<_, _>>()?;
-    std::fs::write(&input, body)?;
-    let uri = format!("file://{}", input.display());
-    w.create_record("job-z", 0, 0, Some(uri.clone())).await?;
-    w.publish(&JobMessage::input_file("job-z", Task::Classify, &uri))
+    w.submit_input_file("job-z", "input.jsonl", &items("z", 50))
         .await?;
     let (starts, failed) = w.restart_until_failed(&cfg, "job-z").await?;
     ensure!(
