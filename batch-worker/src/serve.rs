@@ -14,7 +14,9 @@
 //!    stops the shard: its chunk object is never listed, so it is never output.
 //! 4. The last commit concatenates the listed chunks into the shard's output file, marks the
 //!    shard done and increments the job's `shards_done`; the commit that brings it to
-//!    `shards` marks the job succeeded. Only then is the message acked.
+//!    `shards` marks the job succeeded. Only then is the message acked. A shard done within
+//!    its first chunk (a chat message) writes its lines straight into its output file and
+//!    moves the job's counts in that same last commit.
 //! 5. SIGTERM/SIGINT or GCE's preemption notice: stop pulling, commit what is done, release
 //!    the lease counting a drain (not a crash), nack, exit 0.
 
@@ -499,7 +501,7 @@ async fn process(
             }
             match r.state {
                 ShardState::Done => {
-                    finish_if_complete(ctx, &msg.job_id).await?;
+                    finish_if_complete(ctx, &msg.job_id, None).await?;
                     return Ok(Outcome::Ack);
                 }
                 ShardState::Quarantined => return Ok(Outcome::Ack),
@@ -1487,6 +1489,17 @@ async fn run_shard(
             }
             Some(_) => {}
         }
+        if !draining && pos >= total && rec.chunks.is_empty() {
+            // The whole shard fits in its first chunk (a chat message, a small shard): its
+            // lines go straight into the shard's output file, and one commit marks it done
+            // with its counts, instead of a chunk object and a checkpoint first.
+            let tail = Tail {
+                lines: std::mem::take(&mut pending).into_bytes(),
+                items: pending_items,
+                failed: pending_failed,
+            };
+            return complete_shard(ctx, msg, rec, update_time, tail).await;
+        }
         if pending_items > 0 || draining {
             let started = Instant::now();
             let chunk = (pending_items > 0)
@@ -1559,7 +1572,7 @@ async fn run_shard(
             return Ok(Outcome::Nack);
         }
         if pos >= total {
-            return complete_shard(ctx, msg, rec, update_time).await;
+            return complete_shard(ctx, msg, rec, update_time, Tail::default()).await;
         }
         since = Instant::now();
     }
@@ -1599,23 +1612,38 @@ async fn commit_checkpoint(
     }
 }
 
-/// Writes the shard's output file, marks it done and counts it on the job; finishes the job
-/// when it was the last.
+/// Output lines of a shard not yet in any chunk, written with its output file.
+#[derive(Default)]
+struct Tail {
+    lines: Vec<u8>,
+    items: u64,
+    failed: u64,
+}
+
+/// Writes the shard's output file (its committed chunks, then `tail`), marks it done and
+/// counts it (and `tail`'s items) on the job; finishes the job when it was the last.
 async fn complete_shard(
     ctx: &Ctx,
     msg: &JobMessage,
     rec: ShardRecord,
     update_time: String,
+    tail: Tail,
 ) -> Result<Outcome, WorkError> {
+    let started = Instant::now();
     let mut all = Vec::new();
     for c in &rec.chunks {
         all.extend(ctx.out.get(c).await?);
     }
+    all.extend_from_slice(&tail.lines);
+    // A chat job's reply is taken from this copy rather than read back.
+    let reply = (msg.kind == JobKind::Chat).then(|| all.clone());
     ctx.out
         .put(&outputs::shard_output_name(&msg.job_id, msg.shard), all)
         .await?;
     let mut done = rec.clone();
     done.state = ShardState::Done;
+    done.cursor = done.total;
+    done.failed += tail.failed;
     done.owner.clear();
     done.lease_expires_ms = 0;
     done.updated_at = rfc3339(now_ms());
@@ -1632,6 +1660,8 @@ async fn complete_shard(
             json!({"updated_at": rfc3339(now_ms())}),
             Precondition::Exists,
         )
+        .increment("counts.done", tail.items as i64)
+        .increment("counts.failed", tail.failed as i64)
         .increment("shards_done", 1),
     ];
     match commit_checkpoint(ctx, &writes, &done).await? {
@@ -1642,16 +1672,27 @@ async fn complete_shard(
         }
         Err(CommitFailure::JobGone) => return Ok(Outcome::Ack),
     }
+    if tail.items > 0 {
+        ctx.metrics.chunk_commit.observe(started.elapsed());
+        ctx.metrics.items.add(tail.items);
+        ctx.metrics.item_failures.add(tail.failed);
+    }
     ctx.metrics.shards_completed.add(1);
     tracing::info!(items = done.total, failed = done.failed, "shard done");
-    finish_if_complete(ctx, &msg.job_id).await?;
+    let written = reply.as_deref().map(|out| (msg.shard, out));
+    finish_if_complete(ctx, &msg.job_id, written).await?;
     Ok(Outcome::Ack)
 }
 
 /// Finishes the job when every shard is done: succeeded, or failed for a chat job whose
 /// reply is an error line (idempotent; a conditional write, so two workers finishing the last
-/// shards cannot both miss it or both do it).
-async fn finish_if_complete(ctx: &Ctx, job_id: &str) -> Result<(), WorkError> {
+/// shards cannot both miss it or both do it). `written`: a shard's output file as the caller
+/// just wrote it (a chat job's reply is then not read back from storage).
+async fn finish_if_complete(
+    ctx: &Ctx,
+    job_id: &str,
+    written: Option<(u32, &[u8])>,
+) -> Result<(), WorkError> {
     let complete =
         |r: &JobRecord| !r.status.is_final() && r.shards > 0 && r.shards_done >= r.shards;
     let Some(job) = ctx.store.get::<JobRecord>(JOBS_COLLECTION, job_id).await? else {
@@ -1662,7 +1703,10 @@ async fn finish_if_complete(ctx: &Ctx, job_id: &str) -> Result<(), WorkError> {
     }
     let how = if job.record.kind == JobKind::Chat {
         // The reply is the one output line of the one shard.
-        let out = ctx.out.get(&outputs::shard_output_name(job_id, 0)).await?;
+        let out = match written {
+            Some((0, out)) => out.to_vec(),
+            _ => ctx.out.get(&outputs::shard_output_name(job_id, 0)).await?,
+        };
         let line = std::str::from_utf8(&out)
             .ok()
             .and_then(|s| s.lines().next())

@@ -108,11 +108,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         result.map(|()| rounds)
     })?;
     println!(
-        "\n`batch-worker serve --device cpu` with the test model `models/lm/`, one worker: {} chat messages, one every {} ms, each a queued chat job (record, then message) as the edge makes it; replies of at most {} tokens, each decoding step made {} ms slower (as a large model on a GPU), `GENERATE_BATCH_SIZE` {}, `GENERATE_GATHER_MS` {}; wait = the job record's `updated_at` at `succeeded` minus the publish time; median of {} rounds per build, taking turns\n",
+        "\n`batch-worker serve --device cpu` with the test model `models/lm/`, one worker: {} chat messages, one every {} ms, each a queued chat job (record, then message) as the edge makes it; replies of at most {} tokens, {}, `GENERATE_BATCH_SIZE` {}, `GENERATE_GATHER_MS` {}; wait = the job record's `updated_at` at `succeeded` minus the publish time; median of {} rounds per build, taking turns\n",
         args.messages,
         args.interval_ms,
         args.max_new_tokens,
-        args.step_delay_ms,
+        match args.step_delay_ms {
+            0 => "the test model's own decoding steps (~0.2 ms)".to_owned(),
+            ms => format!("each decoding step made {ms} ms slower (as a large model on a GPU)"),
+        },
         args.batch_size,
         args.gather_ms,
         args.repeat
