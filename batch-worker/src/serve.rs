@@ -1676,6 +1676,13 @@ async fn complete_shard(
         ctx.metrics.chunk_commit.observe(started.elapsed());
         ctx.metrics.items.add(tail.items);
         ctx.metrics.item_failures.add(tail.failed);
+        // The same line as any chunk commit: operators and the chaos driver count work by it.
+        tracing::info!(
+            cursor = done.cursor,
+            total = done.total,
+            items = tail.items,
+            "chunk committed"
+        );
     }
     ctx.metrics.shards_completed.add(1);
     tracing::info!(items = done.total, failed = done.failed, "shard done");
