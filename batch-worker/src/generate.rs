@@ -530,7 +530,7 @@ impl Generator {
                 choose(r, logits, sampling, &stop_ids, &mut scratch, observe);
             },
         )?;
-        done.extend(d.retire());
+        done.extend(d.retire()?);
         Ok((d, done))
     }
 
@@ -566,7 +566,7 @@ impl Generator {
                 observe,
             );
         })?;
-        Ok(d.retire())
+        d.retire()
     }
 
     /// Runs the model on `seq` new tokens per row over a cache of `total` positions (row `i`'s
@@ -733,16 +733,18 @@ impl Decoding {
 
     /// Removes the finished rows and returns their tokens; the cache keeps only the others,
     /// cut to the longest of them.
-    fn retire(&mut self) -> Vec<(usize, Generated)> {
+    fn retire(&mut self) -> Result<Vec<(usize, Generated)>, EngineError> {
         if !self.rows.iter().any(Row::finished) {
-            return Vec::new();
+            return Ok(Vec::new());
         }
         let keep: Vec<usize> = (0..self.rows.len())
             .filter(|&r| !self.rows[r].finished())
             .collect();
         let total = keep.iter().map(|&r| self.rows[r].len).max().unwrap_or(0);
+        // Made before any row leaves: on an error the batch is as it was, and the caller
+        // decodes its rows again.
         let past = if keep.is_empty() {
-            Ok(Vec::new())
+            Vec::new()
         } else {
             self.past
                 .iter()
@@ -750,34 +752,15 @@ impl Decoding {
                     let data = self.cache(v, self.rows.len(), self.total)?;
                     self.regroup(keep.iter().map(|&r| (data, self.total, r)), total)
                 })
-                .collect::<Result<Vec<_>, EngineError>>()
+                .collect::<Result<Vec<_>, EngineError>>()?
         };
         let (done, kept): (Vec<Row>, Vec<Row>) = std::mem::take(&mut self.rows)
             .into_iter()
             .partition(Row::finished);
         self.rows = kept;
-        match past {
-            Ok(past) => {
-                self.past = past;
-                self.total = total;
-            }
-            // Cannot happen for tensors this batch made; if it did, the remaining rows are
-            // given up rather than decoded from a wrong cache.
-            Err(_) => {
-                self.past = Vec::new();
-                self.total = 0;
-                let mut gave_up = std::mem::take(&mut self.rows);
-                for r in &mut gave_up {
-                    r.out.stopped = false;
-                }
-                return done
-                    .into_iter()
-                    .chain(gave_up)
-                    .map(|r| (r.tag, r.out))
-                    .collect();
-            }
-        }
-        done.into_iter().map(|r| (r.tag, r.out)).collect()
+        self.past = past;
+        self.total = total;
+        Ok(done.into_iter().map(|r| (r.tag, r.out)).collect())
     }
 
     /// The data of cache tensor `v`, checked to be `[rows, heads, total, head_dim]`.

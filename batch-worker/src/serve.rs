@@ -1155,22 +1155,23 @@ fn run_items(
             if let Err(e) = other {
                 tracing::warn!(error = %e, "micro-batch failed; retrying item by item");
             }
-            let mut out = Vec::with_capacity(valid.len());
-            for item in valid {
-                out.push(match m.process(std::slice::from_ref(item)) {
-                    Ok(mut l) if l.len() == 1 => l.remove(0),
-                    Ok(_) => OutputLine::error(
-                        &item.custom_id,
-                        "inference_failed",
-                        "the model returned no output",
-                    ),
-                    Err(EngineError::Interrupted) => return Err(Interrupted),
-                    Err(e) => OutputLine::error(&item.custom_id, "inference_failed", e.to_string()),
-                });
-            }
-            Ok(out)
+            valid.iter().map(|item| process_one(m, item)).collect()
         }
     }
+}
+
+/// `item` alone: its output line, or an error line if the model fails on it.
+fn process_one(m: &mut dyn Processor, item: &InputItem) -> Result<OutputLine, Interrupted> {
+    Ok(match m.process(std::slice::from_ref(item)) {
+        Ok(mut l) if l.len() == 1 => l.remove(0),
+        Ok(_) => OutputLine::error(
+            &item.custom_id,
+            "inference_failed",
+            "the model returned no output",
+        ),
+        Err(EngineError::Interrupted) => return Err(Interrupted),
+        Err(e) => OutputLine::error(&item.custom_id, "inference_failed", e.to_string()),
+    })
 }
 
 type Reply = tokio::sync::oneshot::Sender<Result<Vec<OutputLine>, Interrupted>>;
@@ -1224,7 +1225,7 @@ impl Inflight {
             admitted: Instant::now(),
         };
         for (i, item) in p.items.iter().enumerate() {
-            match model.prompt(&item.input) {
+            match model.item_prompt(item) {
                 Ok(prompt) => {
                     let tag = self.next_row;
                     self.next_row += 1;
@@ -1233,8 +1234,8 @@ impl Inflight {
                     rows.1.push(tag);
                     rows.2.push(item_key(&item.custom_id));
                 }
-                Err(m) => {
-                    p.lines[i] = Some(OutputLine::error(&item.custom_id, "invalid_prompt", m));
+                Err(line) => {
+                    p.lines[i] = Some(line);
                     p.left -= 1;
                 }
             }
@@ -1265,17 +1266,9 @@ impl Inflight {
             let Some(p) = self.requests.get_mut(&id) else {
                 continue;
             };
-            let item = &p.items[i];
-            let line = match model.process(std::slice::from_ref(item)) {
-                Ok(mut l) if l.len() == 1 => l.remove(0),
-                // A drain: the request is given back with the others.
-                Err(EngineError::Interrupted) => continue,
-                Ok(_) => OutputLine::error(
-                    &item.custom_id,
-                    "inference_failed",
-                    "the model returned no output",
-                ),
-                Err(e) => OutputLine::error(&item.custom_id, "inference_failed", e.to_string()),
+            // A drain: the request is given back with the others.
+            let Ok(line) = process_one(model, &p.items[i]) else {
+                continue;
             };
             p.lines[i] = Some(line);
             p.left -= 1;

@@ -238,8 +238,14 @@ impl Generate {
         }
     }
 
+    /// `item`'s prompt, or its `invalid_prompt` error line.
+    pub fn item_prompt(&self, item: &InputItem) -> Result<Vec<u32>, OutputLine> {
+        self.prompt(&item.input)
+            .map_err(|m| OutputLine::error(&item.custom_id, "invalid_prompt", m))
+    }
+
     /// The prompt of one input.
-    pub fn prompt(&self, input: &str) -> Result<Vec<u32>, String> {
+    fn prompt(&self, input: &str) -> Result<Vec<u32>, String> {
         let text = match self.opts.format {
             PromptFormat::Chat => self.model.chat_prompt(&self.opts.system_prompt, input)?,
             PromptFormat::Raw => input.to_owned(),
@@ -275,13 +281,13 @@ impl Processor for Generate {
         let mut prompts = Vec::new();
         let mut keys = Vec::new();
         for (i, item) in items.iter().enumerate() {
-            match self.prompt(&item.input) {
+            match self.item_prompt(item) {
                 Ok(p) => {
                     rows.push(i);
                     prompts.push(p);
                     keys.push(item_key(&item.custom_id));
                 }
-                Err(m) => lines[i] = Some(OutputLine::error(&item.custom_id, "invalid_prompt", m)),
+                Err(line) => lines[i] = Some(line),
             }
         }
         let stop = &self.stop;
