@@ -497,12 +497,10 @@ impl Generator {
         let b = rows.len();
         let longest = rows.iter().map(|(_, p)| p.len()).max().unwrap_or(0);
         let mut ids: Vec<i64> = Vec::with_capacity(b * longest);
-        let mut positions: Vec<i64> = Vec::with_capacity(b * longest);
         for (_, p) in &rows {
             let pad = longest - p.len();
             ids.extend(std::iter::repeat_n(i64::from(self.pad_id), pad));
             ids.extend(p.iter().map(|&t| i64::from(t)));
-            positions.extend(std::iter::repeat_n(0, pad).chain(0..p.len() as i64));
         }
         let (kv_heads, head_dim) = d.shape;
         let mut past = Vec::with_capacity(2 * layers);
@@ -518,18 +516,10 @@ impl Generator {
         let lens: Vec<usize> = d.rows.iter().map(|r| r.len).collect();
         let stop_ids = self.stop_ids.clone();
         let mut scratch = Vec::new();
-        d.past = self.forward(
-            ids,
-            positions,
-            &lens,
-            longest,
-            longest,
-            past,
-            |row, logits| {
-                let r = &mut d.rows[row];
-                choose(r, logits, sampling, &stop_ids, &mut scratch, observe);
-            },
-        )?;
+        d.past = self.forward(ids, &lens, longest, longest, past, |row, logits| {
+            let r = &mut d.rows[row];
+            choose(r, logits, sampling, &stop_ids, &mut scratch, observe);
+        })?;
         done.extend(d.retire()?);
         Ok((d, done))
     }
@@ -546,7 +536,6 @@ impl Generator {
             return Ok(Vec::new());
         }
         let ids: Vec<i64> = d.rows.iter().map(|r| i64::from(r.next)).collect();
-        let positions: Vec<i64> = d.rows.iter().map(|r| r.len as i64).collect();
         for r in &mut d.rows {
             r.len += 1;
         }
@@ -556,7 +545,7 @@ impl Generator {
         let rows = &mut d.rows;
         let stop_ids = self.stop_ids.clone();
         let mut scratch = Vec::new();
-        d.past = self.forward(ids, positions, &lens, 1, d.total, past, |row, logits| {
+        d.past = self.forward(ids, &lens, 1, d.total, past, |row, logits| {
             choose(
                 &mut rows[row],
                 logits,
@@ -571,12 +560,11 @@ impl Generator {
 
     /// Runs the model on `seq` new tokens per row over a cache of `total` positions (row `i`'s
     /// last `lens[i]` real, the rest padding), gives each row's last logits to `pick`, and
-    /// returns the cache for the next step.
-    #[allow(clippy::too_many_arguments)]
+    /// returns the cache for the next step. Mask and positions follow from `lens`: a real
+    /// token's position counts the real tokens before it; padding is masked, at position 0.
     fn forward(
         &mut self,
         ids: Vec<i64>,
-        positions: Vec<i64>,
         lens: &[usize],
         seq: usize,
         total: usize,
@@ -601,6 +589,11 @@ impl Generator {
             Tensor::from_array(([b, total], mask.into_boxed_slice()))?.into(),
         ));
         if self.interface.position_ids {
+            // The new tokens are each row's last `seq` columns; its real ones its last `len`.
+            let positions: Vec<i64> = lens
+                .iter()
+                .flat_map(|&len| (0..seq).map(move |c| (len + c).saturating_sub(seq) as i64))
+                .collect();
             inputs.push((
                 "position_ids".into(),
                 Tensor::from_array(([b, seq], positions.into_boxed_slice()))?.into(),
