@@ -24,7 +24,9 @@ use shared::wire::{
     InputItem, OutputLine, Task, duplicate_id_line, parse_input_bytes, parse_input_line,
 };
 
+use crate::batching::Batcher;
 use crate::engine::EngineError;
+use crate::tasks::Generate;
 
 /// Turns micro-batches of items into output lines (one per item, same order).
 pub trait Processor {
@@ -62,6 +64,12 @@ pub trait Processor {
     /// Time spent in the model runtime itself (the rest of a run is our overhead).
     fn inference_time(&self) -> Duration {
         Duration::ZERO
+    }
+    /// The text-generation task: [`run`] decodes its micro-batches by continuous batching
+    /// (see [`crate::batching`]), so the next micro-batch's items take the rows this one's
+    /// leave instead of waiting for its longest text.
+    fn as_generate(&mut self) -> Option<&mut Generate> {
+        None
     }
 }
 
@@ -558,6 +566,10 @@ pub fn run<P: Processor + Send>(
         let (model_out, from_model) = std::sync::mpsc::sync_channel::<FromModel>(1);
         let model = &mut processor;
         scope.spawn(move || {
+            if let Some(g) = model.as_generate() {
+                decode_continuously(g, &model_in, &model_out);
+                return;
+            }
             let mut waiting = Instant::now();
             for mut batch in model_in {
                 let idle = waiting.elapsed();
@@ -688,6 +700,61 @@ pub fn run<P: Processor + Send>(
         inference: processor.inference_time(),
         ..summary
     })
+}
+
+/// The model thread of a text-generation run: the micro-batches it is sent share one
+/// decoding batch (see [`crate::batching`]) and go back in the order they came, each as soon
+/// as it and those before it are done. A signal gives back every micro-batch not yet sent
+/// back as interrupted.
+fn decode_continuously(
+    g: &mut Generate,
+    model_in: &std::sync::mpsc::Receiver<ToModel>,
+    model_out: &std::sync::mpsc::SyncSender<FromModel>,
+) {
+    let batch = g.batch_size().max(1);
+    let mut batcher = Batcher::<u64>::default();
+    // Each micro-batch's buffers, by sequence number, until its result goes back.
+    let mut buffers = std::collections::HashMap::new();
+    let mut results = std::collections::BTreeMap::new();
+    let (mut next_in, mut next_out) = (0u64, 0u64);
+    loop {
+        let mut came = Vec::new();
+        if batcher.is_idle() {
+            match model_in.recv() {
+                Ok(b) => came.push(b),
+                Err(_) => return,
+            }
+        }
+        came.extend(model_in.try_iter());
+        for b in came {
+            batcher.push(g, b.items, next_in);
+            buffers.insert(next_in, (b.features, b.lines));
+            next_in += 1;
+        }
+        if g.stopping() {
+            for seq in batcher.interrupt() {
+                results.insert(seq, Err(EngineError::Interrupted));
+            }
+        } else {
+            for a in batcher.turn(g, batch).answers {
+                results.insert(a.reply, Ok(a.lines));
+            }
+        }
+        while let Some(result) = results.remove(&next_out) {
+            let (features, mut lines) = buffers.remove(&next_out).unwrap_or_default();
+            lines.clear();
+            let back = FromModel {
+                result: result.map(|l| lines.extend(&l)),
+                features,
+                lines,
+                idle: Duration::ZERO,
+            };
+            if model_out.send(back).is_err() {
+                return;
+            }
+            next_out += 1;
+        }
+    }
 }
 
 /// The partial output past its committed length: lines are appended to `pending`, handed to

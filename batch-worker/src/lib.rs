@@ -3,11 +3,13 @@
 //!
 //! - [`engine`]: ONNX Runtime setup (library discovery, CUDA/CPU selection) and the classifier;
 //! - [`generate`]: text generation (KV-cache decoder, tokenizer, chat template, sampling);
+//! - [`batching`]: continuous batching of text generation, for `run` and `serve`;
 //! - [`embedded`]: `batch-worker run`, the no-cloud mode over local files;
 //! - [`serve`]: `batch-worker serve`, shards from Pub/Sub with checkpoints in Firestore
 //!   ([`store`]), outputs in object storage ([`outputs`]), GCE preemption notices ([`gce`])
 //!   and Prometheus [`metrics`].
 
+pub mod batching;
 pub mod embedded;
 pub mod engine;
 pub mod gce;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use batch_worker::embedded::{self, RunError, RunOptions};
 use batch_worker::engine::Device;
 use batch_worker::generate::Sampling;
-use batch_worker::serve::ServeConfig;
+use batch_worker::serve::{Failpoints, ServeConfig};
 use batch_worker::tasks::{Classify, Generate, GenerateOptions, PromptFormat};
 use clap::{Parser, Subcommand};
 use shared::wire::Task;
@@ -205,6 +205,9 @@ enum Cmd {
         chunk_seconds: f64,
         #[command(flatten)]
         engine: EngineArgs,
+        /// Fault injection for benchmarks (`run` honours generate-step-delay-ms only)
+        #[arg(long, env = "BATCH_WORKER_FAILPOINTS", default_value = "", hide = true)]
+        failpoints: String,
     },
 }
 
@@ -229,9 +232,14 @@ fn main() -> ExitCode {
             output,
             chunk_seconds,
             engine,
+            failpoints,
         } => {
             let task: Task = match task.parse() {
                 Ok(t) => t,
+                Err(e) => return usage(&e),
+            };
+            let failpoints: Failpoints = match failpoints.parse() {
+                Ok(f) => f,
                 Err(e) => return usage(&e),
             };
             let opts = RunOptions {
@@ -253,7 +261,11 @@ fn main() -> ExitCode {
                             settings: o.settings(),
                             ..opts.clone()
                         };
-                        embedded::run(&opts, || Generate::load(&engine.lm_dir(), engine.device, o))
+                        embedded::run(&opts, || {
+                            let mut g = Generate::load(&engine.lm_dir(), engine.device, o)?;
+                            g.set_step_delay(failpoints.generate_step_delay);
+                            Ok(g)
+                        })
                     }
                     Err(m) => Err(RunError::Usage(m)),
                 },

@@ -175,7 +175,7 @@ impl Metrics {
         }
         self.inference.render(
             "batch_worker_inference_seconds",
-            "Time inside the model runtime per micro-batch (text generation: from a request joining the decoding batch to its last item done)",
+            "Time inside the model runtime per micro-batch (text generation: from a request reaching the generation thread to its last item done)",
             &mut out,
         );
         self.chunk_commit.render(

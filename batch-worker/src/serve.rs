@@ -20,7 +20,6 @@
 //! 5. SIGTERM/SIGINT or GCE's preemption notice: stop pulling, commit what is done, release
 //!    the lease counting a drain (not a crash), nack, exit 0.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -38,9 +37,9 @@ use shared::wire::{InputItem, OutputLine, Task, duplicate_id_line, parse_input_b
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::batching::{Batcher, Interrupted, process_one};
 use crate::embedded::{Processor, featurize_rows};
 use crate::engine::EngineError;
-use crate::generate::{Decoding, Generated, item_key};
 use crate::metrics::Metrics;
 use crate::outputs::{self, Location};
 use crate::store::{Committed, Precondition, Store, StoreError, Versioned, Write};
@@ -1057,13 +1056,16 @@ async fn quarantine_plan(
 }
 
 /// Output lines for `items` (one per item, same order). A failing micro-batch is retried
-/// item by item so that one bad item becomes one error line.
-async fn infer(
-    ctx: &Ctx,
+/// item by item so that one bad item becomes one error line. Text generation is handed its
+/// items when this is called, not when the future is first polled: a shard hands over its
+/// next micro-batch while this one decodes, so the next one's items take the rows this one's
+/// leave.
+fn infer<'a>(
+    ctx: &'a Ctx,
     task: Task,
-    items: &[Result<InputItem, OutputLine>],
-) -> Result<Vec<OutputLine>, WorkError> {
-    let valid: Vec<InputItem> = items
+    items: &'a [Result<InputItem, OutputLine>],
+) -> impl Future<Output = Result<Vec<OutputLine>, WorkError>> + Send + 'a {
+    let mut valid: Vec<InputItem> = items
         .iter()
         .filter_map(|i| i.as_ref().ok().cloned())
         .collect();
@@ -1073,65 +1075,68 @@ async fn infer(
         tracing::error!("failpoint crash-on-input hit: aborting");
         std::process::abort();
     }
-    if !ctx.cfg.failpoints.batch_delay.is_zero() {
-        tokio::time::sleep(ctx.cfg.failpoints.batch_delay).await;
-    }
-    let results = match (task, &ctx.generate) {
-        (Task::Generate, Some(g)) => g.submit(valid).await?,
-        (Task::Generate, None) => Vec::new(),
-        (Task::Classify, _) => {
-            let model = ctx.classify.clone();
-            let metrics = ctx.metrics.clone();
-            let featurizer = ctx.classify_featurizer;
-            let pool = ctx.feature_rows.clone();
-            // The semaphore is never closed.
-            let slot = ctx.classify_slots.clone().acquire_owned().await.ok();
-            tokio::task::spawn_blocking(move || {
-                let _slot = slot;
-                let mut rows = pool
-                    .lock()
-                    .ok()
-                    .and_then(|mut p| p.pop())
-                    .unwrap_or_default();
-                // Before taking the model, so that another shard's micro-batch runs meanwhile.
-                let features = featurizer.map(|f| {
-                    rows.resize(valid.len() * f.dim(), 0.0);
-                    featurize_rows(&f, &valid, &mut rows);
-                    &rows[..]
-                });
-                let lines = match model.lock() {
-                    Ok(mut m) => run_items(&mut *m, &valid, features, &metrics)
-                        .map_err(|Interrupted| WorkError::Interrupted),
-                    Err(_) => Ok(Vec::new()),
-                };
-                if let Ok(mut p) = pool.lock() {
-                    p.push(rows);
-                }
-                lines
-            })
-            .await
-            .map_err(|e| WorkError::Join(e.to_string()))??
-        }
+    let generated = match (task, &ctx.generate) {
+        (Task::Generate, Some(g)) => Some(g.submit(std::mem::take(&mut valid))),
+        _ => None,
     };
-    let mut results = results.into_iter();
-    let mut out = Vec::with_capacity(items.len());
-    for item in items {
-        out.push(match item {
-            Err(line) => line.clone(),
-            Ok(i) => results.next().unwrap_or_else(|| {
-                OutputLine::error(
-                    &i.custom_id,
-                    "inference_failed",
-                    "the model runtime is unavailable",
-                )
-            }),
-        });
+    async move {
+        if !ctx.cfg.failpoints.batch_delay.is_zero() {
+            tokio::time::sleep(ctx.cfg.failpoints.batch_delay).await;
+        }
+        let results = match (task, generated) {
+            (Task::Generate, Some(lines)) => lines.await?,
+            (Task::Generate, None) => Vec::new(),
+            (Task::Classify, _) => {
+                let model = ctx.classify.clone();
+                let metrics = ctx.metrics.clone();
+                let featurizer = ctx.classify_featurizer;
+                let pool = ctx.feature_rows.clone();
+                // The semaphore is never closed.
+                let slot = ctx.classify_slots.clone().acquire_owned().await.ok();
+                tokio::task::spawn_blocking(move || {
+                    let _slot = slot;
+                    let mut rows = pool
+                        .lock()
+                        .ok()
+                        .and_then(|mut p| p.pop())
+                        .unwrap_or_default();
+                    // Before taking the model, so that another shard's micro-batch runs meanwhile.
+                    let features = featurizer.map(|f| {
+                        rows.resize(valid.len() * f.dim(), 0.0);
+                        featurize_rows(&f, &valid, &mut rows);
+                        &rows[..]
+                    });
+                    let lines = match model.lock() {
+                        Ok(mut m) => run_items(&mut *m, &valid, features, &metrics)
+                            .map_err(|Interrupted| WorkError::Interrupted),
+                        Err(_) => Ok(Vec::new()),
+                    };
+                    if let Ok(mut p) = pool.lock() {
+                        p.push(rows);
+                    }
+                    lines
+                })
+                .await
+                .map_err(|e| WorkError::Join(e.to_string()))??
+            }
+        };
+        let mut results = results.into_iter();
+        let mut out = Vec::with_capacity(items.len());
+        for item in items {
+            out.push(match item {
+                Err(line) => line.clone(),
+                Ok(i) => results.next().unwrap_or_else(|| {
+                    OutputLine::error(
+                        &i.custom_id,
+                        "inference_failed",
+                        "the model runtime is unavailable",
+                    )
+                }),
+            });
+        }
+        Ok(out)
     }
-    Ok(out)
 }
-
-/// A drain stopped the model mid-batch.
-struct Interrupted;
 
 /// One output line per item: the micro-batch at once (from its feature rows when the caller
 /// made them, see [`Processor::process_features`]); if it fails, item by item so that one bad
@@ -1160,20 +1165,6 @@ fn run_items(
     }
 }
 
-/// `item` alone: its output line, or an error line if the model fails on it.
-fn process_one(m: &mut dyn Processor, item: &InputItem) -> Result<OutputLine, Interrupted> {
-    Ok(match m.process(std::slice::from_ref(item)) {
-        Ok(mut l) if l.len() == 1 => l.remove(0),
-        Ok(_) => OutputLine::error(
-            &item.custom_id,
-            "inference_failed",
-            "the model returned no output",
-        ),
-        Err(EngineError::Interrupted) => return Err(Interrupted),
-        Err(e) => OutputLine::error(&item.custom_id, "inference_failed", e.to_string()),
-    })
-}
-
 type Reply = tokio::sync::oneshot::Sender<Result<Vec<OutputLine>, Interrupted>>;
 
 /// The text-generation model on its own thread, decoding the items of concurrent shards
@@ -1186,121 +1177,6 @@ pub struct Gatherer {
     tx: std::sync::mpsc::Sender<(Vec<InputItem>, Reply)>,
 }
 
-/// A request being decoded: one shard's micro-batch.
-struct Pending {
-    items: Vec<InputItem>,
-    lines: Vec<Option<OutputLine>>,
-    /// Items without a line yet.
-    left: usize,
-    reply: Reply,
-    admitted: Instant,
-}
-
-/// The generation thread's requests and which request and item each decoding row is.
-#[derive(Default)]
-struct Inflight {
-    requests: HashMap<u64, Pending>,
-    rows: HashMap<usize, (u64, usize)>,
-    next_request: u64,
-    next_row: usize,
-}
-
-impl Inflight {
-    /// Takes `items` in: their prompts, row tags and keys are appended to `rows` (an item
-    /// whose prompt is unusable gets its error line at once).
-    fn admit(
-        &mut self,
-        model: &Generate,
-        items: Vec<InputItem>,
-        reply: Reply,
-        rows: &mut (Vec<Vec<u32>>, Vec<usize>, Vec<u64>),
-    ) {
-        let id = self.next_request;
-        self.next_request += 1;
-        let mut p = Pending {
-            lines: vec![None; items.len()],
-            left: items.len(),
-            items,
-            reply,
-            admitted: Instant::now(),
-        };
-        for (i, item) in p.items.iter().enumerate() {
-            match model.item_prompt(item) {
-                Ok(prompt) => {
-                    let tag = self.next_row;
-                    self.next_row += 1;
-                    self.rows.insert(tag, (id, i));
-                    rows.0.push(prompt);
-                    rows.1.push(tag);
-                    rows.2.push(item_key(&item.custom_id));
-                }
-                Err(line) => {
-                    p.lines[i] = Some(line);
-                    p.left -= 1;
-                }
-            }
-        }
-        self.requests.insert(id, p);
-    }
-
-    /// Records the lines of rows that finished.
-    fn finish(&mut self, model: &Generate, done: Vec<(usize, Generated)>) {
-        for (tag, g) in done {
-            if let Some((id, i)) = self.rows.remove(&tag)
-                && let Some(p) = self.requests.get_mut(&id)
-            {
-                p.lines[i] = Some(model.line(&p.items[i], &g));
-                p.left -= 1;
-            }
-        }
-    }
-
-    /// The batch of rows `tags` failed: each of their items is decoded again alone, and one
-    /// that fails alone too gets an error line.
-    fn fail(&mut self, model: &mut Generate, tags: &[usize], error: &EngineError) {
-        tracing::warn!(%error, rows = tags.len(), "generation batch failed; retrying item by item");
-        for tag in tags {
-            let Some((id, i)) = self.rows.remove(tag) else {
-                continue;
-            };
-            let Some(p) = self.requests.get_mut(&id) else {
-                continue;
-            };
-            // A drain: the request is given back with the others.
-            let Ok(line) = process_one(model, &p.items[i]) else {
-                continue;
-            };
-            p.lines[i] = Some(line);
-            p.left -= 1;
-        }
-    }
-
-    /// Answers the requests whose items all have their lines.
-    fn answer(&mut self, metrics: &Metrics) {
-        let complete: Vec<u64> = self
-            .requests
-            .iter()
-            .filter(|(_, p)| p.left == 0)
-            .map(|(&id, _)| id)
-            .collect();
-        for id in complete {
-            if let Some(p) = self.requests.remove(&id) {
-                metrics.inference.observe(p.admitted.elapsed());
-                let lines = p.lines.into_iter().flatten().collect();
-                let _ = p.reply.send(Ok(lines));
-            }
-        }
-    }
-
-    /// Gives every request back unanswered (a drain): they are redone after it.
-    fn interrupt(&mut self) {
-        self.rows.clear();
-        for (_, p) in self.requests.drain() {
-            let _ = p.reply.send(Err(Interrupted));
-        }
-    }
-}
-
 impl Gatherer {
     fn start(mut model: Generate, window: Duration, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
         let (tx, rx) = std::sync::mpsc::channel::<(Vec<InputItem>, Reply)>();
@@ -1308,110 +1184,66 @@ impl Gatherer {
         std::thread::Builder::new()
             .name("generate".into())
             .spawn(move || {
-                let mut queue: std::collections::VecDeque<(Vec<InputItem>, Reply)> =
-                    Default::default();
-                let mut inflight = Inflight::default();
-                let mut decoding: Option<Decoding> = None;
+                let mut batcher = Batcher::<Reply>::default();
                 loop {
-                    let running = decoding.as_ref().map_or(0, Decoding::len);
-                    if running == 0 && queue.is_empty() {
+                    if batcher.is_idle() {
                         // Idle: wait for a request, then briefly for others to share its prefill.
-                        match rx.recv() {
-                            Ok(r) => queue.push_back(r),
-                            Err(_) => return,
-                        }
+                        let Ok((items, reply)) = rx.recv() else {
+                            return;
+                        };
+                        batcher.push(&model, items, reply);
                         let deadline = Instant::now() + window;
-                        let mut n = queue.iter().map(|r| r.0.len()).sum::<usize>();
-                        while n < batch {
+                        while batcher.waiting_items() < batch {
                             let left = deadline.saturating_duration_since(Instant::now());
                             match rx.recv_timeout(left) {
-                                Ok(r) => {
-                                    n += r.0.len();
-                                    queue.push_back(r);
-                                }
+                                Ok((items, reply)) => batcher.push(&model, items, reply),
                                 Err(_) => break,
                             }
                         }
                     } else {
-                        while let Ok(r) = rx.try_recv() {
-                            queue.push_back(r);
+                        while let Ok((items, reply)) = rx.try_recv() {
+                            batcher.push(&model, items, reply);
                         }
                     }
                     if model.stopping() {
-                        decoding = None;
-                        inflight.interrupt();
-                        for (_, reply) in queue.drain(..) {
+                        for reply in batcher.interrupt() {
                             let _ = reply.send(Err(Interrupted));
                         }
                         continue;
                     }
-                    // Waiting requests join while their items fit beside the running rows.
-                    let mut rows = (Vec::new(), Vec::new(), Vec::new());
-                    let (mut taken, mut admitted) = (running, 0);
-                    while let Some((items, _)) = queue.front() {
-                        if taken > 0 && taken + items.len() > batch {
-                            break;
-                        }
-                        let Some((items, reply)) = queue.pop_front() else {
-                            break;
-                        };
-                        taken += items.len();
-                        admitted += 1;
-                        inflight.admit(&model, items, reply, &mut rows);
-                    }
-                    let (prompts, tags, keys) = rows;
-                    if !prompts.is_empty() {
+                    batcher.abandon_waiting(|reply| reply.is_closed());
+                    let turn = batcher.turn(&mut model, batch);
+                    if turn.prefilled > 0 {
                         metrics.generate_batches.add(1);
-                        metrics.generate_rows.add(prompts.len() as u64);
-                        if running > 0 || admitted > 1 {
+                        metrics.generate_rows.add(turn.prefilled as u64);
+                        if turn.merged {
                             metrics.generate_merged.add(1);
                         }
-                        match model.start(&prompts, &tags, &keys) {
-                            Ok((more, done)) => {
-                                inflight.finish(&model, done);
-                                match decoding.as_mut() {
-                                    None => decoding = Some(more),
-                                    Some(d) => {
-                                        let both: Vec<usize> =
-                                            d.tags().into_iter().chain(more.tags()).collect();
-                                        if let Err(e) = d.merge(more) {
-                                            decoding = None;
-                                            inflight.fail(&mut model, &both, &e);
-                                        }
-                                    }
-                                }
-                            }
-                            Err(e) => inflight.fail(&mut model, &tags, &e),
-                        }
                     }
-                    if let Some(d) = decoding.as_mut()
-                        && !d.is_empty()
-                    {
-                        match model.step(d) {
-                            Ok(done) => inflight.finish(&model, done),
-                            Err(e) => {
-                                let tags = d.tags();
-                                decoding = None;
-                                inflight.fail(&mut model, &tags, &e);
-                            }
-                        }
+                    for a in turn.answers {
+                        metrics.inference.observe(a.waited);
+                        let _ = a.reply.send(Ok(a.lines));
                     }
-                    inflight.answer(&metrics);
                 }
             })?;
         Ok(Self { tx })
     }
 
-    /// Output lines for `items` (same order).
-    async fn submit(&self, items: Vec<InputItem>) -> Result<Vec<OutputLine>, WorkError> {
+    /// Hands `items` to the generation thread now; the future gives their output lines
+    /// (same order).
+    fn submit(
+        &self,
+        items: Vec<InputItem>,
+    ) -> impl Future<Output = Result<Vec<OutputLine>, WorkError>> + Send + use<> {
         let (reply, answer) = tokio::sync::oneshot::channel();
-        self.tx
-            .send((items, reply))
-            .map_err(|_| WorkError::Join("the generation thread stopped".into()))?;
-        match answer.await {
-            Ok(Ok(lines)) => Ok(lines),
-            Ok(Err(Interrupted)) => Err(WorkError::Interrupted),
-            Err(_) => Err(WorkError::Join("the generation thread stopped".into())),
+        let sent = self.tx.send((items, reply));
+        async move {
+            sent.map_err(|_| WorkError::Join("the generation thread stopped".into()))?;
+            match answer.await {
+                Ok(Ok(lines)) => Ok(lines),
+                Ok(Err(Interrupted)) => Err(WorkError::Interrupted),
+                Err(_) => Err(WorkError::Join("the generation thread stopped".into())),
+            }
         }
     }
 }
@@ -1444,11 +1276,25 @@ async fn run_shard(
     let mut pending_items = 0u64;
     let mut pending_failed = 0u64;
     let mut since = Instant::now();
+    // Text generation: the next micro-batch, already handed to the model (see `infer`), and
+    // where it ends.
+    let mut ahead = None;
     loop {
         let mut draining = ctx.drain.is_cancelled();
         if !draining && pos < total {
             let end = (pos + batch).min(total);
-            match infer(ctx, msg.task, &items[pos..end]).await {
+            let current = match ahead.take() {
+                Some((e, next)) if e == end => next,
+                _ => Box::pin(infer(ctx, msg.task, &items[pos..end])),
+            };
+            if msg.task == Task::Generate && end < total {
+                let next_end = (end + batch).min(total);
+                ahead = Some((
+                    next_end,
+                    Box::pin(infer(ctx, msg.task, &items[end..next_end])),
+                ));
+            }
+            match current.await {
                 Ok(lines) => {
                     tracing::debug!(items = end - pos, "micro-batch inferred");
                     for line in lines {

@@ -271,6 +271,10 @@ impl Processor for Generate {
         self.opts.batch_size
     }
 
+    fn as_generate(&mut self) -> Option<&mut Generate> {
+        Some(self)
+    }
+
     fn inference_time(&self) -> std::time::Duration {
         self.model.run_time()
     }

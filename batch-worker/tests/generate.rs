@@ -4,9 +4,13 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use batch_worker::batching::Batcher;
+use batch_worker::embedded::Processor;
 use batch_worker::engine::{Device, EngineError};
 use batch_worker::generate::{Generated, Generator, Sampling};
+use batch_worker::tasks::{Generate, GenerateOptions, PromptFormat};
 use serde::Deserialize;
+use shared::wire::{InputItem, OutputLine};
 
 const BIN: &str = env!("CARGO_BIN_EXE_batch-worker");
 
@@ -358,6 +362,117 @@ fn a_model_without_the_text_generation_interface_is_rejected_by_name() {
         .to_string();
     assert!(err.contains("no input `input_ids`"), "{err}");
     assert!(err.contains("text-generation-with-past"), "{err}");
+}
+
+/// The `generate` task with a batch of `batch` rows, sampling (each item's stream keyed by
+/// its `custom_id`), and up to `n` tokens per item.
+fn sampled_task(batch: usize, n: usize) -> Generate {
+    let opts = GenerateOptions {
+        sampling: Sampling {
+            max_new_tokens: n,
+            temperature: 0.8,
+            top_p: 0.9,
+            seed: 7,
+            ignore_stop: false,
+        },
+        batch_size: batch,
+        system_prompt: String::new(),
+        format: PromptFormat::Raw,
+    };
+    Generate::load(&lm_dir(), Device::Cpu, opts).expect("the test model loads")
+}
+
+/// Items `{prefix}{i}` over the test corpus's lines, from line `skip` on.
+fn corpus_items(prefix: &str, skip: usize, n: usize) -> Vec<InputItem> {
+    let corpus = std::fs::read_to_string(lm_dir().join("corpus.txt")).expect("corpus");
+    let texts: Vec<&str> = corpus.lines().filter(|l| !l.trim().is_empty()).collect();
+    (0..n)
+        .map(|i| InputItem {
+            custom_id: format!("{prefix}{i}"),
+            input: texts[(skip + i * 7) % texts.len()].to_owned(),
+        })
+        .collect()
+}
+
+/// Requests of 1, 5, 2 and 3 items through a batch of 3 rows: items join as rows leave, a
+/// request larger than the free rows starts with part of its items, and each request gets
+/// exactly the lines its items get decoded alone, in its own order.
+#[test]
+fn a_batcher_gives_each_request_the_lines_its_items_get_alone() {
+    let mut g = sampled_task(3, 12);
+    let requests: Vec<Vec<InputItem>> = [1, 5, 2, 3]
+        .iter()
+        .enumerate()
+        .map(|(r, &n)| corpus_items(&format!("r{r}-"), r * 5, n))
+        .collect();
+    let alone: Vec<Vec<OutputLine>> = requests
+        .iter()
+        .map(|items| {
+            items
+                .iter()
+                .map(|i| {
+                    let mut l = g.process(std::slice::from_ref(i)).expect("alone");
+                    assert_eq!(l.len(), 1);
+                    l.remove(0)
+                })
+                .collect()
+        })
+        .collect();
+    let mut b = Batcher::<usize>::default();
+    for (r, items) in requests.iter().enumerate() {
+        b.push(&g, items.clone(), r);
+    }
+    let mut answered: Vec<Option<Vec<OutputLine>>> = vec![None; requests.len()];
+    let mut order = Vec::new();
+    let mut turns = 0;
+    while !b.is_idle() {
+        let turn = b.turn(&mut g, 3);
+        if turns == 0 {
+            // Request 0's item and two of request 1's five: one prefill of three rows.
+            assert_eq!(turn.prefilled, 3, "the first prefill fills the batch");
+            assert!(turn.merged, "it holds items of two requests");
+        }
+        assert!(b.running() <= 3, "never more rows than the batch");
+        for a in turn.answers {
+            order.push(a.reply);
+            answered[a.reply] = Some(a.lines);
+        }
+        turns += 1;
+        assert!(turns < 500, "the batcher does not finish");
+    }
+    for (r, lines) in answered.into_iter().enumerate() {
+        assert_eq!(lines.as_ref(), Some(&alone[r]), "request {r}");
+    }
+    assert_eq!(order.len(), 4);
+    assert_eq!(order[0], 0, "the one-item request is answered first");
+}
+
+/// A signal gives back every request, oldest first; a request nobody waits for any more has
+/// its waiting items dropped, and the rows it already runs finish.
+#[test]
+fn a_batcher_gives_back_interrupted_and_drops_abandoned_requests() {
+    let mut g = sampled_task(2, 12);
+    let mut b = Batcher::<usize>::default();
+    b.push(&g, corpus_items("a", 0, 2), 0);
+    b.push(&g, corpus_items("b", 3, 3), 1);
+    b.turn(&mut g, 2);
+    assert_eq!(b.interrupt(), vec![0, 1]);
+    assert!(b.is_idle());
+    assert_eq!(b.running(), 0);
+
+    b.push(&g, corpus_items("c", 1, 3), 2);
+    b.push(&g, corpus_items("d", 4, 4), 3);
+    let first = b.turn(&mut g, 2);
+    assert_eq!(first.prefilled, 2, "two of request 2's three items");
+    b.abandon_waiting(|&r| r == 3);
+    assert_eq!(b.waiting_items(), 1, "request 2's third item still waits");
+    let mut answers = first.answers;
+    while !b.is_idle() {
+        answers.extend(b.turn(&mut g, 2).answers);
+    }
+    let lines: Vec<(usize, usize)> = answers.iter().map(|a| (a.reply, a.lines.len())).collect();
+    assert!(lines.contains(&(2, 3)), "{lines:?}");
+    assert!(lines.contains(&(3, 0)), "{lines:?}");
 }
 
 /// `batch-worker run --task generate --device cpu` from `input` to `output` with `extra` flags.

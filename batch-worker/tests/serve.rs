@@ -745,9 +745,12 @@ async fn generation_answers_chat_and_batches(fx: &Fixture) -> anyhow::Result<()>
     let w = World::new(fx, "generate").await?;
     let gen_worker = |id: &str| {
         w.worker(id)
-            .with("MAX_NEW_TOKENS", "24")
+            // Long enough for some texts to stop before their budget, so rows of one
+            // micro-batch finish at different steps.
+            .with("MAX_NEW_TOKENS", "64")
             .with("GENERATE_BATCH_SIZE", "4")
-            .with("BATCH_WORKER_FAILPOINTS", "batch-delay-ms=150")
+            // Slow steps, as a large model's: the drain lands mid-shard.
+            .with("BATCH_WORKER_FAILPOINTS", "generate-step-delay-ms=5")
             .with("GENERATE_GATHER_MS", "300")
     };
     let mut w1 = gen_worker("w1").start(&w.log("w1.log"))?;
@@ -818,8 +821,23 @@ async fn generation_answers_chat_and_batches(fx: &Fixture) -> anyhow::Result<()>
         j.status == JobStatus::Succeeded
     })
     .await?;
+    // The shard hands over its next micro-batch while one decodes, so items of the next
+    // take the rows that finished early instead of waiting for the longest text.
+    let merged = |metrics: &str| -> anyhow::Result<u64> {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("batch_worker_generate_merged_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .context("merged metric")
+    };
+    let metrics_url = format!("http://127.0.0.1:{metrics_port}/metrics");
+    let bulk = reqwest::get(&metrics_url).await?.text().await?;
+    ensure!(
+        merged(&bulk)? >= 1,
+        "no item of the shard joined rows already decoding:\n{bulk}"
+    );
 
-    // Concurrent chat messages share static batches.
+    // Concurrent chat messages share a decoding batch.
     let burst = [
         "떡볶이 먹고 싶어",
         "Where can I eat noodles with my meal card?",
@@ -842,17 +860,9 @@ async fn generation_answers_chat_and_batches(fx: &Fixture) -> anyhow::Result<()>
         ensure!(j.status == JobStatus::Succeeded, "chat-m{i}: {j:?}");
         burst_replies.push(j.result.context("result")?["reply"].clone());
     }
-    let metrics = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics"))
-        .await?
-        .text()
-        .await?;
-    let merged: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("batch_worker_generate_merged_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .context("merged metric")?;
+    let metrics = reqwest::get(&metrics_url).await?.text().await?;
     ensure!(
-        merged >= 1,
+        merged(&metrics)? > merged(&bulk)?,
         "no batch joined concurrent chat messages:\n{metrics}"
     );
     let outputs = w.outputs("gen-1")?;
@@ -884,7 +894,7 @@ async fn generation_answers_chat_and_batches(fx: &Fixture) -> anyhow::Result<()>
             "--device",
             "cpu",
             "--max-new-tokens",
-            "24",
+            "64",
             "--input",
         ])
         .arg(&input)

@@ -1,6 +1,11 @@
 //! `cargo xtask bench-generate`: tokens/s of `batch-worker run --task generate` on the test
-//! model per static batch size, and the same model and greedy decoding loop (left padding,
-//! KV cache) through Python's `onnxruntime` (`models/lm/bench_generate.py`).
+//! model per batch size, and the same model and greedy decoding loop (left padding, KV cache)
+//! through Python's `onnxruntime` (`models/lm/bench_generate.py`).
+//!
+//! With `--compare OTHER_BUILD`, instead: this build and another one take turns over the same
+//! prompts with stop tokens honoured, so texts end at different lengths, and each decoding
+//! step made as slow as a large model's on a GPU; the table gives both builds' items/s, and
+//! the command fails unless both wrote the same lines.
 
 use std::path::Path;
 use std::process::Command;
@@ -24,6 +29,13 @@ pub struct Args {
     /// Runs per measurement; the table shows the best of each side
     #[arg(long, default_value_t = 3)]
     pub repeat: usize,
+    /// Another `batch-worker` build to time beside this one (see the module's documentation)
+    #[arg(long)]
+    pub compare: Option<std::path::PathBuf>,
+    /// With `--compare`: milliseconds added to each decoding step (failpoint
+    /// `generate-step-delay-ms`; a 3B model's step on a GPU takes tens of ms)
+    #[arg(long, default_value_t = 10)]
+    pub step_delay_ms: u64,
 }
 
 /// One static batch size's measurement.
@@ -70,8 +82,115 @@ impl Report {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(other) = &args.compare {
+        return compare(&args, other);
+    }
     println!("\n{}", measure(&args)?.table());
     Ok(())
+}
+
+/// This build and `other` over the same prompts, stop tokens honoured, taking turns; the best
+/// of `--repeat` runs each.
+fn compare(args: &Args, other: &Path) -> anyhow::Result<()> {
+    setup::onnxruntime()?;
+    let worker = setup::batch_worker()?;
+    anyhow::ensure!(
+        other.is_file(),
+        "--compare {}: no such file",
+        other.display()
+    );
+    let dir = root().join("target/bench-generate");
+    std::fs::create_dir_all(&dir)?;
+    let corpus = std::fs::read_to_string(root().join("models/lm/corpus.txt"))?;
+    let texts: Vec<&str> = corpus.lines().filter(|l| !l.trim().is_empty()).collect();
+    let input = dir.join("compare.jsonl");
+    write_items(&input, &texts, args.prompts, "p")?;
+    let mut table = format!(
+        "`batch-worker run --task generate --device cpu` on models/lm, {} prompts, up to {} new tokens each (stop tokens honoured), each decoding step {} ms slower, best of {}\n\n| batch | this build items/s | tokens per item (mean) | {} items/s | ratio |\n|---|---|---|---|---|\n",
+        args.prompts,
+        args.max_new_tokens,
+        args.step_delay_ms,
+        args.repeat.max(1),
+        other.display()
+    );
+    for &batch in &args.batch_sizes {
+        let (mut this, mut that) = (0.0f64, 0.0f64);
+        let mut tokens = 0.0;
+        for round in 0..args.repeat.max(1) {
+            let (a, lines_a) = timed_run(&worker, &dir, &input, args, batch, "this")?;
+            let (b, lines_b) = timed_run(other, &dir, &input, args, batch, "other")?;
+            anyhow::ensure!(
+                lines_a == lines_b,
+                "batch {batch}, round {round}: the two builds wrote different lines"
+            );
+            tokens = mean_tokens(&lines_a)?;
+            this = this.max(a);
+            that = that.max(b);
+            eprintln!("batch {batch}, round {round}: {a:.1} vs {b:.1} items/s");
+        }
+        table.push_str(&format!(
+            "| {batch} | {this:.1} | {tokens:.1} | {that:.1} | {:.2} |\n",
+            this / that.max(1e-9)
+        ));
+    }
+    println!("\n{table}");
+    Ok(())
+}
+
+/// One run of `worker` over `input` with the step delay: items/s (from start to exit) and
+/// its output.
+fn timed_run(
+    worker: &Path,
+    dir: &Path,
+    input: &Path,
+    args: &Args,
+    batch: usize,
+    name: &str,
+) -> anyhow::Result<(f64, String)> {
+    let output = dir.join(format!("compare-{name}.jsonl"));
+    let _ = std::fs::remove_file(&output);
+    let started = std::time::Instant::now();
+    let out = Command::new(worker)
+        .args(["run", "--task", "generate", "--device", "cpu"])
+        .args(["--prompt-format", "raw"])
+        .args(["--max-new-tokens", &args.max_new_tokens.to_string()])
+        .args(["--generate-batch-size", &batch.to_string()])
+        .arg("--input")
+        .arg(input)
+        .arg("--output")
+        .arg(&output)
+        .env("RUST_LOG", "error")
+        .env(
+            "BATCH_WORKER_FAILPOINTS",
+            format!("generate-step-delay-ms={}", args.step_delay_ms),
+        )
+        .output()?;
+    let secs = started.elapsed().as_secs_f64();
+    if !out.status.success() {
+        bail!(
+            "{} run failed: {}",
+            worker.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok((
+        args.prompts as f64 / secs,
+        std::fs::read_to_string(&output)?,
+    ))
+}
+
+/// The mean `tokens` of the output lines.
+fn mean_tokens(lines: &str) -> anyhow::Result<f64> {
+    let mut sum = 0u64;
+    let mut n = 0u64;
+    for l in lines.lines() {
+        let v: serde_json::Value = serde_json::from_str(l)?;
+        sum += v["output"]["tokens"]
+            .as_u64()
+            .with_context(|| format!("no output.tokens in {l}"))?;
+        n += 1;
+    }
+    Ok(sum as f64 / n.max(1) as f64)
 }
 
 pub fn measure(args: &Args) -> anyhow::Result<Report> {

@@ -51,7 +51,7 @@ enum Cmd {
     BenchServe(bench_serve::Args),
     /// How long queued chat messages wait for their replies from `batch-worker serve` when they arrive while others decode
     BenchChat(bench_chat::Args),
-    /// Tokens/s of `batch-worker run --task generate` per static batch size, vs the same loop in Python's onnxruntime
+    /// Tokens/s of `batch-worker run --task generate` per batch size, vs the same loop in Python's onnxruntime (or, with --compare, items/s beside another build with texts of mixed lengths)
     BenchGenerate(bench_generate::Args),
     /// The whole stack under SIGKILL, SIGTERM and a preemption notice: nothing lost or duplicated
     Chaos(chaos::Args),

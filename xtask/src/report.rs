@@ -55,6 +55,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         max_new_tokens: 64,
         batch_sizes: vec![1, 8, 32],
         repeat: if q { 1 } else { 3 },
+        compare: None,
+        step_delay_ms: 0,
     })?;
 
     let plots = root().join("docs/bench");
