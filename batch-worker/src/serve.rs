@@ -93,11 +93,14 @@ pub struct Failpoints {
     /// Sleep this long after each text-generation step (`cargo xtask bench-chat` makes the
     /// tiny test model as slow per step as a large model on a GPU).
     pub generate_step_delay: Duration,
+    /// Request the job's cancellation just before the last commit of its only shard, as a
+    /// `DELETE` arriving at that instant would.
+    pub cancel_before_finish: bool,
 }
 
 impl std::str::FromStr for Failpoints {
     type Err = String;
-    /// `crash-on-input=TEXT;batch-delay-ms=N;crash-after-plan=1;crash-while-planning=1;plan-delay-ms=N;generate-step-delay-ms=N`
+    /// `crash-on-input=TEXT;batch-delay-ms=N;crash-after-plan=1;crash-while-planning=1;plan-delay-ms=N;generate-step-delay-ms=N;cancel-before-finish=1`
     fn from_str(s: &str) -> Result<Self, String> {
         let mut f = Failpoints::default();
         for part in s.split(';').filter(|p| !p.trim().is_empty()) {
@@ -119,9 +122,10 @@ impl std::str::FromStr for Failpoints {
                 }
                 Some(("crash-after-plan", v)) => f.crash_after_plan = v == "1",
                 Some(("crash-while-planning", v)) => f.crash_while_planning = v == "1",
+                Some(("cancel-before-finish", v)) => f.cancel_before_finish = v == "1",
                 _ => {
                     return Err(format!(
-                        "unknown failpoint {part:?}; known: crash-on-input=TEXT, batch-delay-ms=N, crash-after-plan=1, crash-while-planning=1, plan-delay-ms=N, generate-step-delay-ms=N"
+                        "unknown failpoint {part:?}; known: crash-on-input=TEXT, batch-delay-ms=N, crash-after-plan=1, crash-while-planning=1, plan-delay-ms=N, generate-step-delay-ms=N, cancel-before-finish=1"
                     ));
                 }
             }
@@ -1319,15 +1323,15 @@ async fn run_shard(
             .store
             .get::<JobRecord>(JOBS_COLLECTION, &msg.job_id)
             .await?;
-        match job {
+        let job = match job {
             None => return Ok(Outcome::Ack),
             Some(j) if j.record.status.is_final() => return Ok(Outcome::Ack),
             Some(j) if j.record.cancel_requested => {
                 finish_job(ctx, &msg.job_id, Final::Cancelled).await?;
                 return Ok(Outcome::Ack);
             }
-            Some(_) => {}
-        }
+            Some(j) => j,
+        };
         if !draining && pos >= total && rec.chunks.is_empty() {
             // The whole shard fits in its first chunk (a chat message, a small shard): its
             // lines go straight into the shard's output file, and one commit marks it done
@@ -1337,7 +1341,7 @@ async fn run_shard(
                 items: pending_items,
                 failed: pending_failed,
             };
-            return complete_shard(ctx, msg, rec, update_time, tail).await;
+            return complete_shard(ctx, msg, rec, update_time, tail, job).await;
         }
         if pending_items > 0 || draining {
             let started = Instant::now();
@@ -1411,7 +1415,7 @@ async fn run_shard(
             return Ok(Outcome::Nack);
         }
         if pos >= total {
-            return complete_shard(ctx, msg, rec, update_time, Tail::default()).await;
+            return complete_shard(ctx, msg, rec, update_time, Tail::default(), job).await;
         }
         since = Instant::now();
     }
@@ -1467,6 +1471,7 @@ async fn complete_shard(
     rec: ShardRecord,
     update_time: String,
     tail: Tail,
+    job: Versioned<JobRecord>,
 ) -> Result<Outcome, WorkError> {
     let started = Instant::now();
     let mut all = Vec::new();
@@ -1486,30 +1491,64 @@ async fn complete_shard(
     done.owner.clear();
     done.lease_expires_ms = 0;
     done.updated_at = rfc3339(now_ms());
-    let writes = [
-        Write::set(
-            SHARDS_COLLECTION,
-            &ShardRecord::id(&msg.job_id, msg.shard),
-            &done,
-            Precondition::UpdateTime(update_time),
-        ),
-        Write::patch(
-            JOBS_COLLECTION,
-            &msg.job_id,
-            json!({"updated_at": rfc3339(now_ms())}),
-            Precondition::Exists,
-        )
-        .increment("counts.done", tail.items as i64)
-        .increment("counts.failed", tail.failed as i64)
-        .increment("shards_done", 1),
-    ];
-    match commit_checkpoint(ctx, &writes, &done).await? {
-        Ok(_) => {}
-        Err(CommitFailure::LeaseLost) => {
-            ctx.metrics.lease_losses.add(1);
-            return Ok(Outcome::Nack);
+    let shard_write = Write::set(
+        SHARDS_COLLECTION,
+        &ShardRecord::id(&msg.job_id, msg.shard),
+        &done,
+        Precondition::UpdateTime(update_time),
+    );
+    let job_counts = |patch: serde_json::Value, precondition: Precondition| {
+        Write::patch(JOBS_COLLECTION, &msg.job_id, patch, precondition)
+            .increment("counts.done", tail.items as i64)
+            .increment("counts.failed", tail.failed as i64)
+            .increment("shards_done", 1)
+    };
+    // The only shard of its job (every chat message) also finishes the job in this commit,
+    // on the condition that the job is still as read at the chunk boundary: two Firestore
+    // operations fewer than reading the job again and finishing it in a commit of its own.
+    // Should the job have changed meanwhile (a cancel request), the general path below
+    // sorts it out.
+    let r = &job.record;
+    let only = r.shards == 1 && r.shards_done == 0 && msg.shards == 1 && !r.status.is_final();
+    let mut finished = None;
+    if only {
+        if ctx.cfg.failpoints.cancel_before_finish {
+            let cancel = Write::patch(
+                JOBS_COLLECTION,
+                &msg.job_id,
+                json!({"cancel_requested": true}),
+                Precondition::Exists,
+            );
+            ctx.store.commit(&[cancel]).await?;
         }
-        Err(CommitFailure::JobGone) => return Ok(Outcome::Ack),
+        let how = final_state(ctx, &msg.job_id, r.kind, reply.as_deref());
+        let writes = [
+            shard_write.clone(),
+            job_counts(
+                final_patch(&how),
+                Precondition::UpdateTime(job.update_time.clone()),
+            ),
+        ];
+        if let Committed::Done(_) = ctx.store.commit(&writes).await? {
+            finished = Some(how);
+        }
+    }
+    if finished.is_none() {
+        let writes = [
+            shard_write,
+            job_counts(
+                json!({"updated_at": rfc3339(now_ms())}),
+                Precondition::Exists,
+            ),
+        ];
+        match commit_checkpoint(ctx, &writes, &done).await? {
+            Ok(_) => {}
+            Err(CommitFailure::LeaseLost) => {
+                ctx.metrics.lease_losses.add(1);
+                return Ok(Outcome::Nack);
+            }
+            Err(CommitFailure::JobGone) => return Ok(Outcome::Ack),
+        }
     }
     if tail.items > 0 {
         ctx.metrics.chunk_commit.observe(started.elapsed());
@@ -1525,8 +1564,17 @@ async fn complete_shard(
     }
     ctx.metrics.shards_completed.add(1);
     tracing::info!(items = done.total, failed = done.failed, "shard done");
-    let written = reply.as_deref().map(|out| (msg.shard, out));
-    finish_if_complete(ctx, &msg.job_id, written).await?;
+    match finished {
+        Some(how) => {
+            let counts = &job.record.counts;
+            let (done_items, failed) = (counts.done + tail.items, counts.failed + tail.failed);
+            record_final(ctx, &how, (counts.total, done_items, failed), true);
+        }
+        None => {
+            let written = reply.as_deref().map(|out| (msg.shard, out));
+            finish_if_complete(ctx, &msg.job_id, written).await?;
+        }
+    }
     Ok(Outcome::Ack)
 }
 
@@ -1547,37 +1595,90 @@ async fn finish_if_complete(
     if !complete(&job.record) {
         return Ok(());
     }
-    let how = if job.record.kind == JobKind::Chat {
+    let out = match (job.record.kind, written) {
+        (JobKind::Chat, Some((0, out))) => Some(out.to_vec()),
         // The reply is the one output line of the one shard.
-        let out = match written {
-            Some((0, out)) => out.to_vec(),
-            _ => ctx.out.get(&outputs::shard_output_name(job_id, 0)).await?,
-        };
-        let line = std::str::from_utf8(&out)
-            .ok()
-            .and_then(|s| s.lines().next())
-            .and_then(|l| serde_json::from_str::<OutputLine>(l).ok());
-        match line {
-            Some(OutputLine::Ok { output, .. }) => Final::Succeeded {
-                result: Some(json!({"reply": output["text"].as_str().unwrap_or_default()})),
-                output_uri: None,
-            },
-            Some(OutputLine::Err { error, .. }) => Final::Failed {
-                code: error.code,
-                message: error.message,
-            },
-            None => Final::Failed {
-                code: "internal".into(),
-                message: "the reply's output line is unreadable".into(),
-            },
-        }
-    } else {
-        Final::Succeeded {
+        (JobKind::Chat, _) => Some(ctx.out.get(&outputs::shard_output_name(job_id, 0)).await?),
+        _ => None,
+    };
+    let how = final_state(ctx, job_id, job.record.kind, out.as_deref());
+    set_final(ctx, job_id, how, complete, Some(job)).await
+}
+
+/// How a job whose shards are all done ends: a chat job with the reply in `out` (its one
+/// output line), or its error; a batch job with its outputs' location.
+fn final_state(ctx: &Ctx, job_id: &str, kind: JobKind, out: Option<&[u8]>) -> Final {
+    if kind != JobKind::Chat {
+        return Final::Succeeded {
             result: None,
             output_uri: Some(ctx.out.uri(&outputs::output_prefix(job_id))),
+        };
+    }
+    let line = out
+        .and_then(|o| std::str::from_utf8(o).ok())
+        .and_then(|s| s.lines().next())
+        .and_then(|l| serde_json::from_str::<OutputLine>(l).ok());
+    match line {
+        Some(OutputLine::Ok { output, .. }) => Final::Succeeded {
+            result: Some(json!({"reply": output["text"].as_str().unwrap_or_default()})),
+            output_uri: None,
+        },
+        Some(OutputLine::Err { error, .. }) => Final::Failed {
+            code: error.code,
+            message: error.message,
+        },
+        None => Final::Failed {
+            code: "internal".into(),
+            message: "the reply's output line is unreadable".into(),
+        },
+    }
+}
+
+/// The fields a job's final state sets.
+fn final_patch(how: &Final) -> serde_json::Value {
+    let now = rfc3339(now_ms());
+    match how {
+        Final::Succeeded { result, output_uri } => {
+            let mut p = json!({"status": "succeeded", "updated_at": now});
+            if let Some(result) = result {
+                p["result"] = result.clone();
+            }
+            if let Some(uri) = output_uri {
+                p["output_uri"] = json!(uri);
+            }
+            p
         }
-    };
-    set_final(ctx, job_id, how, complete, Some(job)).await
+        Final::Cancelled => json!({"status": "cancelled", "updated_at": now}),
+        Final::Failed { code, message } => json!({
+            "status": "failed",
+            "updated_at": now,
+            "error": {"code": code, "message": message},
+        }),
+    }
+}
+
+/// Counts and logs a job's final state once it is committed, with its counts (total, done,
+/// failed) and whether its last shard's commit set it.
+fn record_final(
+    ctx: &Ctx,
+    how: &Final,
+    (total, done, failed): (u64, u64, u64),
+    in_shard_commit: bool,
+) {
+    match how {
+        Final::Succeeded { .. } => {
+            ctx.metrics.jobs_succeeded.add(1);
+            tracing::info!(total, done, failed, in_shard_commit, "job succeeded");
+        }
+        Final::Cancelled => {
+            ctx.metrics.jobs_cancelled.add(1);
+            tracing::info!("job cancelled");
+        }
+        Final::Failed { code, message } => {
+            ctx.metrics.jobs_failed.add(1);
+            tracing::warn!(code, message = %message, "job failed");
+        }
+    }
 }
 
 /// Sets a final status unless the job already has one.
@@ -1607,51 +1708,15 @@ async fn set_final(
         if !applies(r) {
             return Ok(());
         }
-        let now = rfc3339(now_ms());
-        let patch = match &how {
-            Final::Succeeded { result, output_uri } => {
-                let mut p = json!({"status": "succeeded", "updated_at": now});
-                if let Some(result) = result {
-                    p["result"] = result.clone();
-                }
-                if let Some(uri) = output_uri {
-                    p["output_uri"] = json!(uri);
-                }
-                p
-            }
-            Final::Cancelled => json!({"status": "cancelled", "updated_at": now}),
-            Final::Failed { code, message } => json!({
-                "status": "failed",
-                "updated_at": now,
-                "error": {"code": code, "message": message},
-            }),
-        };
         let w = Write::patch(
             JOBS_COLLECTION,
             job_id,
-            patch,
+            final_patch(&how),
             Precondition::UpdateTime(job.update_time.clone()),
         );
         if let Committed::Done(_) = ctx.store.commit(&[w]).await? {
-            match &how {
-                Final::Succeeded { .. } => {
-                    ctx.metrics.jobs_succeeded.add(1);
-                    tracing::info!(
-                        total = r.counts.total,
-                        done = r.counts.done,
-                        failed = r.counts.failed,
-                        "job succeeded"
-                    );
-                }
-                Final::Cancelled => {
-                    ctx.metrics.jobs_cancelled.add(1);
-                    tracing::info!("job cancelled");
-                }
-                Final::Failed { code, message } => {
-                    ctx.metrics.jobs_failed.add(1);
-                    tracing::warn!(code, message = %message, "job failed");
-                }
-            }
+            let c = &r.counts;
+            record_final(ctx, &how, (c.total, c.done, c.failed), false);
             return Ok(());
         }
     }

@@ -81,6 +81,19 @@ impl<'a> World<'a> {
         self.fx.dir.join(&self.name).join(file)
     }
 
+    /// Whether worker log `file` says `job` succeeded, finished by its last shard's commit
+    /// (`in_shard_commit`) or by a commit of its own.
+    fn logged_success(&self, file: &str, job: &str, in_shard_commit: bool) -> anyhow::Result<()> {
+        let log = std::fs::read_to_string(self.log(file))?;
+        let field = format!("\"in_shard_commit\":{in_shard_commit}");
+        ensure!(
+            log.lines()
+                .any(|l| l.contains("job succeeded") && l.contains(job) && l.contains(&field)),
+            "no line says {job} succeeded with {field}:\n{log}"
+        );
+        Ok(())
+    }
+
     fn jobs(&self) -> Jobs {
         Jobs {
             ps: self.ps.clone(),
@@ -764,6 +777,8 @@ async fn generation_answers_chat_and_batches(fx: &Fixture) -> anyhow::Result<()>
         })
         .await?;
     ensure!(done.status == JobStatus::Succeeded, "chat job: {done:?}");
+    // The commit that finished the chat message's only shard finished the job too.
+    w.logged_success("w1.log", "chat-1", true)?;
     let reply = done
         .result
         .as_ref()
@@ -1122,7 +1137,10 @@ async fn cancel_stops_at_a_chunk_boundary(fx: &Fixture) -> anyhow::Result<()> {
     let w = World::new(fx, "cancel").await?;
     let _w1 = w
         .worker("w1")
-        .with("BATCH_WORKER_FAILPOINTS", "batch-delay-ms=40")
+        .with(
+            "BATCH_WORKER_FAILPOINTS",
+            "batch-delay-ms=40;cancel-before-finish=1",
+        )
         .start(&w.log("w1.log"))?;
     w.submit("job-c", &[items("c", 4000)]).await?;
     w.wait_shard("job-c", 0, Duration::from_secs(30), "a first chunk", |s| {
@@ -1148,6 +1166,23 @@ async fn cancel_stops_at_a_chunk_boundary(fx: &Fixture) -> anyhow::Result<()> {
         j.counts,
         s.cursor
     );
+
+    // A cancel request that comes after a job's last item is done, just before the commit
+    // that finishes its only shard (and with it the job): that commit is refused, and the
+    // job still ends `succeeded` with every line, as when the request comes a little later.
+    let few = items("f", 10);
+    w.submit("job-f", std::slice::from_ref(&few)).await?;
+    let j = w
+        .wait_job("job-f", Duration::from_secs(20), "final", |j| {
+            j.status.is_final()
+        })
+        .await?;
+    ensure!(
+        j.status == JobStatus::Succeeded && j.counts.done == 10 && j.output_uri.is_some(),
+        "job-f: {j:?}"
+    );
+    assert_exactly(&w.outputs("job-f")?, &few)?;
+    w.logged_success("w1.log", "job-f", false)?;
     Ok(())
 }
 
