@@ -20,6 +20,7 @@
 //! 5. SIGTERM/SIGINT or GCE's preemption notice: stop pulling, commit what is done, release
 //!    the lease counting a drain (not a crash), nack, exit 0.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -96,11 +97,14 @@ pub struct Failpoints {
     /// Request the job's cancellation just before the last commit of its only shard, as a
     /// `DELETE` arriving at that instant would.
     pub cancel_before_finish: bool,
+    /// Fail this many input plans (this process's first ones) with a transient error after
+    /// their file is read, as a Pub/Sub outage while publishing the shards would.
+    pub plan_errors: Arc<std::sync::atomic::AtomicU32>,
 }
 
 impl std::str::FromStr for Failpoints {
     type Err = String;
-    /// `crash-on-input=TEXT;batch-delay-ms=N;crash-after-plan=1;crash-while-planning=1;plan-delay-ms=N;generate-step-delay-ms=N;cancel-before-finish=1`
+    /// `crash-on-input=TEXT;batch-delay-ms=N;crash-after-plan=1;crash-while-planning=1;plan-delay-ms=N;generate-step-delay-ms=N;cancel-before-finish=1;plan-errors=N`
     fn from_str(s: &str) -> Result<Self, String> {
         let mut f = Failpoints::default();
         for part in s.split(';').filter(|p| !p.trim().is_empty()) {
@@ -123,9 +127,15 @@ impl std::str::FromStr for Failpoints {
                 Some(("crash-after-plan", v)) => f.crash_after_plan = v == "1",
                 Some(("crash-while-planning", v)) => f.crash_while_planning = v == "1",
                 Some(("cancel-before-finish", v)) => f.cancel_before_finish = v == "1",
+                Some(("plan-errors", v)) => {
+                    let n: u32 = v
+                        .parse()
+                        .map_err(|_| format!("plan-errors={v:?} is not a number"))?;
+                    f.plan_errors = Arc::new(n.into());
+                }
                 _ => {
                     return Err(format!(
-                        "unknown failpoint {part:?}; known: crash-on-input=TEXT, batch-delay-ms=N, crash-after-plan=1, crash-while-planning=1, plan-delay-ms=N, generate-step-delay-ms=N, cancel-before-finish=1"
+                        "unknown failpoint {part:?}; known: crash-on-input=TEXT, batch-delay-ms=N, crash-after-plan=1, crash-while-planning=1, plan-delay-ms=N, generate-step-delay-ms=N, cancel-before-finish=1, plan-errors=N"
                     ));
                 }
             }
@@ -869,10 +879,30 @@ async fn plan_job(
         quarantine_plan(ctx, msg, raw, uri, &job.record).await?;
         return Ok(Outcome::Ack);
     }
-    let Some(mut job) = count_plan_attempt(ctx, &msg.job_id, job).await? else {
+    let Some(job) = count_plan_attempt(ctx, &msg.job_id, job).await? else {
         // Finished, cancelled or gone meanwhile: the next delivery sorts it out.
         return Ok(Outcome::Nack);
     };
+    let planned = plan_counted(ctx, msg, uri, jobs, job).await;
+    if let Err(e) = &planned {
+        // An error (an outage of Pub/Sub or Firestore) is not a crash: the attempt ended,
+        // and the message goes back to be tried again. Should this write fail as well, the
+        // attempt stays counted as a crash.
+        tracing::warn!(error = %e, "planning failed; the plan message goes back");
+        let _ = plan_finished(ctx, &msg.job_id).await;
+    }
+    planned
+}
+
+/// [`plan_job`] once the attempt is counted: reads the file, records the plan on the job and
+/// publishes its shards.
+async fn plan_counted(
+    ctx: &Ctx,
+    msg: &JobMessage,
+    uri: &str,
+    jobs: &Publisher,
+    mut job: Versioned<JobRecord>,
+) -> Result<Outcome, WorkError> {
     // The file is read as a stream and never held whole; a drain stops the read.
     let per_shard = ctx.cfg.input_shard_items;
     let read = outputs::read_uri_pieces(
@@ -908,6 +938,13 @@ async fn plan_job(
     if ctx.cfg.failpoints.crash_while_planning {
         tracing::error!("failpoint crash-while-planning hit: aborting");
         std::process::abort();
+    }
+    let errors = &ctx.cfg.failpoints.plan_errors;
+    if errors
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+    {
+        return Err(WorkError::Publish("failpoint plan-errors".into()));
     }
     let shards = u32::try_from(plan.ranges.len()).unwrap_or(u32::MAX);
     loop {

@@ -626,10 +626,14 @@ async fn plan_survives_a_crash_before_its_shards_are_published(fx: &Fixture) -> 
         w.shard("job-p", 0).await?.is_none(),
         "no shard may have started before the crash"
     );
-    // The same worker restarted without the failpoint (the VM's service restarting it).
+    // The same worker restarted without the failpoint (the VM's service restarting it),
+    // whose next plan fails with a transient error (as a Pub/Sub outage would make it): an
+    // error is not a crash, so with the crash before it does not reach the poison limit.
     let _w1 = w
         .worker("w1")
         .with("INPUT_SHARD_ITEMS", "100")
+        .with("POISON_LIMIT", "2")
+        .with("BATCH_WORKER_FAILPOINTS", "plan-errors=1")
         .start(&w.log("w1b.log"))?;
     let job = w
         .wait_job("job-p", REDELIVERY, "succeeded", |j| {
@@ -641,8 +645,8 @@ async fn plan_survives_a_crash_before_its_shards_are_published(fx: &Fixture) -> 
         "{job:?}"
     );
     ensure!(
-        job.plan_attempts == 2 && job.plan_finished == 1 && job.plan_crashes() == 1,
-        "one crashed and one finished plan attempt: {job:?}"
+        job.plan_attempts == 3 && job.plan_finished == 2 && job.plan_crashes() == 1,
+        "one crashed, one failed and one finished plan attempt: {job:?}"
     );
     let run_out = input.with_file_name("run.out.jsonl");
     embedded_run(&input, &run_out)?;
