@@ -117,8 +117,8 @@ fn compare(args: &Args, other: &Path) -> anyhow::Result<()> {
         let (mut this, mut that) = (0.0f64, 0.0f64);
         let mut tokens = 0.0;
         for round in 0..args.repeat.max(1) {
-            let (a, lines_a) = timed_run(&worker, &dir, &input, args, batch, "this")?;
-            let (b, lines_b) = timed_run(other, &dir, &input, args, batch, "other")?;
+            let (a, lines_a) = timed_run(&worker, &dir, &input, args, batch)?;
+            let (b, lines_b) = timed_run(other, &dir, &input, args, batch)?;
             anyhow::ensure!(
                 lines_a == lines_b,
                 "batch {batch}, round {round}: the two builds wrote different lines"
@@ -145,38 +145,22 @@ fn timed_run(
     input: &Path,
     args: &Args,
     batch: usize,
-    name: &str,
 ) -> anyhow::Result<(f64, String)> {
-    let output = dir.join(format!("compare-{name}.jsonl"));
-    let _ = std::fs::remove_file(&output);
-    let started = std::time::Instant::now();
-    let out = Command::new(worker)
-        .args(["run", "--task", "generate", "--device", "cpu"])
-        .args(["--prompt-format", "raw"])
-        .args(["--max-new-tokens", &args.max_new_tokens.to_string()])
-        .args(["--generate-batch-size", &batch.to_string()])
-        .arg("--input")
-        .arg(input)
-        .arg("--output")
-        .arg(&output)
-        .env("RUST_LOG", "error")
-        .env(
-            "BATCH_WORKER_FAILPOINTS",
-            format!("generate-step-delay-ms={}", args.step_delay_ms),
-        )
-        .output()?;
-    let secs = started.elapsed().as_secs_f64();
-    if !out.status.success() {
-        bail!(
-            "{} run failed: {}",
-            worker.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok((
-        args.prompts as f64 / secs,
-        std::fs::read_to_string(&output)?,
-    ))
+    let max_new_tokens = args.max_new_tokens.to_string();
+    let failpoints = format!("generate-step-delay-ms={}", args.step_delay_ms);
+    let task = [
+        "--task",
+        "generate",
+        "--prompt-format",
+        "raw",
+        "--max-new-tokens",
+        &max_new_tokens,
+        "--failpoints",
+        &failpoints,
+    ];
+    let (_, _, wall) = worker_run(worker, dir, input, &task, "--generate-batch-size", batch)?;
+    let output = std::fs::read_to_string(dir.join(format!("out-{batch}.jsonl")))?;
+    Ok((args.prompts as f64 / wall, output))
 }
 
 /// The mean `tokens` of the output lines.

@@ -198,7 +198,8 @@ pub fn intent_texts() -> anyhow::Result<Vec<String>> {
 }
 
 /// One `batch-worker run --device cpu` over `input` with `task_args` and `batch` as
-/// `batch_flag`: (items/s, share of wall time in `session.run`, wall seconds with start-up).
+/// `batch_flag`, writing `dir/out-{batch}.jsonl`: (items/s, share of wall time in
+/// `session.run`, wall seconds with start-up).
 pub fn worker_run(
     worker: &Path,
     dir: &Path,
