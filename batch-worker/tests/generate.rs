@@ -382,14 +382,23 @@ fn sampled_task(batch: usize, n: usize) -> Generate {
     Generate::load(&lm_dir(), Device::Cpu, opts).expect("the test model loads")
 }
 
+/// The test model's corpus, one text per non-empty line.
+fn corpus_texts() -> Vec<String> {
+    let corpus = std::fs::read_to_string(lm_dir().join("corpus.txt")).expect("corpus");
+    corpus
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
 /// Items `{prefix}{i}` over the test corpus's lines, from line `skip` on.
 fn corpus_items(prefix: &str, skip: usize, n: usize) -> Vec<InputItem> {
-    let corpus = std::fs::read_to_string(lm_dir().join("corpus.txt")).expect("corpus");
-    let texts: Vec<&str> = corpus.lines().filter(|l| !l.trim().is_empty()).collect();
+    let texts = corpus_texts();
     (0..n)
         .map(|i| InputItem {
             custom_id: format!("{prefix}{i}"),
-            input: texts[(skip + i * 7) % texts.len()].to_owned(),
+            input: texts[(skip + i * 7) % texts.len()].clone(),
         })
         .collect()
 }
@@ -494,10 +503,8 @@ fn run_task_generate_writes_one_line_per_prompt() {
     let dir = scratch("run");
     let input = dir.join("prompts.jsonl");
     let output = dir.join("out.jsonl");
-    let corpus = std::fs::read_to_string(lm_dir().join("corpus.txt")).expect("corpus");
-    let mut lines: Vec<String> = corpus
-        .lines()
-        .filter(|l| !l.trim().is_empty())
+    let mut lines: Vec<String> = corpus_texts()
+        .into_iter()
         .take(32)
         .enumerate()
         .map(|(i, t)| serde_json::json!({"custom_id": format!("p{i}"), "input": t}).to_string())
@@ -580,8 +587,7 @@ fn bad_sampling_flags_exit_2_with_one_line() {
 fn sigterm_mid_batch_then_rerun_equals_an_uninterrupted_run() {
     let dir = scratch("sigterm");
     let input = dir.join("prompts.jsonl");
-    let corpus = std::fs::read_to_string(lm_dir().join("corpus.txt")).expect("corpus");
-    let texts: Vec<&str> = corpus.lines().filter(|l| !l.trim().is_empty()).collect();
+    let texts = corpus_texts();
     let body: String = (0..160)
         .map(|i| {
             serde_json::json!({"custom_id": format!("p{i}"), "input": texts[i % texts.len()]})
