@@ -4,7 +4,9 @@
 Reads hand-written seed phrases from ``seeds/<intent>.txt`` (beside this script),
 expands them with augmentations, builds compositional ``other`` examples, splits
 everything into train/dev/test by group (so augmentations of one seed never
-cross splits) and writes ``train.jsonl``, ``dev.jsonl`` and ``test.jsonl``.
+cross splits; each family of seeds has its shortest seed in train) and writes
+``train.jsonl``, ``dev.jsonl``, ``test.jsonl`` and ``dev.folds`` (the calibration
+fold of each dev line).
 
 Standard library only.  Output is byte-identical across runs: a single
 ``random.Random(20261127)`` drives every random choice, and every iteration over
@@ -19,6 +21,7 @@ import os
 import random
 import sys
 import unicodedata
+import zlib
 from collections import Counter, defaultdict
 
 SEED = 20261127
@@ -793,8 +796,63 @@ class DSU:
             self.p[b] = a
 
 
-def assign_splits(rng, clusters):
-    """clusters: list of dicts with key, intent, lang, size. Greedy stratified by (intent, lang)."""
+def content_words(text):
+    """Lowercased NFKC words (letters, digits, Hangul, apostrophes) of a seed."""
+    t = unicodedata.normalize("NFKC", text).lower()
+    words, cur = [], ""
+    for c in t + " ":
+        if c.isalnum() or c == "'":
+            cur += c
+        elif cur:
+            words.append(cur.strip("'"))
+            cur = ""
+    return [w for w in words if w]
+
+
+def anchor_clusters(groups, cluster_list):
+    """Keys of the clusters that must be in train: one per seed family.
+
+    A family is the seeds of one intent that share a content word, directly or through other
+    seeds of the family; a word that seeds of three or more intents use (bot, ok, 너, 알려줘…)
+    is a frame, not content.  The family's shortest seed (its cluster) is the anchor, so
+    every expression the seeds hold is in train and dev / test hold other phrasings of it."""
+    intents_of = defaultdict(set)
+    for g in groups:
+        if "seed" in g:
+            for w in content_words(g["seed"]):
+                intents_of[w].add(g["intent"])
+    frame = {w for w, its in intents_of.items() if len(its) >= 3}
+    cluster_of = {}
+    for c in cluster_list:
+        for m in c["members"]:
+            cluster_of[m] = c["key"]
+    dsu = DSU(len(groups))
+    owner = {}
+    for gi, g in enumerate(groups):
+        if "seed" not in g:
+            continue
+        for w in content_words(g["seed"]):
+            if w in frame:
+                continue
+            k = (g["intent"], w)
+            if k in owner:
+                dsu.union(owner[k], gi)
+            else:
+                owner[k] = gi
+    best = {}
+    for gi, g in enumerate(groups):
+        if "seed" not in g:
+            continue
+        root = dsu.find(gi)
+        cand = (len(g["seed"]), gi)
+        if root not in best or cand < best[root]:
+            best[root] = cand
+    return frozenset(cluster_of[gi] for _, gi in best.values())
+
+
+def assign_splits(rng, clusters, anchored=frozenset()):
+    """clusters: list of dicts with key, intent, lang, size. Greedy stratified by (intent, lang).
+    Clusters whose key is in `anchored` go to train; the rest fill the splits around them."""
     strata = defaultdict(list)
     for c in clusters:
         strata[(c["intent"], c["lang"])].append(c)
@@ -805,6 +863,12 @@ def assign_splits(rng, clusters):
         cl.sort(key=lambda c: -c["size"])  # stable: big groups first, ties keep shuffled order
         counts = {s: 0 for s in SPLITS}
         total = 0
+        for c in cl:
+            if c["key"] in anchored:
+                assignment[c["key"]] = "train"
+                counts["train"] += c["size"]
+                total += c["size"]
+        cl = [c for c in cl if c["key"] not in anchored]
         for c in cl:
             total += c["size"]
             best = max(SPLITS, key=lambda s: (SPLIT_FRAC[s] * total - counts[s], -SPLITS.index(s)))
@@ -856,7 +920,7 @@ def compose_mix(rng, trivial_text, trivial_intent, request_text, r_lang,
 # --------------------------------------------------------------------------
 
 
-def build(rng):
+def build(rng, anchors=True):
     seeds = load_seeds()
 
     # 1. seed groups with their augmentations
@@ -912,17 +976,19 @@ def build(rng):
         size = sum(len(groups[m]["texts"]) for m in members)
         cluster_list.append({"key": g0["key"], "intent": g0["intent"], "lang": g0["lang"],
                              "size": size, "members": members})
-    assignment = assign_splits(rng, cluster_list)
+    anchored = anchor_clusters(groups, cluster_list) if anchors else frozenset()
+    assignment = assign_splits(rng, cluster_list, anchored)
     split_of_group = {}
     for c in cluster_list:
         for m in c["members"]:
             split_of_group[m] = assignment[c["key"]]
 
     # 4. collect items, exact dedup inside (split, text)
-    items = []  # (split, text, intent, origin)
+    cluster_of = {m: c["key"] for c in cluster_list for m in c["members"]}
+    items = []  # (split, text, intent, origin, cluster key)
     for gi, g in enumerate(groups):
         for t in g["texts"]:
-            items.append((split_of_group[gi], t, g["intent"], g["section"]))
+            items.append((split_of_group[gi], t, g["intent"], g["section"], cluster_of[gi]))
 
     # 5. compositions, built only from pieces of the same split
     trivial_pool = {(s, it, lg): [] for s in SPLITS for it in TRIVIAL for lg in ("ko", "en")}
@@ -931,7 +997,7 @@ def build(rng):
             for t in g["texts"]:
                 trivial_pool[(split_of_group[gi], g["intent"], lang_of(t))].append(t)
     taken_norm = {}
-    for s, t, it, _ in items:
+    for s, t, it, *_ in items:
         taken_norm.setdefault(norm_key(t), set()).add((s, it))
     mix_items = []
     intents_w = [it for it, w in MIX_INTENT_WEIGHTS for _ in range(w)]
@@ -965,16 +1031,17 @@ def build(rng):
             if prev and any(ps != split or pit != "other" for ps, pit in prev):
                 continue  # would leak across splits or clash with a trivial label
             taken_norm.setdefault(k, set()).add((split, "other"))
-            mix_items.append((split, text, "other", "mix"))
+            mix_items.append((split, text, "other", "mix", cluster_of[gi]))
     items.extend(mix_items)
 
     # 6. exact dedup by stripped text; drop texts with two labels
     by_text = defaultdict(set)
-    for s, t, it, _ in items:
+    for s, t, it, *_ in items:
         by_text[t.strip()].add(it)
     out = {s: {} for s in SPLITS}
+    cluster_of_text = {}
     n_label_conflict = 0
-    for s, t, it, origin in items:
+    for s, t, it, origin, ckey in items:
         t = t.strip()
         if len(by_text[t]) > 1:
             n_label_conflict += 1
@@ -982,6 +1049,7 @@ def build(rng):
         if not t or len(t) > MAX_LEN:
             continue
         out[s].setdefault(t, it)
+        cluster_of_text.setdefault(t, ckey)
 
     # 7. leakage checks
     seen_split = {}
@@ -996,11 +1064,12 @@ def build(rng):
             assert norm_split.setdefault(k, s) == s, "near-duplicate across splits: %r" % t
 
     stats = {"norm_conflicts": len(conflicts), "dropped_norm_conflict": n_dropped_conflict,
-             "dropped_label_conflict": n_label_conflict, "mix": len(mix_items)}
+             "dropped_label_conflict": n_label_conflict, "mix": len(mix_items),
+             "cluster_of_text": cluster_of_text}
     return out, stats
 
 
-def write(out, out_dir, rng):
+def write(out, out_dir, rng, cluster_of_text):
     os.makedirs(out_dir, exist_ok=True)
     for s in SPLITS:
         rows = sorted(out[s].items(), key=lambda kv: (kv[1], kv[0]))
@@ -1009,6 +1078,13 @@ def write(out, out_dir, rng):
         with open(path, "w", encoding="utf-8", newline="\n") as f:
             for text, intent in rows:
                 f.write(json.dumps({"text": text, "intent": intent}, ensure_ascii=False) + "\n")
+        if s == "dev":
+            # Calibration folds: a dev line's seed group (for a composition, its request's)
+            # decides its fold, so a seed's variants never sit on both sides.
+            with open(os.path.join(out_dir, "dev.folds"), "w", encoding="utf-8",
+                      newline="\n") as f:
+                for text, _ in rows:
+                    f.write("%d\n" % (zlib.crc32(cluster_of_text[text].encode()) % 2))
 
 
 def report(out, stats):
@@ -1050,10 +1126,13 @@ def main(argv=None):
     ap.add_argument("--out", default=os.path.join(HERE, "data"), help="output directory")
     ap.add_argument("--seed", type=int, default=SEED,
                     help="random seed (augmentation and split); the committed data uses the default")
+    ap.add_argument("--no-anchors", action="store_true",
+                    help="send every seed group to a split at random, with no anchor of each "
+                         "seed family in train (whole families can then be missing from train)")
     args = ap.parse_args(argv)
     rng = random.Random(args.seed)
-    out, stats = build(rng)
-    write(out, args.out, rng)
+    out, stats = build(rng, anchors=not args.no_anchors)
+    write(out, args.out, rng, stats["cluster_of_text"])
     cnt, total, other, ten = report(out, stats)
     # sanity requirements
     assert 15000 <= total <= 40000, total

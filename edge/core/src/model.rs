@@ -201,8 +201,20 @@ mod tests {
     }
 
     #[test]
-    fn plain_greetings_are_answered_at_the_edge() {
-        for text in ["안녕하세요", "hello", "고마워", "thank you", "ㅎㅇ", "ㄱㅅ"] {
+    fn common_trivial_messages_are_answered_at_the_edge() {
+        for text in [
+            "안녕하세요",
+            "hello",
+            "고마워",
+            "thank you",
+            "ㅎㅇ",
+            "ㄱㅅ",
+            "잘가",
+            "ㅃㅇ",
+            "bye",
+            "뭐 할 수 있어?",
+            "너 누구야?",
+        ] {
             let d = model().classify(text);
             assert_eq!(d.route, Route::Edge, "{text}: {d:?}");
         }
