@@ -165,6 +165,10 @@ impl<'a> World<'a> {
             if done(&j) {
                 return Ok(j);
             }
+            // A job in a final state never changes again: say so now, not at the deadline.
+            if j.status.is_final() {
+                bail!("job {job_id}: {what} not reached, and the job ended; record: {j:?}");
+            }
             if Instant::now() > deadline {
                 bail!("job {job_id}: {what} not reached after {timeout:?}; record: {j:?}");
             }
