@@ -149,20 +149,41 @@ impl<R> Batcher<R> {
         self.requests.is_empty()
     }
 
-    /// Forgets the items not yet admitted of the requests whose answer nobody waits for any
-    /// more (a shard that stopped early, with its next micro-batch handed over); their rows
-    /// already decoding finish, and the request is answered to no one.
-    pub fn abandon_waiting(&mut self, abandoned: impl Fn(&R) -> bool) {
-        for id in &self.waiting {
-            if let Some(r) = self.requests.get_mut(id)
-                && abandoned(&r.reply)
-            {
-                let unadmitted = r.prompts[r.next..].iter().flatten().count();
-                r.prompts.truncate(r.next);
-                r.items.truncate(r.next);
-                r.lines.truncate(r.next);
-                r.left -= unadmitted;
+    /// Forgets the requests whose answer nobody waits for any more (a shard that stopped
+    /// early, with its next micro-batch handed over): their items not yet admitted never
+    /// start, and their rows leave the batch now, so the rows go to other requests at the
+    /// next turn. Returns how many rows left.
+    pub fn abandon(&mut self, abandoned: impl Fn(&R) -> bool) -> usize {
+        let gone: Vec<u64> = self
+            .requests
+            .iter()
+            .filter(|(_, r)| abandoned(&r.reply))
+            .map(|(&id, _)| id)
+            .collect();
+        if gone.is_empty() {
+            return 0;
+        }
+        for id in &gone {
+            self.requests.remove(id);
+        }
+        self.waiting.retain(|id| !gone.contains(id));
+        let tags: Vec<usize> = self
+            .rows
+            .iter()
+            .filter(|(_, (id, _))| gone.contains(id))
+            .map(|(&tag, _)| tag)
+            .collect();
+        for tag in &tags {
+            self.rows.remove(tag);
+        }
+        match self.decoding.as_mut().map(|d| d.drop_rows(&tags)) {
+            Some(Ok(left)) => left,
+            Some(Err(error)) => {
+                // The rows stay and finish; `finish` finds no request for them.
+                tracing::warn!(%error, "abandoned rows could not leave the batch; they finish unread");
+                0
             }
+            None => 0,
         }
     }
 

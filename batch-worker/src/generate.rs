@@ -727,11 +727,27 @@ impl Decoding {
     /// Removes the finished rows and returns their tokens; the cache keeps only the others,
     /// cut to the longest of them.
     fn retire(&mut self) -> Result<Vec<(usize, Generated)>, EngineError> {
-        if !self.rows.iter().any(Row::finished) {
+        Ok(self
+            .remove(Row::finished)?
+            .into_iter()
+            .map(|r| (r.tag, r.out))
+            .collect())
+    }
+
+    /// Stops decoding the rows `tags` (their items' answer is no longer wanted); their tokens
+    /// so far are dropped. Returns how many rows left.
+    pub fn drop_rows(&mut self, tags: &[usize]) -> Result<usize, EngineError> {
+        Ok(self.remove(|r| tags.contains(&r.tag))?.len())
+    }
+
+    /// Removes the rows `leaves` picks; the cache keeps only the others, cut to the longest
+    /// of them. On an error the batch is as it was.
+    fn remove(&mut self, leaves: impl Fn(&Row) -> bool) -> Result<Vec<Row>, EngineError> {
+        if !self.rows.iter().any(&leaves) {
             return Ok(Vec::new());
         }
         let keep: Vec<usize> = (0..self.rows.len())
-            .filter(|&r| !self.rows[r].finished())
+            .filter(|&r| !leaves(&self.rows[r]))
             .collect();
         let total = keep.iter().map(|&r| self.rows[r].len).max().unwrap_or(0);
         // Made before any row leaves: on an error the batch is as it was, and the caller
@@ -747,13 +763,12 @@ impl Decoding {
                 })
                 .collect::<Result<Vec<_>, EngineError>>()?
         };
-        let (done, kept): (Vec<Row>, Vec<Row>) = std::mem::take(&mut self.rows)
-            .into_iter()
-            .partition(Row::finished);
+        let (gone, kept): (Vec<Row>, Vec<Row>) =
+            std::mem::take(&mut self.rows).into_iter().partition(leaves);
         self.rows = kept;
         self.past = past;
         self.total = total;
-        Ok(done.into_iter().map(|r| (r.tag, r.out)).collect())
+        Ok(gone)
     }
 
     /// The data of cache tensor `v`, checked to be `[rows, heads, total, head_dim]`.

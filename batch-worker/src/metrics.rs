@@ -86,6 +86,7 @@ pub struct Metrics {
     pub generate_batches: Counter,
     pub generate_rows: Counter,
     pub generate_merged: Counter,
+    pub generate_abandoned: Counter,
     pub inference: Histogram,
     pub chunk_commit: Histogram,
 }
@@ -94,7 +95,7 @@ impl Metrics {
     /// The text exposition format.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let counters: [(&str, &str, &Counter); 14] = [
+        let counters: [(&str, &str, &Counter); 15] = [
             (
                 "batch_worker_items_total",
                 "Items with a committed output line",
@@ -164,6 +165,11 @@ impl Metrics {
                 "batch_worker_generate_merged_total",
                 "Prefills that joined items of more than one shard, or rows already decoding (concurrent chat messages)",
                 &self.generate_merged,
+            ),
+            (
+                "batch_worker_generate_abandoned_total",
+                "Rows that stopped decoding mid-text because their shard stopped (cancel, lease lost)",
+                &self.generate_abandoned,
             ),
         ];
         for (name, help, c) in counters {

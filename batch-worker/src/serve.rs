@@ -1252,7 +1252,10 @@ impl Gatherer {
                         }
                         continue;
                     }
-                    batcher.abandon_waiting(|reply| reply.is_closed());
+                    let left = batcher.abandon(|reply| reply.is_closed());
+                    if left > 0 {
+                        metrics.generate_abandoned.add(left as u64);
+                    }
                     let turn = batcher.turn(&mut model, batch);
                     if turn.prefilled > 0 {
                         metrics.generate_batches.add(1);

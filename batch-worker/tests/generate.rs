@@ -367,13 +367,18 @@ fn a_model_without_the_text_generation_interface_is_rejected_by_name() {
 /// The `generate` task with a batch of `batch` rows, sampling (each item's stream keyed by
 /// its `custom_id`), and up to `n` tokens per item.
 fn sampled_task(batch: usize, n: usize) -> Generate {
+    sampled_task_stops(batch, n, true)
+}
+
+/// [`sampled_task`], with stop tokens honoured or not (`false`: every text is `n` tokens).
+fn sampled_task_stops(batch: usize, n: usize, stops: bool) -> Generate {
     let opts = GenerateOptions {
         sampling: Sampling {
             max_new_tokens: n,
             temperature: 0.8,
             top_p: 0.9,
             seed: 7,
-            ignore_stop: false,
+            ignore_stop: !stops,
         },
         batch_size: batch,
         system_prompt: String::new(),
@@ -469,19 +474,60 @@ fn a_batcher_gives_back_interrupted_and_drops_abandoned_requests() {
     assert!(b.is_idle());
     assert_eq!(b.running(), 0);
 
+    // Request 2 takes both rows; request 3 waits. Request 3 abandoned: its items never start.
     b.push(&g, corpus_items("c", 1, 3), 2);
     b.push(&g, corpus_items("d", 4, 4), 3);
     let first = b.turn(&mut g, 2);
     assert_eq!(first.prefilled, 2, "two of request 2's three items");
-    b.abandon_waiting(|&r| r == 3);
+    assert_eq!(b.abandon(|&r| r == 3), 0, "request 3 had no rows");
     assert_eq!(b.waiting_items(), 1, "request 2's third item still waits");
     let mut answers = first.answers;
     while !b.is_idle() {
         answers.extend(b.turn(&mut g, 2).answers);
     }
     let lines: Vec<(usize, usize)> = answers.iter().map(|a| (a.reply, a.lines.len())).collect();
-    assert!(lines.contains(&(2, 3)), "{lines:?}");
-    assert!(lines.contains(&(3, 0)), "{lines:?}");
+    assert_eq!(lines, vec![(2, 3)], "request 3 is answered to no one");
+}
+
+/// A request abandoned while its rows decode leaves the batch at once: its rows go to the
+/// next request, and the requests beside it get exactly the lines they get without it.
+#[test]
+fn a_batcher_stops_decoding_the_rows_of_an_abandoned_request() {
+    // Stop tokens ignored: every row decodes all 24 tokens, so none leaves on its own here.
+    let mut g = sampled_task_stops(4, 24, false);
+    let (a, b_items) = (corpus_items("a", 2, 3), corpus_items("b", 9, 3));
+    let mut alone = Batcher::<usize>::default();
+    alone.push(&g, b_items.clone(), 1);
+    let mut expected = Vec::new();
+    while !alone.is_idle() {
+        expected.extend(alone.turn(&mut g, 4).answers);
+    }
+    assert_eq!(expected.len(), 1);
+
+    let mut b = Batcher::<usize>::default();
+    b.push(&g, a, 0);
+    b.push(&g, b_items, 1);
+    let first = b.turn(&mut g, 4);
+    assert_eq!(
+        first.prefilled, 4,
+        "request 0's three items and one of request 1's"
+    );
+    assert!(first.answers.is_empty());
+    assert_eq!(b.running(), 4);
+    assert_eq!(b.abandon(|&r| r == 0), 3, "request 0's three rows leave");
+    assert_eq!(b.running(), 1);
+    let next = b.turn(&mut g, 4);
+    assert_eq!(
+        next.prefilled, 2,
+        "request 1's other two items take the freed rows at once"
+    );
+    let mut answers = next.answers;
+    while !b.is_idle() {
+        answers.extend(b.turn(&mut g, 4).answers);
+    }
+    assert_eq!(answers.len(), 1, "only request 1 is answered");
+    assert_eq!(answers[0].reply, 1);
+    assert_eq!(answers[0].lines, expected[0].lines);
 }
 
 /// `batch-worker run --task generate --device cpu` from `input` to `output` with `extra` flags.

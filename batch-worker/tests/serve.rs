@@ -131,8 +131,57 @@ impl<'a> World<'a> {
             .await
     }
 
+    /// Submits a one-shard `generate` batch job of `items` and waits for its first chunk.
+    async fn generate_until_a_chunk(
+        &self,
+        job_id: &str,
+        items: Vec<InputItem>,
+    ) -> anyhow::Result<()> {
+        self.jobs()
+            .create_record(
+                job_id,
+                JobKind::Batch,
+                Task::Generate,
+                items.len() as u64,
+                1,
+                None,
+            )
+            .await?;
+        self.publish(&JobMessage {
+            job_id: job_id.into(),
+            kind: JobKind::Batch,
+            task: Task::Generate,
+            shard: 0,
+            shards: 1,
+            items,
+            input_uri: None,
+            range: None,
+            chat: None,
+        })
+        .await?;
+        self.wait_shard(job_id, 0, Duration::from_secs(60), "a first chunk", |s| {
+            s.cursor > 0
+        })
+        .await?;
+        Ok(())
+    }
+
     async fn publish(&self, m: &JobMessage) -> anyhow::Result<()> {
         self.jobs().publish(m).await
+    }
+
+    /// Sets `cancel_requested` on the job record, as the edge's `DELETE /v1/jobs/{id}` does.
+    async fn request_cancel(&self, job_id: &str) -> anyhow::Result<()> {
+        let (mut fields, ut) = self
+            .fs
+            .get(JOBS_COLLECTION, job_id)
+            .await?
+            .context("job record")?;
+        fields["cancel_requested"] = json!({"booleanValue": true});
+        self.fs
+            .update_if(JOBS_COLLECTION, job_id, &ut, fields)
+            .await?;
+        Ok(())
     }
 
     async fn job(&self, job_id: &str) -> anyhow::Result<JobRecord> {
@@ -804,25 +853,7 @@ async fn generation_answers_chat_and_batches(fx: &Fixture) -> anyhow::Result<()>
             input: t,
         })
         .collect();
-    w.jobs()
-        .create_record("gen-1", JobKind::Batch, Task::Generate, 40, 1, None)
-        .await?;
-    w.publish(&JobMessage {
-        job_id: "gen-1".into(),
-        kind: JobKind::Batch,
-        task: Task::Generate,
-        shard: 0,
-        shards: 1,
-        items: all.clone(),
-        input_uri: None,
-        range: None,
-        chat: None,
-    })
-    .await?;
-    w.wait_shard("gen-1", 0, Duration::from_secs(60), "a first chunk", |s| {
-        s.cursor > 0
-    })
-    .await?;
+    w.generate_until_a_chunk("gen-1", all.clone()).await?;
     w1.signal(libc::SIGTERM);
     let (status, took) = w1.wait_exit(Duration::from_secs(25)).await?;
     ensure!(
@@ -846,13 +877,14 @@ async fn generation_answers_chat_and_batches(fx: &Fixture) -> anyhow::Result<()>
     .await?;
     // The shard hands over its next micro-batch while one decodes, so items of the next
     // take the rows that finished early instead of waiting for the longest text.
-    let merged = |metrics: &str| -> anyhow::Result<u64> {
+    let counter = |metrics: &str, name: &str| -> anyhow::Result<u64> {
         metrics
             .lines()
-            .find_map(|l| l.strip_prefix("batch_worker_generate_merged_total "))
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
             .and_then(|v| v.trim().parse().ok())
-            .context("merged metric")
+            .with_context(|| format!("{name} in\n{metrics}"))
     };
+    let merged = |metrics: &str| counter(metrics, "batch_worker_generate_merged_total");
     let metrics_url = format!("http://127.0.0.1:{metrics_port}/metrics");
     let bulk = reqwest::get(&metrics_url).await?.text().await?;
     ensure!(
@@ -954,6 +986,47 @@ async fn generation_answers_chat_and_batches(fx: &Fixture) -> anyhow::Result<()>
             embedded.get(id)
         );
     }
+
+    // A cancelled generate job: the micro-batch its shard had handed over stops decoding at
+    // once (its rows leave the batch), and the worker answers the next chat message.
+    let many: Vec<InputItem> = all
+        .iter()
+        .cycle()
+        .take(400)
+        .enumerate()
+        .map(|(i, item)| InputItem {
+            custom_id: format!("c-{i}"),
+            input: item.input.clone(),
+        })
+        .collect();
+    w.generate_until_a_chunk("gen-c", many).await?;
+    w.request_cancel("gen-c").await?;
+    w.wait_job("gen-c", Duration::from_secs(20), "cancelled", |j| {
+        j.status == JobStatus::Cancelled
+    })
+    .await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = reqwest::get(&metrics_url).await?.text().await?;
+        if counter(&m, "batch_worker_generate_abandoned_total")? >= 1 {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no row of the cancelled shard left the batch:\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    w.submit_chat("chat-after", burst[0]).await?;
+    let j = w
+        .wait_job("chat-after", Duration::from_secs(30), "succeeded", |j| {
+            j.status == JobStatus::Succeeded
+        })
+        .await?;
+    ensure!(
+        j.result.as_ref().map(|r| &r["reply"]) == Some(&burst_replies[0]),
+        "chat after the cancel: {j:?}"
+    );
     Ok(())
 }
 
@@ -1155,11 +1228,7 @@ async fn cancel_stops_at_a_chunk_boundary(fx: &Fixture) -> anyhow::Result<()> {
         s.cursor > 0
     })
     .await?;
-    let (fields, ut) = w.fs.get(JOBS_COLLECTION, "job-c").await?.context("job")?;
-    let mut fields = fields;
-    fields["cancel_requested"] = json!({"booleanValue": true});
-    w.fs.update_if(JOBS_COLLECTION, "job-c", &ut, fields)
-        .await?;
+    w.request_cancel("job-c").await?;
     let j = w
         .wait_job("job-c", Duration::from_secs(10), "cancelled", |j| {
             j.status == JobStatus::Cancelled
