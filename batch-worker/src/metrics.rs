@@ -87,6 +87,8 @@ pub struct Metrics {
     pub generate_rows: Counter,
     pub generate_merged: Counter,
     pub generate_abandoned: Counter,
+    /// Shared with the Firestore client, which counts its calls.
+    pub firestore_operations: std::sync::Arc<Counter>,
     pub inference: Histogram,
     pub chunk_commit: Histogram,
 }
@@ -95,7 +97,7 @@ impl Metrics {
     /// The text exposition format.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let counters: [(&str, &str, &Counter); 15] = [
+        let counters: [(&str, &str, &Counter); 16] = [
             (
                 "batch_worker_items_total",
                 "Items with a committed output line",
@@ -170,6 +172,11 @@ impl Metrics {
                 "batch_worker_generate_abandoned_total",
                 "Rows that stopped decoding mid-text because their shard stopped (cancel, lease lost)",
                 &self.generate_abandoned,
+            ),
+            (
+                "batch_worker_firestore_operations_total",
+                "Firestore reads and commits sent (one per call, retries not counted)",
+                &self.firestore_operations,
             ),
         ];
         for (name, help, c) in counters {

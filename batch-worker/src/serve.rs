@@ -263,6 +263,7 @@ pub async fn serve(
     let drain = CancellationToken::new();
     let stop = CancellationToken::new();
     let metrics = Arc::new(Metrics::default());
+    let store = store.counting(metrics.firestore_operations.clone());
     spawn_signal_watch(drain.clone())?;
     if let Some(base) = meta {
         tracing::info!(metadata = %base, "watching for GCE preemption notices");
@@ -550,21 +551,32 @@ async fn process(
             // Release a shared hold first: the write side waits for every reader.
             drop(isolation.take());
             let lock = ctx.isolation.clone();
-            let acquired = if suspect {
+            if suspect {
                 tracing::info!("shard was in flight during a crash: running it alone");
-                tokio::select! {
-                    _ = ctx.drain.cancelled() => return Ok(Outcome::Nack),
-                    g = lock.write_owned() => Isolation::Alone(g),
-                }
+            }
+            // Taken at once (the common case: no suspect shard about), the records just read
+            // are still fresh; after a wait, which may have been long, look again.
+            let now = if suspect {
+                lock.clone().try_write_owned().ok().map(Isolation::Alone)
             } else {
-                tokio::select! {
-                    _ = ctx.drain.cancelled() => return Ok(Outcome::Nack),
-                    g = lock.read_owned() => Isolation::Shared(g),
-                }
+                lock.clone().try_read_owned().ok().map(Isolation::Shared)
             };
-            isolation = Some(acquired);
-            // The wait may have been long: look again.
-            continue;
+            if let Some(held) = now {
+                isolation = Some(held);
+            } else {
+                isolation = Some(if suspect {
+                    tokio::select! {
+                        _ = ctx.drain.cancelled() => return Ok(Outcome::Nack),
+                        g = lock.write_owned() => Isolation::Alone(g),
+                    }
+                } else {
+                    tokio::select! {
+                        _ = ctx.drain.cancelled() => return Ok(Outcome::Nack),
+                        g = lock.read_owned() => Isolation::Shared(g),
+                    }
+                });
+                continue;
+            }
         }
 
         let items = match load_items(msg, &job.record, ctx.generate.is_some()).await {
@@ -622,6 +634,17 @@ async fn process(
                     .first()
                     .map(|r| r.update_time.clone())
                     .unwrap_or_default();
+                // The job record as this commit left it: what the shard's last commit may
+                // check the job against (its `updateTime`), without reading it again.
+                let mut job = job;
+                if let Some(w) = results.get(1) {
+                    if job.record.shards == 0 {
+                        job.record.shards = 1;
+                        job.record.counts.total = total;
+                    }
+                    job.record.status = JobStatus::Running;
+                    job.update_time = w.update_time.clone();
+                }
                 tracing::info!(
                     epoch = rec.epoch,
                     cursor = rec.cursor,
@@ -637,6 +660,7 @@ async fn process(
                         record: rec,
                         update_time,
                     },
+                    job,
                 )
                 .await;
             }
@@ -1305,6 +1329,7 @@ async fn run_shard(
     msg: &JobMessage,
     items: &[Result<InputItem, OutputLine>],
     lease: Versioned<ShardRecord>,
+    leased_job: Versioned<JobRecord>,
 ) -> Result<Outcome, WorkError> {
     let Versioned {
         record: mut rec,
@@ -1359,30 +1384,23 @@ async fn run_shard(
             }
         }
         // A chunk boundary.
-        let job = ctx
-            .store
-            .get::<JobRecord>(JOBS_COLLECTION, &msg.job_id)
-            .await?;
-        let job = match job {
-            None => return Ok(Outcome::Ack),
-            Some(j) if j.record.status.is_final() => return Ok(Outcome::Ack),
-            Some(j) if j.record.cancel_requested => {
-                finish_job(ctx, &msg.job_id, Final::Cancelled).await?;
-                return Ok(Outcome::Ack);
-            }
-            Some(j) => j,
-        };
         if !draining && pos >= total && rec.chunks.is_empty() {
             // The whole shard fits in its first chunk (a chat message, a small shard): its
             // lines go straight into the shard's output file, and one commit marks it done
-            // with its counts, instead of a chunk object and a checkpoint first.
+            // with its counts, instead of a chunk object and a checkpoint first. That commit
+            // checks the job record against its state at the lease, so it is not read again
+            // here: a cancel request (or any other change) since then makes that commit fail,
+            // and only then is the job read.
             let tail = Tail {
                 lines: std::mem::take(&mut pending).into_bytes(),
                 items: pending_items,
                 failed: pending_failed,
             };
-            return complete_shard(ctx, msg, rec, update_time, tail, job).await;
+            return complete_shard(ctx, msg, rec, update_time, tail, leased_job).await;
         }
+        let Some(job) = job_to_go_on(ctx, &msg.job_id).await? else {
+            return Ok(Outcome::Ack);
+        };
         if pending_items > 0 || draining {
             let started = Instant::now();
             let chunk = (pending_items > 0)
@@ -1544,10 +1562,11 @@ async fn complete_shard(
             .increment("shards_done", 1)
     };
     // The only shard of its job (every chat message) also finishes the job in this commit,
-    // on the condition that the job is still as read at the chunk boundary: two Firestore
+    // on the condition that the job is still as `job` says (as read at the last chunk
+    // boundary, or as the lease left it for a shard done in one chunk): two Firestore
     // operations fewer than reading the job again and finishing it in a commit of its own.
-    // Should the job have changed meanwhile (a cancel request), the general path below
-    // sorts it out.
+    // Should the job have changed meanwhile, it is read: a cancel request cancels it, and
+    // anything else leaves it to the general path below.
     let r = &job.record;
     let only = r.shards == 1 && r.shards_done == 0 && msg.shards == 1 && !r.status.is_final();
     let mut finished = None;
@@ -1571,6 +1590,10 @@ async fn complete_shard(
         ];
         if let Committed::Done(_) = ctx.store.commit(&writes).await? {
             finished = Some(how);
+        } else if job_to_go_on(ctx, &msg.job_id).await?.is_none() {
+            // The job changed since it was read: a cancel request that came before this
+            // commit cancels the job, as it would have at the chunk boundary.
+            return Ok(Outcome::Ack);
         }
     }
     if finished.is_none() {
@@ -1722,6 +1745,20 @@ fn record_final(
 }
 
 /// Sets a final status unless the job already has one.
+/// Reads the job record and says whether its shards should go on: `None` if the record is
+/// gone, final, or has a cancel request (the job is then marked `cancelled`).
+async fn job_to_go_on(ctx: &Ctx, job_id: &str) -> Result<Option<Versioned<JobRecord>>, WorkError> {
+    match ctx.store.get::<JobRecord>(JOBS_COLLECTION, job_id).await? {
+        None => Ok(None),
+        Some(j) if j.record.status.is_final() => Ok(None),
+        Some(j) if j.record.cancel_requested => {
+            finish_job(ctx, job_id, Final::Cancelled).await?;
+            Ok(None)
+        }
+        Some(j) => Ok(Some(j)),
+    }
+}
+
 async fn finish_job(ctx: &Ctx, job_id: &str, how: Final) -> Result<(), WorkError> {
     set_final(ctx, job_id, how, |r| !r.status.is_final(), None).await
 }

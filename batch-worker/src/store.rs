@@ -136,6 +136,8 @@ pub struct Store {
     tokens: Option<Arc<TokenSource>>,
     /// Total time for one call, retries included.
     deadline: Duration,
+    /// Reads and commits sent (one per call, however many retries it took).
+    operations: Arc<crate::metrics::Counter>,
 }
 
 impl Store {
@@ -174,7 +176,14 @@ impl Store {
             root,
             tokens,
             deadline: Duration::from_secs(30),
+            operations: Arc::default(),
         }
+    }
+
+    /// Counts every read and commit in `counter` from now on.
+    pub fn counting(mut self, counter: Arc<crate::metrics::Counter>) -> Self {
+        self.operations = counter;
+        self
     }
 
     async fn bearer(&self) -> Result<String, StoreError> {
@@ -197,6 +206,7 @@ impl Store {
         url: &str,
         body: Option<&Value>,
     ) -> Result<(u16, String), StoreError> {
+        self.operations.add(1);
         let started = std::time::Instant::now();
         let mut backoff = Duration::from_millis(100);
         loop {

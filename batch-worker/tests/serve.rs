@@ -823,7 +823,17 @@ async fn generation_answers_chat_and_batches(fx: &Fixture) -> anyhow::Result<()>
             .with("BATCH_WORKER_FAILPOINTS", "generate-step-delay-ms=5")
             .with("GENERATE_GATHER_MS", "300")
     };
-    let mut w1 = gen_worker("w1").start(&w.log("w1.log"))?;
+    let counter = |metrics: &str, name: &str| -> anyhow::Result<u64> {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+            .with_context(|| format!("{name} in\n{metrics}"))
+    };
+    let w1_port = stack::free_port()?;
+    let mut w1 = gen_worker("w1")
+        .with("METRICS_ADDR", format!("127.0.0.1:{w1_port}"))
+        .start(&w.log("w1.log"))?;
 
     // A queued chat message, as the edge publishes it.
     let message = "근처에서 급식카드로 먹을 수 있는 김밥집 추천해줘";
@@ -836,6 +846,17 @@ async fn generation_answers_chat_and_batches(fx: &Fixture) -> anyhow::Result<()>
     ensure!(done.status == JobStatus::Succeeded, "chat job: {done:?}");
     // The commit that finished the chat message's only shard finished the job too.
     w.logged_success("w1.log", "chat-1", true)?;
+    // The whole reply took four Firestore operations: read the job and the shard, take the
+    // lease, and the last commit (the job is not read again before it).
+    let w1_metrics = reqwest::get(format!("http://127.0.0.1:{w1_port}/metrics"))
+        .await?
+        .text()
+        .await?;
+    let ops = counter(&w1_metrics, "batch_worker_firestore_operations_total")?;
+    ensure!(
+        ops == 4,
+        "the chat reply took {ops} Firestore operations, not 4"
+    );
     let reply = done
         .result
         .as_ref()
@@ -877,13 +898,6 @@ async fn generation_answers_chat_and_batches(fx: &Fixture) -> anyhow::Result<()>
     .await?;
     // The shard hands over its next micro-batch while one decodes, so items of the next
     // take the rows that finished early instead of waiting for the longest text.
-    let counter = |metrics: &str, name: &str| -> anyhow::Result<u64> {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-            .and_then(|v| v.trim().parse().ok())
-            .with_context(|| format!("{name} in\n{metrics}"))
-    };
     let merged = |metrics: &str| counter(metrics, "batch_worker_generate_merged_total");
     let metrics_url = format!("http://127.0.0.1:{metrics_port}/metrics");
     let bulk = reqwest::get(&metrics_url).await?.text().await?;
@@ -1244,9 +1258,10 @@ async fn cancel_stops_at_a_chunk_boundary(fx: &Fixture) -> anyhow::Result<()> {
         s.cursor
     );
 
-    // A cancel request that comes after a job's last item is done, just before the commit
-    // that finishes its only shard (and with it the job): that commit is refused, and the
-    // job still ends `succeeded` with every line, as when the request comes a little later.
+    // A cancel request that comes while a job's only shard runs in one chunk, here just
+    // before the commit that would finish the shard and the job: that commit checks the job
+    // record as the lease left it (it is not read at that boundary), so it is refused, and
+    // the job ends `cancelled`, as at any chunk boundary.
     let few = items("f", 10);
     w.submit("job-f", std::slice::from_ref(&few)).await?;
     let j = w
@@ -1255,11 +1270,15 @@ async fn cancel_stops_at_a_chunk_boundary(fx: &Fixture) -> anyhow::Result<()> {
         })
         .await?;
     ensure!(
-        j.status == JobStatus::Succeeded && j.counts.done == 10 && j.output_uri.is_some(),
+        j.status == JobStatus::Cancelled && j.counts.done == 0 && j.output_uri.is_none(),
         "job-f: {j:?}"
     );
-    assert_exactly(&w.outputs("job-f")?, &few)?;
-    w.logged_success("w1.log", "job-f", false)?;
+    let log = std::fs::read_to_string(w.log("w1.log"))?;
+    ensure!(
+        !log.lines()
+            .any(|l| l.contains("job succeeded") && l.contains("job-f")),
+        "job-f was cancelled, yet logged as succeeded"
+    );
     Ok(())
 }
 
