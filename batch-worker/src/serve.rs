@@ -1744,7 +1744,6 @@ fn record_final(
     }
 }
 
-/// Sets a final status unless the job already has one.
 /// Reads the job record and says whether its shards should go on: `None` if the record is
 /// gone, final, or has a cancel request (the job is then marked `cancelled`).
 async fn job_to_go_on(ctx: &Ctx, job_id: &str) -> Result<Option<Versioned<JobRecord>>, WorkError> {
@@ -1759,6 +1758,7 @@ async fn job_to_go_on(ctx: &Ctx, job_id: &str) -> Result<Option<Versioned<JobRec
     }
 }
 
+/// Sets a final status unless the job already has one.
 async fn finish_job(ctx: &Ctx, job_id: &str, how: Final) -> Result<(), WorkError> {
     set_final(ctx, job_id, how, |r| !r.status.is_final(), None).await
 }
