@@ -478,21 +478,9 @@ async fn process(
     }
     let mut isolation: Option<Isolation> = None;
     loop {
-        let Some(job) = ctx
-            .store
-            .get::<JobRecord>(JOBS_COLLECTION, &msg.job_id)
-            .await?
-        else {
-            tracing::warn!("job record not found (expired or never created); dropping the message");
+        let Some(job) = job_to_go_on(ctx, &msg.job_id).await? else {
             return Ok(Outcome::Ack);
         };
-        if job.record.status.is_final() {
-            return Ok(Outcome::Ack);
-        }
-        if job.record.cancel_requested {
-            finish_job(ctx, &msg.job_id, Final::Cancelled).await?;
-            return Ok(Outcome::Ack);
-        }
         if msg.kind == JobKind::Batch
             && msg.range.is_none()
             && let (Some(uri), Some(jobs)) = (
@@ -561,20 +549,21 @@ async fn process(
             } else {
                 lock.clone().try_read_owned().ok().map(Isolation::Shared)
             };
-            if let Some(held) = now {
-                isolation = Some(held);
-            } else {
-                isolation = Some(if suspect {
-                    tokio::select! {
-                        _ = ctx.drain.cancelled() => return Ok(Outcome::Nack),
-                        g = lock.write_owned() => Isolation::Alone(g),
-                    }
-                } else {
-                    tokio::select! {
-                        _ = ctx.drain.cancelled() => return Ok(Outcome::Nack),
-                        g = lock.read_owned() => Isolation::Shared(g),
-                    }
-                });
+            let waited = now.is_none();
+            isolation = Some(match now {
+                Some(held) => held,
+                None => tokio::select! {
+                    _ = ctx.drain.cancelled() => return Ok(Outcome::Nack),
+                    held = async {
+                        if suspect {
+                            Isolation::Alone(lock.write_owned().await)
+                        } else {
+                            Isolation::Shared(lock.read_owned().await)
+                        }
+                    } => held,
+                },
+            });
+            if waited {
                 continue;
             }
         }
@@ -1277,9 +1266,7 @@ impl Gatherer {
                         continue;
                     }
                     let left = batcher.abandon(|reply| reply.is_closed());
-                    if left > 0 {
-                        metrics.generate_abandoned.add(left as u64);
-                    }
+                    metrics.generate_abandoned.add(left as u64);
                     let turn = batcher.turn(&mut model, batch);
                     if turn.prefilled > 0 {
                         metrics.generate_batches.add(1);
@@ -1745,10 +1732,14 @@ fn record_final(
 }
 
 /// Reads the job record and says whether its shards should go on: `None` if the record is
-/// gone, final, or has a cancel request (the job is then marked `cancelled`).
+/// gone, final, or has a cancel request (the job is then marked `cancelled`). A message is
+/// acked when it says `None`.
 async fn job_to_go_on(ctx: &Ctx, job_id: &str) -> Result<Option<Versioned<JobRecord>>, WorkError> {
     match ctx.store.get::<JobRecord>(JOBS_COLLECTION, job_id).await? {
-        None => Ok(None),
+        None => {
+            tracing::warn!("job record not found (expired or never created); dropping the message");
+            Ok(None)
+        }
         Some(j) if j.record.status.is_final() => Ok(None),
         Some(j) if j.record.cancel_requested => {
             finish_job(ctx, job_id, Final::Cancelled).await?;
