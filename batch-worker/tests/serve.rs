@@ -84,14 +84,22 @@ impl<'a> World<'a> {
     /// Whether worker log `file` says `job` succeeded, finished by its last shard's commit
     /// (`in_shard_commit`) or by a commit of its own.
     fn logged_success(&self, file: &str, job: &str, in_shard_commit: bool) -> anyhow::Result<()> {
-        let log = std::fs::read_to_string(self.log(file))?;
         let field = format!("\"in_shard_commit\":{in_shard_commit}");
+        let lines = self.success_lines(file, job)?;
         ensure!(
-            log.lines()
-                .any(|l| l.contains("job succeeded") && l.contains(job) && l.contains(&field)),
-            "no line says {job} succeeded with {field}:\n{log}"
+            lines.iter().any(|l| l.contains(&field)),
+            "no line says {job} succeeded with {field}:\n{lines:#?}"
         );
         Ok(())
+    }
+
+    /// The lines of worker log `file` that say `job` succeeded.
+    fn success_lines(&self, file: &str, job: &str) -> anyhow::Result<Vec<String>> {
+        Ok(std::fs::read_to_string(self.log(file))?
+            .lines()
+            .filter(|l| l.contains("job succeeded") && l.contains(job))
+            .map(str::to_owned)
+            .collect())
     }
 
     fn jobs(&self) -> Jobs {
@@ -1273,11 +1281,10 @@ async fn cancel_stops_at_a_chunk_boundary(fx: &Fixture) -> anyhow::Result<()> {
         j.status == JobStatus::Cancelled && j.counts.done == 0 && j.output_uri.is_none(),
         "job-f: {j:?}"
     );
-    let log = std::fs::read_to_string(w.log("w1.log"))?;
+    let succeeded = w.success_lines("w1.log", "job-f")?;
     ensure!(
-        !log.lines()
-            .any(|l| l.contains("job succeeded") && l.contains("job-f")),
-        "job-f was cancelled, yet logged as succeeded"
+        succeeded.is_empty(),
+        "job-f was cancelled, yet logged as succeeded: {succeeded:#?}"
     );
     Ok(())
 }
