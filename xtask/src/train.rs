@@ -50,6 +50,12 @@ pub struct Args {
     /// goes to a split at random, so whole families of seeds can be missing from train)
     #[arg(long, requires = "split_seeds")]
     no_anchors: bool,
+    /// Also write the dev predictions the thresholds were calibrated on (each line predicted by
+    /// the calibration network that never saw it) to this file, one JSON line per dev line in
+    /// `route eval`'s format plus its `label`: the errors to study when editing the seeds,
+    /// without looking at test
+    #[arg(long, conflicts_with = "split_seeds")]
+    dev_report: Option<PathBuf>,
 }
 
 impl Args {
@@ -62,6 +68,7 @@ impl Args {
             split_seeds: Vec::new(),
             jobs: None,
             no_anchors: false,
+            dev_report: None,
         }
     }
 }
@@ -106,7 +113,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         nnef,
         json,
         meta,
-    } = train_model(&root().join(&args.data))?;
+    } = train_model(&root().join(&args.data), args.dev_report.as_deref())?;
 
     let onnx_path = out.join("model.onnx");
     let json_path = out.join("model.json");
@@ -153,7 +160,7 @@ struct Trained {
 /// Trains on `<data>/{train,dev,test}.jsonl` (and `dev.folds`): calibrates on dev's
 /// cross-fitted predictions, exports a network trained on train + dev, scores dev (the
 /// cross-fitted predictions) and test (the exported network).
-fn train_model(data: &Path) -> anyhow::Result<Trained> {
+fn train_model(data: &Path, dev_report: Option<&Path>) -> anyhow::Result<Trained> {
     let featurizer = Featurizer::new(FeaturizerConfig::default())?;
     let load = |name: &str| load_split(&data.join(name), &featurizer);
     let (train, dev, test) = (
@@ -216,6 +223,9 @@ fn train_model(data: &Path) -> anyhow::Result<Trained> {
         metrics: BTreeMap::new(),
     };
     let policy = Policy::new(meta.clone())?;
+    if let Some(path) = dev_report {
+        write_dev_report(path, &data.join("dev.jsonl"), &dev_probs, &dev, &policy)?;
+    }
     // Dev is scored with the cross-fitted predictions the thresholds were calibrated on (the
     // exported network was trained on dev); test, seen by none of them, with the exported one.
     let test_probs: Vec<Vec<f32>> = test.iter().map(|e| mlp.predict(&e.x)).collect();
@@ -369,7 +379,7 @@ fn split_seed(seed: u64, no_anchors: bool) -> anyhow::Result<[f64; 5]> {
         bail!("models/intent/generate.py --seed {seed} failed ({status})");
     }
     eprintln!("split seed {seed}: training");
-    let metrics = train_model(&dir)
+    let metrics = train_model(&dir, None)
         .with_context(|| format!("split seed {seed}"))?
         .meta
         .metrics;
@@ -741,6 +751,66 @@ fn route_scores(probs: &[Vec<f32>], policy: &Policy, split: &[Example]) -> Score
     board.scores()
 }
 
+/// `--dev-report`: each dev line with its cross-fitted prediction and the route the thresholds
+/// give it, in `route eval`'s line format plus the line's `label`.
+fn write_dev_report(
+    out: &Path,
+    dev_path: &Path,
+    probs: &[Vec<f32>],
+    dev: &[Example],
+    policy: &Policy,
+) -> anyhow::Result<()> {
+    #[derive(serde::Deserialize)]
+    struct In {
+        text: String,
+    }
+    #[derive(serde::Serialize)]
+    struct Out<'a> {
+        text: &'a str,
+        intent: &'a str,
+        confidence: f32,
+        route: shared::intent::Route,
+        expected: shared::intent::Route,
+        label: &'a str,
+    }
+    let text = std::fs::read_to_string(dev_path)
+        .with_context(|| format!("reading {}", dev_path.display()))?;
+    // The same lines, in the same order, as `load_split` read.
+    let lines: Vec<In> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("reading {}", dev_path.display()))?;
+    if lines.len() != dev.len() {
+        bail!(
+            "{} changed while training: {} lines, {} were read",
+            dev_path.display(),
+            lines.len(),
+            dev.len()
+        );
+    }
+    let mut buf = Vec::new();
+    for ((line, p), e) in lines.iter().zip(probs).zip(dev) {
+        let d = policy.decide(p);
+        serde_json::to_writer(
+            &mut buf,
+            &Out {
+                text: &line.text,
+                intent: &d.intent,
+                confidence: d.confidence,
+                route: d.route,
+                expected: expected_route(LABELS[e.y]),
+                label: LABELS[e.y],
+            },
+        )?;
+        buf.push(b'\n');
+    }
+    std::fs::write(out, buf).with_context(|| format!("writing {}", out.display()))?;
+    eprintln!("wrote {} ({} dev lines)", out.display(), dev.len());
+    Ok(())
+}
+
 /// `dev.folds`: the calibration fold (0 or 1) of each line of `dev.jsonl`, one per line.
 fn load_folds(path: &Path, lines: usize) -> anyhow::Result<Vec<u8>> {
     let text = std::fs::read_to_string(path).with_context(|| {
@@ -915,6 +985,62 @@ mod tests {
         let together = thresholds(&preds);
         assert!((together["thanks"] - 0.691).abs() < 1e-4, "{together:?}");
         assert!((together["greeting"] - 0.691).abs() < 1e-4, "{together:?}");
+    }
+
+    #[test]
+    fn the_dev_report_gives_each_dev_line_its_prediction_and_route() -> anyhow::Result<()> {
+        let dir = std::env::temp_dir().join(format!("dev-report-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let dev_path = dir.join("dev.jsonl");
+        // A blank line is skipped by both readers, so the lines stay paired.
+        std::fs::write(
+            &dev_path,
+            "{\"text\":\"안녕\",\"intent\":\"greeting\"}\n\n{\"text\":\"떡볶이 \\\"맛집\\\"\",\"intent\":\"other\"}\n",
+        )?;
+        let featurizer = Featurizer::new(FeaturizerConfig::default())?;
+        let dev = load_split(&dev_path, &featurizer)?;
+        let policy = Policy::new(ModelMeta {
+            name: "test".into(),
+            labels: LABELS.map(String::from).to_vec(),
+            featurizer: featurizer.config(),
+            thresholds: BTreeMap::from([("greeting".to_owned(), 0.8)]),
+            onnx_sha256: String::new(),
+            nnef_sha256: String::new(),
+            input: "features".into(),
+            output: "probs".into(),
+            metrics: BTreeMap::new(),
+        })?;
+        // The greeting is read as a greeting above its cut; the request as a greeting below it.
+        let probs = vec![
+            vec![0.9, 0.02, 0.02, 0.02, 0.02, 0.02],
+            vec![0.7, 0.0, 0.0, 0.0, 0.0, 0.3],
+        ];
+        let out = dir.join("report.jsonl");
+        write_dev_report(&out, &dev_path, &probs, &dev, &policy)?;
+        let lines: Vec<serde_json::Value> = std::fs::read_to_string(&out)?
+            .lines()
+            .map(serde_json::from_str)
+            .collect::<Result<_, _>>()?;
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0]["text"], "안녕");
+        assert_eq!(lines[0]["label"], "greeting");
+        assert_eq!(lines[0]["route"], "edge");
+        assert_eq!(lines[0]["expected"], "edge");
+        assert_eq!(lines[1]["text"], "떡볶이 \"맛집\"");
+        assert_eq!(lines[1]["intent"], "greeting");
+        assert_eq!(lines[1]["label"], "other");
+        assert_eq!(lines[1]["route"], "queue");
+        assert_eq!(lines[1]["expected"], "queue");
+        assert!((lines[1]["confidence"].as_f64().unwrap_or(0.0) - 0.7).abs() < 1e-6);
+        // A report over another file than the one trained on is refused.
+        std::fs::write(&dev_path, "{\"text\":\"안녕\",\"intent\":\"greeting\"}\n")?;
+        let err = write_dev_report(&out, &dev_path, &probs, &dev, &policy)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("changed while training"), "{err}");
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
     }
 
     #[test]
