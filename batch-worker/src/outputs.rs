@@ -12,6 +12,13 @@
 //! A write is durable when `put` returns, on `file://` too (object_store's local backend with
 //! fsync of the file and its directory): a shard's message is acked only after its outputs are
 //! durable, and a VM that loses power must not come back with a committed chunk missing.
+//!
+//! On `file://` object_store writes `{name}#{n}` and renames it into place; a writer killed in
+//! between leaves that staged copy behind, and the next writer stages under the next free `n`.
+//! Listing through object_store skips such files, but a user reading the output folder with
+//! plain tools would see the copy beside the real file, with the same lines. So a `file://`
+//! put first removes what killed writers of the same name left; on `gs://` an upload is
+//! all-or-nothing and leaves nothing.
 
 use std::sync::Arc;
 
@@ -36,6 +43,8 @@ pub enum OutputError {
 #[derive(Debug, Clone)]
 pub struct Location {
     store: Arc<dyn ObjectStore>,
+    /// The same store, on `file://`: where a name's staged copies would be.
+    local: Option<Arc<LocalFileSystem>>,
     prefix: ObjectPath,
     /// The root as the user wrote it, without a trailing `/`.
     uri: String,
@@ -64,16 +73,18 @@ pub fn open(uri: &str) -> Result<Location, OutputError> {
             )));
         }
     }
-    let (store, prefix) = if url.scheme() == "file" {
+    let (store, local, prefix): (Arc<dyn ObjectStore>, _, _) = if url.scheme() == "file" {
         let (_, prefix) = object_store::ObjectStoreScheme::parse(&url)
             .map_err(|e| OutputError::Config(format!("{uri:?}: {e}")))?;
-        let store: Box<dyn ObjectStore> = Box::new(LocalFileSystem::new().with_fsync(true));
-        (store, prefix)
+        let local = Arc::new(LocalFileSystem::new().with_fsync(true));
+        (local.clone(), Some(local), prefix)
     } else {
-        object_store::parse_url_opts(&url, std::env::vars())?
+        let (store, prefix) = object_store::parse_url_opts(&url, std::env::vars())?;
+        (Arc::from(store), None, prefix)
     };
     Ok(Location {
-        store: Arc::from(store),
+        store,
+        local,
         prefix,
         uri: uri.trim_end_matches('/').to_owned(),
     })
@@ -91,17 +102,47 @@ impl Location {
         format!("{}/{rel}", self.uri)
     }
 
-    /// Writes `data` at `rel` (atomically: readers see the old object or the new one).
+    /// Writes `data` at `rel` (atomically: readers see the old object or the new one). On
+    /// `file://`, staged copies of `rel` that killed writers left are removed first.
     pub async fn put(&self, rel: &str, data: Vec<u8>) -> Result<(), OutputError> {
-        self.store
-            .put(&self.path(rel), Bytes::from(data).into())
-            .await?;
+        let path = self.path(rel);
+        if let Some(local) = &self.local {
+            remove_staged_copies(&local.path_to_filesystem(&path)?);
+        }
+        self.store.put(&path, Bytes::from(data).into()).await?;
         Ok(())
     }
 
     pub async fn get(&self, rel: &str) -> Result<Vec<u8>, OutputError> {
         let r = self.store.get(&self.path(rel)).await?;
         Ok(r.bytes().await?.to_vec())
+    }
+}
+
+/// Removes `{file}#1`, `{file}#2`, …: object_store's staged uploads of `file`, which only a
+/// writer killed between writing and renaming leaves (see the module's docs). The numbers are
+/// taken in order from 1, so the search stops after a few absent ones. A writer staging the
+/// same name at this moment (a worker that has lost the shard's lease) loses its copy and its
+/// put fails.
+fn remove_staged_copies(file: &std::path::Path) {
+    const GAP: u32 = 4;
+    let (mut n, mut absent) = (1u32, 0u32);
+    while absent < GAP && n < 1024 {
+        let mut staged = file.as_os_str().to_owned();
+        staged.push(format!("#{n}"));
+        let staged = std::path::PathBuf::from(staged);
+        match std::fs::remove_file(&staged) {
+            Ok(()) => {
+                absent = 0;
+                tracing::info!(path = %staged.display(), "removed a staged copy a killed writer left");
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => absent += 1,
+            Err(e) => {
+                tracing::warn!(path = %staged.display(), error = %e, "cannot remove a staged copy a killed writer left");
+                absent += 1;
+            }
+        }
+        n += 1;
     }
 }
 
@@ -215,6 +256,43 @@ mod tests {
             b"{\"i\":1}\n"
         );
         assert_eq!(loc.get(&name).await.expect("get"), b"{\"i\":1}\n");
+        std::fs::remove_dir_all(&dir).expect("clean up");
+    }
+
+    /// A put over the staged copies killed writers left (`#1`, `#3`: numbers are taken from 1,
+    /// with gaps where a writer finished) removes them, so the folder holds the object alone;
+    /// other files are kept.
+    #[tokio::test]
+    async fn a_local_put_removes_staged_copies_that_killed_writers_left() {
+        let dir = std::env::temp_dir().join(format!("outputs staged {}", std::process::id()));
+        let root = url::Url::from_directory_path(&dir).expect("absolute temp dir");
+        let loc = open(root.as_str()).expect("open file:// root");
+        let name = shard_output_name("job-1", 0);
+        let out = dir.join("job-1/output");
+        std::fs::create_dir_all(&out).expect("output dir");
+        for left in [
+            "shard-00000.jsonl#1",
+            "shard-00000.jsonl#3",
+            "shard-00001.jsonl#1",
+        ] {
+            std::fs::write(out.join(left), "{\"i\":1}\n").expect("a staged copy");
+        }
+        std::fs::write(out.join("shard-00000.jsonl#x"), "not staged").expect("another file");
+        loc.put(&name, b"{\"i\":2}\n".to_vec()).await.expect("put");
+        let mut files: Vec<String> = std::fs::read_dir(&out)
+            .expect("list")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        files.sort();
+        assert_eq!(
+            files,
+            [
+                "shard-00000.jsonl",
+                "shard-00000.jsonl#x",
+                "shard-00001.jsonl#1"
+            ]
+        );
+        assert_eq!(loc.get(&name).await.expect("get"), b"{\"i\":2}\n");
         std::fs::remove_dir_all(&dir).expect("clean up");
     }
 
