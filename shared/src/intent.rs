@@ -111,6 +111,17 @@ pub struct Decision {
     pub route: Route,
 }
 
+/// One output line of `route eval` and `route classify` (and, with its label added, of
+/// `cargo xtask train-intent --dev-report`): `{"text","intent","confidence","route","expected"}`,
+/// `expected` being `null` when the message came unlabelled.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RouteLine<'a> {
+    pub text: &'a str,
+    #[serde(flatten)]
+    pub decision: &'a Decision,
+    pub expected: Option<Route>,
+}
+
 impl Policy {
     /// Parses and validates `model.json`.
     pub fn from_json(json: &str) -> Result<Self, MetaError> {
@@ -235,6 +246,29 @@ impl Scoreboard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_route_line_has_the_contract_keys_in_order() -> Result<(), serde_json::Error> {
+        let d = Decision {
+            intent: "thanks".into(),
+            confidence: 0.5,
+            route: Route::Queue,
+        };
+        let line = |expected| RouteLine {
+            text: "고마워",
+            decision: &d,
+            expected,
+        };
+        assert_eq!(
+            serde_json::to_string(&line(Some(Route::Edge)))?,
+            r#"{"text":"고마워","intent":"thanks","confidence":0.5,"route":"queue","expected":"edge"}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&line(None))?,
+            r#"{"text":"고마워","intent":"thanks","confidence":0.5,"route":"queue","expected":null}"#
+        );
+        Ok(())
+    }
 
     fn policy() -> Policy {
         let meta = ModelMeta {

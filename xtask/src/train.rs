@@ -17,7 +17,8 @@ use prost::Message;
 use sha2::{Digest, Sha256};
 use shared::features::{Featurizer, FeaturizerConfig};
 use shared::intent::{
-    ModelMeta, OTHER, Policy, Scoreboard, Scores, TRIVIAL_INTENTS, expected_route, reply_fits,
+    ModelMeta, OTHER, Policy, RouteLine, Scoreboard, Scores, TRIVIAL_INTENTS, expected_route,
+    reply_fits,
 };
 use shared::rng::SplitMix64;
 use tract_onnx::pb;
@@ -764,11 +765,8 @@ fn write_dev_report(
 ) -> anyhow::Result<()> {
     #[derive(serde::Serialize)]
     struct Out<'a> {
-        text: &'a str,
-        intent: &'a str,
-        confidence: f32,
-        route: shared::intent::Route,
-        expected: shared::intent::Route,
+        #[serde(flatten)]
+        line: RouteLine<'a>,
         label: &'a str,
     }
     let mut buf = Vec::new();
@@ -777,11 +775,11 @@ fn write_dev_report(
         serde_json::to_writer(
             &mut buf,
             &Out {
-                text,
-                intent: &d.intent,
-                confidence: d.confidence,
-                route: d.route,
-                expected: expected_route(LABELS[e.y]),
+                line: RouteLine {
+                    text,
+                    decision: &d,
+                    expected: Some(expected_route(LABELS[e.y])),
+                },
                 label: LABELS[e.y],
             },
         )?;

@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use edge_core::model::IntentModel;
-use shared::intent::{Route, Scoreboard, expected_route};
+use shared::intent::{Route, RouteLine, Scoreboard, expected_route};
 
 #[derive(Parser)]
 #[command(about = "Run the edge's intent model and routing policy", version)]
@@ -36,15 +36,6 @@ struct Labelled {
     intent: Option<String>,
 }
 
-#[derive(serde::Serialize)]
-struct Line<'a> {
-    text: &'a str,
-    intent: &'a str,
-    confidence: f32,
-    route: Route,
-    expected: Option<Route>,
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
@@ -62,11 +53,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let mut out = BufWriter::new(stdout.lock());
     let mut emit = |text: &str, expected: Option<Route>| -> anyhow::Result<Route> {
         let d = model.classify(text);
-        let line = Line {
+        let line = RouteLine {
             text,
-            intent: &d.intent,
-            confidence: d.confidence,
-            route: d.route,
+            decision: &d,
             expected,
         };
         serde_json::to_writer(&mut out, &line)?;
