@@ -1181,12 +1181,15 @@ async fn fencing_stops_the_worker_that_lost_its_lease(fx: &Fixture) -> anyhow::R
     w1.signal(libc::SIGSTOP);
     let _w2 = slow("w2").start(&w.log("w2.log"))?;
     // The epoch stays 2 from w2's take-over on (w1 is stopped and cannot take it back), while
-    // `owner` is cleared again when w2 completes the shard, a few seconds later.
+    // `owner` is cleared again when w2 completes the shard, a few seconds later. The emulator
+    // redelivers the expired message about every 10 s to either open stream, and w1's stopped
+    // one takes it into its socket buffer as readily as w2's: one run saw six deliveries to w1
+    // and none to w2 in 60 s. 180 s leaves room for ~18 such draws.
     let taken = w
         .wait_shard(
             "job-x",
             0,
-            Duration::from_secs(60),
+            Duration::from_secs(180),
             "take-over by w2",
             |s| s.epoch >= 2,
         )
