@@ -243,22 +243,14 @@ impl<'a> World<'a> {
     ) -> anyhow::Result<ShardRecord> {
         let deadline = Instant::now() + timeout;
         loop {
-            let asked = Instant::now();
-            let record = self.shard(job_id, shard).await?;
-            let took = asked.elapsed();
-            if took > Duration::from_secs(1) {
-                eprintln!(
-                    "[{}] reading shard {job_id}/{shard} took {took:?}",
-                    self.name
-                );
-            }
-            if let Some(s) = record
-                && done(&s)
-            {
-                return Ok(s);
-            }
+            let record = match self.shard(job_id, shard).await? {
+                Some(s) if done(&s) => return Ok(s),
+                record => record,
+            };
             if Instant::now() > deadline {
-                bail!("shard {job_id}/{shard}: {what} not reached after {timeout:?}");
+                bail!(
+                    "shard {job_id}/{shard}: {what} not reached after {timeout:?}; record: {record:?}"
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
