@@ -122,9 +122,11 @@ pub struct Summary {
     pub errors: u64,
     /// Items already done by an earlier, interrupted run.
     pub resumed_from: u64,
-    /// Wall time of this run, and the part of it spent inside the model runtime.
+    /// Wall time of this run, the part of it spent inside the model runtime, and the part
+    /// spent loading the model (session creation; on a GPU, weights to device memory).
     pub wall: Duration,
     pub inference: Duration,
+    pub load: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -540,7 +542,9 @@ pub fn run<P: Processor + Send>(
         )));
     }
 
+    let loading = Instant::now();
     let mut processor = make_processor()?;
+    let load = loading.elapsed();
     let batch_size = processor.batch_size().max(1);
     let progress = progress_bar(opts.progress, total, ckpt.items);
     let chunk = Duration::from_secs_f64(opts.chunk_seconds);
@@ -698,6 +702,7 @@ pub fn run<P: Processor + Send>(
     Ok(Summary {
         wall: started.elapsed(),
         inference: processor.inference_time(),
+        load,
         ..summary
     })
 }
@@ -817,6 +822,7 @@ fn finish(
         resumed_from,
         wall: Duration::ZERO,
         inference: Duration::ZERO,
+        load: Duration::ZERO,
     })
 }
 

@@ -275,7 +275,7 @@ fn main() -> ExitCode {
                     let done_now = s.items - s.resumed_from;
                     let secs = s.wall.as_secs_f64().max(1e-9);
                     eprintln!(
-                        "batch-worker: wrote {} lines ({} errors) to {}{}; {done_now} items in {secs:.2} s ({:.0} items/s, {:.0}% inside session.run)",
+                        "batch-worker: wrote {} lines ({} errors) to {}{}; {done_now} items in {secs:.2} s ({:.0} items/s, {:.0}% inside session.run; model loaded in {:.2} s)",
                         s.items,
                         s.errors,
                         opts.output.display(),
@@ -286,6 +286,7 @@ fn main() -> ExitCode {
                         },
                         done_now as f64 / secs,
                         100.0 * s.inference.as_secs_f64() / secs,
+                        s.load.as_secs_f64(),
                     );
                     ExitCode::SUCCESS
                 }

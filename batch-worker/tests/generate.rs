@@ -348,6 +348,161 @@ fn the_chat_template_renders_the_reference_chat_prompts() {
     }
 }
 
+/// Protobuf varint at `pos`, advancing it.
+fn read_varint(buf: &[u8], pos: &mut usize) -> u64 {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let b = buf[*pos];
+        *pos += 1;
+        v |= u64::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            break;
+        }
+    }
+    v
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn put_bytes(out: &mut Vec<u8>, field: u64, bytes: &[u8]) {
+    put_varint(out, field << 3 | 2);
+    put_varint(out, bytes.len() as u64);
+    out.extend_from_slice(bytes);
+}
+
+/// The fields of one protobuf message: (field number, whole encoded field, payload of a
+/// length-delimited field).
+fn fields(buf: &[u8]) -> Vec<(u64, &[u8], &[u8])> {
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos < buf.len() {
+        let start = pos;
+        let tag = read_varint(buf, &mut pos);
+        let payload = match tag & 7 {
+            0 => {
+                read_varint(buf, &mut pos);
+                &buf[pos..pos]
+            }
+            1 => {
+                pos += 8;
+                &buf[pos..pos]
+            }
+            2 => {
+                let len = read_varint(buf, &mut pos) as usize;
+                pos += len;
+                &buf[pos - len..pos]
+            }
+            5 => {
+                pos += 4;
+                &buf[pos..pos]
+            }
+            w => panic!("unexpected wire type {w}"),
+        };
+        out.push((tag >> 3, &buf[start..pos], payload));
+    }
+    out
+}
+
+/// `model` (an ONNX ModelProto) with each large initializer's `raw_data` moved to `data`, as
+/// ONNX's external-data format stores a model over 2 GB: `external_data` (location, offset,
+/// length) and `data_location = EXTERNAL` in its place.
+fn with_external_data(model: &[u8], location: &str, data: &mut Vec<u8>) -> Vec<u8> {
+    let tensor = |t: &[u8], data: &mut Vec<u8>| -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut raw = None;
+        for (field, whole, payload) in fields(t) {
+            // Small tensors (shapes, scalars) stay inline, as ONNX's own `size_threshold`
+            // keeps them: shape inference reads them while loading.
+            match field {
+                9 if payload.len() >= 1024 => raw = Some(payload),
+                _ => out.extend_from_slice(whole),
+            }
+        }
+        if let Some(raw) = raw {
+            let offset = data.len().to_string();
+            data.extend_from_slice(raw);
+            for (k, v) in [
+                ("location", location.to_owned()),
+                ("offset", offset),
+                ("length", raw.len().to_string()),
+            ] {
+                let mut entry = Vec::new();
+                put_bytes(&mut entry, 1, k.as_bytes());
+                put_bytes(&mut entry, 2, v.as_bytes());
+                put_bytes(&mut out, 13, &entry);
+            }
+            put_varint(&mut out, 14 << 3);
+            put_varint(&mut out, 1);
+        }
+        out
+    };
+    let mut out = Vec::new();
+    for (field, whole, payload) in fields(model) {
+        if field != 7 {
+            out.extend_from_slice(whole);
+            continue;
+        }
+        let mut graph = Vec::new();
+        for (field, whole, payload) in fields(payload) {
+            match field {
+                5 => put_bytes(&mut graph, 5, &tensor(payload, data)),
+                _ => graph.extend_from_slice(whole),
+            }
+        }
+        put_bytes(&mut out, 7, &graph);
+    }
+    out
+}
+
+#[test]
+fn a_model_with_external_data_loads_and_decodes_as_the_reference() {
+    // A real 3B model is over protobuf's 2 GB: its weights sit in a file beside model.onnx,
+    // found relative to the model's path. The test model rewritten that way must decode as
+    // the reference does.
+    let dir = scratch("external-data");
+    let model = std::fs::read(lm_dir().join("model.onnx")).expect("model.onnx");
+    let mut data = Vec::new();
+    let outer = with_external_data(&model, "model.onnx.data", &mut data);
+    assert!(
+        outer.len() < 50_000 && data.len() > 600_000,
+        "the weights moved out: model.onnx {} bytes, data {} bytes",
+        outer.len(),
+        data.len()
+    );
+    std::fs::write(dir.join("model.onnx"), &outer).expect("write model");
+    std::fs::write(dir.join("model.onnx.data"), &data).expect("write data");
+    for f in ["tokenizer.json", "tokenizer_config.json", "config.json"] {
+        std::fs::copy(lm_dir().join(f), dir.join(f)).expect("copy");
+    }
+    let mut g = Generator::load(&dir, Device::Cpu).expect("a model with external data loads");
+    let r = reference();
+    let p = &r.prompts[0];
+    let out = g
+        .generate(
+            std::slice::from_ref(&p.input_ids),
+            &[0],
+            &greedy(r.max_new_tokens),
+            &never,
+            &mut |_, _, _| {},
+        )
+        .expect("generates");
+    assert_eq!(out[0].ids, p.generated_ids, "greedy ids for {:?}", p.text);
+
+    // Without its data file the model is refused with ONNX Runtime's reason, not a panic.
+    std::fs::remove_file(dir.join("model.onnx.data")).expect("remove data");
+    let err = Generator::load(&dir, Device::Cpu)
+        .err()
+        .expect("no data file, no model")
+        .to_string();
+    assert!(err.contains("model.onnx.data"), "{err}");
+}
+
 #[test]
 fn a_model_without_the_text_generation_interface_is_rejected_by_name() {
     let dir = scratch("wrong-interface");
