@@ -564,6 +564,58 @@ def greedy_reference(w, tok):
 # ---------------------------------------------------------------------------
 
 
+def interface(n_layers, kv_heads, head_dim, vocab):
+    """The graph inputs and outputs of Optimum's ``text-generation-with-past`` layout."""
+    from onnx import TensorProto, helper
+
+    F, I64 = TensorProto.FLOAT, TensorProto.INT64
+    inputs = [
+        helper.make_tensor_value_info("input_ids", I64, ["batch_size", "sequence_length"]),
+        helper.make_tensor_value_info("attention_mask", I64, ["batch_size", "total_sequence_length"]),
+        helper.make_tensor_value_info("position_ids", I64, ["batch_size", "sequence_length"]),
+    ]
+    outputs = [helper.make_tensor_value_info("logits", F, ["batch_size", "sequence_length", vocab])]
+    for i in range(n_layers):
+        for kind in ("key", "value"):
+            inputs.append(
+                helper.make_tensor_value_info(
+                    f"past_key_values.{i}.{kind}", F, ["batch_size", kv_heads, "past_sequence_length", head_dim]
+                )
+            )
+            outputs.append(
+                helper.make_tensor_value_info(
+                    f"present.{i}.{kind}", F, ["batch_size", kv_heads, "total_sequence_length", head_dim]
+                )
+            )
+    return inputs, outputs
+
+
+def embed_and_mask(node):
+    """Token plus learned position embeddings (`x_emb`), and the attention mask `allowed`
+    [B, 1, S, T]: query j (absolute position past_len + j) may attend key t iff
+    t <= past_len + j and attention_mask[b, t] == 1. `node(op, ins, outs, **attrs)` adds a
+    node; the initializers tok_emb, pos_emb, c_i64_0/1 and c_axes_0/1/12 must exist."""
+    from onnx import TensorProto
+
+    node("Gather", ["tok_emb", "input_ids"], ["tok_x"], axis=0)
+    node("Gather", ["pos_emb", "position_ids"], ["pos_x"], axis=0)
+    x = node("Add", ["tok_x", "pos_x"], ["x_emb"])
+    node("Shape", ["input_ids"], ["ids_shape"])
+    node("Gather", ["ids_shape", "c_i64_1"], ["seq_len"], axis=0)
+    node("Shape", ["attention_mask"], ["mask_shape"])
+    node("Gather", ["mask_shape", "c_i64_1"], ["total_len"], axis=0)
+    node("Sub", ["total_len", "seq_len"], ["past_len"])
+    node("Range", ["past_len", "total_len", "c_i64_1"], ["q_pos"])
+    node("Range", ["c_i64_0", "total_len", "c_i64_1"], ["k_pos"])
+    node("Unsqueeze", ["q_pos", "c_axes_1"], ["q_pos_col"])  # [S, 1]
+    node("Unsqueeze", ["k_pos", "c_axes_0"], ["k_pos_row"])  # [1, T]
+    node("LessOrEqual", ["k_pos_row", "q_pos_col"], ["causal"])  # [S, T]
+    node("Cast", ["attention_mask"], ["mask_bool"], to=TensorProto.BOOL)  # [B, T]
+    node("Unsqueeze", ["mask_bool", "c_axes_12"], ["mask_b11t"])  # [B, 1, 1, T]
+    node("And", ["causal", "mask_b11t"], ["allowed"])  # [B, 1, S, T]
+    return x
+
+
 def build_onnx(w):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -599,26 +651,7 @@ def build_onnx(w):
     init("c_gelu_k", np.array(np.sqrt(2.0 / np.pi), dtype=np.float32))
     init("c_gelu_c", np.array(0.044715, dtype=np.float32))
 
-    # Embeddings.
-    node("Gather", ["tok_emb", "input_ids"], ["tok_x"], axis=0)
-    node("Gather", ["pos_emb", "position_ids"], ["pos_x"], axis=0)
-    x = node("Add", ["tok_x", "pos_x"], ["x_emb"])
-
-    # Mask: query j (absolute position past_len + j) may attend key t iff
-    # t <= past_len + j and attention_mask[b, t] == 1.  allowed: [B, 1, S, T].
-    node("Shape", ["input_ids"], ["ids_shape"])
-    node("Gather", ["ids_shape", "c_i64_1"], ["seq_len"], axis=0)
-    node("Shape", ["attention_mask"], ["mask_shape"])
-    node("Gather", ["mask_shape", "c_i64_1"], ["total_len"], axis=0)
-    node("Sub", ["total_len", "seq_len"], ["past_len"])
-    node("Range", ["past_len", "total_len", "c_i64_1"], ["q_pos"])
-    node("Range", ["c_i64_0", "total_len", "c_i64_1"], ["k_pos"])
-    node("Unsqueeze", ["q_pos", "c_axes_1"], ["q_pos_col"])  # [S, 1]
-    node("Unsqueeze", ["k_pos", "c_axes_0"], ["k_pos_row"])  # [1, T]
-    node("LessOrEqual", ["k_pos_row", "q_pos_col"], ["causal"])  # [S, T]
-    node("Cast", ["attention_mask"], ["mask_bool"], to=TensorProto.BOOL)  # [B, T]
-    node("Unsqueeze", ["mask_bool", "c_axes_12"], ["mask_b11t"])  # [B, 1, 1, T]
-    node("And", ["causal", "mask_b11t"], ["allowed"])  # [B, 1, S, T]
+    x = embed_and_mask(node)
 
     def heads(src, tag):
         node("Reshape", [src, "c_heads_shape"], [f"{tag}_bshd"])
@@ -671,25 +704,7 @@ def build_onnx(w):
     node("Transpose", ["tok_emb"], ["tok_emb_T"], perm=[1, 0])
     node("MatMul", ["x_final", "tok_emb_T"], ["logits"])
 
-    F, I64 = TensorProto.FLOAT, TensorProto.INT64
-    inputs = [
-        helper.make_tensor_value_info("input_ids", I64, ["batch_size", "sequence_length"]),
-        helper.make_tensor_value_info("attention_mask", I64, ["batch_size", "total_sequence_length"]),
-        helper.make_tensor_value_info("position_ids", I64, ["batch_size", "sequence_length"]),
-    ]
-    outputs = [helper.make_tensor_value_info("logits", F, ["batch_size", "sequence_length", v])]
-    for i in range(n_layers):
-        for kind in ("key", "value"):
-            inputs.append(
-                helper.make_tensor_value_info(
-                    f"past_key_values.{i}.{kind}", F, ["batch_size", h_n, "past_sequence_length", h_d]
-                )
-            )
-            outputs.append(
-                helper.make_tensor_value_info(
-                    f"present.{i}.{kind}", F, ["batch_size", h_n, "total_sequence_length", h_d]
-                )
-            )
+    inputs, outputs = interface(n_layers, h_n, h_d, v)
 
     graph = helper.make_graph(nodes, "tiny_decoder", inputs, outputs, initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

@@ -31,11 +31,19 @@ fn shellcheck() -> PathBuf {
 
 #[test]
 fn shellcheck_is_clean_on_every_script() {
-    let scripts = [
-        root().join("infra/startup.sh"),
-        root().join("infra/shutdown.sh"),
-        root().join(".ci/run"),
-    ];
+    let mut scripts: Vec<PathBuf> = std::fs::read_dir(root().join("infra"))
+        .expect("infra/")
+        .map(|e| e.expect("infra/ entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "sh"))
+        .collect();
+    scripts.sort();
+    for name in ["startup.sh", "shutdown.sh", "gpu-check.sh"] {
+        assert!(
+            scripts.iter().any(|p| p.ends_with(name)),
+            "infra/{name} is checked"
+        );
+    }
+    scripts.push(root().join(".ci/run"));
     let out = Command::new(shellcheck())
         .args(&scripts)
         .output()

@@ -23,10 +23,16 @@ pub struct Args {
     /// Bulk items a day (each generates one reply-sized text)
     #[arg(long, default_value_t = 2_000.0)]
     pub bulk_items_per_day: f64,
-    /// GPU seconds per generated reply or bulk item on the worker's GPU (assumption until
-    /// the text-generation benchmark replaces it)
-    #[arg(long, default_value_t = 1.5)]
+    /// GPU seconds per queued chat reply (150 tokens, decoded alone) on the worker's L4.
+    /// `infra/gpu-check.sh` measured 2.18 s on an H200 for a Qwen2.5-3B-shaped int4 model
+    /// (14.4 ms a step); the L4 reads the step's 1.93 GB of weights at 300 GB/s instead of
+    /// ~4.3 TB/s, +6.0 ms a step: ≈ 3.1 s
+    #[arg(long, default_value_t = 3.1)]
     pub gpu_seconds_per_reply: f64,
+    /// GPU seconds per bulk item (150 tokens, decoded 8 at a time): 0.86 s on the H200, plus
+    /// the L4's slower weight reads shared by 8 rows: ≈ 1.0 s
+    #[arg(long, default_value_t = 1.0)]
+    pub gpu_seconds_per_bulk_item: f64,
     /// Hours a day the chatbot is in use: the spot VM stays up then; the autoscaler takes it
     /// to zero outside them
     #[arg(long, default_value_t = 14.0)]
@@ -66,8 +72,10 @@ const ITEMS_PER_SHARD: f64 = 1_000.0;
 
 pub fn monthly(a: &Args) -> Vec<Line> {
     let heavy_msgs = a.chat_per_day * a.heavy();
-    let busy_hours =
-        ((heavy_msgs + a.bulk_items_per_day) * a.gpu_seconds_per_reply / 3600.0).min(24.0);
+    let busy_hours = ((heavy_msgs * a.gpu_seconds_per_reply
+        + a.bulk_items_per_day * a.gpu_seconds_per_bulk_item)
+        / 3600.0)
+        .min(24.0);
     let spot_per_hour =
         p::ALWAYS_ON_GPU_KRW_PER_MONTH / p::HOURS_PER_MONTH * (1.0 - p::SPOT_DISCOUNT);
     let vm_hours = a.active_hours_per_day.max(busy_hours).min(24.0);
@@ -139,7 +147,10 @@ pub fn monthly(a: &Args) -> Vec<Line> {
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     anyhow::ensure!(
-        a.chat_per_day >= 0.0 && a.bulk_items_per_day >= 0.0 && a.gpu_seconds_per_reply >= 0.0,
+        a.chat_per_day >= 0.0
+            && a.bulk_items_per_day >= 0.0
+            && a.gpu_seconds_per_reply >= 0.0
+            && a.gpu_seconds_per_bulk_item >= 0.0,
         "traffic and GPU seconds must not be negative"
     );
     anyhow::ensure!(
@@ -147,11 +158,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "--active-hours-per-day must be within 0..=24"
     );
     println!(
-        "{:.0} chat messages/day ({:.0} % need the GPU model), {:.0} bulk items/day, {:.1} GPU s per reply, {:.0} active h/day\n",
+        "{:.0} chat messages/day ({:.0} % need the GPU model), {:.0} bulk items/day, {:.1} GPU s per reply, {:.1} per bulk item, {:.0} active h/day\n",
         a.chat_per_day,
         a.heavy() * 100.0,
         a.bulk_items_per_day,
         a.gpu_seconds_per_reply,
+        a.gpu_seconds_per_bulk_item,
         a.active_hours_per_day
     );
     println!("| option | KRW / month | what it is |");
@@ -193,6 +205,7 @@ mod tests {
             edge_recall: 0.806,
             bulk_items_per_day: 0.0,
             gpu_seconds_per_reply: 2.0,
+            gpu_seconds_per_bulk_item: 0.5,
             active_hours_per_day: 10.0,
             input_tokens: 600.0,
             output_tokens: 150.0,
@@ -229,11 +242,38 @@ mod tests {
             edge_recall: 0.5,
             bulk_items_per_day: 0.0,
             gpu_seconds_per_reply: 1.0,
+            gpu_seconds_per_bulk_item: 1.0,
             active_hours_per_day: 1.0,
             input_tokens: 1.0,
             output_tokens: 1.0,
         };
         assert!((a.heavy() - 0.7).abs() < 1e-12);
         assert_eq!(group(1_234_567.4), "1,234,567");
+    }
+
+    /// Replies and bulk items each at their own GPU seconds: 1,000 replies × 3.6 s = 1 h and
+    /// 7,200 items × 0.5 s = 1 h keep the spot VM up 2 h with no active hours.
+    #[test]
+    fn replies_and_bulk_items_cost_their_own_gpu_seconds() {
+        let a = Args {
+            chat_per_day: 1_000.0,
+            heavy_share: Some(1.0),
+            trivial_share: 0.6,
+            edge_recall: 0.5,
+            bulk_items_per_day: 7_200.0,
+            gpu_seconds_per_reply: 3.6,
+            gpu_seconds_per_bulk_item: 0.5,
+            active_hours_per_day: 0.0,
+            input_tokens: 1.0,
+            output_tokens: 1.0,
+        };
+        let lines = monthly(&a);
+        let spot = lines
+            .iter()
+            .find(|l| l.option == "spot GPU + edge (this system)")
+            .map(|l| l.detail.clone())
+            .unwrap_or_default();
+        // 2/24 of a month of the spot price: 200,000 × 0.2 × 2/24 = 3,333 KRW.
+        assert!(spot.starts_with("spot VM 2.0 h/day (3333 KRW)"), "{spot}");
     }
 }
