@@ -11,8 +11,9 @@ use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::{Session, SessionInputValue};
-use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
+use ort::value::{DynTensorValueType, DynValue, Tensor, TensorElementType, ValueType};
 use shared::rng::SplitMix64;
 use tokenizers::Tokenizer;
 
@@ -166,6 +167,10 @@ pub struct Generator {
     name: String,
     /// Slept after each step (benchmarks only).
     step_delay: Duration,
+    /// Run through an I/O binding that leaves the `present.*` outputs where the provider put
+    /// them (on CUDA: in GPU memory), so the next step takes the cache without a copy to the
+    /// host and back; the logits come to the host. On by default on CUDA.
+    keep_cache_on_device: bool,
 }
 
 fn model_err(path: &Path, message: impl Into<String>) -> EngineError {
@@ -310,12 +315,19 @@ impl Generator {
             provider,
             run_time: Duration::ZERO,
             step_delay: Duration::ZERO,
+            keep_cache_on_device: provider == "cuda",
             name,
         })
     }
 
     pub fn provider(&self) -> &'static str {
         self.provider
+    }
+
+    /// Whether the KV cache stays with the provider between steps (I/O binding); on by
+    /// default on CUDA. On the CPU it takes the same path with host memory (tests).
+    pub fn set_keep_cache_on_device(&mut self, keep: bool) {
+        self.keep_cache_on_device = keep;
     }
 
     pub fn interface(&self) -> &Interface {
@@ -578,15 +590,14 @@ impl Generator {
             mask.extend(std::iter::repeat_n(0, total - len));
             mask.extend(std::iter::repeat_n(1, len));
         }
-        let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> =
-            Vec::with_capacity(3 + 2 * layers);
+        let mut inputs: Vec<(Cow<'_, str>, DynValue)> = Vec::with_capacity(3 + 2 * layers);
         inputs.push((
             "input_ids".into(),
-            Tensor::from_array(([b, seq], ids.into_boxed_slice()))?.into(),
+            Tensor::from_array(([b, seq], ids.into_boxed_slice()))?.into_dyn(),
         ));
         inputs.push((
             "attention_mask".into(),
-            Tensor::from_array(([b, total], mask.into_boxed_slice()))?.into(),
+            Tensor::from_array(([b, total], mask.into_boxed_slice()))?.into_dyn(),
         ));
         if self.interface.position_ids {
             // The new tokens are each row's last `seq` columns; its real ones its last `len`.
@@ -596,15 +607,45 @@ impl Generator {
                 .collect();
             inputs.push((
                 "position_ids".into(),
-                Tensor::from_array(([b, seq], positions.into_boxed_slice()))?.into(),
+                Tensor::from_array(([b, seq], positions.into_boxed_slice()))?.into_dyn(),
             ));
         }
         for (i, v) in past.into_iter().enumerate() {
             let kind = if i % 2 == 0 { "key" } else { "value" };
-            inputs.push((format!("past_key_values.{}.{kind}", i / 2).into(), v.into()));
+            inputs.push((format!("past_key_values.{}.{kind}", i / 2).into(), v));
         }
         let started = Instant::now();
-        let mut outputs = self.session.run(inputs)?;
+        let binding;
+        let mut outputs = if self.keep_cache_on_device {
+            let mut bound = self.session.create_binding()?;
+            for (name, value) in &inputs {
+                bound.bind_input(name.as_ref(), value)?;
+            }
+            let device = if self.provider == "cuda" {
+                AllocationDevice::CUDA
+            } else {
+                AllocationDevice::CPU
+            };
+            let cache = MemoryInfo::new(device, 0, AllocatorType::Device, MemoryType::Default)?;
+            let host = MemoryInfo::new(
+                AllocationDevice::CPU,
+                0,
+                AllocatorType::Device,
+                MemoryType::Default,
+            )?;
+            bound.bind_output_to_device("logits", &host)?;
+            for i in 0..layers {
+                for kind in ["key", "value"] {
+                    bound.bind_output_to_device(format!("present.{i}.{kind}"), &cache)?;
+                }
+            }
+            binding = bound;
+            self.session.run_binding(&binding)?
+        } else {
+            let inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> =
+                inputs.into_iter().map(|(n, v)| (n, v.into())).collect();
+            self.session.run(inputs)?
+        };
         std::thread::sleep(self.step_delay);
         self.run_time += started.elapsed();
         let mut present = Vec::with_capacity(2 * layers);
@@ -714,6 +755,7 @@ impl Decoding {
         for (a, b) in self.past.iter().zip(&other.past) {
             let a = self.cache(a, self.rows.len(), self.total)?;
             let b = self.cache(b, other.rows.len(), other.total)?;
+            let (a, b) = (a.as_ref(), b.as_ref());
             let from_a = (0..self.rows.len()).map(|r| (a, self.total, r));
             let from_b = (0..other.rows.len()).map(|r| (b, other.total, r));
             past.push(self.regroup(from_a.chain(from_b), total)?);
@@ -759,6 +801,7 @@ impl Decoding {
                 .iter()
                 .map(|v| {
                     let data = self.cache(v, self.rows.len(), self.total)?;
+                    let data = data.as_ref();
                     self.regroup(keep.iter().map(|&r| (data, self.total, r)), total)
                 })
                 .collect::<Result<Vec<_>, EngineError>>()?
@@ -771,14 +814,22 @@ impl Decoding {
         Ok(gone)
     }
 
-    /// The data of cache tensor `v`, checked to be `[rows, heads, total, head_dim]`.
+    /// The data of cache tensor `v`, checked to be `[rows, heads, total, head_dim]`; copied to
+    /// the host when it lives on a device (the cache of an I/O-bound step on CUDA).
     fn cache<'a>(
         &self,
         v: &'a DynValue,
         rows: usize,
         total: usize,
-    ) -> Result<&'a [f32], EngineError> {
-        let (shape, data) = v.try_extract_tensor::<f32>()?;
+    ) -> Result<Cow<'a, [f32]>, EngineError> {
+        let tensor = v.view().downcast::<DynTensorValueType>()?;
+        let shape = tensor.shape().to_vec();
+        let data: Cow<'a, [f32]> = if tensor.memory_info().is_cpu_accessible() {
+            Cow::Borrowed(v.try_extract_tensor::<f32>()?.1)
+        } else {
+            let host = tensor.to(AllocationDevice::CPU, 0)?;
+            Cow::Owned(host.try_extract_tensor::<f32>()?.1.to_vec())
+        };
         let (heads, dim) = self.shape;
         let want = [rows, heads, total, dim].map(|n| n as i64);
         if shape[..] != want[..] {

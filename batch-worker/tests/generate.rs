@@ -61,6 +61,25 @@ fn greedy(n: usize) -> Sampling {
     }
 }
 
+/// The greedy ids of reference prompt `p` decoded alone; `observe` sees each step's logits.
+fn greedy_alone(
+    g: &mut Generator,
+    p: &RefPrompt,
+    n: usize,
+    observe: &mut dyn FnMut(usize, usize, &[f32]),
+) -> Vec<u32> {
+    let mut out = g
+        .generate(
+            std::slice::from_ref(&p.input_ids),
+            &[0],
+            &greedy(n),
+            &never,
+            observe,
+        )
+        .expect("generates");
+    out.remove(0).ids
+}
+
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter()
@@ -71,42 +90,41 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 
 #[test]
 fn greedy_decoding_reproduces_the_numpy_reference() {
-    let r = reference();
-    let mut g = load();
-    let i = g.interface().clone();
-    assert_eq!(
-        (i.layers, i.kv_heads, i.head_dim),
-        (2, 4, 16),
-        "read from the inputs"
-    );
-    let mut worst = 0.0f32;
-    for p in &r.prompts {
+    // Both ways of running a step: plain `run` and the I/O binding CUDA uses (here with
+    // host memory), which hands each step's `present.*` to the next without a copy.
+    for keep in [false, true] {
+        let r = reference();
+        let mut g = load();
+        g.set_keep_cache_on_device(keep);
+        let i = g.interface().clone();
         assert_eq!(
-            g.encode(&p.text).expect("encodes"),
-            p.input_ids,
-            "{}",
-            p.text
+            (i.layers, i.kv_heads, i.head_dim),
+            (2, 4, 16),
+            "read from the inputs"
         );
-        let mut steps: Vec<Vec<f32>> = Vec::new();
-        let out = g
-            .generate(
-                std::slice::from_ref(&p.input_ids),
-                &[0],
-                &greedy(r.max_new_tokens),
-                &never,
-                &mut |_, _, l| steps.push(l.to_vec()),
-            )
-            .expect("generates");
-        assert_eq!(out[0].ids, p.generated_ids, "greedy ids for {:?}", p.text);
-        let first = max_diff(&steps[0], &p.first_step_logits);
-        let last = max_diff(steps.last().expect("a step"), &p.last_step_logits);
-        assert!(
-            first < 1e-4 && last < 1e-4,
-            "logits differ by {first} / {last}"
-        );
-        worst = worst.max(first).max(last);
+        let mut worst = 0.0f32;
+        for p in &r.prompts {
+            assert_eq!(
+                g.encode(&p.text).expect("encodes"),
+                p.input_ids,
+                "{}",
+                p.text
+            );
+            let mut steps: Vec<Vec<f32>> = Vec::new();
+            let ids = greedy_alone(&mut g, p, r.max_new_tokens, &mut |_, _, l| {
+                steps.push(l.to_vec())
+            });
+            assert_eq!(ids, p.generated_ids, "greedy ids for {:?}", p.text);
+            let first = max_diff(&steps[0], &p.first_step_logits);
+            let last = max_diff(steps.last().expect("a step"), &p.last_step_logits);
+            assert!(
+                first < 1e-4 && last < 1e-4,
+                "logits differ by {first} / {last}"
+            );
+            worst = worst.max(first).max(last);
+        }
+        eprintln!("max |logit - reference| = {worst:e} (keep cache on device: {keep})");
     }
-    eprintln!("max |logit - reference| = {worst:e}");
 }
 
 #[test]
@@ -138,58 +156,62 @@ fn a_left_padded_batch_gives_each_prompt_its_own_result() {
 /// every row still gets exactly the tokens it gets alone, greedy and sampled.
 #[test]
 fn rows_that_join_a_running_batch_get_their_own_tokens() {
-    let r = reference();
-    let mut g = load();
-    let prompts: Vec<Vec<u32>> = r.prompts.iter().map(|p| p.input_ids.clone()).collect();
-    let keys: Vec<u64> = (500..500 + prompts.len() as u64).collect();
-    let sampled = Sampling {
-        max_new_tokens: 24,
-        temperature: 1.0,
-        top_p: 0.9,
-        seed: 3,
-        ignore_stop: false,
-    };
-    for s in [greedy(r.max_new_tokens), sampled] {
-        let alone: Vec<Generated> = (0..prompts.len())
-            .map(|i| {
-                let mut o = g
-                    .generate(&prompts[i..=i], &keys[i..=i], &s, &never, &mut |_, _, _| {})
-                    .expect("generates alone");
-                o.remove(0)
-            })
-            .collect();
-        let mut got: Vec<Option<Generated>> = vec![None; prompts.len()];
-        let mut put = |done: Vec<(usize, Generated)>| {
-            for (tag, out) in done {
-                assert!(got[tag].replace(out).is_none(), "row {tag} finished twice");
-            }
+    // Also through the I/O binding CUDA uses: rows join and leave a cache the steps hand on.
+    for keep in [false, true] {
+        let r = reference();
+        let mut g = load();
+        g.set_keep_cache_on_device(keep);
+        let prompts: Vec<Vec<u32>> = r.prompts.iter().map(|p| p.input_ids.clone()).collect();
+        let keys: Vec<u64> = (500..500 + prompts.len() as u64).collect();
+        let sampled = Sampling {
+            max_new_tokens: 24,
+            temperature: 1.0,
+            top_p: 0.9,
+            seed: 3,
+            ignore_stop: false,
         };
-        // Prompt 1 (9 tokens) runs alone for 3 steps; prompts 0 and 4 (17 and 71 tokens,
-        // longer caches) join; 3 steps later prompts 2, 3 and 5 (13, 12 and 69 tokens,
-        // shorter than the running cache by then) join too.
-        let (mut d, done) = g
-            .start(&prompts[1..2], &[1], &keys[1..2], &s, &mut |_, _, _| {})
-            .expect("starts");
-        put(done);
-        let mut joins = vec![vec![2usize, 3, 5], vec![0, 4]];
-        let mut steps = 0;
-        while !d.is_empty() || !joins.is_empty() {
-            if steps % 3 == 0
-                && let Some(tags) = joins.pop()
-            {
-                let p: Vec<Vec<u32>> = tags.iter().map(|&t| prompts[t].clone()).collect();
-                let k: Vec<u64> = tags.iter().map(|&t| keys[t]).collect();
-                let (more, done) = g
-                    .start(&p, &tags, &k, &s, &mut |_, _, _| {})
-                    .expect("starts");
-                put(done);
-                d.merge(more).expect("merges");
+        for s in [greedy(r.max_new_tokens), sampled] {
+            let alone: Vec<Generated> = (0..prompts.len())
+                .map(|i| {
+                    let mut o = g
+                        .generate(&prompts[i..=i], &keys[i..=i], &s, &never, &mut |_, _, _| {})
+                        .expect("generates alone");
+                    o.remove(0)
+                })
+                .collect();
+            let mut got: Vec<Option<Generated>> = vec![None; prompts.len()];
+            let mut put = |done: Vec<(usize, Generated)>| {
+                for (tag, out) in done {
+                    assert!(got[tag].replace(out).is_none(), "row {tag} finished twice");
+                }
+            };
+            // Prompt 1 (9 tokens) runs alone for 3 steps; prompts 0 and 4 (17 and 71 tokens,
+            // longer caches) join; 3 steps later prompts 2, 3 and 5 (13, 12 and 69 tokens,
+            // shorter than the running cache by then) join too.
+            let (mut d, done) = g
+                .start(&prompts[1..2], &[1], &keys[1..2], &s, &mut |_, _, _| {})
+                .expect("starts");
+            put(done);
+            let mut joins = vec![vec![2usize, 3, 5], vec![0, 4]];
+            let mut steps = 0;
+            while !d.is_empty() || !joins.is_empty() {
+                if steps % 3 == 0
+                    && let Some(tags) = joins.pop()
+                {
+                    let p: Vec<Vec<u32>> = tags.iter().map(|&t| prompts[t].clone()).collect();
+                    let k: Vec<u64> = tags.iter().map(|&t| keys[t]).collect();
+                    let (more, done) = g
+                        .start(&p, &tags, &k, &s, &mut |_, _, _| {})
+                        .expect("starts");
+                    put(done);
+                    d.merge(more).expect("merges");
+                }
+                put(g.step(&mut d, &s, &mut |_, _, _| {}).expect("steps"));
+                steps += 1;
             }
-            put(g.step(&mut d, &s, &mut |_, _, _| {}).expect("steps"));
-            steps += 1;
-        }
-        for (i, (a, b)) in alone.iter().zip(&got).enumerate() {
-            assert_eq!(Some(a), b.as_ref(), "prompt {i}, {s:?}");
+            for (i, (a, b)) in alone.iter().zip(&got).enumerate() {
+                assert_eq!(Some(a), b.as_ref(), "prompt {i}, {s:?}, keep {keep}");
+            }
         }
     }
 }
@@ -483,16 +505,8 @@ fn a_model_with_external_data_loads_and_decodes_as_the_reference() {
     let mut g = Generator::load(&dir, Device::Cpu).expect("a model with external data loads");
     let r = reference();
     let p = &r.prompts[0];
-    let out = g
-        .generate(
-            std::slice::from_ref(&p.input_ids),
-            &[0],
-            &greedy(r.max_new_tokens),
-            &never,
-            &mut |_, _, _| {},
-        )
-        .expect("generates");
-    assert_eq!(out[0].ids, p.generated_ids, "greedy ids for {:?}", p.text);
+    let ids = greedy_alone(&mut g, p, r.max_new_tokens, &mut |_, _, _| {});
+    assert_eq!(ids, p.generated_ids, "greedy ids for {:?}", p.text);
 
     // Without its data file the model is refused with ONNX Runtime's reason, not a panic.
     std::fs::remove_file(dir.join("model.onnx.data")).expect("remove data");

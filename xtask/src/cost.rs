@@ -24,14 +24,14 @@ pub struct Args {
     #[arg(long, default_value_t = 2_000.0)]
     pub bulk_items_per_day: f64,
     /// GPU seconds per queued chat reply (150 tokens, decoded alone) on the worker's L4.
-    /// `infra/gpu-check.sh` measured 2.18 s on an H200 for a Qwen2.5-3B-shaped int4 model
-    /// (14.4 ms a step); the L4 reads the step's 1.93 GB of weights at 300 GB/s instead of
-    /// ~4.3 TB/s, +6.0 ms a step: ≈ 3.1 s
-    #[arg(long, default_value_t = 3.1)]
+    /// `infra/gpu-check.sh` measured 1.44 s on an H200 for a Qwen2.5-3B-shaped int4 model
+    /// (9.2 ms a step); the L4 reads the step's 1.93 GB of weights at 300 GB/s instead of
+    /// ~4.3 TB/s, +6.0 ms a step: ≈ 2.3 s
+    #[arg(long, default_value_t = 2.3)]
     pub gpu_seconds_per_reply: f64,
-    /// GPU seconds per bulk item (150 tokens, decoded 8 at a time): 0.86 s on the H200, plus
-    /// the L4's slower weight reads shared by 8 rows: ≈ 1.0 s
-    #[arg(long, default_value_t = 1.0)]
+    /// GPU seconds per bulk item (150 tokens, decoded 8 at a time): 0.36 s on the H200, plus
+    /// the L4's slower weight reads shared by 8 rows: ≈ 0.5 s
+    #[arg(long, default_value_t = 0.5)]
     pub gpu_seconds_per_bulk_item: f64,
     /// Hours a day the chatbot is in use: the spot VM stays up then; the autoscaler takes it
     /// to zero outside them
