@@ -1,6 +1,6 @@
 //! The infrastructure: shellcheck on every script, the instance startup and shutdown scripts
-//! run in a scratch root against a local metadata server, and the Terraform module parsed
-//! and checked for the resources and settings the worker relies on.
+//! run in a scratch root against a local metadata server, `gpu-check.sh` run on the CPU, and
+//! the Terraform module parsed and checked for the resources and settings the worker relies on.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -53,6 +53,49 @@ fn shellcheck_is_clean_on_every_script() {
         "shellcheck:\n{}",
         String::from_utf8_lossy(&out.stdout)
     );
+}
+
+/// `infra/gpu-check.sh` with `CHECK_DEVICE=cpu` and the small bench shape: every step runs
+/// (inputs, both classify runs, the test model twice, the bench model built and timed) and its
+/// table and comparisons come out; on a GPU machine the same script compares CUDA.
+#[test]
+fn gpu_check_runs_every_step_on_the_cpu() {
+    let python = root().join(".tools/python-lm");
+    assert!(
+        python.join(".stamp").is_file(),
+        "no .tools/python-lm: run `cargo xtask setup` (installs models/lm/requirements.txt there)"
+    );
+    let worker = root().join("target/release/batch-worker");
+    assert!(
+        worker.is_file(),
+        "no {}: `cargo build --release -p batch-worker`",
+        worker.display()
+    );
+    let out_dir = scratch("gpu-check");
+    let out = Command::new("bash")
+        .arg(root().join("infra/gpu-check.sh"))
+        .arg(&out_dir)
+        .env("CHECK_DEVICE", "cpu")
+        .env("BENCH_SHAPE", "small")
+        .env("REPLY_TOKENS", "24")
+        .env("PYTHON", "python3")
+        .env("PYTHONPATH", &python)
+        .env("BATCH_WORKER", &worker)
+        .output()
+        .expect("bash runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "gpu-check.sh failed:\n{stderr}");
+    let table = std::fs::read_to_string(out_dir.join("gpu-check.md")).expect("gpu-check.md");
+    for want in [
+        "classify, 200,000 items: intents differ on 0, max confidence difference 0.0e+00",
+        "test model, 64 greedy chat replies: 64 of 64 equal to the CPU's",
+        "| 3B-shaped, batch 1 | cpu | 8 | 24 |",
+        "| 3B-shaped, batch 8 | cpu | 32 | 24 |",
+        "ms per decoding step",
+    ] {
+        assert!(table.contains(want), "no {want:?} in:\n{table}");
+    }
+    assert!(!table.contains("FAILED"), "{table}");
 }
 
 /// A metadata server (and release host) on loopback: path → body; counts requests per path.

@@ -12,7 +12,7 @@ use std::process::Command;
 
 use anyhow::{Context, bail};
 
-use crate::bench_worker::{pip_target, worker_run, write_items};
+use crate::bench_worker::{worker_run, write_items};
 use crate::{root, setup};
 
 #[derive(clap::Args)]
@@ -187,7 +187,7 @@ pub fn measure(args: &Args) -> anyhow::Result<Report> {
     let texts: Vec<&str> = corpus.lines().filter(|l| !l.trim().is_empty()).collect();
     let input = dir.join("prompts.jsonl");
     write_items(&input, &texts, args.prompts, "p")?;
-    let py = python_env(&dir)?;
+    let py = setup::python_lm()?;
 
     let mut rows = Vec::new();
     for &batch in &args.batch_sizes {
@@ -243,18 +243,6 @@ fn generate_run(
     let (items_per_s, share, _) =
         worker_run(worker, dir, input, &task, "--generate-batch-size", batch)?;
     Ok((items_per_s * args.max_new_tokens as f64, share))
-}
-
-/// The pinned packages of `models/lm/requirements.txt` (`pip install --target`).
-fn python_env(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
-    let req = root().join("models/lm/requirements.txt");
-    let wanted = std::fs::read_to_string(&req)?;
-    pip_target(
-        &dir.join("python"),
-        &["-r", &req.to_string_lossy()],
-        &wanted,
-        "installing models/lm/requirements.txt for the Python baseline",
-    )
 }
 
 fn python_bench(

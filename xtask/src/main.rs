@@ -35,7 +35,7 @@ enum Cmd {
     Dev(dev::Args),
     /// Everything CI runs: fmt, clippy, unit, integration and end-to-end tests
     Test(test::Args),
-    /// Install project-local tools only (ONNX Runtime, Node.js 22, wrangler, worker-build, shellcheck, playwright-core) and Debian's chromium
+    /// Install project-local tools only (ONNX Runtime, Node.js 22, wrangler, worker-build, shellcheck, playwright-core, models/lm's Python packages) and Debian's chromium
     Setup,
     /// Build the Cloudflare Worker into edge/build/ (worker-build, local wasm-bindgen/wasm-opt/esbuild)
     BuildEdge,

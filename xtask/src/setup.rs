@@ -32,7 +32,22 @@ pub fn all() -> anyhow::Result<PathBuf> {
     rust_tools()?;
     let lib = onnxruntime()?;
     shellcheck()?;
+    python_lm()?;
     Ok(lib)
+}
+
+/// The pinned packages of `models/lm/requirements.txt` (numpy, onnx, onnxruntime,
+/// tokenizers) in `.tools/python-lm/` (`pip install --target`; use it as `PYTHONPATH`): the
+/// test of `infra/gpu-check.sh` and the Python baseline of `cargo xtask bench-generate`.
+pub fn python_lm() -> anyhow::Result<PathBuf> {
+    let req = root().join("models/lm/requirements.txt");
+    let wanted = std::fs::read_to_string(&req)?;
+    crate::bench_worker::pip_target(
+        &root().join(".tools/python-lm"),
+        &["-r", &req.to_string_lossy()],
+        &wanted,
+        "installing models/lm/requirements.txt into .tools/python-lm",
+    )
 }
 
 /// Debian's `chromium` for the browser tests: `CHROMIUM` if set, else the one on `PATH`; when
