@@ -183,7 +183,7 @@ fn in_root(cmd: &mut Command) {
 }
 
 /// The command line as a user would type it, with its folder when that is not the root.
-fn show(cmd: &Command) -> String {
+pub fn show(cmd: &Command) -> String {
     let mut s = cmd.get_program().to_string_lossy().into_owned();
     for a in cmd.get_args() {
         s.push(' ');

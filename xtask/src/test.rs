@@ -45,18 +45,127 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     // Release profile: the binaries the tests start (`batch-worker`, `route`) are built as
     // users run them, and the build shares its artifacts with the release tools above.
+    const TEST: [&str; 5] = ["test", "--release", "--workspace", "--exclude", "edge"];
+    build_reusing_xtask(&TEST)?;
     let mut c = cargo();
-    c.args([
-        "test",
-        "--release",
-        "--workspace",
-        "--exclude",
-        "edge",
-        "--no-fail-fast",
-    ]);
+    c.args(TEST).arg("--no-fail-fast");
     c.env("CHROMIUM", &chromium);
     run_cmd(c)?;
 
     eprintln!("xtask test: all checks passed in {:.0?}", started.elapsed());
     Ok(())
+}
+
+/// Builds the tests (`cargo <test> --no-run`) and fails if that compiled again a dependency
+/// that `cargo xtask` had already compiled for itself: the two builds then resolved it with
+/// different features (or a crate below it), and a fresh CI machine spends minutes on each
+/// such crate twice (tract's once cost eleven). The cure is a line in `xtask/Cargo.toml`'s
+/// workspace hack.
+fn build_reusing_xtask(test: &[&str]) -> anyhow::Result<()> {
+    let mut c = cargo();
+    c.args([
+        "build",
+        "--release",
+        "--package",
+        "xtask",
+        "--message-format=json",
+    ]);
+    let xtask = crate::output(c)?;
+    let mut c = cargo();
+    c.args(test)
+        .args(["--no-run", "--message-format=json-render-diagnostics"]);
+    c.stderr(std::process::Stdio::inherit());
+    eprintln!("$ {} (checked against xtask's own build)", crate::show(&c));
+    let started = std::time::Instant::now();
+    let tests = crate::output(c)?;
+    eprintln!("  (test build took {:.0?})", started.elapsed());
+    let again = compiled_again(&xtask, &tests);
+    if !again.is_empty() {
+        anyhow::bail!(
+            "the test build compiled again what `cargo xtask` had compiled: {}; the workspace's \
+             members resolve these (or crates below them) with other features than xtask does. \
+             Enable the same features in the workspace hack of xtask/Cargo.toml (its comment \
+             says how to compare the two builds)",
+            again.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// The registry crates that `second` (cargo's `--message-format=json` lines) compiled afresh
+/// although `first` had built the same crate target, as "name version".
+fn compiled_again(first: &str, second: &str) -> Vec<String> {
+    fn artifacts(lines: &str) -> impl Iterator<Item = (String, String, bool)> + '_ {
+        lines.lines().filter_map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line).ok()?;
+            if v["reason"] != "compiler-artifact" {
+                return None;
+            }
+            let id = v["package_id"].as_str()?.to_owned();
+            let target = format!("{}:{}", v["target"]["name"], v["target"]["kind"]);
+            Some((id, target, v["fresh"].as_bool().unwrap_or(false)))
+        })
+    }
+    let built: std::collections::HashSet<(String, String)> = artifacts(first)
+        .map(|(id, target, _)| (id, target))
+        .collect();
+    let mut again: Vec<String> = artifacts(second)
+        .filter(|(id, target, fresh)| {
+            !fresh && id.starts_with("registry+") && built.contains(&(id.clone(), target.clone()))
+        })
+        .map(|(id, _, _)| id.rsplit('#').next().unwrap_or(&id).replace('@', " "))
+        .collect();
+    again.sort();
+    again.dedup();
+    again
+}
+
+#[cfg(test)]
+mod tests {
+    use super::compiled_again;
+
+    fn artifact(id: &str, name: &str, fresh: bool) -> String {
+        serde_json::json!({
+            "reason": "compiler-artifact",
+            "package_id": id,
+            "target": {"name": name, "kind": ["lib"]},
+            "fresh": fresh,
+        })
+        .to_string()
+    }
+
+    #[test]
+    fn only_registry_crates_built_by_both_and_not_fresh_the_second_time_count() {
+        let tract = "registry+https://github.com/rust-lang/crates.io-index#tract-core@0.23.9";
+        let foldhash = "registry+https://github.com/rust-lang/crates.io-index#foldhash@0.2.0";
+        let ort = "registry+https://github.com/rust-lang/crates.io-index#ort@2.0.0-rc.15";
+        let shared = "path+file:///repo/shared#0.1.0";
+        let first = [
+            artifact(tract, "tract_core", false),
+            artifact(foldhash, "foldhash", false),
+            artifact(shared, "shared", false),
+            r#"{"reason":"build-finished","success":true}"#.to_owned(),
+        ]
+        .join("\n");
+        let reused = [
+            artifact(tract, "tract_core", true),
+            artifact(foldhash, "foldhash", true),
+            artifact(shared, "shared", false),
+            artifact(ort, "ort", false),
+            "not json".to_owned(),
+        ]
+        .join("\n");
+        assert!(compiled_again(&first, &reused).is_empty());
+
+        let twice = [
+            artifact(foldhash, "foldhash", false),
+            artifact(tract, "tract_core", false),
+            artifact(tract, "tract_core", false),
+        ]
+        .join("\n");
+        assert_eq!(
+            compiled_again(&first, &twice),
+            ["foldhash 0.2.0", "tract-core 0.23.9"]
+        );
+    }
 }
