@@ -93,7 +93,7 @@ fn build_reusing_xtask(test: &[&str]) -> anyhow::Result<()> {
 }
 
 /// The registry crates that `second` (cargo's `--message-format=json` lines) compiled afresh
-/// although `first` had built the same crate target, as "name version".
+/// although `first` had built the same crate target in the same profile, as "name version".
 fn compiled_again(first: &str, second: &str) -> Vec<String> {
     fn artifacts(lines: &str) -> impl Iterator<Item = (String, String, bool)> + '_ {
         lines.lines().filter_map(|line| {
@@ -102,7 +102,12 @@ fn compiled_again(first: &str, second: &str) -> Vec<String> {
                 return None;
             }
             let id = v["package_id"].as_str()?.to_owned();
-            let target = format!("{}:{}", v["target"]["name"], v["target"]["kind"]);
+            // With the profile: a crate that is a build dependency in one build (opt-level 0)
+            // and a normal one in the other (opt-level 3) is two different builds.
+            let target = format!(
+                "{}:{}:{}",
+                v["target"]["name"], v["target"]["kind"], v["profile"]
+            );
             Some((id, target, v["fresh"].as_bool().unwrap_or(false)))
         })
     }
@@ -125,10 +130,15 @@ mod tests {
     use super::compiled_again;
 
     fn artifact(id: &str, name: &str, fresh: bool) -> String {
+        built(id, name, "3", fresh)
+    }
+
+    fn built(id: &str, name: &str, opt_level: &str, fresh: bool) -> String {
         serde_json::json!({
             "reason": "compiler-artifact",
             "package_id": id,
             "target": {"name": name, "kind": ["lib"]},
+            "profile": {"opt_level": opt_level, "debuginfo": 0, "test": false},
             "fresh": fresh,
         })
         .to_string()
@@ -140,7 +150,9 @@ mod tests {
         let foldhash = "registry+https://github.com/rust-lang/crates.io-index#foldhash@0.2.0";
         let ort = "registry+https://github.com/rust-lang/crates.io-index#ort@2.0.0-rc.15";
         let shared = "path+file:///repo/shared#0.1.0";
+        let minijinja = "registry+https://github.com/rust-lang/crates.io-index#minijinja@2.24.0";
         let first = [
+            built(minijinja, "minijinja", "0", false),
             artifact(tract, "tract_core", false),
             artifact(foldhash, "foldhash", false),
             artifact(shared, "shared", false),
@@ -152,12 +164,16 @@ mod tests {
             artifact(foldhash, "foldhash", true),
             artifact(shared, "shared", false),
             artifact(ort, "ort", false),
+            // A build dependency of xtask's (opt-level 0), a normal one of the tests'.
+            built(minijinja, "minijinja", "0", true),
+            artifact(minijinja, "minijinja", false),
             "not json".to_owned(),
         ]
         .join("\n");
         assert!(compiled_again(&first, &reused).is_empty());
 
         let twice = [
+            built(minijinja, "minijinja", "0", false),
             artifact(foldhash, "foldhash", false),
             artifact(tract, "tract_core", false),
             artifact(tract, "tract_core", false),
@@ -165,7 +181,7 @@ mod tests {
         .join("\n");
         assert_eq!(
             compiled_again(&first, &twice),
-            ["foldhash 0.2.0", "tract-core 0.23.9"]
+            ["foldhash 0.2.0", "minijinja 2.24.0", "tract-core 0.23.9"]
         );
     }
 }
