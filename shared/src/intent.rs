@@ -1,8 +1,9 @@
 //! Intent labels, the model's metadata file, and the routing policy.
 //!
 //! The policy is deliberately one-sided: a wrong canned answer costs more than a queued reply,
-//! so the edge answers only when the top intent is trivial *and* its probability reaches that
-//! intent's threshold, calibrated on the dev split by training.
+//! so the edge answers only when the top intent is trivial *and* the model is sure enough that
+//! the message is trivial at all ([`top_intent`]'s confidence, 1 − P(`other`)) by that intent's
+//! threshold, calibrated on the dev split by training.
 
 use std::collections::BTreeMap;
 
@@ -54,6 +55,30 @@ pub fn reply_fits(answered: &str, actual: &str) -> bool {
     answered == actual || (CLOSING.contains(&answered) && CLOSING.contains(&actual))
 }
 
+/// The top intent of a probability vector (`other` at index `other`) and its confidence: the
+/// probability of the route it stands for. For a trivial intent that is 1 − P(`other`), the
+/// probability that the message is trivial at all: a message read as half `help`, half
+/// `identity` is still surely no request, and either reply answers it better than a queue
+/// would (training counts how often the reply does not fit). For `other` it is P(`other`).
+///
+/// `None` when `probs` is empty or has a non-finite value; the first of equal maxima wins.
+pub fn top_intent(probs: &[f32], other: usize) -> Option<(usize, f32)> {
+    if !probs.iter().all(|p| p.is_finite()) {
+        return None;
+    }
+    let (i, p) = probs
+        .iter()
+        .enumerate()
+        .fold(None, |best: Option<(usize, f32)>, (i, &p)| match best {
+            Some((_, bp)) if bp >= p => best,
+            _ => Some((i, p)),
+        })?;
+    if i == other {
+        return Some((i, p));
+    }
+    Some((i, 1.0 - probs.get(other).copied().unwrap_or(0.0)))
+}
+
 /// `models/intent/model.json`: everything needed to use `model.onnx`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -101,6 +126,8 @@ pub struct Policy {
     featurizer: Featurizer,
     /// Threshold per label index; `None` for labels the edge never answers.
     thresholds: Vec<Option<f32>>,
+    /// Index of [`OTHER`] in the labels.
+    other: usize,
 }
 
 /// The decision for one message.
@@ -130,9 +157,9 @@ impl Policy {
 
     pub fn new(meta: ModelMeta) -> Result<Self, MetaError> {
         let featurizer = Featurizer::new(meta.featurizer)?;
-        if !meta.labels.iter().any(|l| l == OTHER) {
+        let Some(other) = meta.labels.iter().position(|l| l == OTHER) else {
             return Err(MetaError::NoOther);
-        }
+        };
         let mut thresholds = vec![None; meta.labels.len()];
         for (intent, &t) in &meta.thresholds {
             let Some(i) = meta.labels.iter().position(|l| l == intent) else {
@@ -149,6 +176,7 @@ impl Policy {
             meta,
             featurizer,
             thresholds,
+            other,
         })
     }
 
@@ -176,25 +204,19 @@ impl Policy {
     /// [`Policy::decide`] as (intent, confidence, route), the intent borrowed from the labels:
     /// no allocation, for callers that decide hundreds of thousands of rows.
     pub fn decide_label(&self, probs: &[f32]) -> (&str, f32, Route) {
-        let top = if probs.len() == self.meta.labels.len() && probs.iter().all(|p| p.is_finite()) {
-            probs
-                .iter()
-                .enumerate()
-                .fold(None, |best: Option<(usize, f32)>, (i, &p)| match best {
-                    Some((_, bp)) if bp >= p => best,
-                    _ => Some((i, p)),
-                })
+        let top = if probs.len() == self.meta.labels.len() {
+            top_intent(probs, self.other)
         } else {
             None
         };
-        let Some((i, p)) = top else {
+        let Some((i, confidence)) = top else {
             return (OTHER, 0.0, Route::Queue);
         };
         let route = match self.thresholds[i] {
-            Some(t) if p >= t => Route::Edge,
+            Some(t) if confidence >= t => Route::Edge,
             _ => Route::Queue,
         };
-        (&self.meta.labels[i], p, route)
+        (&self.meta.labels[i], confidence, route)
     }
 }
 
@@ -300,19 +322,44 @@ mod tests {
     fn confident_trivial_intent_goes_to_the_edge() {
         let d = policy().decide(&[0.95, 0.03, 0.02]);
         assert_eq!((d.intent.as_str(), d.route), ("greeting", Route::Edge));
+        assert!((d.confidence - 0.98).abs() < 1e-6, "{d:?}");
     }
 
     #[test]
     fn unconfident_trivial_intent_is_queued() {
-        let d = policy().decide(&[0.85, 0.1, 0.05]);
+        let d = policy().decide(&[0.6, 0.25, 0.15]);
         assert_eq!((d.intent.as_str(), d.route), ("greeting", Route::Queue));
+        assert!((d.confidence - 0.85).abs() < 1e-6, "{d:?}");
         // Each intent has its own threshold.
-        assert_eq!(policy().decide(&[0.1, 0.85, 0.05]).route, Route::Edge);
+        assert_eq!(policy().decide(&[0.25, 0.6, 0.15]).route, Route::Edge);
+    }
+
+    #[test]
+    fn a_message_surely_trivial_goes_to_the_edge_though_split_between_intents() {
+        let d = policy().decide(&[0.5, 0.45, 0.05]);
+        assert_eq!((d.intent.as_str(), d.route), ("greeting", Route::Edge));
+        assert!((d.confidence - 0.95).abs() < 1e-6, "{d:?}");
+        // The same top intent with `other` close behind it is queued.
+        let d = policy().decide(&[0.5, 0.05, 0.45]);
+        assert_eq!((d.intent.as_str(), d.route), ("greeting", Route::Queue));
     }
 
     #[test]
     fn other_is_always_queued() {
         assert_eq!(policy().decide(&[0.0, 0.0, 1.0]).route, Route::Queue);
+        let d = policy().decide(&[0.3, 0.3, 0.4]);
+        assert_eq!(
+            (d.intent.as_str(), d.confidence, d.route),
+            (OTHER, 0.4, Route::Queue)
+        );
+    }
+
+    #[test]
+    fn the_top_intent_needs_finite_probabilities() {
+        assert_eq!(top_intent(&[0.2, 0.2, 0.6], 0), Some((2, 0.8)));
+        assert_eq!(top_intent(&[0.5, 0.5, 0.0], 2), Some((0, 1.0)));
+        assert_eq!(top_intent(&[], 0), None);
+        assert_eq!(top_intent(&[0.5, f32::INFINITY], 0), None);
     }
 
     #[test]

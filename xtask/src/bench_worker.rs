@@ -345,6 +345,7 @@ def job():
     m = json.load(open(meta, encoding="utf-8"))
     labels = [json.dumps(l, ensure_ascii=False) for l in m["labels"]]
     thr = np.array([m["thresholds"].get(l, np.inf) for l in m["labels"]], dtype=np.float32)
+    other = m["labels"].index("other")
     routes = ('"queue"', '"edge"')
     ids = ["i%d" % i for i in range(n)]
     dumps = json.dumps
@@ -353,7 +354,8 @@ def job():
         for i in range(0, n, batch):
             p = s.run(None, {name: x[i:i + batch]})[0]
             top = p.argmax(axis=1)
-            conf = p[np.arange(len(top)), top]
+            # The policy's confidence: 1 - P(other) for a trivial intent, P(other) for other.
+            conf = np.where(top == other, p[:, other], np.float32(1) - p[:, other])
             edge = conf >= thr[top]
             f.write("".join(
                 '{"custom_id":%s,"output":{"confidence":%r,"intent":%s,"route":%s}}\n'
