@@ -132,17 +132,31 @@ pub fn root() -> PathBuf {
 
 /// Runs `cmd` in the repository root, or in the folder the caller already set, echoing it and
 /// the time of any slow step; fails if it fails.
-pub fn run_cmd(mut cmd: Command) -> anyhow::Result<()> {
+pub fn run_cmd(cmd: Command) -> anyhow::Result<()> {
+    echoed(cmd, |c| c.status().map(|status| (status, Vec::new()))).map(drop)
+}
+
+/// [`run_cmd`] that returns what the command wrote to stdout; its stderr still reaches the
+/// terminal as it comes.
+pub fn run_cmd_stdout(mut cmd: Command) -> anyhow::Result<String> {
+    cmd.stderr(std::process::Stdio::inherit());
+    let stdout = echoed(cmd, |c| c.output().map(|o| (o.status, o.stdout)))?;
+    Ok(String::from_utf8_lossy(&stdout).into_owned())
+}
+
+/// Echoes `cmd`, runs it with `run` (in the root unless a folder is set), fails if it fails,
+/// and says how long it took when that was long: where a CI run spends its time, step by step.
+fn echoed(
+    mut cmd: Command,
+    run: impl FnOnce(&mut Command) -> std::io::Result<(std::process::ExitStatus, Vec<u8>)>,
+) -> anyhow::Result<Vec<u8>> {
     in_root(&mut cmd);
     eprintln!("$ {}", show(&cmd));
     let started = std::time::Instant::now();
-    let status = cmd
-        .status()
-        .with_context(|| format!("starting {}", show(&cmd)))?;
+    let (status, stdout) = run(&mut cmd).with_context(|| format!("starting {}", show(&cmd)))?;
     if !status.success() {
         bail!("`{}` failed with {status}", show(&cmd));
     }
-    // Where a CI run spends its time, step by step.
     let took = started.elapsed();
     if took.as_secs() >= 10 {
         // The program's name and first argument: `cargo clippy`, `cargo install`, `npm ci`.
@@ -155,7 +169,7 @@ pub fn run_cmd(mut cmd: Command) -> anyhow::Result<()> {
             first.to_string_lossy()
         );
     }
-    Ok(())
+    Ok(stdout)
 }
 
 /// Runs `cmd` and returns its stdout.

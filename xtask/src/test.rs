@@ -74,11 +74,8 @@ fn build_reusing_xtask(test: &[&str]) -> anyhow::Result<()> {
     let mut c = cargo();
     c.args(test)
         .args(["--no-run", "--message-format=json-render-diagnostics"]);
-    c.stderr(std::process::Stdio::inherit());
-    eprintln!("$ {} (checked against xtask's own build)", crate::show(&c));
-    let started = std::time::Instant::now();
-    let tests = crate::output(c)?;
-    eprintln!("  (test build took {:.0?})", started.elapsed());
+    eprintln!("building the tests, checked against xtask's own build:");
+    let tests = crate::run_cmd_stdout(c)?;
     let again = compiled_again(&xtask, &tests);
     if !again.is_empty() {
         anyhow::bail!(
