@@ -1,9 +1,9 @@
 //! Intent labels, the model's metadata file, and the routing policy.
 //!
 //! The policy is deliberately one-sided: a wrong canned answer costs more than a queued reply,
-//! so the edge answers only when the top intent is trivial *and* the model is sure enough that
-//! the message is trivial at all ([`top_intent`]'s confidence, 1 − P(`other`)) by that intent's
-//! threshold, calibrated on the dev split by training.
+//! so the edge answers only when the top intent is trivial *and* the model's probability that
+//! the message is trivial at all ([`top_intent`]'s confidence, 1 − P(`other`)) reaches that
+//! intent's threshold, calibrated on the dev split by training.
 
 use std::collections::BTreeMap;
 
@@ -58,8 +58,8 @@ pub fn reply_fits(answered: &str, actual: &str) -> bool {
 /// The top intent of a probability vector (`other` at index `other`) and its confidence: the
 /// probability of the route it stands for. For a trivial intent that is 1 − P(`other`), the
 /// probability that the message is trivial at all: a message read as half `help`, half
-/// `identity` is still surely no request, and either reply answers it better than a queue
-/// would (training counts how often the reply does not fit). For `other` it is P(`other`).
+/// `identity` is still surely no request, and gets the likelier one's reply (training's reply
+/// target bounds how often such a reply does not fit). For `other` it is P(`other`).
 ///
 /// `None` when `probs` is empty or has a non-finite value; the first of equal maxima wins.
 pub fn top_intent(probs: &[f32], other: usize) -> Option<(usize, f32)> {
