@@ -748,15 +748,9 @@ fn thresholds(preds: &[(usize, f32, usize)], targets: Targets) -> BTreeMap<Strin
             mine
         })
         .collect();
+    let steps = cut_steps(&answers);
     let meets = |cuts: &[f32]| {
-        let (mut n, mut routed, mut fitting) = (0usize, 0usize, 0usize);
-        for (mine, &cut) in answers.iter().zip(cuts) {
-            for &(_, route_ok, reply_ok) in mine.iter().take_while(|a| a.0 >= cut) {
-                n += 1;
-                routed += usize::from(route_ok);
-                fitting += usize::from(reply_ok);
-            }
-        }
+        let [n, routed, fitting] = totals(&steps, &positions(&steps, cuts));
         targets.met_by(n, routed, fitting)
     };
     let mut cuts = vec![1.0f32; trivial.len()];
@@ -772,7 +766,7 @@ fn thresholds(preds: &[(usize, f32, usize)], targets: Targets) -> BTreeMap<Strin
         cuts = vec![1.0; trivial.len()];
         lambda *= 1.05;
     }
-    let cuts = refine(&answers, &cuts, targets);
+    let cuts = refine(&steps, &cuts, targets);
     trivial
         .iter()
         .zip(cuts)
@@ -780,14 +774,11 @@ fn thresholds(preds: &[(usize, f32, usize)], targets: Targets) -> BTreeMap<Strin
         .collect()
 }
 
-/// Lowers `cuts` (one per intent of `answers`, each sorted by falling confidence) while both
-/// targets still hold: each step takes the one lower cut, of any intent, that adds the most
-/// right answers, until none adds any. A cut only moves onto an answer, never below
-/// [`MIN_THRESHOLD`].
-fn refine(answers: &[Vec<(f32, bool, bool)>], cuts: &[f32], targets: Targets) -> Vec<f32> {
-    // Per intent, the cuts it may take from the top down, with the answers (n, routed right,
-    // fitting) at or above each; entry 0 is no answers at all.
-    let steps: Vec<Vec<(f32, [usize; 3])>> = answers
+/// Per intent of `answers` (each sorted by falling confidence), the cuts it may take from the
+/// top down, none below [`MIN_THRESHOLD`], each with the answers (n, routed right, fitting) at
+/// or above it; entry 0, at 1.0, is no answers at all.
+fn cut_steps(answers: &[Vec<(f32, bool, bool)>]) -> Vec<Vec<(f32, [usize; 3])>> {
+    answers
         .iter()
         .map(|mine| {
             let mut v = vec![(1.0f32, [0usize; 3])];
@@ -805,30 +796,43 @@ fn refine(answers: &[Vec<(f32, bool, bool)>], cuts: &[f32], targets: Targets) ->
             }
             v
         })
-        .collect();
-    let start: Vec<usize> = steps
+        .collect()
+}
+
+/// Per intent, the last of its [`cut_steps`] at or above its cut.
+fn positions(steps: &[Vec<(f32, [usize; 3])>], cuts: &[f32]) -> Vec<usize> {
+    steps
         .iter()
         .zip(cuts)
         .map(|(s, &c)| s.iter().rposition(|(p, _)| *p >= c).unwrap_or(0))
-        .collect();
-    let mut at = start.clone();
-    let totals = |at: &[usize]| {
-        let mut t = [0usize; 3];
-        for (s, &k) in steps.iter().zip(at) {
-            for (t, v) in t.iter_mut().zip(s[k].1) {
-                *t += v;
-            }
+        .collect()
+}
+
+/// The answers (n, routed right, fitting) of all intents at step `at` of each.
+fn totals(steps: &[Vec<(f32, [usize; 3])>], at: &[usize]) -> [usize; 3] {
+    let mut t = [0usize; 3];
+    for (s, &k) in steps.iter().zip(at) {
+        for (t, v) in t.iter_mut().zip(s[k].1) {
+            *t += v;
         }
-        t
-    };
+    }
+    t
+}
+
+/// Lowers `cuts` (one per intent of `steps`, from [`cut_steps`]) while both targets still
+/// hold: each step takes the one lower cut, of any intent, that adds the most right answers,
+/// until none adds any. A cut only moves onto an answer, never below [`MIN_THRESHOLD`].
+fn refine(steps: &[Vec<(f32, [usize; 3])>], cuts: &[f32], targets: Targets) -> Vec<f32> {
+    let start = positions(steps, cuts);
+    let mut at = start.clone();
     loop {
-        let base = totals(&at)[1];
+        let base = totals(steps, &at)[1];
         let mut best: Option<(usize, usize, usize)> = None;
         for i in 0..steps.len() {
             for k in at[i] + 1..steps[i].len() {
                 let mut next = at.clone();
                 next[i] = k;
-                let t = totals(&next);
+                let t = totals(steps, &next);
                 if targets.met_by(t[0], t[1], t[2])
                     && t[1] > base
                     && best.is_none_or(|(g, ..)| t[1] - base > g)
@@ -1164,11 +1168,14 @@ mod tests {
         // moves down to the last right answer before the three (199 of 200 right).
         let mut thanks = answers(0.99, 100, 99);
         thanks.extend((0..3).map(|i| (0.7905 - i as f32 * 0.0001, false, false)));
-        let cuts = refine(&[thanks.clone()], &[0.9], GOAL);
+        let cuts = refine(&cut_steps(&[thanks.clone()]), &[0.9], GOAL);
         assert_eq!(cuts, [thanks[199].0]);
         // Already there, or with no answers worth taking, nothing moves.
-        assert_eq!(refine(&[thanks.clone()], &cuts, GOAL), cuts);
-        assert_eq!(refine(&[answers(0.99, 0, 0)], &[1.0], GOAL), [1.0]);
+        assert_eq!(refine(&cut_steps(&[thanks.clone()]), &cuts, GOAL), cuts);
+        assert_eq!(
+            refine(&cut_steps(&[answers(0.99, 0, 0)]), &[1.0], GOAL),
+            [1.0]
+        );
     }
 
     #[test]
@@ -1177,7 +1184,7 @@ mod tests {
         // mistake in 151 answers keeps 99 %, two in 162 do not: a's 50 are worth more.
         let (a, b) = (answers(0.99, 50, 50), answers(0.99, 50, 10));
         let start = [a[49].0, b[49].0];
-        let cuts = refine(&[a.clone(), b.clone()], &start, GOAL);
+        let cuts = refine(&cut_steps(&[a.clone(), b.clone()]), &start, GOAL);
         assert_eq!(cuts, [a[100].0, b[49].0]);
     }
 
