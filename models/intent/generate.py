@@ -8,8 +8,14 @@ cross splits; each family of seeds has its shortest seed in train) and writes
 ``train.jsonl``, ``dev.jsonl``, ``test.jsonl`` and ``dev.folds`` (the calibration
 fold of each dev line).
 
-Standard library only.  Output is byte-identical across runs: a single
-``random.Random(20261127)`` drives every random choice, and every iteration over
+Seeds under ``seeds/added/`` were written after the splits were first drawn: they go
+through the same steps on a random stream of their own, and their lines come last in
+each file, so adding them moved no earlier line.  No generated text shares its loose
+key with a line of ``challenge.jsonl``, the set kept apart for checking the router.
+
+Standard library only.  Output is byte-identical across runs: ``random.Random(20261127)``
+(``--seed``) drives every random choice of the seeds in ``seeds/``, a second stream
+seeded with ``"20261127/added"`` those of ``seeds/added/``, and every iteration over
 a dict or set that could influence a choice is sorted first.
 
 Usage:  python3 models/intent/generate.py [--out DIR]
@@ -33,6 +39,15 @@ MAX_LEN = 300
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SEED_DIR = os.path.join(HERE, "seeds")
+# Seeds written after the splits were first drawn. They draw their variants, splits and
+# compositions from a random stream of their own (see `build_added`), so adding them puts
+# new lines into train / dev / test and leaves every earlier line where it was: numbers
+# measured on the earlier test lines stay comparable.
+ADDED_DIR = os.path.join(SEED_DIR, "added")
+# The challenge set: messages written apart from the seeds, by the labelling rules alone, to
+# check the router on phrasings no seed holds. A generated text with the loose key of one of
+# its lines is dropped, so it stays out of every split (for any --seed).
+CHALLENGE = os.path.join(HERE, "challenge.jsonl")
 
 # Augmented variants drawn per seed (the seed itself is always kept as well).
 N_VARIANTS = {
@@ -364,11 +379,14 @@ EN_HARDNEG_TEMPLATES = [
 # --------------------------------------------------------------------------
 
 
-def load_seeds():
-    """Return list of dicts: intent, section, text (in file order, intents in fixed order)."""
+def load_seeds(folder=SEED_DIR):
+    """Return list of dicts: intent, section, text (in file order, intents in fixed order).
+    A folder need not hold a file for every intent."""
     seeds = []
     for intent in INTENTS:
-        path = os.path.join(SEED_DIR, intent + ".txt")
+        path = os.path.join(folder, intent + ".txt")
+        if not os.path.exists(path):
+            continue
         section = "main" if intent != "other" else "request"
         seen = set()
         with open(path, encoding="utf-8") as f:
@@ -809,15 +827,16 @@ def content_words(text):
     return [w for w in words if w]
 
 
-def anchor_clusters(groups, cluster_list):
+def anchor_clusters(groups, cluster_list, frame_groups):
     """Keys of the clusters that must be in train: one per seed family.
 
     A family is the seeds of one intent that share a content word, directly or through other
     seeds of the family; a word that seeds of three or more intents use (bot, ok, 너, 알려줘…)
-    is a frame, not content.  The family's shortest seed (its cluster) is the anchor, so
-    every expression the seeds hold is in train and dev / test hold other phrasings of it."""
+    is a frame, not content (counted over `frame_groups`).  The family's shortest seed (its
+    cluster) is the anchor, so every expression the seeds hold is in train and dev / test
+    hold other phrasings of it."""
     intents_of = defaultdict(set)
-    for g in groups:
+    for g in frame_groups:
         if "seed" in g:
             for w in content_words(g["seed"]):
                 intents_of[w].add(g["intent"])
@@ -920,10 +939,8 @@ def compose_mix(rng, trivial_text, trivial_intent, request_text, r_lang,
 # --------------------------------------------------------------------------
 
 
-def build(rng, anchors=True):
-    seeds = load_seeds()
-
-    # 1. seed groups with their augmentations
+def seed_groups(rng, seeds, prefix=""):
+    """One group per seed: the seed and its augmented variants."""
     groups = []
     for i, s in enumerate(seeds):
         lang = lang_of(s["text"])
@@ -934,29 +951,39 @@ def build(rng, anchors=True):
         else:
             n, light = N_VARIANTS[("other", lang)], True
         texts = variants_for(rng, s, n, light)
-        groups.append({"key": "%s|seed|%04d" % (s["intent"], i), "intent": s["intent"],
+        groups.append({"key": "%s%s|seed|%04d" % (prefix, s["intent"], i), "intent": s["intent"],
                        "section": s["section"], "lang": lang, "texts": texts,
                        "seed": s["text"]})
-    groups.extend(template_items(rng))
+    return groups
 
-    # 2. drop texts whose normalised form is claimed by two different intents
+
+def drop_cross_intent(groups, taken=frozenset()):
+    """Drop texts whose normalised form two intents claim, and texts whose normalised form
+    `taken` already holds; returns (such forms two intents claim, texts dropped for them,
+    texts dropped as taken)."""
     norm_intents = defaultdict(set)
     for g in groups:
         for t in g["texts"]:
             norm_intents[norm_key(t)].add(g["intent"])
-    conflicts = sorted(k for k, v in norm_intents.items() if len(v) > 1)
-    conflict_set = set(conflicts)
-    n_dropped_conflict = 0
+    conflicts = {k for k, v in norm_intents.items() if len(v) > 1}
+    n_conflict = n_taken = 0
     for g in groups:
         kept = []
         for t in g["texts"]:
-            if norm_key(t) in conflict_set:
-                n_dropped_conflict += 1
+            k = norm_key(t)
+            if k in conflicts:
+                n_conflict += 1
+            elif k in taken:
+                n_taken += 1
             else:
                 kept.append(t)
         g["texts"] = kept
+    return len(conflicts), n_conflict, n_taken
 
-    # 3. union groups (same intent) sharing a normalised text -> near-duplicates stay together
+
+def split_groups(rng, groups, anchors, frame_groups):
+    """Merge groups of one intent that share a normalised text, anchor one group of every seed
+    family in train and assign the rest; returns (split of each group, cluster key of each)."""
     dsu = DSU(len(groups))
     owner = {}
     for gi, g in enumerate(groups):
@@ -976,29 +1003,19 @@ def build(rng, anchors=True):
         size = sum(len(groups[m]["texts"]) for m in members)
         cluster_list.append({"key": g0["key"], "intent": g0["intent"], "lang": g0["lang"],
                              "size": size, "members": members})
-    anchored = anchor_clusters(groups, cluster_list) if anchors else frozenset()
+    anchored = anchor_clusters(groups, cluster_list, frame_groups) if anchors else frozenset()
     assignment = assign_splits(rng, cluster_list, anchored)
-    split_of_group = {}
+    split_of_group, cluster_of = {}, {}
     for c in cluster_list:
         for m in c["members"]:
             split_of_group[m] = assignment[c["key"]]
+            cluster_of[m] = c["key"]
+    return split_of_group, cluster_of
 
-    # 4. collect items, exact dedup inside (split, text)
-    cluster_of = {m: c["key"] for c in cluster_list for m in c["members"]}
-    items = []  # (split, text, intent, origin, cluster key)
-    for gi, g in enumerate(groups):
-        for t in g["texts"]:
-            items.append((split_of_group[gi], t, g["intent"], g["section"], cluster_of[gi]))
 
-    # 5. compositions, built only from pieces of the same split
-    trivial_pool = {(s, it, lg): [] for s in SPLITS for it in TRIVIAL for lg in ("ko", "en")}
-    for gi, g in enumerate(groups):
-        if g["intent"] in TRIVIAL:
-            for t in g["texts"]:
-                trivial_pool[(split_of_group[gi], g["intent"], lang_of(t))].append(t)
-    taken_norm = {}
-    for s, t, it, *_ in items:
-        taken_norm.setdefault(norm_key(t), set()).add((s, it))
+def compositions(rng, groups, split_of_group, cluster_of, trivial_pool, taken_norm):
+    """Trivial phrase + request / chat / hard-negative seed or template fill -> other, built
+    only from pieces of one split; `taken_norm` (loose key -> {(split, intent)}) grows."""
     mix_items = []
     intents_w = [it for it, w in MIX_INTENT_WEIGHTS for _ in range(w)]
     for gi, g in enumerate(groups):
@@ -1010,6 +1027,8 @@ def build(rng, anchors=True):
         else:
             # mostly the clean seed; sometimes an augmented variant (then without connector,
             # so that fillers do not pile up)
+            if not g["texts"]:
+                continue
             n_var = N_MIX_PER_SEED // 3 if len(g["texts"]) > 1 else 0
             bases = [(g["texts"][0], True)] * (N_MIX_PER_SEED - n_var) + \
                     [(rng.choice(g["texts"][1:]), False) for _ in range(n_var)]
@@ -1032,9 +1051,26 @@ def build(rng, anchors=True):
                 continue  # would leak across splits or clash with a trivial label
             taken_norm.setdefault(k, set()).add((split, "other"))
             mix_items.append((split, text, "other", "mix", cluster_of[gi]))
-    items.extend(mix_items)
+    return mix_items
 
-    # 6. exact dedup by stripped text; drop texts with two labels
+
+def add_trivial(pool, groups, split_of_group):
+    for gi, g in enumerate(groups):
+        if g["intent"] in TRIVIAL:
+            for t in g["texts"]:
+                pool[(split_of_group[gi], g["intent"], lang_of(t))].append(t)
+
+
+def held_out_keys():
+    """Loose keys of the challenge set's lines."""
+    with open(CHALLENGE, encoding="utf-8") as f:
+        return frozenset(norm_key(json.loads(line)["text"]) for line in f if line.strip())
+
+
+def dedup(items, held_out, taken_texts=frozenset()):
+    """Exact dedup by stripped text; drop texts with two labels, texts `taken_texts` holds and
+    texts whose loose key is in `held_out`. Returns ({split: {text: intent}}, cluster key of
+    each text, lines dropped for two labels)."""
     by_text = defaultdict(set)
     for s, t, it, *_ in items:
         by_text[t.strip()].add(it)
@@ -1046,34 +1082,108 @@ def build(rng, anchors=True):
         if len(by_text[t]) > 1:
             n_label_conflict += 1
             continue
-        if not t or len(t) > MAX_LEN:
+        if not t or len(t) > MAX_LEN or t in taken_texts or norm_key(t) in held_out:
             continue
         out[s].setdefault(t, it)
         cluster_of_text.setdefault(t, ckey)
+    return out, cluster_of_text, n_label_conflict
 
-    # 7. leakage checks
-    seen_split = {}
-    for s in SPLITS:
-        for t in out[s]:
-            assert t not in seen_split, "text in two splits: %r (%s, %s)" % (t, seen_split[t], s)
-            seen_split[t] = s
-    norm_split = {}
-    for s in SPLITS:
-        for t in out[s]:
-            k = norm_key(t)
-            assert norm_split.setdefault(k, s) == s, "near-duplicate across splits: %r" % t
 
-    stats = {"norm_conflicts": len(conflicts), "dropped_norm_conflict": n_dropped_conflict,
+def build(rng, anchors=True):
+    seeds = load_seeds()
+
+    # 1. seed groups with their augmentations
+    groups = seed_groups(rng, seeds)
+    groups.extend(template_items(rng))
+
+    # 2. drop texts whose normalised form is claimed by two different intents
+    n_conflicts, n_dropped_conflict, _ = drop_cross_intent(groups)
+
+    # 3. union groups (same intent) sharing a normalised text -> near-duplicates stay together;
+    #    anchors; split
+    split_of_group, cluster_of = split_groups(rng, groups, anchors, groups)
+
+    # 4. collect items
+    items = []  # (split, text, intent, origin, cluster key)
+    for gi, g in enumerate(groups):
+        for t in g["texts"]:
+            items.append((split_of_group[gi], t, g["intent"], g["section"], cluster_of[gi]))
+
+    # 5. compositions, built only from pieces of the same split
+    trivial_pool = {(s, it, lg): [] for s in SPLITS for it in TRIVIAL for lg in ("ko", "en")}
+    add_trivial(trivial_pool, groups, split_of_group)
+    taken_norm = {}
+    for s, t, it, *_ in items:
+        taken_norm.setdefault(norm_key(t), set()).add((s, it))
+    mix_items = compositions(rng, groups, split_of_group, cluster_of, trivial_pool, taken_norm)
+    items.extend(mix_items)
+
+    # 6. exact dedup by stripped text; drop texts with two labels
+    held_out = held_out_keys()
+    out, cluster_of_text, n_label_conflict = dedup(items, held_out)
+
+    stats = {"norm_conflicts": n_conflicts, "dropped_norm_conflict": n_dropped_conflict,
              "dropped_label_conflict": n_label_conflict, "mix": len(mix_items),
-             "cluster_of_text": cluster_of_text}
+             "cluster_of_text": cluster_of_text,
+             "frame_groups": groups, "trivial_pool": trivial_pool, "taken_norm": taken_norm,
+             "held_out": held_out}
     return out, stats
 
 
-def write(out, out_dir, rng, cluster_of_text):
+def build_added(arng, out, stats, anchors=True):
+    """The seeds of seeds/added/, on their own random stream `arng`: augmented, split (their own
+    families anchored in train) and composed like the others, except that a text whose loose key
+    an earlier line already has is dropped, so no earlier line moves, changes or goes."""
+    seeds = load_seeds(ADDED_DIR)
+    groups = seed_groups(arng, seeds, prefix="added|")
+    taken_norm = stats["taken_norm"]
+    n_conflicts, n_dropped, n_taken = drop_cross_intent(groups, taken_norm)
+    split_of_group, cluster_of = split_groups(arng, groups, anchors,
+                                              stats["frame_groups"] + groups)
+    items = []
+    for gi, g in enumerate(groups):
+        for t in g["texts"]:
+            items.append((split_of_group[gi], t, g["intent"], g["section"], cluster_of[gi]))
+    trivial_pool = {k: list(v) for k, v in stats["trivial_pool"].items()}
+    add_trivial(trivial_pool, groups, split_of_group)
+    for s, t, it, *_ in items:
+        taken_norm.setdefault(norm_key(t), set()).add((s, it))
+    mix_items = compositions(arng, groups, split_of_group, cluster_of, trivial_pool, taken_norm)
+    items.extend(mix_items)
+    earlier = {t for s in SPLITS for t in out[s]}
+    added, cluster_of_text, n_label_conflict = dedup(items, stats["held_out"], earlier)
+    stats["norm_conflicts"] += n_conflicts
+    stats["dropped_norm_conflict"] += n_dropped
+    stats["dropped_label_conflict"] += n_label_conflict
+    stats["mix"] += len(mix_items)
+    stats["added_seeds"] = len(seeds)
+    stats["added_dropped_earlier"] = n_taken
+    stats["cluster_of_text"].update(cluster_of_text)
+    return added
+
+
+def check_leaks(parts):
+    """No text and no loose key in two splits."""
+    seen_split = {}
+    norm_split = {}
+    for out in parts:
+        for s in SPLITS:
+            for t in out[s]:
+                assert seen_split.setdefault(t, s) == s, \
+                    "text in two splits: %r (%s, %s)" % (t, seen_split[t], s)
+                k = norm_key(t)
+                assert norm_split.setdefault(k, s) == s, "near-duplicate across splits: %r" % t
+
+
+def write(out, added, out_dir, rng, arng, cluster_of_text):
+    """Each split's lines in shuffled order, the added seeds' lines (shuffled by `arng`) last."""
     os.makedirs(out_dir, exist_ok=True)
     for s in SPLITS:
         rows = sorted(out[s].items(), key=lambda kv: (kv[1], kv[0]))
         rng.shuffle(rows)
+        more = sorted(added[s].items(), key=lambda kv: (kv[1], kv[0]))
+        arng.shuffle(more)
+        rows += more
         path = os.path.join(out_dir, s + ".jsonl")
         with open(path, "w", encoding="utf-8", newline="\n") as f:
             for text, intent in rows:
@@ -1087,7 +1197,7 @@ def write(out, out_dir, rng, cluster_of_text):
                     f.write("%d\n" % (zlib.crc32(cluster_of_text[text].encode()) % 2))
 
 
-def report(out, stats):
+def report(out, stats, added=None):
     cnt = Counter()
     for s in SPLITS:
         for t, it in out[s].items():
@@ -1118,6 +1228,10 @@ def report(out, stats):
           "dropped: cross-intent near-duplicates=%d, same text two labels=%d"
           % (total, 100.0 * other / total, 100.0 * ten / total, stats["mix"],
              stats["dropped_norm_conflict"], stats["dropped_label_conflict"]))
+    print("seeds/added/: %d seeds, %d lines; their variants that were near-duplicates of "
+          "earlier lines, dropped: %d"
+          % (stats.get("added_seeds", 0), sum(len(added[s]) for s in SPLITS) if added else 0,
+             stats.get("added_dropped_earlier", 0)))
     return cnt, total, other, ten
 
 
@@ -1132,10 +1246,14 @@ def main(argv=None):
     args = ap.parse_args(argv)
     rng = random.Random(args.seed)
     out, stats = build(rng, anchors=not args.no_anchors)
-    write(out, args.out, rng, stats["cluster_of_text"])
-    cnt, total, other, ten = report(out, stats)
+    arng = random.Random("%d/added" % args.seed)  # str seeds hash with SHA-512: deterministic
+    added = build_added(arng, out, stats, anchors=not args.no_anchors)
+    check_leaks([out, added])
+    write(out, added, args.out, rng, arng, stats["cluster_of_text"])
+    both = {s: dict(out[s], **added[s]) for s in SPLITS}
+    cnt, total, other, ten = report(both, stats, added)
     # sanity requirements
-    assert 15000 <= total <= 40000, total
+    assert 15000 <= total <= 45000, total
     for it in TRIVIAL:
         n_train = cnt[("train", it, "ko")] + cnt[("train", it, "en")]
         assert n_train >= 500, (it, n_train)

@@ -18,7 +18,7 @@ pub struct Args {
     #[arg(long, default_value_t = 0.6)]
     pub trivial_share: f64,
     /// Share of trivial messages the edge answers (measured: `route eval` on the test split)
-    #[arg(long, default_value_t = 0.885)]
+    #[arg(long, default_value_t = 0.908)]
     pub edge_recall: f64,
     /// Bulk items a day (each generates one reply-sized text)
     #[arg(long, default_value_t = 2_000.0)]

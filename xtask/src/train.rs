@@ -28,12 +28,13 @@ use crate::root;
 #[derive(clap::Args)]
 pub struct Args {
     /// Folder with train.jsonl, dev.jsonl and test.jsonl
-    #[arg(long, default_value = "models/intent/data")]
+    #[arg(long, default_value = DATA)]
     data: PathBuf,
     /// Where model.onnx and model.json are written
     #[arg(long, default_value = "models/intent")]
     out: PathBuf,
-    /// Exit non-zero if the trained files differ from the ones in --out, and keep them unchanged
+    /// Exit non-zero if the trained files differ from the ones in --out, and keep them unchanged;
+    /// with the default --data, also if that data is not what `generate.py` writes
     #[arg(long)]
     check: bool,
     /// Instead of training the model: regenerate the data with each of these split seeds
@@ -63,7 +64,7 @@ impl Args {
     /// Verify the committed model against the committed data (used by `cargo xtask test`).
     pub fn check() -> Self {
         Self {
-            data: "models/intent/data".into(),
+            data: DATA.into(),
             out: "models/intent".into(),
             check: true,
             split_seeds: Vec::new(),
@@ -136,12 +137,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         return split_seeds(&args.split_seeds, jobs, args.no_anchors);
     }
     let out = root().join(&args.out);
+    let data = root().join(&args.data);
+    if args.check && data == root().join(DATA) {
+        check_data(&data)?;
+    }
     let Trained {
         onnx,
         nnef,
         json,
         meta,
-    } = train_model(&root().join(&args.data), args.dev_report.as_deref())?;
+    } = train_model(&data, args.dev_report.as_deref())?;
 
     let onnx_path = out.join("model.onnx");
     let json_path = out.join("model.json");
@@ -389,23 +394,52 @@ fn split_seeds(seeds: &[u64], jobs: usize, no_anchors: bool) -> anyhow::Result<(
     Ok(())
 }
 
-/// One seed of `--split-seeds`: its data generated into `target/intent-splits/{seed}`, a model
-/// trained on it (nothing is written), and its dev and test scores.
-fn split_seed(seed: u64, no_anchors: bool) -> anyhow::Result<[f64; 5]> {
-    let dir = root().join(format!("target/intent-splits/{seed}"));
-    let status = std::process::Command::new("python3")
-        .arg(root().join("models/intent/generate.py"))
-        .arg("--seed")
-        .arg(seed.to_string())
+/// The committed data's folder, relative to the repository.
+const DATA: &str = "models/intent/data";
+
+/// Runs `models/intent/generate.py` into `dir`, with `--seed` and `--no-anchors` when given.
+fn generate(dir: &Path, seed: Option<u64>, no_anchors: bool) -> anyhow::Result<()> {
+    let mut c = std::process::Command::new("python3");
+    c.arg(root().join("models/intent/generate.py"))
         .arg("--out")
-        .arg(&dir)
+        .arg(dir);
+    if let Some(seed) = seed {
+        c.arg("--seed").arg(seed.to_string());
+    }
+    let status = c
         .args(no_anchors.then_some("--no-anchors"))
         .stdout(std::process::Stdio::null())
         .status()
         .context("running python3 models/intent/generate.py")?;
     if !status.success() {
-        bail!("models/intent/generate.py --seed {seed} failed ({status})");
+        let seed = seed.map_or_else(String::new, |s| format!(" --seed {s}"));
+        bail!("models/intent/generate.py{seed} failed ({status})");
     }
+    Ok(())
+}
+
+/// Fails unless the committed data is what the generator writes from the committed seeds.
+fn check_data(data: &Path) -> anyhow::Result<()> {
+    let dir = root().join("target/intent-check");
+    generate(&dir, None, false)?;
+    for file in ["train.jsonl", "dev.jsonl", "test.jsonl", "dev.folds"] {
+        let committed =
+            std::fs::read(data.join(file)).with_context(|| format!("reading {DATA}/{file}"))?;
+        if std::fs::read(dir.join(file))? != committed {
+            bail!(
+                "{DATA}/{file} differs from what models/intent/generate.py writes from the seeds: run `python3 models/intent/generate.py`, then `cargo xtask train-intent`, and commit"
+            );
+        }
+    }
+    eprintln!("committed data matches models/intent/generate.py's output");
+    Ok(())
+}
+
+/// One seed of `--split-seeds`: its data generated into `target/intent-splits/{seed}`, a model
+/// trained on it (nothing is written), and its dev and test scores.
+fn split_seed(seed: u64, no_anchors: bool) -> anyhow::Result<[f64; 5]> {
+    let dir = root().join(format!("target/intent-splits/{seed}"));
+    generate(&dir, Some(seed), no_anchors)?;
     eprintln!("split seed {seed}: training");
     let metrics = train_model(&dir, None)
         .with_context(|| format!("split seed {seed}"))?
