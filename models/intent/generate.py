@@ -8,15 +8,17 @@ cross splits; each family of seeds has its shortest seed in train) and writes
 ``train.jsonl``, ``dev.jsonl``, ``test.jsonl`` and ``dev.folds`` (the calibration
 fold of each dev line).
 
-Seeds under ``seeds/added/`` were written after the splits were first drawn: they go
-through the same steps on a random stream of their own, and their lines come last in
-each file, so adding them moved no earlier line.  No generated text shares its loose
-key with a line of ``challenge.jsonl``, the set kept apart for checking the router.
+Seeds under ``seeds/added/`` were written after the splits were first drawn, in batches:
+the files in ``seeds/added/`` itself, then each subfolder in name order.  Each batch goes
+through the same steps on a random stream of its own and its lines come after the earlier
+ones in each file, so a new batch (a new subfolder) moves no earlier line.  No generated
+text shares its loose key with a line of ``challenge.jsonl``, the set kept apart for
+checking the router.
 
 Standard library only.  Output is byte-identical across runs: ``random.Random(20261127)``
-(``--seed``) drives every random choice of the seeds in ``seeds/``, a second stream
-seeded with ``"20261127/added"`` those of ``seeds/added/``, and every iteration over
-a dict or set that could influence a choice is sorted first.
+(``--seed``) drives every random choice of the seeds in ``seeds/``, streams seeded with
+``"20261127/added"`` and ``"20261127/added/<folder>"`` those of the batches, and every
+iteration over a dict or set that could influence a choice is sorted first.
 
 Usage:  python3 models/intent/generate.py [--out DIR]
 """
@@ -39,10 +41,10 @@ MAX_LEN = 300
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SEED_DIR = os.path.join(HERE, "seeds")
-# Seeds written after the splits were first drawn. They draw their variants, splits and
-# compositions from a random stream of their own (see `build_added`), so adding them puts
-# new lines into train / dev / test and leaves every earlier line where it was: numbers
-# measured on the earlier test lines stay comparable.
+# Seeds written after the splits were first drawn, in batches (see `added_batches`). Each
+# batch draws its variants, splits and compositions from a random stream of its own, so a new
+# batch puts new lines into train / dev / test and leaves every earlier line where it was:
+# numbers measured on the earlier test lines stay comparable.
 ADDED_DIR = os.path.join(SEED_DIR, "added")
 # The challenge set: messages written apart from the seeds, by the labelling rules alone, to
 # check the router on phrasings no seed holds. A generated text with the loose key of one of
@@ -1130,36 +1132,52 @@ def build(rng, anchors=True):
     return out, stats
 
 
-def build_added(arng, out, stats, anchors=True):
-    """The seeds of seeds/added/, on their own random stream `arng`: augmented, split (their own
+def added_batches(seed):
+    """The batches of seeds/added/, oldest first: its own files (stream "<seed>/added"), then
+    each subfolder in name order (stream "<seed>/added/<name>"), as (label, folder, key
+    prefix, stream). A new batch in a new subfolder moves no line of the earlier ones."""
+    batches = []
+    if not os.path.isdir(ADDED_DIR):
+        return batches
+    if any(f.endswith(".txt") for f in os.listdir(ADDED_DIR)):
+        batches.append(("seeds/added/", ADDED_DIR, "added|", "%d/added" % seed))
+    for name in sorted(os.listdir(ADDED_DIR)):
+        folder = os.path.join(ADDED_DIR, name)
+        if os.path.isdir(folder):
+            batches.append(("seeds/added/%s/" % name, folder, "added/%s|" % name,
+                            "%d/added/%s" % (seed, name)))
+    return batches
+
+
+def build_added(arng, folder, prefix, parts, stats, anchors=True):
+    """One batch of added seeds, on its own random stream `arng`: augmented, split (its own
     families anchored in train) and composed like the others, except that a text whose loose key
-    an earlier line already has is dropped, so no earlier line moves, changes or goes."""
-    seeds = load_seeds(ADDED_DIR)
-    groups = seed_groups(arng, seeds, prefix="added|")
+    an earlier line (of `parts`) already has is dropped, so no earlier line moves, changes or
+    goes. Returns ({split: {text: intent}}, seeds, texts dropped as near-duplicates)."""
+    seeds = load_seeds(folder)
+    groups = seed_groups(arng, seeds, prefix=prefix)
     taken_norm = stats["taken_norm"]
     n_conflicts, n_dropped, n_taken = drop_cross_intent(groups, taken_norm)
-    split_of_group, cluster_of = split_groups(arng, groups, anchors,
-                                              stats["frame_groups"] + groups)
+    stats["frame_groups"] = stats["frame_groups"] + groups
+    split_of_group, cluster_of = split_groups(arng, groups, anchors, stats["frame_groups"])
     items = []
     for gi, g in enumerate(groups):
         for t in g["texts"]:
             items.append((split_of_group[gi], t, g["intent"], g["section"], cluster_of[gi]))
-    trivial_pool = {k: list(v) for k, v in stats["trivial_pool"].items()}
+    trivial_pool = stats["trivial_pool"]
     add_trivial(trivial_pool, groups, split_of_group)
     for s, t, it, *_ in items:
         taken_norm.setdefault(norm_key(t), set()).add((s, it))
     mix_items = compositions(arng, groups, split_of_group, cluster_of, trivial_pool, taken_norm)
     items.extend(mix_items)
-    earlier = {t for s in SPLITS for t in out[s]}
+    earlier = {t for out in parts for s in SPLITS for t in out[s]}
     added, cluster_of_text, n_label_conflict = dedup(items, stats["held_out"], earlier)
     stats["norm_conflicts"] += n_conflicts
     stats["dropped_norm_conflict"] += n_dropped
     stats["dropped_label_conflict"] += n_label_conflict
     stats["mix"] += len(mix_items)
-    stats["added_seeds"] = len(seeds)
-    stats["added_dropped_earlier"] = n_taken
     stats["cluster_of_text"].update(cluster_of_text)
-    return added
+    return added, len(seeds), n_taken
 
 
 def check_leaks(parts):
@@ -1175,15 +1193,16 @@ def check_leaks(parts):
                 assert norm_split.setdefault(k, s) == s, "near-duplicate across splits: %r" % t
 
 
-def write(out, added, out_dir, rng, arng, cluster_of_text):
-    """Each split's lines in shuffled order, the added seeds' lines (shuffled by `arng`) last."""
+def write(parts, rngs, out_dir, cluster_of_text):
+    """Each split's lines: those of each part (the seeds of seeds/, then each batch of added
+    seeds) in the order its own stream shuffles them, part after part."""
     os.makedirs(out_dir, exist_ok=True)
     for s in SPLITS:
-        rows = sorted(out[s].items(), key=lambda kv: (kv[1], kv[0]))
-        rng.shuffle(rows)
-        more = sorted(added[s].items(), key=lambda kv: (kv[1], kv[0]))
-        arng.shuffle(more)
-        rows += more
+        rows = []
+        for out, rng in zip(parts, rngs):
+            part = sorted(out[s].items(), key=lambda kv: (kv[1], kv[0]))
+            rng.shuffle(part)
+            rows += part
         path = os.path.join(out_dir, s + ".jsonl")
         with open(path, "w", encoding="utf-8", newline="\n") as f:
             for text, intent in rows:
@@ -1197,7 +1216,7 @@ def write(out, added, out_dir, rng, arng, cluster_of_text):
                     f.write("%d\n" % (zlib.crc32(cluster_of_text[text].encode()) % 2))
 
 
-def report(out, stats, added=None):
+def report(out, stats, batches=()):
     cnt = Counter()
     for s in SPLITS:
         for t, it in out[s].items():
@@ -1228,10 +1247,9 @@ def report(out, stats, added=None):
           "dropped: cross-intent near-duplicates=%d, same text two labels=%d"
           % (total, 100.0 * other / total, 100.0 * ten / total, stats["mix"],
              stats["dropped_norm_conflict"], stats["dropped_label_conflict"]))
-    print("seeds/added/: %d seeds, %d lines; their variants that were near-duplicates of "
-          "earlier lines, dropped: %d"
-          % (stats.get("added_seeds", 0), sum(len(added[s]) for s in SPLITS) if added else 0,
-             stats.get("added_dropped_earlier", 0)))
+    for label, added, n_seeds, n_taken in batches:
+        print("%s: %d seeds, %d lines; their variants that were near-duplicates of earlier "
+              "lines, dropped: %d" % (label, n_seeds, sum(len(added[s]) for s in SPLITS), n_taken))
     return cnt, total, other, ten
 
 
@@ -1246,12 +1264,18 @@ def main(argv=None):
     args = ap.parse_args(argv)
     rng = random.Random(args.seed)
     out, stats = build(rng, anchors=not args.no_anchors)
-    arng = random.Random("%d/added" % args.seed)  # str seeds hash with SHA-512: deterministic
-    added = build_added(arng, out, stats, anchors=not args.no_anchors)
-    check_leaks([out, added])
-    write(out, added, args.out, rng, arng, stats["cluster_of_text"])
-    both = {s: dict(out[s], **added[s]) for s in SPLITS}
-    cnt, total, other, ten = report(both, stats, added)
+    parts, rngs, batches = [out], [rng], []
+    for label, folder, prefix, stream in added_batches(args.seed):
+        arng = random.Random(stream)  # str seeds hash with SHA-512: deterministic
+        added, n_seeds, n_taken = build_added(arng, folder, prefix, parts, stats,
+                                              anchors=not args.no_anchors)
+        parts.append(added)
+        rngs.append(arng)
+        batches.append((label, added, n_seeds, n_taken))
+    check_leaks(parts)
+    write(parts, rngs, args.out, stats["cluster_of_text"])
+    both = {s: {t: it for out in parts for t, it in out[s].items()} for s in SPLITS}
+    cnt, total, other, ten = report(both, stats, batches)
     # sanity requirements
     assert 15000 <= total <= 45000, total
     for it in TRIVIAL:

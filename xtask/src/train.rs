@@ -1134,6 +1134,69 @@ mod tests {
         assert!((together["greeting"] - 0.691).abs() < 1e-4, "{together:?}");
     }
 
+    /// Copies `from` (a folder of plain files and folders) into `to`.
+    fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<()> {
+        std::fs::create_dir_all(to)?;
+        for entry in std::fs::read_dir(from)? {
+            let entry = entry?;
+            let target = to.join(entry.file_name());
+            if entry.file_type()?.is_dir() {
+                copy_tree(&entry.path(), &target)?;
+            } else {
+                std::fs::copy(entry.path(), target)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A new batch of seeds (a new folder under `seeds/added/`) only adds lines: each file's
+    /// earlier lines stay as they were, in their split and their place (what keeps numbers
+    /// measured on earlier lines comparable).
+    #[test]
+    fn seeds_added_later_move_no_earlier_line() -> anyhow::Result<()> {
+        let dir = std::env::temp_dir().join(format!("intent-added-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let intent = dir.join("intent");
+        std::fs::create_dir_all(intent.join("seeds"))?;
+        let src = root().join("models/intent");
+        std::fs::copy(src.join("generate.py"), intent.join("generate.py"))?;
+        std::fs::copy(src.join("challenge.jsonl"), intent.join("challenge.jsonl"))?;
+        copy_tree(&src.join("seeds"), &intent.join("seeds"))?;
+        let run = |out: &str| -> anyhow::Result<()> {
+            let status = std::process::Command::new("python3")
+                .arg(intent.join("generate.py"))
+                .arg("--out")
+                .arg(dir.join(out))
+                .stdout(std::process::Stdio::null())
+                .status()?;
+            anyhow::ensure!(status.success(), "generate.py failed ({status})");
+            Ok(())
+        };
+        run("before")?;
+        let batch = intent.join("seeds/added/zz-test");
+        std::fs::create_dir_all(&batch)?;
+        std::fs::write(
+            batch.join("help.txt"),
+            "너한테 어떤 부탁을 할 수 있니\nwhat sort of things do you handle\n",
+        )?;
+        std::fs::write(batch.join("other.txt"), "아직 할 얘기가 산더미야\n")?;
+        run("after")?;
+        let mut added = 0;
+        for file in ["train.jsonl", "dev.jsonl", "test.jsonl", "dev.folds"] {
+            let before = std::fs::read_to_string(dir.join("before").join(file))?;
+            let after = std::fs::read_to_string(dir.join("after").join(file))?;
+            assert!(
+                after.starts_with(&before),
+                "{file}: an earlier line moved or changed"
+            );
+            added += after[before.len()..].lines().count();
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        // Two help seeds with their variants, one other seed with variants and compositions.
+        assert!(added >= 10, "the new batch added only {added} lines");
+        Ok(())
+    }
+
     #[test]
     fn the_dev_report_gives_each_dev_line_its_prediction_and_route() -> anyhow::Result<()> {
         let dir = std::env::temp_dir().join(format!("dev-report-{}", std::process::id()));
