@@ -959,7 +959,7 @@ def seed_groups(rng, seeds, prefix=""):
     return groups
 
 
-def drop_cross_intent(groups, taken=frozenset()):
+def drop_cross_intent(groups, taken):
     """Drop texts whose normalised form two intents claim, and texts whose normalised form
     `taken` already holds; returns (such forms two intents claim, texts dropped for them,
     texts dropped as taken)."""
@@ -1057,6 +1057,7 @@ def compositions(rng, groups, split_of_group, cluster_of, trivial_pool, taken_no
 
 
 def add_trivial(pool, groups, split_of_group):
+    """Adds the groups' trivial texts to `pool`, keyed by (split, intent, language)."""
     for gi, g in enumerate(groups):
         if g["intent"] in TRIVIAL:
             for t in g["texts"]:
@@ -1069,7 +1070,7 @@ def held_out_keys():
         return frozenset(norm_key(json.loads(line)["text"]) for line in f if line.strip())
 
 
-def dedup(items, held_out, taken_texts=frozenset()):
+def dedup(items, held_out, taken_texts):
     """Exact dedup by stripped text; drop texts with two labels, texts `taken_texts` holds and
     texts whose loose key is in `held_out`. Returns ({split: {text: intent}}, cluster key of
     each text, lines dropped for two labels)."""
@@ -1091,44 +1092,54 @@ def dedup(items, held_out, taken_texts=frozenset()):
     return out, cluster_of_text, n_label_conflict
 
 
-def build(rng, anchors=True):
-    seeds = load_seeds()
+def new_stats():
+    """What the parts built so far share: counts for the report, every group (for frame words),
+    the trivial phrases per (split, intent, language), the loose keys taken with their (split,
+    intent), the challenge set's loose keys and each text's cluster key."""
+    return {"norm_conflicts": 0, "dropped_norm_conflict": 0, "dropped_label_conflict": 0,
+            "mix": 0, "cluster_of_text": {}, "frame_groups": [],
+            "trivial_pool": {(s, it, lg): [] for s in SPLITS for it in TRIVIAL
+                             for lg in ("ko", "en")},
+            "taken_norm": {}, "held_out": held_out_keys()}
 
-    # 1. seed groups with their augmentations
-    groups = seed_groups(rng, seeds)
-    groups.extend(template_items(rng))
 
-    # 2. drop texts whose normalised form is claimed by two different intents
-    n_conflicts, n_dropped_conflict, _ = drop_cross_intent(groups)
-
-    # 3. union groups (same intent) sharing a normalised text -> near-duplicates stay together;
-    #    anchors; split
-    split_of_group, cluster_of = split_groups(rng, groups, anchors, groups)
-
-    # 4. collect items
+def build_part(rng, groups, parts, stats, anchors=True):
+    """One part of the data from its groups, on the random stream `rng`: texts two intents
+    claim dropped, and (for a later part) texts whose loose key an earlier line of `parts`
+    already has; split (its own families anchored in train); composed with trivial phrases of
+    its split; deduplicated. So no earlier line moves, changes or goes. Returns ({split: {text:
+    intent}}, texts dropped as near-duplicates of earlier lines)."""
+    taken_norm = stats["taken_norm"]
+    n_conflicts, n_dropped, n_taken = drop_cross_intent(groups, taken_norm)
+    stats["frame_groups"] = stats["frame_groups"] + groups
+    split_of_group, cluster_of = split_groups(rng, groups, anchors, stats["frame_groups"])
     items = []  # (split, text, intent, origin, cluster key)
     for gi, g in enumerate(groups):
         for t in g["texts"]:
             items.append((split_of_group[gi], t, g["intent"], g["section"], cluster_of[gi]))
-
-    # 5. compositions, built only from pieces of the same split
-    trivial_pool = {(s, it, lg): [] for s in SPLITS for it in TRIVIAL for lg in ("ko", "en")}
-    add_trivial(trivial_pool, groups, split_of_group)
-    taken_norm = {}
+    # compositions, built only from pieces of the same split
+    add_trivial(stats["trivial_pool"], groups, split_of_group)
     for s, t, it, *_ in items:
         taken_norm.setdefault(norm_key(t), set()).add((s, it))
-    mix_items = compositions(rng, groups, split_of_group, cluster_of, trivial_pool, taken_norm)
+    mix_items = compositions(rng, groups, split_of_group, cluster_of, stats["trivial_pool"],
+                             taken_norm)
     items.extend(mix_items)
+    earlier = {t for out in parts for s in SPLITS for t in out[s]}
+    out, cluster_of_text, n_label_conflict = dedup(items, stats["held_out"], earlier)
+    stats["norm_conflicts"] += n_conflicts
+    stats["dropped_norm_conflict"] += n_dropped
+    stats["dropped_label_conflict"] += n_label_conflict
+    stats["mix"] += len(mix_items)
+    stats["cluster_of_text"].update(cluster_of_text)
+    return out, n_taken
 
-    # 6. exact dedup by stripped text; drop texts with two labels
-    held_out = held_out_keys()
-    out, cluster_of_text, n_label_conflict = dedup(items, held_out)
 
-    stats = {"norm_conflicts": n_conflicts, "dropped_norm_conflict": n_dropped_conflict,
-             "dropped_label_conflict": n_label_conflict, "mix": len(mix_items),
-             "cluster_of_text": cluster_of_text,
-             "frame_groups": groups, "trivial_pool": trivial_pool, "taken_norm": taken_norm,
-             "held_out": held_out}
+def build(rng, anchors=True):
+    """The data of seeds/ and the templates: ({split: {text: intent}}, the shared stats)."""
+    stats = new_stats()
+    groups = seed_groups(rng, load_seeds())
+    groups.extend(template_items(rng))
+    out, _ = build_part(rng, groups, [], stats, anchors)
     return out, stats
 
 
@@ -1150,33 +1161,12 @@ def added_batches(seed):
 
 
 def build_added(arng, folder, prefix, parts, stats, anchors=True):
-    """One batch of added seeds, on its own random stream `arng`: augmented, split (its own
-    families anchored in train) and composed like the others, except that a text whose loose key
-    an earlier line (of `parts`) already has is dropped, so no earlier line moves, changes or
-    goes. Returns ({split: {text: intent}}, seeds, texts dropped as near-duplicates)."""
+    """One batch of added seeds, on its own random stream `arng`, built like the others after
+    the earlier `parts`. Returns ({split: {text: intent}}, seeds, texts dropped as
+    near-duplicates of earlier lines)."""
     seeds = load_seeds(folder)
-    groups = seed_groups(arng, seeds, prefix=prefix)
-    taken_norm = stats["taken_norm"]
-    n_conflicts, n_dropped, n_taken = drop_cross_intent(groups, taken_norm)
-    stats["frame_groups"] = stats["frame_groups"] + groups
-    split_of_group, cluster_of = split_groups(arng, groups, anchors, stats["frame_groups"])
-    items = []
-    for gi, g in enumerate(groups):
-        for t in g["texts"]:
-            items.append((split_of_group[gi], t, g["intent"], g["section"], cluster_of[gi]))
-    trivial_pool = stats["trivial_pool"]
-    add_trivial(trivial_pool, groups, split_of_group)
-    for s, t, it, *_ in items:
-        taken_norm.setdefault(norm_key(t), set()).add((s, it))
-    mix_items = compositions(arng, groups, split_of_group, cluster_of, trivial_pool, taken_norm)
-    items.extend(mix_items)
-    earlier = {t for out in parts for s in SPLITS for t in out[s]}
-    added, cluster_of_text, n_label_conflict = dedup(items, stats["held_out"], earlier)
-    stats["norm_conflicts"] += n_conflicts
-    stats["dropped_norm_conflict"] += n_dropped
-    stats["dropped_label_conflict"] += n_label_conflict
-    stats["mix"] += len(mix_items)
-    stats["cluster_of_text"].update(cluster_of_text)
+    added, n_taken = build_part(arng, seed_groups(arng, seeds, prefix=prefix), parts, stats,
+                                anchors)
     return added, len(seeds), n_taken
 
 

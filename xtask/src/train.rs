@@ -396,13 +396,16 @@ fn split_seeds(seeds: &[u64], jobs: usize, no_anchors: bool) -> anyhow::Result<(
 
 /// The committed data's folder, relative to the repository.
 const DATA: &str = "models/intent/data";
+/// The data's generator, relative to the repository.
+const GENERATOR: &str = "models/intent/generate.py";
+/// The files `generate.py` writes into its `--out` folder.
+const DATA_FILES: [&str; 4] = ["train.jsonl", "dev.jsonl", "test.jsonl", "dev.folds"];
 
-/// Runs `models/intent/generate.py` into `dir`, with `--seed` and `--no-anchors` when given.
-fn generate(dir: &Path, seed: Option<u64>, no_anchors: bool) -> anyhow::Result<()> {
+/// Runs the generator `script` (`models/intent/generate.py`, or a copy of it beside other
+/// seeds) into `dir`, with `--seed` and `--no-anchors` when given.
+fn generate(script: &Path, dir: &Path, seed: Option<u64>, no_anchors: bool) -> anyhow::Result<()> {
     let mut c = std::process::Command::new("python3");
-    c.arg(root().join("models/intent/generate.py"))
-        .arg("--out")
-        .arg(dir);
+    c.arg(script).arg("--out").arg(dir);
     if let Some(seed) = seed {
         c.arg("--seed").arg(seed.to_string());
     }
@@ -410,10 +413,10 @@ fn generate(dir: &Path, seed: Option<u64>, no_anchors: bool) -> anyhow::Result<(
         .args(no_anchors.then_some("--no-anchors"))
         .stdout(std::process::Stdio::null())
         .status()
-        .context("running python3 models/intent/generate.py")?;
+        .with_context(|| format!("running python3 {}", script.display()))?;
     if !status.success() {
         let seed = seed.map_or_else(String::new, |s| format!(" --seed {s}"));
-        bail!("models/intent/generate.py{seed} failed ({status})");
+        bail!("{}{seed} failed ({status})", script.display());
     }
     Ok(())
 }
@@ -421,8 +424,8 @@ fn generate(dir: &Path, seed: Option<u64>, no_anchors: bool) -> anyhow::Result<(
 /// Fails unless the committed data is what the generator writes from the committed seeds.
 fn check_data(data: &Path) -> anyhow::Result<()> {
     let dir = root().join("target/intent-check");
-    generate(&dir, None, false)?;
-    for file in ["train.jsonl", "dev.jsonl", "test.jsonl", "dev.folds"] {
+    generate(&root().join(GENERATOR), &dir, None, false)?;
+    for file in DATA_FILES {
         let committed =
             std::fs::read(data.join(file)).with_context(|| format!("reading {DATA}/{file}"))?;
         if std::fs::read(dir.join(file))? != committed {
@@ -439,7 +442,7 @@ fn check_data(data: &Path) -> anyhow::Result<()> {
 /// trained on it (nothing is written), and its dev and test scores.
 fn split_seed(seed: u64, no_anchors: bool) -> anyhow::Result<[f64; 5]> {
     let dir = root().join(format!("target/intent-splits/{seed}"));
-    generate(&dir, Some(seed), no_anchors)?;
+    generate(&root().join(GENERATOR), &dir, Some(seed), no_anchors)?;
     eprintln!("split seed {seed}: training");
     let metrics = train_model(&dir, None)
         .with_context(|| format!("split seed {seed}"))?
@@ -1162,17 +1165,8 @@ mod tests {
         std::fs::copy(src.join("generate.py"), intent.join("generate.py"))?;
         std::fs::copy(src.join("challenge.jsonl"), intent.join("challenge.jsonl"))?;
         copy_tree(&src.join("seeds"), &intent.join("seeds"))?;
-        let run = |out: &str| -> anyhow::Result<()> {
-            let status = std::process::Command::new("python3")
-                .arg(intent.join("generate.py"))
-                .arg("--out")
-                .arg(dir.join(out))
-                .stdout(std::process::Stdio::null())
-                .status()?;
-            anyhow::ensure!(status.success(), "generate.py failed ({status})");
-            Ok(())
-        };
-        run("before")?;
+        let script = intent.join("generate.py");
+        generate(&script, &dir.join("before"), None, false)?;
         let batch = intent.join("seeds/added/zz-test");
         std::fs::create_dir_all(&batch)?;
         std::fs::write(
@@ -1180,9 +1174,9 @@ mod tests {
             "너한테 어떤 부탁을 할 수 있니\nwhat sort of things do you handle\n",
         )?;
         std::fs::write(batch.join("other.txt"), "아직 할 얘기가 산더미야\n")?;
-        run("after")?;
+        generate(&script, &dir.join("after"), None, false)?;
         let mut added = 0;
-        for file in ["train.jsonl", "dev.jsonl", "test.jsonl", "dev.folds"] {
+        for file in DATA_FILES {
             let before = std::fs::read_to_string(dir.join("before").join(file))?;
             let after = std::fs::read_to_string(dir.join("after").join(file))?;
             assert!(
