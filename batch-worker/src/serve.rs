@@ -720,8 +720,8 @@ async fn load_items(
     }
     // No jobs topic to publish shards on: the whole file is this one shard.
     let bytes = outputs::read_uri(uri).await.map_err(unreadable)?;
-    let mut seen = std::collections::HashSet::new();
-    Ok(parse_lines(&bytes, 1, |_, id| !seen.insert(id.to_owned())))
+    let mut seen = crate::embedded::SeenIds::with_capacity(0);
+    Ok(parse_lines(&bytes, 1, |_, id| !seen.insert(id)))
 }
 
 /// The items of the input lines in `bytes`, the first numbered `first_line`: malformed lines
@@ -1841,8 +1841,8 @@ mod tests {
 
     /// The whole file parsed as one shard, as a worker without a jobs topic does.
     fn whole(bytes: &[u8]) -> Vec<Result<InputItem, OutputLine>> {
-        let mut seen = std::collections::HashSet::new();
-        parse_lines(bytes, 1, |_, id| !seen.insert(id.to_owned()))
+        let mut seen = crate::embedded::SeenIds::with_capacity(0);
+        parse_lines(bytes, 1, |_, id| !seen.insert(id))
     }
 
     /// The plan of `bytes` fed in pieces of `piece` bytes.
