@@ -37,6 +37,11 @@ pub struct Row {
     /// Python doing the worker's job on the same features: `session.run`, the routing
     /// decision and the same output lines, checked byte for byte against the worker's.
     pub python_job_items_per_s: f64,
+    /// The worker's items/s over Python's bare `session.run` and over Python's same job, each
+    /// the median over the runs of the worker's run and the Python runs right after it: the
+    /// machine's speed drifts, and two bests can come from different spells of it.
+    pub ratio: f64,
+    pub job_ratio: f64,
 }
 
 /// The measurements and what they were made with.
@@ -51,7 +56,7 @@ impl Report {
     /// A heading line and a Markdown table.
     pub fn table(&self) -> String {
         let mut s = format!(
-            "`batch-worker run --task classify --device cpu`, {} items, {} CPU cores, best of {} runs on each side\n\n",
+            "`batch-worker run --task classify --device cpu`, {} items, {} CPU cores, best of {} runs on each side; the end-to-end ratios are the median over the runs of each worker run against the Python runs right after it\n\n",
             self.items,
             crate::cores(),
             self.repeat
@@ -66,12 +71,12 @@ impl Report {
                 r.share * 100.0,
                 r.session_items_per_s,
                 r.python_items_per_s,
-                r.items_per_s / r.python_items_per_s,
+                r.ratio,
                 r.session_items_per_s / r.python_items_per_s,
                 r.python_one_thread_items_per_s,
                 r.session_items_per_s / r.python_one_thread_items_per_s,
                 r.python_job_items_per_s,
-                r.items_per_s / r.python_job_items_per_s
+                r.job_ratio
             ));
         }
         s
@@ -108,6 +113,7 @@ pub fn measure(args: &Args) -> anyhow::Result<Report> {
         // Worker and Python take turns, so a slow spell of the machine hits both sides.
         let (mut items_per_s, mut share, mut python, mut python_one, mut python_job) =
             (0.0f64, 0.0f64, 0.0f64, 0.0f64, 0.0f64);
+        let (mut ratios, mut job_ratios) = (Vec::new(), Vec::new());
         for run in 0..args.repeat.max(1) {
             let (ips, sh, wall) = worker_run(
                 &worker,
@@ -126,6 +132,8 @@ pub fn measure(args: &Args) -> anyhow::Result<Report> {
                 run + 1,
                 sh * 100.0
             );
+            ratios.push(ips / py_ips);
+            job_ratios.push(ips / py_job);
             python_one = python_one.max(py_one);
             python_job = python_job.max(py_job);
             if ips > items_per_s {
@@ -142,6 +150,8 @@ pub fn measure(args: &Args) -> anyhow::Result<Report> {
             python_items_per_s: python,
             python_one_thread_items_per_s: python_one,
             python_job_items_per_s: python_job,
+            ratio: median(&mut ratios),
+            job_ratio: median(&mut job_ratios),
         });
     }
     Ok(Report {
@@ -149,6 +159,16 @@ pub fn measure(args: &Args) -> anyhow::Result<Report> {
         repeat: args.repeat.max(1),
         rows,
     })
+}
+
+/// The median of `xs` (the mean of the middle two for an even count; 0 for none).
+fn median(xs: &mut [f64]) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    match xs.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => xs[n / 2],
+        n => (xs[n / 2 - 1] + xs[n / 2]) / 2.0,
+    }
 }
 
 /// The features of `n` messages (`texts` cycled) for Python, stored sparse: a message sets
@@ -435,6 +455,14 @@ fn same_lines(ours: &Path, theirs: &Path) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn median_of_odd_even_and_no_runs() {
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(&mut [0.8]), 0.8);
+        assert_eq!(median(&mut []), 0.0);
+    }
 
     #[test]
     fn same_lines_names_the_first_line_that_differs() {

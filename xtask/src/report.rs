@@ -393,6 +393,8 @@ mod tests {
                     python_items_per_s: 1500.0 * b as f64,
                     python_one_thread_items_per_s: 900.0 * b as f64,
                     python_job_items_per_s: 700.0 * b as f64,
+                    ratio: 0.6,
+                    job_ratio: 1.4,
                 })
                 .collect(),
         };
