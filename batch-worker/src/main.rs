@@ -203,6 +203,10 @@ enum Cmd {
         /// Commit results at least this often (seconds of work a kill can lose)
         #[arg(long, default_value_t = 5.0)]
         chunk_seconds: f64,
+        /// CPU threads for classify (default: the machine's cores); from 3 on, all but the
+        /// model's featurize together
+        #[arg(long)]
+        threads: Option<usize>,
         #[command(flatten)]
         engine: EngineArgs,
         /// Fault injection for benchmarks (`run` honours generate-step-delay-ms only)
@@ -231,6 +235,7 @@ fn main() -> ExitCode {
             input,
             output,
             chunk_seconds,
+            threads,
             engine,
             failpoints,
         } => {
@@ -248,6 +253,9 @@ fn main() -> ExitCode {
                 output,
                 chunk_seconds,
                 progress: true,
+                threads: threads.unwrap_or_else(|| {
+                    std::thread::available_parallelism().map_or(2, std::num::NonZero::get)
+                }),
                 settings: String::new(),
             };
             embedded::install_signal_handlers();

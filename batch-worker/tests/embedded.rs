@@ -209,6 +209,17 @@ fn unusable_arguments_exit_2_with_one_line() {
         ],
         "does not exist",
     ));
+    all.push((
+        vec![
+            "--input".into(),
+            dir.join("in.jsonl").display().to_string(),
+            "--output".into(),
+            dir.join("o.jsonl").display().to_string(),
+            "--threads".into(),
+            "0".into(),
+        ],
+        "--threads must be at least 1",
+    ));
     for (args, expected) in all {
         let out = Command::new(BIN)
             .args(["run", "--task", "classify"])
@@ -235,8 +246,9 @@ fn checkpoint_of_another_input_is_refused() {
 }
 
 /// `run` featurizes each micro-batch on two threads (a share on the reading thread, the rest
-/// on the model thread) into recycled buffers; every line must still be what the classifier
-/// gives that text on its own path.
+/// on the model thread) into recycled buffers, or with `--threads` above 2 on a pool of
+/// threads besides; every line must still be what the classifier gives that text on its own
+/// path, and both ways give the same bytes.
 #[test]
 fn classify_run_gives_each_line_what_the_classifier_gives_its_text() {
     use batch_worker::engine::{Classifier, Device};
@@ -253,7 +265,16 @@ fn classify_run_gives_each_line_what_the_classifier_gives_its_text() {
         .map(|(i, t)| serde_json::json!({"custom_id": format!("c{i}"), "input": t}).to_string())
         .collect();
     std::fs::write(&input, lines.join("\n") + "\n").expect("write input");
-    let got = run_to_end(&input, &output, &["--batch-size", "96"]);
+    let got = run_to_end(&input, &output, &["--batch-size", "96", "--threads", "2"]);
+    let pooled = run_to_end(
+        &input,
+        &dir.join("pooled.jsonl"),
+        &["--batch-size", "96", "--threads", "5"],
+    );
+    assert!(
+        got == pooled,
+        "--threads 5 wrote other lines than --threads 2"
+    );
 
     let mut clf = Classifier::load(Path::new(common::INTENT_DIR), Device::Cpu, 0)
         .expect("ORT loads the model");
