@@ -3,7 +3,8 @@
 # the time a 3B-shaped model takes per chat reply on this GPU.
 #
 #   1. classify: 200,000 items of the intent test texts on CUDA and on CPU; the intents must
-#      agree everywhere (confidences within 1e-3);
+#      agree everywhere (confidences within 1e-3); on CUDA again with --threads 2 (featurizing
+#      on the reading and model threads alone, not on the machine's cores), the same lines;
 #   2. generate with the test model (models/lm/, greedy): 64 chat prompts, batch 8, on CUDA and
 #      on CPU; every reply must be the same text and token count;
 #   3. generate with a random-weight model of Qwen2.5-3B's shapes, int4
@@ -115,6 +116,7 @@ head -n 4 "$WORK/bench.in.jsonl" >"$WORK/bench-cpu.in.jsonl"
 head -n 8 "$WORK/bench.in.jsonl" >"$WORK/bench-b1.in.jsonl"
 
 run classify-"$CHECK_DEVICE" --task classify --device "$CHECK_DEVICE" --model-dir "$REPO/models" --input "$WORK/classify.in.jsonl"
+run classify-"$CHECK_DEVICE"-2threads --task classify --device "$CHECK_DEVICE" --threads 2 --model-dir "$REPO/models" --input "$WORK/classify.in.jsonl"
 run classify-ref-cpu --task classify --device cpu --model-dir "$REPO/models" --input "$WORK/classify.in.jsonl"
 LM=(--task generate --lm-dir "$REPO/models/lm" --generate-batch-size 8 --max-new-tokens 32 --input "$WORK/chat.in.jsonl")
 run lm-"$CHECK_DEVICE" --device "$CHECK_DEVICE" "${LM[@]}"
@@ -165,6 +167,8 @@ conf = max(abs(a[k]["output"]["confidence"] - b[k]["output"]["confidence"]) for 
 if len(a) != 200_000 or a.keys() != b.keys() or errors or differ or conf > 1e-4:
     failed.append(f"classify: {len(a)} lines, {errors} errors, {differ} intents differ, max confidence difference {conf:.2e}")
 print(f"classify, 200,000 items: intents differ on {differ}, max confidence difference {conf:.1e}")
+if lines(f"classify-{dev}-2threads") != a:
+    failed.append("classify: --threads 2 wrote other lines than the default threads")
 
 a, b = lines(f"lm-{dev}"), lines("lm-ref-cpu")
 same = sum(a[k] == b[k] for k in a)
@@ -181,7 +185,7 @@ print(f"{shape}-shaped model (random int4 weights); prompts of {min(lengths)}-{m
 print()
 print("| run | provider | replies | tokens each | wall s (model load excluded) | s per reply | tokens/s | model load s |")
 print("|---|---|---|---|---|---|---|---|")
-rows = [("classify", f"classify-{dev}"), ("classify", "classify-ref-cpu"), ("test model, batch 8", f"lm-{dev}"), ("test model, batch 8", "lm-ref-cpu"),
+rows = [("classify", f"classify-{dev}"), ("classify, --threads 2", f"classify-{dev}-2threads"), ("classify", "classify-ref-cpu"), ("test model, batch 8", f"lm-{dev}"), ("test model, batch 8", "lm-ref-cpu"),
         ("3B-shaped, batch 1", f"bench-b1-short-{dev}"), ("3B-shaped, batch 1", f"bench-b1-{dev}"), ("3B-shaped, batch 8", f"bench-b8-{dev}"),
         ("3B-shaped, batch 1", "bench-ref-cpu")]
 for label, name in rows:

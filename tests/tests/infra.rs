@@ -56,8 +56,8 @@ fn shellcheck_is_clean_on_every_script() {
 }
 
 /// `infra/gpu-check.sh` with `CHECK_DEVICE=cpu` and the small bench shape: every step runs
-/// (inputs, both classify runs, the test model twice, the bench model built and timed) and its
-/// table and comparisons come out; on a GPU machine the same script compares CUDA.
+/// (inputs, the three classify runs, the test model twice, the bench model built and timed)
+/// and its table and comparisons come out; on a GPU machine the same script compares CUDA.
 #[test]
 fn gpu_check_runs_every_step_on_the_cpu() {
     let python = root().join(".tools/python-lm");
@@ -88,6 +88,7 @@ fn gpu_check_runs_every_step_on_the_cpu() {
     let table = std::fs::read_to_string(out_dir.join("gpu-check.md")).expect("gpu-check.md");
     for want in [
         "classify, 200,000 items: intents differ on 0, max confidence difference 0.0e+00",
+        "| classify, --threads 2 | cpu | 200,000 |",
         "test model, 64 greedy chat replies: 64 of 64 equal to the CPU's",
         "| 3B-shaped, batch 1 | cpu | 8 | 24 |",
         "| 3B-shaped, batch 8 | cpu | 32 | 24 |",
