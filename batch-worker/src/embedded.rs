@@ -84,7 +84,7 @@ pub struct RunOptions {
     /// Show a progress bar (only drawn when stderr is a terminal).
     pub progress: bool,
     /// CPU threads for `classify`. The reading thread and the model thread always run; from 3
-    /// on, the threads beyond the model's help both featurize (see [`FeaturizePool`]).
+    /// on, the threads beyond the model's featurize on a pool that both hand their rows to.
     pub threads: usize,
     /// What else decides the outputs (the generation settings), recorded in the checkpoint:
     /// a run resumed under other settings is refused, so no output mixes two of them.
