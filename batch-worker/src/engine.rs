@@ -172,8 +172,6 @@ pub struct Classifier {
     policy: Policy,
     provider: &'static str,
     features: Vec<f32>,
-    /// Threads that featurize a micro-batch.
-    threads: usize,
     /// Time spent inside `session.run` so far.
     run_time: std::time::Duration,
 }
@@ -201,7 +199,6 @@ impl Classifier {
             policy,
             provider,
             features: Vec::new(),
-            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             run_time: std::time::Duration::ZERO,
         })
     }
@@ -228,23 +225,11 @@ impl Classifier {
         let f = self.policy.featurizer();
         let dim = f.dim();
         self.features.resize(texts.len() * dim, 0.0);
-        // Featurizing costs several times what the model does: spread it over the cores.
-        let threads = self.threads.min(texts.len().div_ceil(64)).max(1);
-        if threads == 1 {
-            for (text, row) in texts.iter().zip(self.features.chunks_mut(dim)) {
-                f.featurize_into(text, row);
-            }
-        } else {
-            let per = texts.len().div_ceil(threads);
-            std::thread::scope(|scope| {
-                for (texts, rows) in texts.chunks(per).zip(self.features.chunks_mut(per * dim)) {
-                    scope.spawn(move || {
-                        for (text, row) in texts.iter().zip(rows.chunks_mut(dim)) {
-                            f.featurize_into(text, row);
-                        }
-                    });
-                }
-            });
+        // On the calling thread: the throughput paths featurize before they call the model
+        // (`run` on its reading and model threads, `serve` on a blocking thread per shard) and
+        // come in through `with_probabilities`; this one serves the item-by-item retry and tests.
+        for (text, row) in texts.iter().zip(self.features.chunks_mut(dim)) {
+            f.featurize_into(text, row);
         }
         let features = std::mem::take(&mut self.features);
         let probs = self.run_features(texts.len(), &features);
