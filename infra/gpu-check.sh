@@ -3,7 +3,7 @@
 # the time a 3B-shaped model takes per chat reply on this GPU.
 #
 #   1. classify: 200,000 items of the intent test texts on CUDA and on CPU; the intents must
-#      agree everywhere (confidences within 1e-3); on CUDA again with --threads 2 (featurizing
+#      agree everywhere (confidences within 1e-4); on CUDA again with --threads 2 (featurizing
 #      on the reading and model threads alone, not on the machine's cores), the same lines;
 #   2. generate with the test model (models/lm/, greedy): 64 chat prompts, batch 8, on CUDA and
 #      on CPU; every reply must be the same text and token count;
