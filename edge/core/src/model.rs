@@ -220,6 +220,20 @@ mod tests {
         }
     }
 
+    /// 도움 ("help") on its own is a call for help. The seeds once held it only in thanks for
+    /// help (도움 됐어 고마워), and the edge answered a bare 도움 with "you're welcome".
+    #[test]
+    fn a_bare_call_for_help_gets_the_help_reply() {
+        for text in ["도움", "도움!", "도움요", "help", "헬프"] {
+            let d = model().classify(text);
+            assert_eq!(
+                (d.route, d.intent.as_str()),
+                (Route::Edge, "help"),
+                "{text}: {d:?}"
+            );
+        }
+    }
+
     #[test]
     fn mixed_greeting_and_request_is_queued() {
         for text in [
