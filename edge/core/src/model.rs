@@ -200,24 +200,32 @@ mod tests {
         ));
     }
 
+    /// Fails unless the model routes every one of `texts` to `route`.
+    fn assert_routed(texts: &[&str], route: Route) {
+        for text in texts {
+            let d = model().classify(text);
+            assert_eq!(d.route, route, "{text}: {d:?}");
+        }
+    }
+
     #[test]
     fn common_trivial_messages_are_answered_at_the_edge() {
-        for text in [
-            "안녕하세요",
-            "hello",
-            "고마워",
-            "thank you",
-            "ㅎㅇ",
-            "ㄱㅅ",
-            "잘가",
-            "ㅃㅇ",
-            "bye",
-            "뭐 할 수 있어?",
-            "너 누구야?",
-        ] {
-            let d = model().classify(text);
-            assert_eq!(d.route, Route::Edge, "{text}: {d:?}");
-        }
+        assert_routed(
+            &[
+                "안녕하세요",
+                "hello",
+                "고마워",
+                "thank you",
+                "ㅎㅇ",
+                "ㄱㅅ",
+                "잘가",
+                "ㅃㅇ",
+                "bye",
+                "뭐 할 수 있어?",
+                "너 누구야?",
+            ],
+            Route::Edge,
+        );
     }
 
     /// 도움 ("help") on its own is a call for help. The seeds once held it only in thanks for
@@ -234,17 +242,33 @@ mod tests {
         }
     }
 
+    /// A plea of distress may be a joke or an emergency: only the real model, with the
+    /// conversation, can tell. The model once answered 살려주세요 with "I am a chatbot".
+    #[test]
+    fn a_plea_of_distress_is_queued() {
+        assert_routed(
+            &[
+                "살려주세요",
+                "살려줘",
+                "무서워요 도와주세요",
+                "save me",
+                "SOS",
+            ],
+            Route::Queue,
+        );
+    }
+
     #[test]
     fn mixed_greeting_and_request_is_queued() {
-        for text in [
-            "안녕! 근처 짜장면집 추천해줘",
-            "고마워, 그럼 내일은 뭐 먹을까?",
-            "hi, where can I use my meal card?",
-            "thanks! any pizza place nearby?",
-        ] {
-            let d = model().classify(text);
-            assert_eq!(d.route, Route::Queue, "{text}: {d:?}");
-        }
+        assert_routed(
+            &[
+                "안녕! 근처 짜장면집 추천해줘",
+                "고마워, 그럼 내일은 뭐 먹을까?",
+                "hi, where can I use my meal card?",
+                "thanks! any pizza place nearby?",
+            ],
+            Route::Queue,
+        );
     }
 
     #[test]
@@ -255,12 +279,13 @@ mod tests {
 
     #[test]
     fn food_requests_are_queued() {
-        for text in [
-            "떡볶이 맛집 알려줘",
-            "급식카드 되는 치킨집 있어?",
-            "where can I eat pizza?",
-        ] {
-            assert_eq!(model().classify(text).route, Route::Queue, "{text}");
-        }
+        assert_routed(
+            &[
+                "떡볶이 맛집 알려줘",
+                "급식카드 되는 치킨집 있어?",
+                "where can I eat pizza?",
+            ],
+            Route::Queue,
+        );
     }
 }
