@@ -192,7 +192,7 @@ struct Trained {
 
 /// Trains on `<data>/{train,dev,test}.jsonl` (and `dev.folds`): calibrates on dev's
 /// cross-fitted predictions, exports a network trained on train + dev, scores dev (the
-/// cross-fitted predictions) and test (the exported network).
+/// cross-fitted predictions), test and the challenge set (the exported network).
 fn train_model(data: &Path, dev_report: Option<&Path>) -> anyhow::Result<Trained> {
     let featurizer = Featurizer::new(FeaturizerConfig::default())?;
     let load = |name: &str| load_split(&data.join(name), &featurizer);
@@ -450,7 +450,7 @@ fn check_data(data: &Path) -> anyhow::Result<()> {
 }
 
 /// One seed of `--split-seeds`: its data generated into `target/intent-splits/{seed}`, a model
-/// trained on it (nothing is written), and its dev and test scores.
+/// trained on it (nothing is written), and its dev, test and challenge-set scores.
 fn split_seed(seed: u64, no_anchors: bool) -> anyhow::Result<[f64; 7]> {
     let dir = root().join(format!("target/intent-splits/{seed}"));
     generate(&root().join(GENERATOR), &dir, Some(seed), no_anchors)?;

@@ -243,7 +243,7 @@ mod tests {
     }
 
     /// A plea of distress may be a joke or an emergency: only the real model, with the
-    /// conversation, can tell. The model once answered 살려주세요 with "I am a chatbot".
+    /// conversation, can tell. A model once answered 살려주세요 with "I am a chatbot".
     #[test]
     fn a_plea_of_distress_is_queued() {
         assert_routed(
