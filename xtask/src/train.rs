@@ -383,25 +383,34 @@ fn split_seeds(seeds: &[u64], jobs: usize, no_anchors: bool) -> anyhow::Result<(
         rows.push((seeds[i].to_string(), row?));
     }
     let n = rows.len() as f64;
-    let mut mean = [0.0; 7];
+    let mut mean = [0.0; SWEEP_COLUMNS.len()];
     for (_, r) in &rows {
         for (m, v) in mean.iter_mut().zip(r) {
             *m += v / n;
         }
     }
     rows.push(("mean".into(), mean));
-    println!(
-        "| split seed | dev precision | dev recall | test precision | test recall | test accuracy | challenge precision | challenge recall |"
-    );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    let titles: Vec<&str> = SWEEP_COLUMNS.iter().map(|(_, title)| *title).collect();
+    println!("| split seed | {} |", titles.join(" | "));
+    println!("|---|{}", "---:|".repeat(SWEEP_COLUMNS.len()));
     for (seed, r) in rows {
-        println!(
-            "| {seed} | {:.4} | {:.4} | {:.4} | {:.4} | {:.4} | {:.4} | {:.4} |",
-            r[0], r[1], r[2], r[3], r[4], r[5], r[6]
-        );
+        let cells: Vec<String> = r.iter().map(|v| format!("{v:.4}")).collect();
+        println!("| {seed} | {} |", cells.join(" | "));
     }
     Ok(())
 }
+
+/// The columns of `--split-seeds`' table: a metric `train_model` writes into `model.json`, and
+/// its title.
+const SWEEP_COLUMNS: [(&str, &str); 7] = [
+    ("dev_edge_precision", "dev precision"),
+    ("dev_edge_recall", "dev recall"),
+    ("test_edge_precision", "test precision"),
+    ("test_edge_recall", "test recall"),
+    ("test_accuracy", "test accuracy"),
+    ("challenge_edge_precision", "challenge precision"),
+    ("challenge_edge_recall", "challenge recall"),
+];
 
 /// The committed data's folder, relative to the repository.
 const DATA: &str = "models/intent/data";
@@ -451,7 +460,7 @@ fn check_data(data: &Path) -> anyhow::Result<()> {
 
 /// One seed of `--split-seeds`: its data generated into `target/intent-splits/{seed}`, a model
 /// trained on it (nothing is written), and its dev, test and challenge-set scores.
-fn split_seed(seed: u64, no_anchors: bool) -> anyhow::Result<[f64; 7]> {
+fn split_seed(seed: u64, no_anchors: bool) -> anyhow::Result<[f64; SWEEP_COLUMNS.len()]> {
     let dir = root().join(format!("target/intent-splits/{seed}"));
     generate(&root().join(GENERATOR), &dir, Some(seed), no_anchors)?;
     eprintln!("split seed {seed}: training");
@@ -459,16 +468,7 @@ fn split_seed(seed: u64, no_anchors: bool) -> anyhow::Result<[f64; 7]> {
         .with_context(|| format!("split seed {seed}"))?
         .meta
         .metrics;
-    let get = |k: &str| metrics.get(k).copied().unwrap_or(f64::NAN);
-    Ok([
-        get("dev_edge_precision"),
-        get("dev_edge_recall"),
-        get("test_edge_precision"),
-        get("test_edge_recall"),
-        get("test_accuracy"),
-        get("challenge_edge_precision"),
-        get("challenge_edge_recall"),
-    ])
+    Ok(SWEEP_COLUMNS.map(|(key, _)| metrics.get(key).copied().unwrap_or(f64::NAN)))
 }
 
 /// The ONNX model as tract sees it after decluttering, written as a deterministic NNEF tar.
