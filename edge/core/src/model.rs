@@ -258,6 +258,34 @@ mod tests {
         );
     }
 
+    /// A trivial word negated in two or three words answers the bot back, and a canned reply
+    /// to it is wrong: a model once answered 안 고마워 with "you're welcome". A trivial message
+    /// that merely contains 안 keeps its reply.
+    #[test]
+    fn a_trivial_word_negated_in_a_few_words_is_queued() {
+        assert_routed(
+            &[
+                "안 고마워요",
+                "안 감사합니다",
+                "인사 안 할래",
+                "감사하긴 뭘",
+                "not happy to meet you",
+            ],
+            Route::Queue,
+        );
+        for (text, intent) in [
+            ("덕분에 길 안 잃었어 고마워요", "thanks"),
+            ("안녕히 계세요", "goodbye"),
+        ] {
+            let d = model().classify(text);
+            assert_eq!(
+                (d.route, d.intent.as_str()),
+                (Route::Edge, intent),
+                "{text}: {d:?}"
+            );
+        }
+    }
+
     #[test]
     fn mixed_greeting_and_request_is_queued() {
         assert_routed(
