@@ -286,6 +286,30 @@ mod tests {
         }
     }
 
+    /// A child telling the bot their age or name is chit-chat, not a question about the bot:
+    /// a model once answered 나 10살이야 ("I'm 10") with "I am a chatbot".
+    #[test]
+    fn a_child_telling_about_themselves_is_queued() {
+        assert_routed(
+            &[
+                "나 9살이야",
+                "저는 열한 살이에요",
+                "나 4학년이야",
+                "내 이름은 하준이야",
+                "I'm eleven years old",
+            ],
+            Route::Queue,
+        );
+        for text in ["너 몇 살이야?", "넌 몇 살이니?", "네 이름은?"] {
+            let d = model().classify(text);
+            assert_eq!(
+                (d.route, d.intent.as_str()),
+                (Route::Edge, "identity"),
+                "{text}: {d:?}"
+            );
+        }
+    }
+
     #[test]
     fn mixed_greeting_and_request_is_queued() {
         assert_routed(
