@@ -208,6 +208,18 @@ mod tests {
         }
     }
 
+    /// Fails unless the model answers every one of `texts` at the edge with `intent`'s reply.
+    fn assert_answered(texts: &[&str], intent: &str) {
+        for text in texts {
+            let d = model().classify(text);
+            assert_eq!(
+                (d.route, d.intent.as_str()),
+                (Route::Edge, intent),
+                "{text}: {d:?}"
+            );
+        }
+    }
+
     #[test]
     fn common_trivial_messages_are_answered_at_the_edge() {
         assert_routed(
@@ -232,14 +244,7 @@ mod tests {
     /// help (도움 됐어 고마워), and the edge answered a bare 도움 with "you're welcome".
     #[test]
     fn a_bare_call_for_help_gets_the_help_reply() {
-        for text in ["도움", "도움!", "도움요", "help", "헬프"] {
-            let d = model().classify(text);
-            assert_eq!(
-                (d.route, d.intent.as_str()),
-                (Route::Edge, "help"),
-                "{text}: {d:?}"
-            );
-        }
+        assert_answered(&["도움", "도움!", "도움요", "help", "헬프"], "help");
     }
 
     /// A plea of distress may be a joke or an emergency: only the real model, with the
@@ -273,17 +278,8 @@ mod tests {
             ],
             Route::Queue,
         );
-        for (text, intent) in [
-            ("덕분에 길 안 잃었어 고마워요", "thanks"),
-            ("안녕히 계세요", "goodbye"),
-        ] {
-            let d = model().classify(text);
-            assert_eq!(
-                (d.route, d.intent.as_str()),
-                (Route::Edge, intent),
-                "{text}: {d:?}"
-            );
-        }
+        assert_answered(&["덕분에 길 안 잃었어 고마워요"], "thanks");
+        assert_answered(&["안녕히 계세요"], "goodbye");
     }
 
     /// A child telling the bot their age or name is chit-chat, not a question about the bot:
@@ -300,14 +296,10 @@ mod tests {
             ],
             Route::Queue,
         );
-        for text in ["너 몇 살이야?", "넌 몇 살이니?", "네 이름은?"] {
-            let d = model().classify(text);
-            assert_eq!(
-                (d.route, d.intent.as_str()),
-                (Route::Edge, "identity"),
-                "{text}: {d:?}"
-            );
-        }
+        assert_answered(
+            &["너 몇 살이야?", "넌 몇 살이니?", "네 이름은?"],
+            "identity",
+        );
     }
 
     #[test]
