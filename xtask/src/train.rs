@@ -52,6 +52,12 @@ pub struct Args {
     /// goes to a split at random, so whole families of seeds can be missing from train)
     #[arg(long, requires = "split_seeds")]
     no_anchors: bool,
+    /// With --split-seeds: a table an earlier `--split-seeds` run printed (its stdout saved to
+    /// a file), to compare with seed by seed: for each column, the mean and standard deviation
+    /// of the per-seed differences (this run minus that one) and on how many seeds it rose and
+    /// fell. Only the seeds both runs have are compared
+    #[arg(long, requires = "split_seeds")]
+    baseline: Option<PathBuf>,
     /// Also write the dev predictions the thresholds were calibrated on (each line predicted by
     /// the calibration network that never saw it) to this file, one JSON line per dev line in
     /// `route eval`'s format plus its `label`: the errors to study when editing the seeds,
@@ -70,6 +76,7 @@ impl Args {
             split_seeds: Vec::new(),
             jobs: None,
             no_anchors: false,
+            baseline: None,
             dev_report: None,
         }
     }
@@ -134,7 +141,18 @@ struct Example {
 pub fn run(args: Args) -> anyhow::Result<()> {
     if !args.split_seeds.is_empty() {
         let jobs = args.jobs.map_or_else(crate::cores, usize::from);
-        return split_seeds(&args.split_seeds, jobs, args.no_anchors);
+        // Read before the sweep's minutes, so a wrong path fails at once.
+        let baseline = match &args.baseline {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading --baseline {}", path.display()))?;
+                let table = parse_sweep_table(&text)
+                    .with_context(|| format!("--baseline {}", path.display()))?;
+                Some(table)
+            }
+            None => None,
+        };
+        return split_seeds(&args.split_seeds, jobs, args.no_anchors, baseline.as_ref());
     }
     let out = root().join(&args.out);
     let data = root().join(&args.data);
@@ -346,7 +364,12 @@ fn fit(dim: usize, train: &[&Example], dev: Option<&[Example]>) -> Mlp {
 
 /// `--split-seeds`: the same training over differently split data, `jobs` seeds at a time;
 /// scores per seed (in the order given) and their mean.
-fn split_seeds(seeds: &[u64], jobs: usize, no_anchors: bool) -> anyhow::Result<()> {
+fn split_seeds(
+    seeds: &[u64],
+    jobs: usize,
+    no_anchors: bool,
+    baseline: Option<&SweepTable>,
+) -> anyhow::Result<()> {
     let mut unique = seeds.to_vec();
     unique.sort_unstable();
     unique.dedup();
@@ -380,7 +403,8 @@ fn split_seeds(seeds: &[u64], jobs: usize, no_anchors: bool) -> anyhow::Result<(
     results.sort_by_key(|(i, _)| *i);
     let mut rows = Vec::new();
     for (i, row) in results {
-        rows.push((seeds[i].to_string(), row?));
+        // Rounded as printed, so that a run compared with its own saved table differs by 0.
+        rows.push((seeds[i], row?.map(round4)));
     }
     let n = rows.len() as f64;
     let mut mean = [0.0; SWEEP_COLUMNS.len()];
@@ -389,15 +413,108 @@ fn split_seeds(seeds: &[u64], jobs: usize, no_anchors: bool) -> anyhow::Result<(
             *m += v / n;
         }
     }
-    rows.push(("mean".into(), mean));
     let titles: Vec<&str> = SWEEP_COLUMNS.iter().map(|(_, title)| *title).collect();
-    println!("| split seed | {} |", titles.join(" | "));
-    println!("|---|{}", "---:|".repeat(SWEEP_COLUMNS.len()));
-    for (seed, r) in rows {
+    let line = |seed: &dyn std::fmt::Display, r: &[f64]| {
         let cells: Vec<String> = r.iter().map(|v| format!("{v:.4}")).collect();
         println!("| {seed} | {} |", cells.join(" | "));
+    };
+    println!("| split seed | {} |", titles.join(" | "));
+    println!("|---|{}", "---:|".repeat(SWEEP_COLUMNS.len()));
+    for (seed, r) in &rows {
+        line(seed, r);
+    }
+    line(&"mean", &mean);
+    if let Some(baseline) = baseline {
+        let this: SweepTable = rows.into_iter().collect();
+        print!("\n{}", compare_sweeps(&this, baseline)?);
     }
     Ok(())
+}
+
+/// A `--split-seeds` table: each seed's row of `SWEEP_COLUMNS`.
+type SweepTable = BTreeMap<u64, [f64; SWEEP_COLUMNS.len()]>;
+
+/// Reads the table `--split-seeds` prints (other lines around it, such as a log's, are
+/// skipped); its header must name `SWEEP_COLUMNS` in order, so that a table from an older
+/// build with other columns is refused rather than compared column by wrong column.
+fn parse_sweep_table(text: &str) -> anyhow::Result<SweepTable> {
+    let titles: Vec<&str> = SWEEP_COLUMNS.iter().map(|(_, title)| *title).collect();
+    let header = format!("| split seed | {} |", titles.join(" | "));
+    let mut lines = text.lines().enumerate().map(|(i, l)| (i + 1, l.trim()));
+    if !lines.any(|(_, l)| l == header) {
+        bail!(
+            "no `--split-seeds` table with the columns: {}",
+            titles.join(", ")
+        );
+    }
+    let mut table = SweepTable::new();
+    for (n, line) in lines.filter(|(_, l)| l.starts_with('|') && !l.starts_with("|---")) {
+        let cells: Vec<&str> = line.trim_matches('|').split('|').map(str::trim).collect();
+        if cells.first() == Some(&"mean") {
+            return Ok(table);
+        }
+        let (Some((seed, values)), true) =
+            (cells.split_first(), cells.len() == SWEEP_COLUMNS.len() + 1)
+        else {
+            bail!(
+                "line {n}: expected a seed and {} numbers",
+                SWEEP_COLUMNS.len()
+            );
+        };
+        let seed: u64 = seed
+            .parse()
+            .with_context(|| format!("line {n}: split seed {seed:?}"))?;
+        let mut row = [0.0; SWEEP_COLUMNS.len()];
+        for (v, cell) in row.iter_mut().zip(values) {
+            *v = cell
+                .parse()
+                .with_context(|| format!("line {n}: number {cell:?}"))?;
+        }
+        if table.insert(seed, row).is_some() {
+            bail!("line {n}: split seed {seed} twice");
+        }
+    }
+    bail!("the table has no `mean` row: it is cut short")
+}
+
+/// The paired comparison `--baseline` prints: over the seeds both tables have, per column,
+/// the mean and standard deviation (n − 1) of `this − baseline`, and how many seeds rose and
+/// fell.
+fn compare_sweeps(this: &SweepTable, baseline: &SweepTable) -> anyhow::Result<String> {
+    let pairs: Vec<_> = this
+        .iter()
+        .filter_map(|(seed, r)| baseline.get(seed).map(|b| (r, b)))
+        .collect();
+    if pairs.is_empty() {
+        bail!("--baseline has none of this run's split seeds");
+    }
+    let n = pairs.len() as f64;
+    let mut out = format!(
+        "Against --baseline, paired over {} split seed{} (this run minus the baseline):\n\n",
+        pairs.len(),
+        if pairs.len() == 1 { "" } else { "s" }
+    );
+    out += "| column | baseline mean | this mean | mean difference | sd of differences | seeds up | seeds down |\n";
+    out += "|---|---:|---:|---:|---:|---:|---:|\n";
+    for (c, (_, title)) in SWEEP_COLUMNS.iter().enumerate() {
+        let diffs: Vec<f64> = pairs.iter().map(|(r, b)| r[c] - b[c]).collect();
+        let mean = diffs.iter().sum::<f64>() / n;
+        // One seed has no spread to show.
+        let sd = if pairs.len() > 1 {
+            let var = diffs.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / (n - 1.0);
+            format!("{:.4}", var.sqrt())
+        } else {
+            "–".to_string()
+        };
+        let up = diffs.iter().filter(|&&d| d > 0.0).count();
+        let down = diffs.iter().filter(|&&d| d < 0.0).count();
+        let base_mean = pairs.iter().map(|(_, b)| b[c]).sum::<f64>() / n;
+        let this_mean = pairs.iter().map(|(r, _)| r[c]).sum::<f64>() / n;
+        out += &format!(
+            "| {title} | {base_mean:.4} | {this_mean:.4} | {mean:+.4} | {sd} | {up} | {down} |\n"
+        );
+    }
+    Ok(out)
 }
 
 /// The columns of `--split-seeds`' table: a metric `train_model` writes into `model.json`, and
@@ -1097,6 +1214,73 @@ mod tests {
 
     fn label(name: &str) -> usize {
         LABELS.iter().position(|&l| l == name).expect("a label")
+    }
+
+    /// A `--split-seeds` table as printed, between log lines, with the values of `rows`.
+    fn sweep_output(rows: &[(u64, [f64; 7])]) -> String {
+        let titles: Vec<&str> = SWEEP_COLUMNS.iter().map(|(_, t)| *t).collect();
+        let mut out = format!(
+            "split seed 6: training\n| split seed | {} |\n|---|{}\n",
+            titles.join(" | "),
+            "---:|".repeat(7)
+        );
+        for (seed, r) in rows {
+            let cells: Vec<String> = r.iter().map(|v| format!("{v:.4}")).collect();
+            out += &format!("| {seed} | {} |\n", cells.join(" | "));
+        }
+        out + "| mean | 0 | 0 | 0 | 0 | 0 | 0 | 0 |\ntrailing log line\n"
+    }
+
+    #[test]
+    fn a_saved_sweep_table_reads_back_and_pairs_by_seed() {
+        let a = [0.99, 0.88, 0.9900, 0.9000, 0.94, 0.80, 0.90];
+        let b = [0.99, 0.88, 0.9910, 0.8900, 0.94, 0.85, 0.90];
+        let base = parse_sweep_table(&sweep_output(&[(6, a), (7, b), (8, a)])).expect("parses");
+        assert_eq!(base.len(), 3);
+        assert_eq!(base[&7][3], 0.89);
+        // Against itself every difference is 0: nothing rose, nothing fell.
+        let same = compare_sweeps(&base, &base).expect("compares");
+        assert!(
+            same.contains("| test recall | 0.8967 | 0.8967 | +0.0000 | 0.0000 | 0 | 0 |"),
+            "{same}"
+        );
+        // Seed 9 is not in the baseline and is left out; 6 rose by 0.02 recall, 7 fell by 0.01.
+        let mut this = SweepTable::new();
+        this.insert(6, [0.99, 0.88, 0.9900, 0.9200, 0.94, 0.80, 0.90]);
+        this.insert(7, [0.99, 0.88, 0.9910, 0.8800, 0.94, 0.85, 0.90]);
+        this.insert(9, [0.0; 7]);
+        let base: SweepTable = base.into_iter().filter(|(s, _)| *s != 8).collect();
+        let cmp = compare_sweeps(&this, &base).expect("compares");
+        assert!(cmp.contains("paired over 2 split seeds"), "{cmp}");
+        // Differences +0.02 and −0.01: mean +0.005, sd sqrt(2 × 0.015²) = 0.0212.
+        assert!(
+            cmp.contains("| test recall | 0.8950 | 0.9000 | +0.0050 | 0.0212 | 1 | 1 |"),
+            "{cmp}"
+        );
+    }
+
+    #[test]
+    fn a_sweep_table_that_cannot_be_compared_is_refused() {
+        let row = [(6, [0.5; 7])];
+        let full = sweep_output(&row);
+        // Another build's columns.
+        let other = full.replace("challenge recall", "challenge f1");
+        assert!(parse_sweep_table(&other).is_err());
+        // Cut short before its mean row.
+        let cut = &full[..full.find("| mean").expect("a mean row")];
+        let err = parse_sweep_table(cut).expect_err("no mean row").to_string();
+        assert!(err.contains("cut short"), "{err}");
+        // A cell that is not a number names its line.
+        let bad = full.replace("| 6 | 0.5000", "| 6 | n/a");
+        let err = format!("{:#}", parse_sweep_table(&bad).expect_err("not a number"));
+        assert!(err.contains("line 4") && err.contains("n/a"), "{err}");
+        // A seed twice.
+        let twice = sweep_output(&[(6, [0.5; 7]), (6, [0.6; 7])]);
+        assert!(parse_sweep_table(&twice).is_err());
+        // No seed in common.
+        let a = parse_sweep_table(&full).expect("parses");
+        let b = parse_sweep_table(&sweep_output(&[(7, [0.5; 7])])).expect("parses");
+        assert!(compare_sweeps(&a, &b).is_err());
     }
 
     /// 300 right `thanks` answers from 0.99 down to 0.70, plus `extra`.
