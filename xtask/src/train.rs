@@ -499,6 +499,8 @@ fn compare_sweeps(this: &SweepTable, baseline: &SweepTable) -> anyhow::Result<St
     for (c, (_, title)) in SWEEP_COLUMNS.iter().enumerate() {
         let diffs: Vec<f64> = pairs.iter().map(|(r, b)| r[c] - b[c]).collect();
         let mean = diffs.iter().sum::<f64>() / n;
+        // A mean that rounds to zero prints as +0.0000, not -0.0000.
+        let mean = if mean.abs() < 5e-5 { 0.0 } else { mean };
         // One seed has no spread to show.
         let sd = if pairs.len() > 1 {
             let var = diffs.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / (n - 1.0);
