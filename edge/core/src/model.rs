@@ -302,6 +302,18 @@ mod tests {
         );
     }
 
+    /// A question announced with 물어볼게 ("I'll ask") is not a goodbye: a model once answered
+    /// 하나만 물어볼게요 ("let me ask one thing") with "bye", after the goodbye seeds' 또
+    /// 물어볼게 ("I'll ask again").
+    #[test]
+    fn a_question_announced_with_i_will_ask_is_not_a_goodbye() {
+        assert_routed(
+            &["하나만 물어볼게요", "딱 하나만 물어볼게", "질문 하나 할게"],
+            Route::Queue,
+        );
+        assert_answered(&["다음에 또 물어볼게요", "나중에 또 물어볼게"], "goodbye");
+    }
+
     #[test]
     fn mixed_greeting_and_request_is_queued() {
         assert_routed(
