@@ -17,8 +17,8 @@ use prost::Message;
 use sha2::{Digest, Sha256};
 use shared::features::{Featurizer, FeaturizerConfig};
 use shared::intent::{
-    ModelMeta, OTHER, Policy, RouteLine, Scoreboard, Scores, TRIVIAL_INTENTS, expected_route,
-    reply_fits, top_intent,
+    ModelMeta, OTHER, Policy, Route, RouteLine, Scoreboard, Scores, TRIVIAL_INTENTS,
+    expected_route, reply_fits, top_intent,
 };
 use shared::rng::SplitMix64;
 use tract_onnx::pb;
@@ -55,7 +55,7 @@ pub struct Args {
     /// With --split-seeds: a table an earlier `--split-seeds` run printed (its stdout saved to
     /// a file), to compare with seed by seed: for each column, the mean and standard deviation
     /// of the per-seed differences (this run minus that one) and on how many seeds it rose and
-    /// fell. Only the seeds both runs have are compared
+    /// fell. Only the seeds and columns (matched by title) both runs have are compared
     #[arg(long, requires = "split_seeds")]
     baseline: Option<PathBuf>,
     /// Also write the dev predictions the thresholds were calibrated on (each line predicted by
@@ -291,8 +291,9 @@ fn train_model(data: &Path, dev_report: Option<&Path>) -> anyhow::Result<Trained
         ("challenge", &challenge_probs, &challenge),
     ] {
         let s = route_scores(probs, &policy, split);
+        let fit = reply_fit(probs, &policy, split);
         eprintln!(
-            "{name}: accuracy {:.4}, edge precision {:.4}, edge recall {:.4}",
+            "{name}: accuracy {:.4}, edge precision {:.4}, edge recall {:.4}, reply fit {fit:.4}",
             s.accuracy, s.edge_precision, s.edge_recall
         );
         meta.metrics
@@ -301,6 +302,8 @@ fn train_model(data: &Path, dev_report: Option<&Path>) -> anyhow::Result<Trained
             .insert(format!("{name}_edge_precision"), round4(s.edge_precision));
         meta.metrics
             .insert(format!("{name}_edge_recall"), round4(s.edge_recall));
+        meta.metrics
+            .insert(format!("{name}_reply_fit"), round4(fit));
     }
     let json = serde_json::to_string_pretty(&meta)? + "\n";
     Ok(Trained {
@@ -435,40 +438,52 @@ fn split_seeds(
 type SweepTable = BTreeMap<u64, [f64; SWEEP_COLUMNS.len()]>;
 
 /// Reads the table `--split-seeds` prints (other lines around it, such as a log's, are
-/// skipped); its header must name `SWEEP_COLUMNS` in order, so that a table from an older
-/// build with other columns is refused rather than compared column by wrong column.
+/// skipped). Columns are matched by title, so a table from a build with fewer or other
+/// columns still compares on the ones both have; a column it lacks reads as NaN.
 fn parse_sweep_table(text: &str) -> anyhow::Result<SweepTable> {
-    let titles: Vec<&str> = SWEEP_COLUMNS.iter().map(|(_, title)| *title).collect();
-    let header = format!("| split seed | {} |", titles.join(" | "));
+    let cells = |line: &str| -> Vec<String> {
+        let inner = line.trim().trim_start_matches('|').trim_end_matches('|');
+        inner.split('|').map(|c| c.trim().to_string()).collect()
+    };
     let mut lines = text.lines().enumerate().map(|(i, l)| (i + 1, l.trim()));
-    if !lines.any(|(_, l)| l == header) {
-        bail!(
-            "no `--split-seeds` table with the columns: {}",
-            titles.join(", ")
-        );
+    let Some((_, header)) = lines.find(|(_, l)| l.starts_with("| split seed |")) else {
+        bail!("no `--split-seeds` table (a line starting with `| split seed |`)");
+    };
+    // For each of the table's columns, its place in SWEEP_COLUMNS, if this build has it.
+    let places: Vec<Option<usize>> = cells(header)
+        .iter()
+        .skip(1)
+        .map(|title| SWEEP_COLUMNS.iter().position(|(_, t)| t == title))
+        .collect();
+    if places.iter().all(Option::is_none) {
+        bail!("the table has none of the columns this build prints");
     }
     let mut table = SweepTable::new();
     for (n, line) in lines.filter(|(_, l)| l.starts_with('|') && !l.starts_with("|---")) {
-        let cells: Vec<&str> = line.trim_matches('|').split('|').map(str::trim).collect();
-        if cells.first() == Some(&"mean") {
+        let row_cells = cells(line);
+        let Some((seed, values)) = row_cells.split_first() else {
+            continue;
+        };
+        if seed == "mean" {
             return Ok(table);
         }
-        let (Some((seed, values)), true) =
-            (cells.split_first(), cells.len() == SWEEP_COLUMNS.len() + 1)
-        else {
+        if values.len() != places.len() {
             bail!(
-                "line {n}: expected a seed and {} numbers",
-                SWEEP_COLUMNS.len()
+                "line {n}: expected a seed and {} numbers, as in the header",
+                places.len()
             );
-        };
+        }
         let seed: u64 = seed
             .parse()
             .with_context(|| format!("line {n}: split seed {seed:?}"))?;
-        let mut row = [0.0; SWEEP_COLUMNS.len()];
-        for (v, cell) in row.iter_mut().zip(values) {
-            *v = cell
+        let mut row = [f64::NAN; SWEEP_COLUMNS.len()];
+        for (place, cell) in places.iter().zip(values) {
+            let v: f64 = cell
                 .parse()
                 .with_context(|| format!("line {n}: number {cell:?}"))?;
+            if let Some(&i) = place.as_ref() {
+                row[i] = v;
+            }
         }
         if table.insert(seed, row).is_some() {
             bail!("line {n}: split seed {seed} twice");
@@ -479,7 +494,7 @@ fn parse_sweep_table(text: &str) -> anyhow::Result<SweepTable> {
 
 /// The paired comparison `--baseline` prints: over the seeds both tables have, per column,
 /// the mean and standard deviation (n − 1) of `this − baseline`, and how many seeds rose and
-/// fell.
+/// fell. A column the baseline lacks (NaN: an older build's table) is left out.
 fn compare_sweeps(this: &SweepTable, baseline: &SweepTable) -> anyhow::Result<String> {
     let pairs: Vec<_> = this
         .iter()
@@ -488,7 +503,6 @@ fn compare_sweeps(this: &SweepTable, baseline: &SweepTable) -> anyhow::Result<St
     if pairs.is_empty() {
         bail!("--baseline has none of this run's split seeds");
     }
-    let n = pairs.len() as f64;
     let mut out = format!(
         "Against --baseline, paired over {} split seed{} (this run minus the baseline):\n\n",
         pairs.len(),
@@ -496,39 +510,55 @@ fn compare_sweeps(this: &SweepTable, baseline: &SweepTable) -> anyhow::Result<St
     );
     out += "| column | baseline mean | this mean | mean difference | sd of differences | seeds up | seeds down |\n";
     out += "|---|---:|---:|---:|---:|---:|---:|\n";
+    let mut left_out = Vec::new();
     for (c, (_, title)) in SWEEP_COLUMNS.iter().enumerate() {
-        let diffs: Vec<f64> = pairs.iter().map(|(r, b)| r[c] - b[c]).collect();
+        let both: Vec<(f64, f64)> = pairs
+            .iter()
+            .map(|(r, b)| (r[c], b[c]))
+            .filter(|(r, b)| !r.is_nan() && !b.is_nan())
+            .collect();
+        if both.is_empty() {
+            left_out.push(*title);
+            continue;
+        }
+        let n = both.len() as f64;
+        let diffs: Vec<f64> = both.iter().map(|(r, b)| r - b).collect();
         let mean = diffs.iter().sum::<f64>() / n;
-        // A mean that rounds to zero prints as +0.0000, not -0.0000.
-        let mean = if mean.abs() < 5e-5 { 0.0 } else { mean };
         // One seed has no spread to show.
-        let sd = if pairs.len() > 1 {
+        let sd = if both.len() > 1 {
             let var = diffs.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / (n - 1.0);
             format!("{:.4}", var.sqrt())
         } else {
             "–".to_string()
         };
+        // A mean that rounds to zero prints as +0.0000, not -0.0000.
+        let shown = if mean.abs() < 5e-5 { 0.0 } else { mean };
         let up = diffs.iter().filter(|&&d| d > 0.0).count();
         let down = diffs.iter().filter(|&&d| d < 0.0).count();
-        let base_mean = pairs.iter().map(|(_, b)| b[c]).sum::<f64>() / n;
-        let this_mean = pairs.iter().map(|(r, _)| r[c]).sum::<f64>() / n;
+        let base_mean = both.iter().map(|(_, b)| b).sum::<f64>() / n;
+        let this_mean = both.iter().map(|(r, _)| r).sum::<f64>() / n;
         out += &format!(
-            "| {title} | {base_mean:.4} | {this_mean:.4} | {mean:+.4} | {sd} | {up} | {down} |\n"
+            "| {title} | {base_mean:.4} | {this_mean:.4} | {shown:+.4} | {sd} | {up} | {down} |\n"
         );
+    }
+    if !left_out.is_empty() {
+        out += &format!("\nNot in the baseline: {}.\n", left_out.join(", "));
     }
     Ok(out)
 }
 
 /// The columns of `--split-seeds`' table: a metric `train_model` writes into `model.json`, and
 /// its title.
-const SWEEP_COLUMNS: [(&str, &str); 7] = [
+const SWEEP_COLUMNS: [(&str, &str); 9] = [
     ("dev_edge_precision", "dev precision"),
     ("dev_edge_recall", "dev recall"),
     ("test_edge_precision", "test precision"),
     ("test_edge_recall", "test recall"),
     ("test_accuracy", "test accuracy"),
+    ("test_reply_fit", "test reply fit"),
     ("challenge_edge_precision", "challenge precision"),
     ("challenge_edge_recall", "challenge recall"),
+    ("challenge_reply_fit", "challenge reply fit"),
 ];
 
 /// The committed data's folder, relative to the repository.
@@ -1051,6 +1081,26 @@ fn route_scores(probs: &[Vec<f32>], policy: &Policy, split: &[Example]) -> Score
     board.scores()
 }
 
+/// Of the messages the edge answers, the share whose reply fits ([`reply_fits`]; never for a
+/// message that belongs in the queue): what a user sees of both kinds of wrong canned reply,
+/// the one a request gets and the one a trivial message of another intent gets. The same
+/// share is `Targets::reply` on dev; 1.0 when the edge answers nothing.
+fn reply_fit(probs: &[Vec<f32>], policy: &Policy, split: &[Example]) -> f64 {
+    let (mut answered, mut fitting) = (0u64, 0u64);
+    for (p, e) in probs.iter().zip(split) {
+        let (intent, _, route) = policy.decide_label(p);
+        if route == Route::Edge {
+            answered += 1;
+            fitting += u64::from(reply_fits(intent, LABELS[e.y]));
+        }
+    }
+    if answered == 0 {
+        1.0
+    } else {
+        fitting as f64 / answered as f64
+    }
+}
+
 /// `--dev-report`: each dev line with its cross-fitted prediction and the route the thresholds
 /// give it, in `route eval`'s line format plus the line's `label`.
 fn write_dev_report(
@@ -1218,26 +1268,46 @@ mod tests {
         LABELS.iter().position(|&l| l == name).expect("a label")
     }
 
-    /// A `--split-seeds` table as printed, between log lines, with the values of `rows`.
-    fn sweep_output(rows: &[(u64, [f64; 7])]) -> String {
-        let titles: Vec<&str> = SWEEP_COLUMNS.iter().map(|(_, t)| *t).collect();
+    const COLUMNS: usize = SWEEP_COLUMNS.len();
+
+    /// A `--split-seeds` table as printed, between log lines, with these column titles and
+    /// rows.
+    fn sweep_output(titles: &[&str], rows: &[(u64, Vec<f64>)]) -> String {
         let mut out = format!(
             "split seed 6: training\n| split seed | {} |\n|---|{}\n",
             titles.join(" | "),
-            "---:|".repeat(7)
+            "---:|".repeat(titles.len())
         );
         for (seed, r) in rows {
             let cells: Vec<String> = r.iter().map(|v| format!("{v:.4}")).collect();
             out += &format!("| {seed} | {} |\n", cells.join(" | "));
         }
-        out + "| mean | 0 | 0 | 0 | 0 | 0 | 0 | 0 |\ntrailing log line\n"
+        out + &format!(
+            "| mean |{}\ntrailing log line\n",
+            " 0 |".repeat(titles.len())
+        )
+    }
+
+    fn this_builds_titles() -> Vec<&'static str> {
+        SWEEP_COLUMNS.iter().map(|(_, t)| *t).collect()
+    }
+
+    /// A row of this build's columns, `test recall` (column 3) set to `recall`.
+    fn row(recall: f64) -> Vec<f64> {
+        let mut r = vec![0.9; COLUMNS];
+        r[3] = recall;
+        r
+    }
+
+    fn array(r: Vec<f64>) -> [f64; COLUMNS] {
+        r.try_into().expect("one value per column")
     }
 
     #[test]
     fn a_saved_sweep_table_reads_back_and_pairs_by_seed() {
-        let a = [0.99, 0.88, 0.9900, 0.9000, 0.94, 0.80, 0.90];
-        let b = [0.99, 0.88, 0.9910, 0.8900, 0.94, 0.85, 0.90];
-        let base = parse_sweep_table(&sweep_output(&[(6, a), (7, b), (8, a)])).expect("parses");
+        let titles = this_builds_titles();
+        let rows = [(6, row(0.90)), (7, row(0.89)), (8, row(0.90))];
+        let base = parse_sweep_table(&sweep_output(&titles, &rows)).expect("parses");
         assert_eq!(base.len(), 3);
         assert_eq!(base[&7][3], 0.89);
         // Against itself every difference is 0: nothing rose, nothing fell.
@@ -1246,11 +1316,12 @@ mod tests {
             same.contains("| test recall | 0.8967 | 0.8967 | +0.0000 | 0.0000 | 0 | 0 |"),
             "{same}"
         );
+        assert!(!same.contains("Not in the baseline"), "{same}");
         // Seed 9 is not in the baseline and is left out; 6 rose by 0.02 recall, 7 fell by 0.01.
         let mut this = SweepTable::new();
-        this.insert(6, [0.99, 0.88, 0.9900, 0.9200, 0.94, 0.80, 0.90]);
-        this.insert(7, [0.99, 0.88, 0.9910, 0.8800, 0.94, 0.85, 0.90]);
-        this.insert(9, [0.0; 7]);
+        this.insert(6, array(row(0.92)));
+        this.insert(7, array(row(0.88)));
+        this.insert(9, [0.0; COLUMNS]);
         let base: SweepTable = base.into_iter().filter(|(s, _)| *s != 8).collect();
         let cmp = compare_sweeps(&this, &base).expect("compares");
         assert!(cmp.contains("paired over 2 split seeds"), "{cmp}");
@@ -1262,12 +1333,48 @@ mod tests {
     }
 
     #[test]
+    fn an_older_table_compares_on_the_columns_it_has() {
+        // An older build's table: no reply-fit columns, and one this build does not print.
+        let titles = [
+            "dev precision",
+            "test recall",
+            "challenge f1",
+            "challenge precision",
+        ];
+        let old = sweep_output(&titles, &[(6, vec![0.99, 0.88, 0.5, 0.80])]);
+        let base = parse_sweep_table(&old).expect("parses");
+        assert_eq!(base[&6][0], 0.99);
+        assert_eq!(base[&6][3], 0.88);
+        assert!(
+            base[&6][5].is_nan(),
+            "a column the table lacks reads as NaN"
+        );
+        let mut this = SweepTable::new();
+        this.insert(6, array(row(0.90)));
+        let cmp = compare_sweeps(&this, &base).expect("compares");
+        assert!(
+            cmp.contains("| test recall | 0.8800 | 0.9000 | +0.0200 | – | 1 | 0 |"),
+            "{cmp}"
+        );
+        assert!(!cmp.contains("| test reply fit |"), "{cmp}");
+        assert!(
+            cmp.contains("Not in the baseline: dev recall, test precision, test accuracy, test reply fit, challenge recall, challenge reply fit."),
+            "{cmp}"
+        );
+    }
+
+    #[test]
     fn a_sweep_table_that_cannot_be_compared_is_refused() {
-        let row = [(6, [0.5; 7])];
-        let full = sweep_output(&row);
-        // Another build's columns.
-        let other = full.replace("challenge recall", "challenge f1");
-        assert!(parse_sweep_table(&other).is_err());
+        let titles = this_builds_titles();
+        let full = sweep_output(&titles, &[(6, vec![0.5; COLUMNS])]);
+        // No column this build knows.
+        let none = sweep_output(&["f1", "auc"], &[(6, vec![0.5, 0.5])]);
+        let err = parse_sweep_table(&none)
+            .expect_err("no known column")
+            .to_string();
+        assert!(err.contains("none of the columns"), "{err}");
+        // No table at all.
+        assert!(parse_sweep_table("epoch 15: loss 0.16\n").is_err());
         // Cut short before its mean row.
         let cut = &full[..full.find("| mean").expect("a mean row")];
         let err = parse_sweep_table(cut).expect_err("no mean row").to_string();
@@ -1276,12 +1383,19 @@ mod tests {
         let bad = full.replace("| 6 | 0.5000", "| 6 | n/a");
         let err = format!("{:#}", parse_sweep_table(&bad).expect_err("not a number"));
         assert!(err.contains("line 4") && err.contains("n/a"), "{err}");
+        // A row with a cell missing.
+        let short = full.replace("| 6 | 0.5000 |", "| 6 |");
+        let err = parse_sweep_table(&short)
+            .expect_err("a cell short")
+            .to_string();
+        assert!(err.contains("line 4"), "{err}");
         // A seed twice.
-        let twice = sweep_output(&[(6, [0.5; 7]), (6, [0.6; 7])]);
+        let twice = sweep_output(&titles, &[(6, vec![0.5; COLUMNS]), (6, vec![0.6; COLUMNS])]);
         assert!(parse_sweep_table(&twice).is_err());
         // No seed in common.
         let a = parse_sweep_table(&full).expect("parses");
-        let b = parse_sweep_table(&sweep_output(&[(7, [0.5; 7])])).expect("parses");
+        let b =
+            parse_sweep_table(&sweep_output(&titles, &[(7, vec![0.5; COLUMNS])])).expect("parses");
         assert!(compare_sweeps(&a, &b).is_err());
     }
 
