@@ -290,8 +290,7 @@ fn train_model(data: &Path, dev_report: Option<&Path>) -> anyhow::Result<Trained
         ("test", &test_probs, &test),
         ("challenge", &challenge_probs, &challenge),
     ] {
-        let s = route_scores(probs, &policy, split);
-        let fit = reply_fit(probs, &policy, split);
+        let (s, fit) = route_scores(probs, &policy, split);
         eprintln!(
             "{name}: accuracy {:.4}, edge precision {:.4}, edge recall {:.4}, reply fit {fit:.4}",
             s.accuracy, s.edge_precision, s.edge_recall
@@ -1073,32 +1072,28 @@ fn best_cut(mine: &[(f32, bool, bool)], lambda: f64, targets: Targets) -> f32 {
     cut.max(MIN_THRESHOLD)
 }
 
-fn route_scores(probs: &[Vec<f32>], policy: &Policy, split: &[Example]) -> Scores {
+/// `route eval`'s scores of a split, and its reply fit: of the messages the edge answers, the
+/// share whose reply fits ([`reply_fits`]; never for a message that belongs in the queue),
+/// which is what a user sees of both kinds of wrong canned reply, the one a request gets and
+/// the one a trivial message of another intent gets. The same share is `Targets::reply` on
+/// dev; 1.0 when the edge answers nothing. One pass, one decision per line.
+fn route_scores(probs: &[Vec<f32>], policy: &Policy, split: &[Example]) -> (Scores, f64) {
     let mut board = Scoreboard::default();
-    for (p, e) in probs.iter().zip(split) {
-        board.add(policy.decide(p).route, expected_route(LABELS[e.y]));
-    }
-    board.scores()
-}
-
-/// Of the messages the edge answers, the share whose reply fits ([`reply_fits`]; never for a
-/// message that belongs in the queue): what a user sees of both kinds of wrong canned reply,
-/// the one a request gets and the one a trivial message of another intent gets. The same
-/// share is `Targets::reply` on dev; 1.0 when the edge answers nothing.
-fn reply_fit(probs: &[Vec<f32>], policy: &Policy, split: &[Example]) -> f64 {
     let (mut answered, mut fitting) = (0u64, 0u64);
     for (p, e) in probs.iter().zip(split) {
         let (intent, _, route) = policy.decide_label(p);
+        board.add(route, expected_route(LABELS[e.y]));
         if route == Route::Edge {
             answered += 1;
             fitting += u64::from(reply_fits(intent, LABELS[e.y]));
         }
     }
-    if answered == 0 {
+    let fit = if answered == 0 {
         1.0
     } else {
         fitting as f64 / answered as f64
-    }
+    };
+    (board.scores(), fit)
 }
 
 /// `--dev-report`: each dev line with its cross-fitted prediction and the route the thresholds
