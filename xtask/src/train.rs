@@ -420,7 +420,7 @@ fn split_seeds(
         let cells: Vec<String> = r.iter().map(|v| format!("{v:.4}")).collect();
         println!("| {seed} | {} |", cells.join(" | "));
     };
-    println!("| split seed | {} |", titles.join(" | "));
+    println!("| {SEED_TITLE} | {} |", titles.join(" | "));
     println!("|---|{}", "---:|".repeat(SWEEP_COLUMNS.len()));
     for (seed, r) in &rows {
         line(seed, r);
@@ -432,6 +432,9 @@ fn split_seeds(
     }
     Ok(())
 }
+
+/// The title of the first column of `--split-seeds`' table, which `--baseline` finds it by.
+const SEED_TITLE: &str = "split seed";
 
 /// A `--split-seeds` table: each seed's row of `SWEEP_COLUMNS`.
 type SweepTable = BTreeMap<u64, [f64; SWEEP_COLUMNS.len()]>;
@@ -445,8 +448,9 @@ fn parse_sweep_table(text: &str) -> anyhow::Result<SweepTable> {
         inner.split('|').map(|c| c.trim().to_string()).collect()
     };
     let mut lines = text.lines().enumerate().map(|(i, l)| (i + 1, l.trim()));
-    let Some((_, header)) = lines.find(|(_, l)| l.starts_with("| split seed |")) else {
-        bail!("no `--split-seeds` table (a line starting with `| split seed |`)");
+    let start = format!("| {SEED_TITLE} |");
+    let Some((_, header)) = lines.find(|(_, l)| l.starts_with(&start)) else {
+        bail!("no `--split-seeds` table (a line starting with `{start}`)");
     };
     // For each of the table's columns, its place in SWEEP_COLUMNS, if this build has it.
     let places: Vec<Option<usize>> = cells(header)
@@ -1269,7 +1273,7 @@ mod tests {
     /// rows.
     fn sweep_output(titles: &[&str], rows: &[(u64, Vec<f64>)]) -> String {
         let mut out = format!(
-            "split seed 6: training\n| split seed | {} |\n|---|{}\n",
+            "split seed 6: training\n| {SEED_TITLE} | {} |\n|---|{}\n",
             titles.join(" | "),
             "---:|".repeat(titles.len())
         );
