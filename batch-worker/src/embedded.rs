@@ -12,7 +12,7 @@
 //! at the committed input offset, so every input item yields exactly one output line.
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -21,7 +21,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use shared::features::Featurizer;
 use shared::wire::{
-    InputItem, OutputLine, Task, duplicate_id_line, parse_input_bytes, parse_input_line,
+    InputItem, MAX_LINE_BYTES, OutputLine, Task, duplicate_id_line, line_too_long,
+    parse_input_bytes, parse_input_line,
 };
 
 use crate::batching::Batcher;
@@ -229,25 +230,74 @@ pub fn validate(opts: &RunOptions) -> Result<(), RunError> {
     Ok(())
 }
 
-/// Hashes the input and counts its non-blank lines.
+/// Hashes the input and counts its non-blank lines, a block at a time: a line is never held
+/// whole, however long it is.
 fn fingerprint(path: &Path) -> Result<(String, u64), RunError> {
     let f = File::open(path).map_err(io(format!("reading {}", path.display())))?;
     let mut r = BufReader::with_capacity(1 << 20, f);
     let mut hasher = Sha256::new();
     let mut lines = 0u64;
-    let mut line = Vec::new();
+    // Whether the line being read has a byte other than ASCII whitespace so far.
+    let mut filled = false;
     loop {
-        line.clear();
-        let n = r
-            .read_until(b'\n', &mut line)
-            .map_err(|e| io(format!("reading {}", path.display()))(e))?;
-        if n == 0 {
+        let block = match r.fill_buf() {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(io(format!("reading {}", path.display()))(e)),
+        };
+        if block.is_empty() {
             break;
         }
-        hasher.update(&line);
-        lines += u64::from(!line.trim_ascii().is_empty());
+        hasher.update(block);
+        let mut rest = block;
+        while let Some(i) = memchr::memchr(b'\n', rest) {
+            lines += u64::from(filled || !rest[..i].trim_ascii().is_empty());
+            filled = false;
+            rest = &rest[i + 1..];
+        }
+        filled |= !rest.trim_ascii().is_empty();
+        let n = block.len();
+        r.consume(n);
     }
-    Ok((hex::encode(hasher.finalize()), lines))
+    Ok((hex::encode(hasher.finalize()), lines + u64::from(filled)))
+}
+
+/// Reads the next input line, with its `\n`, into `buf` (cleared first). `None` at the end of
+/// the input; else the bytes the line took, and whether it was longer than
+/// [`MAX_LINE_BYTES`] (and not blank): such a line is skipped without being held (`buf` is
+/// left empty), so a file without line breaks cannot exhaust memory.
+fn read_line(reader: &mut impl BufRead, buf: &mut Vec<u8>) -> std::io::Result<Option<(u64, bool)>> {
+    buf.clear();
+    let limit = MAX_LINE_BYTES as u64 + 1;
+    let n = reader.by_ref().take(limit).read_until(b'\n', buf)? as u64;
+    if n == 0 {
+        return Ok(None);
+    }
+    if n < limit || buf.last() == Some(&b'\n') {
+        return Ok(Some((n, false)));
+    }
+    // Counted as a line only if it has a byte other than whitespace, as a short line is.
+    let mut filled = !buf.trim_ascii().is_empty();
+    buf.clear();
+    let mut skipped = n;
+    loop {
+        let block = match reader.fill_buf() {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        let (take, ended) = match memchr::memchr(b'\n', block) {
+            Some(i) => (i + 1, true),
+            None => (block.len(), block.is_empty()),
+        };
+        filled |= !block[..take].trim_ascii().is_empty();
+        reader.consume(take);
+        skipped += take as u64;
+        if ended {
+            // A blank one comes back as a blank line (`buf` empty), which is skipped.
+            return Ok(Some((skipped, filled)));
+        }
+    }
 }
 
 fn write_checkpoint(path: &Path, ckpt: &Checkpoint) -> Result<(), RunError> {
@@ -508,18 +558,19 @@ impl Input {
             eof: false,
         };
         while batch.items.len() < batch_size {
-            self.buf.clear();
-            let n = self
-                .reader
-                .read_until(b'\n', &mut self.buf)
-                .map_err(io("reading input"))?;
-            if n == 0 {
+            let Some((n, too_long)) =
+                read_line(&mut self.reader, &mut self.buf).map_err(io("reading input"))?
+            else {
                 batch.eof = true;
                 break;
-            }
-            batch.bytes += n as u64;
+            };
+            batch.bytes += n;
             self.line_no += 1;
             let line_no = self.line_no;
+            if too_long {
+                batch.slots.push(Slot::Ready(line_too_long(line_no)));
+                continue;
+            }
             if self.buf.trim_ascii().is_empty() {
                 continue;
             }
@@ -618,15 +669,15 @@ pub fn run<P: Processor + Send>(
     let mut line_no = 0u64;
     let mut buf = Vec::new();
     while consumed < ckpt.input_offset {
-        buf.clear();
-        let n = reader
-            .read_until(b'\n', &mut buf)
-            .map_err(io("reading input"))?;
-        if n == 0 {
+        let Some((n, too_long)) = read_line(&mut reader, &mut buf).map_err(io("reading input"))?
+        else {
             break;
-        }
-        consumed += n as u64;
+        };
+        consumed += n;
         line_no += 1;
+        if too_long {
+            continue;
+        }
         if let Ok(item) = std::str::from_utf8(&buf)
             .map_err(drop)
             .and_then(|s| parse_input_line(s.trim_end(), line_no).map_err(drop))
@@ -947,7 +998,45 @@ fn progress_bar(enabled: bool, total: u64, done: u64) -> indicatif::ProgressBar 
 
 #[cfg(test)]
 mod tests {
-    use super::SeenIds;
+    use super::{MAX_LINE_BYTES, SeenIds, fingerprint, read_line};
+
+    #[test]
+    fn a_line_over_the_limit_is_skipped_whole_and_counted() {
+        let lines = [
+            "short".to_owned(),
+            "x".repeat(MAX_LINE_BYTES + 10),
+            " ".repeat(MAX_LINE_BYTES + 5),
+            "a".repeat(MAX_LINE_BYTES),
+            "tail".to_owned(),
+        ];
+        let file = lines.join("\n");
+        // A small buffer, so that the long lines come in many pieces.
+        let mut r = std::io::BufReader::with_capacity(4096, file.as_bytes());
+        let mut buf = Vec::new();
+        let mut got = Vec::new();
+        while let Some((n, too_long)) = read_line(&mut r, &mut buf).expect("reads") {
+            got.push((n, too_long, buf.len()));
+        }
+        let m = MAX_LINE_BYTES as u64;
+        assert_eq!(
+            got,
+            [
+                (6, false, 6),
+                (m + 11, true, 0),
+                // Blank: given back as an empty line, which is skipped like any blank one.
+                (m + 6, false, 0),
+                (m + 1, false, MAX_LINE_BYTES + 1),
+                (4, false, 4),
+            ]
+        );
+        let path = std::env::temp_dir().join(format!("fingerprint-{}", std::process::id()));
+        std::fs::write(&path, &file).expect("write");
+        let (sha, items) = fingerprint(&path).expect("fingerprint");
+        std::fs::remove_file(&path).ok();
+        assert_eq!(items, 4, "every line but the blank one is an item");
+        use sha2::Digest as _;
+        assert_eq!(sha, hex::encode(sha2::Sha256::digest(file.as_bytes())));
+    }
 
     #[test]
     fn seen_ids_finds_exactly_the_repeated_ids() {

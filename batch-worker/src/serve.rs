@@ -34,7 +34,10 @@ use shared::jobs::{
     ShardRecord, ShardState,
 };
 use shared::time::rfc3339;
-use shared::wire::{InputItem, OutputLine, Task, duplicate_id_line, parse_input_bytes};
+use shared::wire::{
+    InputItem, MAX_LINE_BYTES, OutputLine, Task, duplicate_id_line, line_too_long,
+    parse_input_bytes,
+};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -710,6 +713,14 @@ async fn load_items(
         },
     };
     if let Some(range) = &msg.range {
+        if !range.too_long.is_empty() {
+            // The planner gives such lines ranges of their own: nothing else to read.
+            return Ok(range
+                .too_long
+                .iter()
+                .map(|&n| Err(line_too_long(n)))
+                .collect());
+        }
         let bytes = outputs::read_uri_range(uri, range.start..range.end, range.version.as_deref())
             .await
             .map_err(unreadable)?;
@@ -735,6 +746,10 @@ fn parse_lines(
     let mut items = Vec::new();
     for (line_no, line) in (first_line..).zip(bytes.split(|b| *b == b'\n')) {
         if line.trim_ascii().is_empty() {
+            continue;
+        }
+        if line.len() > MAX_LINE_BYTES {
+            items.push(Err(line_too_long(line_no)));
             continue;
         }
         items.push(match parse_input_bytes(line, line_no) {
@@ -777,8 +792,17 @@ struct Planner {
     /// Bytes and lines consumed (whole lines only).
     end: u64,
     lines: u64,
-    /// The bytes of a line not yet ended by `\n`.
+    /// The bytes of a line not yet ended by `\n`, unless it is longer than
+    /// [`MAX_LINE_BYTES`]: then only its length and whether it is blank so far are kept.
     partial: Vec<u8>,
+    long: Option<LongLine>,
+}
+
+/// A line longer than [`MAX_LINE_BYTES`], as far as the [`Planner`] has read it.
+#[derive(Clone, Copy)]
+struct LongLine {
+    bytes: u64,
+    filled: bool,
 }
 
 impl Planner {
@@ -796,6 +820,7 @@ impl Planner {
             end: 0,
             lines: 0,
             partial: Vec::new(),
+            long: None,
         }
     }
 
@@ -803,7 +828,12 @@ impl Planner {
     fn feed(&mut self, mut bytes: &[u8]) {
         while let Some(i) = bytes.iter().position(|b| *b == b'\n') {
             let (line, rest) = bytes.split_at(i + 1);
-            if self.partial.is_empty() {
+            if let Some(long) = self.long.take() {
+                self.long_line(LongLine {
+                    bytes: long.bytes + line.len() as u64,
+                    filled: long.filled || !line.trim_ascii().is_empty(),
+                });
+            } else if self.partial.is_empty() {
                 self.line(line);
             } else {
                 let mut whole = std::mem::take(&mut self.partial);
@@ -814,11 +844,60 @@ impl Planner {
             }
             bytes = rest;
         }
-        self.partial.extend_from_slice(bytes);
+        self.hold(bytes);
+    }
+
+    /// Keeps `bytes`, the start of a line not ended yet, or only their count and whether they
+    /// are blank once the line is longer than [`MAX_LINE_BYTES`].
+    fn hold(&mut self, bytes: &[u8]) {
+        let filled = || !bytes.trim_ascii().is_empty();
+        if let Some(long) = &mut self.long {
+            long.bytes += bytes.len() as u64;
+            long.filled |= filled();
+        } else if self.partial.len() + bytes.len() > MAX_LINE_BYTES {
+            self.long = Some(LongLine {
+                bytes: (self.partial.len() + bytes.len()) as u64,
+                filled: !self.partial.trim_ascii().is_empty() || filled(),
+            });
+            self.partial = Vec::new();
+        } else {
+            self.partial.extend_from_slice(bytes);
+        }
+    }
+
+    /// A line longer than [`MAX_LINE_BYTES`] (with its `\n` if it has one), not held. It gets
+    /// a range of its own, which the shard that takes it need not read.
+    fn long_line(&mut self, line: LongLine) {
+        if !line.filled {
+            self.lines += 1;
+            self.end += line.bytes;
+            return;
+        }
+        if self.in_range > 0 {
+            self.close();
+        }
+        self.lines += 1;
+        self.total += 1;
+        self.ranges.push(InputRange {
+            start: self.end,
+            end: self.end + line.bytes,
+            first_line: self.lines,
+            version: self.version.clone(),
+            duplicates: Vec::new(),
+            too_long: vec![self.lines],
+        });
+        self.end += line.bytes;
+        (self.start, self.first_line, self.in_range) = (self.end, self.lines + 1, 0);
     }
 
     /// One line, with its `\n` if it has one.
     fn line(&mut self, line: &[u8]) {
+        if line.strip_suffix(b"\n").unwrap_or(line).len() > MAX_LINE_BYTES {
+            return self.long_line(LongLine {
+                bytes: line.len() as u64,
+                filled: !line.trim_ascii().is_empty(),
+            });
+        }
         self.lines += 1;
         self.end += line.len() as u64;
         let content = line.strip_suffix(b"\n").unwrap_or(line);
@@ -850,12 +929,15 @@ impl Planner {
             first_line: self.first_line,
             version: self.version.clone(),
             duplicates: std::mem::take(&mut self.duplicates),
+            too_long: Vec::new(),
         });
     }
 
     /// The plan, once the whole file was fed.
     fn finish(mut self) -> InputPlan {
-        if !self.partial.is_empty() {
+        if let Some(long) = self.long.take() {
+            self.long_line(long);
+        } else if !self.partial.is_empty() {
             let last = std::mem::take(&mut self.partial);
             self.line(&last);
         }
@@ -1858,6 +1940,10 @@ mod tests {
     fn sharded(bytes: &[u8], plan: &InputPlan) -> Vec<Result<InputItem, OutputLine>> {
         let mut all = Vec::new();
         for r in &plan.ranges {
+            if !r.too_long.is_empty() {
+                all.extend(r.too_long.iter().map(|&n| Err(line_too_long(n))));
+                continue;
+            }
             let part = &bytes[r.start as usize..r.end as usize];
             all.extend(parse_lines(part, r.first_line, |n, _| {
                 r.duplicates.contains(&n)
@@ -1912,6 +1998,68 @@ mod tests {
                 for piece in [1, 2, 7, 64] {
                     assert_eq!(plan, self::plan(&bytes, per_shard, Some("v1"), piece));
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn a_line_over_the_limit_gets_a_range_of_its_own_and_an_error_line() {
+        let long = format!(
+            "{{\"custom_id\":\"big\",\"input\":\"{}\"}}",
+            "가".repeat(MAX_LINE_BYTES / 3)
+        );
+        let mut bytes = Vec::new();
+        for line in [
+            "{\"custom_id\":\"a\",\"input\":\"안녕\"}",
+            &long,
+            &" ".repeat(MAX_LINE_BYTES + 50),
+            &"x".repeat(MAX_LINE_BYTES),
+            "{\"custom_id\":\"b\",\"input\":\"hi\"}",
+            &long,
+        ] {
+            bytes.extend_from_slice(line.as_bytes());
+            bytes.push(b'\n');
+        }
+        bytes.pop(); // the last line ends the file
+        let want = whole(&bytes);
+        let codes: Vec<String> = want
+            .iter()
+            .map(|l| match l {
+                Ok(item) => item.custom_id.clone(),
+                Err(OutputLine::Err { custom_id, error }) => format!("{custom_id} {}", error.code),
+                Err(other) => panic!("{other:?}"),
+            })
+            .collect();
+        // The blank line is skipped; one of exactly the limit is read (and is not JSON).
+        assert_eq!(
+            codes,
+            [
+                "a",
+                "2 line_too_long",
+                "4 invalid_item",
+                "b",
+                "6 line_too_long"
+            ]
+        );
+        for per_shard in [1, 2, 100] {
+            for piece in [4096, 1 << 16, 3 << 20] {
+                let plan = plan(&bytes, per_shard, None, piece);
+                assert_eq!(plan.total, 5, "per_shard {per_shard}, piece {piece}");
+                assert_eq!(sharded(&bytes, &plan), want, "per_shard {per_shard}");
+                assert_eq!(plan.ranges[0].start, 0);
+                assert_eq!(plan.ranges.last().map(|r| r.end), Some(bytes.len() as u64));
+                for w in plan.ranges.windows(2) {
+                    assert_eq!(w[0].end, w[1].start);
+                }
+                // Each long line alone in its range: the shard reads none of its bytes.
+                let spans: Vec<_> = plan
+                    .ranges
+                    .iter()
+                    .filter(|r| !r.too_long.is_empty())
+                    .map(|r| (r.too_long.clone(), r.first_line, r.end - r.start))
+                    .collect();
+                let n = long.len() as u64;
+                assert_eq!(spans, [(vec![2], 2, n + 1), (vec![6], 6, n)]);
             }
         }
     }

@@ -176,6 +176,45 @@ fn malformed_lines_become_error_lines_and_never_stop_the_job() {
 }
 
 #[test]
+fn an_overlong_line_or_id_becomes_an_error_line() {
+    let dir = scratch("overlong");
+    let input = dir.join("in.jsonl");
+    let limit = shared::wire::MAX_LINE_BYTES;
+    let lines = [
+        r#"{"custom_id":"a","input":"안녕하세요"}"#.to_owned(),
+        // A valid item, but 3 MiB on one line (a file without line breaks looks the same).
+        serde_json::json!({"custom_id": "huge", "input": "가".repeat(limit)}).to_string(),
+        " ".repeat(2 * limit),
+        serde_json::json!({"custom_id": "i".repeat(257), "input": "hi"}).to_string(),
+        serde_json::json!({"custom_id": "i".repeat(256), "input": "hi"}).to_string(),
+        r#"{"custom_id":"c","input":"근처 떡볶이 맛집 알려줘"}"#.to_owned(),
+    ];
+    std::fs::write(&input, lines.join("\n")).expect("write");
+    let out = run_to_end(&input, &dir.join("out.jsonl"), &[]);
+    let got: Vec<(String, String)> = out
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("json line");
+            let id = v["custom_id"].as_str().unwrap_or_default();
+            let what = v["error"]["code"].as_str().unwrap_or("ok");
+            (id.chars().take(8).collect(), what.to_owned())
+        })
+        .collect();
+    let want = [
+        ("a", "ok"),
+        ("2", "line_too_long"),
+        ("4", "invalid_custom_id"),
+        ("iiiiiiii", "ok"),
+        ("c", "ok"),
+    ];
+    let want: Vec<(String, String)> = want
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+    assert_eq!(got, want, "{out}");
+}
+
+#[test]
 fn unusable_arguments_exit_2_with_one_line() {
     let dir = scratch("usage");
     let cases: Vec<(Vec<String>, &str)> = vec![

@@ -554,7 +554,8 @@ async fn outputs_once_and_equal_to_the_embedded_run(fx: &Fixture) -> anyhow::Res
 /// job (its plan message is delivered twice: a redelivery after a crash plans again). That
 /// worker is drained once it has committed a chunk, and a second worker finishes the shards. The
 /// job's output files, in order, equal `batch-worker run`'s output on the same file byte for
-/// byte: malformed lines and a duplicate id four shards away included.
+/// byte: malformed lines, a duplicate id four shards away and a line over the 1 MiB limit (a
+/// shard of its own, never read) included.
 async fn input_file_is_shared_by_workers(fx: &Fixture) -> anyhow::Result<()> {
     let w = World::new(fx, "input-shards").await?;
     let worker = |id: &str| {
@@ -572,6 +573,10 @@ async fn input_file_is_shared_by_workers(fx: &Fixture) -> anyhow::Result<()> {
             420 => text.push_str(&format!(
                 "{}\n",
                 json!({"custom_id": "s-7", "input": "dup"})
+            )),
+            700 => text.push_str(&format!(
+                "{}\n",
+                json!({"custom_id": "long", "input": "x".repeat(shared::wire::MAX_LINE_BYTES)})
             )),
             999 => text.push_str(&serde_json::to_string(it)?),
             _ => text.push_str(&format!("{}\n", serde_json::to_string(it)?)),
@@ -599,19 +604,21 @@ async fn input_file_is_shared_by_workers(fx: &Fixture) -> anyhow::Result<()> {
             j.status == JobStatus::Succeeded
         })
         .await?;
-    // 999 non-blank lines; two error lines (the broken one, the duplicate).
+    // 999 non-blank lines; three error lines (the broken one, the duplicate, the long one).
     ensure!(
         job.counts
             == Counts {
                 total: 999,
                 done: 999,
-                failed: 2
+                failed: 3
             },
         "counts {:?}",
         job.counts
     );
+    // Ranges of 100 items, but the one before the long line (line 701) ends early at 99: 6
+    // full ones, 99, the long line alone, then 100, 100 and 99.
     ensure!(
-        job.shards == 10 && job.shards_done == 10,
+        job.shards == 11 && job.shards_done == 11,
         "shards {} done {}",
         job.shards,
         job.shards_done
@@ -630,13 +637,15 @@ async fn input_file_is_shared_by_workers(fx: &Fixture) -> anyhow::Result<()> {
         "both workers must have run shards: w1 {by_w1}, w2 {by_w2}"
     );
     ensure!(
-        w.chunk_lines("job-s") == 999,
+        // The long line's shard is done in its first chunk: its line goes straight to its
+        // output file, with no chunk object.
+        w.chunk_lines("job-s") == 998,
         "a drain must redo nothing, chunks hold {} lines",
         w.chunk_lines("job-s")
     );
 
     let (files, served) = w.output_text("job-s")?;
-    ensure!(files == 10, "{files} output files");
+    ensure!(files == 11, "{files} output files");
     let emb_out = dir.join("run.out.jsonl");
     embedded_run(&input, &emb_out)?;
     let run = std::fs::read_to_string(&emb_out)?;
@@ -656,6 +665,10 @@ async fn input_file_is_shared_by_workers(fx: &Fixture) -> anyhow::Result<()> {
     ensure!(
         served.contains("line 421: custom_id already used earlier in the file"),
         "no duplicate error line"
+    );
+    ensure!(
+        served.contains(r#"{"custom_id":"701","error":{"code":"line_too_long""#),
+        "no error line for the long line"
     );
     Ok(())
 }

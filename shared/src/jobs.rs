@@ -230,6 +230,10 @@ pub struct InputRange {
     /// they become `duplicate_custom_id` error lines.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub duplicates: Vec<u64>,
+    /// Line numbers of lines longer than [`crate::wire::MAX_LINE_BYTES`]: they become
+    /// `line_too_long` error lines. A range that has them holds no other line, and is not read.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub too_long: Vec<u64>,
 }
 
 impl JobMessage {

@@ -97,6 +97,33 @@ impl OutputLine {
 /// Largest accepted `input` text of a bulk item, in characters.
 pub const MAX_ITEM_CHARS: usize = 32_000;
 
+/// Largest accepted `custom_id`, in characters (the edge's limit for inline items too).
+pub const MAX_CUSTOM_ID_CHARS: usize = 256;
+
+/// Longest input line read, in bytes (without its `\n`). Every item within the limits above
+/// fits several times over, even with each character written as a JSON escape; a longer line
+/// (a file without line breaks, an item padded with megabytes of whitespace) becomes a
+/// [`line_too_long`] error line and is skipped without being held in memory.
+pub const MAX_LINE_BYTES: usize = 1 << 20;
+
+/// The error line of input line `line_no`, longer than [`MAX_LINE_BYTES`].
+pub fn line_too_long(line_no: u64) -> OutputLine {
+    OutputLine::error(
+        line_no.to_string(),
+        "line_too_long",
+        format!(
+            "line {line_no} is longer than {MAX_LINE_BYTES} bytes; expected one item per line, {{\"custom_id\": string, \"input\": string}}"
+        ),
+    )
+}
+
+/// Whether `id` is a usable `custom_id`: 1 to [`MAX_CUSTOM_ID_CHARS`] characters.
+fn usable_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 4 * MAX_CUSTOM_ID_CHARS
+        && id.chars().count() <= MAX_CUSTOM_ID_CHARS
+}
+
 /// [`parse_input_line`] for a line as read from a file: bytes, with or without its `\n` (and
 /// `\r`). A line that is not UTF-8 becomes an error line as well.
 pub fn parse_input_bytes(line: &[u8], line_no: u64) -> Result<InputItem, OutputLine> {
@@ -129,6 +156,14 @@ pub fn parse_input_line(line: &str, line_no: u64) -> Result<InputItem, OutputLin
             "invalid_item",
             "custom_id must not be empty",
         )),
+        Ok(item) if !usable_id(&item.custom_id) => Err(OutputLine::error(
+            line_no.to_string(),
+            "invalid_custom_id",
+            format!(
+                "line {line_no}: custom_id has {} characters; it must have 1..={MAX_CUSTOM_ID_CHARS}",
+                item.custom_id.chars().count()
+            ),
+        )),
         Ok(item) if item.input.chars().count() > MAX_ITEM_CHARS => Err(OutputLine::error(
             item.custom_id,
             "input_too_long",
@@ -143,7 +178,7 @@ pub fn parse_input_line(line: &str, line_no: u64) -> Result<InputItem, OutputLin
                         .and_then(|c| c.as_str())
                         .map(str::to_owned)
                 })
-                .filter(|s| !s.is_empty())
+                .filter(|s| usable_id(s))
                 .unwrap_or_else(|| line_no.to_string());
             Err(OutputLine::error(
                 id,
@@ -185,6 +220,25 @@ mod tests {
     fn wrong_type_keeps_the_readable_custom_id() {
         let err = parse_input_line(r#"{"custom_id":"x9","input":5}"#, 3).expect_err("invalid");
         assert_eq!(err.custom_id(), "x9");
+    }
+
+    #[test]
+    fn a_custom_id_over_the_limit_is_replaced_by_the_line_number() {
+        let id = |n: usize| "가".repeat(n);
+        let line = |id: &str, input: &str| format!(r#"{{"custom_id":"{id}","input":{input}}}"#);
+        let ok = parse_input_line(&line(&id(MAX_CUSTOM_ID_CHARS), "\"hi\""), 4).expect("valid");
+        assert_eq!(ok.custom_id.chars().count(), MAX_CUSTOM_ID_CHARS);
+        let err = parse_input_line(&line(&id(MAX_CUSTOM_ID_CHARS + 1), "\"hi\""), 5)
+            .expect_err("too long");
+        assert_eq!(err.custom_id(), "5");
+        let json = serde_json::to_value(&err).expect("serializes");
+        assert_eq!(json["error"]["code"], "invalid_custom_id");
+        // A malformed line does not lend its overlong id to the error line either.
+        let err = parse_input_line(&line(&id(MAX_CUSTOM_ID_CHARS + 1), "5"), 6).expect_err("bad");
+        assert_eq!(err.custom_id(), "6");
+        let json = serde_json::to_value(line_too_long(9)).expect("serializes");
+        assert_eq!(json["custom_id"], "9");
+        assert_eq!(json["error"]["code"], "line_too_long");
     }
 
     #[test]

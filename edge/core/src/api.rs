@@ -16,7 +16,7 @@ use shared::jobs::{
     JOBS_COLLECTION, JobKind, JobMessage, JobRecord, JobView, TIMESTAMP_FIELDS,
 };
 use shared::time::{parse_rfc3339, rfc3339};
-use shared::wire::{InputItem, MAX_ITEM_CHARS, Task};
+use shared::wire::{InputItem, MAX_CUSTOM_ID_CHARS, MAX_ITEM_CHARS, Task};
 
 use crate::auth::KeyStore;
 use crate::config::Config;
@@ -51,7 +51,7 @@ impl Default for Limits {
             batch_body_bytes: 8 * 1024 * 1024,
             batch_items: 10_000,
             item_chars: MAX_ITEM_CHARS,
-            custom_id_chars: 256,
+            custom_id_chars: MAX_CUSTOM_ID_CHARS,
             shard_items: 1000,
             shard_bytes: 512 * 1024,
             wait_seconds: 25,
