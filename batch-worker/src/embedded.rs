@@ -178,20 +178,33 @@ fn sibling(path: &Path, suffix: &str) -> PathBuf {
 /// Checks the arguments before any model is loaded; errors are usage errors (exit 2).
 pub fn validate(opts: &RunOptions) -> Result<(), RunError> {
     let usage = |m: String| Err(RunError::Usage(m));
-    match File::open(&opts.input) {
-        Ok(f) if f.metadata().is_ok_and(|m| m.is_dir()) => {
-            return usage(format!(
-                "--input {} is a directory, expected a JSONL file",
-                opts.input.display()
-            ));
-        }
-        Ok(_) => {}
-        Err(e) => {
-            return usage(format!(
-                "--input {} cannot be read: {e}",
-                opts.input.display()
-            ));
-        }
+    let unreadable = |e: std::io::Error| {
+        usage(format!(
+            "--input {} cannot be read: {e}",
+            opts.input.display()
+        ))
+    };
+    // The type first: opening a named pipe would wait for a writer.
+    let meta = match std::fs::metadata(&opts.input) {
+        Ok(m) => m,
+        Err(e) => return unreadable(e),
+    };
+    if meta.is_dir() {
+        return usage(format!(
+            "--input {} is a directory, expected a JSONL file",
+            opts.input.display()
+        ));
+    }
+    // A pipe (`/dev/stdin`, `<(zcat …)`) would be read once, by the fingerprint, and its items
+    // never: the input is read more than once, and again from the checkpoint after a restart.
+    if !meta.is_file() {
+        return usage(format!(
+            "--input {} is not a regular file (a pipe or a device); run reads its input more than once, and again after a restart: save it to a file first",
+            opts.input.display()
+        ));
+    }
+    if let Err(e) = File::open(&opts.input) {
+        return unreadable(e);
     }
     let parent = opts
         .output

@@ -259,12 +259,31 @@ fn unusable_arguments_exit_2_with_one_line() {
         ],
         "--threads must be at least 1",
     ));
+    // Read once by the fingerprint, a pipe would leave no items to run: refused.
+    all.push((
+        vec![
+            "--input".into(),
+            "/dev/stdin".into(),
+            "--output".into(),
+            dir.join("o.jsonl").display().to_string(),
+        ],
+        "not a regular file",
+    ));
     for (args, expected) in all {
-        let out = Command::new(BIN)
+        let mut child = Command::new(BIN)
             .args(["run", "--task", "classify"])
             .args(&args)
-            .output()
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
             .expect("runs");
+        if let Some(mut stdin) = child.stdin.take() {
+            use std::io::Write as _;
+            // Ignored (a closed pipe) by the runs refused before reading it.
+            let _ = stdin.write_all(b"{\"custom_id\":\"a\",\"input\":\"hi\"}\n");
+        }
+        let out = child.wait_with_output().expect("exits");
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert_eq!(err.trim().lines().count(), 1, "{err}");
