@@ -866,15 +866,17 @@ impl Planner {
     }
 
     /// A line longer than [`MAX_LINE_BYTES`] (with its `\n` if it has one), not held. It gets
-    /// a range of its own, which the shard that takes it need not read.
+    /// a range of its own, which the shard that takes it need not read; a blank one is left
+    /// out of every range, so that no shard reads it either.
     fn long_line(&mut self, line: LongLine) {
+        if self.in_range > 0 {
+            self.close();
+        }
         if !line.filled {
             self.lines += 1;
             self.end += line.bytes;
+            (self.start, self.first_line, self.in_range) = (self.end, self.lines + 1, 0);
             return;
-        }
-        if self.in_range > 0 {
-            self.close();
         }
         self.lines += 1;
         self.total += 1;
@@ -2048,9 +2050,14 @@ mod tests {
                 assert_eq!(sharded(&bytes, &plan), want, "per_shard {per_shard}");
                 assert_eq!(plan.ranges[0].start, 0);
                 assert_eq!(plan.ranges.last().map(|r| r.end), Some(bytes.len() as u64));
-                for w in plan.ranges.windows(2) {
-                    assert_eq!(w[0].end, w[1].start);
-                }
+                // In order, with one gap: the long blank line, which no shard reads.
+                let gaps: Vec<usize> = plan
+                    .ranges
+                    .windows(2)
+                    .map(|w| w[1].start as usize - w[0].end as usize)
+                    .filter(|&g| g > 0)
+                    .collect();
+                assert_eq!(gaps, [MAX_LINE_BYTES + 51]);
                 // Each long line alone in its range: the shard reads none of its bytes.
                 let spans: Vec<_> = plan
                     .ranges
