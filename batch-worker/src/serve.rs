@@ -872,22 +872,18 @@ impl Planner {
         if self.in_range > 0 {
             self.close();
         }
-        if !line.filled {
-            self.lines += 1;
-            self.end += line.bytes;
-            (self.start, self.first_line, self.in_range) = (self.end, self.lines + 1, 0);
-            return;
-        }
         self.lines += 1;
-        self.total += 1;
-        self.ranges.push(InputRange {
-            start: self.end,
-            end: self.end + line.bytes,
-            first_line: self.lines,
-            version: self.version.clone(),
-            duplicates: Vec::new(),
-            too_long: vec![self.lines],
-        });
+        if line.filled {
+            self.total += 1;
+            self.ranges.push(InputRange {
+                start: self.end,
+                end: self.end + line.bytes,
+                first_line: self.lines,
+                version: self.version.clone(),
+                duplicates: Vec::new(),
+                too_long: vec![self.lines],
+            });
+        }
         self.end += line.bytes;
         (self.start, self.first_line, self.in_range) = (self.end, self.lines + 1, 0);
     }
