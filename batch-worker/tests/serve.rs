@@ -81,16 +81,40 @@ impl<'a> World<'a> {
         self.fx.dir.join(&self.name).join(file)
     }
 
-    /// Whether worker log `file` says `job` succeeded, finished by its last shard's commit
-    /// (`in_shard_commit`) or by a commit of its own.
-    fn logged_success(&self, file: &str, job: &str, in_shard_commit: bool) -> anyhow::Result<()> {
+    /// Waits until worker log `file` says `job` succeeded, finished by its last shard's
+    /// commit (`in_shard_commit`) or by a commit of its own.
+    async fn logged_success(
+        &self,
+        file: &str,
+        job: &str,
+        in_shard_commit: bool,
+    ) -> anyhow::Result<()> {
         let field = format!("\"in_shard_commit\":{in_shard_commit}");
-        let lines = self.success_lines(file, job)?;
-        ensure!(
-            lines.iter().any(|l| l.contains(&field)),
-            "no line says {job} succeeded with {field}:\n{lines:#?}"
-        );
-        Ok(())
+        self.wait_log(file, &format!("{job} succeeded with {field}"), |l| {
+            l.contains("job succeeded") && l.contains(job) && l.contains(&field)
+        })
+        .await
+    }
+
+    /// Waits until a line of worker log `file` satisfies `found`. A worker logs an event
+    /// after the Firestore write that tests watch for, so the line may trail it a moment.
+    async fn wait_log(
+        &self,
+        file: &str,
+        what: &str,
+        found: impl Fn(&str) -> bool,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let log = std::fs::read_to_string(self.log(file))?;
+            if log.lines().any(&found) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("no line of {file} says {what}:\n{log}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// The lines of worker log `file` that say `job` succeeded.
@@ -867,7 +891,7 @@ async fn generation_answers_chat_and_batches(fx: &Fixture) -> anyhow::Result<()>
         .await?;
     ensure!(done.status == JobStatus::Succeeded, "chat job: {done:?}");
     // The commit that finished the chat message's only shard finished the job too.
-    w.logged_success("w1.log", "chat-1", true)?;
+    w.logged_success("w1.log", "chat-1", true).await?;
     // The whole reply took four Firestore operations: read the job and the shard, take the
     // lease, and the last commit (the job is not read again before it).
     let w1_metrics = reqwest::get(format!("http://127.0.0.1:{w1_port}/metrics"))
@@ -1210,11 +1234,10 @@ async fn fencing_stops_the_worker_that_lost_its_lease(fx: &Fixture) -> anyhow::R
     })
     .await?;
     assert_exactly(&w.outputs("job-x")?, &all)?;
-    let log = std::fs::read_to_string(w.log("w1.log"))?;
-    ensure!(
-        log.contains("lease lost"),
-        "w1 never noticed its lost lease:\n{log}"
-    );
+    w.wait_log("w1.log", "w1 noticed its lost lease", |l| {
+        l.contains("lease lost")
+    })
+    .await?;
     let log2 = std::fs::read_to_string(w.log("w2.log"))?;
     ensure!(
         log2.contains("lease taken"),
