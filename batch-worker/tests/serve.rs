@@ -561,17 +561,34 @@ async fn outputs_once_and_equal_to_the_embedded_run(fx: &Fixture) -> anyhow::Res
     }
     ensure!(fo[0]["output"]["intent"].is_string(), "line 1: {}", fo[0]);
 
-    let metrics = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics"))
-        .await?
-        .text()
-        .await?;
-    ensure!(
-        metrics.contains("batch_worker_items_total 2800")
-            && metrics.contains("batch_worker_shards_completed_total 4")
-            && metrics.contains("batch_worker_inference_seconds_count"),
-        "metrics:\n{metrics}"
-    );
-    Ok(())
+    // The worker counts a shard just after the commit that finished the job.
+    wait_metrics(
+        &format!("http://127.0.0.1:{metrics_port}/metrics"),
+        "2,800 items in 4 shards",
+        |m| {
+            m.contains("batch_worker_items_total 2800")
+                && m.contains("batch_worker_shards_completed_total 4")
+                && m.contains("batch_worker_inference_seconds_count")
+        },
+    )
+    .await
+}
+
+/// Waits until the worker's metrics at `url` satisfy `ok`: a counter may move just after the
+/// Firestore write that a test watched for.
+async fn wait_metrics(url: &str, what: &str, ok: impl Fn(&str) -> bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = reqwest::get(url).await?.text().await?;
+        if ok(&m) {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "metrics never showed {what}:\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// An `input_uri` file of 1,000 lines is cut into shards of 100 by the worker that takes the
@@ -1065,18 +1082,12 @@ async fn generation_answers_chat_and_batches(fx: &Fixture) -> anyhow::Result<()>
         j.status == JobStatus::Cancelled
     })
     .await?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let m = reqwest::get(&metrics_url).await?.text().await?;
-        if counter(&m, "batch_worker_generate_abandoned_total")? >= 1 {
-            break;
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "no row of the cancelled shard left the batch:\n{m}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_metrics(
+        &metrics_url,
+        "a row of the cancelled shard leaving the batch",
+        |m| counter(m, "batch_worker_generate_abandoned_total").is_ok_and(|n| n >= 1),
+    )
+    .await?;
     w.submit_chat("chat-after", burst[0]).await?;
     let j = w
         .wait_job("chat-after", Duration::from_secs(30), "succeeded", |j| {
