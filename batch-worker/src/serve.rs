@@ -364,6 +364,8 @@ pub async fn serve(
         }
     }
     let started = Instant::now();
+    // Finished tasks stay in the set until joined: count only the shards still running.
+    while tasks.try_join_next().is_some() {}
     tracing::info!(in_flight = tasks.len(), "draining: no new messages");
     // Close the stream first, so that shards nacked below go to other workers, not back to
     // this one; the shutdown completes once every held message is acked or nacked and flushed.
