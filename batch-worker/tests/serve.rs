@@ -104,17 +104,13 @@ impl<'a> World<'a> {
         what: &str,
         found: impl Fn(&str) -> bool,
     ) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let log = std::fs::read_to_string(self.log(file))?;
-            if log.lines().any(&found) {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("no line of {file} says {what}:\n{log}");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let path = self.log(file);
+        let read = || std::fs::read_to_string(&path).unwrap_or_default();
+        stack::wait_for(what, Duration::from_secs(5), || async {
+            read().lines().any(&found).then_some(())
+        })
+        .await
+        .with_context(|| format!("{file}:\n{}", read()))
     }
 
     /// The lines of worker log `file` that say `job` succeeded.
@@ -577,18 +573,15 @@ async fn outputs_once_and_equal_to_the_embedded_run(fx: &Fixture) -> anyhow::Res
 /// Waits until the worker's metrics at `url` satisfy `ok`: a counter may move just after the
 /// Firestore write that a test watched for.
 async fn wait_metrics(url: &str, what: &str, ok: impl Fn(&str) -> bool) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let m = reqwest::get(url).await?.text().await?;
-        if ok(&m) {
-            return Ok(());
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "metrics never showed {what}:\n{m}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    let fetch = || async { reqwest::get(url).await.ok()?.text().await.ok() };
+    let shown = stack::wait_for(what, Duration::from_secs(10), || async {
+        fetch().await.filter(|m| ok(m)).map(drop)
+    })
+    .await;
+    if let Err(e) = shown {
+        bail!("{e}; metrics:\n{}", fetch().await.unwrap_or_default());
     }
+    Ok(())
 }
 
 /// An `input_uri` file of 1,000 lines is cut into shards of 100 by the worker that takes the
