@@ -6,8 +6,8 @@
 //! - [`batching`]: continuous batching of text generation, for `run` and `serve`;
 //! - [`embedded`]: `batch-worker run`, the no-cloud mode over local files;
 //! - [`serve`]: `batch-worker serve`, shards from Pub/Sub with checkpoints in Firestore
-//!   ([`store`]), outputs in object storage ([`outputs`]), GCE preemption notices ([`gce`])
-//!   and Prometheus [`metrics`].
+//!   ([`store`]), outputs in object storage ([`outputs`]), GCE preemption notices ([`gce`]),
+//!   Prometheus [`metrics`] and a start-up check that its services answer ([`reach`]).
 
 pub mod batching;
 pub mod embedded;
@@ -16,6 +16,7 @@ pub mod gce;
 pub mod generate;
 pub mod metrics;
 pub mod outputs;
+pub mod reach;
 pub mod serve;
 pub mod store;
 pub mod tasks;

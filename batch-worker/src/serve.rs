@@ -46,6 +46,7 @@ use crate::embedded::{Processor, featurize_rows};
 use crate::engine::EngineError;
 use crate::metrics::Metrics;
 use crate::outputs::{self, Location};
+use crate::reach::Endpoint;
 use crate::store::{Committed, Precondition, Store, StoreError, Versioned, Write};
 use crate::tasks::{Classify, Generate};
 
@@ -268,6 +269,27 @@ pub async fn serve(
     let metrics = Arc::new(Metrics::default());
     let store = store.counting(metrics.firestore_operations.clone());
     spawn_signal_watch(drain.clone())?;
+    for ep in [
+        Endpoint::new(
+            "Pub/Sub",
+            cfg.pubsub_emulator.as_deref(),
+            "pubsub.googleapis.com",
+            "no job can arrive",
+        ),
+        Endpoint::new(
+            "Firestore",
+            cfg.firestore_emulator.as_deref(),
+            "firestore.googleapis.com",
+            "no shard can start",
+        ),
+    ] {
+        tokio::spawn(crate::reach::watch(
+            ep,
+            Duration::from_secs(1),
+            Duration::from_secs(60),
+            stop.clone(),
+        ));
+    }
     if let Some(base) = meta {
         tracing::info!(metadata = %base, "watching for GCE preemption notices");
         tokio::spawn(crate::gce::watch_preemption(

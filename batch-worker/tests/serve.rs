@@ -104,9 +104,21 @@ impl<'a> World<'a> {
         what: &str,
         found: impl Fn(&str) -> bool,
     ) -> anyhow::Result<()> {
+        self.wait_log_for(file, what, Duration::from_secs(5), found)
+            .await
+    }
+
+    /// [`World::wait_log`] with a time limit of its own.
+    async fn wait_log_for(
+        &self,
+        file: &str,
+        what: &str,
+        limit: Duration,
+        found: impl Fn(&str) -> bool,
+    ) -> anyhow::Result<()> {
         let path = self.log(file);
         let read = || std::fs::read_to_string(&path).unwrap_or_default();
-        stack::wait_for(what, Duration::from_secs(5), || async {
+        stack::wait_for(what, limit, || async {
             read().lines().any(&found).then_some(())
         })
         .await
@@ -1373,6 +1385,80 @@ async fn preemption_notice_drains(fx: &Fixture) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A worker whose Pub/Sub and Firestore hosts do not answer says so at once (the Pub/Sub
+/// client retries in silence), and once they answer it says that too and takes its jobs.
+async fn unreachable_services_are_reported_until_they_answer(fx: &Fixture) -> anyhow::Result<()> {
+    let w = World::new(fx, "unreachable").await?;
+    // Ports nothing listens on yet; forwarders to the emulators open them later.
+    let free = || -> anyhow::Result<String> {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        Ok(l.local_addr()?.to_string())
+    };
+    let (ps_addr, fs_addr) = (free()?, free()?);
+    let mut cfg = w.worker("w1");
+    cfg.pubsub_host = ps_addr.clone();
+    cfg.firestore_host = fs_addr.clone();
+    let _w1 = cfg.start(&w.log("w1.log"))?;
+    let warned = |service: &str, addr: &str| {
+        let (service, addr) = (service.to_owned(), addr.to_owned());
+        move |l: &str| {
+            l.contains("\"WARN\"")
+                && l.contains(&format!("cannot reach {service} at {addr}: "))
+                && l.contains("refused")
+        }
+    };
+    // The worker loads its models first.
+    let start = Duration::from_secs(30);
+    let ps_warned = warned("Pub/Sub", &ps_addr);
+    w.wait_log_for("w1.log", "the Pub/Sub warning", start, ps_warned)
+        .await?;
+    let fs_warned = warned("Firestore", &fs_addr);
+    w.wait_log_for("w1.log", "the Firestore warning", start, fs_warned)
+        .await?;
+    let _ps = forward(&ps_addr, &fx.emu.pubsub_host).await?;
+    let _fs = forward(&fs_addr, &fx.emu.firestore_host).await?;
+    for (service, addr) in [("Pub/Sub", &ps_addr), ("Firestore", &fs_addr)] {
+        let line = format!("{service} at {addr} answers");
+        w.wait_log("w1.log", &line, |l| l.contains(&line)).await?;
+    }
+    let all = items("u", 50);
+    w.submit("job-u", std::slice::from_ref(&all)).await?;
+    // The Pub/Sub client's retries back off to 6.4 s and more between attempts.
+    w.wait_job("job-u", Duration::from_secs(90), "succeeded", |j| {
+        j.status == JobStatus::Succeeded
+    })
+    .await?;
+    assert_exactly(&w.outputs("job-u")?, &all)?;
+    Ok(())
+}
+
+/// Accepts connections while it lives.
+struct Forward(tokio::task::JoinHandle<()>);
+
+impl Drop for Forward {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Listens on `from` and copies each connection both ways to `to`.
+async fn forward(from: &str, to: &str) -> anyhow::Result<Forward> {
+    let listener = tokio::net::TcpListener::bind(from)
+        .await
+        .with_context(|| format!("binding {from} again"))?;
+    let to = to.to_owned();
+    Ok(Forward(tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let to = to.clone();
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(&to).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    })))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_keeps_every_item_exactly_once_through_faults() {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("serve-{}", std::process::id()));
@@ -1411,5 +1497,6 @@ async fn serve_keeps_every_item_exactly_once_through_faults() {
     scenario!(cancel_stops_at_a_chunk_boundary);
     scenario!(preemption_notice_drains);
     scenario!(generation_answers_chat_and_batches);
+    scenario!(unreachable_services_are_reported_until_they_answer);
     assert!(failures.is_empty(), "failed scenarios: {failures:#?}");
 }
