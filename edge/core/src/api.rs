@@ -355,7 +355,9 @@ impl App {
         let task: Task = task_s
             .parse()
             .map_err(|e: String| ApiError::new(422, "invalid_task", e))?;
-        let items = match (fields.get("items"), fields.get("input_uri")) {
+        // One of the two is given; the other may be absent or `null`.
+        let given = |f: &str| fields.get(f).filter(|v| !v.is_null());
+        let items = match (given("items"), given("input_uri")) {
             (Some(items), None) => Some(self.items(items)?),
             (None, Some(_)) => None,
             _ => {
@@ -907,9 +909,11 @@ fn required_str<'a>(m: &'a Map<String, Value>, field: &str) -> Result<&'a str, A
     }
 }
 
+/// An optional field's string; `null` counts as absent, as many clients write a field they
+/// have no value for.
 fn optional_str<'a>(m: &'a Map<String, Value>, field: &str) -> Result<Option<&'a str>, ApiError> {
     match m.get(field) {
-        None => Ok(None),
+        None | Some(Value::Null) => Ok(None),
         Some(v) => v
             .as_str()
             .map(Some)

@@ -435,6 +435,47 @@ fn trivial_messages_are_answered_at_the_edge_in_their_language() {
 }
 
 #[test]
+fn null_optional_fields_count_as_absent() {
+    let app = App::new(config(&[]));
+    let r = serve(
+        &app,
+        post("/v1/chat", r#"{"message":"안녕","locale":null}"#),
+    );
+    let b = r.json_body();
+    assert_eq!(
+        (r.status, b["intent"].as_str()),
+        (200, Some("greeting")),
+        "{b}"
+    );
+    // The locale is detected from the message, as when the field is left out.
+    let reply = b["reply"].as_str().unwrap_or("");
+    assert!(reply.chars().any(|c| ('가'..='힣').contains(&c)), "{reply}");
+    // Past validation, these reach the store, which is down here.
+    for body in [
+        r#"{"task":"classify","items":[{"custom_id":"a","input":"x"}],"input_uri":null}"#,
+        r#"{"task":"classify","items":null,"input_uri":"gs://b/o.jsonl"}"#,
+    ] {
+        let r = serve(&app, post("/v1/batches", body));
+        assert_eq!(
+            (r.status, r.json_body()["error"]["code"].as_str()),
+            (503, Some("store_unavailable")),
+            "{body}"
+        );
+    }
+    let r = serve(
+        &app,
+        post(
+            "/v1/batches",
+            r#"{"task":"classify","items":null,"input_uri":null}"#,
+        ),
+    );
+    assert_eq!(
+        (r.status, r.json_body()["error"]["code"].as_str()),
+        (422, Some("items_or_input_uri"))
+    );
+}
+
+#[test]
 fn a_queued_message_with_the_store_down_is_a_503_not_a_panic() {
     let app = App::new(config(&[]));
     let p = Offline::new();
