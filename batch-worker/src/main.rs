@@ -68,6 +68,12 @@ struct GenerateArgs {
 }
 
 impl EngineArgs {
+    /// Refuses values that cannot work (a micro-batch of no items).
+    fn check(&self) -> Result<(), String> {
+        at_least("--batch-size", "BATCH_SIZE", self.batch_size, 1)?;
+        Ok(())
+    }
+
     /// `--lm-dir`, else `MODEL_DIR/lm`.
     fn lm_dir(&self) -> PathBuf {
         self.generate
@@ -91,6 +97,12 @@ impl GenerateArgs {
         if self.max_new_tokens == 0 {
             return Err("--max-new-tokens must be at least 1".into());
         }
+        at_least(
+            "--generate-batch-size",
+            "GENERATE_BATCH_SIZE",
+            self.generate_batch_size,
+            1,
+        )?;
         Ok(GenerateOptions {
             sampling: Sampling {
                 max_new_tokens: self.max_new_tokens,
@@ -99,7 +111,7 @@ impl GenerateArgs {
                 seed: self.seed,
                 ignore_stop: self.ignore_stop_tokens,
             },
-            batch_size: self.generate_batch_size.max(1),
+            batch_size: self.generate_batch_size,
             system_prompt: self.system_prompt.clone(),
             format: self.prompt_format,
         })
@@ -215,6 +227,20 @@ enum Cmd {
     },
 }
 
+/// `v` if it is at least `min`, else the line that says so, naming the flag and its variable.
+fn at_least<T: PartialOrd + std::fmt::Display>(
+    flag: &str,
+    var: &str,
+    v: T,
+    min: T,
+) -> Result<T, String> {
+    if v >= min {
+        Ok(v)
+    } else {
+        Err(format!("{flag} ({var}) must be at least {min}, got {v}"))
+    }
+}
+
 fn default_output_root() -> String {
     let dir = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/tmp"));
     format!("file://{}", dir.join("outputs").display())
@@ -247,6 +273,9 @@ fn main() -> ExitCode {
                 Ok(f) => f,
                 Err(e) => return usage(&e),
             };
+            if let Err(e) = engine.check() {
+                return usage(&e);
+            }
             let opts = RunOptions {
                 task,
                 input,
@@ -319,13 +348,30 @@ fn serve_main(args: ServeArgs, engine: EngineArgs) -> ExitCode {
         }
     };
     let cfg = (|| -> Result<ServeConfig, String> {
+        engine.check()?;
+        let ack_extension = args.ack_extension_seconds;
+        if !(10..=600).contains(&ack_extension) {
+            return Err(format!(
+                "--ack-extension-seconds (ACK_EXTENSION_SECONDS) must be 10..=600 (Pub/Sub's range), got {ack_extension}"
+            ));
+        }
         Ok(ServeConfig {
             chunk: seconds("--chunk-seconds", args.chunk_seconds)?,
             gather: std::time::Duration::from_millis(args.generate_gather_ms),
             drain_timeout: seconds("--drain-seconds", args.drain_seconds)?,
-            lease: std::time::Duration::from_secs(args.lease_seconds.max(1)),
-            ack_extension: std::time::Duration::from_secs(args.ack_extension_seconds),
-            max_lease: std::time::Duration::from_secs(args.max_lease_seconds.max(60)),
+            lease: std::time::Duration::from_secs(at_least(
+                "--lease-seconds",
+                "LEASE_SECONDS",
+                args.lease_seconds,
+                1,
+            )?),
+            ack_extension: std::time::Duration::from_secs(ack_extension),
+            max_lease: std::time::Duration::from_secs(at_least(
+                "--max-lease-seconds",
+                "MAX_LEASE_SECONDS",
+                args.max_lease_seconds,
+                60,
+            )?),
             failpoints: args.failpoints.parse()?,
             worker_id: args
                 .worker_id
@@ -340,9 +386,20 @@ fn serve_main(args: ServeArgs, engine: EngineArgs) -> ExitCode {
             pubsub_emulator: args.pubsub_emulator_host.filter(|h| !h.is_empty()),
             firestore_emulator: args.firestore_emulator_host.filter(|h| !h.is_empty()),
             output_root: args.output_root,
-            max_outstanding_messages: args.max_outstanding_messages,
-            max_outstanding_bytes: args.max_outstanding_bytes,
-            poison_limit: args.poison_limit.max(1),
+            // Pub/Sub reads 0 or less as "no limit": refused, as a GPU worker needs one.
+            max_outstanding_messages: at_least(
+                "--max-outstanding-messages",
+                "MAX_OUTSTANDING_MESSAGES",
+                args.max_outstanding_messages,
+                1,
+            )?,
+            max_outstanding_bytes: at_least(
+                "--max-outstanding-bytes",
+                "MAX_OUTSTANDING_BYTES",
+                args.max_outstanding_bytes,
+                1,
+            )?,
+            poison_limit: at_least("--poison-limit", "POISON_LIMIT", args.poison_limit, 1)?,
             metrics_addr: Some(args.metrics_addr).filter(|a| !a.is_empty()),
             metadata_host: args.metadata_host,
         })

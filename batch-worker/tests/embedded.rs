@@ -248,17 +248,25 @@ fn unusable_arguments_exit_2_with_one_line() {
         ],
         "does not exist",
     ));
-    all.push((
-        vec![
-            "--input".into(),
-            dir.join("in.jsonl").display().to_string(),
-            "--output".into(),
-            dir.join("o.jsonl").display().to_string(),
-            "--threads".into(),
-            "0".into(),
-        ],
-        "--threads must be at least 1",
-    ));
+    for (flag, expected) in [
+        ("--threads", "--threads must be at least 1"),
+        (
+            "--batch-size",
+            "--batch-size (BATCH_SIZE) must be at least 1, got 0",
+        ),
+    ] {
+        all.push((
+            vec![
+                "--input".into(),
+                dir.join("in.jsonl").display().to_string(),
+                "--output".into(),
+                dir.join("o.jsonl").display().to_string(),
+                flag.into(),
+                "0".into(),
+            ],
+            expected,
+        ));
+    }
     // Read once by the fingerprint, a pipe would leave no items to run: refused.
     all.push((
         vec![
@@ -288,6 +296,69 @@ fn unusable_arguments_exit_2_with_one_line() {
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert_eq!(err.trim().lines().count(), 1, "{err}");
         assert!(err.contains(expected), "{err}");
+    }
+}
+
+/// `serve` refuses a setting out of its range before it loads a model or connects anywhere.
+#[test]
+fn serve_settings_out_of_range_exit_2_with_one_line() {
+    for (var, value, expected) in [
+        (
+            "POISON_LIMIT",
+            "0",
+            "--poison-limit (POISON_LIMIT) must be at least 1, got 0",
+        ),
+        (
+            "MAX_OUTSTANDING_MESSAGES",
+            "0",
+            "(MAX_OUTSTANDING_MESSAGES) must be at least 1",
+        ),
+        (
+            "MAX_OUTSTANDING_BYTES",
+            "-1",
+            "(MAX_OUTSTANDING_BYTES) must be at least 1",
+        ),
+        ("LEASE_SECONDS", "0", "(LEASE_SECONDS) must be at least 1"),
+        (
+            "MAX_LEASE_SECONDS",
+            "59",
+            "(MAX_LEASE_SECONDS) must be at least 60, got 59",
+        ),
+        (
+            "ACK_EXTENSION_SECONDS",
+            "5",
+            "must be 10..=600 (Pub/Sub's range), got 5",
+        ),
+        (
+            "ACK_EXTENSION_SECONDS",
+            "601",
+            "must be 10..=600 (Pub/Sub's range), got 601",
+        ),
+        (
+            "BATCH_SIZE",
+            "0",
+            "--batch-size (BATCH_SIZE) must be at least 1, got 0",
+        ),
+        (
+            "CHUNK_SECONDS",
+            "0",
+            "--chunk-seconds must be a positive number of seconds",
+        ),
+    ] {
+        let out = Command::new(BIN)
+            .arg("serve")
+            .env("GCP_PROJECT", "p")
+            // Unused: the check comes first. Loopback, should it not.
+            .env("PUBSUB_EMULATOR_HOST", "127.0.0.1:9")
+            .env("FIRESTORE_EMULATOR_HOST", "127.0.0.1:9")
+            .env("METRICS_ADDR", "")
+            .env(var, value)
+            .output()
+            .expect("runs");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{var}={value}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{var}={value}: {err}");
+        assert!(err.contains(expected), "{var}={value}: {err}");
     }
 }
 

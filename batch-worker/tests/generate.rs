@@ -780,10 +780,11 @@ fn bad_sampling_flags_exit_2_with_one_line() {
     let dir = scratch("flags");
     let input = dir.join("in.jsonl");
     std::fs::write(&input, "{\"custom_id\":\"a\",\"input\":\"hi\"}\n").expect("write");
-    let cases: [&[&str]; 3] = [
+    let cases: [&[&str]; 4] = [
         &["--top-p", "0"],
         &["--temperature=-1"],
         &["--max-new-tokens", "0"],
+        &["--generate-batch-size", "0"],
     ];
     for flags in cases {
         let out = generate_run(&input, &dir.join("out.jsonl"), flags)
