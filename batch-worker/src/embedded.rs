@@ -22,7 +22,7 @@ use sha2::{Digest, Sha256};
 use shared::features::Featurizer;
 use shared::wire::{
     InputItem, MAX_LINE_BYTES, OutputLine, Task, duplicate_id_line, line_too_long,
-    parse_input_bytes, parse_input_line,
+    parse_input_bytes,
 };
 
 use crate::batching::Batcher;
@@ -691,10 +691,7 @@ pub fn run<P: Processor + Send>(
         if too_long {
             continue;
         }
-        if let Ok(item) = std::str::from_utf8(&buf)
-            .map_err(drop)
-            .and_then(|s| parse_input_line(s.trim_end(), line_no).map_err(drop))
-        {
+        if let Ok(item) = parse_input_bytes(&buf, line_no) {
             seen.insert(&item.custom_id);
         }
     }

@@ -1992,7 +1992,11 @@ mod tests {
         .to_vec();
         let mut bad_utf8 = file.clone();
         bad_utf8.splice(0..0, b"\xff\xfe\n".iter().copied());
-        for bytes in [file, bad_utf8] {
+        // A byte-order mark before line 1 changes no line.
+        let mut with_bom = shared::wire::UTF8_BOM.to_vec();
+        with_bom.extend_from_slice(&file);
+        assert_eq!(whole(&with_bom), whole(&file));
+        for bytes in [file, bad_utf8, with_bom] {
             let want = whole(&bytes);
             assert!(want.len() >= 8, "{want:?}");
             assert!(want.iter().filter(|l| l.is_err()).count() >= 4);

@@ -214,6 +214,30 @@ fn an_overlong_line_or_id_becomes_an_error_line() {
     assert_eq!(got, want, "{out}");
 }
 
+/// A file saved by a Windows editor: a byte-order mark before line 1, `\r\n` line ends. Every
+/// item is read as the same file without them reads it.
+#[test]
+fn a_byte_order_mark_and_crlf_line_ends_change_no_item() {
+    let dir = scratch("bom");
+    let lines = [
+        r#"{"custom_id":"a","input":"안녕하세요"}"#,
+        r#"{"custom_id":"b","input":"근처 떡볶이 맛집 알려줘"}"#,
+        r#"{"custom_id":"c","input":"고마워"}"#,
+    ];
+    let plain = dir.join("plain.jsonl");
+    std::fs::write(&plain, lines.join("\n") + "\n").expect("write");
+    let windows = dir.join("windows.jsonl");
+    std::fs::write(
+        &windows,
+        "\u{feff}".to_owned() + &lines.join("\r\n") + "\r\n",
+    )
+    .expect("write");
+    let want = run_to_end(&plain, &dir.join("plain.out"), &[]);
+    assert_eq!(want.lines().count(), 3);
+    assert!(!want.contains("\"error\""), "{want}");
+    assert_eq!(run_to_end(&windows, &dir.join("windows.out"), &[]), want);
+}
+
 #[test]
 fn unusable_arguments_exit_2_with_one_line() {
     let dir = scratch("usage");

@@ -124,9 +124,18 @@ fn usable_id(id: &str) -> bool {
         && id.chars().count() <= MAX_CUSTOM_ID_CHARS
 }
 
+/// The byte-order mark that some Windows tools (Notepad, Excel's "CSV UTF-8", PowerShell 5)
+/// write at the start of a UTF-8 file.
+pub const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
+
 /// [`parse_input_line`] for a line as read from a file: bytes, with or without its `\n` (and
-/// `\r`). A line that is not UTF-8 becomes an error line as well.
+/// `\r`). A [`UTF8_BOM`] at the start of line 1 is not part of the item. A line that is not
+/// UTF-8 becomes an error line as well.
 pub fn parse_input_bytes(line: &[u8], line_no: u64) -> Result<InputItem, OutputLine> {
+    let line = match line_no {
+        1 => line.strip_prefix(UTF8_BOM).unwrap_or(line),
+        _ => line,
+    };
     match std::str::from_utf8(line) {
         Ok(s) => parse_input_line(s.trim_end_matches(['\n', '\r']), line_no),
         Err(_) => Err(OutputLine::error(
@@ -206,6 +215,19 @@ mod tests {
                 input: "안녕".into()
             }
         );
+    }
+
+    #[test]
+    fn a_byte_order_mark_opens_line_1_only() {
+        let line = "\u{feff}{\"custom_id\":\"a\",\"input\":\"안녕\"}\r\n";
+        let item = parse_input_bytes(line.as_bytes(), 1).expect("valid");
+        assert_eq!(
+            (item.custom_id.as_str(), item.input.as_str()),
+            ("a", "안녕")
+        );
+        // Anywhere else it is a stray character, and the line is malformed.
+        let err = parse_input_bytes(line.as_bytes(), 2).expect_err("invalid");
+        assert_eq!(err.custom_id(), "2");
     }
 
     #[test]

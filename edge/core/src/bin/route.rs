@@ -64,9 +64,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     match cli.command {
         Cmd::Classify => {
-            for line in std::io::stdin().lock().lines() {
+            for (i, line) in std::io::stdin().lock().lines().enumerate() {
                 let line = line.context("reading stdin (is it UTF-8 text?)")?;
-                emit(&line, None)?;
+                emit(without_bom(&line, i), None)?;
             }
         }
         Cmd::Eval { file } => {
@@ -79,7 +79,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .filter(|(_, l)| !l.trim().is_empty())
             {
                 let where_ = || format!("{}:{}", file.display(), i + 1);
-                let l: Labelled = serde_json::from_str(raw).with_context(|| {
+                let l: Labelled = serde_json::from_str(without_bom(raw, i)).with_context(|| {
                     format!(
                         "{}: expected {{\"text\": ..., \"route\": \"edge\"|\"queue\"}}",
                         where_()
@@ -100,4 +100,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
     out.flush()?;
     Ok(())
+}
+
+/// Line `i` (0-based) without the byte-order mark that opens some files written on Windows.
+fn without_bom(line: &str, i: usize) -> &str {
+    match i {
+        0 => line.strip_prefix('\u{feff}').unwrap_or(line),
+        _ => line,
+    }
 }
