@@ -22,7 +22,7 @@ use sha2::{Digest, Sha256};
 use shared::features::Featurizer;
 use shared::wire::{
     InputItem, MAX_LINE_BYTES, OutputLine, Task, duplicate_id_line, line_too_long,
-    parse_input_bytes,
+    parse_input_bytes, unusable_encoding,
 };
 
 use crate::batching::Batcher;
@@ -203,8 +203,17 @@ pub fn validate(opts: &RunOptions) -> Result<(), RunError> {
             opts.input.display()
         ));
     }
-    if let Err(e) = File::open(&opts.input) {
-        return unreadable(e);
+    // Its first bytes: a UTF-16 or gzip file would give an error line per line.
+    let head = File::open(&opts.input).and_then(|f| {
+        use std::io::Read as _;
+        let mut head = Vec::with_capacity(2);
+        f.take(2).read_to_end(&mut head)?;
+        Ok(head)
+    });
+    match head.map(|h| unusable_encoding(&h)) {
+        Err(e) => return unreadable(e),
+        Ok(Some(why)) => return usage(format!("--input {} {why}", opts.input.display())),
+        Ok(None) => {}
     }
     let parent = opts
         .output

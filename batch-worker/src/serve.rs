@@ -755,6 +755,12 @@ async fn load_items(
     }
     // No jobs topic to publish shards on: the whole file is this one shard.
     let bytes = outputs::read_uri(uri).await.map_err(unreadable)?;
+    if let Some(why) = shared::wire::unusable_encoding(&bytes) {
+        return Err(Final::Failed {
+            code: "input_unreadable".into(),
+            message: format!("{uri} {why}"),
+        });
+    }
     let mut seen = crate::embedded::SeenIds::with_capacity(0);
     Ok(parse_lines(&bytes, 1, |_, id| !seen.insert(id)))
 }
@@ -792,6 +798,8 @@ struct InputPlan {
     ranges: Vec<InputRange>,
     /// Non-blank lines: the job's items.
     total: u64,
+    /// Why the file cannot be JSONL in UTF-8, when its first bytes say so.
+    unusable: Option<&'static str>,
 }
 
 /// Cuts an input file, fed in pieces as storage delivers it, into ranges of at most
@@ -820,6 +828,8 @@ struct Planner {
     /// [`MAX_LINE_BYTES`]: then only its length and whether it is blank so far are kept.
     partial: Vec<u8>,
     long: Option<LongLine>,
+    /// The file's first two bytes.
+    head: Vec<u8>,
 }
 
 /// A line longer than [`MAX_LINE_BYTES`], as far as the [`Planner`] has read it.
@@ -845,11 +855,15 @@ impl Planner {
             lines: 0,
             partial: Vec::new(),
             long: None,
+            head: Vec::new(),
         }
     }
 
     /// The next bytes of the file.
     fn feed(&mut self, mut bytes: &[u8]) {
+        let wanted = 2 - self.head.len().min(2);
+        self.head
+            .extend_from_slice(&bytes[..wanted.min(bytes.len())]);
         while let Some(i) = bytes.iter().position(|b| *b == b'\n') {
             let (line, rest) = bytes.split_at(i + 1);
             if let Some(long) = self.long.take() {
@@ -970,6 +984,7 @@ impl Planner {
         InputPlan {
             ranges: self.ranges,
             total: self.total,
+            unusable: shared::wire::unusable_encoding(&self.head),
         }
     }
 }
@@ -1052,6 +1067,14 @@ async fn plan_counted(
             return Ok(Outcome::Ack);
         }
     };
+    if let Some(why) = plan.unusable {
+        let why = Final::Failed {
+            code: "input_unreadable".into(),
+            message: format!("{uri} {why}"),
+        };
+        finish_job(ctx, &msg.job_id, why).await?;
+        return Ok(Outcome::Ack);
+    }
     if ctx.cfg.failpoints.crash_while_planning {
         tracing::error!("failpoint crash-while-planning hit: aborting");
         std::process::abort();
@@ -2025,6 +2048,29 @@ mod tests {
                     assert_eq!(plan, self::plan(&bytes, per_shard, Some("v1"), piece));
                 }
             }
+        }
+    }
+
+    #[test]
+    fn a_utf16_or_gzip_file_is_named_in_its_plan() {
+        let text = "{\"custom_id\":\"a\",\"input\":\"hi\"}\n";
+        let utf16: Vec<u8> = [0xFF, 0xFE]
+            .into_iter()
+            .chain(text.encode_utf16().flat_map(u16::to_le_bytes))
+            .collect();
+        let gzip = b"\x1F\x8B\x08\x00\x00\x00\x00\x00\n\x03".to_vec();
+        for (bytes, what) in [(utf16, "UTF-16"), (gzip, "gzip")] {
+            for piece in [1, 2, 3, bytes.len()] {
+                let p = plan(&bytes, 10, None, piece);
+                assert!(
+                    p.unusable.is_some_and(|w| w.contains(what)),
+                    "{what}, pieces of {piece}: {:?}",
+                    p.unusable
+                );
+            }
+        }
+        for piece in [1, 64] {
+            assert_eq!(plan(text.as_bytes(), 10, None, piece).unusable, None);
         }
     }
 

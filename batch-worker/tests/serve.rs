@@ -1385,6 +1385,41 @@ async fn preemption_notice_drains(fx: &Fixture) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// An `input_uri` file saved as UTF-16 fails its job with `input_unreadable`, saying so,
+/// whether it is planned into shards or read whole (`JOBS_TOPIC=""`).
+async fn utf16_input_file_fails_its_job(fx: &Fixture) -> anyhow::Result<()> {
+    let w = World::new(fx, "utf16").await?;
+    for (job, jobs_topic) in [("job-v", None), ("job-w", Some(""))] {
+        let (input, _) = w
+            .submit_input_file(job, &format!("{job}.jsonl"), &items("v", 20))
+            .await?;
+        let text = std::fs::read_to_string(&input)?;
+        let utf16: Vec<u8> = [0xFF, 0xFE]
+            .into_iter()
+            .chain(text.encode_utf16().flat_map(u16::to_le_bytes))
+            .collect();
+        std::fs::write(&input, utf16)?;
+        let mut cfg = w.worker("w1");
+        if let Some(topic) = jobs_topic {
+            cfg = cfg.with("JOBS_TOPIC", topic);
+        }
+        let mut w1 = cfg.start(&w.log(&format!("{job}.log")))?;
+        let j = w
+            .wait_job(job, Duration::from_secs(30), "failed", |j| {
+                j.status == JobStatus::Failed
+            })
+            .await?;
+        let err = j.error.context("failed job without error")?;
+        ensure!(
+            err.code == "input_unreadable" && err.message.contains("is UTF-16 text"),
+            "{job}: {err:?}"
+        );
+        w1.signal(libc::SIGTERM);
+        w1.wait_exit(Duration::from_secs(20)).await?;
+    }
+    Ok(())
+}
+
 /// A worker whose Pub/Sub and Firestore hosts do not answer says so at once (the Pub/Sub
 /// client retries in silence), and once they answer it says that too and takes its jobs.
 async fn unreachable_services_are_reported_until_they_answer(fx: &Fixture) -> anyhow::Result<()> {
@@ -1498,5 +1533,6 @@ async fn serve_keeps_every_item_exactly_once_through_faults() {
     scenario!(preemption_notice_drains);
     scenario!(generation_answers_chat_and_batches);
     scenario!(unreachable_services_are_reported_until_they_answer);
+    scenario!(utf16_input_file_fails_its_job);
     assert!(failures.is_empty(), "failed scenarios: {failures:#?}");
 }

@@ -128,6 +128,19 @@ fn usable_id(id: &str) -> bool {
 /// write at the start of a UTF-8 file.
 pub const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
 
+/// Why a file that starts with `head` (its first bytes; two suffice) cannot be JSONL in UTF-8,
+/// when it plainly cannot: UTF-16 text (Notepad's "Unicode") or a gzip file. Every line of
+/// such a file would be an error line.
+pub fn unusable_encoding(head: &[u8]) -> Option<&'static str> {
+    if head.starts_with(b"\xFF\xFE") || head.starts_with(b"\xFE\xFF") {
+        Some("is UTF-16 text (it starts with a UTF-16 byte-order mark); save it as UTF-8")
+    } else if head.starts_with(b"\x1F\x8B") {
+        Some("is gzip-compressed; decompress it first")
+    } else {
+        None
+    }
+}
+
 /// [`parse_input_line`] for a line as read from a file: bytes, with or without its `\n` (and
 /// `\r`). A [`UTF8_BOM`] at the start of line 1 is not part of the item. A line that is not
 /// UTF-8 becomes an error line as well.
@@ -215,6 +228,18 @@ mod tests {
                 input: "안녕".into()
             }
         );
+    }
+
+    #[test]
+    fn utf16_and_gzip_files_are_named() {
+        let utf16le = "{\"custom_id\"".encode_utf16().flat_map(u16::to_le_bytes);
+        let head: Vec<u8> = [0xFF, 0xFE].into_iter().chain(utf16le).collect();
+        assert!(unusable_encoding(&head).is_some_and(|w| w.contains("UTF-16")));
+        assert!(unusable_encoding(b"\xFE\xFF\x00{").is_some_and(|w| w.contains("UTF-16")));
+        assert!(unusable_encoding(b"\x1F\x8B\x08\x00").is_some_and(|w| w.contains("gzip")));
+        for fine in [&b"{\"custom_id\""[..], b"\xEF\xBB\xBF{", b"", b"\xFF"] {
+            assert_eq!(unusable_encoding(fine), None, "{fine:?}");
+        }
     }
 
     #[test]
