@@ -861,9 +861,8 @@ impl Planner {
 
     /// The next bytes of the file.
     fn feed(&mut self, mut bytes: &[u8]) {
-        let wanted = 2 - self.head.len().min(2);
-        self.head
-            .extend_from_slice(&bytes[..wanted.min(bytes.len())]);
+        let wanted = 2usize.saturating_sub(self.head.len()).min(bytes.len());
+        self.head.extend_from_slice(&bytes[..wanted]);
         while let Some(i) = bytes.iter().position(|b| *b == b'\n') {
             let (line, rest) = bytes.split_at(i + 1);
             if let Some(long) = self.long.take() {

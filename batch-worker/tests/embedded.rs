@@ -264,14 +264,7 @@ fn unusable_arguments_exit_2_with_one_line() {
     std::fs::write(dir.join("in.jsonl"), "").expect("write");
     let mut all = cases;
     // Notepad's "Unicode" (UTF-16 LE with its byte-order mark), and a gzip file.
-    let utf16: Vec<u8> = [0xFF, 0xFE]
-        .into_iter()
-        .chain(
-            "{\"custom_id\":\"a\",\"input\":\"hi\"}\r\n"
-                .encode_utf16()
-                .flat_map(u16::to_le_bytes),
-        )
-        .collect();
+    let utf16 = common::utf16_with_bom("{\"custom_id\":\"a\",\"input\":\"hi\"}\r\n");
     for (name, bytes, expected) in [
         ("utf16.jsonl", utf16, "is UTF-16 text"),
         (

@@ -1394,11 +1394,7 @@ async fn utf16_input_file_fails_its_job(fx: &Fixture) -> anyhow::Result<()> {
             .submit_input_file(job, &format!("{job}.jsonl"), &items("v", 20))
             .await?;
         let text = std::fs::read_to_string(&input)?;
-        let utf16: Vec<u8> = [0xFF, 0xFE]
-            .into_iter()
-            .chain(text.encode_utf16().flat_map(u16::to_le_bytes))
-            .collect();
-        std::fs::write(&input, utf16)?;
+        std::fs::write(&input, common::utf16_with_bom(&text))?;
         let mut cfg = w.worker("w1");
         if let Some(topic) = jobs_topic {
             cfg = cfg.with("JOBS_TOPIC", topic);

@@ -128,6 +128,15 @@ fn usable_id(id: &str) -> bool {
 /// write at the start of a UTF-8 file.
 pub const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
 
+/// Line `line_no` (1-based) of a text file without the [`UTF8_BOM`] that may open line 1; on
+/// any other line the mark is a character like any other.
+pub fn without_bom(line: &str, line_no: u64) -> &str {
+    match line_no {
+        1 => line.strip_prefix('\u{feff}').unwrap_or(line),
+        _ => line,
+    }
+}
+
 /// Why a file that starts with `head` (its first bytes; two suffice) cannot be JSONL in UTF-8,
 /// when it plainly cannot: UTF-16 text (Notepad's "Unicode") or a gzip file. Every line of
 /// such a file would be an error line.
@@ -142,15 +151,14 @@ pub fn unusable_encoding(head: &[u8]) -> Option<&'static str> {
 }
 
 /// [`parse_input_line`] for a line as read from a file: bytes, with or without its `\n` (and
-/// `\r`). A [`UTF8_BOM`] at the start of line 1 is not part of the item. A line that is not
-/// UTF-8 becomes an error line as well.
+/// `\r`). A [`UTF8_BOM`] at the start of line 1 is not part of the item ([`without_bom`]). A
+/// line that is not UTF-8 becomes an error line as well.
 pub fn parse_input_bytes(line: &[u8], line_no: u64) -> Result<InputItem, OutputLine> {
-    let line = match line_no {
-        1 => line.strip_prefix(UTF8_BOM).unwrap_or(line),
-        _ => line,
-    };
     match std::str::from_utf8(line) {
-        Ok(s) => parse_input_line(s.trim_end_matches(['\n', '\r']), line_no),
+        Ok(s) => parse_input_line(
+            without_bom(s, line_no).trim_end_matches(['\n', '\r']),
+            line_no,
+        ),
         Err(_) => Err(OutputLine::error(
             line_no.to_string(),
             "invalid_item",

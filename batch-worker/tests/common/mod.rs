@@ -16,3 +16,12 @@ pub fn test_split_texts() -> Vec<String> {
         })
         .collect()
 }
+
+/// `text` as Notepad saves "Unicode": UTF-16 LE after its byte-order mark.
+#[allow(dead_code)] // The embedded and serve tests use it; each test binary compiles this module.
+pub fn utf16_with_bom(text: &str) -> Vec<u8> {
+    [0xFF, 0xFE]
+        .into_iter()
+        .chain(text.encode_utf16().flat_map(u16::to_le_bytes))
+        .collect()
+}

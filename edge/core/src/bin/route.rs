@@ -13,6 +13,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use edge_core::model::IntentModel;
 use shared::intent::{Route, RouteLine, Scoreboard, expected_route};
+use shared::wire::without_bom;
 
 #[derive(Parser)]
 #[command(about = "Run the edge's intent model and routing policy", version)]
@@ -66,7 +67,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Classify => {
             for (i, line) in std::io::stdin().lock().lines().enumerate() {
                 let line = line.context("reading stdin (is it UTF-8 text?)")?;
-                emit(without_bom(&line, i), None)?;
+                emit(without_bom(&line, i as u64 + 1), None)?;
             }
         }
         Cmd::Eval { file } => {
@@ -79,12 +80,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .filter(|(_, l)| !l.trim().is_empty())
             {
                 let where_ = || format!("{}:{}", file.display(), i + 1);
-                let l: Labelled = serde_json::from_str(without_bom(raw, i)).with_context(|| {
-                    format!(
-                        "{}: expected {{\"text\": ..., \"route\": \"edge\"|\"queue\"}}",
-                        where_()
-                    )
-                })?;
+                let l: Labelled = serde_json::from_str(without_bom(raw, i as u64 + 1))
+                    .with_context(|| {
+                        format!(
+                            "{}: expected {{\"text\": ..., \"route\": \"edge\"|\"queue\"}}",
+                            where_()
+                        )
+                    })?;
                 let expected = match (l.route, &l.intent) {
                     (Some(r), _) => r,
                     (None, Some(intent)) => expected_route(intent),
@@ -100,12 +102,4 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
     out.flush()?;
     Ok(())
-}
-
-/// Line `i` (0-based) without the byte-order mark that opens some files written on Windows.
-fn without_bom(line: &str, i: usize) -> &str {
-    match i {
-        0 => line.strip_prefix('\u{feff}').unwrap_or(line),
-        _ => line,
-    }
 }
