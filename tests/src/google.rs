@@ -10,8 +10,10 @@ use std::sync::{Arc, Mutex};
 
 use ring::signature::{RSA_PKCS1_2048_8192_SHA256, UnparsedPublicKey};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
+
+use crate::http1::{header, read_request};
 
 /// The test service account's private key (PKCS#8 PEM).
 pub const TEST_KEY_PEM: &str = include_str!("../data/test-sa-key.pem");
@@ -98,42 +100,6 @@ fn unb64url(s: &str) -> Option<Vec<u8>> {
         std.push('=');
     }
     shared::b64::unbase64(&std).ok()
-}
-
-/// Reads one HTTP/1.1 request: (head, body).
-async fn read_request(sock: &mut TcpStream) -> Option<(String, Vec<u8>)> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 8192];
-    loop {
-        let n = sock.read(&mut chunk).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..at]).to_string();
-            let len = header(&head, "content-length")
-                .and_then(|v| v.parse::<usize>().ok())
-                .unwrap_or(0);
-            while buf.len() < at + 4 + len {
-                let n = sock.read(&mut chunk).await.ok()?;
-                if n == 0 {
-                    break;
-                }
-                buf.extend_from_slice(&chunk[..n]);
-            }
-            return Some((head, buf[at + 4..].to_vec()));
-        }
-    }
-}
-
-fn header(head: &str, name: &str) -> Option<String> {
-    head.lines().skip(1).find_map(|l| {
-        let (k, v) = l.split_once(':')?;
-        k.trim()
-            .eq_ignore_ascii_case(name)
-            .then(|| v.trim().to_owned())
-    })
 }
 
 /// Verifies a token request (`grant_type=…jwt-bearer&assertion=JWT`): the JWT's claims when

@@ -143,3 +143,81 @@ pub async fn handle(
     }
     Ok(builder.body(Body::Text(String::from_utf8_lossy(&res.body).into_owned()))?)
 }
+
+/// What keeps this process from being a Lambda function: Lambda's runtime variables, which
+/// the runtime client reads (and panics without), missing or unusable. `None` inside Lambda.
+pub fn runtime_env_problem(var: impl Fn(&str) -> Option<String>) -> Option<String> {
+    const OUTSIDE: &str = "this binary is an AWS Lambda function: deploy it as `bootstrap` on \
+                           the provided.al2023 runtime (see the README); to run the edge here, \
+                           use `cargo xtask dev`";
+    let missing = [
+        "AWS_LAMBDA_RUNTIME_API",
+        "AWS_LAMBDA_FUNCTION_NAME",
+        "AWS_LAMBDA_FUNCTION_VERSION",
+        "AWS_LAMBDA_FUNCTION_MEMORY_SIZE",
+    ]
+    .into_iter()
+    .find(|k| var(k).is_none_or(|v| v.trim().is_empty()));
+    if let Some(k) = missing {
+        return Some(format!("{k} is not set: {OUTSIDE}"));
+    }
+    let memory = var("AWS_LAMBDA_FUNCTION_MEMORY_SIZE").unwrap_or_default();
+    if memory.parse::<i32>().is_err() {
+        return Some(format!(
+            "AWS_LAMBDA_FUNCTION_MEMORY_SIZE must be a whole number of MB, got {memory:?}"
+        ));
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::runtime_env_problem;
+
+    fn vars(set: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let set: Vec<(String, String)> = set
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        move |k| set.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
+    }
+
+    const LAMBDA: [(&str, &str); 4] = [
+        ("AWS_LAMBDA_RUNTIME_API", "127.0.0.1:9001"),
+        ("AWS_LAMBDA_FUNCTION_NAME", "edge"),
+        ("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST"),
+        ("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "256"),
+    ];
+
+    #[test]
+    fn inside_lambda_there_is_no_problem() {
+        assert_eq!(runtime_env_problem(vars(&LAMBDA)), None);
+    }
+
+    #[test]
+    fn each_missing_variable_is_named() {
+        for skip in 0..LAMBDA.len() {
+            let mut set = LAMBDA.to_vec();
+            let (name, _) = set.remove(skip);
+            let problem = runtime_env_problem(vars(&set)).expect("a problem");
+            assert!(
+                problem.starts_with(&format!("{name} is not set")),
+                "{problem}"
+            );
+            assert!(problem.contains("cargo xtask dev"), "{problem}");
+        }
+        let problem = runtime_env_problem(vars(&[])).expect("a problem");
+        assert!(
+            problem.starts_with("AWS_LAMBDA_RUNTIME_API is not set"),
+            "{problem}"
+        );
+    }
+
+    #[test]
+    fn an_unusable_memory_size_is_named() {
+        let mut set = LAMBDA.to_vec();
+        set[3].1 = "lots";
+        let problem = runtime_env_problem(vars(&set)).expect("a problem");
+        assert!(problem.contains("\"lots\""), "{problem}");
+    }
+}

@@ -4,10 +4,15 @@
 use std::sync::Arc;
 
 use edge_core::{App, Config};
-use edge_lambda::{Native, handle};
+use edge_lambda::{Native, handle, runtime_env_problem};
 
 #[tokio::main]
 async fn main() -> Result<(), lambda_http::Error> {
+    // The runtime client panics without Lambda's variables; say what this binary is instead.
+    if let Some(problem) = runtime_env_problem(|k| std::env::var(k).ok()) {
+        eprintln!("edge-lambda: {problem}");
+        std::process::exit(2);
+    }
     let app = Arc::new(App::new(Config::from_env(|k| std::env::var(k).ok())));
     let platform = Native::new();
     lambda_http::run(lambda_http::service_fn(move |event| {

@@ -30,21 +30,7 @@ fn event(
     headers: Value,
     body: Option<&str>,
 ) -> lambda_http::Request {
-    let ev = json!({
-        "version": "2.0",
-        "routeKey": "$default",
-        "rawPath": path,
-        "rawQueryString": query,
-        "headers": headers,
-        "requestContext": {
-            "accountId": "123456789012", "apiId": "api", "domainName": "x.lambda-url.ap-northeast-2.on.aws",
-            "domainPrefix": "x", "requestId": "r1", "routeKey": "$default", "stage": "$default",
-            "time": "27/Nov/2026:14:00:00 +0000", "timeEpoch": 1795790154000u64,
-            "http": {"method": method, "path": path, "protocol": "HTTP/1.1", "sourceIp": "127.0.0.1", "userAgent": "test"}
-        },
-        "body": body,
-        "isBase64Encoded": false
-    });
+    let ev = stack::lambda::http_event(method, path, query, headers, body, false);
     lambda_http::request::from_str(&ev.to_string()).expect("a valid API Gateway v2 event")
 }
 

@@ -1,0 +1,202 @@
+//! The `edge-lambda` binary as Lambda runs it: a process whose runtime client long-polls
+//! Lambda's Runtime API for invocations (API Gateway HTTP API / Function URL events, payload
+//! 2.0) and posts the answers back. The Runtime API is a local stand-in
+//! ([`stack::lambda::RuntimeApi`]: Lambda cannot run here); Pub/Sub and Firestore are the real
+//! emulators.
+
+use std::process::Command;
+use std::time::Duration;
+
+use edge_core::auth::entry;
+use serde_json::{Value, json};
+use stack::emulators::Emulators;
+use stack::gcp::{PubSub, Topology};
+use stack::lambda::{RuntimeApi, http_event};
+use stack::process::Group;
+
+const KEY: &str = "cs_lambda_key_alice";
+const ANSWER_WITHIN: Duration = Duration::from_secs(20);
+
+/// One invocation's answer: status, JSON body (`Null` when not JSON), headers.
+struct Answer {
+    status: u64,
+    body: Value,
+    text: String,
+    headers: Value,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .as_object()?
+            .iter()
+            .find_map(|(k, v)| k.eq_ignore_ascii_case(name).then_some(v.as_str()).flatten())
+    }
+}
+
+/// The function process and the Runtime API it polls.
+struct Function {
+    api: RuntimeApi,
+    group: Group,
+}
+
+impl Function {
+    /// Invokes the function with an HTTP event (payload 2.0) and returns its answer.
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        key: Option<&str>,
+        body: Option<&str>,
+        base64: bool,
+    ) -> Answer {
+        let mut headers = json!({"content-type": "application/json", "user-agent": "test"});
+        if let Some(key) = key {
+            headers["authorization"] = json!(format!("Bearer {key}"));
+        }
+        let ev = http_event(method, path, "", headers, body, base64);
+        let doc = match self.api.invoke(ev, ANSWER_WITHIN).await {
+            Ok(doc) => doc,
+            Err(e) => panic!("{e:#}\nedge-lambda log:\n{}", self.group.log_tail(30)),
+        };
+        let text = doc["body"].as_str().unwrap_or("").to_owned();
+        assert_eq!(doc["isBase64Encoded"], false, "{doc}");
+        Answer {
+            status: doc["statusCode"].as_u64().unwrap_or(0),
+            body: serde_json::from_str(&text).unwrap_or(Value::Null),
+            text,
+            headers: doc["headers"].clone(),
+        }
+    }
+
+    /// `POST /v1/chat` with `message` and the key.
+    async fn chat(&self, message: &str, base64: bool) -> Answer {
+        let body = json!({ "message": message }).to_string();
+        self.call("POST", "/v1/chat", Some(KEY), Some(&body), base64)
+            .await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_serves_invocations_against_the_emulators() {
+    let dir =
+        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(stack::unique_name("lambda-rt"));
+    let mut emu = Emulators::start(&dir.join("logs"))
+        .await
+        .expect("emulators start");
+    let t = Topology::unique("lambda-rt");
+    let ps = PubSub::new(&emu.pubsub_host);
+    ps.create_topology(&t, 60, 5).await.expect("topology");
+    let api = RuntimeApi::start().await.expect("runtime API stand-in");
+
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_edge-lambda"));
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(api.env())
+        .envs(emu.env())
+        .env("GCP_PROJECT", &t.project)
+        .env("PUBSUB_TOPIC", &t.topic)
+        .env("API_KEYS", entry("alice", KEY, b"lambda-rt-salt"))
+        .env("UPSTREAM_DEADLINE_MS", "5000");
+    let group = Group::spawn("edge-lambda", cmd, &dir.join("logs/edge-lambda.log"))
+        .expect("edge-lambda starts");
+    let mut f = Function { api, group };
+
+    // Health, no key.
+    let a = f.call("GET", "/healthz", None, None, false).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(
+        a.body["model"]["sha256"].as_str().map(str::len),
+        Some(64),
+        "{}",
+        a.text
+    );
+    assert!(a.header("x-request-id").is_some(), "{}", a.headers);
+
+    // A greeting is answered in the function; so is thanks sent base64-encoded.
+    let a = f.chat("안녕하세요!", false).await;
+    let got = (
+        a.status,
+        a.body["route"].as_str(),
+        a.body["intent"].as_str(),
+    );
+    assert_eq!(got, (200, Some("edge"), Some("greeting")), "{}", a.text);
+    assert!(
+        a.body["reply"].as_str().is_some_and(|r| !r.is_empty()),
+        "{}",
+        a.text
+    );
+    let a = f.chat("고마워", true).await;
+    let got = (a.status, a.body["intent"].as_str());
+    assert_eq!(got, (200, Some("thanks")), "{}", a.text);
+
+    // A food request is queued: a job record in Firestore and a message on Pub/Sub.
+    let a = f.chat("근처 짜장면집 추천해줘", false).await;
+    let got = (a.status, a.body["route"].as_str());
+    assert_eq!(got, (202, Some("queue")), "{}", a.text);
+    let job_id = a.body["job_id"].as_str().expect("job_id").to_owned();
+    assert_eq!(
+        a.header("location"),
+        Some(format!("/v1/jobs/{job_id}").as_str())
+    );
+    let mut published = Vec::new();
+    for _ in 0..50 {
+        published = ps
+            .pull(&t.project, &t.subscription, 10)
+            .await
+            .expect("pull");
+        if !published.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(published.len(), 1, "one message for the queued chat");
+    let msg: Value = serde_json::from_slice(&published[0].data).expect("JSON message");
+    assert_eq!(msg["job_id"], job_id.as_str(), "{msg}");
+    let a = f
+        .call("GET", &format!("/v1/jobs/{job_id}"), Some(KEY), None, false)
+        .await;
+    let got = (a.status, a.body["status"].as_str(), a.body["kind"].as_str());
+    assert_eq!(got, (200, Some("queued"), Some("chat")), "{}", a.text);
+
+    // Errors keep the contract's shape; the demo page is served at `/`.
+    let a = f
+        .call("POST", "/v1/chat", None, Some(r#"{"message":"hi"}"#), false)
+        .await;
+    let got = (a.status, a.body["error"]["code"].as_str());
+    assert_eq!(got, (401, Some("missing_api_key")), "{}", a.text);
+    let a = f.call("GET", "/", None, None, false).await;
+    assert_eq!(a.status, 200);
+    let html = a
+        .header("content-type")
+        .is_some_and(|c| c.starts_with("text/html"));
+    assert!(html, "{}", a.headers);
+    assert!(a.text.contains("/v1/chat"), "the demo page calls the API");
+
+    // All of it in one process (one cold start), which reported no init error.
+    let exited = f.group.try_wait();
+    assert!(
+        exited.is_none(),
+        "edge-lambda exited:\n{}",
+        f.group.log_tail(30)
+    );
+    assert_eq!(f.api.init_errors(), Vec::<Value>::new());
+    f.group.stop(Duration::from_secs(2));
+    emu.stop();
+}
+
+#[test]
+fn outside_lambda_it_exits_2_with_one_line_instead_of_a_panic() {
+    let out = Command::new(env!("CARGO_BIN_EXE_edge-lambda"))
+        .env_clear()
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .expect("edge-lambda runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("edge-lambda: AWS_LAMBDA_RUNTIME_API is not set"),
+        "{stderr}"
+    );
+}
