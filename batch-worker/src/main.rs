@@ -241,6 +241,30 @@ fn at_least<T: PartialOrd + std::fmt::Display>(
     }
 }
 
+/// `v` unless it is empty or blank, else the line that says so.
+fn not_empty(flag: &str, var: &str, v: String) -> Result<String, String> {
+    if v.trim().is_empty() {
+        Err(format!("{flag} ({var}) must not be empty"))
+    } else {
+        Ok(v)
+    }
+}
+
+/// `v` if it is `host:port` (`[::1]:8085` for IPv6) with a port of at least `min_port` (0: a
+/// free port, for a listening address), else the line that says so.
+fn host_port(flag: &str, var: &str, v: String, min_port: u16) -> Result<String, String> {
+    let ok = v.rsplit_once(':').is_some_and(|(host, port)| {
+        !host.trim().is_empty() && port.parse::<u16>().is_ok_and(|p| p >= min_port)
+    });
+    if ok {
+        Ok(v)
+    } else {
+        Err(format!(
+            "{flag} ({var}) must be host:port, such as 127.0.0.1:8085, got {v:?}"
+        ))
+    }
+}
+
 fn default_output_root() -> String {
     let dir = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/tmp"));
     format!("file://{}", dir.join("outputs").display())
@@ -377,15 +401,25 @@ fn serve_main(args: ServeArgs, engine: EngineArgs) -> ExitCode {
                 .worker_id
                 .filter(|w| !w.is_empty())
                 .unwrap_or_else(hostname),
-            project: args.project,
-            subscription: args.subscription,
+            project: not_empty("--project", "GCP_PROJECT", args.project)?,
+            subscription: not_empty("--subscription", "PUBSUB_SUBSCRIPTION", args.subscription)?,
             dead_letter_topic: Some(args.dead_letter_topic).filter(|t| !t.is_empty()),
             jobs_topic: Some(args.jobs_topic).filter(|t| !t.is_empty()),
             input_shard_items: args.input_shard_items,
-            database: args.database,
-            pubsub_emulator: args.pubsub_emulator_host.filter(|h| !h.is_empty()),
-            firestore_emulator: args.firestore_emulator_host.filter(|h| !h.is_empty()),
-            output_root: args.output_root,
+            database: not_empty("--database", "FIRESTORE_DATABASE", args.database)?,
+            pubsub_emulator: args
+                .pubsub_emulator_host
+                .filter(|h| !h.is_empty())
+                .map(|h| host_port("--pubsub-emulator-host", "PUBSUB_EMULATOR_HOST", h, 1))
+                .transpose()?,
+            firestore_emulator: args
+                .firestore_emulator_host
+                .filter(|h| !h.is_empty())
+                .map(|h| host_port("--firestore-emulator-host", "FIRESTORE_EMULATOR_HOST", h, 1))
+                .transpose()?,
+            output_root: batch_worker::outputs::check_root(&args.output_root)
+                .map(|_| args.output_root)
+                .map_err(|e| format!("--output-root (OUTPUT_ROOT): {e}"))?,
             // Pub/Sub reads 0 or less as "no limit": refused, as a GPU worker needs one.
             max_outstanding_messages: at_least(
                 "--max-outstanding-messages",
@@ -400,7 +434,10 @@ fn serve_main(args: ServeArgs, engine: EngineArgs) -> ExitCode {
                 1,
             )?,
             poison_limit: at_least("--poison-limit", "POISON_LIMIT", args.poison_limit, 1)?,
-            metrics_addr: Some(args.metrics_addr).filter(|a| !a.is_empty()),
+            metrics_addr: Some(args.metrics_addr)
+                .filter(|a| !a.is_empty())
+                .map(|a| host_port("--metrics-addr", "METRICS_ADDR", a, 0))
+                .transpose()?,
             metadata_host: args.metadata_host,
         })
     })();

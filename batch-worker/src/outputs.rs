@@ -50,28 +50,37 @@ pub struct Location {
     uri: String,
 }
 
-/// Opens `file:///abs/dir` (created if missing) or `gs://bucket[/prefix]`.
-pub fn open(uri: &str) -> Result<Location, OutputError> {
+/// Checks the form of an output root, touching nothing: `file:///absolute/dir` or
+/// `gs://bucket[/prefix]`. The error says what is wrong and what to write instead.
+pub fn check_root(uri: &str) -> Result<url::Url, String> {
     let url = url::Url::parse(uri).map_err(|e| {
-        OutputError::Config(format!(
-            "{uri:?} is not a URL ({e}); use file:///absolute/dir or gs://bucket/prefix"
-        ))
+        format!("{uri:?} is not a URL ({e}); use file:///absolute/dir or gs://bucket/prefix")
     })?;
     match url.scheme() {
         "file" => {
-            let dir = url.to_file_path().map_err(|()| {
-                OutputError::Config(format!("{uri:?}: use an absolute path, file:///dir"))
-            })?;
-            std::fs::create_dir_all(&dir).map_err(|e| {
-                OutputError::Config(format!("cannot create {}: {e}", dir.display()))
-            })?;
+            url.to_file_path()
+                .map_err(|()| format!("{uri:?}: use an absolute path, file:///dir"))?;
         }
-        "gs" => {}
+        "gs" => {
+            if url.host_str().is_none_or(str::is_empty) {
+                return Err(format!("{uri:?} names no bucket; use gs://bucket/prefix"));
+            }
+        }
         other => {
-            return Err(OutputError::Config(format!(
+            return Err(format!(
                 "{uri:?}: scheme {other:?} is not supported; use file:// or gs://"
-            )));
+            ));
         }
+    }
+    Ok(url)
+}
+
+/// Opens `file:///abs/dir` (created if missing) or `gs://bucket[/prefix]`.
+pub fn open(uri: &str) -> Result<Location, OutputError> {
+    let url = check_root(uri).map_err(OutputError::Config)?;
+    if let Ok(dir) = url.to_file_path() {
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| OutputError::Config(format!("cannot create {}: {e}", dir.display())))?;
     }
     let (store, local, prefix): (Arc<dyn ObjectStore>, _, _) = if url.scheme() == "file" {
         let (_, prefix) = object_store::ObjectStoreScheme::parse(&url)
@@ -238,6 +247,22 @@ pub fn output_prefix(job: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn roots_are_checked_before_anything_is_touched() {
+        for ok in ["file:///tmp/x", "gs://bucket", "gs://bucket/pre/fix"] {
+            assert!(check_root(ok).is_ok(), "{ok}");
+        }
+        for (bad, says) in [
+            ("gs://", "names no bucket"),
+            ("s3://b/x", "scheme \"s3\" is not supported"),
+            ("outputs", "is not a URL"),
+            ("file://host/x", "use an absolute path"),
+        ] {
+            let e = check_root(bad).expect_err(bad);
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
 
     /// A `file://` root whose path needs percent-encoding: the chunk lands under that directory
     /// with its deterministic name and reads back.

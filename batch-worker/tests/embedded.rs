@@ -389,6 +389,38 @@ fn serve_settings_out_of_range_exit_2_with_one_line() {
             "0",
             "--chunk-seconds must be a positive number of seconds",
         ),
+        (
+            "GCP_PROJECT",
+            "",
+            "--project (GCP_PROJECT) must not be empty",
+        ),
+        (
+            "PUBSUB_SUBSCRIPTION",
+            " ",
+            "--subscription (PUBSUB_SUBSCRIPTION) must not be empty",
+        ),
+        (
+            "OUTPUT_ROOT",
+            "s3://bucket/out",
+            "--output-root (OUTPUT_ROOT): \"s3://bucket/out\": scheme \"s3\" is not supported",
+        ),
+        ("OUTPUT_ROOT", "gs://", "\"gs://\" names no bucket"),
+        ("OUTPUT_ROOT", "outputs", "\"outputs\" is not a URL"),
+        (
+            "METRICS_ADDR",
+            "9464",
+            "--metrics-addr (METRICS_ADDR) must be host:port",
+        ),
+        (
+            "PUBSUB_EMULATOR_HOST",
+            "localhost",
+            "--pubsub-emulator-host (PUBSUB_EMULATOR_HOST) must be host:port",
+        ),
+        (
+            "FIRESTORE_EMULATOR_HOST",
+            "127.0.0.1:0",
+            "(FIRESTORE_EMULATOR_HOST) must be host:port, such as 127.0.0.1:8085, got \"127.0.0.1:0\"",
+        ),
     ] {
         let out = Command::new(BIN)
             .arg("serve")
