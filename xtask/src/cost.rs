@@ -12,7 +12,7 @@ pub struct Args {
     #[arg(long, default_value_t = 10_000.0)]
     pub chat_per_day: f64,
     /// Share of chat messages that need the GPU model; default: 1 − trivial share × edge recall
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["trivial_share", "edge_recall"])]
     pub heavy_share: Option<f64>,
     /// Share of chat messages that are trivial (greetings, thanks, help, …)
     #[arg(long, default_value_t = 0.6)]
@@ -46,6 +46,45 @@ pub struct Args {
 }
 
 impl Args {
+    /// Refuses what would give a meaningless bill: shares outside 0..=1, negative or
+    /// non-finite traffic, more than 24 active hours a day.
+    fn check(&self) -> anyhow::Result<()> {
+        let shares = [
+            ("--heavy-share", self.heavy_share.unwrap_or(0.0)),
+            ("--trivial-share", self.trivial_share),
+            ("--edge-recall", self.edge_recall),
+        ];
+        for (flag, v) in shares {
+            anyhow::ensure!(
+                (0.0..=1.0).contains(&v),
+                "{flag} must be within 0..=1, got {v}"
+            );
+        }
+        let amounts = [
+            ("--chat-per-day", self.chat_per_day),
+            ("--bulk-items-per-day", self.bulk_items_per_day),
+            ("--gpu-seconds-per-reply", self.gpu_seconds_per_reply),
+            (
+                "--gpu-seconds-per-bulk-item",
+                self.gpu_seconds_per_bulk_item,
+            ),
+            ("--input-tokens", self.input_tokens),
+            ("--output-tokens", self.output_tokens),
+        ];
+        for (flag, v) in amounts {
+            anyhow::ensure!(
+                v.is_finite() && v >= 0.0,
+                "{flag} must be a number of at least 0, got {v}"
+            );
+        }
+        anyhow::ensure!(
+            (0.0..=24.0).contains(&self.active_hours_per_day),
+            "--active-hours-per-day must be within 0..=24, got {}",
+            self.active_hours_per_day
+        );
+        Ok(())
+    }
+
     fn heavy(&self) -> f64 {
         self.heavy_share
             .unwrap_or(1.0 - self.trivial_share * self.edge_recall)
@@ -146,17 +185,7 @@ pub fn monthly(a: &Args) -> Vec<Line> {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        a.chat_per_day >= 0.0
-            && a.bulk_items_per_day >= 0.0
-            && a.gpu_seconds_per_reply >= 0.0
-            && a.gpu_seconds_per_bulk_item >= 0.0,
-        "traffic and GPU seconds must not be negative"
-    );
-    anyhow::ensure!(
-        (0.0..=24.0).contains(&a.active_hours_per_day),
-        "--active-hours-per-day must be within 0..=24"
-    );
+    a.check()?;
     println!(
         "{:.0} chat messages/day ({:.0} % need the GPU model), {:.0} bulk items/day, {:.1} GPU s per reply, {:.1} per bulk item, {:.0} active h/day\n",
         a.chat_per_day,
@@ -194,6 +223,55 @@ fn group(krw: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    fn parse(flags: &[&str]) -> Result<Args, clap::Error> {
+        Cli::try_parse_from(std::iter::once("cost").chain(flags.iter().copied())).map(|c| c.args)
+    }
+
+    #[test]
+    fn meaningless_traffic_is_refused_naming_the_flag() {
+        assert!(parse(&[]).expect("defaults").check().is_ok());
+        for (flags, says) in [
+            (
+                &["--trivial-share", "2"][..],
+                "--trivial-share must be within 0..=1, got 2",
+            ),
+            (
+                &["--edge-recall", "1.5"],
+                "--edge-recall must be within 0..=1",
+            ),
+            (
+                &["--heavy-share=-0.1"],
+                "--heavy-share must be within 0..=1",
+            ),
+            (
+                &["--gpu-seconds-per-reply", "NaN"],
+                "--gpu-seconds-per-reply must be a number",
+            ),
+            (
+                &["--chat-per-day=-5"],
+                "--chat-per-day must be a number of at least 0",
+            ),
+            (
+                &["--active-hours-per-day", "30"],
+                "--active-hours-per-day must be within 0..=24",
+            ),
+        ] {
+            let a = parse(flags).expect("parses");
+            let e = a.check().expect_err(says).to_string();
+            assert!(e.contains(says), "{flags:?}: {e}");
+        }
+        // The heavy share is given, or computed from the other two: not both.
+        let e = parse(&["--heavy-share", "0.3", "--trivial-share", "0.3"]).err();
+        assert!(e.is_some_and(|e| e.kind() == clap::error::ErrorKind::ArgumentConflict));
+    }
 
     /// Worked by hand: 10,000 chats/day, half heavy, no bulk, 2 GPU s per reply, 10 active h.
     #[test]
