@@ -17,8 +17,9 @@ const TARGETS: [&str; 2] = ["request", "featurize"];
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Seconds per target (the targets run side by side)
-    #[arg(long, default_value_t = 300)]
+    /// Seconds per target (the targets run side by side; at least 1: libFuzzer reads 0 as
+    /// no limit)
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
     pub seconds: u64,
     /// Targets to run (default: all)
     #[arg(long, value_delimiter = ',')]
@@ -26,8 +27,6 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    setup::cargo_install("cargo-fuzz", "cargo-fuzz", CARGO_FUZZ_VERSION, &[], 1)?;
-    let _ = std::fs::remove_dir_all(root().join(".tools/cargo-target"));
     let targets: Vec<String> = if args.targets.is_empty() {
         TARGETS.iter().map(|t| (*t).to_owned()).collect()
     } else {
@@ -38,6 +37,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             bail!("unknown fuzz target {t:?}; the targets are {TARGETS:?}");
         }
     }
+    setup::cargo_install("cargo-fuzz", "cargo-fuzz", CARGO_FUZZ_VERSION, &[], 1)?;
+    let _ = std::fs::remove_dir_all(root().join(".tools/cargo-target"));
     let fuzz = |t: &str| {
         let mut c = Command::new(setup::cargo_bin("cargo-fuzz"));
         c.current_dir(root()).env("RUSTC_BOOTSTRAP", "1").env(
