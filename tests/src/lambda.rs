@@ -100,6 +100,11 @@ impl RuntimeApi {
         answer.map_err(|e| anyhow!("invocation {id} reported an error: {e}"))
     }
 
+    /// How many invocations were handed to the function so far.
+    pub fn invocations(&self) -> u64 {
+        self.next_id.load(Ordering::Relaxed) - 1
+    }
+
     /// The bodies of the function's `init/error` reports so far.
     pub fn init_errors(&self) -> Vec<Value> {
         self.shared

@@ -98,12 +98,14 @@ async fn the_binary_serves_invocations_against_the_emulators() {
         .env("PUBSUB_TOPIC", &t.topic)
         .env("API_KEYS", entry("alice", KEY, b"lambda-rt-salt"))
         .env("UPSTREAM_DEADLINE_MS", "5000");
+    let started = std::time::Instant::now();
     let group = Group::spawn("edge-lambda", cmd, &dir.join("logs/edge-lambda.log"))
         .expect("edge-lambda starts");
     let mut f = Function { api, group };
 
     // Health, no key.
     let a = f.call("GET", "/healthz", None, None, false).await;
+    let cold = started.elapsed();
     assert_eq!(a.status, 200, "{}", a.text);
     assert_eq!(
         a.body["model"]["sha256"].as_str().map(str::len),
@@ -181,6 +183,13 @@ async fn the_binary_serves_invocations_against_the_emulators() {
         f.group.log_tail(30)
     );
     assert_eq!(f.api.init_errors(), Vec::<Value>::new());
+    // For sizing the function (not asserted: this machine is not Lambda's).
+    eprintln!(
+        "edge-lambda: spawn to first answer {:.0} ms; resident {:.1} MiB after {} invocations",
+        cold.as_secs_f64() * 1e3,
+        f.group.rss_bytes() as f64 / (1 << 20) as f64,
+        f.api.invocations()
+    );
     f.group.stop(Duration::from_secs(2));
     emu.stop();
 }
