@@ -27,6 +27,15 @@ use crate::model::IntentModel;
 use crate::platform::Platform;
 use crate::replies::{Locale, reply};
 
+/// An `Idempotency-Key` whose first request has not finished after this long (or after four
+/// upstream deadlines, if longer) is taken as abandoned, and the next request with it runs.
+pub const PENDING_ABANDONED_MS: u64 = 60_000;
+
+/// The id of the idempotency record of `key` sent by `owner` to `route` (`chat`, `batches`).
+pub fn idempotency_doc_id(owner: &str, route: &str, key: &str) -> String {
+    hex::encode(Sha256::digest(format!("{owner}\0{route}\0{key}")))
+}
+
 /// Request limits (documented in the README).
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
@@ -578,7 +587,7 @@ impl App {
             ));
         }
         let gcp = self.gcp()?;
-        let id = hex::encode(Sha256::digest(format!("{owner}\0{route}\0{key}")));
+        let id = idempotency_doc_id(owner, route, key);
         let now = p.now_ms();
         let pending = IdempotencyRecord {
             owner: owner.to_owned(),
@@ -590,12 +599,25 @@ impl App {
         };
         let doc = firestore::to_document(&pending, &["expire_at"])
             .map_err(|e| ApiError::unavailable("internal", e.to_string()))?;
-        for attempt in 0..2 {
+        let in_use = || {
+            ApiError::new(
+                409,
+                "idempotency_key_in_use",
+                "a request with this Idempotency-Key is still being processed; retry in a moment",
+            )
+        };
+        // A record still pending after this long was left by a request that never finished
+        // (its isolate or function died, or its last write failed): the key is taken over,
+        // conditioned on the record as read, so that of two requests only one runs.
+        let abandoned_after = PENDING_ABANDONED_MS.max(4 * gcp.config.deadline_ms);
+        let mut taken = false;
+        for _ in 0..3 {
             if gcp
                 .create(p, IDEMPOTENCY_COLLECTION, &id, doc.clone())
                 .await?
                 == Created::Yes
             {
+                taken = true;
                 break;
             }
             let Some(existing) = gcp.get(p, IDEMPOTENCY_COLLECTION, &id).await? else {
@@ -604,9 +626,18 @@ impl App {
             let rec: IdempotencyRecord = firestore::from_document(&existing)
                 .map_err(|e| ApiError::unavailable("store_unavailable", e.to_string()))?;
             let expired = parse_rfc3339(&rec.expire_at).is_none_or(|t| t <= now);
-            if expired && attempt == 0 {
-                gcp.delete(p, IDEMPOTENCY_COLLECTION, &id).await?;
-                continue;
+            let abandoned = rec.state != "done"
+                && parse_rfc3339(&rec.created_at).is_none_or(|t| t + abandoned_after <= now);
+            if expired || abandoned {
+                let seen = existing["updateTime"].as_str().unwrap_or_default();
+                if gcp
+                    .replace_if(p, IDEMPOTENCY_COLLECTION, &id, doc.clone(), seen)
+                    .await?
+                {
+                    taken = true;
+                    break;
+                }
+                continue; // another request took it first: read what it wrote
             }
             if rec.state == "done" {
                 let body: Value = serde_json::from_str(&rec.body).unwrap_or(Value::Null);
@@ -617,17 +648,17 @@ impl App {
                 }
                 return Ok(r);
             }
-            return Err(ApiError::new(
-                409,
-                "idempotency_key_in_use",
-                "a request with this Idempotency-Key is still being processed; retry in a moment",
-            ));
+            return Err(in_use());
+        }
+        if !taken {
+            return Err(in_use());
         }
         match work.await {
             Ok(r) => {
                 let done = json!({"state": "done", "status": r.status, "body": String::from_utf8_lossy(&r.body)});
                 let doc = fields(done);
-                // The job exists either way; a lost record only means a replay runs again.
+                // The job exists either way; a record left pending only means that a replay
+                // after `abandoned_after` runs again.
                 let _ = gcp
                     .update(
                         p,

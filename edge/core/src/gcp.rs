@@ -252,6 +252,46 @@ impl Gcp {
         }
     }
 
+    /// Replaces `collection/id` with `doc` only if its `updateTime` is still `update_time`:
+    /// `false` when another writer changed or removed it first. (A `documents:commit`, as the
+    /// emulator ignores `currentDocument.updateTime` given to `PATCH` as a query parameter.)
+    pub async fn replace_if(
+        &self,
+        p: &impl Platform,
+        collection: &str,
+        id: &str,
+        mut doc: Value,
+        update_time: &str,
+    ) -> Result<bool, ApiError> {
+        let url = format!(
+            "{}/v1/projects/{}/databases/{}/documents:commit",
+            self.config.firestore_base, self.config.project, self.config.database
+        );
+        doc["name"] = Value::String(format!(
+            "projects/{}/databases/{}/documents/{collection}/{id}",
+            self.config.project, self.config.database
+        ));
+        let body = serde_json::json!({"writes": [{
+            "update": doc,
+            "currentDocument": {"updateTime": update_time},
+        }]});
+        let r = self
+            .call(p, Upstream::Firestore, "POST", url, Some(body))
+            .await?;
+        let text = String::from_utf8_lossy(&r.body);
+        match r.status {
+            200 => Ok(true),
+            400 | 404 | 409
+                if ["FAILED_PRECONDITION", "NOT_FOUND", "ABORTED"]
+                    .iter()
+                    .any(|c| text.contains(c)) =>
+            {
+                Ok(false)
+            }
+            s => Err(rejected(Upstream::Firestore, s, &r.body)),
+        }
+    }
+
     pub async fn delete(
         &self,
         p: &impl Platform,

@@ -7,10 +7,15 @@
 use std::process::Command;
 use std::time::Duration;
 
+use edge_core::api::{PENDING_ABANDONED_MS, idempotency_doc_id};
 use edge_core::auth::entry;
+use edge_core::gcp::{Gcp, GcpConfig};
+use edge_lambda::Native;
 use serde_json::{Value, json};
+use shared::jobs::{IDEMPOTENCY_COLLECTION, IDEMPOTENCY_TTL_MS, IdempotencyRecord};
+use shared::time::rfc3339;
 use stack::emulators::Emulators;
-use stack::gcp::{PubSub, Topology};
+use stack::gcp::{Firestore, PubSub, Topology};
 use stack::lambda::{RuntimeApi, http_event};
 use stack::process::Group;
 
@@ -50,9 +55,25 @@ impl Function {
         body: Option<&str>,
         base64: bool,
     ) -> Answer {
+        self.call_with(method, path, key, body, base64, &[]).await
+    }
+
+    /// The same with more request headers.
+    async fn call_with(
+        &self,
+        method: &str,
+        path: &str,
+        key: Option<&str>,
+        body: Option<&str>,
+        base64: bool,
+        more: &[(&str, &str)],
+    ) -> Answer {
         let mut headers = json!({"content-type": "application/json", "user-agent": "test"});
         if let Some(key) = key {
             headers["authorization"] = json!(format!("Bearer {key}"));
+        }
+        for (k, v) in more {
+            headers[*k] = json!(v);
         }
         let ev = http_event(method, path, "", headers, body, base64);
         let doc = match self.api.invoke(ev, ANSWER_WITHIN).await {
@@ -73,6 +94,14 @@ impl Function {
     async fn chat(&self, message: &str, base64: bool) -> Answer {
         let body = json!({ "message": message }).to_string();
         self.call("POST", "/v1/chat", Some(KEY), Some(&body), base64)
+            .await
+    }
+
+    /// `POST /v1/chat` with `message`, the key and an `Idempotency-Key`.
+    async fn chat_once(&self, message: &str, idempotency_key: &str) -> Answer {
+        let body = json!({ "message": message }).to_string();
+        let more = [("idempotency-key", idempotency_key)];
+        self.call_with("POST", "/v1/chat", Some(KEY), Some(&body), false, &more)
             .await
     }
 }
@@ -160,6 +189,82 @@ async fn the_binary_serves_invocations_against_the_emulators() {
         .await;
     let got = (a.status, a.body["status"].as_str(), a.body["kind"].as_str());
     assert_eq!(got, (200, Some("queued"), Some("chat")), "{}", a.text);
+
+    // An Idempotency-Key whose first request died before it finished (a record still
+    // pending after the abandon time) is taken over; one still fresh answers 409.
+    let fs = Firestore::new(&emu.firestore_host, &t.project);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .expect("clock after 1970");
+    for (key, age_ms) in [("k-abandoned", PENDING_ABANDONED_MS + 5_000), ("k-busy", 0)] {
+        let rec = IdempotencyRecord {
+            owner: "alice".into(),
+            state: "pending".into(),
+            status: 0,
+            body: String::new(),
+            created_at: rfc3339(now - age_ms),
+            expire_at: rfc3339(now + IDEMPOTENCY_TTL_MS),
+        };
+        let doc = shared::firestore::to_document(&rec, &["expire_at"]).expect("document");
+        let id = idempotency_doc_id("alice", "chat", key);
+        fs.create(IDEMPOTENCY_COLLECTION, &id, doc["fields"].clone())
+            .await
+            .expect("pending record");
+    }
+    let a = f.chat_once("떡볶이집 추천해줘", "k-abandoned").await;
+    assert_eq!(a.status, 202, "{}", a.text);
+    let taken_over = a.body["job_id"].as_str().expect("job_id").to_owned();
+    let a = f.chat_once("떡볶이집 추천해줘", "k-abandoned").await;
+    assert_eq!(a.status, 202, "{}", a.text);
+    assert_eq!(
+        a.body["job_id"],
+        taken_over.as_str(),
+        "the replay gives the same job"
+    );
+    assert_eq!(
+        a.header("idempotent-replayed"),
+        Some("true"),
+        "{}",
+        a.headers
+    );
+    let a = f.chat_once("떡볶이집 추천해줘", "k-busy").await;
+    let got = (a.status, a.body["error"]["code"].as_str());
+    assert_eq!(got, (409, Some("idempotency_key_in_use")), "{}", a.text);
+
+    // The takeover is a write conditioned on the record as read: of two writers that read
+    // the same record, the second finds it changed.
+    let gcp = Gcp::new(
+        GcpConfig {
+            project: t.project.clone(),
+            topic: t.topic.clone(),
+            database: "(default)".into(),
+            pubsub_base: format!("http://{}", emu.pubsub_host),
+            firestore_base: format!("http://{}", emu.firestore_host),
+            pubsub_emulated: true,
+            firestore_emulated: true,
+            deadline_ms: 5_000,
+        },
+        None,
+    );
+    let native = Native::new();
+    let busy = idempotency_doc_id("alice", "chat", "k-busy");
+    let read = gcp
+        .get(&native, IDEMPOTENCY_COLLECTION, &busy)
+        .await
+        .expect("get")
+        .expect("the record");
+    let seen = read["updateTime"].as_str().expect("updateTime");
+    for (writer, wins) in [("first", true), ("second", false)] {
+        // Each writer's own record (an unchanged document would keep its `updateTime`).
+        let mut doc = json!({"fields": read["fields"].clone()});
+        doc["fields"]["created_at"] = json!({"stringValue": rfc3339(now + 1 + u64::from(wins))});
+        let won = gcp
+            .replace_if(&native, IDEMPOTENCY_COLLECTION, &busy, doc.clone(), seen)
+            .await
+            .expect("replace_if answers");
+        assert_eq!(won, wins, "the {writer} writer");
+    }
 
     // Errors keep the contract's shape; the demo page is served at `/`.
     let a = f
