@@ -145,6 +145,18 @@ async fn the_worker_in_wrangler_dev_serves_the_contract_against_the_emulators() 
     let h: Value = r.json().await.expect("json");
     assert_eq!(h["model"]["sha256"].as_str().map(str::len), Some(64), "{h}");
 
+    // The benchmark's `/hello` is not there unless the benchmark asks for it.
+    let r = c
+        .http
+        .get(format!("{}/hello", c.url))
+        .send()
+        .await
+        .expect("hello");
+    assert_eq!(r.status().as_u16(), 404);
+    assert!(r.headers().get("x-request-id").is_some());
+    let b: Value = r.json().await.expect("a JSON error");
+    assert_eq!(b["error"]["code"], "not_found", "{b}");
+
     // A greeting is answered at the edge.
     let (s, b, h) = c.chat(KEY_A, "안녕하세요!").await;
     assert_eq!(

@@ -111,6 +111,7 @@ async fn measure_once(args: &Args, repeat: u32, n: usize) -> anyhow::Result<Run>
             ("RATE_LIMIT_PER_MINUTE".into(), "1000000".into()),
             ("LOG_REQUESTS".into(), args.log_requests.clone()),
             ("BENCH_CLASSIFY_REPEAT".into(), repeat.to_string()),
+            ("BENCH_ROUTES".into(), "1".into()),
         ],
         rate_limit: args.rate_limit_binding.then_some(1_000_000),
     };
@@ -137,6 +138,11 @@ async fn measure_once(args: &Args, repeat: u32, n: usize) -> anyhow::Result<Run>
             first.status(),
             first.text().await.unwrap_or_default()
         );
+    }
+    // The baseline must be the Worker's `/hello` (`BENCH_ROUTES`), not the core's 404.
+    let hello = http.get(&hello_url).send().await?.text().await?;
+    if hello != "hello" {
+        bail!("GET /hello answered {hello:?}, not the benchmark's baseline \"hello\"");
     }
     for _ in 0..200.min(n) {
         http.get(&hello_url).send().await?.bytes().await?;
