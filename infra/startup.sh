@@ -162,6 +162,8 @@ EnvironmentFile=${ETC#"$ROOT"}/worker.env
 ExecStart=${worker_dir#"$ROOT"}/bin/batch-worker serve
 Restart=always
 RestartSec=5
+# Exit 2: the worker refused its settings (one line in the journal); restarting cannot help.
+RestartPreventExitStatus=2
 KillSignal=SIGTERM
 KillMode=mixed
 TimeoutStopSec=25

@@ -385,6 +385,7 @@ fn startup_script_installs_configures_and_is_idempotent() {
     let unit = std::fs::read_to_string(&unit_path).expect("unit");
     for line in [
         "Restart=always",
+        "RestartPreventExitStatus=2",
         "KillSignal=SIGTERM",
         "TimeoutStopSec=25",
         "EnvironmentFile=/etc/cheap-serve/worker.env",
