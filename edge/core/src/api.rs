@@ -890,6 +890,23 @@ fn json_body(req: &Request, limit: usize) -> Result<Value, ApiError> {
             format!("send `Content-Type: application/json`, got {ct:?}"),
         ));
     }
+    // JSON is UTF-8 (RFC 8259); a body declared in another charset (EUC-KR, CP949, …) is
+    // refused by name rather than read as broken UTF-8.
+    let charset = ct.split(';').skip(1).find_map(|param| {
+        let (k, v) = param.split_once('=')?;
+        k.trim()
+            .eq_ignore_ascii_case("charset")
+            .then(|| v.trim().trim_matches('"'))
+    });
+    if let Some(cs) =
+        charset.filter(|cs| !cs.eq_ignore_ascii_case("utf-8") && !cs.eq_ignore_ascii_case("utf8"))
+    {
+        return Err(ApiError::new(
+            415,
+            "unsupported_media_type",
+            format!("JSON bodies are UTF-8; got charset={cs:?}: re-encode the body as UTF-8"),
+        ));
+    }
     if req.body.len() > limit {
         return Err(ApiError::new(
             413,
@@ -900,10 +917,15 @@ fn json_body(req: &Request, limit: usize) -> Result<Value, ApiError> {
             ),
         ));
     }
-    let text = std::str::from_utf8(&req.body).map_err(|e| {
+    // A UTF-8 byte-order mark before the JSON (some Windows tools write one) is not part of it.
+    let body = req.body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&req.body);
+    let text = std::str::from_utf8(body).map_err(|e| {
         ApiError::bad_request(
             "invalid_utf8",
-            format!("the body is not UTF-8 (byte {})", e.valid_up_to()),
+            format!(
+                "the body is not UTF-8 (byte {}); JSON is always UTF-8: re-encode it (EUC-KR and CP949 are not accepted)",
+                e.valid_up_to()
+            ),
         )
     })?;
     serde_json::from_str(text)

@@ -165,6 +165,18 @@ fn bad_requests_get_their_status_and_code() {
             "unsupported_media_type",
         ),
         (
+            "EUC-KR declared",
+            request(
+                "POST",
+                "/v1/chat",
+                Some(&auth),
+                Some("application/json; charset=EUC-KR"),
+                b"{\"message\":\"\xbe\xc8\xb3\xe7\"}",
+            ),
+            415,
+            "unsupported_media_type",
+        ),
+        (
             "no auth",
             request("POST", "/v1/chat", None, Some("application/json"), b"{}"),
             401,
@@ -432,6 +444,72 @@ fn trivial_messages_are_answered_at_the_edge_in_their_language() {
                 .is_some_and(|c| c > 0.5 && c <= 1.0)
         );
     }
+}
+
+#[test]
+fn utf8_bodies_may_say_so_and_may_start_with_a_byte_order_mark() {
+    let app = App::new(config(&[]));
+    let auth = format!("Bearer {KEY_A}");
+    let json = "{\"message\":\"안녕하세요\"}";
+    for (ct, body) in [
+        ("application/json; charset=utf-8", json.as_bytes().to_vec()),
+        (
+            "application/json;charset=\"UTF-8\"",
+            json.as_bytes().to_vec(),
+        ),
+        ("application/json; charset=utf8", json.as_bytes().to_vec()),
+        (
+            "application/json",
+            [&b"\xEF\xBB\xBF"[..], json.as_bytes()].concat(),
+        ),
+    ] {
+        let r = serve(
+            &app,
+            request("POST", "/v1/chat", Some(&auth), Some(ct), &body),
+        );
+        let b = r.json_body();
+        assert_eq!(
+            (r.status, b["intent"].as_str()),
+            (200, Some("greeting")),
+            "{ct}: {b}"
+        );
+    }
+    // A declared charset other than UTF-8 is named; undeclared legacy bytes are explained.
+    let euc_kr = b"{\"message\":\"\xbe\xc8\xb3\xe7\"}";
+    let r = serve(
+        &app,
+        request(
+            "POST",
+            "/v1/chat",
+            Some(&auth),
+            Some("application/json; charset=cp949"),
+            euc_kr,
+        ),
+    );
+    let msg = r.json_body()["error"]["message"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+    assert!(
+        msg.contains("charset=\"cp949\"") && msg.contains("UTF-8"),
+        "{msg}"
+    );
+    let r = serve(
+        &app,
+        request(
+            "POST",
+            "/v1/chat",
+            Some(&auth),
+            Some("application/json"),
+            euc_kr,
+        ),
+    );
+    let msg = r.json_body()["error"]["message"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+    assert_eq!(r.status, 400, "{msg}");
+    assert!(msg.contains("EUC-KR"), "{msg}");
 }
 
 #[test]
