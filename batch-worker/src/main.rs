@@ -253,14 +253,15 @@ fn not_empty(flag: &str, var: &str, v: String) -> Result<String, String> {
 /// `v` if it is `host:port` (`[::1]:8085` for IPv6) with a port of at least `min_port` (0: a
 /// free port, for a listening address), else the line that says so.
 fn host_port(flag: &str, var: &str, v: String, min_port: u16) -> Result<String, String> {
-    let ok = v.rsplit_once(':').is_some_and(|(host, port)| {
-        !host.trim().is_empty() && port.parse::<u16>().is_ok_and(|p| p >= min_port)
-    });
+    let ok = !v.contains("://")
+        && v.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.trim().is_empty() && port.parse::<u16>().is_ok_and(|p| p >= min_port)
+        });
     if ok {
         Ok(v)
     } else {
         Err(format!(
-            "{flag} ({var}) must be host:port, such as 127.0.0.1:8085, got {v:?}"
+            "{flag} ({var}) must be host:port without a scheme, such as 127.0.0.1:8085, got {v:?}"
         ))
     }
 }

@@ -417,9 +417,14 @@ fn serve_settings_out_of_range_exit_2_with_one_line() {
             "--pubsub-emulator-host (PUBSUB_EMULATOR_HOST) must be host:port",
         ),
         (
+            "PUBSUB_EMULATOR_HOST",
+            "http://localhost:8085",
+            "(PUBSUB_EMULATOR_HOST) must be host:port without a scheme",
+        ),
+        (
             "FIRESTORE_EMULATOR_HOST",
             "127.0.0.1:0",
-            "(FIRESTORE_EMULATOR_HOST) must be host:port, such as 127.0.0.1:8085, got \"127.0.0.1:0\"",
+            "(FIRESTORE_EMULATOR_HOST) must be host:port without a scheme, such as 127.0.0.1:8085, got \"127.0.0.1:0\"",
         ),
     ] {
         let out = Command::new(BIN)
