@@ -699,6 +699,14 @@ enum Final {
     },
 }
 
+/// How a job whose `input_uri` cannot be read, or cannot be JSONL in UTF-8, ends.
+fn input_unreadable(message: String) -> Final {
+    Final::Failed {
+        code: "input_unreadable".into(),
+        message,
+    }
+}
+
 /// The shard's items: inline, or read from `input_uri` (malformed lines become error lines).
 async fn load_items(
     msg: &JobMessage,
@@ -731,10 +739,7 @@ async fn load_items(
             code: "input_changed".into(),
             message: e.to_string(),
         },
-        e => Final::Failed {
-            code: "input_unreadable".into(),
-            message: format!("reading {uri}: {e}"),
-        },
+        e => input_unreadable(format!("reading {uri}: {e}")),
     };
     if let Some(range) = &msg.range {
         if !range.too_long.is_empty() {
@@ -756,10 +761,7 @@ async fn load_items(
     // No jobs topic to publish shards on: the whole file is this one shard.
     let bytes = outputs::read_uri(uri).await.map_err(unreadable)?;
     if let Some(why) = shared::wire::unusable_encoding(&bytes) {
-        return Err(Final::Failed {
-            code: "input_unreadable".into(),
-            message: format!("{uri} {why}"),
-        });
+        return Err(input_unreadable(format!("{uri} {why}")));
     }
     let mut seen = crate::embedded::SeenIds::with_capacity(0);
     Ok(parse_lines(&bytes, 1, |_, id| !seen.insert(id)))
@@ -1058,20 +1060,13 @@ async fn plan_counted(
             return Ok(Outcome::Nack);
         }
         Err(e) => {
-            let why = Final::Failed {
-                code: "input_unreadable".into(),
-                message: format!("reading {uri}: {e}"),
-            };
+            let why = input_unreadable(format!("reading {uri}: {e}"));
             finish_job(ctx, &msg.job_id, why).await?;
             return Ok(Outcome::Ack);
         }
     };
     if let Some(why) = plan.unusable {
-        let why = Final::Failed {
-            code: "input_unreadable".into(),
-            message: format!("{uri} {why}"),
-        };
-        finish_job(ctx, &msg.job_id, why).await?;
+        finish_job(ctx, &msg.job_id, input_unreadable(format!("{uri} {why}"))).await?;
         return Ok(Outcome::Ack);
     }
     if ctx.cfg.failpoints.crash_while_planning {

@@ -300,16 +300,7 @@ impl Store {
                 .unwrap_or_default();
             return Ok(Committed::Done(results));
         }
-        let conflict = matches!(status, 400 | 404 | 409)
-            && [
-                "FAILED_PRECONDITION",
-                "ALREADY_EXISTS",
-                "NOT_FOUND",
-                "ABORTED",
-            ]
-            .iter()
-            .any(|s| body.contains(s));
-        if conflict {
+        if firestore::write_conflict(status, &body) {
             Ok(Committed::Conflict)
         } else {
             Err(StoreError::Rejected { status, body })

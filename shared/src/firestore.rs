@@ -108,6 +108,21 @@ pub fn from_fields(fields: &Value) -> Result<Value, MappingError> {
     Ok(Value::Object(out))
 }
 
+/// Whether Firestore refused a write because another writer got there first: a create of a
+/// document that exists, a precondition (`updateTime`, `exists`) that no longer holds, or a
+/// transaction it aborted. Such a refusal is an answer, not a fault.
+pub fn write_conflict(status: u16, body: &str) -> bool {
+    matches!(status, 400 | 404 | 409)
+        && [
+            "FAILED_PRECONDITION",
+            "ALREADY_EXISTS",
+            "NOT_FOUND",
+            "ABORTED",
+        ]
+        .iter()
+        .any(|s| body.contains(s))
+}
+
 /// A REST `Document` as a record.
 pub fn from_document<T: DeserializeOwned>(doc: &Value) -> Result<T, MappingError> {
     let fields = doc.get("fields").ok_or(MappingError::NoFields)?;
@@ -120,6 +135,25 @@ mod tests {
     use serde::Deserialize;
 
     use super::*;
+
+    #[test]
+    fn write_conflicts_are_told_from_faults() {
+        for (status, body) in [
+            (400, r#"{"error":{"status":"FAILED_PRECONDITION"}}"#),
+            (409, r#"{"error":{"status":"ALREADY_EXISTS"}}"#),
+            (404, r#"{"error":{"status":"NOT_FOUND"}}"#),
+            (409, r#"{"error":{"status":"ABORTED"}}"#),
+        ] {
+            assert!(write_conflict(status, body), "{status} {body}");
+        }
+        for (status, body) in [
+            (400, r#"{"error":{"status":"INVALID_ARGUMENT"}}"#),
+            (403, r#"{"error":{"status":"PERMISSION_DENIED"}}"#),
+            (503, r#"{"error":{"status":"ABORTED"}}"#),
+        ] {
+            assert!(!write_conflict(status, body), "{status} {body}");
+        }
+    }
 
     #[derive(Debug, PartialEq, Serialize, Deserialize)]
     struct Rec {

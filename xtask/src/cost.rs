@@ -88,7 +88,6 @@ impl Args {
     fn heavy(&self) -> f64 {
         self.heavy_share
             .unwrap_or(1.0 - self.trivial_share * self.edge_recall)
-            .clamp(0.0, 1.0)
     }
 }
 

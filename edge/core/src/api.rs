@@ -16,7 +16,7 @@ use shared::jobs::{
     JOBS_COLLECTION, JobKind, JobMessage, JobRecord, JobView, TIMESTAMP_FIELDS,
 };
 use shared::time::{parse_rfc3339, rfc3339};
-use shared::wire::{InputItem, MAX_CUSTOM_ID_CHARS, MAX_ITEM_CHARS, Task};
+use shared::wire::{InputItem, MAX_CUSTOM_ID_CHARS, MAX_ITEM_CHARS, Task, UTF8_BOM};
 
 use crate::auth::KeyStore;
 use crate::config::Config;
@@ -918,7 +918,7 @@ fn json_body(req: &Request, limit: usize) -> Result<Value, ApiError> {
         ));
     }
     // A UTF-8 byte-order mark before the JSON (some Windows tools write one) is not part of it.
-    let body = req.body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&req.body);
+    let body = req.body.strip_prefix(UTF8_BOM).unwrap_or(&req.body);
     let text = std::str::from_utf8(body).map_err(|e| {
         ApiError::bad_request(
             "invalid_utf8",

@@ -278,14 +278,9 @@ impl Gcp {
         let r = self
             .call(p, Upstream::Firestore, "POST", url, Some(body))
             .await?;
-        let text = String::from_utf8_lossy(&r.body);
         match r.status {
             200 => Ok(true),
-            400 | 404 | 409
-                if ["FAILED_PRECONDITION", "NOT_FOUND", "ABORTED"]
-                    .iter()
-                    .any(|c| text.contains(c)) =>
-            {
+            s if shared::firestore::write_conflict(s, &String::from_utf8_lossy(&r.body)) => {
                 Ok(false)
             }
             s => Err(rejected(Upstream::Firestore, s, &r.body)),
