@@ -243,6 +243,11 @@ pub struct Scores {
 }
 
 impl Scoreboard {
+    /// How many lines were scored.
+    pub fn n(&self) -> u64 {
+        self.n
+    }
+
     pub fn add(&mut self, decided: Route, expected: Route) {
         self.n += 1;
         self.correct += u64::from(decided == expected);

@@ -134,3 +134,45 @@ fn bad_input_exits_2_naming_the_file_and_line() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("UTF-8"));
 }
+
+#[test]
+fn eval_of_a_file_without_labelled_lines_exits_2() {
+    let dir = scratch("empty");
+    let file = dir.join("empty.jsonl");
+    std::fs::write(&file, "\n  \r\n").expect("write");
+    let out = route(&["eval", &file.display().to_string()], b"");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(out.stdout.is_empty(), "no scores for nothing");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("holds no labelled lines"), "{err}");
+}
+
+#[test]
+fn a_reader_that_stops_early_is_not_an_error() {
+    use std::io::BufRead as _;
+    let mut child = Command::new(BIN)
+        .arg("classify")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("route runs");
+    let mut stdin = child.stdin.take().expect("stdin");
+    // Far more output than a pipe buffers, so route writes after the reader has gone.
+    let feeder = std::thread::spawn(move || {
+        let _ = stdin.write_all("안녕\n".repeat(50_000).as_bytes());
+    });
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut first)
+        .expect("first line");
+    assert!(first.contains("greeting"), "{first}");
+    let out = child.wait_with_output().expect("route exits");
+    let _ = feeder.join();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

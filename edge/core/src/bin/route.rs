@@ -41,11 +41,23 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        // A reader that stopped early (`route classify | head`) is not an error.
+        Err(e) if broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("route: {e:#}");
             ExitCode::from(2)
         }
     }
+}
+
+fn broken_pipe(e: &anyhow::Error) -> bool {
+    let pipe = Some(std::io::ErrorKind::BrokenPipe);
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>().map(std::io::Error::kind) == pipe
+            || c.downcast_ref::<serde_json::Error>()
+                .and_then(serde_json::Error::io_error_kind)
+                == pipe
+    })
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -95,6 +107,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                 };
                 board.add(emit(&l.text, Some(expected))?, expected);
+            }
+            if board.n() == 0 {
+                bail!(
+                    "{} holds no labelled lines; write one {{\"text\": ..., \"route\": \"edge\"|\"queue\"}} per line",
+                    file.display()
+                );
             }
             serde_json::to_writer(&mut out, &board.scores())?;
             out.write_all(b"\n")?;
