@@ -335,6 +335,10 @@ pub struct IdempotencyRecord {
     pub status: u16,
     /// The first answer's JSON body.
     pub body: String,
+    /// SHA-256 (hex) of the first request's body: the same key with another body is refused.
+    /// Empty in records written before it was kept (then any body replays).
+    #[serde(default)]
+    pub request_sha256: String,
     pub created_at: String,
     pub expire_at: String,
 }

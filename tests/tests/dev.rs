@@ -37,8 +37,11 @@ fn dev_stops_cleanly_on(signal: i32) {
     let Some(bin) = xtask() else {
         panic!("target/release/xtask is missing: run the tests through `cargo xtask test`");
     };
-    let child = Command::new(bin)
+    // Its own folder, so that a developer's `cargo xtask dev` in this checkout is untouched.
+    let dev_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("dev-{signal}"));
+    let child = Command::new(&bin)
         .args(["dev", "--port", "0"])
+        .env("DEV_DIR", &dev_dir)
         .env("DEV_API_KEY", "test-key-123")
         .env("METRICS_ADDR", "127.0.0.1:0")
         // The worker binary `cargo test` built for this workspace, so `xtask dev` builds nothing.
@@ -167,8 +170,85 @@ fn dev_stops_cleanly_on(signal: i32) {
         .sum();
     assert_eq!(lines, 2, "one output line per item in {dir}");
 
+    // An `input_uri` job (once: the SIGTERM run): against the emulators the edge takes a
+    // file:// input, which the worker reads, malformed line included.
+    if signal == libc::SIGTERM {
+        let input = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("dev-input-{}.jsonl", std::process::id()));
+        let text = "{\"custom_id\":\"a\",\"input\":\"고마워\"}\nnot json\n\
+                    {\"custom_id\":\"c\",\"input\":\"떡볶이 맛집 알려줘\"}\n";
+        std::fs::write(&input, text).expect("write input");
+        let job = rt.block_on(async {
+            let http = reqwest::Client::new();
+            let r = http
+                .post(format!("{url}/v1/batches"))
+                .bearer_auth("test-key-123")
+                .json(&serde_json::json!({
+                    "task": "classify",
+                    "input_uri": format!("file://{}", input.display()),
+                }))
+                .send()
+                .await
+                .expect("batch accepted");
+            let status = r.status().as_u16();
+            let v: serde_json::Value = r.json().await.expect("json");
+            assert_eq!(status, 202, "{v}");
+            let status_url = v["status_url"].as_str().expect("status_url").to_owned();
+            wait_finished(&http, &url, &status_url).await
+        });
+        assert_eq!(job["status"], "succeeded", "{job}");
+        assert_eq!(
+            (&job["counts"]["total"], &job["counts"]["failed"]),
+            (&serde_json::json!(3), &serde_json::json!(1)),
+            "{job}"
+        );
+        let dir = job["output_uri"]
+            .as_str()
+            .and_then(|u| u.strip_prefix("file://"))
+            .expect("file:// output_uri")
+            .to_owned();
+        let mut ids: Vec<String> = std::fs::read_dir(&dir)
+            .expect("output dir")
+            .flatten()
+            .flat_map(|e| {
+                std::fs::read_to_string(e.path())
+                    .unwrap_or_default()
+                    .lines()
+                    .map(|l| {
+                        serde_json::from_str::<serde_json::Value>(l).expect("output line")
+                            ["custom_id"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_owned()
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        ids.sort();
+        assert_eq!(ids, ["2", "a", "c"], "one line per input line in {dir}");
+    }
+
     // The demo page in a real browser, against the same stack (once: the SIGINT run).
     if signal == libc::SIGINT {
+        // A second stack in the same folder is refused at once (it would rewrite this one's
+        // settings), as is one on this one's port.
+        let port = url.rsplit(':').next().unwrap_or_default().to_owned();
+        for (dir, port, expected) in [
+            (dev_dir.clone(), "0", "another `cargo xtask dev` (pid"),
+            (dev_dir.join("other"), port.as_str(), "is already in use"),
+        ] {
+            let second = Command::new(&bin)
+                .args(["dev", "--port", port])
+                .env("DEV_DIR", &dir)
+                .env("METRICS_ADDR", "127.0.0.1:0")
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .output()
+                .expect("a second xtask dev runs");
+            let err = String::from_utf8_lossy(&second.stderr);
+            assert!(!second.status.success(), "{err}");
+            assert!(err.contains(expected), "{err}");
+        }
         browser_test(&url);
     }
 

@@ -230,6 +230,21 @@ async fn the_worker_in_wrangler_dev_serves_the_contract_against_the_emulators() 
         h.get("idempotent-replayed").and_then(|v| v.to_str().ok()),
         Some("true")
     );
+    // The same key with another body is refused, and enqueues nothing.
+    let (s, v, _) = c
+        .send(
+            "POST",
+            "/v1/chat",
+            KEY_A,
+            Some(json!({"message": "순대국밥집 추천해줘"})),
+            Some("idem-1"),
+        )
+        .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (422, Some("idempotency_key_reused")),
+        "{v}"
+    );
     // The same key from another API key is a different request.
     let (s, b3, _) = c
         .send("POST", "/v1/chat", KEY_B, Some(food), Some("idem-1"))

@@ -23,7 +23,7 @@ pub struct Args {
     #[arg(long)]
     pub rate_limit_binding: bool,
     /// `LOG_REQUESTS` for the Worker (`all` or `errors`)
-    #[arg(long, default_value = "all")]
+    #[arg(long, default_value = "all", value_parser = ["all", "errors"])]
     pub log_requests: String,
 }
 

@@ -16,9 +16,26 @@ pub struct Args {
     /// Port of `wrangler dev` on 127.0.0.1
     #[arg(long, default_value_t = 8787)]
     pub port: u16,
+    /// Folder of the stack's logs, outputs and `wrangler dev` state (default: `.dev` in the
+    /// checkout); one stack at a time per folder
+    #[arg(long, env = "DEV_DIR")]
+    pub dir: Option<std::path::PathBuf>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    // Absolute: the worker's OUTPUT_ROOT is a file:// URL of a folder in it.
+    let dir = match args.dir.as_ref().filter(|d| !d.as_os_str().is_empty()) {
+        Some(d) => std::path::absolute(d).with_context(|| format!("--dir {}", d.display()))?,
+        None => root().join(".dev"),
+    };
+    // One stack per folder: a second one would rewrite the first one's wrangler settings
+    // (which wrangler reloads at once) and logs. Held until this process exits.
+    let _lock = lock(&dir)?;
+    free_port(args.port, "--port")?;
+    let metrics = std::env::var("METRICS_ADDR").unwrap_or_else(|_| "127.0.0.1:9464".into());
+    if let Ok(addr) = metrics.parse::<std::net::SocketAddr>() {
+        free_port(addr.port(), "METRICS_ADDR")?;
+    }
     // Fail on a missing prerequisite before spending minutes on installs.
     stack::prereq::emulator_tools(&stack::prereq::Env::from_process())?;
     setup::all()?;
@@ -28,13 +45,59 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         setup::batch_worker()?;
     }
     let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(serve(args))
+    rt.block_on(serve(args, &dir, metrics))
 }
 
-async fn serve(args: Args) -> anyhow::Result<()> {
+/// An exclusive lock on `dir/dev.lock` holding this process's id, or the error naming the
+/// process that holds it.
+fn lock(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    use std::io::{Read, Seek, Write};
+    use std::os::fd::AsRawFd;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join("dev.lock");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: flock on a descriptor this function owns.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let mut pid = String::new();
+        let _ = file.read_to_string(&mut pid);
+        anyhow::bail!(
+            "another `cargo xtask dev` (pid {}) is running with {}: stop it (Ctrl-C) first, or \
+             give this one its own --dir (DEV_DIR), --port and METRICS_ADDR",
+            pid.trim(),
+            dir.display()
+        );
+    }
+    file.set_len(0)?;
+    file.rewind()?;
+    write!(file, "{}", std::process::id())?;
+    Ok(file)
+}
+
+/// Fails naming `what` when `port` (not 0) on 127.0.0.1 already has a listener.
+fn free_port(port: u16, what: &str) -> anyhow::Result<()> {
+    if port == 0 {
+        return Ok(());
+    }
+    match std::net::TcpListener::bind(("127.0.0.1", port)) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => anyhow::bail!(
+            "127.0.0.1:{port} ({what}) is already in use: stop what listens there, or choose \
+             another port"
+        ),
+        Err(e) => Err(e).with_context(|| format!("checking 127.0.0.1:{port} ({what})")),
+    }
+}
+
+async fn serve(args: Args, dir: &std::path::Path, metrics: String) -> anyhow::Result<()> {
     // Listen before starting anything, so a signal at any point stops what was started.
     let mut stop = StopSignal::new()?;
-    let logs = root().join(".dev/logs");
+    let logs = dir.join("logs");
     eprintln!(
         "starting the Pub/Sub and Firestore emulators (logs in {})",
         logs.display()
@@ -46,16 +109,13 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         .await
         .context("creating topics and subscriptions")?;
 
-    let outputs = root().join(".dev/outputs");
+    let outputs = dir.join("outputs");
     std::fs::create_dir_all(&outputs)?;
     let worker_bin = std::env::var_os("BATCH_WORKER_BIN")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| root().join("target/release/batch-worker"));
     let worker = WorkerConfig::new(&worker_bin, "dev-worker", &emulators, &topology, &outputs)
-        .with(
-            "METRICS_ADDR",
-            std::env::var("METRICS_ADDR").unwrap_or_else(|_| "127.0.0.1:9464".into()),
-        )
+        .with("METRICS_ADDR", metrics)
         .start(&logs.join("batch-worker.log"))
         .context("starting batch-worker serve")?;
 
@@ -79,7 +139,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         rate_limit: Some(600),
     };
     eprintln!("starting wrangler dev on 127.0.0.1:{}", args.port);
-    let wrangler = Wrangler::start(&root().join(".dev/wrangler"), &cfg, args.port).await?;
+    let wrangler = Wrangler::start(&dir.join("wrangler"), &cfg, args.port).await?;
     println!(
         "{} pid={} log={}",
         wrangler.group.name(),

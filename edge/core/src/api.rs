@@ -78,6 +78,9 @@ pub struct App {
     limits: Limits,
     rate_limit_per_minute: u32,
     log_all: bool,
+    /// What is wrong with the settings that are neither keys nor GCP (rate limit, logging):
+    /// `/healthz` lists them and `/v1` refuses to serve until they are fixed.
+    settings: Result<(), String>,
     classify_repeat: u32,
     windows: Mutex<HashMap<String, (u64, u32)>>,
 }
@@ -103,8 +106,13 @@ impl App {
             keys: config.keys,
             gcp: config.gcp.map(|(c, sa)| Gcp::new(c, sa)),
             limits,
-            rate_limit_per_minute: config.rate_limit_per_minute,
-            log_all: config.log_all,
+            rate_limit_per_minute: *config.rate_limit_per_minute.as_ref().unwrap_or(&600),
+            log_all: *config.log_all.as_ref().unwrap_or(&true),
+            settings: [config.rate_limit_per_minute.err(), config.log_all.err()]
+                .into_iter()
+                .flatten()
+                .reduce(|a, b| format!("{a}; {b}"))
+                .map_or(Ok(()), Err),
             classify_repeat: config.classify_repeat,
             windows: Mutex::new(HashMap::new()),
         }
@@ -191,6 +199,9 @@ impl App {
             .keys
             .as_ref()
             .map_err(|e| ApiError::unavailable("misconfigured", e.clone()))?;
+        self.settings
+            .as_ref()
+            .map_err(|e| ApiError::unavailable("misconfigured", e.clone()))?;
         let owner = keys.authorize(req.header("authorization"))?.to_owned();
         trace.owner = Some(owner.clone());
         self.rate_limit(p, &owner).await?;
@@ -204,16 +215,17 @@ impl App {
     }
 
     fn healthz(&self) -> Response {
-        match (&self.model, &self.gcp, &self.keys) {
-            (Ok(m), Ok(_), Ok(_)) => Response::json(
+        match (&self.model, &self.gcp, &self.keys, &self.settings) {
+            (Ok(m), Ok(_), Ok(_), Ok(())) => Response::json(
                 200,
                 &json!({"status": "ok", "model": {"name": m.name(), "sha256": m.sha256()}}),
             ),
-            (model, gcp, keys) => {
+            (model, gcp, keys, settings) => {
                 let problems: Vec<&str> = [
                     model.as_ref().err(),
                     gcp.as_ref().err(),
                     keys.as_ref().err(),
+                    settings.as_ref().err(),
                 ]
                 .into_iter()
                 .flatten()
@@ -381,15 +393,30 @@ impl App {
             Some(_) => None,
             None => {
                 let uri = required_str(fields, "input_uri")?;
-                let valid = uri
+                // Against the emulators (local development) the worker's own files can be
+                // named too, so that `input_uri` jobs can be tried without a bucket.
+                let local = self
+                    .gcp
+                    .as_ref()
+                    .is_ok_and(|g| g.config.pubsub_emulated && g.config.firestore_emulated);
+                let gs = uri
                     .strip_prefix("gs://")
                     .and_then(|rest| rest.split_once('/'))
                     .is_some_and(|(bucket, object)| !bucket.is_empty() && !object.is_empty());
-                if !valid {
+                let file = local
+                    && uri
+                        .strip_prefix("file:///")
+                        .is_some_and(|path| !path.is_empty() && !path.ends_with('/'));
+                if !(gs || file) {
+                    let expected = if local {
+                        "gs://bucket/object or, against the emulators, file:///absolute/path.jsonl"
+                    } else {
+                        "gs://bucket/object"
+                    };
                     return Err(ApiError::new(
                         422,
                         "invalid_input_uri",
-                        format!("`input_uri` must be gs://bucket/object, got {uri:?}"),
+                        format!("`input_uri` must be {expected}, got {uri:?}"),
                     ));
                 }
                 Some(uri.to_owned())
@@ -568,7 +595,7 @@ impl App {
     }
 
     /// Runs `work` at most once per `Idempotency-Key` (per owner and route, 24 h); a replay
-    /// returns the first answer.
+    /// with the same body returns the first answer, one with another body is refused (422).
     async fn idempotent(
         &self,
         p: &impl Platform,
@@ -589,11 +616,13 @@ impl App {
         let gcp = self.gcp()?;
         let id = idempotency_doc_id(owner, route, key);
         let now = p.now_ms();
+        let request_sha256 = hex::encode(Sha256::digest(&req.body));
         let pending = IdempotencyRecord {
             owner: owner.to_owned(),
             state: "pending".into(),
             status: 0,
             body: String::new(),
+            request_sha256: request_sha256.clone(),
             created_at: rfc3339(now),
             expire_at: rfc3339(now + IDEMPOTENCY_TTL_MS),
         };
@@ -638,6 +667,15 @@ impl App {
                     break;
                 }
                 continue; // another request took it first: read what it wrote
+            }
+            if !rec.request_sha256.is_empty() && rec.request_sha256 != request_sha256 {
+                return Err(ApiError::new(
+                    422,
+                    "idempotency_key_reused",
+                    "this Idempotency-Key was used within 24 h for a request with another \
+                     body; a retry must repeat the body byte for byte, a new request needs \
+                     a new key",
+                ));
             }
             if rec.state == "done" {
                 let body: Value = serde_json::from_str(&rec.body).unwrap_or(Value::Null);

@@ -11,7 +11,7 @@
 //! | `FIRESTORE_ENDPOINT` | `https://firestore.googleapis.com` | Firestore API base URL with credentials |
 //! | `API_KEYS` (secret) | — (required) | `name:salt_hex:sha256_hex` entries (`cargo xtask api-key`) |
 //! | `GCP_SERVICE_ACCOUNT_KEY` (secret) | — | service-account JSON key; required without emulators |
-//! | `RATE_LIMIT_PER_MINUTE` | `600` | per-key limit when the platform has no rate-limit binding |
+//! | `RATE_LIMIT_PER_MINUTE` | `600` | per-key limit (≥ 1) when the platform has no rate-limit binding |
 //! | `UPSTREAM_DEADLINE_MS` | `8000` | total time for one Pub/Sub or Firestore call with retries |
 //! | `LOG_REQUESTS` | `all` | `all`: one JSON log line per request; `errors`: only for 4xx/5xx |
 //! | `BENCH_CLASSIFY_REPEAT` | `1` | benchmark only: classify each chat message this many times |
@@ -25,9 +25,10 @@ use crate::gcp::{GcpConfig, ServiceAccount};
 pub struct Config {
     pub keys: Result<KeyStore, String>,
     pub gcp: Result<(GcpConfig, Option<ServiceAccount>), String>,
-    pub rate_limit_per_minute: u32,
-    /// Log every request (`true`) or only failed ones.
-    pub log_all: bool,
+    /// The fallback rate limit, or what is wrong with `RATE_LIMIT_PER_MINUTE`.
+    pub rate_limit_per_minute: Result<u32, String>,
+    /// Log every request (`Ok(true)`) or only failed ones, or what is wrong with `LOG_REQUESTS`.
+    pub log_all: Result<bool, String>,
     /// Benchmark knob: how many times each chat message is classified (`bench-edge` derives
     /// the classify cost inside the Worker from the latency difference).
     pub classify_repeat: u32,
@@ -46,14 +47,22 @@ impl Config {
                 "the API_KEYS secret is not set (entries from `cargo xtask api-key NAME`)".into(),
             ),
         };
-        let rate_limit_per_minute = get("RATE_LIMIT_PER_MINUTE")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(600);
+        let rate_limit_per_minute = match get("RATE_LIMIT_PER_MINUTE") {
+            None => Ok(600),
+            Some(v) => v.parse::<u32>().ok().filter(|&n| n >= 1).ok_or_else(|| {
+                format!("RATE_LIMIT_PER_MINUTE must be a whole number of requests ≥ 1, got {v:?}")
+            }),
+        };
+        let log_all = match get("LOG_REQUESTS").as_deref() {
+            None | Some("all") => Ok(true),
+            Some("errors") => Ok(false),
+            Some(v) => Err(format!("LOG_REQUESTS must be `all` or `errors`, got {v:?}")),
+        };
         Self {
             keys,
             gcp: gcp(&get),
             rate_limit_per_minute,
-            log_all: get("LOG_REQUESTS").is_none_or(|v| v != "errors"),
+            log_all,
             classify_repeat: get("BENCH_CLASSIFY_REPEAT")
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(1)

@@ -411,6 +411,79 @@ fn misconfiguration_is_named_not_hidden() {
     );
 }
 
+/// `file://` inputs exist only for local development: against the emulators the edge takes
+/// them (here the offline upstream then fails the call, so past validation), with Google it
+/// refuses them.
+#[test]
+fn file_input_uris_only_against_the_emulators() {
+    let file = r#"{"task":"classify","input_uri":"file:///tmp/in.jsonl"}"#;
+    let code = |r: &Response| r.json_body()["error"]["code"].as_str().map(str::to_owned);
+    let local = App::new(config(&[]));
+    let r = serve(&local, post("/v1/batches", file));
+    assert_eq!(r.status, 503, "{:?}", r.json_body());
+    for bad in [
+        "file:///",
+        "file:///tmp/",
+        "file://host/x.jsonl",
+        "/tmp/in.jsonl",
+    ] {
+        let body = format!(r#"{{"task":"classify","input_uri":"{bad}"}}"#);
+        let r = serve(&local, post("/v1/batches", &body));
+        assert_eq!(
+            (r.status, code(&r).as_deref()),
+            (422, Some("invalid_input_uri")),
+            "{bad}"
+        );
+        assert!(
+            r.json_body().to_string().contains("file:///absolute"),
+            "{bad}"
+        );
+    }
+    let keys = entry("alice", KEY_A, b"0123456789ab");
+    let google = App::new(Config::from_env(move |k| match k {
+        "API_KEYS" => Some(keys.clone()),
+        "GCP_PROJECT" => Some("test".into()),
+        "GCP_SERVICE_ACCOUNT_KEY" => {
+            Some(r#"{"client_email":"edge@test.iam","private_key":"unused"}"#.into())
+        }
+        _ => None,
+    }));
+    let r = serve(&google, post("/v1/batches", file));
+    assert_eq!(
+        (r.status, code(&r).as_deref()),
+        (422, Some("invalid_input_uri"))
+    );
+    assert!(!r.json_body().to_string().contains("file:///absolute"));
+}
+
+/// A mistyped rate limit or logging setting is named, not quietly replaced by the default.
+#[test]
+fn bad_settings_are_named_and_stop_v1() {
+    for (var, value) in [
+        ("RATE_LIMIT_PER_MINUTE", "1k"),
+        ("RATE_LIMIT_PER_MINUTE", "0"),
+        ("LOG_REQUESTS", "error"),
+    ] {
+        let app = App::new(config(&[(var, value)]));
+        let r = serve(&app, request("GET", "/healthz", None, None, b""));
+        assert_eq!(r.status, 503, "{var}={value}");
+        let text = r.json_body()["problems"].to_string();
+        assert!(text.contains(var) && text.contains(value), "{text}");
+        let r = serve(&app, post("/v1/chat", r#"{"message":"hi"}"#));
+        assert_eq!(
+            (r.status, r.json_body()["error"]["code"].as_str()),
+            (503, Some("misconfigured")),
+            "{var}={value}"
+        );
+        assert!(r.json_body()["error"]["message"].to_string().contains(var));
+    }
+    for (var, value) in [("RATE_LIMIT_PER_MINUTE", "1"), ("LOG_REQUESTS", "errors")] {
+        let app = App::new(config(&[(var, value)]));
+        let r = serve(&app, request("GET", "/healthz", None, None, b""));
+        assert_eq!(r.status, 200, "{var}={value}");
+    }
+}
+
 #[test]
 fn trivial_messages_are_answered_at_the_edge_in_their_language() {
     let app = App::new(config(&[]));

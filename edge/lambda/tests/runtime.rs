@@ -203,6 +203,8 @@ async fn the_binary_serves_invocations_against_the_emulators() {
             state: "pending".into(),
             status: 0,
             body: String::new(),
+            // As records written before bodies were fingerprinted: any body may take it.
+            request_sha256: String::new(),
             created_at: rfc3339(now - age_ms),
             expire_at: rfc3339(now + IDEMPOTENCY_TTL_MS),
         };
@@ -228,6 +230,11 @@ async fn the_binary_serves_invocations_against_the_emulators() {
         "{}",
         a.headers
     );
+    // The same key with another body is another request, refused rather than answered with
+    // the first one's job.
+    let a = f.chat_once("순대국밥집 추천해줘", "k-abandoned").await;
+    let got = (a.status, a.body["error"]["code"].as_str());
+    assert_eq!(got, (422, Some("idempotency_key_reused")), "{}", a.text);
     let a = f.chat_once("떡볶이집 추천해줘", "k-busy").await;
     let got = (a.status, a.body["error"]["code"].as_str());
     assert_eq!(got, (409, Some("idempotency_key_in_use")), "{}", a.text);
