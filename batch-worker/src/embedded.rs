@@ -9,7 +9,8 @@
 //!    checkpoint is removed.
 //!
 //! On restart the partial output is truncated to the committed length and reading resumes
-//! at the committed input offset, so every input item yields exactly one output line.
+//! at the committed input offset, so every input item yields exactly one output line. A run
+//! holds an exclusive lock on `OUT.lock` throughout, so no two runs write one output.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
@@ -173,6 +174,67 @@ fn sibling(path: &Path, suffix: &str) -> PathBuf {
     let mut s = path.as_os_str().to_owned();
     s.push(suffix);
     PathBuf::from(s)
+}
+
+/// An exclusive `flock` on `OUT.lock`, holding the process id: two runs writing one output
+/// at once would interleave their commits. The kernel drops the lock when the process dies,
+/// SIGKILL included; a finished run removes the file.
+struct OutputLock {
+    path: PathBuf,
+    _file: File,
+}
+
+impl OutputLock {
+    fn acquire(output: &Path) -> Result<Self, RunError> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::MetadataExt;
+        let path = sibling(output, ".lock");
+        // A run that finished removes the file while holding it: one that opened it just
+        // before holds a file no longer there, and opens the new one.
+        for _ in 0..8 {
+            let mut file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .map_err(io(format!("opening {}", path.display())))?;
+            // SAFETY: flock on a descriptor owned by `file`.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+                let err = std::io::Error::last_os_error();
+                if err.kind() != std::io::ErrorKind::WouldBlock {
+                    return Err(io(format!("locking {}", path.display()))(err));
+                }
+                let mut pid = String::new();
+                let _ = file.read_to_string(&mut pid);
+                return Err(RunError::Usage(format!(
+                    "another batch-worker run (pid {}) is writing {}; wait for it to end, or stop it and run again to continue",
+                    pid.trim(),
+                    output.display()
+                )));
+            }
+            let held = file.metadata().map_err(io("reading the lock file"))?;
+            let same = std::fs::metadata(&path)
+                .is_ok_and(|m| m.ino() == held.ino() && m.dev() == held.dev());
+            if !same {
+                continue;
+            }
+            file.set_len(0)
+                .and_then(|()| file.write_all(std::process::id().to_string().as_bytes()))
+                .map_err(io(format!("writing {}", path.display())))?;
+            return Ok(Self { path, _file: file });
+        }
+        Err(RunError::Usage(format!(
+            "{} keeps being replaced; is another batch-worker run starting and ending on {}?",
+            path.display(),
+            output.display()
+        )))
+    }
+
+    /// Removes the lock file, still held: the output is complete.
+    fn release(self) -> Result<(), RunError> {
+        std::fs::remove_file(&self.path).map_err(io(format!("removing {}", self.path.display())))
+    }
 }
 
 /// Checks the arguments before any model is loaded; errors are usage errors (exit 2).
@@ -618,6 +680,7 @@ pub fn run<P: Processor + Send>(
 ) -> Result<Summary, RunError> {
     let started = Instant::now();
     validate(opts)?;
+    let lock = OutputLock::acquire(&opts.output)?;
     let ckpt_path = sibling(&opts.output, ".ckpt");
     let partial_path = sibling(&opts.output, ".partial");
     let (sha, total) = fingerprint(&opts.input)?;
@@ -654,11 +717,11 @@ pub fn run<P: Processor + Send>(
     };
     let resumed_from = ckpt.items;
     if ckpt.done {
-        return finish(&ckpt, &ckpt_path, &partial_path, &opts.output, resumed_from).map(|s| {
-            Summary {
-                wall: started.elapsed(),
-                ..s
-            }
+        let summary = finish(&ckpt, &ckpt_path, &partial_path, &opts.output, resumed_from)?;
+        lock.release()?;
+        return Ok(Summary {
+            wall: started.elapsed(),
+            ..summary
         });
     }
 
@@ -874,6 +937,7 @@ pub fn run<P: Processor + Send>(
     ckpt.done = true;
     write_checkpoint(&ckpt_path, &ckpt)?;
     let summary = finish(&ckpt, &ckpt_path, &partial_path, &opts.output, resumed_from)?;
+    lock.release()?;
     Ok(Summary {
         wall: started.elapsed(),
         inference: processor.inference_time(),

@@ -511,3 +511,58 @@ fn classify_run_gives_each_line_what_the_classifier_gives_its_text() {
     }
     assert_eq!(n, texts.len());
 }
+
+/// Two runs on one output at once would interleave their commits: the second is refused,
+/// naming the first, which goes on to a complete output and removes its lock file.
+#[test]
+fn a_second_run_on_the_same_output_is_refused_while_the_first_runs() {
+    let dir = scratch("two-runs");
+    let input = dir.join("in.jsonl");
+    write_input(&input, 200_000);
+    let output = dir.join("out.jsonl");
+    let lock = dir.join("out.jsonl.lock");
+    let mut first = run(&input, &output, &["--threads", "1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("first run starts");
+    let pid = first.id();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::read_to_string(&lock).ok().as_deref() != Some(&pid.to_string()) {
+        assert!(
+            Instant::now() < deadline,
+            "the first run never took its lock"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // Held still while the second one tries.
+    // SAFETY: signalling the child this test spawned.
+    unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+    assert!(
+        matches!(first.try_wait(), Ok(None)),
+        "the first run ended too soon"
+    );
+    let second = run(&input, &output, &[]).output().expect("second run");
+    // SAFETY: as above.
+    unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+    assert_eq!(second.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        err.contains(&format!("another batch-worker run (pid {pid})")),
+        "{err}"
+    );
+    assert!(first.wait().expect("first run ends").success());
+    let lines = std::fs::read_to_string(&output)
+        .expect("output")
+        .lines()
+        .count();
+    assert_eq!(lines, 200_000);
+    assert!(!lock.exists(), "a finished run leaves no lock file");
+    // The lock is the kernel's: a SIGKILLed run leaves the file, and the next run takes it.
+    let mut killed = run(&input, &output, &[]).spawn().expect("third run");
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = killed.kill();
+    let _ = killed.wait();
+    run_to_end(&input, &output, &[]);
+    assert!(!lock.exists());
+}
