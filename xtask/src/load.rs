@@ -14,13 +14,13 @@ use crate::{root, setup};
 #[derive(clap::Args)]
 pub struct Args {
     /// Seconds of load
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     pub seconds: u64,
     /// Requests in flight at any time
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = crate::at_least_one)]
     pub concurrency: usize,
     /// Every n-th message is a real request that the edge queues (the rest are trivial)
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = crate::at_least_one)]
     pub queued_every: usize,
 }
 

@@ -22,6 +22,24 @@ use std::process::{Command, ExitCode};
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 
+/// clap parser for a count that must be at least 1 (`--items 0` would measure nothing).
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// clap parser for seconds: finite and not negative.
+fn seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
+        Ok(_) => Err("must be a finite number of seconds, 0 or more".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 #[derive(Parser)]
 #[command(about = "Automation for this repository", version)]
 struct Cli {
@@ -230,6 +248,36 @@ mod tests {
         in_root(&mut edge);
         assert_eq!(edge.get_current_dir(), Some(root().join("edge").as_path()));
         assert_eq!(show(&edge), "worker-build --profile (in edge/)");
+    }
+
+    /// A count of 0 or negative seconds would measure nothing (or divide by zero): clap
+    /// refuses them before anything starts.
+    #[test]
+    fn counts_and_seconds_are_checked_when_parsed() {
+        for bad in [
+            &["load", "--concurrency", "0"][..],
+            &["load", "--queued-every", "0"],
+            &["load", "--seconds", "0"],
+            &["chaos", "--items", "0"],
+            &["chaos", "--traffic-seconds=-1"],
+            &["chaos", "--restart-seconds", "inf"],
+            &["bench-edge", "--requests", "0"],
+            &["bench-worker", "--batch-sizes", "64,0"],
+            &["bench-serve", "--shards", "0"],
+            &["bench-chat", "--messages", "0"],
+            &["bench-generate", "--repeat", "0"],
+        ] {
+            let argv = std::iter::once("xtask").chain(bad.iter().copied());
+            assert!(Cli::try_parse_from(argv).is_err(), "{bad:?} was accepted");
+        }
+        for good in [
+            &["load", "--concurrency", "1", "--seconds", "1"][..],
+            &["chaos", "--restart-seconds", "0", "--kills", "0"],
+            &["bench-worker", "--batch-sizes", "1,256"],
+        ] {
+            let argv = std::iter::once("xtask").chain(good.iter().copied());
+            assert!(Cli::try_parse_from(argv).is_ok(), "{good:?} was refused");
+        }
     }
 
     #[test]
