@@ -44,7 +44,7 @@ metadata() {
 fetch() {
   case "$1" in
     gs://*) gcloud storage cp --quiet "$1" "$2" ;;
-    http://* | https://* | file://*) curl -fsSL --retry 5 -o "$2" "$1" ;;
+    http://* | https://* | file://*) curl -fsSL --retry 5 --retry-connrefused -o "$2" "$1" ;;
     *)
       log "unsupported URL $1"
       return 1
@@ -62,14 +62,22 @@ install() {
   log "installing $name $version from $url"
   local tmp
   tmp="$(mktemp -d "$APP/.download.XXXXXX")"
-  fetch "$url" "$tmp/archive.tar.gz"
+  if ! fetch "$url" "$tmp/archive.tar.gz"; then
+    log "$name $version: cannot fetch $url"
+    rm -rf "$tmp"
+    return 1
+  fi
   if [[ "$(sha256sum "$tmp/archive.tar.gz" | cut -d' ' -f1)" != "$sha" ]]; then
     log "$name $version: sha256 mismatch for $url"
     rm -rf "$tmp"
     return 1
   fi
   mkdir -p "$tmp/unpacked"
-  tar -xzf "$tmp/archive.tar.gz" -C "$tmp/unpacked"
+  if ! tar -xzf "$tmp/archive.tar.gz" -C "$tmp/unpacked"; then
+    log "$name $version: $url is not a gzipped tarball"
+    rm -rf "$tmp"
+    return 1
+  fi
   rm -rf "$dest"
   mkdir -p "$(dirname "$dest")"
   mv "$tmp/unpacked" "$dest"

@@ -218,7 +218,17 @@ struct Fixture {
     lm_sha: String,
 }
 
-fn fixture(name: &str, bad_sha: bool) -> Fixture {
+/// What the worker release's metadata points at.
+#[derive(Clone, Copy, PartialEq)]
+enum Release {
+    Good,
+    /// The tarball is there; its sha256 in the metadata is not.
+    WrongSha,
+    /// The URL answers 404.
+    Missing,
+}
+
+fn fixture(name: &str, release: Release) -> Fixture {
     let dir = scratch(name);
     let worker = tarball(
         &dir.join("w"),
@@ -231,10 +241,15 @@ fn fixture(name: &str, bad_sha: bool) -> Fixture {
         &dir.join("o"),
         &[("lib/libonnxruntime.so", "not a real library", 0o644)],
     );
-    let worker_sha = if bad_sha {
+    let worker_sha = if release == Release::WrongSha {
         "0".repeat(64)
     } else {
         sha256(&worker)
+    };
+    let worker_file = if release == Release::Missing {
+        "missing"
+    } else {
+        "worker"
     };
     let ort_sha = sha256(&ort);
     let lm = tarball(
@@ -256,7 +271,7 @@ fn fixture(name: &str, bad_sha: bool) -> Fixture {
             (attr("worker-version"), b"0.1.0".to_vec()),
             (
                 attr("worker-url"),
-                format!("{base}/releases/worker.tar.gz").into_bytes(),
+                format!("{base}/releases/{worker_file}.tar.gz").into_bytes(),
             ),
             (attr("worker-sha256"), worker_sha.into_bytes()),
             (
@@ -343,7 +358,7 @@ fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>, std::time::SystemTime)> {
 
 #[test]
 fn startup_script_installs_configures_and_is_idempotent() {
-    let f = fixture("startup", false);
+    let f = fixture("startup", Release::Good);
     let out = f.run("startup.sh");
     assert!(
         out.status.success(),
@@ -457,23 +472,36 @@ fn startup_script_installs_configures_and_is_idempotent() {
 }
 
 #[test]
-fn startup_script_refuses_a_release_with_the_wrong_sha256() {
-    let f = fixture("startup-bad", true);
-    let out = f.run("startup.sh");
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("sha256 mismatch"), "{err}");
-    assert!(!f.sysroot.join("opt/cheap-serve/worker/0.1.0").exists());
-    assert!(
-        f.calls().is_empty(),
-        "nothing may be started: {:?}",
-        f.calls()
-    );
+fn startup_script_refuses_a_release_it_cannot_fetch_or_verify() {
+    for (release, says) in [
+        (Release::WrongSha, "sha256 mismatch"),
+        (Release::Missing, "cannot fetch"),
+    ] {
+        let f = fixture("startup-bad", release);
+        let out = f.run("startup.sh");
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{err}");
+        let app = f.sysroot.join("opt/cheap-serve");
+        assert!(!app.join("worker/0.1.0").exists());
+        let left: Vec<_> = std::fs::read_dir(&app)
+            .expect("opt/cheap-serve")
+            .flatten()
+            .map(|e| e.file_name())
+            .filter(|n| n.to_string_lossy().starts_with(".download"))
+            .collect();
+        assert!(left.is_empty(), "downloads left behind: {left:?}");
+        assert!(
+            f.calls().is_empty(),
+            "nothing may be started: {:?}",
+            f.calls()
+        );
+    }
 }
 
 #[test]
 fn shutdown_script_stops_the_service_within_its_budget() {
-    let f = fixture("shutdown", false);
+    let f = fixture("shutdown", Release::Good);
     let out = f.run("shutdown.sh");
     assert!(
         out.status.success(),
