@@ -83,11 +83,16 @@ async fn fetch(
 }
 
 /// A variable or secret (`wrangler dev` reads secrets from `.dev.vars`).
+/// A secret or `[vars]` value as text. A value written in `wrangler.toml` as a number or a
+/// boolean (`RATE_LIMIT_PER_MINUTE = 1200`) reaches the Worker as one, which `Env::var`
+/// refuses; it is read as its JSON text instead of being taken for absent.
 fn var(env: &Env, name: &str) -> Option<String> {
-    env.secret(name)
-        .map(|s| s.to_string())
-        .or_else(|_| env.var(name).map(|v| v.to_string()))
-        .ok()
+    let v = Reflect::get(env, &JsValue::from(name)).ok()?;
+    if v.is_undefined() || v.is_null() {
+        return None;
+    }
+    v.as_string()
+        .or_else(|| js_sys::JSON::stringify(&v).ok().and_then(|s| s.as_string()))
 }
 
 struct Cf<'a> {

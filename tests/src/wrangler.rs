@@ -54,6 +54,15 @@ fn toml_str(s: &str) -> String {
     serde_json::Value::from(s).to_string()
 }
 
+/// A `[vars]` value as users write it: a whole number as a TOML integer (which reaches the
+/// Worker as a number, not a string), anything else as a string.
+fn toml_var(s: &str) -> String {
+    match s.parse::<u64>() {
+        Ok(n) if n.to_string() == s => s.to_owned(),
+        _ => toml_str(s),
+    }
+}
+
 /// `edge/assets/`: the Worker's static assets (the demo page at `/`).
 pub fn assets_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../edge/assets")
@@ -90,7 +99,7 @@ impl Wrangler {
             toml_str(&main.to_string_lossy())
         );
         for (k, v) in &vars {
-            toml.push_str(&format!("{k} = {}\n", toml_str(v)));
+            toml.push_str(&format!("{k} = {}\n", toml_var(v)));
         }
         // The demo page and any other static files, served before the Worker runs.
         toml.push_str(&format!(

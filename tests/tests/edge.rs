@@ -350,6 +350,8 @@ async fn the_worker_in_wrangler_dev_serves_the_contract_against_the_emulators() 
                 "GCP_SERVICE_ACCOUNT_KEY".into(),
                 google.service_account().to_string(),
             ),
+            // Written as a TOML integer, as users write it: the Worker must read it.
+            ("RATE_LIMIT_PER_MINUTE".into(), "3".into()),
         ],
         rate_limit: None,
     };
@@ -364,6 +366,15 @@ async fn the_worker_in_wrangler_dev_serves_the_contract_against_the_emulators() 
         let (s, v, _) = c_sa.chat(KEY_A, "떡볶이 맛집 알려줘").await;
         assert_eq!((s, v["route"].as_str()), (202, Some("queue")), "{v}");
     }
+    // The fallback limit of 3 a minute (no binding here) from the numeric var.
+    let (s, _, _) = c_sa.chat(KEY_A, "안녕").await;
+    assert_eq!(s, 200);
+    let (s, v, _) = c_sa.chat(KEY_A, "안녕").await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (429, Some("rate_limited")),
+        "{v}"
+    );
     let seen = google.seen();
     assert_eq!((seen.tokens_issued, seen.refused), (1, 0), "{seen:?}");
     assert_eq!(seen.publish_auth, ["Bearer tok-1"; 2]);
