@@ -286,11 +286,19 @@ impl App {
         let fields = object_fields(&body, &["message", "locale"])?;
         let message = required_str(fields, "message")?;
         let n = message.chars().count();
-        if message.trim().is_empty() {
+        // Spaces, control characters (NUL, …) and invisible format characters (zero-width
+        // space, word joiner, BOM) alone say nothing: queuing them would only spend the GPU.
+        let invisible = |c: char| {
+            c.is_whitespace()
+                || c.is_control()
+                || matches!(c, '\u{200b}'..='\u{200d}' | '\u{2060}' | '\u{feff}')
+        };
+        if message.chars().all(invisible) {
             return Err(ApiError::new(
                 422,
                 "message_empty",
-                "`message` must hold at least one non-space character",
+                "`message` must hold at least one visible character (not only spaces, \
+                 control or zero-width characters)",
             ));
         }
         if n > self.limits.message_chars {

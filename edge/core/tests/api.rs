@@ -123,6 +123,12 @@ fn bad_requests_get_their_status_and_code() {
             "message_empty",
         ),
         (
+            "invisible message",
+            post("/v1/chat", r#"{"message":"\u0000\u200b\ufeff\u2060\t"}"#),
+            422,
+            "message_empty",
+        ),
+        (
             "2001 chars",
             post("/v1/chat", &json!({"message": long}).to_string()),
             422,
