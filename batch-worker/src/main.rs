@@ -11,6 +11,15 @@ use batch_worker::tasks::{Classify, Generate, GenerateOptions, PromptFormat};
 use clap::{Parser, Subcommand};
 use shared::wire::Task;
 
+/// `eprintln!` that cannot panic: with stderr closed (`batch-worker run … 2>&1 | head`) the
+/// line is dropped and the exit status still tells what happened.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 #[derive(Parser)]
 #[command(
     about = "Batch inference worker: Pub/Sub jobs or local JSONL files, checkpointed",
@@ -336,7 +345,7 @@ fn main() -> ExitCode {
                 Ok(s) => {
                     let done_now = s.items - s.resumed_from;
                     let secs = s.wall.as_secs_f64().max(1e-9);
-                    eprintln!(
+                    say!(
                         "batch-worker: wrote {} lines ({} errors) to {}{}; {done_now} items in {secs:.2} s ({:.0} items/s, {:.0}% inside session.run; model loaded in {:.2} s)",
                         s.items,
                         s.errors,
@@ -354,7 +363,7 @@ fn main() -> ExitCode {
                 }
                 Err(RunError::Usage(m)) => usage(&m),
                 Err(e) => {
-                    eprintln!("batch-worker: {e}");
+                    say!("batch-worker: {e}");
                     ExitCode::FAILURE
                 }
             }
@@ -449,7 +458,7 @@ fn serve_main(args: ServeArgs, engine: EngineArgs) -> ExitCode {
     let classify = match Classify::load(&engine.model_dir, engine.device, engine.batch_size, 0) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("batch-worker: {e}");
+            say!("batch-worker: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -461,7 +470,7 @@ fn serve_main(args: ServeArgs, engine: EngineArgs) -> ExitCode {
                 match Generate::load(&dir, engine.device, o) {
                     Ok(g) => Some(g),
                     Err(e) => {
-                        eprintln!("batch-worker: {e}");
+                        say!("batch-worker: {e}");
                         return ExitCode::FAILURE;
                     }
                 }
@@ -480,7 +489,7 @@ fn serve_main(args: ServeArgs, engine: EngineArgs) -> ExitCode {
     {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("batch-worker: cannot start the async runtime: {e}");
+            say!("batch-worker: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -488,7 +497,7 @@ fn serve_main(args: ServeArgs, engine: EngineArgs) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "serve stopped");
-            eprintln!("batch-worker: {e:#}");
+            say!("batch-worker: {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -503,7 +512,7 @@ fn hostname() -> String {
 }
 
 fn usage(message: &str) -> ExitCode {
-    eprintln!("batch-worker: {message}");
+    say!("batch-worker: {message}");
     ExitCode::from(2)
 }
 
@@ -511,9 +520,14 @@ fn init_tracing() {
     use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
         .unwrap_or_else(|_| "warn,batch_worker=info".into());
+    // A log line that cannot be written (stderr closed: a pipe whose reader ended, a journal
+    // that restarted) is dropped. By default the library reports that with `eprintln!`,
+    // which panics on the same closed stderr: the worker died at start, or a task died and
+    // the drain never ended.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false);
     if std::io::stderr().is_terminal() {
         builder.init();
     } else {

@@ -566,3 +566,47 @@ fn a_second_run_on_the_same_output_is_refused_while_the_first_runs() {
     run_to_end(&input, &output, &[]);
     assert!(!lock.exists());
 }
+
+/// Logs go to stderr; when it is closed (its reader ended, the journal restarted) lines are
+/// dropped and `serve` still runs and drains on SIGTERM (it used to panic on the first line
+/// it could not write).
+#[test]
+fn serve_keeps_running_and_drains_with_stderr_closed() {
+    let dir = scratch("stderr-closed");
+    let mut child = Command::new(BIN)
+        .arg("serve")
+        .env("GCP_PROJECT", "p")
+        .env("PUBSUB_SUBSCRIPTION", "s")
+        // Nothing listens there: the worker waits for its endpoints, logging as it does.
+        .env("PUBSUB_EMULATOR_HOST", "127.0.0.1:9")
+        .env("FIRESTORE_EMULATOR_HOST", "127.0.0.1:9")
+        .env("METRICS_ADDR", "127.0.0.1:0")
+        .env("OUTPUT_ROOT", format!("file://{}", dir.display()))
+        .env("DEVICE", "cpu")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("serve starts");
+    drop(child.stderr.take());
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        matches!(child.try_wait(), Ok(None)),
+        "serve died with stderr closed: {:?}",
+        child.try_wait()
+    );
+    // SAFETY: signalling the child this test spawned.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Ok(Some(s)) = child.try_wait() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("serve did not drain within 20 s of SIGTERM with stderr closed");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+}
