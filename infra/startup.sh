@@ -62,20 +62,22 @@ install() {
   log "installing $name $version from $url"
   local tmp
   tmp="$(mktemp -d "$APP/.download.XXXXXX")"
-  if ! fetch "$url" "$tmp/archive.tar.gz"; then
-    log "$name $version: cannot fetch $url"
+  # give_up WHY: says why, removes the download; the caller returns 1.
+  give_up() {
+    log "$name $version: $1"
     rm -rf "$tmp"
+  }
+  if ! fetch "$url" "$tmp/archive.tar.gz"; then
+    give_up "cannot fetch $url"
     return 1
   fi
   if [[ "$(sha256sum "$tmp/archive.tar.gz" | cut -d' ' -f1)" != "$sha" ]]; then
-    log "$name $version: sha256 mismatch for $url"
-    rm -rf "$tmp"
+    give_up "sha256 mismatch for $url"
     return 1
   fi
   mkdir -p "$tmp/unpacked"
   if ! tar -xzf "$tmp/archive.tar.gz" -C "$tmp/unpacked"; then
-    log "$name $version: $url is not a gzipped tarball"
-    rm -rf "$tmp"
+    give_up "$url is not a gzipped tarball"
     return 1
   fi
   rm -rf "$dest"

@@ -82,8 +82,7 @@ async fn fetch(
         .with_headers(headers))
 }
 
-/// A variable or secret (`wrangler dev` reads secrets from `.dev.vars`).
-/// A secret or `[vars]` value as text. A value written in `wrangler.toml` as a number or a
+/// A secret (`wrangler dev` reads them from `.dev.vars`) or `[vars]` value as text. A value written in `wrangler.toml` as a number or a
 /// boolean (`RATE_LIMIT_PER_MINUTE = 1200`) reaches the Worker as one, which `Env::var`
 /// refuses; it is read as its JSON text instead of being taken for absent.
 fn var(env: &Env, name: &str) -> Option<String> {
