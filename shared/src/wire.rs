@@ -184,7 +184,7 @@ pub fn parse_input_line(line: &str, line_no: u64) -> Result<InputItem, OutputLin
         Ok(item) if item.custom_id.is_empty() => Err(OutputLine::error(
             line_no.to_string(),
             "invalid_item",
-            "custom_id must not be empty",
+            format!("line {line_no}: custom_id must not be empty"),
         )),
         Ok(item) if !usable_id(&item.custom_id) => Err(OutputLine::error(
             line_no.to_string(),
@@ -197,7 +197,9 @@ pub fn parse_input_line(line: &str, line_no: u64) -> Result<InputItem, OutputLin
         Ok(item) if item.input.chars().count() > MAX_ITEM_CHARS => Err(OutputLine::error(
             item.custom_id,
             "input_too_long",
-            format!("input has more than {MAX_ITEM_CHARS} characters; split it into smaller items"),
+            format!(
+                "line {line_no}: input has more than {MAX_ITEM_CHARS} characters; split it into smaller items"
+            ),
         )),
         Ok(item) => Ok(item),
         Err(e) => {
@@ -214,10 +216,22 @@ pub fn parse_input_line(line: &str, line_no: u64) -> Result<InputItem, OutputLin
                 id,
                 "invalid_item",
                 format!(
-                    "line {line_no}: {e}; expected {{\"custom_id\": string, \"input\": string}}"
+                    "line {line_no}: {}; expected {{\"custom_id\": string, \"input\": string}}",
+                    json_problem(&e)
                 ),
             ))
         }
+    }
+}
+
+/// What serde_json found wrong with a line, its position given as a column: the line number
+/// it reports is always 1, since it reads the line alone.
+fn json_problem(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    let position = format!(" at line {} column {}", e.line(), e.column());
+    match text.strip_suffix(&position) {
+        Some(problem) if e.line() > 0 => format!("{problem} (column {})", e.column()),
+        _ => text,
     }
 }
 
@@ -269,6 +283,36 @@ mod tests {
         assert_eq!(err.custom_id(), "7");
         let json = serde_json::to_value(&err).expect("serializes");
         assert_eq!(json["error"]["code"], "invalid_item");
+    }
+
+    #[test]
+    fn every_line_error_names_its_line_once() {
+        let message = |line: &str| {
+            let err = parse_input_line(line, 12).expect_err("invalid");
+            let json = serde_json::to_value(&err).expect("serializes");
+            json["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        };
+        let wrong_type = message(r#"{"custom_id":"x","input":7}"#);
+        assert!(
+            wrong_type
+                .starts_with("line 12: invalid type: integer `7`, expected a string (column 26)"),
+            "{wrong_type}"
+        );
+        for line in [
+            "{not json",
+            r#"{"custom_id":"","input":"hi"}"#,
+            &format!(
+                r#"{{"custom_id":"x","input":"{}"}}"#,
+                "a".repeat(MAX_ITEM_CHARS + 1)
+            ),
+        ] {
+            let m = message(line);
+            assert!(m.starts_with("line 12: "), "{m}");
+            assert!(!m.contains("line 1 "), "{m}");
+        }
     }
 
     #[test]
