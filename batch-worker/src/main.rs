@@ -39,7 +39,12 @@ struct EngineArgs {
     #[arg(long, env = "MODEL_DIR", default_value_os_t = default_model_dir())]
     model_dir: PathBuf,
     /// Items per inference call (classify)
-    #[arg(long, env = "BATCH_SIZE", default_value_t = 256)]
+    #[arg(
+        long,
+        env = "BATCH_SIZE",
+        default_value_t = 256,
+        allow_negative_numbers = true
+    )]
     batch_size: usize,
     #[command(flatten)]
     generate: GenerateArgs,
@@ -51,19 +56,39 @@ struct GenerateArgs {
     #[arg(long, env = "LM_DIR")]
     lm_dir: Option<PathBuf>,
     /// Prompts decoded together at most (generate, chat)
-    #[arg(long, env = "GENERATE_BATCH_SIZE", default_value_t = 8)]
+    #[arg(
+        long,
+        env = "GENERATE_BATCH_SIZE",
+        default_value_t = 8,
+        allow_negative_numbers = true
+    )]
     generate_batch_size: usize,
     /// Tokens generated at most per item, the stop token included
-    #[arg(long, env = "MAX_NEW_TOKENS", default_value_t = 128)]
+    #[arg(
+        long,
+        env = "MAX_NEW_TOKENS",
+        default_value_t = 128,
+        allow_negative_numbers = true
+    )]
     max_new_tokens: usize,
     /// 0 decodes greedily; above 0, samples from logits divided by it
-    #[arg(long, env = "TEMPERATURE", default_value_t = 0.0)]
+    #[arg(
+        long,
+        env = "TEMPERATURE",
+        default_value_t = 0.0,
+        allow_negative_numbers = true
+    )]
     temperature: f32,
     /// Sample from the smallest set of tokens whose probability reaches this (0 < p ≤ 1)
-    #[arg(long, env = "TOP_P", default_value_t = 1.0)]
+    #[arg(
+        long,
+        env = "TOP_P",
+        default_value_t = 1.0,
+        allow_negative_numbers = true
+    )]
     top_p: f32,
     /// Sampling seed; each item's stream is this seed mixed with its custom_id
-    #[arg(long, env = "SEED", default_value_t = 0)]
+    #[arg(long, env = "SEED", default_value_t = 0, allow_negative_numbers = true)]
     seed: u64,
     /// The assistant's system prompt for chat messages and chat-format generate items
     #[arg(long, env = "SYSTEM_PROMPT", default_value = batch_worker::generate::DEFAULT_SYSTEM_PROMPT)]
@@ -144,7 +169,7 @@ struct ServeArgs {
     #[arg(long, env = "JOBS_TOPIC", default_value = "jobs")]
     jobs_topic: String,
     /// Input lines per shard of an `input_uri` job
-    #[arg(long, env = "INPUT_SHARD_ITEMS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "INPUT_SHARD_ITEMS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..), allow_negative_numbers = true)]
     input_shard_items: u64,
     /// Firestore database id
     #[arg(long, env = "FIRESTORE_DATABASE", default_value = "(default)")]
@@ -163,26 +188,51 @@ struct ServeArgs {
     #[arg(long, env = "WORKER_ID")]
     worker_id: Option<String>,
     /// Commit outputs and the checkpoint after about this much work (seconds a SIGKILL can lose)
-    #[arg(long, env = "CHUNK_SECONDS", default_value_t = 5.0)]
+    #[arg(
+        long,
+        env = "CHUNK_SECONDS",
+        default_value_t = 5.0,
+        allow_negative_numbers = true
+    )]
     chunk_seconds: f64,
     /// A shard lease lasts this long past its last checkpoint; then another worker may take it
-    #[arg(long, env = "LEASE_SECONDS", default_value_t = 60)]
+    #[arg(
+        long,
+        env = "LEASE_SECONDS",
+        default_value_t = 60,
+        allow_negative_numbers = true
+    )]
     lease_seconds: u64,
     /// Pub/Sub ack deadline extension (10..=600 s): how soon a crashed worker's messages return
-    #[arg(long, env = "ACK_EXTENSION_SECONDS", default_value_t = 60)]
+    #[arg(
+        long,
+        env = "ACK_EXTENSION_SECONDS",
+        default_value_t = 60,
+        allow_negative_numbers = true
+    )]
     ack_extension_seconds: u64,
     /// Longest a message (its shard's whole run) is kept leased; a shard still running then is
     /// redelivered to another worker, which waits out this one's shard lease
-    #[arg(long, env = "MAX_LEASE_SECONDS", default_value_t = 6 * 3600)]
+    #[arg(long, env = "MAX_LEASE_SECONDS", default_value_t = 6 * 3600, allow_negative_numbers = true)]
     max_lease_seconds: u64,
     /// Flow control: messages (shards) held at once
-    #[arg(long, env = "MAX_OUTSTANDING_MESSAGES", default_value_t = 4)]
+    #[arg(
+        long,
+        env = "MAX_OUTSTANDING_MESSAGES",
+        default_value_t = 4,
+        allow_negative_numbers = true
+    )]
     max_outstanding_messages: i64,
     /// Flow control: bytes of messages held at once
-    #[arg(long, env = "MAX_OUTSTANDING_BYTES", default_value_t = 64 << 20)]
+    #[arg(long, env = "MAX_OUTSTANDING_BYTES", default_value_t = 64 << 20, allow_negative_numbers = true)]
     max_outstanding_bytes: i64,
     /// Quarantine a shard after this many deliveries that did not end in a drain
-    #[arg(long, env = "POISON_LIMIT", default_value_t = 5)]
+    #[arg(
+        long,
+        env = "POISON_LIMIT",
+        default_value_t = 5,
+        allow_negative_numbers = true
+    )]
     poison_limit: u32,
     /// Serve Prometheus metrics on this address ("" to disable)
     #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9464")]
@@ -191,11 +241,21 @@ struct ServeArgs {
     #[arg(long, env = "GCE_METADATA_HOST")]
     metadata_host: Option<String>,
     /// Longest a drain may take before in-flight shards are abandoned (they resume from their checkpoint)
-    #[arg(long, env = "DRAIN_SECONDS", default_value_t = 20.0)]
+    #[arg(
+        long,
+        env = "DRAIN_SECONDS",
+        default_value_t = 20.0,
+        allow_negative_numbers = true
+    )]
     drain_seconds: f64,
     /// An idle generation thread waits this long after a request for concurrent ones (other
     /// chat messages) to share its prefill
-    #[arg(long, env = "GENERATE_GATHER_MS", default_value_t = 10)]
+    #[arg(
+        long,
+        env = "GENERATE_GATHER_MS",
+        default_value_t = 10,
+        allow_negative_numbers = true
+    )]
     generate_gather_ms: u64,
     /// Fault injection for tests and benchmarks (see serve::Failpoints)
     #[arg(long, env = "BATCH_WORKER_FAILPOINTS", default_value = "", hide = true)]
@@ -222,11 +282,11 @@ enum Cmd {
         #[arg(long)]
         output: PathBuf,
         /// Commit results at least this often (seconds of work a kill can lose)
-        #[arg(long, default_value_t = 5.0)]
+        #[arg(long, default_value_t = 5.0, allow_negative_numbers = true)]
         chunk_seconds: f64,
         /// CPU threads for classify (default: the machine's cores); from 3 on, all but the
         /// model's featurize together
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true)]
         threads: Option<usize>,
         #[command(flatten)]
         engine: EngineArgs,

@@ -241,28 +241,33 @@ fn a_byte_order_mark_and_crlf_line_ends_change_no_item() {
 #[test]
 fn unusable_arguments_exit_2_with_one_line() {
     let dir = scratch("usage");
-    let cases: Vec<(Vec<String>, &str)> = vec![
+    let path = |name: &str| dir.join(name).display().to_string();
+    // `--input IN --output OUT` and more flags after them.
+    let io = |input: String, output: String, more: &[&str]| -> Vec<String> {
+        let mut args = vec!["--input".into(), input, "--output".into(), output];
+        args.extend(more.iter().map(|a| a.to_string()));
+        args
+    };
+    std::fs::write(dir.join("in.jsonl"), "").expect("write");
+    let mut all: Vec<(Vec<String>, &str)> = vec![
         (
-            vec![
-                "--input".into(),
-                dir.join("missing.jsonl").display().to_string(),
-                "--output".into(),
-                dir.join("o.jsonl").display().to_string(),
-            ],
+            io(path("missing.jsonl"), path("o.jsonl"), &[]),
             "cannot be read",
         ),
         (
-            vec![
-                "--input".into(),
-                dir.display().to_string(),
-                "--output".into(),
-                dir.join("o.jsonl").display().to_string(),
-            ],
+            io(dir.display().to_string(), path("o.jsonl"), &[]),
             "is a directory",
         ),
+        (
+            io(path("in.jsonl"), "/nonexistent-dir/o.jsonl".into(), &[]),
+            "does not exist",
+        ),
+        // Read once by the fingerprint, a pipe would leave no items to run: refused.
+        (
+            io("/dev/stdin".into(), path("o.jsonl"), &[]),
+            "not a regular file",
+        ),
     ];
-    std::fs::write(dir.join("in.jsonl"), "").expect("write");
-    let mut all = cases;
     // Notepad's "Unicode" (UTF-16 LE with its byte-order mark), and a gzip file.
     let utf16 = common::utf16_with_bom("{\"custom_id\":\"a\",\"input\":\"hi\"}\r\n");
     for (name, bytes, expected) in [
@@ -274,57 +279,35 @@ fn unusable_arguments_exit_2_with_one_line() {
         ),
     ] {
         std::fs::write(dir.join(name), bytes).expect("write");
-        all.push((
-            vec![
-                "--input".into(),
-                dir.join(name).display().to_string(),
-                "--output".into(),
-                dir.join("o.jsonl").display().to_string(),
-            ],
-            expected,
-        ));
+        all.push((io(path(name), path("o.jsonl"), &[]), expected));
     }
-    all.push((
-        vec![
-            "--input".into(),
-            dir.join("in.jsonl").display().to_string(),
-            "--output".into(),
-            "/nonexistent-dir/o.jsonl".into(),
-        ],
-        "does not exist",
-    ));
-    for (flag, expected) in [
-        ("--threads", "--threads must be at least 1"),
+    // Negative numbers reach the checks rather than being taken for flags.
+    for (more, expected) in [
+        (&["--threads", "0"][..], "--threads must be at least 1"),
         (
-            "--batch-size",
+            &["--batch-size", "0"],
             "--batch-size (BATCH_SIZE) must be at least 1, got 0",
         ),
+        (
+            &["--chunk-seconds", "-1"],
+            "--chunk-seconds must be positive, got -1",
+        ),
+        (
+            &["--task", "generate", "--temperature", "-0.5"],
+            "--temperature must be 0 (greedy) or a positive number, got -0.5",
+        ),
     ] {
-        all.push((
-            vec![
-                "--input".into(),
-                dir.join("in.jsonl").display().to_string(),
-                "--output".into(),
-                dir.join("o.jsonl").display().to_string(),
-                flag.into(),
-                "0".into(),
-            ],
-            expected,
-        ));
+        all.push((io(path("in.jsonl"), path("o.jsonl"), more), expected));
     }
-    // Read once by the fingerprint, a pipe would leave no items to run: refused.
-    all.push((
-        vec![
-            "--input".into(),
-            "/dev/stdin".into(),
-            "--output".into(),
-            dir.join("o.jsonl").display().to_string(),
-        ],
-        "not a regular file",
-    ));
     for (args, expected) in all {
+        let task = if args.iter().any(|a| a == "--task") {
+            &[][..]
+        } else {
+            &["--task", "classify"][..]
+        };
         let mut child = Command::new(BIN)
-            .args(["run", "--task", "classify"])
+            .arg("run")
+            .args(task)
             .args(&args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -16,7 +16,7 @@ use crate::{root, setup};
 #[derive(clap::Args)]
 pub struct Args {
     /// Measured requests per route (after the warm-up)
-    #[arg(long, default_value_t = 2000, value_parser = crate::at_least_one)]
+    #[arg(long, default_value_t = 2000, value_parser = crate::at_least_one, allow_negative_numbers = true)]
     pub requests: usize,
     /// Configure the rate-limit binding (as deployed); without it the Worker's in-isolate
     /// fallback limit applies

@@ -20,16 +20,16 @@ use crate::{root, setup};
 #[derive(clap::Args)]
 pub struct Args {
     /// Chat messages sent per round
-    #[arg(long, default_value_t = 40, value_parser = crate::at_least_one)]
+    #[arg(long, default_value_t = 40, value_parser = crate::at_least_one, allow_negative_numbers = true)]
     pub messages: usize,
     /// Milliseconds between two messages
     #[arg(long, default_value_t = 250)]
     pub interval_ms: u64,
     /// Tokens per reply at most (`MAX_NEW_TOKENS`)
-    #[arg(long, default_value_t = 64, value_parser = crate::at_least_one)]
+    #[arg(long, default_value_t = 64, value_parser = crate::at_least_one, allow_negative_numbers = true)]
     pub max_new_tokens: usize,
     /// Prompts decoded together at most (`GENERATE_BATCH_SIZE`)
-    #[arg(long, default_value_t = 8, value_parser = crate::at_least_one)]
+    #[arg(long, default_value_t = 8, value_parser = crate::at_least_one, allow_negative_numbers = true)]
     pub batch_size: usize,
     /// `GENERATE_GATHER_MS` of the worker
     #[arg(long, default_value_t = 10)]
@@ -39,7 +39,7 @@ pub struct Args {
     #[arg(long, default_value_t = 20)]
     pub step_delay_ms: u64,
     /// Rounds per worker build; the table shows the median of each figure
-    #[arg(long, default_value_t = 3, value_parser = crate::at_least_one)]
+    #[arg(long, default_value_t = 3, value_parser = crate::at_least_one, allow_negative_numbers = true)]
     pub repeat: usize,
     /// Another `batch-worker` executable (e.g. an older build) measured the same way, in turns
     #[arg(long)]

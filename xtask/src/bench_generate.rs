@@ -18,16 +18,16 @@ use crate::{root, setup};
 #[derive(clap::Args)]
 pub struct Args {
     /// Prompts per run (lines of models/lm/corpus.txt, cycled)
-    #[arg(long, default_value_t = 1024, value_parser = crate::at_least_one)]
+    #[arg(long, default_value_t = 1024, value_parser = crate::at_least_one, allow_negative_numbers = true)]
     pub prompts: usize,
     /// New tokens per prompt (stop tokens ignored, so every item makes exactly this many)
-    #[arg(long, default_value_t = 64, value_parser = crate::at_least_one)]
+    #[arg(long, default_value_t = 64, value_parser = crate::at_least_one, allow_negative_numbers = true)]
     pub max_new_tokens: usize,
     /// Static batch sizes to measure
-    #[arg(long, value_delimiter = ',', default_value = "1,8,32", value_parser = crate::at_least_one)]
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32", value_parser = crate::at_least_one, allow_negative_numbers = true)]
     pub batch_sizes: Vec<usize>,
     /// Runs per measurement; the table shows the best of each side
-    #[arg(long, default_value_t = 3, value_parser = crate::at_least_one)]
+    #[arg(long, default_value_t = 3, value_parser = crate::at_least_one, allow_negative_numbers = true)]
     pub repeat: usize,
     /// Another `batch-worker` build to time beside this one (see the module's documentation)
     #[arg(long)]

@@ -19,17 +19,17 @@ use crate::{root, setup};
 #[derive(clap::Args)]
 pub struct Args {
     /// Items in the job
-    #[arg(long, default_value_t = 200_000, value_parser = crate::at_least_one)]
+    #[arg(long, default_value_t = 200_000, value_parser = crate::at_least_one, allow_negative_numbers = true)]
     pub items: usize,
     /// Shards (Pub/Sub messages) the job is cut into
-    #[arg(long, default_value_t = 20, value_parser = crate::at_least_one)]
+    #[arg(long, default_value_t = 20, value_parser = crate::at_least_one, allow_negative_numbers = true)]
     pub shards: usize,
     /// Micro-batch size of the worker, in both modes
-    #[arg(long, default_value_t = 256, value_parser = crate::at_least_one)]
+    #[arg(long, default_value_t = 256, value_parser = crate::at_least_one, allow_negative_numbers = true)]
     pub batch_size: usize,
     /// Jobs per mode, each with a fresh worker; the table shows the fastest (the emulators'
     /// JVMs compile their hot code during the first)
-    #[arg(long, default_value_t = 3, value_parser = crate::at_least_one)]
+    #[arg(long, default_value_t = 3, value_parser = crate::at_least_one, allow_negative_numbers = true)]
     pub repeat: usize,
     /// Give up on a job after this many seconds
     #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]

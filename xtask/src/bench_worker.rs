@@ -14,14 +14,14 @@ use crate::{root, setup};
 #[derive(clap::Args)]
 pub struct Args {
     /// Items in the generated input
-    #[arg(long, default_value_t = 200_000, value_parser = crate::at_least_one)]
+    #[arg(long, default_value_t = 200_000, value_parser = crate::at_least_one, allow_negative_numbers = true)]
     pub items: usize,
     /// Micro-batch sizes to measure
-    #[arg(long, value_delimiter = ',', default_value = "64,256,1024", value_parser = crate::at_least_one)]
+    #[arg(long, value_delimiter = ',', default_value = "64,256,1024", value_parser = crate::at_least_one, allow_negative_numbers = true)]
     pub batch_sizes: Vec<usize>,
     /// Runs per measurement; the table shows the best of each side (this machine's speed
     /// drifts by tens of per cent within minutes)
-    #[arg(long, default_value_t = 3, value_parser = crate::at_least_one)]
+    #[arg(long, default_value_t = 3, value_parser = crate::at_least_one, allow_negative_numbers = true)]
     pub repeat: usize,
 }
 

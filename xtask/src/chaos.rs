@@ -8,7 +8,7 @@ use crate::{root, setup};
 #[derive(clap::Args)]
 pub struct Args {
     /// Classify items in all (sent as inline batches of 10,000, the edge's limit)
-    #[arg(long, default_value_t = 50_000, value_parser = crate::at_least_one)]
+    #[arg(long, default_value_t = 50_000, value_parser = crate::at_least_one, allow_negative_numbers = true)]
     pub items: usize,
     /// Queued chat messages
     #[arg(long, default_value_t = 200)]
@@ -17,10 +17,10 @@ pub struct Args {
     #[arg(long, default_value_t = 10)]
     pub kills: usize,
     /// Seconds over which the traffic arrives
-    #[arg(long, default_value_t = 90.0, value_parser = crate::seconds)]
+    #[arg(long, default_value_t = 90.0, value_parser = crate::seconds, allow_negative_numbers = true)]
     pub traffic_seconds: f64,
     /// Seconds before a killed worker is restarted (the systemd unit's RestartSec)
-    #[arg(long, default_value_t = 5.0, value_parser = crate::seconds)]
+    #[arg(long, default_value_t = 5.0, value_parser = crate::seconds, allow_negative_numbers = true)]
     pub restart_seconds: f64,
     /// Seed of the kill schedule (default: from the clock; the report prints it)
     #[arg(long)]

@@ -17,10 +17,10 @@ pub struct Args {
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     pub seconds: u64,
     /// Requests in flight at any time
-    #[arg(long, default_value_t = 16, value_parser = crate::at_least_one)]
+    #[arg(long, default_value_t = 16, value_parser = crate::at_least_one, allow_negative_numbers = true)]
     pub concurrency: usize,
     /// Every n-th message is a real request that the edge queues (the rest are trivial)
-    #[arg(long, default_value_t = 5, value_parser = crate::at_least_one)]
+    #[arg(long, default_value_t = 5, value_parser = crate::at_least_one, allow_negative_numbers = true)]
     pub queued_every: usize,
 }
 
