@@ -153,6 +153,13 @@ fn bad_requests_get_their_status_and_code() {
             "method_not_allowed",
         ),
         (
+            // No CORS: keys stay on servers (README, Browsers).
+            "cross-origin preflight",
+            request("OPTIONS", "/v1/chat", None, None, b""),
+            405,
+            "method_not_allowed",
+        ),
+        (
             "wrong method on health",
             request("PUT", "/healthz", None, None, b""),
             405,
@@ -386,6 +393,7 @@ fn bad_requests_get_their_status_and_code() {
         if status == 405 {
             assert!(r.header("allow").is_some(), "{name}");
         }
+        assert!(r.header("access-control-allow-origin").is_none(), "{name}");
     }
 }
 
