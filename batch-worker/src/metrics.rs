@@ -78,6 +78,7 @@ pub struct Metrics {
     pub redeliveries: Counter,
     pub lease_losses: Counter,
     pub drains: Counter,
+    pub shard_errors: Counter,
     pub shards_completed: Counter,
     pub shards_quarantined: Counter,
     pub jobs_succeeded: Counter,
@@ -97,7 +98,7 @@ impl Metrics {
     /// The text exposition format.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let counters: [(&str, &str, &Counter); 16] = [
+        let counters: [(&str, &str, &Counter); 17] = [
             (
                 "batch_worker_items_total",
                 "Items with a committed output line",
@@ -127,6 +128,11 @@ impl Metrics {
                 "batch_worker_drains_total",
                 "Shards checkpointed and released on SIGTERM or preemption",
                 &self.drains,
+            ),
+            (
+                "batch_worker_shard_errors_total",
+                "Shards given back after an error the worker lived through (storage or Firestore failing)",
+                &self.shard_errors,
             ),
             (
                 "batch_worker_shards_completed_total",

@@ -5,8 +5,9 @@
 //!    cancelled: ack) and the shard's checkpoint (done: finish the job if needed, ack).
 //! 2. It takes the shard's lease in one conditional commit: epoch + 1, owner, expiry,
 //!    deliveries + 1. A live lease of another worker is waited out, not stolen. A shard whose
-//!    deliveries minus drains reached the poison limit goes to the dead-letter topic and
-//!    fails its job.
+//!    crashes (deliveries minus drains minus errors it lived through) reached the poison
+//!    limit, or whose errors reached twice that, goes to the dead-letter topic and fails its
+//!    job.
 //! 3. Items run in micro-batches; about every `chunk` of work the results are written as one
 //!    object named by (shard, first item, epoch), then the checkpoint (cursor, counts, chunk
 //!    list, lease expiry) and the job's counters move in one commit conditioned on the
@@ -547,7 +548,9 @@ async fn process(
                 }
                 continue;
             }
-            if r.crashes() >= ctx.cfg.poison_limit {
+            if r.crashes() >= ctx.cfg.poison_limit
+                || r.errors >= ERRORS_PER_CRASH * ctx.cfg.poison_limit
+            {
                 quarantine(ctx, msg, raw, s).await?;
                 return Ok(Outcome::Ack);
             }
@@ -617,6 +620,8 @@ async fn process(
             lease_expires_ms: now_ms() + ctx.cfg.lease.as_millis() as u64,
             deliveries: old.map_or(0, |o| o.deliveries) + 1,
             drains: old.map_or(0, |o| o.drains),
+            errors: old.map_or(0, |o| o.errors),
+            last_error: old.map(|o| o.last_error.clone()).unwrap_or_default(),
             chunks: old.map(|o| o.chunks.clone()).unwrap_or_default(),
             updated_at: rfc3339(now_ms()),
         };
@@ -668,7 +673,8 @@ async fn process(
                     deliveries = rec.deliveries,
                     "lease taken"
                 );
-                return run_shard(
+                let epoch = rec.epoch;
+                let ran = run_shard(
                     ctx,
                     msg,
                     &items,
@@ -679,8 +685,62 @@ async fn process(
                     job,
                 )
                 .await;
+                if let Err(e) = &ran
+                    && !matches!(e, WorkError::Join(_))
+                {
+                    give_back_after_error(ctx, msg, epoch, e).await;
+                }
+                return ran;
             }
         }
+    }
+}
+
+/// An error the worker lives through weighs this much less than a crash: a shard is
+/// quarantined after `POISON_LIMIT` crashes or this many times as many errors (an outage
+/// of object storage long enough for that fails the job with the error, rather than leave
+/// it running until the subscription's own dead-letter limit takes the message).
+const ERRORS_PER_CRASH: u32 = 2;
+
+/// After an error the worker lived through (object storage or Firestore failing, a full
+/// disk) stopped the shard leased at `epoch`: gives the lease back counted as an error, not
+/// a crash, so that an outage never quarantines a sound shard, and keeps the error on the
+/// shard for operators. A panic in inference (`WorkError::Join`) stays a crash: that may be
+/// the shard's own doing. Best effort: when Firestore is what fails, this write fails too
+/// and the delivery counts as a crash, as a kill would; since taking a lease needs
+/// Firestore as well, an outage of it costs a shard one such count at most.
+async fn give_back_after_error(ctx: &Ctx, msg: &JobMessage, epoch: u64, error: &WorkError) {
+    let id = ShardRecord::id(&msg.job_id, msg.shard);
+    let Ok(Some(shard)) = ctx.store.get::<ShardRecord>(SHARDS_COLLECTION, &id).await else {
+        return;
+    };
+    let r = &shard.record;
+    let ours = r.state == ShardState::Running
+        && r.epoch == epoch
+        && r.owner == ctx.cfg.worker_id
+        && r.instance == ctx.instance;
+    if !ours {
+        return;
+    }
+    let mut next = r.clone();
+    next.owner.clear();
+    next.lease_expires_ms = 0;
+    next.errors += 1;
+    next.last_error = error.to_string().chars().take(500).collect();
+    next.updated_at = rfc3339(now_ms());
+    let write = Write::set(
+        SHARDS_COLLECTION,
+        &id,
+        &next,
+        Precondition::UpdateTime(shard.update_time.clone()),
+    );
+    if let Ok(Committed::Done(_)) = ctx.store.commit(&[write]).await {
+        ctx.metrics.shard_errors.add(1);
+        tracing::info!(
+            errors = next.errors,
+            cursor = next.cursor,
+            "shard given back after an error; it does not count towards the poison limit"
+        );
     }
 }
 
@@ -1920,14 +1980,21 @@ async fn quarantine(
     shard: &Versioned<ShardRecord>,
 ) -> Result<(), WorkError> {
     let r = &shard.record;
-    let reason = format!(
-        "shard {} of job {} stopped a worker {} times without finishing (at item {} of {}); it was moved to the dead-letter topic",
-        msg.shard,
-        msg.job_id,
-        r.crashes(),
-        r.cursor,
-        r.total
-    );
+    let reason = if r.crashes() >= ctx.cfg.poison_limit {
+        format!(
+            "shard {} of job {} stopped a worker {} times without finishing (at item {} of {}); it was moved to the dead-letter topic",
+            msg.shard,
+            msg.job_id,
+            r.crashes(),
+            r.cursor,
+            r.total
+        )
+    } else {
+        format!(
+            "shard {} of job {} failed {} times without finishing (at item {} of {}), last with: {}; it was moved to the dead-letter topic",
+            msg.shard, msg.job_id, r.errors, r.cursor, r.total, r.last_error
+        )
+    };
     if !dead_letter(ctx, raw, &reason).await {
         return Err(WorkError::Store(StoreError::Unavailable(
             "dead-letter topic unavailable".into(),

@@ -1301,6 +1301,63 @@ async fn poison_shard_is_dead_lettered(fx: &Fixture) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// An error the worker lives through (here: the job's output folder is a file, so no chunk
+/// can be written) gives the shard back without counting a crash. With `POISON_LIMIT=1`, one
+/// crash would quarantine it; an error does not, and once the folder can be written the job
+/// completes, each item once. Errors that go on fail the job at twice the limit, naming the
+/// error.
+async fn storage_errors_are_not_crashes(fx: &Fixture) -> anyhow::Result<()> {
+    let w = World::new(fx, "storage-errors").await?;
+    let blocked = w.out.join("job-e");
+    std::fs::write(&blocked, "a file where the job's output folder goes")?;
+    std::fs::write(w.out.join("job-f"), "and another")?;
+    let _w1 = w
+        .worker("w1")
+        .with("POISON_LIMIT", "1")
+        .start(&w.log("w1.log"))?;
+    let all = items("e", 300);
+    w.submit("job-e", std::slice::from_ref(&all)).await?;
+    let s = w
+        .wait_shard(
+            "job-e",
+            0,
+            Duration::from_secs(30),
+            "an error given back",
+            |s| s.errors >= 1,
+        )
+        .await?;
+    ensure!(
+        s.crashes() == 0 && s.owner.is_empty() && s.cursor == 0 && !s.last_error.is_empty(),
+        "after an output error: {s:?}"
+    );
+    std::fs::remove_file(&blocked)?;
+    let j = w
+        .wait_job("job-e", Duration::from_secs(60), "succeeded", |j| {
+            j.status == JobStatus::Succeeded
+        })
+        .await?;
+    ensure!(j.counts.done == 300, "{:?}", j.counts);
+    assert_exactly(&w.outputs("job-e")?, &all)?;
+
+    w.submit("job-f", &[items("f", 10)]).await?;
+    let f = w
+        .wait_job("job-f", Duration::from_secs(60), "failed", |j| {
+            j.status == JobStatus::Failed
+        })
+        .await?;
+    let err = f.error.context("failed job without error")?;
+    ensure!(
+        err.code == "shard_failed" && err.message.contains("failed 2 times"),
+        "{err:?}"
+    );
+    let s = w.shard("job-f", 0).await?.context("shard")?;
+    ensure!(
+        s.errors == 2 && s.crashes() == 0 && err.message.contains(&s.last_error),
+        "{s:?} / {err:?}"
+    );
+    Ok(())
+}
+
 /// `cancel_requested` (what `DELETE /v1/jobs/{id}` sets) ends the job at a chunk boundary.
 async fn cancel_stops_at_a_chunk_boundary(fx: &Fixture) -> anyhow::Result<()> {
     let w = World::new(fx, "cancel").await?;
@@ -1525,6 +1582,7 @@ async fn serve_keeps_every_item_exactly_once_through_faults() {
     scenario!(sigterm_drains_and_another_worker_resumes);
     scenario!(fencing_stops_the_worker_that_lost_its_lease);
     scenario!(poison_shard_is_dead_lettered);
+    scenario!(storage_errors_are_not_crashes);
     scenario!(cancel_stops_at_a_chunk_boundary);
     scenario!(preemption_notice_drains);
     scenario!(generation_answers_chat_and_batches);

@@ -37,8 +37,9 @@ resource "google_pubsub_subscription" "worker" {
     maximum_backoff = "600s"
   }
 
-  # The last resort: the worker quarantines a shard after `poison_limit` deliveries that did
-  # not end in a drain (preemptions do not count) and publishes it to the dead-letter topic
+  # The last resort: the worker quarantines a shard after `poison_limit` deliveries that
+  # stopped a worker (preemptions do not count), or twice as many that ended in an error it
+  # lived through (storage or Firestore failing), and publishes it to the dead-letter topic
   # itself. Pub/Sub's own count includes preemptions, so its limit is set well above.
   dead_letter_policy {
     dead_letter_topic     = google_pubsub_topic.dead_letter.id

@@ -99,13 +99,13 @@ variable "ack_deadline_seconds" {
 }
 
 variable "poison_limit" {
-  description = "Worker-side quarantine after this many deliveries that did not end in a drain."
+  description = "Worker-side quarantine after this many deliveries that stopped a worker (drains do not count), or twice as many that ended in an error it lived through."
   type        = number
   default     = 5
 }
 
 variable "max_delivery_attempts" {
-  description = "The subscription's own dead-letter limit: the last resort, above poison_limit."
+  description = "The subscription's own dead-letter limit: the last resort, above 2 x poison_limit."
   type        = number
   default     = 15
 }

@@ -309,6 +309,13 @@ pub struct ShardRecord {
     /// Leases taken, and how many of them ended in a drain (preemption is not a failure).
     pub deliveries: u32,
     pub drains: u32,
+    /// Leases that ended in an error the worker lived through (object storage or Firestore
+    /// failing, a full disk): given back like a drain, since the shard is not at fault.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub errors: u32,
+    /// The last of those errors, for operators ("" when none).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub last_error: String,
     /// Committed output chunks (object names under the output root), in order.
     pub chunks: Vec<String>,
     pub updated_at: String,
@@ -320,9 +327,12 @@ impl ShardRecord {
         format!("{job_id}-{shard:05}")
     }
 
-    /// Deliveries that ended without a drain: crashes, kills, lost leases.
+    /// Deliveries that ended neither in a drain nor in an error given back: crashes, kills,
+    /// lost leases.
     pub fn crashes(&self) -> u32 {
-        self.deliveries.saturating_sub(self.drains)
+        self.deliveries
+            .saturating_sub(self.drains)
+            .saturating_sub(self.errors)
     }
 }
 
@@ -347,6 +357,23 @@ pub struct IdempotencyRecord {
 mod tests {
     use super::*;
     use crate::firestore;
+
+    #[test]
+    fn shard_errors_are_neither_crashes_nor_needed_in_older_records() {
+        let old = serde_json::json!({
+            "job_id": "j1", "shard": 0, "state": "running", "total": 10, "cursor": 4,
+            "failed": 0, "epoch": 3, "owner": "", "instance": "i", "lease_expires_ms": 0,
+            "deliveries": 3, "drains": 1, "chunks": [], "updated_at": "",
+        });
+        let mut r: ShardRecord = serde_json::from_value(old).expect("an older record reads");
+        assert_eq!((r.errors, r.last_error.as_str(), r.crashes()), (0, "", 2));
+        r.errors = 1;
+        r.last_error = "disk full".into();
+        assert_eq!(r.crashes(), 1);
+        let doc = firestore::to_document(&r, TIMESTAMP_FIELDS).expect("maps");
+        let back: ShardRecord = firestore::from_document(&doc).expect("reads");
+        assert_eq!(back, r);
+    }
 
     #[test]
     fn job_record_round_trips_through_firestore() {
