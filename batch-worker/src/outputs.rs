@@ -50,16 +50,24 @@ pub struct Location {
     uri: String,
 }
 
-/// Checks the form of an output root, touching nothing: `file:///absolute/dir` or
-/// `gs://bucket[/prefix]`. The error says what is wrong and what to write instead.
+/// Checks the form of an output root, changing nothing: `file:///absolute/dir` (not an
+/// existing file) or `gs://bucket[/prefix]`. The error says what is wrong and what to write
+/// instead.
 pub fn check_root(uri: &str) -> Result<url::Url, String> {
     let url = url::Url::parse(uri).map_err(|e| {
         format!("{uri:?} is not a URL ({e}); use file:///absolute/dir or gs://bucket/prefix")
     })?;
     match url.scheme() {
         "file" => {
-            url.to_file_path()
+            let dir = url
+                .to_file_path()
                 .map_err(|()| format!("{uri:?}: use an absolute path, file:///dir"))?;
+            if dir.exists() && !dir.is_dir() {
+                return Err(format!(
+                    "{uri:?}: {} is a file; name a folder (it is created if missing)",
+                    dir.display()
+                ));
+            }
         }
         "gs" => {
             if url.host_str().is_none_or(str::is_empty) {

@@ -390,6 +390,11 @@ fn serve_settings_out_of_range_exit_2_with_one_line() {
         ("OUTPUT_ROOT", "gs://", "\"gs://\" names no bucket"),
         ("OUTPUT_ROOT", "outputs", "\"outputs\" is not a URL"),
         (
+            "OUTPUT_ROOT",
+            "file:///proc/version",
+            "/proc/version is a file; name a folder",
+        ),
+        (
             "METRICS_ADDR",
             "9464",
             "--metrics-addr (METRICS_ADDR) must be host:port",
