@@ -680,6 +680,13 @@ pub fn run<P: Processor + Send>(
 ) -> Result<Summary, RunError> {
     let started = Instant::now();
     validate(opts)?;
+    // Before anything is written: a model that cannot be loaded leaves no files behind.
+    let loading = Instant::now();
+    let mut processor = make_processor().map_err(|e| match e.is_setup() {
+        true => RunError::Usage(e.to_string()),
+        false => RunError::Engine(e),
+    })?;
+    let load = loading.elapsed();
     let lock = OutputLock::acquire(&opts.output)?;
     let ckpt_path = sibling(&opts.output, ".ckpt");
     let partial_path = sibling(&opts.output, ".partial");
@@ -774,9 +781,6 @@ pub fn run<P: Processor + Send>(
         )));
     }
 
-    let loading = Instant::now();
-    let mut processor = make_processor()?;
-    let load = loading.elapsed();
     let batch_size = processor.batch_size().max(1);
     let progress = progress_bar(opts.progress, total, ckpt.items);
     let chunk = Duration::from_secs_f64(opts.chunk_seconds);

@@ -47,6 +47,21 @@ pub enum EngineError {
     Interrupted,
 }
 
+impl EngineError {
+    /// Whether the model, ONNX Runtime or the device asked for cannot be used at all: a
+    /// setting to fix (exit 2), not a failure along the way.
+    pub fn is_setup(&self) -> bool {
+        matches!(
+            self,
+            Self::LibraryNotFound(_)
+                | Self::Library { .. }
+                | Self::Io { .. }
+                | Self::Model { .. }
+                | Self::Cuda(_)
+        )
+    }
+}
+
 /// The ONNX Runtime shared library: `ORT_DYLIB_PATH`, else `libonnxruntime.so` beside the
 /// executable, else the project-local copy that `cargo xtask setup` installs.
 pub fn ort_library() -> Result<PathBuf, EngineError> {

@@ -517,10 +517,7 @@ fn serve_main(args: ServeArgs, engine: EngineArgs) -> ExitCode {
     };
     let classify = match Classify::load(&engine.model_dir, engine.device, engine.batch_size, 0) {
         Ok(c) => c,
-        Err(e) => {
-            say!("batch-worker: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(e) => return load_failed(&e),
     };
     let generate = match engine.generate.options() {
         Err(m) => return usage(&m),
@@ -529,10 +526,7 @@ fn serve_main(args: ServeArgs, engine: EngineArgs) -> ExitCode {
             if dir.join("model.onnx").is_file() {
                 match Generate::load(&dir, engine.device, o) {
                     Ok(g) => Some(g),
-                    Err(e) => {
-                        say!("batch-worker: {e}");
-                        return ExitCode::FAILURE;
-                    }
+                    Err(e) => return load_failed(&e),
                 }
             } else {
                 tracing::warn!(
@@ -569,6 +563,17 @@ fn hostname() -> String {
         .ok()
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| format!("worker-{}", std::process::id()))
+}
+
+/// A model that cannot be loaded: exit 2 when it is a setting to fix (missing or broken
+/// model files, ONNX Runtime, `--device cuda` without a usable GPU), which a restart would
+/// not change (the unit file does not restart on 2), else 1.
+fn load_failed(e: &batch_worker::engine::EngineError) -> ExitCode {
+    if e.is_setup() {
+        return usage(&e.to_string());
+    }
+    say!("batch-worker: {e}");
+    ExitCode::FAILURE
 }
 
 fn usage(message: &str) -> ExitCode {

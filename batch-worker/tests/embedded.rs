@@ -296,6 +296,14 @@ fn unusable_arguments_exit_2_with_one_line() {
             &["--task", "generate", "--temperature", "-0.5"],
             "--temperature must be 0 (greedy) or a positive number, got -0.5",
         ),
+        (
+            &["--model-dir", "/nonexistent-models"],
+            "reading /nonexistent-models/intent/model.json",
+        ),
+        (
+            &["--task", "generate", "--lm-dir", "/nonexistent-lm"],
+            "/nonexistent-lm: no model.onnx here",
+        ),
     ] {
         all.push((io(path("in.jsonl"), path("o.jsonl"), more), expected));
     }
@@ -325,9 +333,17 @@ fn unusable_arguments_exit_2_with_one_line() {
         assert_eq!(err.trim().lines().count(), 1, "{err}");
         assert!(err.contains(expected), "{err}");
     }
+    // Refused before anything is written: no lock, partial output or checkpoint is left.
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .expect("scratch dir")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("o.jsonl"))
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
 }
 
-/// `serve` refuses a setting out of its range before it loads a model or connects anywhere.
+/// `serve` refuses a setting out of its range (or a model it cannot load) before it connects anywhere.
 #[test]
 fn serve_settings_out_of_range_exit_2_with_one_line() {
     for (var, value, expected) in [
@@ -389,6 +405,11 @@ fn serve_settings_out_of_range_exit_2_with_one_line() {
         ),
         ("OUTPUT_ROOT", "gs://", "\"gs://\" names no bucket"),
         ("OUTPUT_ROOT", "outputs", "\"outputs\" is not a URL"),
+        (
+            "MODEL_DIR",
+            "/nonexistent-models",
+            "reading /nonexistent-models/intent/model.json",
+        ),
         (
             "OUTPUT_ROOT",
             "file:///proc/version",
