@@ -1674,7 +1674,22 @@ async fn commit_checkpoint(
                 Some(s) if s.record.cursor == next.cursor && s.record.state == next.state => {
                     Ok(s.update_time)
                 }
-                Some(_) => Err(CommitFailure::JobGone),
+                // The lease is still ours and the checkpoint where it was: the job's `exists`
+                // condition failed. Acked on that ground, a shard is never run again, so the
+                // job's absence is checked rather than assumed.
+                Some(_) => match ctx
+                    .store
+                    .get::<JobRecord>(JOBS_COLLECTION, &next.job_id)
+                    .await?
+                {
+                    None => Err(CommitFailure::JobGone),
+                    Some(_) => {
+                        return Err(WorkError::Store(StoreError::Unavailable(format!(
+                            "Firestore refused the checkpoint of shard {} of job {} while its lease and job were in place",
+                            next.shard, next.job_id
+                        ))));
+                    }
+                },
                 None => Err(CommitFailure::LeaseLost),
             })
         }

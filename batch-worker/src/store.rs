@@ -198,8 +198,9 @@ impl Store {
         }
     }
 
-    /// Sends with retries on transport errors, 429 and 5xx (exponential backoff with jitter,
-    /// bounded by the deadline). Returns the final status and body.
+    /// Sends with retries on transport errors, 429, 5xx and 409 `ABORTED` (contention)
+    /// (exponential backoff with jitter, bounded by the deadline). Returns the final status
+    /// and body.
     async fn send(
         &self,
         method: reqwest::Method,
@@ -222,7 +223,13 @@ impl Store {
                 Ok(r) => {
                     let status = r.status().as_u16();
                     match r.text().await {
-                        Ok(text) if status == 429 || status >= 500 => format!("{status}: {text}"),
+                        Ok(text)
+                            if status == 429
+                                || status >= 500
+                                || firestore::aborted(status, &text) =>
+                        {
+                            format!("{status}: {text}")
+                        }
                         Ok(text) => return Ok((status, text)),
                         Err(e) => e.to_string(),
                     }

@@ -109,18 +109,20 @@ pub fn from_fields(fields: &Value) -> Result<Value, MappingError> {
 }
 
 /// Whether Firestore refused a write because another writer got there first: a create of a
-/// document that exists, a precondition (`updateTime`, `exists`) that no longer holds, or a
-/// transaction it aborted. Such a refusal is an answer, not a fault.
+/// document that exists, or a precondition (`updateTime`, `exists`) that no longer holds.
+/// Such a refusal is an answer, not a fault.
 pub fn write_conflict(status: u16, body: &str) -> bool {
     matches!(status, 400 | 404 | 409)
-        && [
-            "FAILED_PRECONDITION",
-            "ALREADY_EXISTS",
-            "NOT_FOUND",
-            "ABORTED",
-        ]
-        .iter()
-        .any(|s| body.contains(s))
+        && ["FAILED_PRECONDITION", "ALREADY_EXISTS", "NOT_FOUND"]
+            .iter()
+            .any(|s| body.contains(s))
+}
+
+/// Whether Firestore aborted a request under contention (`409 ABORTED`, "too much
+/// contention"): nothing was written, and the same request may simply be sent again, as
+/// after a 429 or a 503. Read as a conflict, it would pass for another writer's change.
+pub fn aborted(status: u16, body: &str) -> bool {
+    status == 409 && body.contains("ABORTED")
 }
 
 /// A REST `Document` as a record.
@@ -142,10 +144,12 @@ mod tests {
             (400, r#"{"error":{"status":"FAILED_PRECONDITION"}}"#),
             (409, r#"{"error":{"status":"ALREADY_EXISTS"}}"#),
             (404, r#"{"error":{"status":"NOT_FOUND"}}"#),
-            (409, r#"{"error":{"status":"ABORTED"}}"#),
         ] {
             assert!(write_conflict(status, body), "{status} {body}");
+            assert!(!aborted(status, body), "{status} {body}");
         }
+        let contention = r#"{"error":{"code":409,"status":"ABORTED","message":"Too much contention on these documents. Please try again."}}"#;
+        assert!(aborted(409, contention) && !write_conflict(409, contention));
         for (status, body) in [
             (400, r#"{"error":{"status":"INVALID_ARGUMENT"}}"#),
             (403, r#"{"error":{"status":"PERMISSION_DENIED"}}"#),

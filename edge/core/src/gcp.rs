@@ -356,12 +356,17 @@ fn rejected(upstream: Upstream, status: u16, body: &[u8]) -> ApiError {
     )
 }
 
-fn retryable(status: u16) -> bool {
-    status == 429 || status == 408 || (500..=599).contains(&status)
+fn retryable(r: &HttpResponse) -> bool {
+    let status = r.status;
+    status == 429
+        || status == 408
+        || (500..=599).contains(&status)
+        || shared::firestore::aborted(status, &String::from_utf8_lossy(&r.body))
 }
 
-/// Sends `req`, retrying transport errors and 408/429/5xx with exponential backoff and
-/// ±50 % jitter until `deadline_ms` has passed. Returns the first non-retryable answer.
+/// Sends `req`, retrying transport errors, 408/429/5xx and Firestore's 409 `ABORTED`
+/// (contention: nothing was written) with exponential backoff and ±50 % jitter until
+/// `deadline_ms` has passed. Returns the first non-retryable answer.
 pub async fn with_retries(
     p: &impl Platform,
     deadline_ms: u64,
@@ -371,7 +376,7 @@ pub async fn with_retries(
     let mut backoff = 100u64;
     loop {
         let why = match p.http(req.clone()).await {
-            Ok(r) if !retryable(r.status) => return Ok(r),
+            Ok(r) if !retryable(&r) => return Ok(r),
             Ok(r) => format!("HTTP {}", r.status),
             Err(e) => e,
         };
@@ -440,4 +445,72 @@ async fn fetch_token(
     let t: Token =
         serde_json::from_slice(&r.body).map_err(|e| format!("token endpoint answer: {e}"))?;
     Ok((t.access_token, t.expires_in))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+
+    use super::*;
+    use crate::testing::{Offline, block_on};
+
+    /// Answers from a script, one per call, on [`Offline`]'s fake clock.
+    struct Scripted {
+        clock: Offline,
+        answers: RefCell<Vec<(u16, &'static str)>>,
+    }
+
+    impl Platform for Scripted {
+        async fn http(&self, _req: HttpRequest) -> Result<HttpResponse, String> {
+            let (status, body) = self.answers.borrow_mut().remove(0);
+            Ok(HttpResponse {
+                status,
+                body: body.as_bytes().to_vec(),
+            })
+        }
+        fn now_ms(&self) -> u64 {
+            self.clock.now_ms()
+        }
+        fn random(&self, buf: &mut [u8]) {
+            self.clock.random(buf);
+        }
+        async fn sleep(&self, ms: u64) {
+            self.clock.sleep(ms).await;
+        }
+        async fn sign_rs256(&self, _: &[u8], _: &[u8]) -> Result<Vec<u8>, String> {
+            Err("no signer".into())
+        }
+        async fn rate_limit(&self, _key: &str) -> Option<bool> {
+            None
+        }
+        fn log(&self, _line: &str) {}
+    }
+
+    fn send(answers: Vec<(u16, &'static str)>) -> (Result<u16, String>, usize) {
+        let p = Scripted {
+            clock: Offline::new(),
+            answers: RefCell::new(answers),
+        };
+        let req = HttpRequest {
+            method: "POST",
+            url: "http://127.0.0.1:9/v1/projects/p/databases/(default)/documents:commit".into(),
+            headers: Vec::new(),
+            body: None,
+        };
+        let r = block_on(with_retries(&p, 8_000, req)).map(|r| r.status);
+        (r, p.answers.borrow().len())
+    }
+
+    #[test]
+    fn contention_is_retried_and_a_conflict_is_an_answer() {
+        let aborted = r#"{"error":{"code":409,"status":"ABORTED","message":"Too much contention on these documents. Please try again."}}"#;
+        let exists = r#"{"error":{"code":409,"status":"ALREADY_EXISTS"}}"#;
+        // Contention: sent again, and the next answer counts.
+        assert_eq!(
+            send(vec![(409, aborted), (409, aborted), (200, "{}")]),
+            (Ok(200), 0)
+        );
+        // A document that exists is an answer, given at once.
+        assert_eq!(send(vec![(409, exists), (200, "{}")]), (Ok(409), 1));
+    }
 }
