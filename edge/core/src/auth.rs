@@ -78,10 +78,12 @@ impl KeyStore {
                 "send `Authorization: Bearer <api key>`",
             ));
         };
+        // The scheme is case-insensitive (RFC 9110 §11.1).
         let key = value
-            .strip_prefix("Bearer ")
-            .or_else(|| value.strip_prefix("bearer "))
-            .map(str::trim)
+            .trim_start()
+            .split_once(' ')
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, key)| key.trim())
             .filter(|k| !k.is_empty())
             .ok_or_else(|| {
                 ApiError::new(
@@ -122,7 +124,10 @@ mod tests {
         assert_eq!(s.owner("key-b"), Some("bob"));
         assert_eq!(s.owner("key-c"), None);
         assert_eq!(s.owner(""), None);
-        assert_eq!(s.authorize(Some("Bearer key-b")), Ok("bob"));
+        for scheme in ["Bearer", "bearer", "BEARER"] {
+            let header = format!("{scheme} key-b");
+            assert_eq!(s.authorize(Some(&header)), Ok("bob"), "{header}");
+        }
     }
 
     #[test]
@@ -133,6 +138,8 @@ mod tests {
             (Some("key-a"), "invalid_authorization"),
             (Some("Basic a2V5"), "invalid_authorization"),
             (Some("Bearer "), "invalid_authorization"),
+            (Some("Bearer"), "invalid_authorization"),
+            (Some("Bearerkey-a"), "invalid_authorization"),
             (Some("Bearer nope"), "invalid_api_key"),
         ] {
             let e = s.authorize(h).expect_err("rejected");
