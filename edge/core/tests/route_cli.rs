@@ -176,3 +176,18 @@ fn a_reader_that_stops_early_is_not_an_error() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn an_error_with_stderr_closed_still_exits_2() {
+    let mut child = Command::new(BIN)
+        .args(["eval", "/nonexistent-route-input.jsonl"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("route runs");
+    // The read end closed before route writes: a write to it fails with EPIPE.
+    drop(child.stderr.take());
+    let status = child.wait().expect("route exits");
+    assert_eq!(status.code(), Some(2), "{status}");
+}

@@ -44,7 +44,10 @@ fn main() -> ExitCode {
         // A reader that stopped early (`route classify | head`) is not an error.
         Err(e) if broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("route: {e:#}");
+            // Not `eprintln!`, which panics when stderr is a pipe nobody reads any more: the
+            // exit status still says what happened.
+            use std::io::Write as _;
+            let _ = writeln!(std::io::stderr(), "route: {e:#}");
             ExitCode::from(2)
         }
     }
