@@ -682,9 +682,12 @@ pub fn run<P: Processor + Send>(
     validate(opts)?;
     // Before anything is written: a model that cannot be loaded leaves no files behind.
     let loading = Instant::now();
-    let mut processor = make_processor().map_err(|e| match e.is_setup() {
-        true => RunError::Usage(e.to_string()),
-        false => RunError::Engine(e),
+    let mut processor = make_processor().map_err(|e| {
+        if e.is_setup() {
+            RunError::Usage(e.to_string())
+        } else {
+            RunError::Engine(e)
+        }
     })?;
     let load = loading.elapsed();
     let lock = OutputLock::acquire(&opts.output)?;
