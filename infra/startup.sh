@@ -111,9 +111,10 @@ main() {
   sha="$(metadata instance/attributes/worker-sha256)"
   ort_url="$(metadata instance/attributes/ort-url)"
   ort_sha="$(metadata instance/attributes/ort-sha256)"
-  local subscription dead_letter jobs_topic output_root poison device
+  local subscription dead_letter dead_letter_watch jobs_topic output_root poison device
   subscription="$(metadata instance/attributes/pubsub-subscription worker)"
   dead_letter="$(metadata instance/attributes/dead-letter-topic jobs-dead)"
+  dead_letter_watch="$(metadata instance/attributes/dead-letter-watch jobs-dead-watch)"
   jobs_topic="$(metadata instance/attributes/jobs-topic jobs)"
   output_root="$(metadata instance/attributes/output-root)"
   poison="$(metadata instance/attributes/poison-limit 5)"
@@ -146,6 +147,7 @@ main() {
 GCP_PROJECT=$project
 PUBSUB_SUBSCRIPTION=$subscription
 DEAD_LETTER_TOPIC=$dead_letter
+DEAD_LETTER_SUBSCRIPTION=$dead_letter_watch
 JOBS_TOPIC=$jobs_topic
 OUTPUT_ROOT=$output_root
 POISON_LIMIT=$poison

@@ -164,6 +164,15 @@ struct ServeArgs {
     /// Topic that shards which keep stopping workers are moved to ("" to only log them)
     #[arg(long, env = "DEAD_LETTER_TOPIC", default_value = "jobs-dead")]
     dead_letter_topic: String,
+    /// The worker's own subscription on the dead-letter topic: a message Pub/Sub moved there
+    /// (its delivery limit counts drains and outages) goes back on the jobs topic while its
+    /// job is running, up to 10 times, then fails the job ("" to turn this off)
+    #[arg(
+        long,
+        env = "DEAD_LETTER_SUBSCRIPTION",
+        default_value = "jobs-dead-watch"
+    )]
+    dead_letter_subscription: String,
     /// Jobs topic: a worker that takes an `input_uri` job publishes its shards here, so that
     /// several workers share the file ("" to run such a job as one shard on one worker)
     #[arg(long, env = "JOBS_TOPIC", default_value = "jobs")]
@@ -474,6 +483,7 @@ fn serve_main(args: ServeArgs, engine: EngineArgs) -> ExitCode {
             project: not_empty("--project", "GCP_PROJECT", args.project)?,
             subscription: not_empty("--subscription", "PUBSUB_SUBSCRIPTION", args.subscription)?,
             dead_letter_topic: Some(args.dead_letter_topic).filter(|t| !t.is_empty()),
+            dead_letter_subscription: Some(args.dead_letter_subscription).filter(|t| !t.is_empty()),
             jobs_topic: Some(args.jobs_topic).filter(|t| !t.is_empty()),
             input_shard_items: args.input_shard_items,
             database: not_empty("--database", "FIRESTORE_DATABASE", args.database)?,

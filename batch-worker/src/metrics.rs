@@ -81,6 +81,7 @@ pub struct Metrics {
     pub shard_errors: Counter,
     pub shards_completed: Counter,
     pub shards_quarantined: Counter,
+    pub dead_letters_requeued: Counter,
     pub jobs_succeeded: Counter,
     pub jobs_failed: Counter,
     pub jobs_cancelled: Counter,
@@ -98,7 +99,7 @@ impl Metrics {
     /// The text exposition format.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let counters: [(&str, &str, &Counter); 17] = [
+        let counters: [(&str, &str, &Counter); 18] = [
             (
                 "batch_worker_items_total",
                 "Items with a committed output line",
@@ -143,6 +144,11 @@ impl Metrics {
                 "batch_worker_shards_quarantined_total",
                 "Shards (and input_uri plans) sent to the dead-letter topic",
                 &self.shards_quarantined,
+            ),
+            (
+                "batch_worker_dead_letters_requeued_total",
+                "Messages Pub/Sub itself dead-lettered (its delivery limit counts drains and outages) that the dead-letter watch put back on the jobs topic",
+                &self.dead_letters_requeued,
             ),
             (
                 "batch_worker_jobs_succeeded_total",

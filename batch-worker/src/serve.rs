@@ -51,6 +51,8 @@ use crate::reach::Endpoint;
 use crate::store::{Committed, Precondition, Store, StoreError, Versioned, Write};
 use crate::tasks::{Classify, Generate};
 
+mod dead_letters;
+
 /// Everything `serve` is configured with (from flags or the environment; see `--help`).
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
@@ -59,6 +61,8 @@ pub struct ServeConfig {
     pub project: String,
     pub subscription: String,
     pub dead_letter_topic: Option<String>,
+    /// The dead-letter watch's own subscription on the dead-letter topic (none: no watch).
+    pub dead_letter_subscription: Option<String>,
     /// Where the shards of an `input_uri` job are published (none: one shard, one worker).
     pub jobs_topic: Option<String>,
     /// Input lines per shard of an `input_uri` job.
@@ -358,6 +362,14 @@ pub async fn serve(
         jobs,
         isolation: Arc::new(tokio::sync::RwLock::new(())),
     });
+    if let Some(name) = &ctx.cfg.dead_letter_subscription {
+        let watched = format!("projects/{}/subscriptions/{name}", ctx.cfg.project);
+        tokio::spawn(dead_letters::watch(
+            ctx.clone(),
+            subscriber.clone(),
+            watched,
+        ));
+    }
     tracing::info!(
         worker_id = %ctx.cfg.worker_id,
         instance = %ctx.instance,

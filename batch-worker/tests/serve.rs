@@ -49,11 +49,20 @@ struct World<'a> {
 
 impl<'a> World<'a> {
     async fn new(fx: &'a Fixture, name: &str) -> anyhow::Result<Self> {
+        // Ack deadline 10 s; the subscription's own dead-letter limit above the worker's.
+        Self::with_delivery_limit(fx, name, 20).await
+    }
+
+    /// A world whose subscription dead-letters after `max_delivery_attempts`.
+    async fn with_delivery_limit(
+        fx: &'a Fixture,
+        name: &str,
+        max_delivery_attempts: u32,
+    ) -> anyhow::Result<Self> {
         let project = stack::unique_name(name);
         let t = Topology::unique(&project);
         let ps = PubSub::new(&fx.emu.pubsub_host);
-        // Ack deadline 10 s; the subscription's own dead-letter limit above the worker's.
-        ps.create_topology(&t, 10, 20).await?;
+        ps.create_topology(&t, 10, max_delivery_attempts).await?;
         let fs = Firestore::new(&fx.emu.firestore_host, &project);
         let out = fx.dir.join(name).join("out");
         let _ = std::fs::remove_dir_all(fx.dir.join(name));
@@ -1208,6 +1217,130 @@ async fn sigterm_drains_and_another_worker_resumes(fx: &Fixture) -> anyhow::Resu
     Ok(())
 }
 
+/// Pub/Sub's own delivery limit counts drains: a shard drained as often as the limit (5,
+/// Pub/Sub's least) is moved to the dead-letter topic by Pub/Sub itself. The worker's
+/// dead-letter watch puts it back on the jobs topic, since preemptions are not failures, and
+/// the job completes with every item once.
+async fn drained_past_pubsubs_limit_is_requeued(fx: &Fixture) -> anyhow::Result<()> {
+    const LIMIT: u32 = 5;
+    let w = World::with_delivery_limit(fx, "requeue", LIMIT).await?;
+    let all = items("q", 3000);
+    w.submit("job-q", std::slice::from_ref(&all)).await?;
+    // Workers without the watch, each drained once it holds the shard, until Pub/Sub gives up
+    // on the message. (The emulator may also count a delivery to a stream that has closed, so
+    // the number of drains that takes is not fixed.)
+    let pull = || async {
+        w.ps.pull(&w.t.project, &w.t.dead_letter_subscription, 10)
+            .await
+    };
+    let mut letters = Vec::new();
+    for n in 1.. {
+        ensure!(n <= LIMIT + 1, "no dead letter after {LIMIT} drains");
+        let mut g = w
+            .worker(&format!("w{n}"))
+            .with("BATCH_WORKER_FAILPOINTS", "batch-delay-ms=40")
+            .with("DEAD_LETTER_SUBSCRIPTION", "")
+            .start(&w.log(&format!("w{n}.log")))?;
+        let before = w.shard("job-q", 0).await?.map_or(0, |s| s.deliveries);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let leased = loop {
+            letters = pull().await?;
+            if !letters.is_empty() {
+                break false;
+            }
+            if w.shard("job-q", 0)
+                .await?
+                .is_some_and(|s| s.deliveries > before && !s.owner.is_empty())
+            {
+                break true;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "w{n}: neither a delivery nor a dead letter in 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        g.signal(libc::SIGTERM);
+        let (status, _) = g.wait_exit(Duration::from_secs(25)).await?;
+        ensure!(status.success(), "drain {n} exit status {status}");
+        if !leased {
+            break;
+        }
+    }
+    ensure!(
+        letters.len() == 1
+            && letters[0]
+                .attributes
+                .get("CloudPubSubDeadLetterSourceDeliveryCount")
+                .and_then(Value::as_str)
+                == Some("5"),
+        "Pub/Sub itself must have dead-lettered the shard after {LIMIT} deliveries: {letters:?}"
+    );
+    let s = w.shard("job-q", 0).await?.context("shard")?;
+    ensure!(
+        s.drains == s.deliveries && s.drains > 0 && s.cursor < 3000,
+        "every delivery so far drained: {s:?}"
+    );
+    ensure!(
+        w.job("job-q").await?.status == JobStatus::Running,
+        "the job must still be running"
+    );
+    let _last = w.worker("w-last").start(&w.log("w-last.log"))?;
+    w.wait_job("job-q", Duration::from_secs(60), "succeeded", |j| {
+        j.status == JobStatus::Succeeded
+    })
+    .await?;
+    assert_exactly(&w.outputs("job-q")?, &all)?;
+    w.wait_log("w-last.log", "the requeue", |l| {
+        l.contains("requeued it on the jobs topic") && l.contains("\"requeues\":1")
+    })
+    .await?;
+    let end = w.shard("job-q", 0).await?.context("shard")?;
+    ensure!(
+        end.drains == s.drains && end.deliveries == s.deliveries + 1,
+        "the requeued message is the shard's next delivery: {end:?}"
+    );
+
+    // A message on its eleventh round through the dead-letter topic is not requeued again:
+    // its job fails with the reason.
+    let few = items("r", 3);
+    w.create_record("job-r", 3, 1, None).await?;
+    let m = JobMessage {
+        job_id: "job-r".into(),
+        kind: JobKind::Batch,
+        task: Task::Classify,
+        shard: 0,
+        shards: 1,
+        items: few,
+        input_uri: None,
+        range: None,
+        chat: None,
+    };
+    w.ps.publish(
+        &w.t.project,
+        &w.t.dead_letter_topic,
+        &serde_json::to_vec(&m)?,
+        &[
+            ("job_id", "job-r"),
+            ("CloudPubSubDeadLetterSourceDeliveryCount", "5"),
+            ("requeues", "10"),
+        ],
+    )
+    .await?;
+    let failed = w
+        .wait_job("job-r", Duration::from_secs(20), "failed", |j| {
+            j.status == JobStatus::Failed
+        })
+        .await?;
+    let error = failed.error.context("the failed job's error")?;
+    ensure!(
+        error.message
+            == "Pub/Sub moved shard 0 of job job-r to the dead-letter topic: 5 deliveries did not finish it, and it was requeued 10 times already",
+        "{error:?}"
+    );
+    Ok(())
+}
+
 /// Worker 1 stalls past its ack deadline and lease (SIGSTOP): the message is redelivered,
 /// worker 2 takes the shard; worker 1 wakes and cannot commit. One output per item.
 async fn fencing_stops_the_worker_that_lost_its_lease(fx: &Fixture) -> anyhow::Result<()> {
@@ -1580,6 +1713,7 @@ async fn serve_keeps_every_item_exactly_once_through_faults() {
     scenario!(drain_while_planning_gives_the_plan_back);
     scenario!(sigkill_then_restart_loses_nothing);
     scenario!(sigterm_drains_and_another_worker_resumes);
+    scenario!(drained_past_pubsubs_limit_is_requeued);
     scenario!(fencing_stops_the_worker_that_lost_its_lease);
     scenario!(poison_shard_is_dead_lettered);
     scenario!(storage_errors_are_not_crashes);

@@ -61,6 +61,26 @@ resource "google_pubsub_subscription" "dead_letter" {
   }
 }
 
+# The workers' own subscription on the dead-letter topic: a shard that Pub/Sub itself gave up
+# on (its limit counts preemptions and the retries of an outage) goes back on the jobs topic
+# while its job is running; quarantined shards, already failed, are left alone.
+resource "google_pubsub_subscription" "dead_letter_watch" {
+  name                       = "jobs-dead-watch"
+  topic                      = google_pubsub_topic.dead_letter.id
+  ack_deadline_seconds       = 60
+  message_retention_duration = "604800s"
+  retain_acked_messages      = false
+
+  retry_policy {
+    minimum_backoff = "10s"
+    maximum_backoff = "600s"
+  }
+
+  expiration_policy {
+    ttl = ""
+  }
+}
+
 # Pub/Sub's service agent forwards dead letters: it publishes to the dead-letter topic and
 # acknowledges on the source subscription.
 resource "google_pubsub_topic_iam_member" "agent_publishes_dead_letters" {
@@ -144,8 +164,8 @@ resource "google_project_iam_member" "edge_firestore" {
   member  = "serviceAccount:${google_service_account.edge.email}"
 }
 
-# Worker: pull from its subscription, publish quarantined shards to the dead-letter topic and
-# the shards of input files to the jobs topic, job records and checkpoints, objects of the
+# Worker: pull from its subscription and its dead-letter watch, publish quarantined shards to
+# the dead-letter topic and the shards of input files (and requeued dead letters) to the jobs topic, job records and checkpoints, objects of the
 # output bucket, logs and metrics.
 resource "google_pubsub_subscription_iam_member" "worker_subscribes" {
   subscription = google_pubsub_subscription.worker.id
@@ -158,6 +178,12 @@ resource "google_pubsub_topic_iam_member" "worker_publishes_shards" {
   topic  = google_pubsub_topic.jobs.id
   role   = "roles/pubsub.publisher"
   member = "serviceAccount:${google_service_account.worker.email}"
+}
+
+resource "google_pubsub_subscription_iam_member" "worker_watches_dead_letters" {
+  subscription = google_pubsub_subscription.dead_letter_watch.id
+  role         = "roles/pubsub.subscriber"
+  member       = "serviceAccount:${google_service_account.worker.email}"
 }
 
 resource "google_pubsub_topic_iam_member" "worker_dead_letters" {
@@ -236,6 +262,7 @@ resource "google_compute_instance_template" "worker" {
     lm-sha256             = var.lm_sha256
     pubsub-subscription   = google_pubsub_subscription.worker.name
     dead-letter-topic     = google_pubsub_topic.dead_letter.name
+    dead-letter-watch     = google_pubsub_subscription.dead_letter_watch.name
     jobs-topic            = google_pubsub_topic.jobs.name
     output-root           = "gs://${google_storage_bucket.outputs.name}"
     poison-limit          = tostring(var.poison_limit)

@@ -17,6 +17,8 @@ pub struct Topology {
     pub dead_letter_topic: String,
     /// Subscription on the dead-letter topic, so dead letters are kept and can be inspected.
     pub dead_letter_subscription: String,
+    /// The workers' own subscription on the dead-letter topic (`DEAD_LETTER_SUBSCRIPTION`).
+    pub dead_letter_watch: String,
 }
 
 impl Topology {
@@ -29,6 +31,7 @@ impl Topology {
             subscription: format!("worker-{id}"),
             dead_letter_topic: format!("dead-{id}"),
             dead_letter_subscription: format!("dead-sub-{id}"),
+            dead_letter_watch: format!("dead-watch-{id}"),
         }
     }
 
@@ -40,6 +43,7 @@ impl Topology {
             subscription: "worker".into(),
             dead_letter_topic: "jobs-dead".into(),
             dead_letter_subscription: "jobs-dead-sub".into(),
+            dead_letter_watch: "jobs-dead-watch".into(),
         }
     }
 }
@@ -107,12 +111,14 @@ impl PubSub {
             )
             .await?;
         }
-        self.call(
-            reqwest::Method::PUT,
-            &format!("projects/{p}/subscriptions/{}", t.dead_letter_subscription),
-            json!({"topic": format!("projects/{p}/topics/{}", t.dead_letter_topic)}),
-        )
-        .await?;
+        for sub in [&t.dead_letter_subscription, &t.dead_letter_watch] {
+            self.call(
+                reqwest::Method::PUT,
+                &format!("projects/{p}/subscriptions/{sub}"),
+                json!({"topic": format!("projects/{p}/topics/{}", t.dead_letter_topic)}),
+            )
+            .await?;
+        }
         self.call(
             reqwest::Method::PUT,
             &format!("projects/{p}/subscriptions/{}", t.subscription),

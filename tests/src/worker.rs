@@ -54,6 +54,7 @@ impl WorkerConfig {
             .env("GCP_PROJECT", &self.topology.project)
             .env("PUBSUB_SUBSCRIPTION", &self.topology.subscription)
             .env("DEAD_LETTER_TOPIC", &self.topology.dead_letter_topic)
+            .env("DEAD_LETTER_SUBSCRIPTION", &self.topology.dead_letter_watch)
             .env("JOBS_TOPIC", &self.topology.topic)
             .env("PUBSUB_EMULATOR_HOST", &self.pubsub_host)
             .env("FIRESTORE_EMULATOR_HOST", &self.firestore_host)

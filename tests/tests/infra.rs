@@ -377,6 +377,7 @@ fn startup_script_installs_configures_and_is_idempotent() {
         "GCP_PROJECT=proj-1",
         "PUBSUB_SUBSCRIPTION=worker",
         "DEAD_LETTER_TOPIC=jobs-dead",
+        "DEAD_LETTER_SUBSCRIPTION=jobs-dead-watch",
         "JOBS_TOPIC=jobs",
         "OUTPUT_ROOT=gs://bucket/out",
         "POISON_LIMIT=5",
@@ -608,6 +609,17 @@ fn terraform_declares_the_queue_store_bucket_accounts_and_spot_workers() {
         attempts > poison,
         "Pub/Sub's dead-letter limit must stay above the worker's"
     );
+    // The workers watch the dead-letter topic on a subscription of their own, so that the
+    // operators' one keeps every dead letter.
+    let watch = find(
+        &tf,
+        "resource",
+        "google_pubsub_subscription",
+        "dead_letter_watch",
+    );
+    assert!(attr(watch, "topic").contains("google_pubsub_topic.dead_letter"));
+    assert_eq!(attr(watch, "name"), "jobs-dead-watch");
+    assert!(!attr(watch, "retry_policy.minimum_backoff").is_empty());
 
     // Firestore (native) with TTL on finished job records.
     let db = find(&tf, "resource", "google_firestore_database", "default");
@@ -657,6 +669,15 @@ fn terraform_declares_the_queue_store_bucket_accounts_and_spot_workers() {
     assert_eq!(attr(worker_pub, "role"), "roles/pubsub.publisher");
     assert!(attr(worker_pub, "topic").contains("google_pubsub_topic.jobs"));
     assert!(attr(worker_pub, "member").contains("google_service_account.worker"));
+    let watches = find(
+        &tf,
+        "resource",
+        "google_pubsub_subscription_iam_member",
+        "worker_watches_dead_letters",
+    );
+    assert_eq!(attr(watches, "role"), "roles/pubsub.subscriber");
+    assert!(attr(watches, "subscription").contains("dead_letter_watch"));
+    assert!(attr(watches, "member").contains("google_service_account.worker"));
     let objects = find(
         &tf,
         "resource",
@@ -692,7 +713,8 @@ fn terraform_declares_the_queue_store_bucket_accounts_and_spot_workers() {
     assert!(
         metadata.contains("startup.sh")
             && metadata.contains("shutdown.sh")
-            && metadata.contains("jobs-topic"),
+            && metadata.contains("jobs-topic")
+            && metadata.contains("dead-letter-watch"),
         "{metadata}"
     );
     assert!(attr(tpl, "disk.source_image").contains("var.worker_image"));
