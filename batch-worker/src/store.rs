@@ -198,7 +198,7 @@ impl Store {
         }
     }
 
-    /// Sends with retries on transport errors, 429, 5xx and 409 `ABORTED` (contention)
+    /// Sends with retries on transport errors, 408, 429, 5xx and 409 `ABORTED` (contention)
     /// (exponential backoff with jitter, bounded by the deadline). Returns the final status
     /// and body.
     async fn send(
@@ -223,11 +223,7 @@ impl Store {
                 Ok(r) => {
                     let status = r.status().as_u16();
                     match r.text().await {
-                        Ok(text)
-                            if status == 429
-                                || status >= 500
-                                || firestore::aborted(status, &text) =>
-                        {
+                        Ok(text) if firestore::transient(status, &text) => {
                             format!("{status}: {text}")
                         }
                         Ok(text) => return Ok((status, text)),

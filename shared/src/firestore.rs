@@ -125,6 +125,13 @@ pub fn aborted(status: u16, body: &str) -> bool {
     status == 409 && body.contains("ABORTED")
 }
 
+/// Whether an answer of Firestore (or Pub/Sub) is worth sending the same request again for:
+/// 408 (the server's own timeout), 429, any 5xx, and 409 `ABORTED` (contention). The edge and
+/// the worker both retry exactly these.
+pub fn transient(status: u16, body: &str) -> bool {
+    matches!(status, 408 | 429 | 500..=599) || aborted(status, body)
+}
+
 /// A REST `Document` as a record.
 pub fn from_document<T: DeserializeOwned>(doc: &Value) -> Result<T, MappingError> {
     let fields = doc.get("fields").ok_or(MappingError::NoFields)?;
@@ -156,6 +163,25 @@ mod tests {
             (503, r#"{"error":{"status":"ABORTED"}}"#),
         ] {
             assert!(!write_conflict(status, body), "{status} {body}");
+        }
+    }
+
+    #[test]
+    fn transient_answers_are_the_ones_to_send_again() {
+        let contention = r#"{"error":{"status":"ABORTED"}}"#;
+        for (status, body) in [(408, ""), (429, ""), (500, ""), (503, ""), (599, "")] {
+            assert!(transient(status, body), "{status}");
+        }
+        assert!(transient(409, contention));
+        for (status, body) in [
+            (200, ""),
+            (400, r#"{"error":{"status":"INVALID_ARGUMENT"}}"#),
+            (403, ""),
+            (404, r#"{"error":{"status":"NOT_FOUND"}}"#),
+            (409, r#"{"error":{"status":"ALREADY_EXISTS"}}"#),
+            (600, ""),
+        ] {
+            assert!(!transient(status, body), "{status} {body}");
         }
     }
 

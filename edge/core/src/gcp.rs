@@ -357,11 +357,7 @@ fn rejected(upstream: Upstream, status: u16, body: &[u8]) -> ApiError {
 }
 
 fn retryable(r: &HttpResponse) -> bool {
-    let status = r.status;
-    status == 429
-        || status == 408
-        || (500..=599).contains(&status)
-        || shared::firestore::aborted(status, &String::from_utf8_lossy(&r.body))
+    shared::firestore::transient(r.status, &String::from_utf8_lossy(&r.body))
 }
 
 /// Sends `req`, retrying transport errors, 408/429/5xx and Firestore's 409 `ABORTED`
