@@ -31,6 +31,25 @@ use crate::replies::{Locale, reply};
 /// upstream deadlines, if longer) is taken as abandoned, and the next request with it runs.
 pub const PENDING_ABANDONED_MS: u64 = 60_000;
 
+/// The request's `Idempotency-Key`, if it has one that can be used. Checked before anything
+/// else, so that a key the API refuses is refused for a chat message answered at the edge as
+/// well, not only once a message is queued.
+fn idempotency_key(req: &Request) -> Result<Option<&str>, ApiError> {
+    match req.header("idempotency-key") {
+        Some(key)
+            if key.is_empty()
+                || key.len() > 255
+                || !key.bytes().all(|b| (0x21..=0x7e).contains(&b)) =>
+        {
+            Err(ApiError::bad_request(
+                "invalid_idempotency_key",
+                "Idempotency-Key must be 1..=255 printable ASCII characters without spaces",
+            ))
+        }
+        key => Ok(key),
+    }
+}
+
 /// The id of the idempotency record of `key` sent by `owner` to `route` (`chat`, `batches`).
 pub fn idempotency_doc_id(owner: &str, route: &str, key: &str) -> String {
     hex::encode(Sha256::digest(format!("{owner}\0{route}\0{key}")))
@@ -283,6 +302,7 @@ impl App {
         trace: &mut Trace,
     ) -> Result<Response, ApiError> {
         let body = json_body(req, self.limits.chat_body_bytes)?;
+        idempotency_key(req)?;
         let fields = object_fields(&body, &["message", "locale"])?;
         let message = required_str(fields, "message")?;
         let n = message.chars().count();
@@ -612,15 +632,9 @@ impl App {
         route: &str,
         work: impl Future<Output = Result<Response, ApiError>>,
     ) -> Result<Response, ApiError> {
-        let Some(key) = req.header("idempotency-key") else {
+        let Some(key) = idempotency_key(req)? else {
             return work.await;
         };
-        if key.is_empty() || key.len() > 255 || !key.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
-            return Err(ApiError::bad_request(
-                "invalid_idempotency_key",
-                "Idempotency-Key must be 1..=255 printable ASCII characters without spaces",
-            ));
-        }
         let gcp = self.gcp()?;
         let id = idempotency_doc_id(owner, route, key);
         let now = p.now_ms();

@@ -79,10 +79,12 @@ fn bad_requests_get_their_status_and_code() {
         json!({"task": "classify", "items": items}).to_string()
     };
     let long = "가".repeat(2001);
-    let mut with_key = post("/v1/chat", r#"{"message":"근처 짜장면집 추천해줘"}"#);
-    with_key
-        .headers
-        .push(("idempotency-key".into(), "has space".into()));
+    let with_key = |message: &str| {
+        let mut r = post("/v1/chat", &json!({ "message": message }).to_string());
+        r.headers
+            .push(("idempotency-key".into(), "has space".into()));
+        r
+    };
     let cases: Vec<(&str, Request, u16, &str)> = vec![
         ("bad JSON", post("/v1/chat", "{"), 400, "invalid_json"),
         ("not an object", post("/v1/chat", "[]"), 400, "invalid_body"),
@@ -365,7 +367,13 @@ fn bad_requests_get_their_status_and_code() {
         ),
         (
             "bad idempotency key",
-            with_key,
+            with_key("근처 짜장면집 추천해줘"),
+            400,
+            "invalid_idempotency_key",
+        ),
+        (
+            "bad idempotency key on a message the edge answers",
+            with_key("안녕"),
             400,
             "invalid_idempotency_key",
         ),
