@@ -1316,28 +1316,42 @@ async fn drained_past_pubsubs_limit_is_requeued(fx: &Fixture) -> anyhow::Result<
         range: None,
         chat: None,
     };
-    w.ps.publish(
-        &w.t.project,
-        &w.t.dead_letter_topic,
-        &serde_json::to_vec(&m)?,
-        &[
-            ("job_id", "job-r"),
-            ("CloudPubSubDeadLetterSourceDeliveryCount", "5"),
-            ("requeues", "10"),
-        ],
-    )
-    .await?;
-    let failed = w
-        .wait_job("job-r", Duration::from_secs(20), "failed", |j| {
-            j.status == JobStatus::Failed
-        })
+    // So is an input file's plan message, whose job fails with `plan_failed`.
+    let uri = format!("file://{}", w.log("never-read.jsonl").display());
+    w.create_record("job-p", 0, 0, Some(uri.clone())).await?;
+    let plan = JobMessage::input_file("job-p", Task::Classify, &uri);
+    for (job, m) in [("job-r", &m), ("job-p", &plan)] {
+        w.ps.publish(
+            &w.t.project,
+            &w.t.dead_letter_topic,
+            &serde_json::to_vec(m)?,
+            &[
+                ("job_id", job),
+                ("CloudPubSubDeadLetterSourceDeliveryCount", "5"),
+                ("requeues", "10"),
+            ],
+        )
         .await?;
-    let error = failed.error.context("the failed job's error")?;
-    ensure!(
-        error.message
-            == "Pub/Sub moved shard 0 of job job-r to the dead-letter topic: 5 deliveries did not finish it, and it was requeued 10 times already",
-        "{error:?}"
-    );
+    }
+    for (job, code, what) in [
+        ("job-r", "shard_failed", "shard 0 of job job-r"),
+        ("job-p", "plan_failed", "the plan of job job-p's input file"),
+    ] {
+        let failed = w
+            .wait_job(job, Duration::from_secs(20), "failed", |j| {
+                j.status == JobStatus::Failed
+            })
+            .await?;
+        let error = failed.error.context("the failed job's error")?;
+        ensure!(
+            error.code == code
+                && error.message
+                    == format!(
+                        "Pub/Sub moved {what} to the dead-letter topic: 5 deliveries did not finish it, and it was requeued 10 times already"
+                    ),
+            "{error:?}"
+        );
+    }
     Ok(())
 }
 

@@ -142,10 +142,16 @@ async fn requeue(
     if job_to_go_on(ctx, &msg.job_id).await?.is_none() {
         return Ok(());
     }
-    let what = if msg.range.is_none() && msg.input_uri.is_some() {
-        format!("the plan of job {}'s input file", msg.job_id)
+    let (what, code) = if msg.range.is_none() && msg.input_uri.is_some() {
+        (
+            format!("the plan of job {}'s input file", msg.job_id),
+            "plan_failed",
+        )
     } else {
-        format!("shard {} of job {}", msg.shard, msg.job_id)
+        (
+            format!("shard {} of job {}", msg.shard, msg.job_id),
+            "shard_failed",
+        )
     };
     let jobs = match &ctx.jobs {
         Some(jobs) if requeues < MAX_REQUEUES => jobs,
@@ -163,7 +169,7 @@ async fn requeue(
                 ctx,
                 &msg.job_id,
                 Final::Failed {
-                    code: "shard_failed".into(),
+                    code: code.into(),
                     message,
                 },
             )
