@@ -1242,7 +1242,7 @@ async fn drained_past_pubsubs_limit_is_requeued(fx: &Fixture) -> anyhow::Result<
             .with("DEAD_LETTER_SUBSCRIPTION", "")
             .start(&w.log(&format!("w{n}.log")))?;
         let before = w.shard("job-q", 0).await?.map_or(0, |s| s.deliveries);
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + REDELIVERY;
         let leased = loop {
             letters = pull().await?;
             if !letters.is_empty() {
@@ -1256,7 +1256,7 @@ async fn drained_past_pubsubs_limit_is_requeued(fx: &Fixture) -> anyhow::Result<
             }
             ensure!(
                 Instant::now() < deadline,
-                "w{n}: neither a delivery nor a dead letter in 30 s"
+                "w{n}: neither a delivery nor a dead letter in {REDELIVERY:?}"
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
