@@ -1286,7 +1286,7 @@ async fn drained_past_pubsubs_limit_is_requeued(fx: &Fixture) -> anyhow::Result<
         "the job must still be running"
     );
     let _last = w.worker("w-last").start(&w.log("w-last.log"))?;
-    w.wait_job("job-q", Duration::from_secs(60), "succeeded", |j| {
+    w.wait_job("job-q", REDELIVERY, "succeeded", |j| {
         j.status == JobStatus::Succeeded
     })
     .await?;
