@@ -134,8 +134,15 @@ pub struct Policy {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Decision {
     pub intent: String,
+    /// Written as the `f64` it widens to, as the API and the worker's output lines write it,
+    /// so that `route` and they print the same digits for one message.
+    #[serde(serialize_with = "widened")]
     pub confidence: f32,
     pub route: Route,
+}
+
+fn widened<S: serde::Serializer>(v: &f32, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(f64::from(*v))
 }
 
 /// One output line of `route eval` and `route classify` (and, with its label added, of
@@ -294,6 +301,21 @@ mod tests {
             serde_json::to_string(&line(None))?,
             r#"{"text":"고마워","intent":"thanks","confidence":0.5,"route":"queue","expected":null}"#
         );
+        Ok(())
+    }
+
+    #[test]
+    fn confidence_has_the_digits_the_api_writes() -> Result<(), serde_json::Error> {
+        let d = Decision {
+            intent: "greeting".into(),
+            confidence: 0.999_181,
+            route: Route::Edge,
+        };
+        let v: serde_json::Value = serde_json::from_str(&serde_json::to_string(&d)?)?;
+        // The API's body is `json!({…, "confidence": d.confidence, …})`.
+        let api = serde_json::json!({ "confidence": d.confidence });
+        assert_eq!(v["confidence"].to_string(), api["confidence"].to_string());
+        assert_eq!(v["confidence"].to_string(), "0.9991809725761414");
         Ok(())
     }
 
