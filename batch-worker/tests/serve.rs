@@ -1355,6 +1355,29 @@ async fn drained_past_pubsubs_limit_is_requeued(fx: &Fixture) -> anyhow::Result<
     Ok(())
 }
 
+/// A dead-letter watch subscription that cannot be read is reported, and the worker goes on
+/// with its jobs.
+async fn missing_watch_subscription_is_reported(fx: &Fixture) -> anyhow::Result<()> {
+    let w = World::new(fx, "no-watch").await?;
+    let _g = w
+        .worker("w1")
+        .with("DEAD_LETTER_SUBSCRIPTION", "no-such-watch")
+        .start(&w.log("w1.log"))?;
+    let all = items("n", 50);
+    w.submit("job-n", std::slice::from_ref(&all)).await?;
+    w.wait_job("job-n", Duration::from_secs(30), "succeeded", |j| {
+        j.status == JobStatus::Succeeded
+    })
+    .await?;
+    assert_exactly(&w.outputs("job-n")?, &all)?;
+    w.wait_log("w1.log", "the watch's error", |l| {
+        l.contains("\"level\":\"ERROR\"")
+            && l.contains("cannot read the dead-letter watch subscription")
+            && l.contains("no-such-watch")
+    })
+    .await
+}
+
 /// Worker 1 stalls past its ack deadline and lease (SIGSTOP): the message is redelivered,
 /// worker 2 takes the shard; worker 1 wakes and cannot commit. One output per item.
 async fn fencing_stops_the_worker_that_lost_its_lease(fx: &Fixture) -> anyhow::Result<()> {
@@ -1728,6 +1751,7 @@ async fn serve_keeps_every_item_exactly_once_through_faults() {
     scenario!(sigkill_then_restart_loses_nothing);
     scenario!(sigterm_drains_and_another_worker_resumes);
     scenario!(drained_past_pubsubs_limit_is_requeued);
+    scenario!(missing_watch_subscription_is_reported);
     scenario!(fencing_stops_the_worker_that_lost_its_lease);
     scenario!(poison_shard_is_dead_lettered);
     scenario!(storage_errors_are_not_crashes);
