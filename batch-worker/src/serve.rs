@@ -162,12 +162,16 @@ pub enum WorkError {
     Output(#[from] outputs::OutputError),
     #[error("inference task failed: {0}")]
     Join(String),
-    #[error("publishing the shards of an input file: {0}")]
-    Publish(String),
+    /// Pub/Sub refused a publish: what was being published, and why.
+    #[error("publishing {0}: {1}")]
+    Publish(&'static str, String),
     /// The drain stopped a micro-batch mid-way; it is redone from the checkpoint.
     #[error("interrupted by the drain")]
     Interrupted,
 }
+
+/// What [`WorkError::Publish`] says planning was publishing.
+const SHARDS_OF_A_FILE: &str = "the shards of an input file";
 
 /// What to do with the message when its handling ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -463,16 +467,32 @@ async fn handle(ctx: Arc<Ctx>, m: Message, h: Handler) {
             Err(e) => {
                 // Transient (Firestore or storage unavailable): give it back after a pause.
                 tracing::warn!(error = %e, "shard interrupted; the message will be redelivered");
-                tokio::select! {
-                    _ = ctx.drain.cancelled() => {}
-                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
-                }
-                h.nack();
+                nack_after_pause(&ctx.drain, h).await;
             }
         }
     }
     .instrument(span)
     .await;
+}
+
+/// The input file `msg` is the plan message of (a batch job given as `input_uri`, before it
+/// is cut into shards), or `None` for a shard or chat message.
+fn plan_uri<'a>(msg: &'a JobMessage, job: &'a JobRecord) -> Option<&'a String> {
+    if msg.kind == JobKind::Batch && msg.range.is_none() {
+        msg.input_uri.as_ref().or(job.input_uri.as_ref())
+    } else {
+        None
+    }
+}
+
+/// Gives a message back after a failure that may pass (Firestore, storage or Pub/Sub
+/// unavailable): 5 s later, or at once when the drain starts, so it is not retried in a loop.
+async fn nack_after_pause(drain: &CancellationToken, h: Handler) {
+    tokio::select! {
+        _ = drain.cancelled() => {}
+        _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+    }
+    h.nack();
 }
 
 /// Publishes `m` to the dead-letter topic; `true` when it is safely there (or there is no
@@ -486,7 +506,7 @@ async fn dead_letter(ctx: &Ctx, m: &Message, reason: &str) -> bool {
         return true;
     };
     let mut attrs = m.attributes.clone();
-    attrs.insert("dead_letter_reason".into(), reason.to_owned());
+    attrs.insert(dead_letters::REASON.into(), reason.to_owned());
     attrs.insert("original_message_id".into(), m.message_id.clone());
     let copy = Message::new()
         .set_data(m.data.clone())
@@ -521,13 +541,7 @@ async fn process(
         let Some(job) = job_to_go_on(ctx, &msg.job_id).await? else {
             return Ok(Outcome::Ack);
         };
-        if msg.kind == JobKind::Batch
-            && msg.range.is_none()
-            && let (Some(uri), Some(jobs)) = (
-                msg.input_uri.as_ref().or(job.record.input_uri.as_ref()),
-                &ctx.jobs,
-            )
-        {
+        if let (Some(uri), Some(jobs)) = (plan_uri(msg, &job.record), &ctx.jobs) {
             let uri = uri.clone();
             return plan_job(ctx, msg, raw, &uri, jobs, job).await;
         }
@@ -1150,7 +1164,10 @@ async fn plan_counted(
         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
         .is_ok()
     {
-        return Err(WorkError::Publish("failpoint plan-errors".into()));
+        return Err(WorkError::Publish(
+            SHARDS_OF_A_FILE,
+            "failpoint plan-errors".into(),
+        ));
     }
     let shards = u32::try_from(plan.ranges.len()).unwrap_or(u32::MAX);
     loop {
@@ -1217,11 +1234,13 @@ async fn plan_counted(
             range: Some(range),
             chat: None,
         };
-        let data = serde_json::to_vec(&shard).map_err(|e| WorkError::Publish(e.to_string()))?;
+        let data = serde_json::to_vec(&shard)
+            .map_err(|e| WorkError::Publish(SHARDS_OF_A_FILE, e.to_string()))?;
         pending.push(jobs.publish(Message::new().set_data(data)));
     }
     for p in pending {
-        p.await.map_err(|e| WorkError::Publish(e.to_string()))?;
+        p.await
+            .map_err(|e| WorkError::Publish(SHARDS_OF_A_FILE, e.to_string()))?;
     }
     plan_finished(ctx, &msg.job_id).await?;
     tracing::info!(

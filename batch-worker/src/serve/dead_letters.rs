@@ -20,11 +20,14 @@ use google_cloud_pubsub::model::Message;
 use shared::jobs::JobMessage;
 use tracing::Instrument;
 
-use super::{Ctx, Final, WorkError, finish_job, job_to_go_on};
+use super::{Ctx, Final, WorkError, finish_job, job_to_go_on, nack_after_pause, plan_uri};
 
 /// Rounds through the dead-letter topic after which a message is not requeued again: with
 /// the subscription's limit of 15 deliveries, 150 deliveries that all ended without an ack.
-pub(super) const MAX_REQUEUES: u32 = 10;
+const MAX_REQUEUES: u32 = 10;
+
+/// The attribute a worker that quarantines a message puts the reason in.
+pub(super) const REASON: &str = "dead_letter_reason";
 
 /// The attribute counting a message's rounds through the dead-letter watch.
 const REQUEUES: &str = "requeues";
@@ -35,17 +38,17 @@ const DELIVERY_COUNT: &str = "CloudPubSubDeadLetterSourceDeliveryCount";
 
 /// What to do with one dead letter.
 #[derive(Debug, PartialEq, Eq)]
-pub(super) enum Verdict {
-    /// Published by a worker that quarantined it (its job already failed), or unreadable:
-    /// nothing to do; operators find it on their own subscription.
+enum Verdict {
+    /// Published by a worker that quarantined it (its job already failed): nothing to do;
+    /// operators find it on their own subscription.
     Leave,
     /// Moved there by Pub/Sub: the job decides (requeue it, or fail the job at the limit).
     Pubsub { requeues: u32, deliveries: u32 },
 }
 
 /// Sorts a dead letter by its attributes.
-pub(super) fn verdict(m: &Message) -> Verdict {
-    if m.attributes.contains_key("dead_letter_reason") {
+fn verdict(m: &Message) -> Verdict {
+    if m.attributes.contains_key(REASON) {
         return Verdict::Leave;
     }
     let number = |key: &str| {
@@ -81,11 +84,7 @@ pub(super) async fn watch(ctx: Arc<Ctx>, subscriber: Subscriber, subscription: S
                     Ok(()) => h.ack(),
                     Err(e) => {
                         tracing::warn!(error = %e, message_id = %m.message_id, "dead letter not settled; it will be read again");
-                        tokio::select! {
-                            _ = ctx.drain.cancelled() => {}
-                            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
-                        }
-                        h.nack();
+                        nack_after_pause(&ctx.drain, h).await;
                     }
                 },
                 Some(Err(e)) => break Some(e.to_string()),
@@ -139,10 +138,10 @@ async fn requeue(
     deliveries: u32,
 ) -> Result<(), WorkError> {
     // Final, cancelled or gone: nothing is waiting for this message.
-    if job_to_go_on(ctx, &msg.job_id).await?.is_none() {
+    let Some(job) = job_to_go_on(ctx, &msg.job_id).await? else {
         return Ok(());
-    }
-    let (what, code) = if msg.range.is_none() && msg.input_uri.is_some() {
+    };
+    let (what, code) = if plan_uri(msg, &job.record).is_some() {
         (
             format!("the plan of job {}'s input file", msg.job_id),
             "plan_failed",
@@ -182,11 +181,10 @@ async fn requeue(
     let copy = Message::new()
         .set_data(m.data.clone())
         .set_attributes(attrs);
-    let id = jobs.publish(copy).await.map_err(|e| {
-        WorkError::Store(crate::store::StoreError::Unavailable(format!(
-            "requeueing a dead letter on the jobs topic: {e}"
-        )))
-    })?;
+    let id = jobs
+        .publish(copy)
+        .await
+        .map_err(|e| WorkError::Publish("a dead letter back on the jobs topic", e.to_string()))?;
     ctx.metrics.dead_letters_requeued.add(1);
     tracing::warn!(
         message_id = %id,
@@ -211,7 +209,7 @@ mod tests {
 
     #[test]
     fn a_quarantined_shard_is_left_where_it_is() {
-        let m = with(&[("dead_letter_reason", "shard 0 … stopped a worker 5 times")]);
+        let m = with(&[(REASON, "shard 0 … stopped a worker 5 times")]);
         assert_eq!(verdict(&m), Verdict::Leave);
     }
 
