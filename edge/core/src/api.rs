@@ -302,7 +302,7 @@ impl App {
         trace: &mut Trace,
     ) -> Result<Response, ApiError> {
         let body = json_body(req, self.limits.chat_body_bytes)?;
-        idempotency_key(req)?;
+        let key = idempotency_key(req)?;
         let fields = object_fields(&body, &["message", "locale"])?;
         let message = required_str(fields, "message")?;
         let n = message.chars().count();
@@ -364,7 +364,7 @@ impl App {
         }
         trace.route = Some(Route::Queue);
         let masked = mask(message);
-        self.idempotent(p, req, owner, "chat", async {
+        self.idempotent(p, req, key, owner, "chat", async {
             let now = p.now_ms();
             let job_id = random_hex(p, 16);
             let chat = ChatRequest {
@@ -450,7 +450,8 @@ impl App {
                 Some(uri.to_owned())
             }
         };
-        self.idempotent(p, req, owner, "batches", async {
+        let key = idempotency_key(req)?;
+        self.idempotent(p, req, key, owner, "batches", async {
             let now = p.now_ms();
             let job_id = random_hex(p, 16);
             let (messages, total) = match &items {
@@ -622,17 +623,19 @@ impl App {
             .await;
     }
 
-    /// Runs `work` at most once per `Idempotency-Key` (per owner and route, 24 h); a replay
-    /// with the same body returns the first answer, one with another body is refused (422).
+    /// Runs `work` at most once per `Idempotency-Key` `key` (per owner and route, 24 h; see
+    /// [`idempotency_key`]); a replay with the same body returns the first answer, one with
+    /// another body is refused (422).
     async fn idempotent(
         &self,
         p: &impl Platform,
         req: &Request,
+        key: Option<&str>,
         owner: &str,
         route: &str,
         work: impl Future<Output = Result<Response, ApiError>>,
     ) -> Result<Response, ApiError> {
-        let Some(key) = idempotency_key(req)? else {
+        let Some(key) = key else {
             return work.await;
         };
         let gcp = self.gcp()?;
