@@ -350,15 +350,20 @@ impl<'a> World<'a> {
 
     /// Waits for messages on the dead-letter subscription.
     async fn dead_letters(&self) -> anyhow::Result<Vec<stack::gcp::Received>> {
-        stack::wait_for("dead letter", Duration::from_secs(20), || {
-            let ps = self.ps.clone();
-            let (p, s) = (
-                self.t.project.clone(),
-                self.t.dead_letter_subscription.clone(),
-            );
-            async move { ps.pull(&p, &s, 10).await.ok().filter(|m| !m.is_empty()) }
+        stack::wait_for("dead letter", Duration::from_secs(20), || async {
+            self.pull_dead_letters()
+                .await
+                .ok()
+                .filter(|m| !m.is_empty())
         })
         .await
+    }
+
+    /// The messages on the dead-letter subscription now (none: an empty list).
+    async fn pull_dead_letters(&self) -> anyhow::Result<Vec<stack::gcp::Received>> {
+        self.ps
+            .pull(&self.t.project, &self.t.dead_letter_subscription, 10)
+            .await
     }
 
     /// The job's output files, in name order, and their text concatenated.
@@ -1229,10 +1234,6 @@ async fn drained_past_pubsubs_limit_is_requeued(fx: &Fixture) -> anyhow::Result<
     // Workers without the watch, each drained once it holds the shard, until Pub/Sub gives up
     // on the message. (The emulator may also count a delivery to a stream that has closed, so
     // the number of drains that takes is not fixed.)
-    let pull = || async {
-        w.ps.pull(&w.t.project, &w.t.dead_letter_subscription, 10)
-            .await
-    };
     let mut letters = Vec::new();
     for n in 1.. {
         ensure!(n <= LIMIT + 1, "no dead letter after {LIMIT} drains");
@@ -1244,7 +1245,7 @@ async fn drained_past_pubsubs_limit_is_requeued(fx: &Fixture) -> anyhow::Result<
         let before = w.shard("job-q", 0).await?.map_or(0, |s| s.deliveries);
         let deadline = Instant::now() + REDELIVERY;
         let leased = loop {
-            letters = pull().await?;
+            letters = w.pull_dead_letters().await?;
             if !letters.is_empty() {
                 break false;
             }
