@@ -165,8 +165,8 @@ resource "google_project_iam_member" "edge_firestore" {
 }
 
 # Worker: pull from its subscription and its dead-letter watch, publish quarantined shards to
-# the dead-letter topic and the shards of input files (and requeued dead letters) to the jobs topic, job records and checkpoints, objects of the
-# output bucket, logs and metrics.
+# the dead-letter topic and the shards of input files (and requeued dead letters) to the jobs
+# topic, job records and checkpoints, objects of the output bucket, logs and metrics.
 resource "google_pubsub_subscription_iam_member" "worker_subscribes" {
   subscription = google_pubsub_subscription.worker.id
   role         = "roles/pubsub.subscriber"
