@@ -50,6 +50,29 @@ fn idempotency_key(req: &Request) -> Result<Option<&str>, ApiError> {
     }
 }
 
+/// `path` without its trailing slashes (`/` stays `/`).
+fn normalize(path: &str) -> &str {
+    match path.trim_end_matches('/') {
+        "" => "/",
+        p => p,
+    }
+}
+
+/// The methods the API serves on `path` (normalized), `None` for a path it does not serve.
+fn methods(path: &str) -> Option<&'static str> {
+    match (path, path.strip_prefix("/v1/jobs/")) {
+        ("/healthz", _) => Some("GET, HEAD"),
+        ("/v1/chat" | "/v1/batches", _) => Some("POST"),
+        (_, Some(id)) if !id.is_empty() && !id.contains('/') => Some("GET, DELETE"),
+        _ => None,
+    }
+}
+
+/// Whether `path` is one of the API's routes (`/healthz`, `/v1/…`), trailing slashes aside.
+pub fn is_route(path: &str) -> bool {
+    methods(normalize(path)).is_some()
+}
+
 /// The id of the idempotency record of `key` sent by `owner` to `route` (`chat`, `batches`).
 pub fn idempotency_doc_id(owner: &str, route: &str, key: &str) -> String {
     hex::encode(Sha256::digest(format!("{owner}\0{route}\0{key}")))
@@ -193,27 +216,19 @@ impl App {
         req: &Request,
         trace: &mut Trace,
     ) -> Result<Response, ApiError> {
-        let path = req.path.trim_end_matches('/');
-        let path = if path.is_empty() { "/" } else { path };
-        if path == "/healthz" {
-            if req.method != "GET" && req.method != "HEAD" {
-                return Ok(method_not_allowed(req, path, "GET, HEAD"));
-            }
-            return Ok(self.healthz());
-        }
-        let job_id = path.strip_prefix("/v1/jobs/");
-        let methods = match (path, job_id) {
-            ("/v1/chat" | "/v1/batches", _) => "POST",
-            (_, Some(id)) if !id.is_empty() && !id.contains('/') => "GET, DELETE",
-            _ => {
-                return Err(ApiError::not_found(format!(
-                    "no route {path}; see /v1/chat, /v1/batches, /v1/jobs/{{id}}, /healthz"
-                )));
-            }
+        let path = normalize(&req.path);
+        let Some(methods) = methods(path) else {
+            return Err(ApiError::not_found(format!(
+                "no route {path}; see /v1/chat, /v1/batches, /v1/jobs/{{id}}, /healthz"
+            )));
         };
         if !methods.split(", ").any(|m| m == req.method) {
             return Ok(method_not_allowed(req, path, methods));
         }
+        if path == "/healthz" {
+            return Ok(self.healthz());
+        }
+        let job_id = path.strip_prefix("/v1/jobs/");
         let keys = self
             .keys
             .as_ref()

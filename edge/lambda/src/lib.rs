@@ -121,7 +121,7 @@ pub async fn handle(
     let (parts, body) = event.into_parts();
     let req = edge_core::Request {
         method: parts.method.as_str().to_owned(),
-        path: parts.uri.path().to_owned(),
+        path: api_path(&parts),
         query: parts.uri.query().unwrap_or("").to_owned(),
         headers: parts
             .headers
@@ -142,6 +142,45 @@ pub async fn handle(
         builder = builder.header(k, v);
     }
     Ok(builder.body(Body::Text(String::from_utf8_lossy(&res.body).into_owned()))?)
+}
+
+/// The request's path as the API knows it, without an API Gateway stage. `lambda_http` puts
+/// a named stage (`prod`) before the path of a REST API event (payload 1.0), and an HTTP API
+/// on a named stage sends it in the path itself (`/prod/v1/chat`); Function URLs and the
+/// `$default` stage have none.
+fn api_path(parts: &lambda_http::http::request::Parts) -> String {
+    use lambda_http::RequestExt as _;
+    use lambda_http::request::RequestContext;
+    // A REST API event's own path, which has no stage; an HTTP API event's raw path.
+    let raw = parts.raw_http_path();
+    let path = if raw.is_empty() {
+        parts.uri.path()
+    } else {
+        raw
+    };
+    let stage = match parts.request_context_ref() {
+        Some(RequestContext::ApiGatewayV1(c)) => c.stage.as_deref(),
+        Some(RequestContext::ApiGatewayV2(c)) => c.stage.as_deref(),
+        _ => None,
+    };
+    without_stage(path, stage).to_owned()
+}
+
+/// `path` with a leading `/{stage}` removed, unless the path is already one the edge serves
+/// (the stage may be named like a route's first segment, `v1`).
+fn without_stage<'a>(path: &'a str, stage: Option<&str>) -> &'a str {
+    let serves = |p: &str| p.trim_end_matches('/').is_empty() || edge_core::api::is_route(p);
+    let Some(stage) = stage.filter(|s| !s.is_empty() && *s != "$default") else {
+        return path;
+    };
+    if serves(path) {
+        return path;
+    }
+    match path.strip_prefix('/').and_then(|p| p.strip_prefix(stage)) {
+        Some("") => "/",
+        Some(rest) if rest.starts_with('/') => rest,
+        _ => path,
+    }
 }
 
 /// What keeps this process from being a Lambda function: Lambda's runtime variables, which
@@ -172,7 +211,29 @@ pub fn runtime_env_problem(var: impl Fn(&str) -> Option<String>) -> Option<Strin
 
 #[cfg(test)]
 mod tests {
-    use super::runtime_env_problem;
+    use super::{runtime_env_problem, without_stage};
+
+    #[test]
+    fn a_named_stage_is_taken_off_the_path() {
+        for (path, stage, expected) in [
+            ("/v1/chat", None, "/v1/chat"),
+            ("/v1/chat", Some("$default"), "/v1/chat"),
+            ("/prod/v1/chat", Some("prod"), "/v1/chat"),
+            ("/prod/v1/jobs/ab12", Some("prod"), "/v1/jobs/ab12"),
+            ("/prod/healthz", Some("prod"), "/healthz"),
+            ("/prod", Some("prod"), "/"),
+            ("/prod/", Some("prod"), "/"),
+            // Already a route: kept, even when the stage is named like its first segment.
+            ("/v1/chat", Some("v1"), "/v1/chat"),
+            ("/v1/v1/chat", Some("v1"), "/v1/chat"),
+            ("/v1/chat", Some("prod"), "/v1/chat"),
+            // Neither a route nor under the stage: left for the API's 404.
+            ("/production/v1/chat", Some("prod"), "/production/v1/chat"),
+            ("/other", Some("prod"), "/other"),
+        ] {
+            assert_eq!(without_stage(path, stage), expected, "{path} on {stage:?}");
+        }
+    }
 
     fn vars(set: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
         let set: Vec<(String, String)> = set

@@ -149,3 +149,79 @@ async fn root_serves_the_demo_page() {
     assert!(body["error"]["code"].is_string(), "{body}");
     assert!(h.get("x-request-id").is_some());
 }
+
+/// An API Gateway REST API proxy event (payload 1.0) on the stage `stage`: its `path` has no
+/// stage, and `lambda_http` puts the stage before it.
+fn rest_event(method: &str, path: &str, stage: &str, headers: Value, body: Option<&str>) -> Value {
+    json!({
+        "resource": "/{proxy+}",
+        "path": path,
+        "httpMethod": method,
+        "headers": headers,
+        "queryStringParameters": null,
+        "pathParameters": {"proxy": path.trim_start_matches('/')},
+        "stageVariables": null,
+        "requestContext": {
+            "accountId": "123456789012", "resourceId": "abc123", "stage": stage,
+            "requestId": "r1", "identity": {"sourceIp": "127.0.0.1"},
+            "resourcePath": "/{proxy+}", "httpMethod": method, "apiId": "api",
+            "path": format!("/{stage}{path}")
+        },
+        "body": body,
+        "isBase64Encoded": false
+    })
+}
+
+/// Behind API Gateway on a named stage (`prod`), the routes answer as they do without one:
+/// the stage is not part of the API's paths.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_answer_on_a_named_api_gateway_stage() {
+    let headers = json!({"authorization": "Bearer lambda-key", "content-type": "application/json"});
+    let hello = Some(r#"{"message":"안녕하세요"}"#);
+    let parse = |ev: Value| lambda_http::request::from_str(&ev.to_string()).expect("an event");
+    // REST API (payload 1.0), stages named `prod` and `v1` (like the routes' first segment).
+    for stage in ["prod", "v1"] {
+        let ev = parse(rest_event(
+            "POST",
+            "/v1/chat",
+            stage,
+            headers.clone(),
+            hello,
+        ));
+        let (status, body, _) = call(ev).await;
+        assert_eq!(status, 200, "REST API on {stage}: {body}");
+        assert_eq!(body["intent"], "greeting", "{body}");
+        let ev = parse(rest_event("GET", "/healthz", stage, json!({}), None));
+        let (status, body, _) = call(ev).await;
+        assert_eq!(
+            (status, body["status"].as_str()),
+            (200, Some("ok")),
+            "{body}"
+        );
+    }
+    // HTTP API (payload 2.0) on a named stage: the stage comes in the raw path.
+    for (stage, path) in [("prod", "/prod/v1/chat"), ("v1", "/v1/v1/chat")] {
+        let mut ev = stack::lambda::http_event("POST", path, "", headers.clone(), hello, false);
+        ev["requestContext"]["stage"] = json!(stage);
+        let (status, body, _) = call(parse(ev)).await;
+        assert_eq!(status, 200, "HTTP API on {stage}: {body}");
+        assert_eq!(body["intent"], "greeting", "{body}");
+    }
+    // The demo page at the stage's root.
+    let r = handle(
+        app(),
+        Native::new(),
+        parse(rest_event("GET", "/", "prod", json!({}), None)),
+    )
+    .await
+    .expect("handler answers");
+    assert_eq!(r.status().as_u16(), 200);
+    assert!(matches!(r.body(), Body::Text(t) if t.contains("<html")));
+    // A path outside the API is still the API's 404, stage or not.
+    let ev = parse(rest_event("GET", "/nowhere", "prod", json!({}), None));
+    let (status, body, _) = call(ev).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (404, Some("not_found"))
+    );
+}
