@@ -295,12 +295,28 @@ pub fn validate(opts: &RunOptions) -> Result<(), RunError> {
             opts.output.display()
         ));
     }
-    let same = match (opts.input.canonicalize(), opts.output.canonicalize()) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => false,
-    };
-    if same {
-        return usage("--input and --output are the same file".into());
+    // The output, and the files kept beside it while it is written, must not be the input:
+    // the partial output is truncated to its checkpoint, the others replaced or removed.
+    if let Ok(input) = opts.input.canonicalize() {
+        let same = |p: &Path| p.canonicalize().is_ok_and(|p| p == input);
+        if same(&opts.output) {
+            return usage("--input and --output are the same file".into());
+        }
+        for (suffix, what) in [
+            (".partial", "partial output"),
+            (".ckpt", "checkpoint"),
+            (".ckpt.tmp", "next checkpoint"),
+            (".lock", "lock file"),
+        ] {
+            if same(&sibling(&opts.output, suffix)) {
+                return usage(format!(
+                    "--input {} is where the run for --output {} keeps its {what}; \
+                     name another --output",
+                    opts.input.display(),
+                    opts.output.display()
+                ));
+            }
+        }
     }
     if opts.threads == 0 {
         return usage("--threads must be at least 1".into());

@@ -268,6 +268,18 @@ fn unusable_arguments_exit_2_with_one_line() {
             "not a regular file",
         ),
     ];
+    // An input named like a file the run keeps beside its output (a partial output is cut to
+    // its checkpoint, a lock file removed): refused, the input left as it was.
+    let line = "{\"custom_id\":\"a\",\"input\":\"hi\"}\n";
+    for (suffix, expected) in [
+        (".partial", "keeps its partial output"),
+        (".ckpt", "keeps its checkpoint"),
+        (".lock", "keeps its lock file"),
+    ] {
+        let name = format!("x.jsonl{suffix}");
+        std::fs::write(dir.join(&name), line).expect("write");
+        all.push((io(path(&name), path("x.jsonl"), &[]), expected));
+    }
     // Notepad's "Unicode" (UTF-16 LE with its byte-order mark), and a gzip file.
     let utf16 = common::utf16_with_bom("{\"custom_id\":\"a\",\"input\":\"hi\"}\r\n");
     for (name, bytes, expected) in [
@@ -341,6 +353,11 @@ fn unusable_arguments_exit_2_with_one_line() {
         .filter(|n| n.starts_with("o.jsonl"))
         .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
+    for suffix in [".partial", ".ckpt", ".lock"] {
+        let kept = std::fs::read_to_string(dir.join(format!("x.jsonl{suffix}")));
+        assert_eq!(kept.ok().as_deref(), Some(line), "x.jsonl{suffix}");
+    }
+    assert!(!dir.join("x.jsonl").exists());
 }
 
 /// `serve` refuses a setting out of its range (or a model it cannot load) before it connects anywhere.
