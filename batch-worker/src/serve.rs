@@ -206,6 +206,11 @@ struct Ctx {
     dead_letter: Option<Publisher>,
     /// Publishes the shards of `input_uri` jobs (`JOBS_TOPIC`).
     jobs: Option<Publisher>,
+    /// Batch shards being worked on at once (`MAX_OUTSTANDING_MESSAGES`). Pub/Sub is told the
+    /// same limit, but it may deliver more (messages published together come together, and
+    /// the emulator ignores it): those wait here, their ack deadlines extended by the client,
+    /// instead of all running at once. Chat messages and plans never wait for a slot.
+    shard_slots: Arc<tokio::sync::Semaphore>,
     /// Shards run under the read side; a suspect shard (one that was in flight when a worker
     /// died) under the write side, alone, so that the next crash is its own.
     isolation: Arc<tokio::sync::RwLock<()>>,
@@ -347,6 +352,7 @@ pub async fn serve(
         }
         None => None,
     };
+    let cfg_max_outstanding = cfg.max_outstanding_messages;
     let ctx = Arc::new(Ctx {
         instance: format!("{:016x}", rand::random::<u64>()),
         cfg,
@@ -365,6 +371,11 @@ pub async fn serve(
         dead_letter,
         jobs,
         isolation: Arc::new(tokio::sync::RwLock::new(())),
+        shard_slots: Arc::new(tokio::sync::Semaphore::new(
+            usize::try_from(cfg_max_outstanding)
+                .unwrap_or(usize::MAX)
+                .max(1),
+        )),
     });
     if let Some(name) = &ctx.cfg.dead_letter_subscription {
         let watched = format!("projects/{}/subscriptions/{name}", ctx.cfg.project);
@@ -461,6 +472,21 @@ async fn handle(ctx: Arc<Ctx>, m: Message, h: Handler) {
     let span = tracing::info_span!("shard", job_id = %msg.job_id, shard = msg.shard);
     async {
         tracing::debug!(?attempt, "message received");
+        // A batch shard with work in it waits for a slot; at a drain it goes back at once.
+        let has_work = msg.kind == JobKind::Batch && (msg.range.is_some() || !msg.items.is_empty());
+        let _slot = if has_work {
+            let slots = ctx.shard_slots.clone();
+            tokio::select! {
+                biased;
+                _ = ctx.drain.cancelled() => {
+                    h.nack();
+                    return;
+                }
+                slot = slots.acquire_owned() => slot.ok(),
+            }
+        } else {
+            None
+        };
         match process(&ctx, &msg, &m, attempt.is_some_and(|a| a > 1)).await {
             Ok(Outcome::Ack) => h.ack(),
             Ok(Outcome::Nack) => h.nack(),

@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use shared::firestore;
 use shared::jobs::{
     Counts, JOBS_COLLECTION, JobKind, JobMessage, JobRecord, JobStatus, SHARDS_COLLECTION,
-    ShardRecord,
+    ShardRecord, ShardState,
 };
 use shared::wire::{InputItem, Task};
 use stack::emulators::Emulators;
@@ -1583,6 +1583,74 @@ async fn cancel_stops_at_a_chunk_boundary(fx: &Fixture) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Pub/Sub may deliver more shards than `MAX_OUTSTANDING_MESSAGES` (the emulator ignores the
+/// limit; messages published together come together): the worker works on at most that many
+/// at once while the others wait in it, and a chat message is answered meanwhile.
+async fn shards_past_the_limit_wait_and_chat_does_not(fx: &Fixture) -> anyhow::Result<()> {
+    const LIMIT: usize = 2;
+    let w = World::new(fx, "slots").await?;
+    let shards: Vec<Vec<InputItem>> = (0..6).map(|s| items(&format!("s{s}"), 640)).collect();
+    w.submit("job-s", &shards).await?;
+    let _w1 = w
+        .worker("w1")
+        .with("MAX_OUTSTANDING_MESSAGES", LIMIT.to_string())
+        .with("BATCH_SIZE", "64")
+        .with("MAX_NEW_TOKENS", "8")
+        // Ten micro-batches of 150 ms: each shard runs ~1.5 s.
+        .with("BATCH_WORKER_FAILPOINTS", "batch-delay-ms=150")
+        .start(&w.log("w1.log"))?;
+    // The chat message is published once every slot is taken.
+    let mut chat_sent = false;
+    let mut chat_done_while_batch_ran = None;
+    let mut most = 0;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        // Shards leased and not done: the ones being worked on.
+        let mut running = 0;
+        for shard in 0..shards.len() as u32 {
+            if w.shard("job-s", shard)
+                .await?
+                .is_some_and(|s| s.state == ShardState::Running && !s.owner.is_empty())
+            {
+                running += 1;
+            }
+        }
+        most = most.max(running);
+        ensure!(
+            running <= LIMIT,
+            "{running} shards worked on at once, with MAX_OUTSTANDING_MESSAGES={LIMIT}"
+        );
+        if running == LIMIT && !chat_sent {
+            w.submit_chat("chat-s", "근처 떡볶이집 알려줘").await?;
+            chat_sent = true;
+        }
+        let job = w.job("job-s").await?;
+        if chat_sent && chat_done_while_batch_ran.is_none() {
+            let chat = w.job("chat-s").await?;
+            if chat.status.is_final() {
+                ensure!(chat.status == JobStatus::Succeeded, "chat: {chat:?}");
+                chat_done_while_batch_ran = Some(!job.status.is_final());
+            }
+        }
+        if job.status.is_final() {
+            ensure!(job.status == JobStatus::Succeeded, "job-s: {job:?}");
+            break;
+        }
+        ensure!(Instant::now() < deadline, "job-s unfinished: {job:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ensure!(
+        most == LIMIT,
+        "at most {most} shards ran at once, never {LIMIT}"
+    );
+    ensure!(
+        chat_done_while_batch_ran == Some(true),
+        "the chat message waited for the batch shards ({chat_done_while_batch_ran:?})"
+    );
+    let all: Vec<InputItem> = shards.concat();
+    assert_exactly(&w.outputs("job-s")?, &all)
+}
+
 /// GCE's preemption notice drains the worker like SIGTERM.
 async fn preemption_notice_drains(fx: &Fixture) -> anyhow::Result<()> {
     let w = World::new(fx, "preempt").await?;
@@ -1758,6 +1826,7 @@ async fn serve_keeps_every_item_exactly_once_through_faults() {
     scenario!(storage_errors_are_not_crashes);
     scenario!(cancel_stops_at_a_chunk_boundary);
     scenario!(preemption_notice_drains);
+    scenario!(shards_past_the_limit_wait_and_chat_does_not);
     scenario!(generation_answers_chat_and_batches);
     scenario!(unreachable_services_are_reported_until_they_answer);
     scenario!(utf16_input_file_fails_its_job);
