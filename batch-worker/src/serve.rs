@@ -207,9 +207,9 @@ struct Ctx {
     /// Publishes the shards of `input_uri` jobs (`JOBS_TOPIC`).
     jobs: Option<Publisher>,
     /// Batch shards being worked on at once (`MAX_OUTSTANDING_MESSAGES`). Pub/Sub is told the
-    /// same limit, but it may deliver more (messages published together come together, and
-    /// the emulator ignores it): those wait here, their ack deadlines extended by the client,
-    /// instead of all running at once. Chat messages and plans never wait for a slot.
+    /// same limit, but only the server keeps it (the emulator ignores it, the client does not
+    /// enforce it): shards delivered past it wait here, their ack deadlines extended by the
+    /// client, instead of all running at once. Chat messages and plans never wait for a slot.
     shard_slots: Arc<tokio::sync::Semaphore>,
     /// Shards run under the read side; a suspect shard (one that was in flight when a worker
     /// died) under the write side, alone, so that the next crash is its own.

@@ -1583,8 +1583,8 @@ async fn cancel_stops_at_a_chunk_boundary(fx: &Fixture) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Pub/Sub may deliver more shards than `MAX_OUTSTANDING_MESSAGES` (the emulator ignores the
-/// limit; messages published together come together): the worker works on at most that many
+/// The emulator delivers more shards than `MAX_OUTSTANDING_MESSAGES` (it ignores the limit,
+/// which only the server keeps): the worker works on at most that many
 /// at once while the others wait in it, and a chat message is answered meanwhile.
 async fn shards_past_the_limit_wait_and_chat_does_not(fx: &Fixture) -> anyhow::Result<()> {
     const LIMIT: usize = 2;
