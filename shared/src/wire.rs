@@ -34,7 +34,7 @@ impl std::str::FromStr for Task {
 
 /// One line of a bulk input file.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a JSON object")]
 pub struct InputItem {
     pub custom_id: String,
     pub input: String,
@@ -300,6 +300,12 @@ mod tests {
             wrong_type
                 .starts_with("line 12: invalid type: integer `7`, expected a string (column 26)"),
             "{wrong_type}"
+        );
+        // A line that is JSON but no object says what it should be, not a Rust type name.
+        let string = message(r#""hi""#);
+        assert!(
+            string.starts_with(r#"line 12: invalid type: string "hi", expected a JSON object"#),
+            "{string}"
         );
         for line in [
             "{not json",
