@@ -6,7 +6,9 @@
 //! then decodes one step for every row. Rows leave as soon as they finish, so the batch stays
 //! full while items wait, and a request is answered as soon as its own items are done, not
 //! when the rows it shared a batch with are. Items are admitted one by one, in order, so a
-//! request larger than the free rows starts at once with part of its items.
+//! request larger than the free rows starts at once with part of its items. An urgent request
+//! (a queued chat message, someone waiting for its reply) is queued before every request that
+//! is not, so it takes the next row that frees up, not the row after a whole bulk micro-batch.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -49,6 +51,8 @@ struct Request<R> {
     left: usize,
     reply: R,
     queued: Instant,
+    /// Admitted before every request that is not (see [`Batcher::push_urgent`]).
+    urgent: bool,
 }
 
 /// A request whose items all have their lines.
@@ -74,7 +78,8 @@ pub struct Turn<R> {
 /// how a request is answered: a channel in `serve`, a sequence number in `run`.
 pub struct Batcher<R> {
     requests: HashMap<u64, Request<R>>,
-    /// Requests with items not yet admitted, oldest first.
+    /// Requests with items not yet admitted: urgent ones first, then the others, each oldest
+    /// first.
     waiting: VecDeque<u64>,
     /// Which request and item each decoding row (by tag) is.
     rows: HashMap<usize, (u64, usize)>,
@@ -100,6 +105,17 @@ impl<R> Batcher<R> {
     /// Queues `items`, answered through `reply` once every one has its line. An item whose
     /// prompt is unusable gets its error line here.
     pub fn push(&mut self, model: &Generate, items: Vec<InputItem>, reply: R) {
+        self.queue(model, items, reply, false);
+    }
+
+    /// As [`Batcher::push`], but queued after the urgent requests already waiting and before
+    /// every other one: its items take the next rows that free up. Rows already decoding are
+    /// never cut short for it.
+    pub fn push_urgent(&mut self, model: &Generate, items: Vec<InputItem>, reply: R) {
+        self.queue(model, items, reply, true);
+    }
+
+    fn queue(&mut self, model: &Generate, items: Vec<InputItem>, reply: R, urgent: bool) {
         let id = self.next_request;
         self.next_request += 1;
         let mut lines = vec![None; items.len()];
@@ -125,9 +141,18 @@ impl<R> Batcher<R> {
                 left,
                 reply,
                 queued: Instant::now(),
+                urgent,
             },
         );
-        self.waiting.push_back(id);
+        let at = if urgent {
+            self.waiting
+                .iter()
+                .position(|w| self.requests.get(w).is_some_and(|r| !r.urgent))
+                .unwrap_or(self.waiting.len())
+        } else {
+            self.waiting.len()
+        };
+        self.waiting.insert(at, id);
     }
 
     /// Rows being decoded.

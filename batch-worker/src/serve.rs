@@ -1351,10 +1351,11 @@ async fn quarantine_plan(
 /// item by item so that one bad item becomes one error line. Text generation is handed its
 /// items when this is called, not when the future is first polled: a shard hands over its
 /// next micro-batch while this one decodes, so the next one's items take the rows this one's
-/// leave.
+/// leave; `urgent` (a queued chat message) puts them ahead of bulk items.
 fn infer<'a>(
     ctx: &'a Ctx,
     task: Task,
+    urgent: bool,
     items: &'a [Result<InputItem, OutputLine>],
 ) -> impl Future<Output = Result<Vec<OutputLine>, WorkError>> + Send + 'a {
     let mut valid: Vec<InputItem> = items
@@ -1368,7 +1369,7 @@ fn infer<'a>(
         std::process::abort();
     }
     let generated = match (task, &ctx.generate) {
-        (Task::Generate, Some(g)) => Some(g.submit(std::mem::take(&mut valid))),
+        (Task::Generate, Some(g)) => Some(g.submit(std::mem::take(&mut valid), urgent)),
         _ => None,
     };
     async move {
@@ -1462,16 +1463,35 @@ type Reply = tokio::sync::oneshot::Sender<Result<Vec<OutputLine>, Interrupted>>;
 /// The text-generation model on its own thread, decoding the items of concurrent shards
 /// (queued chat messages above all) together by continuous batching: between two decoding
 /// steps, rows that finished leave the batch and waiting requests join it (their prompts read
-/// in one prefill), up to the model's batch size. A request is answered as soon as its own
+/// in one prefill), up to the model's batch size; a chat message's item joins before every
+/// waiting bulk item. A request is answered as soon as its own
 /// items are done, not when the whole batch is. An idle thread waits `GENERATE_GATHER_MS`
 /// after a first request for others to share its prefill.
 pub struct Gatherer {
-    tx: std::sync::mpsc::Sender<(Vec<InputItem>, Reply)>,
+    tx: std::sync::mpsc::Sender<Submitted>,
+}
+
+/// What [`Gatherer::submit`] hands the generation thread.
+struct Submitted {
+    items: Vec<InputItem>,
+    reply: Reply,
+    /// A queued chat message: admitted before bulk items (see [`Batcher::push_urgent`]).
+    urgent: bool,
+}
+
+impl Submitted {
+    fn queue(self, batcher: &mut Batcher<Reply>, model: &Generate) {
+        if self.urgent {
+            batcher.push_urgent(model, self.items, self.reply);
+        } else {
+            batcher.push(model, self.items, self.reply);
+        }
+    }
 }
 
 impl Gatherer {
     fn start(mut model: Generate, window: Duration, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
-        let (tx, rx) = std::sync::mpsc::channel::<(Vec<InputItem>, Reply)>();
+        let (tx, rx) = std::sync::mpsc::channel::<Submitted>();
         let batch = model.batch_size();
         std::thread::Builder::new()
             .name("generate".into())
@@ -1480,21 +1500,21 @@ impl Gatherer {
                 loop {
                     if batcher.is_idle() {
                         // Idle: wait for a request, then briefly for others to share its prefill.
-                        let Ok((items, reply)) = rx.recv() else {
+                        let Ok(first) = rx.recv() else {
                             return;
                         };
-                        batcher.push(&model, items, reply);
+                        first.queue(&mut batcher, &model);
                         let deadline = Instant::now() + window;
                         while batcher.waiting_items() < batch {
                             let left = deadline.saturating_duration_since(Instant::now());
                             match rx.recv_timeout(left) {
-                                Ok((items, reply)) => batcher.push(&model, items, reply),
+                                Ok(s) => s.queue(&mut batcher, &model),
                                 Err(_) => break,
                             }
                         }
                     } else {
-                        while let Ok((items, reply)) = rx.try_recv() {
-                            batcher.push(&model, items, reply);
+                        while let Ok(s) = rx.try_recv() {
+                            s.queue(&mut batcher, &model);
                         }
                     }
                     if model.stopping() {
@@ -1522,14 +1542,19 @@ impl Gatherer {
         Ok(Self { tx })
     }
 
-    /// Hands `items` to the generation thread now; the future gives their output lines
-    /// (same order).
+    /// Hands `items` to the generation thread now (`urgent`: ahead of bulk items); the
+    /// future gives their output lines (same order).
     fn submit(
         &self,
         items: Vec<InputItem>,
+        urgent: bool,
     ) -> impl Future<Output = Result<Vec<OutputLine>, WorkError>> + Send + use<> {
         let (reply, answer) = tokio::sync::oneshot::channel();
-        let sent = self.tx.send((items, reply));
+        let sent = self.tx.send(Submitted {
+            items,
+            reply,
+            urgent,
+        });
         async move {
             sent.map_err(|_| WorkError::Join("the generation thread stopped".into()))?;
             match answer.await {
@@ -1565,6 +1590,8 @@ async fn run_shard(
         Task::Classify => ctx.classify.lock().map(|m| m.batch_size()).unwrap_or(256),
         Task::Generate => ctx.generate_batch,
     };
+    // Someone waits for a chat reply; nobody for a line of a bulk job.
+    let urgent = msg.kind == JobKind::Chat;
     let mut pos = usize::try_from(rec.cursor).unwrap_or(total).min(total);
     let mut pending = String::new();
     let mut pending_items = 0u64;
@@ -1579,13 +1606,13 @@ async fn run_shard(
             let end = (pos + batch).min(total);
             let current = match ahead.take() {
                 Some((e, next)) if e == end => next,
-                _ => Box::pin(infer(ctx, msg.task, &items[pos..end])),
+                _ => Box::pin(infer(ctx, msg.task, urgent, &items[pos..end])),
             };
             if msg.task == Task::Generate && end < total {
                 let next_end = (end + batch).min(total);
                 ahead = Some((
                     next_end,
-                    Box::pin(infer(ctx, msg.task, &items[end..next_end])),
+                    Box::pin(infer(ctx, msg.task, urgent, &items[end..next_end])),
                 ));
             }
             match current.await {

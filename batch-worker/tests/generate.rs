@@ -699,6 +699,69 @@ fn a_batcher_stops_decoding_the_rows_of_an_abandoned_request() {
     assert_eq!(answers[0].lines, expected[0].lines);
 }
 
+/// An urgent request (a chat message) takes the next row that frees up, ahead of the bulk
+/// items queued before it, and gets the same line it gets alone.
+#[test]
+fn a_batcher_admits_an_urgent_request_before_waiting_bulk_items() {
+    // Stop tokens ignored: every row decodes all 12 tokens, so rows free up together.
+    let mut g = sampled_task_stops(2, 12, false);
+    let chat = corpus_items("chat", 7, 1);
+    let mut alone = Batcher::<usize>::default();
+    alone.push(&g, chat.clone(), 9);
+    let mut expected = Vec::new();
+    while !alone.is_idle() {
+        expected.extend(alone.turn(&mut g, 2).answers);
+    }
+
+    for urgent in [true, false] {
+        let mut b = Batcher::<usize>::default();
+        b.push(&g, corpus_items("bulk", 0, 5), 0);
+        b.push(&g, corpus_items("more", 5, 2), 1);
+        assert_eq!(
+            b.turn(&mut g, 2).prefilled,
+            2,
+            "two bulk items take both rows"
+        );
+        if urgent {
+            b.push_urgent(&g, chat.clone(), 2);
+        } else {
+            b.push(&g, chat.clone(), 2);
+        }
+        assert_eq!(b.waiting_items(), 3 + 2 + 1);
+        // Which turn answered each request.
+        let mut when = std::collections::HashMap::new();
+        let mut lines = None;
+        let mut turn = 0;
+        while !b.is_idle() {
+            turn += 1;
+            for a in b.turn(&mut g, 2).answers {
+                if a.reply == 2 {
+                    lines = Some(a.lines);
+                }
+                when.insert(a.reply, turn);
+            }
+            assert!(turn < 500, "the batcher does not finish");
+        }
+        assert_eq!(lines.as_ref(), Some(&expected[0].lines), "urgent: {urgent}");
+        if urgent {
+            // The first rows to free up go to the chat item and the third bulk item.
+            assert!(
+                when[&2] < when[&0],
+                "answered before the bulk request: {when:?}"
+            );
+        } else {
+            assert!(
+                when[&2] > when[&0],
+                "queued behind every bulk item: {when:?}"
+            );
+            assert_eq!(
+                when[&2], when[&1],
+                "admitted with the last bulk item: {when:?}"
+            );
+        }
+    }
+}
+
 /// `batch-worker run --task generate --device cpu` from `input` to `output` with `extra` flags.
 fn generate_run(input: &Path, output: &Path, extra: &[&str]) -> Command {
     let mut c = Command::new(BIN);

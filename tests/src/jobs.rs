@@ -28,11 +28,21 @@ impl Jobs {
 
     /// A `classify` batch job of `shards`: its record, then one message per shard.
     pub async fn submit(&self, job_id: &str, shards: &[Vec<InputItem>]) -> anyhow::Result<()> {
+        self.submit_task(job_id, Task::Classify, shards).await
+    }
+
+    /// A batch job of `task` on `shards`: its record, then one message per shard.
+    pub async fn submit_task(
+        &self,
+        job_id: &str,
+        task: Task,
+        shards: &[Vec<InputItem>],
+    ) -> anyhow::Result<()> {
         let total = shards.iter().map(Vec::len).sum::<usize>() as u64;
         self.create_record(
             job_id,
             JobKind::Batch,
-            Task::Classify,
+            task,
             total,
             shards.len() as u32,
             None,
@@ -42,7 +52,7 @@ impl Jobs {
             self.publish(&JobMessage {
                 job_id: job_id.into(),
                 kind: JobKind::Batch,
-                task: Task::Classify,
+                task,
                 shard: i as u32,
                 shards: shards.len() as u32,
                 items: items.clone(),

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, bail, ensure};
 use shared::jobs::JobStatus;
+use shared::wire::{InputItem, Task};
 use stack::emulators::Emulators;
 use stack::gcp::{PubSub, Topology};
 use stack::jobs::Jobs;
@@ -41,6 +42,11 @@ pub struct Args {
     /// Rounds per worker build; the table shows the median of each figure
     #[arg(long, default_value_t = 3, value_parser = crate::at_least_one, allow_negative_numbers = true)]
     pub repeat: usize,
+    /// Items of a `generate` batch job submitted just before the chat messages (in shards
+    /// of at most 1,000, as the edge cuts them), so that the replies compete with bulk
+    /// decoding (0: no batch job)
+    #[arg(long, default_value_t = 0)]
+    pub batch_items: usize,
     /// Another `batch-worker` executable (e.g. an older build) measured the same way, in turns
     #[arg(long)]
     pub compare: Option<PathBuf>,
@@ -120,6 +126,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         args.gather_ms,
         args.repeat
     );
+    if args.batch_items > 0 {
+        println!(
+            "A `generate` batch job of {} items was submitted just before the first chat message; its items share the decoding rows with the replies.\n",
+            args.batch_items
+        );
+    }
     println!(
         "| worker | wait p50 | wait p90 | wait max | first message to last reply |\n|---|---|---|---|---|"
     );
@@ -222,6 +234,17 @@ async fn chat_round(
     jobs.submit_chat(&warm, &texts[args.messages]).await?;
     wait_for(vec![warm], Duration::from_secs(120)).await?;
 
+    if args.batch_items > 0 {
+        let items: Vec<InputItem> = (0..args.batch_items)
+            .map(|i| InputItem {
+                custom_id: format!("bulk-{i}"),
+                input: texts[i % texts.len()].clone(),
+            })
+            .collect();
+        let shards: Vec<Vec<_>> = items.chunks(1000).map(<[_]>::to_vec).collect();
+        jobs.submit_task(&format!("bulk-{round}-{w}"), Task::Generate, &shards)
+            .await?;
+    }
     let mut sent = Vec::with_capacity(args.messages);
     let mut ids = Vec::with_capacity(args.messages);
     let start = Instant::now();
