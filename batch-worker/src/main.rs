@@ -161,6 +161,19 @@ struct ServeArgs {
     /// Pub/Sub subscription the jobs arrive on
     #[arg(long, env = "PUBSUB_SUBSCRIPTION", default_value = "worker")]
     subscription: String,
+    /// A second subscription, for chat messages alone, pulled with its own flow control, so
+    /// that a chat message is delivered while this worker holds its limit of batch shards
+    /// ("" for none: chat messages then come on `--subscription` like any job)
+    #[arg(long, env = "CHAT_SUBSCRIPTION", default_value = "")]
+    chat_subscription: String,
+    /// Flow control of the chat subscription: chat messages held at once
+    #[arg(
+        long,
+        env = "CHAT_MAX_OUTSTANDING_MESSAGES",
+        default_value_t = 32,
+        allow_negative_numbers = true
+    )]
+    chat_max_outstanding_messages: i64,
     /// Topic that shards which keep stopping workers are moved to ("" to only log them)
     #[arg(long, env = "DEAD_LETTER_TOPIC", default_value = "jobs-dead")]
     dead_letter_topic: String,
@@ -482,6 +495,7 @@ fn serve_main(args: ServeArgs, engine: EngineArgs) -> ExitCode {
                 .unwrap_or_else(hostname),
             project: not_empty("--project", "GCP_PROJECT", args.project)?,
             subscription: not_empty("--subscription", "PUBSUB_SUBSCRIPTION", args.subscription)?,
+            chat_subscription: Some(args.chat_subscription).filter(|s| !s.is_empty()),
             dead_letter_topic: Some(args.dead_letter_topic).filter(|t| !t.is_empty()),
             dead_letter_subscription: Some(args.dead_letter_subscription).filter(|t| !t.is_empty()),
             jobs_topic: Some(args.jobs_topic).filter(|t| !t.is_empty()),
@@ -505,6 +519,12 @@ fn serve_main(args: ServeArgs, engine: EngineArgs) -> ExitCode {
                 "--max-outstanding-messages",
                 "MAX_OUTSTANDING_MESSAGES",
                 args.max_outstanding_messages,
+                1,
+            )?,
+            chat_max_outstanding_messages: at_least(
+                "--chat-max-outstanding-messages",
+                "CHAT_MAX_OUTSTANDING_MESSAGES",
+                args.chat_max_outstanding_messages,
                 1,
             )?,
             max_outstanding_bytes: at_least(

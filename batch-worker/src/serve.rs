@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use google_cloud_pubsub::client::{Publisher, Subscriber};
 use google_cloud_pubsub::model::Message;
+use google_cloud_pubsub::subscriber::MessageStream;
 use google_cloud_pubsub::subscriber::handler::Handler;
 use serde_json::json;
 use shared::features::Featurizer;
@@ -60,6 +61,9 @@ pub struct ServeConfig {
     pub gather: Duration,
     pub project: String,
     pub subscription: String,
+    /// Chat messages' own subscription, pulled beside `subscription` with its own flow
+    /// control (none: chat messages come on `subscription`).
+    pub chat_subscription: Option<String>,
     pub dead_letter_topic: Option<String>,
     /// The dead-letter watch's own subscription on the dead-letter topic (none: no watch).
     pub dead_letter_subscription: Option<String>,
@@ -78,6 +82,7 @@ pub struct ServeConfig {
     /// Longest a message stays leased (lease extension stops after it).
     pub max_lease: Duration,
     pub max_outstanding_messages: i64,
+    pub chat_max_outstanding_messages: i64,
     pub max_outstanding_bytes: i64,
     pub poison_limit: u32,
     pub metrics_addr: Option<String>,
@@ -328,15 +333,29 @@ pub async fn serve(
         "projects/{}/subscriptions/{}",
         cfg.project, cfg.subscription
     );
-    let mut stream = subscriber
-        .subscribe(subscription.clone())
-        .set_max_outstanding_messages(cfg.max_outstanding_messages)
-        .set_max_outstanding_bytes(cfg.max_outstanding_bytes)
-        .set_max_lease_extension(cfg.ack_extension)
-        // The library's default is one hour; an `input_uri` shard can run longer.
-        .set_max_lease(cfg.max_lease)
-        .build();
+    let pull = |name: &str, max_messages: i64| {
+        subscriber
+            .subscribe(name.to_owned())
+            .set_max_outstanding_messages(max_messages)
+            .set_max_outstanding_bytes(cfg.max_outstanding_bytes)
+            .set_max_lease_extension(cfg.ack_extension)
+            // The library's default is one hour; an `input_uri` shard can run longer.
+            .set_max_lease(cfg.max_lease)
+            .build()
+    };
+    let mut stream = pull(&subscription, cfg.max_outstanding_messages);
+    // Pub/Sub delivers no more than the flow-control limit: were chat messages on the jobs
+    // subscription, one arriving while this worker holds its limit of batch shards (a
+    // `generate` shard runs for hours) would wait until a shard ends.
+    let chat_subscription = cfg
+        .chat_subscription
+        .as_ref()
+        .map(|name| format!("projects/{}/subscriptions/{name}", cfg.project));
+    let mut chat_stream = chat_subscription
+        .as_ref()
+        .map(|name| pull(name, cfg.chat_max_outstanding_messages));
     let shutdown = stream.shutdown_token();
+    let chat_shutdown = chat_stream.as_ref().map(MessageStream::shutdown_token);
     let provider = classify.provider();
     let classify_featurizer = classify.featurizer();
     let generate_batch = generate.as_ref().map_or(1, |g| g.batch_size());
@@ -389,6 +408,7 @@ pub async fn serve(
         worker_id = %ctx.cfg.worker_id,
         instance = %ctx.instance,
         %subscription,
+        chat_subscription = chat_subscription.as_deref().unwrap_or(""),
         provider,
         "serving"
     );
@@ -397,16 +417,17 @@ pub async fn serve(
     let mut failure = None;
     loop {
         while tasks.try_join_next().is_some() {}
-        let next = tokio::select! {
+        let (next, from) = tokio::select! {
             _ = drain.cancelled() => break,
-            n = stream.next() => n,
+            n = stream.next() => (n, &subscription),
+            n = next_chat(&mut chat_stream) => (n, chat_subscription.as_ref().unwrap_or(&subscription)),
         };
         match next {
             Some(Ok((m, h))) => {
                 tasks.spawn(handle(ctx.clone(), m, h));
             }
             Some(Err(e)) => {
-                failure = Some(anyhow::anyhow!("pulling from {subscription}: {e}"));
+                failure = Some(anyhow::anyhow!("pulling from {from}: {e}"));
                 drain.cancel();
                 break;
             }
@@ -419,7 +440,14 @@ pub async fn serve(
     tracing::info!(in_flight = tasks.len(), "draining: no new messages");
     // Close the stream first, so that shards nacked below go to other workers, not back to
     // this one; the shutdown completes once every held message is acked or nacked and flushed.
-    let flushed = tokio::spawn(async move { shutdown.shutdown().await });
+    let flushed = tokio::spawn(async move {
+        let chat = async move {
+            if let Some(s) = chat_shutdown {
+                s.shutdown().await;
+            }
+        };
+        tokio::join!(shutdown.shutdown(), chat);
+    });
     let drained = tokio::time::timeout(ctx.cfg.drain_timeout, async {
         while tasks.join_next().await.is_some() {}
     })
@@ -438,6 +466,16 @@ pub async fn serve(
     match failure {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+/// The chat subscription's next message; never, without one.
+async fn next_chat(
+    stream: &mut Option<MessageStream>,
+) -> Option<google_cloud_pubsub::Result<(Message, Handler)>> {
+    match stream {
+        Some(s) => s.next().await,
+        None => std::future::pending().await,
     }
 }
 

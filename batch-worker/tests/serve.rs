@@ -59,8 +59,25 @@ impl<'a> World<'a> {
         name: &str,
         max_delivery_attempts: u32,
     ) -> anyhow::Result<Self> {
+        Self::build(fx, name, max_delivery_attempts, true).await
+    }
+
+    /// A world whose chat messages go to the jobs topic, with no chat subscription.
+    async fn without_chat_subscription(fx: &'a Fixture, name: &str) -> anyhow::Result<Self> {
+        Self::build(fx, name, 20, false).await
+    }
+
+    async fn build(
+        fx: &'a Fixture,
+        name: &str,
+        max_delivery_attempts: u32,
+        chat_subscription: bool,
+    ) -> anyhow::Result<Self> {
         let project = stack::unique_name(name);
-        let t = Topology::unique(&project);
+        let mut t = Topology::unique(&project);
+        if !chat_subscription {
+            t = t.without_chat_subscription();
+        }
         let ps = PubSub::new(&fx.emu.pubsub_host);
         ps.create_topology(&t, 10, max_delivery_attempts).await?;
         let fs = Firestore::new(&fx.emu.firestore_host, &project);
@@ -893,6 +910,59 @@ async fn plan_that_crashes_every_time_is_dead_lettered(fx: &Fixture) -> anyhow::
 /// a `generate` batch drained mid-way (SIGTERM while a micro-batch decodes) is finished by
 /// another worker; outputs equal `batch-worker run --task generate` and nothing committed
 /// is redone.
+/// Without `CHAT_SUBSCRIPTION` chat messages come on the jobs subscription like any job (every
+/// other scenario publishes them to a chat topic that only the chat subscription reads). A
+/// chat subscription that does not exist stops the worker as a jobs subscription that does
+/// not exist does, naming it.
+async fn chat_without_its_own_subscription_comes_with_the_jobs(fx: &Fixture) -> anyhow::Result<()> {
+    let w = World::without_chat_subscription(fx, "chat-on-jobs").await?;
+    ensure!(w.t.chat_topic == w.t.topic);
+    let mut w1 = w
+        .worker("w1")
+        .with("MAX_NEW_TOKENS", "8")
+        .start(&w.log("w1.log"))?;
+    w.submit_chat("chat-1", "김밥집 추천해줘").await?;
+    let done = w
+        .wait_job("chat-1", Duration::from_secs(60), "succeeded", |j| {
+            j.status.is_final()
+        })
+        .await?;
+    ensure!(done.status == JobStatus::Succeeded, "chat job: {done:?}");
+    ensure!(
+        done.result.as_ref().is_some_and(|r| r["reply"].is_string()),
+        "{done:?}"
+    );
+    let status = w1.stop(Duration::from_secs(20));
+    ensure!(
+        status.is_some_and(|s| s.success()),
+        "the worker exits 0 on SIGTERM: {status:?}\n{}",
+        w1.log_tail(20)
+    );
+
+    let mut w2 = w
+        .worker("w2")
+        .with("CHAT_SUBSCRIPTION", "no-such-chat")
+        .start(&w.log("w2.log"))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = w2.try_wait() {
+            break s;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "still running without its chat subscription\n{}",
+            w2.log_tail(20)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let tail = w2.log_tail(5);
+    ensure!(
+        status.code() == Some(1) && tail.contains("subscriptions/no-such-chat"),
+        "{status:?}\n{tail}"
+    );
+    Ok(())
+}
+
 async fn generation_answers_chat_and_batches(fx: &Fixture) -> anyhow::Result<()> {
     let w = World::new(fx, "generate").await?;
     let gen_worker = |id: &str| {
@@ -1828,6 +1898,7 @@ async fn serve_keeps_every_item_exactly_once_through_faults() {
     scenario!(preemption_notice_drains);
     scenario!(shards_past_the_limit_wait_and_chat_does_not);
     scenario!(generation_answers_chat_and_batches);
+    scenario!(chat_without_its_own_subscription_comes_with_the_jobs);
     scenario!(unreachable_services_are_reported_until_they_answer);
     scenario!(utf16_input_file_fails_its_job);
     assert!(failures.is_empty(), "failed scenarios: {failures:#?}");

@@ -13,10 +13,18 @@ resource "google_project_service" "apis" {
   disable_on_destroy = false
 }
 
-# --- Pub/Sub: jobs, the worker subscription, dead letters ---------------------------------
+# --- Pub/Sub: jobs, chat, the worker subscriptions, dead letters ---------------------------
 
 resource "google_pubsub_topic" "jobs" {
   name       = "jobs"
+  depends_on = [google_project_service.apis]
+}
+
+# Queued chat messages (the edge's PUBSUB_CHAT_TOPIC). Pub/Sub delivers no more messages
+# than a subscriber's flow-control limit: on the jobs subscription, a chat message would wait
+# until one of the batch shards a worker holds (a `generate` shard runs for hours) ends.
+resource "google_pubsub_topic" "chat" {
+  name       = "chat"
   depends_on = [google_project_service.apis]
 }
 
@@ -48,6 +56,31 @@ resource "google_pubsub_subscription" "worker" {
 
   expiration_policy {
     ttl = "" # never expires
+  }
+}
+
+# The workers pull chat messages here beside their jobs subscription, with flow control of
+# their own (CHAT_SUBSCRIPTION, CHAT_MAX_OUTSTANDING_MESSAGES).
+resource "google_pubsub_subscription" "worker_chat" {
+  name                       = "worker-chat"
+  topic                      = google_pubsub_topic.chat.id
+  ack_deadline_seconds       = var.ack_deadline_seconds
+  message_retention_duration = "604800s"
+  retain_acked_messages      = false
+
+  # Someone waits for each reply: retry sooner than the jobs subscription does.
+  retry_policy {
+    minimum_backoff = "1s"
+    maximum_backoff = "60s"
+  }
+
+  dead_letter_policy {
+    dead_letter_topic     = google_pubsub_topic.dead_letter.id
+    max_delivery_attempts = var.max_delivery_attempts
+  }
+
+  expiration_policy {
+    ttl = ""
   }
 }
 
@@ -91,6 +124,12 @@ resource "google_pubsub_topic_iam_member" "agent_publishes_dead_letters" {
 
 resource "google_pubsub_subscription_iam_member" "agent_acks_source" {
   subscription = google_pubsub_subscription.worker.id
+  role         = "roles/pubsub.subscriber"
+  member       = local.pubsub_agent
+}
+
+resource "google_pubsub_subscription_iam_member" "agent_acks_chat_source" {
+  subscription = google_pubsub_subscription.worker_chat.id
   role         = "roles/pubsub.subscriber"
   member       = local.pubsub_agent
 }
@@ -149,11 +188,17 @@ resource "google_service_account" "worker" {
   display_name = "cheap-serve batch worker"
 }
 
-# Edge: publish to the jobs topic only; read and write documents (job records, idempotency
+# Edge: publish to the jobs and chat topics only; read and write documents (job records, idempotency
 # keys). Firestore has no per-collection IAM: datastore.user is the narrowest role that
 # reads and writes documents.
 resource "google_pubsub_topic_iam_member" "edge_publishes_jobs" {
   topic  = google_pubsub_topic.jobs.id
+  role   = "roles/pubsub.publisher"
+  member = "serviceAccount:${google_service_account.edge.email}"
+}
+
+resource "google_pubsub_topic_iam_member" "edge_publishes_chat" {
+  topic  = google_pubsub_topic.chat.id
   role   = "roles/pubsub.publisher"
   member = "serviceAccount:${google_service_account.edge.email}"
 }
@@ -164,11 +209,17 @@ resource "google_project_iam_member" "edge_firestore" {
   member  = "serviceAccount:${google_service_account.edge.email}"
 }
 
-# Worker: pull from its subscription and its dead-letter watch, publish quarantined shards to
+# Worker: pull from its subscriptions (jobs, chat) and its dead-letter watch, publish quarantined shards to
 # the dead-letter topic and the shards of input files (and requeued dead letters) to the jobs
 # topic, job records and checkpoints, objects of the output bucket, logs and metrics.
 resource "google_pubsub_subscription_iam_member" "worker_subscribes" {
   subscription = google_pubsub_subscription.worker.id
+  role         = "roles/pubsub.subscriber"
+  member       = "serviceAccount:${google_service_account.worker.email}"
+}
+
+resource "google_pubsub_subscription_iam_member" "worker_subscribes_chat" {
+  subscription = google_pubsub_subscription.worker_chat.id
   role         = "roles/pubsub.subscriber"
   member       = "serviceAccount:${google_service_account.worker.email}"
 }
@@ -261,6 +312,7 @@ resource "google_compute_instance_template" "worker" {
     lm-url                = var.lm_url
     lm-sha256             = var.lm_sha256
     pubsub-subscription   = google_pubsub_subscription.worker.name
+    chat-subscription     = google_pubsub_subscription.worker_chat.name
     dead-letter-topic     = google_pubsub_topic.dead_letter.name
     dead-letter-watch     = google_pubsub_subscription.dead_letter_watch.name
     jobs-topic            = google_pubsub_topic.jobs.name
@@ -292,9 +344,10 @@ resource "google_compute_instance_group_manager" "workers" {
   }
 }
 
-# Scale with the backlog: one worker per `undelivered_per_worker` undelivered shard messages,
-# down to zero VMs when the queue is empty (allowed because the metric is a per-group
-# Pub/Sub metric with single_instance_assignment; utilization-based policies cannot go to 0).
+# Scale with the backlog: one worker per `undelivered_per_worker` undelivered shard messages
+# (or chat messages: the autoscaler follows whichever signal asks for more VMs), down to zero
+# VMs when both queues are empty (allowed because the metrics are per-group Pub/Sub metrics
+# with single_instance_assignment; utilization-based policies cannot go to 0).
 resource "google_compute_autoscaler" "workers" {
   name   = "${var.name}-workers"
   zone   = var.zone
@@ -308,6 +361,12 @@ resource "google_compute_autoscaler" "workers" {
     metric {
       name                       = "pubsub.googleapis.com/subscription/num_undelivered_messages"
       filter                     = "resource.type = pubsub_subscription AND resource.labels.subscription_id = \"${google_pubsub_subscription.worker.name}\""
+      single_instance_assignment = var.undelivered_per_worker
+    }
+
+    metric {
+      name                       = "pubsub.googleapis.com/subscription/num_undelivered_messages"
+      filter                     = "resource.type = pubsub_subscription AND resource.labels.subscription_id = \"${google_pubsub_subscription.worker_chat.name}\""
       single_instance_assignment = var.undelivered_per_worker
     }
   }

@@ -2,6 +2,11 @@ output "jobs_topic" {
   value = google_pubsub_topic.jobs.name
 }
 
+output "chat_topic" {
+  description = "The Worker variable PUBSUB_CHAT_TOPIC."
+  value       = google_pubsub_topic.chat.name
+}
+
 output "worker_subscription" {
   value = google_pubsub_subscription.worker.name
 }

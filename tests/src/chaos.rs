@@ -313,6 +313,7 @@ async fn with_emulators(
         &EdgeConfig {
             project: t.project.clone(),
             topic: t.topic.clone(),
+            chat_topic: t.chat_topic.clone(),
             pubsub_host: emu.pubsub_host.clone(),
             firestore_host: emu.firestore_host.clone(),
             api_keys: shared::apikey::entry("chaos", KEY, b"chaos-salt"),

@@ -13,6 +13,11 @@ pub struct Topology {
     pub topic: String,
     /// Worker subscription on `topic`.
     pub subscription: String,
+    /// Topic the edge publishes queued chat messages to (`PUBSUB_CHAT_TOPIC`).
+    pub chat_topic: String,
+    /// The workers' chat subscription on `chat_topic` (`CHAT_SUBSCRIPTION`); `None`: chat
+    /// messages go to `topic` like any job (then `chat_topic` is `topic`).
+    pub chat_subscription: Option<String>,
     /// Dead-letter topic for messages delivered too often.
     pub dead_letter_topic: String,
     /// Subscription on the dead-letter topic, so dead letters are kept and can be inspected.
@@ -29,6 +34,8 @@ impl Topology {
             project: project.to_owned(),
             topic: format!("jobs-{id}"),
             subscription: format!("worker-{id}"),
+            chat_topic: format!("chat-{id}"),
+            chat_subscription: Some(format!("worker-chat-{id}")),
             dead_letter_topic: format!("dead-{id}"),
             dead_letter_subscription: format!("dead-sub-{id}"),
             dead_letter_watch: format!("dead-watch-{id}"),
@@ -41,9 +48,21 @@ impl Topology {
             project: project.to_owned(),
             topic: "jobs".into(),
             subscription: "worker".into(),
+            chat_topic: "chat".into(),
+            chat_subscription: Some("worker-chat".into()),
             dead_letter_topic: "jobs-dead".into(),
             dead_letter_subscription: "jobs-dead-sub".into(),
             dead_letter_watch: "jobs-dead-watch".into(),
+        }
+    }
+
+    /// The same names with chat messages on the jobs topic and no chat subscription (a
+    /// worker built before `CHAT_SUBSCRIPTION` existed).
+    pub fn without_chat_subscription(self) -> Self {
+        Self {
+            chat_topic: self.topic.clone(),
+            chat_subscription: None,
+            ..self
         }
     }
 }
@@ -94,7 +113,7 @@ impl PubSub {
         Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
     }
 
-    /// Creates the topics and subscriptions of `t`; the worker subscription dead-letters after
+    /// Creates the topics and subscriptions of `t`; the worker subscriptions dead-letter after
     /// `max_delivery_attempts` and gets `ack_deadline_seconds`.
     pub async fn create_topology(
         &self,
@@ -103,7 +122,11 @@ impl PubSub {
         max_delivery_attempts: u32,
     ) -> anyhow::Result<()> {
         let p = &t.project;
-        for topic in [&t.topic, &t.dead_letter_topic] {
+        let mut topics = vec![&t.topic, &t.dead_letter_topic];
+        if t.chat_subscription.is_some() {
+            topics.push(&t.chat_topic);
+        }
+        for topic in topics {
             self.call(
                 reqwest::Method::PUT,
                 &format!("projects/{p}/topics/{topic}"),
@@ -119,20 +142,24 @@ impl PubSub {
             )
             .await?;
         }
-        self.call(
-            reqwest::Method::PUT,
-            &format!("projects/{p}/subscriptions/{}", t.subscription),
-            json!({
-                "topic": format!("projects/{p}/topics/{}", t.topic),
-                "ackDeadlineSeconds": ack_deadline_seconds,
-                "deadLetterPolicy": {
-                    "deadLetterTopic": format!("projects/{p}/topics/{}", t.dead_letter_topic),
-                    "maxDeliveryAttempts": max_delivery_attempts,
-                },
-                "retryPolicy": {"minimumBackoff": "1s", "maximumBackoff": "10s"},
-            }),
-        )
-        .await?;
+        let workers = std::iter::once((&t.subscription, &t.topic))
+            .chain(t.chat_subscription.as_ref().map(|s| (s, &t.chat_topic)));
+        for (sub, topic) in workers {
+            self.call(
+                reqwest::Method::PUT,
+                &format!("projects/{p}/subscriptions/{sub}"),
+                json!({
+                    "topic": format!("projects/{p}/topics/{topic}"),
+                    "ackDeadlineSeconds": ack_deadline_seconds,
+                    "deadLetterPolicy": {
+                        "deadLetterTopic": format!("projects/{p}/topics/{}", t.dead_letter_topic),
+                        "maxDeliveryAttempts": max_delivery_attempts,
+                    },
+                    "retryPolicy": {"minimumBackoff": "1s", "maximumBackoff": "10s"},
+                }),
+            )
+            .await?;
+        }
         Ok(())
     }
 

@@ -98,13 +98,18 @@ impl Jobs {
         Ok(())
     }
 
-    /// Publishes `m` on the jobs topic with its `job_id` attribute.
+    /// Publishes `m` with its `job_id` attribute where the edge would: a chat message on the
+    /// chat topic, any other on the jobs topic.
     pub async fn publish(&self, m: &JobMessage) -> anyhow::Result<()> {
         let t = &self.topology;
+        let topic = match m.kind {
+            JobKind::Chat => &t.chat_topic,
+            JobKind::Batch => &t.topic,
+        };
         self.ps
             .publish(
                 &t.project,
-                &t.topic,
+                topic,
                 &serde_json::to_vec(m)?,
                 &[("job_id", &m.job_id)],
             )

@@ -3,6 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use anyhow::Context;
+
 use crate::emulators::Emulators;
 use crate::gcp::Topology;
 use crate::process::Group;
@@ -47,12 +49,26 @@ impl WorkerConfig {
         self
     }
 
+    /// Whether `bin` reads `CHAT_SUBSCRIPTION` (builds before it took chat messages on the
+    /// jobs subscription alone; `cargo xtask bench-chat --compare` measures such builds too).
+    pub fn reads_chat_subscription(bin: &Path) -> anyhow::Result<bool> {
+        let out = Command::new(bin)
+            .args(["serve", "--help"])
+            .output()
+            .with_context(|| format!("running {} serve --help", bin.display()))?;
+        Ok(String::from_utf8_lossy(&out.stdout).contains("CHAT_SUBSCRIPTION"))
+    }
+
     /// Starts `batch-worker serve --device cpu`, output in `log`.
     pub fn start(&self, log: &Path) -> anyhow::Result<Group> {
         let mut cmd = Command::new(&self.bin);
         cmd.args(["serve", "--device", "cpu"])
             .env("GCP_PROJECT", &self.topology.project)
             .env("PUBSUB_SUBSCRIPTION", &self.topology.subscription)
+            .env(
+                "CHAT_SUBSCRIPTION",
+                self.topology.chat_subscription.as_deref().unwrap_or(""),
+            )
             .env("DEAD_LETTER_TOPIC", &self.topology.dead_letter_topic)
             .env("DEAD_LETTER_SUBSCRIPTION", &self.topology.dead_letter_watch)
             .env("JOBS_TOPIC", &self.topology.topic)

@@ -14,6 +14,8 @@ use crate::{root, wait_for};
 pub struct EdgeConfig {
     pub project: String,
     pub topic: String,
+    /// `PUBSUB_CHAT_TOPIC`: where queued chat messages go.
+    pub chat_topic: String,
     /// `host:port` of the emulators; empty leaves the variable out, so the Worker calls
     /// `PUBSUB_ENDPOINT` / `FIRESTORE_ENDPOINT` with service-account credentials.
     pub pubsub_host: String,
@@ -86,6 +88,7 @@ impl Wrangler {
         let mut vars = vec![
             ("GCP_PROJECT".to_owned(), cfg.project.clone()),
             ("PUBSUB_TOPIC".to_owned(), cfg.topic.clone()),
+            ("PUBSUB_CHAT_TOPIC".to_owned(), cfg.chat_topic.clone()),
             ("PUBSUB_EMULATOR_HOST".to_owned(), cfg.pubsub_host.clone()),
             (
                 "FIRESTORE_EMULATOR_HOST".to_owned(),

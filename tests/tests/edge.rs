@@ -76,19 +76,15 @@ async fn log_line(wr: &Wrangler, request_id: &str) -> Value {
     }
 }
 
-async fn pull_n(ps: &PubSub, t: &Topology, n: usize) -> Vec<Received> {
+/// Up to `n` messages of `subscription`, acked (20 s at most).
+async fn pull_n(ps: &PubSub, t: &Topology, subscription: &str, n: usize) -> Vec<Received> {
     let mut got = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(20);
     while got.len() < n && Instant::now() < deadline {
-        let batch = ps
-            .pull(&t.project, &t.subscription, 100)
-            .await
-            .expect("pull");
+        let batch = ps.pull(&t.project, subscription, 100).await.expect("pull");
         if !batch.is_empty() {
             let ids: Vec<String> = batch.iter().map(|m| m.ack_id.clone()).collect();
-            ps.ack(&t.project, &t.subscription, &ids)
-                .await
-                .expect("ack");
+            ps.ack(&t.project, subscription, &ids).await.expect("ack");
         }
         got.extend(batch);
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -118,6 +114,7 @@ async fn the_worker_in_wrangler_dev_serves_the_contract_against_the_emulators() 
     let cfg = EdgeConfig {
         project: t.project.clone(),
         topic: t.topic.clone(),
+        chat_topic: t.chat_topic.clone(),
         pubsub_host: emu.pubsub_host.clone(),
         firestore_host: emu.firestore_host.clone(),
         api_keys: keys,
@@ -183,8 +180,18 @@ async fn the_worker_in_wrangler_dev_serves_the_contract_against_the_emulators() 
         h.get("location").and_then(|v| v.to_str().ok()),
         Some(format!("/v1/jobs/{job}").as_str())
     );
-    let msgs = pull_n(&ps, &t, 1).await;
+    let chats = t.chat_subscription.clone().expect("a chat subscription");
+    let msgs = pull_n(&ps, &t, &chats, 1).await;
     assert_eq!(msgs.len(), 1);
+    let jobs_topic = ps
+        .pull(&t.project, &t.subscription, 10)
+        .await
+        .expect("pull");
+    assert!(
+        jobs_topic.is_empty(),
+        "a chat message goes to the chat topic alone: {} on the jobs topic",
+        jobs_topic.len()
+    );
     let m = message(&msgs[0]);
     assert_eq!(m["job_id"], job.as_str());
     assert_eq!(msgs[0].attributes["job_id"], job.as_str());
@@ -251,7 +258,7 @@ async fn the_worker_in_wrangler_dev_serves_the_contract_against_the_emulators() 
         .await;
     assert_eq!(s, 202);
     assert_ne!(b3["job_id"], b["job_id"]);
-    let msgs = pull_n(&ps, &t, 2).await;
+    let msgs = pull_n(&ps, &t, &chats, 2).await;
     assert_eq!(msgs.len(), 1, "a replay must not publish");
     assert_eq!(message(&msgs[0])["job_id"], b3["job_id"]);
 
@@ -299,8 +306,14 @@ async fn the_worker_in_wrangler_dev_serves_the_contract_against_the_emulators() 
         .await;
     assert_eq!((s, b["counts"]["total"].as_u64()), (202, Some(2500)), "{b}");
     let batch = b["job_id"].as_str().expect("batch id").to_owned();
-    let msgs = pull_n(&ps, &t, 3).await;
+    let msgs = pull_n(&ps, &t, &t.subscription, 3).await;
     assert_eq!(msgs.len(), 3);
+    let chat_topic = ps.pull(&t.project, &chats, 10).await.expect("pull");
+    assert!(
+        chat_topic.is_empty(),
+        "batch shards go to the jobs topic: {} on the chat topic",
+        chat_topic.len()
+    );
     let mut ids = HashSet::new();
     for m in &msgs {
         let v = message(m);
@@ -341,6 +354,7 @@ async fn the_worker_in_wrangler_dev_serves_the_contract_against_the_emulators() 
     let prod = EdgeConfig {
         project,
         topic: "t".into(),
+        chat_topic: "t".into(),
         pubsub_host: String::new(),
         firestore_host: emu.firestore_host.clone(),
         api_keys: cfg.api_keys.clone(),

@@ -285,6 +285,7 @@ fn fixture(name: &str, release: Release) -> Fixture {
             ),
             (attr("lm-sha256"), lm_sha.into_bytes()),
             (attr("pubsub-subscription"), b"worker".to_vec()),
+            (attr("chat-subscription"), b"worker-chat".to_vec()),
             (attr("output-root"), b"gs://bucket/out".to_vec()),
             ("/releases/worker.tar.gz".into(), worker),
             ("/releases/ort.tar.gz".into(), ort),
@@ -376,6 +377,7 @@ fn startup_script_installs_configures_and_is_idempotent() {
     for line in [
         "GCP_PROJECT=proj-1",
         "PUBSUB_SUBSCRIPTION=worker",
+        "CHAT_SUBSCRIPTION=worker-chat",
         "DEAD_LETTER_TOPIC=jobs-dead",
         "DEAD_LETTER_SUBSCRIPTION=jobs-dead-watch",
         "JOBS_TOPIC=jobs",
@@ -601,6 +603,37 @@ fn terraform_declares_the_queue_store_bucket_accounts_and_spot_workers() {
         "var.max_delivery_attempts"
     );
     assert!(attr(sub, "message_retention_duration").ends_with('s'));
+    // Chat messages have a topic and a worker subscription of their own, so that Pub/Sub's
+    // flow control on the jobs subscription (a worker's limit of batch shards) never holds
+    // one back; they dead-letter like shards.
+    find(&tf, "resource", "google_pubsub_topic", "chat");
+    let chat = find(&tf, "resource", "google_pubsub_subscription", "worker_chat");
+    assert!(attr(chat, "topic").contains("google_pubsub_topic.chat"));
+    assert_eq!(
+        attr(chat, "dead_letter_policy.max_delivery_attempts"),
+        "var.max_delivery_attempts"
+    );
+    assert!(attr(chat, "dead_letter_policy.dead_letter_topic").contains("dead_letter"));
+    for (kind, name, target) in [
+        (
+            "google_pubsub_topic_iam_member",
+            "edge_publishes_chat",
+            "topic",
+        ),
+        (
+            "google_pubsub_subscription_iam_member",
+            "worker_subscribes_chat",
+            "subscription",
+        ),
+        (
+            "google_pubsub_subscription_iam_member",
+            "agent_acks_chat_source",
+            "subscription",
+        ),
+    ] {
+        let b = find(&tf, "resource", kind, name);
+        assert!(attr(b, target).contains("chat"), "{name}");
+    }
     let poison: u32 = default_of(&tf, "poison_limit").parse().expect("number");
     let attempts: u32 = default_of(&tf, "max_delivery_attempts")
         .parse()
@@ -714,6 +747,7 @@ fn terraform_declares_the_queue_store_bucket_accounts_and_spot_workers() {
         metadata.contains("startup.sh")
             && metadata.contains("shutdown.sh")
             && metadata.contains("jobs-topic")
+            && metadata.contains("chat-subscription")
             && metadata.contains("dead-letter-watch"),
         "{metadata}"
     );
@@ -732,6 +766,33 @@ fn terraform_declares_the_queue_store_bucket_accounts_and_spot_workers() {
         attr(auto, "autoscaling_policy.metric.name"),
         "pubsub.googleapis.com/subscription/num_undelivered_messages"
     );
+    // A backlog on either subscription starts a worker.
+    let policy = auto
+        .body
+        .blocks()
+        .find(|b| b.identifier.as_str() == "autoscaling_policy")
+        .expect("autoscaling_policy");
+    let watched: Vec<String> = policy
+        .body
+        .blocks()
+        .filter(|b| b.identifier.as_str() == "metric")
+        .map(|m| {
+            m.body
+                .attributes()
+                .find(|a| a.key.as_str() == "filter")
+                .map(|a| expr(&a.expr))
+                .unwrap_or_default()
+        })
+        .collect();
+    for sub in [
+        "google_pubsub_subscription.worker.name",
+        "google_pubsub_subscription.worker_chat.name",
+    ] {
+        assert!(
+            watched.iter().any(|f| f.contains(sub)),
+            "no autoscaling metric on {sub}: {watched:?}"
+        );
+    }
 
     // The example variables file sets every variable without a default.
     let example = std::fs::read_to_string(root().join("infra/terraform/terraform.tfvars.example"))

@@ -103,6 +103,7 @@ async fn measure_once(args: &Args, repeat: u32, n: usize) -> anyhow::Result<Run>
     let cfg = EdgeConfig {
         project: "bench".into(),
         topic: "jobs".into(),
+        chat_topic: "jobs".into(),
         // Trivial messages never reach Pub/Sub or Firestore.
         pubsub_host: "127.0.0.1:9".into(),
         firestore_host: "127.0.0.1:9".into(),

@@ -185,7 +185,10 @@ async fn chat_round(
     emu: &Emulators,
     texts: &[String],
 ) -> anyhow::Result<Round> {
-    let t = Topology::unique("bench-chat");
+    let mut t = Topology::unique("bench-chat");
+    if !WorkerConfig::reads_chat_subscription(bin)? {
+        t = t.without_chat_subscription();
+    }
     PubSub::new(&emu.pubsub_host)
         .create_topology(&t, 60, 10)
         .await?;

@@ -132,6 +132,7 @@ async fn serve(args: Args, dir: &std::path::Path, metrics: String) -> anyhow::Re
     let cfg = EdgeConfig {
         project: args.project.clone(),
         topic: topology.topic.clone(),
+        chat_topic: topology.chat_topic.clone(),
         pubsub_host: emulators.pubsub_host.clone(),
         firestore_host: emulators.firestore_host.clone(),
         api_keys: shared::apikey::entry("dev", &api_key, &salt),
@@ -150,8 +151,11 @@ async fn serve(args: Args, dir: &std::path::Path, metrics: String) -> anyhow::Re
     println!("PUBSUB_EMULATOR_HOST={}", emulators.pubsub_host);
     println!("FIRESTORE_EMULATOR_HOST={}", emulators.firestore_host);
     println!(
-        "topic={} subscription={}",
-        topology.topic, topology.subscription
+        "topic={} subscription={} chat_topic={} chat_subscription={}",
+        topology.topic,
+        topology.subscription,
+        topology.chat_topic,
+        topology.chat_subscription.as_deref().unwrap_or("")
     );
     println!("OUTPUT_ROOT=file://{}", outputs.display());
     println!("DEV_API_KEY={api_key}");

@@ -69,6 +69,7 @@ pub fn measure(args: &Args) -> anyhow::Result<stack::load::Report> {
             &EdgeConfig {
                 project: t.project.clone(),
                 topic: t.topic.clone(),
+                chat_topic: t.chat_topic.clone(),
                 pubsub_host: emu.pubsub_host.clone(),
                 firestore_host: emu.firestore_host.clone(),
                 api_keys: shared::apikey::entry("load", &key, &crate::random_bytes(16)?),

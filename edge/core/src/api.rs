@@ -602,9 +602,13 @@ impl App {
             .map_err(|e| ApiError::unavailable("internal", e.to_string()))?;
         // A random 128-bit id: "already exists" can only be our own retried create.
         gcp.create(p, JOBS_COLLECTION, &record.job_id, doc).await?;
+        let topic = match record.kind {
+            JobKind::Chat => &gcp.config.chat_topic,
+            JobKind::Batch => &gcp.config.topic,
+        };
         let mut published = 0;
         for batch in publish_batches(messages) {
-            let result = gcp.publish(p, &batch).await;
+            let result = gcp.publish(p, topic, &batch).await;
             if let Err(e) = result {
                 self.abandon(p, gcp, record, published).await;
                 return Err(e);

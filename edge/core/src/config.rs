@@ -4,6 +4,7 @@
 //! |---|---|---|
 //! | `GCP_PROJECT` | — (required) | project of the Pub/Sub topic and Firestore database |
 //! | `PUBSUB_TOPIC` | `jobs` | topic job messages are published to |
+//! | `PUBSUB_CHAT_TOPIC` | `PUBSUB_TOPIC` | topic queued chat messages are published to (the workers pull it through their own chat subscription, so a reply never waits behind batch shards) |
 //! | `FIRESTORE_DATABASE` | `(default)` | Firestore database id |
 //! | `PUBSUB_EMULATOR_HOST` | — | `host:port` of the Pub/Sub emulator (no credentials then) |
 //! | `FIRESTORE_EMULATOR_HOST` | — | `host:port` of the Firestore emulator |
@@ -107,10 +108,12 @@ fn gcp(
             .map_err(|_| format!("UPSTREAM_DEADLINE_MS must be milliseconds, got {v:?}"))?,
         None => 8_000,
     };
+    let topic = get("PUBSUB_TOPIC").unwrap_or_else(|| "jobs".into());
     Ok((
         GcpConfig {
             project,
-            topic: get("PUBSUB_TOPIC").unwrap_or_else(|| "jobs".into()),
+            chat_topic: get("PUBSUB_CHAT_TOPIC").unwrap_or_else(|| topic.clone()),
+            topic,
             database: get("FIRESTORE_DATABASE").unwrap_or_else(|| "(default)".into()),
             pubsub_emulated: pubsub_emu.is_some(),
             firestore_emulated: firestore_emu.is_some(),
@@ -139,14 +142,26 @@ mod tests {
         gcp(&get).map(|(c, _)| c)
     }
 
+    /// A project and both emulators: the least that configures Google Cloud.
+    const EMU: [(&str, &str); 3] = [
+        ("GCP_PROJECT", "p"),
+        ("PUBSUB_EMULATOR_HOST", "127.0.0.1:1"),
+        ("FIRESTORE_EMULATOR_HOST", "127.0.0.1:2"),
+    ];
+
+    #[test]
+    fn chat_messages_go_to_the_jobs_topic_unless_a_chat_topic_is_set() {
+        let c = gcp_of(&EMU).expect("defaults");
+        assert_eq!((c.topic.as_str(), c.chat_topic.as_str()), ("jobs", "jobs"));
+        let c = gcp_of(&[EMU.as_slice(), &[("PUBSUB_TOPIC", "bulk")]].concat()).expect("topic");
+        assert_eq!((c.topic.as_str(), c.chat_topic.as_str()), ("bulk", "bulk"));
+        let c = gcp_of(&[EMU.as_slice(), &[("PUBSUB_CHAT_TOPIC", "chat")]].concat()).expect("chat");
+        assert_eq!((c.topic.as_str(), c.chat_topic.as_str()), ("jobs", "chat"));
+    }
+
     #[test]
     fn endpoints_default_to_google_and_can_be_overridden() {
-        let emu = [
-            ("GCP_PROJECT", "p"),
-            ("PUBSUB_EMULATOR_HOST", "127.0.0.1:1"),
-            ("FIRESTORE_EMULATOR_HOST", "127.0.0.1:2"),
-        ];
-        let c = gcp_of(&emu).expect("emulators");
+        let c = gcp_of(&EMU).expect("emulators");
         assert_eq!(
             (c.pubsub_base.as_str(), c.pubsub_emulated),
             ("http://127.0.0.1:1", true)

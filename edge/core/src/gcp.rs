@@ -16,7 +16,10 @@ const SCOPE: &str = "https://www.googleapis.com/auth/cloud-platform";
 #[derive(Clone, Debug)]
 pub struct GcpConfig {
     pub project: String,
+    /// Where batch jobs' messages go.
     pub topic: String,
+    /// Where queued chat messages go (the same as `topic` unless `PUBSUB_CHAT_TOPIC` is set).
+    pub chat_topic: String,
     pub database: String,
     /// `http://host:port` of the emulator, or the production endpoint.
     pub pubsub_base: String,
@@ -308,16 +311,17 @@ impl Gcp {
         }
     }
 
-    /// Publishes `messages` (JSON data, string attributes); returns once Pub/Sub gave a
-    /// message id for each.
+    /// Publishes `messages` (JSON data, string attributes) to `topic`; returns once Pub/Sub
+    /// gave a message id for each.
     pub async fn publish(
         &self,
         p: &impl Platform,
+        topic: &str,
         messages: &[Outgoing<'_>],
     ) -> Result<Vec<String>, ApiError> {
         let url = format!(
-            "{}/v1/projects/{}/topics/{}:publish",
-            self.config.pubsub_base, self.config.project, self.config.topic
+            "{}/v1/projects/{}/topics/{topic}:publish",
+            self.config.pubsub_base, self.config.project
         );
         let body = json!({
             "messages": messages.iter().map(|(data, attrs)| json!({

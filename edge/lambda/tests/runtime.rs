@@ -125,6 +125,7 @@ async fn the_binary_serves_invocations_against_the_emulators() {
         .envs(emu.env())
         .env("GCP_PROJECT", &t.project)
         .env("PUBSUB_TOPIC", &t.topic)
+        .env("PUBSUB_CHAT_TOPIC", &t.chat_topic)
         .env("API_KEYS", entry("alice", KEY, b"lambda-rt-salt"))
         .env("UPSTREAM_DEADLINE_MS", "5000");
     let started = std::time::Instant::now();
@@ -170,12 +171,10 @@ async fn the_binary_serves_invocations_against_the_emulators() {
         a.header("location"),
         Some(format!("/v1/jobs/{job_id}").as_str())
     );
+    let chats = t.chat_subscription.clone().expect("a chat subscription");
     let mut published = Vec::new();
     for _ in 0..50 {
-        published = ps
-            .pull(&t.project, &t.subscription, 10)
-            .await
-            .expect("pull");
+        published = ps.pull(&t.project, &chats, 10).await.expect("pull");
         if !published.is_empty() {
             break;
         }
@@ -245,6 +244,7 @@ async fn the_binary_serves_invocations_against_the_emulators() {
         GcpConfig {
             project: t.project.clone(),
             topic: t.topic.clone(),
+            chat_topic: t.chat_topic.clone(),
             database: "(default)".into(),
             pubsub_base: format!("http://{}", emu.pubsub_host),
             firestore_base: format!("http://{}", emu.firestore_host),

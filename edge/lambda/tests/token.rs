@@ -18,6 +18,7 @@ async fn service_account_jwt_is_signed_exchanged_and_cached() {
         GcpConfig {
             project: "p".into(),
             topic: "t".into(),
+            chat_topic: "t".into(),
             database: "(default)".into(),
             pubsub_base: base.clone(),
             firestore_base: base.clone(),
@@ -30,7 +31,11 @@ async fn service_account_jwt_is_signed_exchanged_and_cached() {
     let p = Native::new();
     for n in 1..=3 {
         let ids = gcp
-            .publish(&p, &[(b"{}".to_vec(), vec![("job_id", "j".to_owned())])])
+            .publish(
+                &p,
+                "t",
+                &[(b"{}".to_vec(), vec![("job_id", "j".to_owned())])],
+            )
             .await
             .expect("publish");
         assert_eq!(ids, [n.to_string()]);
