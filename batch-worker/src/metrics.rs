@@ -21,8 +21,9 @@ impl Counter {
 }
 
 /// Latency buckets in seconds (upper bounds).
-const BUCKETS: [f64; 14] = [
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+const BUCKETS: [f64; 16] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
 ];
 
 /// A latency histogram.
@@ -93,6 +94,8 @@ pub struct Metrics {
     pub firestore_operations: std::sync::Arc<Counter>,
     pub inference: Histogram,
     pub chunk_commit: Histogram,
+    /// From a chat message's publish to its ack here: how long someone waited for a reply.
+    pub chat_reply: Histogram,
 }
 
 impl Metrics {
@@ -206,6 +209,11 @@ impl Metrics {
         self.chunk_commit.render(
             "batch_worker_chunk_commit_seconds",
             "Time to write a chunk and its checkpoint",
+            &mut out,
+        );
+        self.chat_reply.render(
+            "batch_worker_chat_reply_seconds",
+            "From a queued chat message's publish (Pub/Sub's clock) to its ack here: its reply committed, or its job found already finished",
             &mut out,
         );
         out

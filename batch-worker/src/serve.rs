@@ -507,6 +507,14 @@ async fn handle(ctx: Arc<Ctx>, m: Message, h: Handler) {
             return;
         }
     };
+    // When Pub/Sub took a chat message: someone has waited for its reply since.
+    let chat_published_ms = (msg.kind == JobKind::Chat)
+        .then_some(m.publish_time.as_ref())
+        .flatten()
+        .and_then(|t| {
+            let ms = t.seconds() * 1000 + i64::from(t.nanos() / 1_000_000);
+            u64::try_from(ms).ok()
+        });
     let span = tracing::info_span!("shard", job_id = %msg.job_id, shard = msg.shard);
     async {
         tracing::debug!(?attempt, "message received");
@@ -526,7 +534,15 @@ async fn handle(ctx: Arc<Ctx>, m: Message, h: Handler) {
             None
         };
         match process(&ctx, &msg, &m, attempt.is_some_and(|a| a > 1)).await {
-            Ok(Outcome::Ack) => h.ack(),
+            Ok(Outcome::Ack) => {
+                h.ack();
+                if let Some(published) = chat_published_ms {
+                    let waited = now_ms().saturating_sub(published);
+                    ctx.metrics
+                        .chat_reply
+                        .observe(Duration::from_millis(waited));
+                }
+            }
             Ok(Outcome::Nack) => h.nack(),
             Err(e) => {
                 // Transient (Firestore or storage unavailable): give it back after a pause.

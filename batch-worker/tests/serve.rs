@@ -1009,6 +1009,28 @@ async fn generation_answers_chat_and_batches(fx: &Fixture) -> anyhow::Result<()>
         ops == 4,
         "the chat reply took {ops} Firestore operations, not 4"
     );
+    // Its wait, from publish to ack, is in the chat histogram (the ack follows the commit).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (count, sum) = loop {
+        let m = reqwest::get(format!("http://127.0.0.1:{w1_port}/metrics"))
+            .await?
+            .text()
+            .await?;
+        let count = counter(&m, "batch_worker_chat_reply_seconds_count")?;
+        let sum: f64 = m
+            .lines()
+            .find_map(|l| l.strip_prefix("batch_worker_chat_reply_seconds_sum "))
+            .and_then(|v| v.trim().parse().ok())
+            .context("batch_worker_chat_reply_seconds_sum")?;
+        if count > 0 || Instant::now() > deadline {
+            break (count, sum);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    ensure!(
+        count == 1 && sum > 0.0 && sum < 60.0,
+        "chat reply histogram: count {count}, sum {sum} s"
+    );
     let reply = done
         .result
         .as_ref()
