@@ -518,22 +518,10 @@ async fn handle(ctx: Arc<Ctx>, m: Message, h: Handler) {
     let span = tracing::info_span!("shard", job_id = %msg.job_id, shard = msg.shard);
     async {
         tracing::debug!(?attempt, "message received");
-        // A batch shard with work in it waits for a slot; at a drain it goes back at once.
-        let has_work = msg.kind == JobKind::Batch && (msg.range.is_some() || !msg.items.is_empty());
-        let _slot = if has_work {
-            let slots = ctx.shard_slots.clone();
-            tokio::select! {
-                biased;
-                _ = ctx.drain.cancelled() => {
-                    h.nack();
-                    return;
-                }
-                slot = slots.acquire_owned() => slot.ok(),
-            }
-        } else {
-            None
-        };
-        match process(&ctx, &msg, &m, attempt.is_some_and(|a| a > 1)).await {
+        // A batch shard with work in it runs in one of the worker's slots (see `process`).
+        let needs_slot =
+            msg.kind == JobKind::Batch && (msg.range.is_some() || !msg.items.is_empty());
+        match process(&ctx, &msg, &m, attempt.is_some_and(|a| a > 1), needs_slot).await {
             Ok(Outcome::Ack) => {
                 h.ack();
                 if let Some(published) = chat_published_ms {
@@ -604,12 +592,16 @@ async fn dead_letter(ctx: &Ctx, m: &Message, reason: &str) -> bool {
 }
 
 /// `redelivered`: Pub/Sub says so (only with a dead-letter policy); the shard's checkpoint
-/// having seen a delivery before also counts, once.
+/// having seen a delivery before also counts, once. `needs_slot`: a batch shard with work
+/// takes one of the worker's `MAX_OUTSTANDING_MESSAGES` slots before its lease, and holds it
+/// to the end; a message that finds its job or shard finished, or waits out another
+/// worker's lease, holds none meanwhile.
 async fn process(
     ctx: &Ctx,
     msg: &JobMessage,
     raw: &Message,
     redelivered: bool,
+    needs_slot: bool,
 ) -> Result<Outcome, WorkError> {
     let shard_id = ShardRecord::id(&msg.job_id, msg.shard);
     let mut counted_redelivery = redelivered;
@@ -617,6 +609,7 @@ async fn process(
         ctx.metrics.redeliveries.add(1);
     }
     let mut isolation: Option<Isolation> = None;
+    let mut slot: Option<tokio::sync::OwnedSemaphorePermit> = None;
     loop {
         let Some(job) = job_to_go_on(ctx, &msg.job_id).await? else {
             return Ok(Outcome::Ack);
@@ -646,7 +639,9 @@ async fn process(
             let now = now_ms();
             let restarted_here = r.owner == ctx.cfg.worker_id && r.instance != ctx.instance;
             if !r.owner.is_empty() && r.lease_expires_ms > now && !restarted_here {
-                // Another live worker (or this one) holds it: wait, do not steal.
+                // Another live worker (or this one) holds it: wait, do not steal, and leave
+                // the slot to shards that can run.
+                drop(slot.take());
                 let wait = Duration::from_millis((r.lease_expires_ms - now).min(2000));
                 tokio::select! {
                     _ = ctx.drain.cancelled() => return Ok(Outcome::Nack),
@@ -663,6 +658,25 @@ async fn process(
         }
         if ctx.drain.is_cancelled() {
             return Ok(Outcome::Nack);
+        }
+        if needs_slot && slot.is_none() {
+            match ctx.shard_slots.clone().try_acquire_owned() {
+                Ok(held) => slot = Some(held),
+                // Never closed.
+                Err(tokio::sync::TryAcquireError::Closed) => {}
+                Err(tokio::sync::TryAcquireError::NoPermits) => {
+                    // Holding no isolation lock while it waits: a shard that holds a slot may
+                    // be waiting for that lock's write side.
+                    drop(isolation.take());
+                    tokio::select! {
+                        biased;
+                        _ = ctx.drain.cancelled() => return Ok(Outcome::Nack),
+                        held = ctx.shard_slots.clone().acquire_owned() => slot = held.ok(),
+                    }
+                    // The records read may be long stale by now.
+                    continue;
+                }
+            }
         }
         // A shard that was in flight when a worker died runs alone: if it is the poison, it
         // takes down no other shard with it; if it is not, it completes.

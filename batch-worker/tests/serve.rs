@@ -1691,20 +1691,21 @@ async fn shards_past_the_limit_wait_and_chat_does_not(fx: &Fixture) -> anyhow::R
         // Ten micro-batches of 150 ms: each shard runs ~1.5 s.
         .with("BATCH_WORKER_FAILPOINTS", "batch-delay-ms=150")
         .start(&w.log("w1.log"))?;
-    // The chat message is published once every slot is taken.
+    // The chat message, and a shard of a job cancelled before it ran, are published once
+    // every slot is taken: neither waits for a slot.
     let mut chat_sent = false;
     let mut chat_done_while_batch_ran = None;
+    let mut cancelled_before_a_shard_ended = None;
     let mut most = 0;
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         // Shards leased and not done: the ones being worked on.
-        let mut running = 0;
+        let (mut running, mut done) = (0, 0);
         for shard in 0..shards.len() as u32 {
-            if w.shard("job-s", shard)
-                .await?
-                .is_some_and(|s| s.state == ShardState::Running && !s.owner.is_empty())
-            {
-                running += 1;
+            match w.shard("job-s", shard).await? {
+                Some(s) if s.state == ShardState::Running && !s.owner.is_empty() => running += 1,
+                Some(s) if s.state == ShardState::Done => done += 1,
+                _ => {}
             }
         }
         most = most.max(running);
@@ -1714,7 +1715,28 @@ async fn shards_past_the_limit_wait_and_chat_does_not(fx: &Fixture) -> anyhow::R
         );
         if running == LIMIT && !chat_sent {
             w.submit_chat("chat-s", "근처 떡볶이집 알려줘").await?;
+            w.create_record("job-c", 10, 1, None).await?;
+            w.request_cancel("job-c").await?;
+            w.publish(&JobMessage {
+                job_id: "job-c".into(),
+                kind: JobKind::Batch,
+                task: Task::Classify,
+                shard: 0,
+                shards: 1,
+                items: items("c", 10),
+                input_uri: None,
+                range: None,
+                chat: None,
+            })
+            .await?;
             chat_sent = true;
+        }
+        if chat_sent && cancelled_before_a_shard_ended.is_none() {
+            let c = w.job("job-c").await?;
+            if c.status.is_final() {
+                ensure!(c.status == JobStatus::Cancelled, "job-c: {c:?}");
+                cancelled_before_a_shard_ended = Some(done == 0);
+            }
         }
         let job = w.job("job-s").await?;
         if chat_sent && chat_done_while_batch_ran.is_none() {
@@ -1738,6 +1760,10 @@ async fn shards_past_the_limit_wait_and_chat_does_not(fx: &Fixture) -> anyhow::R
     ensure!(
         chat_done_while_batch_ran == Some(true),
         "the chat message waited for the batch shards ({chat_done_while_batch_ran:?})"
+    );
+    ensure!(
+        cancelled_before_a_shard_ended == Some(true),
+        "the cancelled job's shard waited for a slot ({cancelled_before_a_shard_ended:?})"
     );
     let all: Vec<InputItem> = shards.concat();
     assert_exactly(&w.outputs("job-s")?, &all)
