@@ -180,6 +180,16 @@ pub fn duplicate_id_line(item: InputItem, line_no: u64) -> OutputLine {
 /// Parses one input line. `line_no` is 1-based; a line whose `custom_id` cannot be read gets
 /// its line number as `custom_id` in the error.
 pub fn parse_input_line(line: &str, line_no: u64) -> Result<InputItem, OutputLine> {
+    // serde reads an array as a struct's fields in order: `["a", "hi"]` would pass as an item.
+    if line.trim_start().starts_with('[') {
+        return Err(OutputLine::error(
+            line_no.to_string(),
+            "invalid_item",
+            format!(
+                "line {line_no}: invalid type: array, expected a JSON object; expected {{\"custom_id\": string, \"input\": string}}"
+            ),
+        ));
+    }
     match serde_json::from_str::<InputItem>(line) {
         Ok(item) if item.custom_id.is_empty() => Err(OutputLine::error(
             line_no.to_string(),
@@ -307,6 +317,16 @@ mod tests {
             string.starts_with(r#"line 12: invalid type: string "hi", expected a JSON object"#),
             "{string}"
         );
+        // An array is no item either, even one whose values would fill its fields in order.
+        for line in [r#"["a", "hi"]"#, " [7]", "[]"] {
+            let err = parse_input_line(line, 12).expect_err(line);
+            assert_eq!(err.custom_id(), "12", "{line}");
+            let m = message(line);
+            assert!(
+                m.starts_with("line 12: invalid type: array, expected a JSON object"),
+                "{m}"
+            );
+        }
         for line in [
             "{not json",
             r#"{"custom_id":"","input":"hi"}"#,
