@@ -115,7 +115,8 @@ impl<R> Batcher<R> {
         self.queue(model, items, reply, true);
     }
 
-    fn queue(&mut self, model: &Generate, items: Vec<InputItem>, reply: R, urgent: bool) {
+    /// [`Batcher::push_urgent`] when `urgent`, else [`Batcher::push`].
+    pub fn queue(&mut self, model: &Generate, items: Vec<InputItem>, reply: R, urgent: bool) {
         let id = self.next_request;
         self.next_request += 1;
         let mut lines = vec![None; items.len()];

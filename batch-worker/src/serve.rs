@@ -371,7 +371,11 @@ pub async fn serve(
         }
         None => None,
     };
-    let cfg_max_outstanding = cfg.max_outstanding_messages;
+    let shard_slots = Arc::new(tokio::sync::Semaphore::new(
+        usize::try_from(cfg.max_outstanding_messages)
+            .unwrap_or(usize::MAX)
+            .max(1),
+    ));
     let ctx = Arc::new(Ctx {
         instance: format!("{:016x}", rand::random::<u64>()),
         cfg,
@@ -390,11 +394,7 @@ pub async fn serve(
         dead_letter,
         jobs,
         isolation: Arc::new(tokio::sync::RwLock::new(())),
-        shard_slots: Arc::new(tokio::sync::Semaphore::new(
-            usize::try_from(cfg_max_outstanding)
-                .unwrap_or(usize::MAX)
-                .max(1),
-        )),
+        shard_slots,
     });
     if let Some(name) = &ctx.cfg.dead_letter_subscription {
         let watched = format!("projects/{}/subscriptions/{name}", ctx.cfg.project);
@@ -518,10 +518,7 @@ async fn handle(ctx: Arc<Ctx>, m: Message, h: Handler) {
     let span = tracing::info_span!("shard", job_id = %msg.job_id, shard = msg.shard);
     async {
         tracing::debug!(?attempt, "message received");
-        // A batch shard with work in it runs in one of the worker's slots (see `process`).
-        let needs_slot =
-            msg.kind == JobKind::Batch && (msg.range.is_some() || !msg.items.is_empty());
-        match process(&ctx, &msg, &m, attempt.is_some_and(|a| a > 1), needs_slot).await {
+        match process(&ctx, &msg, &m, attempt.is_some_and(|a| a > 1)).await {
             Ok(Outcome::Ack) => {
                 h.ack();
                 if let Some(published) = chat_published_ms {
@@ -592,17 +589,17 @@ async fn dead_letter(ctx: &Ctx, m: &Message, reason: &str) -> bool {
 }
 
 /// `redelivered`: Pub/Sub says so (only with a dead-letter policy); the shard's checkpoint
-/// having seen a delivery before also counts, once. `needs_slot`: a batch shard with work
-/// takes one of the worker's `MAX_OUTSTANDING_MESSAGES` slots before its lease, and holds it
-/// to the end; a message that finds its job or shard finished, or waits out another
-/// worker's lease, holds none meanwhile.
+/// having seen a delivery before also counts, once. A batch shard with work takes one of the
+/// worker's `MAX_OUTSTANDING_MESSAGES` slots before its lease, and holds it to the end; a
+/// message that finds its job or shard finished, or waits out another worker's lease, holds
+/// none meanwhile. Chat messages and plans take none.
 async fn process(
     ctx: &Ctx,
     msg: &JobMessage,
     raw: &Message,
     redelivered: bool,
-    needs_slot: bool,
 ) -> Result<Outcome, WorkError> {
+    let needs_slot = msg.kind == JobKind::Batch && (msg.range.is_some() || !msg.items.is_empty());
     let shard_id = ShardRecord::id(&msg.job_id, msg.shard);
     let mut counted_redelivery = redelivered;
     if redelivered {
@@ -1549,11 +1546,7 @@ struct Submitted {
 
 impl Submitted {
     fn queue(self, batcher: &mut Batcher<Reply>, model: &Generate) {
-        if self.urgent {
-            batcher.push_urgent(model, self.items, self.reply);
-        } else {
-            batcher.push(model, self.items, self.reply);
-        }
+        batcher.queue(model, self.items, self.reply, self.urgent);
     }
 }
 

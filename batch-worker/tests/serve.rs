@@ -943,18 +943,13 @@ async fn chat_without_its_own_subscription_comes_with_the_jobs(fx: &Fixture) -> 
         .worker("w2")
         .with("CHAT_SUBSCRIPTION", "no-such-chat")
         .start(&w.log("w2.log"))?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = w2.try_wait() {
-            break s;
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "still running without its chat subscription\n{}",
-            w2.log_tail(20)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let exited = stack::wait_for(
+        "the exit of a worker without its chat subscription",
+        Duration::from_secs(30),
+        || std::future::ready(w2.try_wait()),
+    )
+    .await;
+    let status = exited.map_err(|e| e.context(w2.log_tail(20)))?;
     let tail = w2.log_tail(5);
     ensure!(
         status.code() == Some(1) && tail.contains("subscriptions/no-such-chat"),

@@ -181,16 +181,12 @@ pub fn duplicate_id_line(item: InputItem, line_no: u64) -> OutputLine {
 /// its line number as `custom_id` in the error.
 pub fn parse_input_line(line: &str, line_no: u64) -> Result<InputItem, OutputLine> {
     // serde reads an array as a struct's fields in order: `["a", "hi"]` would pass as an item.
-    if line.trim_start().starts_with('[') {
-        return Err(OutputLine::error(
-            line_no.to_string(),
-            "invalid_item",
-            format!(
-                "line {line_no}: invalid type: array, expected a JSON object; expected {{\"custom_id\": string, \"input\": string}}"
-            ),
-        ));
-    }
-    match serde_json::from_str::<InputItem>(line) {
+    let parsed = if line.trim_start().starts_with('[') {
+        Err("invalid type: array, expected a JSON object".to_owned())
+    } else {
+        serde_json::from_str::<InputItem>(line).map_err(|e| json_problem(&e))
+    };
+    match parsed {
         Ok(item) if item.custom_id.is_empty() => Err(OutputLine::error(
             line_no.to_string(),
             "invalid_item",
@@ -212,7 +208,7 @@ pub fn parse_input_line(line: &str, line_no: u64) -> Result<InputItem, OutputLin
             ),
         )),
         Ok(item) => Ok(item),
-        Err(e) => {
+        Err(problem) => {
             let id = serde_json::from_str::<serde_json::Value>(line)
                 .ok()
                 .and_then(|v| {
@@ -226,8 +222,7 @@ pub fn parse_input_line(line: &str, line_no: u64) -> Result<InputItem, OutputLin
                 id,
                 "invalid_item",
                 format!(
-                    "line {line_no}: {}; expected {{\"custom_id\": string, \"input\": string}}",
-                    json_problem(&e)
+                    "line {line_no}: {problem}; expected {{\"custom_id\": string, \"input\": string}}"
                 ),
             ))
         }
