@@ -2,8 +2,9 @@ terraform {
   required_version = ">= 1.5"
   required_providers {
     google = {
-      source  = "hashicorp/google"
-      version = ">= 6.0, < 8.0"
+      source = "hashicorp/google"
+      # The version whose schema the module is checked against (tests/tests/infra.rs).
+      version = "~> 6.50"
     }
   }
 }

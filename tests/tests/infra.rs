@@ -1,6 +1,9 @@
 //! The infrastructure: shellcheck on every script, the instance startup and shutdown scripts
 //! run in a scratch root against a local metadata server, `gpu-check.sh` run on the CPU, and
-//! the Terraform module parsed and checked for the resources and settings the worker relies on.
+//! the Terraform module parsed, checked against the Google provider's schema (`tf_schema`) and
+//! for the resources and settings the worker relies on.
+
+mod tf_schema;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -807,6 +810,56 @@ fn terraform_declares_the_queue_store_bucket_accounts_and_spot_workers() {
                 "terraform.tfvars.example lacks {name}"
             );
         }
+    }
+}
+
+/// The Google provider's schema, installed by `cargo xtask setup`.
+fn provider_schema() -> tf_schema::Schema {
+    let path = root().join(".tools/terraform-schema/google.jsii");
+    assert!(
+        path.is_file(),
+        "{} missing: run `cargo xtask setup` (installs the Google provider's schema)",
+        path.display()
+    );
+    tf_schema::Schema::load(&path).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn terraform_matches_the_google_provider_schema() {
+    let schema = provider_schema();
+    let tf = terraform();
+    let errors = schema.check(&tf);
+    assert!(
+        errors.is_empty(),
+        "infra/terraform disagrees with the google provider's schema:\n{}",
+        errors.join("\n")
+    );
+    // The check sees the real schema: a misspelt argument, a missing required one and a
+    // reference to an attribute no resource exports are each named.
+    let main = std::fs::read_to_string(root().join("infra/terraform/main.tf")).expect("main.tf");
+    let broken = main
+        .replacen("ack_deadline_seconds", "ack_deadline_secs", 1)
+        .replacen("machine_type", "# machine_type", 1)
+        .replacen(
+            "google_service_account.worker.email",
+            "google_service_account.worker.mail",
+            1,
+        );
+    let mut blocks: Vec<Block> = tf
+        .into_iter()
+        .filter(|b| !matches!(b.identifier.as_str(), "resource" | "data" | "locals"))
+        .collect();
+    blocks.extend(hcl::from_str::<Body>(&broken).expect("parse").into_blocks());
+    let errors = schema.check(&blocks);
+    for want in [
+        "no argument ack_deadline_secs",
+        "google_compute_instance_template.worker: required argument machine_type is missing",
+        "google_service_account.worker.mail: resource google_service_account has no attribute mail",
+    ] {
+        assert!(
+            errors.iter().any(|e| e.contains(want)),
+            "{want:?} not among {errors:#?}"
+        );
     }
 }
 

@@ -32,6 +32,7 @@ pub fn all() -> anyhow::Result<PathBuf> {
     rust_tools()?;
     let lib = onnxruntime()?;
     shellcheck()?;
+    terraform_schema()?;
     python_lm()?;
     Ok(lib)
 }
@@ -131,6 +132,66 @@ os.chmod(dest, 0o755)
     run_cmd(cmd)?;
     std::fs::write(&stamp, SHELLCHECK_VERSION)?;
     Ok(bin)
+}
+
+/// The npm package whose jsii assembly holds the Google provider's schema (the cdktf bindings
+/// of `hashicorp/google` 6.50.0): the infra test checks the Terraform module against it, as
+/// `terraform validate` would, since no Terraform provider can be fetched here.
+pub const TERRAFORM_SCHEMA_PACKAGE: &str = "@cdktf/provider-google@16.12.1";
+/// SHA-512 of that package's tarball, as the npm registry publishes it.
+const TERRAFORM_SCHEMA_SHA512: &str = "2aa340ff9462153d3baf43d267aff4edc276cc449481b8f525c8558f6d620450595546c3fb9efcc40fe4f1eabfaf471bc8480b9a0f5e616795b256986a1e0309";
+
+/// Installs the Google provider's schema (the package's `.jsii` assembly, 99 MB) as
+/// `.tools/terraform-schema/google.jsii`, unless the pinned package is there.
+pub fn terraform_schema() -> anyhow::Result<PathBuf> {
+    let dir = root().join(".tools/terraform-schema");
+    let out = dir.join("google.jsii");
+    let stamp = dir.join("VERSION");
+    if out.exists()
+        && std::fs::read_to_string(&stamp).is_ok_and(|v| v.trim() == TERRAFORM_SCHEMA_PACKAGE)
+    {
+        return Ok(out);
+    }
+    eprintln!("installing the Google provider's schema (npm {TERRAFORM_SCHEMA_PACKAGE})");
+    let download = root().join(".tools/downloads");
+    std::fs::create_dir_all(&download)?;
+    let mut c = Command::new("npm");
+    c.args([
+        "pack",
+        "--silent",
+        TERRAFORM_SCHEMA_PACKAGE,
+        "--pack-destination",
+    ])
+    .arg(&download);
+    let name = crate::run_cmd_stdout(c)
+        .with_context(|| format!("downloading {TERRAFORM_SCHEMA_PACKAGE} from npm"))?
+        .trim()
+        .to_owned();
+    let tarball = download.join(&name);
+    let bytes = std::fs::read(&tarball)
+        .with_context(|| format!("npm pack left no {}", tarball.display()))?;
+    use sha2::Digest;
+    let sha = hex::encode(sha2::Sha512::digest(&bytes));
+    if sha != TERRAFORM_SCHEMA_SHA512 {
+        bail!(
+            "{} has SHA-512 {sha}, not the pinned {TERRAFORM_SCHEMA_SHA512}",
+            tarball.display()
+        );
+    }
+    let scratch = dir.join("unpack");
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(&scratch)?;
+    let mut c = Command::new("tar");
+    c.arg("-xzf")
+        .arg(&tarball)
+        .arg("-C")
+        .arg(&scratch)
+        .arg("package/.jsii");
+    run_cmd(c).with_context(|| format!("unpacking {}", tarball.display()))?;
+    std::fs::rename(scratch.join("package/.jsii"), &out)?;
+    std::fs::remove_dir_all(&scratch)?;
+    std::fs::write(&stamp, TERRAFORM_SCHEMA_PACKAGE)?;
+    Ok(out)
 }
 
 /// Where `cargo install` puts `wasm-bindgen` and `worker-build`.
