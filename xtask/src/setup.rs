@@ -137,7 +137,7 @@ os.chmod(dest, 0o755)
 /// The npm package whose jsii assembly holds the Google provider's schema (the cdktf bindings
 /// of `hashicorp/google` 6.50.0): the infra test checks the Terraform module against it, as
 /// `terraform validate` would, since no Terraform provider can be fetched here.
-pub const TERRAFORM_SCHEMA_PACKAGE: &str = "@cdktf/provider-google@16.12.1";
+const TERRAFORM_SCHEMA_PACKAGE: &str = "@cdktf/provider-google@16.12.1";
 /// SHA-512 of that package's tarball, as the npm registry publishes it.
 const TERRAFORM_SCHEMA_SHA512: &str = "2aa340ff9462153d3baf43d267aff4edc276cc449481b8f525c8558f6d620450595546c3fb9efcc40fe4f1eabfaf471bc8480b9a0f5e616795b256986a1e0309";
 
