@@ -434,3 +434,85 @@ async fn the_worker_in_wrangler_dev_serves_the_contract_against_the_emulators() 
     assert_eq!(docs.len(), 3, "records: {docs:?}");
     drop(wr);
 }
+
+/// The Workers Free plan's limit on a Worker's compressed size.
+const FREE_PLAN_GZIP_KIB: f64 = 3072.0;
+
+/// `wrangler deploy --dry-run` on the production `wrangler.toml` (its `[build]` step left out:
+/// the Worker is already built, and a nested cargo would wait on this one's lock): wrangler
+/// accepts the file without a warning, lists its bindings, and the bundle it would upload fits
+/// the Free plan.
+#[test]
+fn wrangler_accepts_the_production_config_and_the_bundle_fits_the_free_plan() {
+    let root = stack::root();
+    assert!(
+        stack::wrangler::worker_main().is_file(),
+        "run `cargo xtask build-edge` first"
+    );
+    let text = std::fs::read_to_string(root.join("wrangler.toml")).expect("wrangler.toml");
+    let build = "[build]\ncommand = \"cargo xtask build-edge\"\n";
+    assert!(text.contains(build), "wrangler.toml's [build] changed");
+    let abs = format!("\"{}/edge/", root.display());
+    let config = text.replace(build, "").replace("\"edge/", &abs);
+    assert_eq!(
+        config.matches(&abs).count(),
+        2,
+        "main and [assets] directory"
+    );
+    let dir = root.join("target/wrangler-dry-run");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    std::fs::write(dir.join("wrangler.toml"), config).expect("write config");
+    let out = std::process::Command::new(stack::wrangler::node())
+        .arg(stack::wrangler::cli())
+        .args(["deploy", "--dry-run", "--outdir"])
+        .arg(dir.join("out"))
+        .arg("--config")
+        .arg(dir.join("wrangler.toml"))
+        .current_dir(&dir)
+        .env("WRANGLER_SEND_METRICS", "false")
+        .env("CLOUDFLARE_CF_FETCH_ENABLED", "false")
+        .env("WRANGLER_LOG_PATH", dir.join("logs"))
+        .env("NO_COLOR", "1")
+        .env("FORCE_COLOR", "0")
+        .output()
+        .expect("run wrangler (installed by `cargo xtask setup`)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "wrangler deploy --dry-run failed:\n{text}"
+    );
+    // Its warnings name unknown or misplaced fields ("Unexpected fields found in …").
+    assert!(!text.contains("WARNING"), "wrangler warns:\n{text}");
+    for binding in [
+        "env.RATE_LIMITER",
+        "env.PUBSUB_TOPIC",
+        "env.PUBSUB_CHAT_TOPIC",
+    ] {
+        assert!(
+            text.contains(binding),
+            "no {binding} among the bindings:\n{text}"
+        );
+    }
+    // "Total Upload: 7010.89 KiB / gzip: 2429.38 KiB"
+    let sizes = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Total Upload: "))
+        .and_then(|s| s.split_once(" KiB / gzip: "))
+        .and_then(|(up, gz)| {
+            let gz = gz.strip_suffix(" KiB")?;
+            Some((up.parse::<f64>().ok()?, gz.parse::<f64>().ok()?))
+        });
+    let Some((upload, gzip)) = sizes else {
+        panic!("no `Total Upload: … KiB / gzip: … KiB` line:\n{text}");
+    };
+    eprintln!("Worker bundle: {upload:.0} KiB, {gzip:.0} KiB gzip");
+    assert!(
+        gzip <= FREE_PLAN_GZIP_KIB,
+        "the Worker is {gzip:.0} KiB gzip, over the Free plan's {FREE_PLAN_GZIP_KIB:.0} KiB"
+    );
+}
