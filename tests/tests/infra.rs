@@ -813,6 +813,58 @@ fn terraform_declares_the_queue_store_bucket_accounts_and_spot_workers() {
     }
 }
 
+/// Terraform's instance metadata and `startup.sh` agree key for key: a key spelt differently on
+/// one side would leave the worker on the script's default without a word.
+#[test]
+fn startup_script_reads_every_metadata_key_terraform_sets() {
+    let tf = terraform();
+    let tpl = find(
+        &tf,
+        "resource",
+        "google_compute_instance_template",
+        "worker",
+    );
+    let metadata = tpl
+        .body
+        .attributes()
+        .find(|a| a.key.as_str() == "metadata")
+        .expect("metadata");
+    let Expression::Object(map) = &metadata.expr else {
+        panic!("metadata is not an object: {}", expr(&metadata.expr));
+    };
+    let set: std::collections::BTreeSet<String> = map
+        .keys()
+        .map(|k| match k {
+            hcl::ObjectKey::Identifier(i) => i.as_str().to_owned(),
+            hcl::ObjectKey::Expression(e) => expr(e),
+            other => panic!("unexpected metadata key {other:?}"),
+        })
+        // Read by GCE itself, not by the script.
+        .filter(|k| {
+            !matches!(
+                k.as_str(),
+                "startup-script" | "shutdown-script" | "install-nvidia-driver"
+            )
+        })
+        .collect();
+    let script = std::fs::read_to_string(root().join("infra/startup.sh")).expect("startup.sh");
+    let prefix = "instance/attributes/";
+    let read: std::collections::BTreeSet<String> = script
+        .match_indices(prefix)
+        .map(|(i, _)| {
+            script[i + prefix.len()..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+                .collect()
+        })
+        .collect();
+    assert!(read.len() >= 10, "startup.sh reads {read:?}");
+    assert_eq!(
+        read, set,
+        "startup.sh reads (left) what Terraform sets (right)"
+    );
+}
+
 /// The Google provider's schema, installed by `cargo xtask setup`.
 fn provider_schema() -> tf_schema::Schema {
     let path = root().join(".tools/terraform-schema/google.jsii");
