@@ -68,12 +68,7 @@ fn gpu_check_runs_every_step_on_the_cpu() {
         python.join(".stamp").is_file(),
         "no .tools/python-lm: run `cargo xtask setup` (installs models/lm/requirements.txt there)"
     );
-    let worker = root().join("target/release/batch-worker");
-    assert!(
-        worker.is_file(),
-        "no {}: `cargo build --release -p batch-worker`",
-        worker.display()
-    );
+    let worker = worker_bin();
     let out_dir = scratch("gpu-check");
     let out = Command::new("bash")
         .arg(root().join("infra/gpu-check.sh"))
@@ -100,6 +95,17 @@ fn gpu_check_runs_every_step_on_the_cpu() {
         assert!(table.contains(want), "no {want:?} in:\n{table}");
     }
     assert!(!table.contains("FAILED"), "{table}");
+}
+
+/// The release build of `batch-worker`.
+fn worker_bin() -> PathBuf {
+    let worker = root().join("target/release/batch-worker");
+    assert!(
+        worker.is_file(),
+        "no {}: `cargo build --release -p batch-worker`",
+        worker.display()
+    );
+    worker
 }
 
 /// A metadata server (and release host) on loopback: path → body; counts requests per path.
@@ -400,6 +406,21 @@ fn startup_script_installs_configures_and_is_idempotent() {
         env.contains("ORT_DYLIB_PATH=/opt/cheap-serve/onnxruntime-gpu/"),
         "{env}"
     );
+    // Every variable is one the worker reads: a misspelt name would be ignored without a word.
+    let help = Command::new(worker_bin())
+        .args(["serve", "--help"])
+        .output()
+        .expect("batch-worker serve --help");
+    let help = String::from_utf8_lossy(&help.stdout);
+    for line in env.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        let name = line.split('=').next().unwrap_or(line);
+        // Read by ONNX Runtime's loader, the dynamic linker and the log filter.
+        let outside = ["ORT_DYLIB_PATH", "LD_LIBRARY_PATH", "RUST_LOG"].contains(&name);
+        assert!(
+            outside || help.contains(&format!("[env: {name}=")),
+            "worker.env sets {name}, which `batch-worker serve` does not read"
+        );
+    }
     let unit_path = f
         .sysroot
         .join("etc/systemd/system/cheap-serve-worker.service");
