@@ -149,6 +149,51 @@ mod tests {
         ("FIRESTORE_EMULATOR_HOST", "127.0.0.1:2"),
     ];
 
+    /// The `[vars]` of the production `wrangler.toml`, as (name, value) pairs.
+    fn wrangler_vars() -> Vec<(String, String)> {
+        let text = include_str!("../../../wrangler.toml");
+        let section = text
+            .split_once("\n[vars]\n")
+            .map(|(_, rest)| rest.split("\n[").next().unwrap_or(rest))
+            .expect("wrangler.toml has [vars]");
+        section
+            .lines()
+            .filter(|l| !l.trim_start().starts_with('#'))
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.trim().to_owned(), v.trim().trim_matches('"').to_owned()))
+            .collect()
+    }
+
+    /// Every variable `wrangler.toml` sets is one the edge reads, and its value is valid: a
+    /// misspelt name would be ignored without a word.
+    #[test]
+    fn the_edge_reads_every_variable_wrangler_toml_sets() {
+        let vars = wrangler_vars();
+        assert!(vars.len() >= 4, "{vars:?}");
+        let asked = std::cell::RefCell::new(std::collections::BTreeSet::new());
+        let c = Config::from_env(|k| {
+            asked.borrow_mut().insert(k.to_owned());
+            vars.iter()
+                .map(|(n, v)| (n.as_str(), v.as_str()))
+                .chain(EMU)
+                .chain([("API_KEYS", "")])
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_owned())
+        });
+        let asked = asked.into_inner();
+        for (name, _) in &vars {
+            assert!(
+                asked.contains(name),
+                "wrangler.toml sets {name}, which the edge never reads"
+            );
+        }
+        let (gcp, _) = c.gcp.expect("wrangler.toml's values are valid");
+        assert_eq!(
+            (gcp.topic.as_str(), gcp.chat_topic.as_str()),
+            ("jobs", "chat")
+        );
+    }
+
     #[test]
     fn chat_messages_go_to_the_jobs_topic_unless_a_chat_topic_is_set() {
         let c = gcp_of(&EMU).expect("defaults");
