@@ -886,6 +886,29 @@ fn startup_script_reads_every_metadata_key_terraform_sets() {
     );
 }
 
+/// The Worker publishes to the topics Terraform creates (`wrangler.toml`'s `[vars]`).
+#[test]
+fn the_edge_publishes_to_the_topics_terraform_creates() {
+    let tf = terraform();
+    let wrangler = std::fs::read_to_string(root().join("wrangler.toml")).expect("wrangler.toml");
+    let var = |name: &str| {
+        wrangler
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .find(|(k, _)| k.trim() == name)
+            .map(|(_, v)| v.trim().trim_matches('"').to_owned())
+            .unwrap_or_else(|| panic!("wrangler.toml sets no {name}"))
+    };
+    for (name, topic) in [("PUBSUB_TOPIC", "jobs"), ("PUBSUB_CHAT_TOPIC", "chat")] {
+        let created = attr(find(&tf, "resource", "google_pubsub_topic", topic), "name");
+        assert_eq!(
+            var(name),
+            created,
+            "{name} against google_pubsub_topic.{topic}"
+        );
+    }
+}
+
 /// The Google provider's schema, installed by `cargo xtask setup`.
 fn provider_schema() -> tf_schema::Schema {
     let path = root().join(".tools/terraform-schema/google.jsii");
