@@ -629,3 +629,40 @@ fn init_tracing() {
         builder.json().init();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every environment variable the CLI reads, with the subcommands that read it.
+    fn env_vars() -> Vec<(String, String)> {
+        let cli = super::Cli::command();
+        let mut vars = Vec::new();
+        for sub in cli.get_subcommands() {
+            for arg in sub.get_arguments() {
+                if let Some(env) = arg.get_env() {
+                    vars.push((
+                        env.to_string_lossy().into_owned(),
+                        sub.get_name().to_owned(),
+                    ));
+                }
+            }
+        }
+        vars
+    }
+
+    /// The README documents every variable the CLI reads (its configuration tables name each
+    /// in backticks).
+    #[test]
+    fn the_readme_documents_every_environment_variable() {
+        let readme = include_str!("../../README.md");
+        let vars = env_vars();
+        assert!(vars.len() >= 20, "{vars:?}");
+        let missing: Vec<String> = vars
+            .iter()
+            .filter(|(v, _)| !readme.contains(&format!("`{v}`")))
+            .map(|(v, sub)| format!("{v} ({sub})"))
+            .collect();
+        assert!(missing.is_empty(), "not in README.md: {missing:?}");
+    }
+}

@@ -164,12 +164,9 @@ mod tests {
             .collect()
     }
 
-    /// Every variable `wrangler.toml` sets is one the edge reads, and its value is valid: a
-    /// misspelt name would be ignored without a word.
-    #[test]
-    fn the_edge_reads_every_variable_wrangler_toml_sets() {
-        let vars = wrangler_vars();
-        assert!(vars.len() >= 4, "{vars:?}");
+    /// The config of `vars` (with both emulators and `API_KEYS` set), and every variable it
+    /// asked for.
+    fn read(vars: &[(String, String)]) -> (Config, std::collections::BTreeSet<String>) {
         let asked = std::cell::RefCell::new(std::collections::BTreeSet::new());
         let c = Config::from_env(|k| {
             asked.borrow_mut().insert(k.to_owned());
@@ -180,7 +177,29 @@ mod tests {
                 .find(|(n, _)| *n == k)
                 .map(|(_, v)| v.to_owned())
         });
-        let asked = asked.into_inner();
+        (c, asked.into_inner())
+    }
+
+    /// The README documents every variable the edge reads.
+    #[test]
+    fn the_readme_documents_every_variable_the_edge_reads() {
+        let readme = include_str!("../../../README.md");
+        let (_, asked) = read(&[]);
+        assert!(asked.len() >= 12, "{asked:?}");
+        let missing: Vec<&String> = asked
+            .iter()
+            .filter(|v| !readme.contains(&format!("`{v}`")))
+            .collect();
+        assert!(missing.is_empty(), "not in README.md: {missing:?}");
+    }
+
+    /// Every variable `wrangler.toml` sets is one the edge reads, and its value is valid: a
+    /// misspelt name would be ignored without a word.
+    #[test]
+    fn the_edge_reads_every_variable_wrangler_toml_sets() {
+        let vars = wrangler_vars();
+        assert!(vars.len() >= 4, "{vars:?}");
+        let (c, asked) = read(&vars);
         for (name, _) in &vars {
             assert!(
                 asked.contains(name),
