@@ -16,7 +16,7 @@ variable "zone" {
 }
 
 variable "name" {
-  description = "Prefix of every resource name."
+  description = "Prefix of the bucket, service accounts, instance template, group and autoscaler names. Pub/Sub names are fixed (jobs, chat, worker, worker-chat, jobs-dead, …): wrangler.toml and the worker's defaults name them."
   type        = string
   default     = "cheap-serve"
 }
