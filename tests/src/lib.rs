@@ -29,6 +29,11 @@ pub fn root() -> std::path::PathBuf {
         .unwrap_or_default()
 }
 
+/// The release build of `batch-worker` in this workspace (`cargo test --release` builds it).
+pub fn release_worker() -> std::path::PathBuf {
+    root().join("target/release/batch-worker")
+}
+
 /// The texts of the intent model's test split (`models/intent/data/test.jsonl`).
 pub fn intent_test_texts() -> anyhow::Result<Vec<String>> {
     let path = root().join("models/intent/data/test.jsonl");

@@ -6,10 +6,9 @@ use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_stack_loses_and_duplicates_nothing_under_kills() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let cfg = stack::chaos::Config {
         dir: Path::new(env!("CARGO_TARGET_TMPDIR")).join(stack::unique_name("chaos")),
-        worker_bin: root.join("target/release/batch-worker"),
+        worker_bin: stack::release_worker(),
         texts: stack::intent_test_texts().expect("test split"),
         classify_items: 6_000,
         batch_request_items: 2_000,

@@ -45,10 +45,7 @@ fn dev_stops_cleanly_on(signal: i32) {
         .env("DEV_API_KEY", "test-key-123")
         .env("METRICS_ADDR", "127.0.0.1:0")
         // The worker binary `cargo test` built for this workspace, so `xtask dev` builds nothing.
-        .env(
-            "BATCH_WORKER_BIN",
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/batch-worker"),
-        )
+        .env("BATCH_WORKER_BIN", stack::release_worker())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()

@@ -99,7 +99,7 @@ fn gpu_check_runs_every_step_on_the_cpu() {
 
 /// The release build of `batch-worker`.
 fn worker_bin() -> PathBuf {
-    let worker = root().join("target/release/batch-worker");
+    let worker = stack::release_worker();
     assert!(
         worker.is_file(),
         "no {}: `cargo build --release -p batch-worker`",
