@@ -91,7 +91,10 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Cmd::Dev(a) => dev::run(a),
         Cmd::Test(a) => test::run(a),
-        Cmd::Setup => setup::all().and_then(|_| setup::chromium()).map(drop),
+        Cmd::Setup => setup::all()
+            .and_then(|_| setup::chromium())
+            .and_then(|_| setup::terraform_schema())
+            .map(drop),
         Cmd::BuildEdge => setup::build_edge(),
         Cmd::Bench(a) => report::run(a),
         Cmd::Load(a) => load::run(a),

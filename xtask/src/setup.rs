@@ -32,7 +32,6 @@ pub fn all() -> anyhow::Result<PathBuf> {
     rust_tools()?;
     let lib = onnxruntime()?;
     shellcheck()?;
-    terraform_schema()?;
     python_lm()?;
     Ok(lib)
 }
@@ -142,7 +141,8 @@ const TERRAFORM_SCHEMA_PACKAGE: &str = "@cdktf/provider-google@16.12.1";
 const TERRAFORM_SCHEMA_SHA512: &str = "2aa340ff9462153d3baf43d267aff4edc276cc449481b8f525c8558f6d620450595546c3fb9efcc40fe4f1eabfaf471bc8480b9a0f5e616795b256986a1e0309";
 
 /// Installs the Google provider's schema (the package's `.jsii` assembly, 99 MB) as
-/// `.tools/terraform-schema/google.jsii`, unless the pinned package is there.
+/// `.tools/terraform-schema/google.jsii`, unless the pinned package is there. Only the tests
+/// read it: `setup` and `test` install it, `dev` does not.
 pub fn terraform_schema() -> anyhow::Result<PathBuf> {
     let dir = root().join(".tools/terraform-schema");
     let out = dir.join("google.jsii");

@@ -33,6 +33,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     eprintln!("ONNX Runtime: {}", ort.display());
     let chromium = setup::chromium()?;
     eprintln!("chromium: {}", chromium.display());
+    let schema = setup::terraform_schema()?;
+    eprintln!("Google provider schema: {}", schema.display());
     let mut c = setup::wrangler();
     c.arg("--version");
     eprintln!("wrangler {}", crate::output(c)?.trim());
