@@ -111,9 +111,10 @@ main() {
   sha="$(metadata instance/attributes/worker-sha256)"
   ort_url="$(metadata instance/attributes/ort-url)"
   ort_sha="$(metadata instance/attributes/ort-sha256)"
-  local subscription chat_subscription dead_letter dead_letter_watch jobs_topic output_root poison device
+  local subscription chat_subscription chat_topic dead_letter dead_letter_watch jobs_topic output_root poison device
   subscription="$(metadata instance/attributes/pubsub-subscription worker)"
   chat_subscription="$(metadata instance/attributes/chat-subscription "")"
+  chat_topic="$(metadata instance/attributes/chat-topic "")"
   dead_letter="$(metadata instance/attributes/dead-letter-topic jobs-dead)"
   dead_letter_watch="$(metadata instance/attributes/dead-letter-watch jobs-dead-watch)"
   jobs_topic="$(metadata instance/attributes/jobs-topic jobs)"
@@ -148,6 +149,7 @@ main() {
 GCP_PROJECT=$project
 PUBSUB_SUBSCRIPTION=$subscription
 CHAT_SUBSCRIPTION=$chat_subscription
+CHAT_TOPIC=$chat_topic
 DEAD_LETTER_TOPIC=$dead_letter
 DEAD_LETTER_SUBSCRIPTION=$dead_letter_watch
 JOBS_TOPIC=$jobs_topic

@@ -178,8 +178,9 @@ struct ServeArgs {
     #[arg(long, env = "DEAD_LETTER_TOPIC", default_value = "jobs-dead")]
     dead_letter_topic: String,
     /// The worker's own subscription on the dead-letter topic: a message Pub/Sub moved there
-    /// (its delivery limit counts drains and outages) goes back on the jobs topic while its
-    /// job is running, up to 10 times, then fails the job ("" to turn this off)
+    /// (its delivery limit counts drains and outages) goes back on the jobs topic (a chat
+    /// message on the chat topic) while its job is running, up to 10 times, then fails the
+    /// job ("" to turn this off)
     #[arg(
         long,
         env = "DEAD_LETTER_SUBSCRIPTION",
@@ -190,6 +191,10 @@ struct ServeArgs {
     /// several workers share the file ("" to run such a job as one shard on one worker)
     #[arg(long, env = "JOBS_TOPIC", default_value = "jobs")]
     jobs_topic: String,
+    /// Chat topic, the one `CHAT_SUBSCRIPTION` reads: a chat message Pub/Sub dead-lettered
+    /// goes back here, to be answered through the chat subscription ("" for the jobs topic)
+    #[arg(long, env = "CHAT_TOPIC", default_value = "")]
+    chat_topic: String,
     /// Input lines per shard of an `input_uri` job
     #[arg(long, env = "INPUT_SHARD_ITEMS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..), allow_negative_numbers = true)]
     input_shard_items: u64,
@@ -499,6 +504,7 @@ fn serve_main(args: ServeArgs, engine: EngineArgs) -> ExitCode {
             dead_letter_topic: Some(args.dead_letter_topic).filter(|t| !t.is_empty()),
             dead_letter_subscription: Some(args.dead_letter_subscription).filter(|t| !t.is_empty()),
             jobs_topic: Some(args.jobs_topic).filter(|t| !t.is_empty()),
+            chat_topic: Some(args.chat_topic).filter(|t| !t.is_empty()),
             input_shard_items: args.input_shard_items,
             database: not_empty("--database", "FIRESTORE_DATABASE", args.database)?,
             pubsub_emulator: args

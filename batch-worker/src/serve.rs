@@ -69,6 +69,8 @@ pub struct ServeConfig {
     pub dead_letter_subscription: Option<String>,
     /// Where the shards of an `input_uri` job are published (none: one shard, one worker).
     pub jobs_topic: Option<String>,
+    /// Where a chat message Pub/Sub dead-lettered is requeued (none: on `jobs_topic`).
+    pub chat_topic: Option<String>,
     /// Input lines per shard of an `input_uri` job.
     pub input_shard_items: u64,
     pub database: String,
@@ -211,6 +213,9 @@ struct Ctx {
     dead_letter: Option<Publisher>,
     /// Publishes the shards of `input_uri` jobs (`JOBS_TOPIC`).
     jobs: Option<Publisher>,
+    /// Publishes chat messages Pub/Sub dead-lettered back to the chat subscription's topic
+    /// (`CHAT_TOPIC`).
+    chat: Option<Publisher>,
     /// Batch shards being worked on at once (`MAX_OUTSTANDING_MESSAGES`). Pub/Sub is told the
     /// same limit, but only the server keeps it (the emulator ignores it, the client does not
     /// enforce it): shards delivered past it wait here, their ack deadlines extended by the
@@ -282,6 +287,7 @@ pub async fn serve(
     };
     let dead_letter = publisher(&cfg.dead_letter_topic, "dead-letter").await?;
     let jobs = publisher(&cfg.jobs_topic, "jobs").await?;
+    let chat = publisher(&cfg.chat_topic, "chat").await?;
 
     let drain = CancellationToken::new();
     let stop = CancellationToken::new();
@@ -393,6 +399,7 @@ pub async fn serve(
         drain: drain.clone(),
         dead_letter,
         jobs,
+        chat,
         isolation: Arc::new(tokio::sync::RwLock::new(())),
         shard_slots,
     });

@@ -14,8 +14,8 @@ use anyhow::{Context, bail, ensure};
 use serde_json::{Value, json};
 use shared::firestore;
 use shared::jobs::{
-    Counts, JOBS_COLLECTION, JobKind, JobMessage, JobRecord, JobStatus, SHARDS_COLLECTION,
-    ShardRecord, ShardState,
+    ChatRequest, Counts, JOBS_COLLECTION, JobKind, JobMessage, JobRecord, JobStatus,
+    SHARDS_COLLECTION, ShardRecord, ShardState,
 };
 use shared::wire::{InputItem, Task};
 use stack::emulators::Emulators;
@@ -906,10 +906,6 @@ async fn plan_that_crashes_every_time_is_dead_lettered(fx: &Fixture) -> anyhow::
     Ok(())
 }
 
-/// Text generation through serve: a queued chat message gets its reply in the job record,
-/// a `generate` batch drained mid-way (SIGTERM while a micro-batch decodes) is finished by
-/// another worker; outputs equal `batch-worker run --task generate` and nothing committed
-/// is redone.
 /// Without `CHAT_SUBSCRIPTION` chat messages come on the jobs subscription like any job (every
 /// other scenario publishes them to a chat topic that only the chat subscription reads). A
 /// chat subscription that does not exist stops the worker as a jobs subscription that does
@@ -958,6 +954,10 @@ async fn chat_without_its_own_subscription_comes_with_the_jobs(fx: &Fixture) -> 
     Ok(())
 }
 
+/// Text generation through serve: a queued chat message gets its reply in the job record,
+/// a `generate` batch drained mid-way (SIGTERM while a micro-batch decodes) is finished by
+/// another worker; outputs equal `batch-worker run --task generate` and nothing committed
+/// is redone.
 async fn generation_answers_chat_and_batches(fx: &Fixture) -> anyhow::Result<()> {
     let w = World::new(fx, "generate").await?;
     let gen_worker = |id: &str| {
@@ -1312,7 +1312,7 @@ async fn sigterm_drains_and_another_worker_resumes(fx: &Fixture) -> anyhow::Resu
 /// Pub/Sub's own delivery limit counts drains: a shard drained as often as the limit (5,
 /// Pub/Sub's least) is moved to the dead-letter topic by Pub/Sub itself. The worker's
 /// dead-letter watch puts it back on the jobs topic, since preemptions are not failures, and
-/// the job completes with every item once.
+/// the job completes with every item once; a chat message goes back to the chat topic.
 async fn drained_past_pubsubs_limit_is_requeued(fx: &Fixture) -> anyhow::Result<()> {
     const LIMIT: u32 = 5;
     let w = World::with_delivery_limit(fx, "requeue", LIMIT).await?;
@@ -1373,7 +1373,10 @@ async fn drained_past_pubsubs_limit_is_requeued(fx: &Fixture) -> anyhow::Result<
         w.job("job-q").await?.status == JobStatus::Running,
         "the job must still be running"
     );
-    let _last = w.worker("w-last").start(&w.log("w-last.log"))?;
+    let _last = w
+        .worker("w-last")
+        .with("MAX_NEW_TOKENS", "8")
+        .start(&w.log("w-last.log"))?;
     w.wait_job("job-q", REDELIVERY, "succeeded", |j| {
         j.status == JobStatus::Succeeded
     })
@@ -1388,6 +1391,46 @@ async fn drained_past_pubsubs_limit_is_requeued(fx: &Fixture) -> anyhow::Result<
         end.drains == s.drains && end.deliveries == s.deliveries + 1,
         "the requeued message is the shard's next delivery: {end:?}"
     );
+
+    // A chat message Pub/Sub dead-lettered goes back to the chat topic, whose subscription
+    // has its own flow control, and is answered.
+    w.jobs()
+        .create_record("chat-q", JobKind::Chat, Task::Generate, 1, 1, None)
+        .await?;
+    let chat = JobMessage::chat(
+        "chat-q",
+        ChatRequest {
+            message: "안녕".into(),
+            locale: "ko".into(),
+        },
+    );
+    w.ps.publish(
+        &w.t.project,
+        &w.t.dead_letter_topic,
+        &serde_json::to_vec(&chat)?,
+        &[
+            ("job_id", "chat-q"),
+            ("CloudPubSubDeadLetterSourceDeliveryCount", "15"),
+        ],
+    )
+    .await?;
+    let answered = w
+        .wait_job("chat-q", Duration::from_secs(60), "answered", |j| {
+            j.status.is_final()
+        })
+        .await?;
+    ensure!(
+        answered.status == JobStatus::Succeeded
+            && answered
+                .result
+                .as_ref()
+                .is_some_and(|r| r["reply"].is_string()),
+        "the requeued chat message must be answered: {answered:?}"
+    );
+    w.wait_log("w-last.log", "the chat message's requeue", |l| {
+        l.contains("requeued it on the chat topic") && l.contains("chat-q")
+    })
+    .await?;
 
     // A message on its eleventh round through the dead-letter topic is not requeued again:
     // its job fails with the reason.

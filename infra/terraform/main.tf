@@ -210,8 +210,9 @@ resource "google_project_iam_member" "edge_firestore" {
 }
 
 # Worker: pull from its subscriptions (jobs, chat) and its dead-letter watch, publish quarantined shards to
-# the dead-letter topic and the shards of input files (and requeued dead letters) to the jobs
-# topic, job records and checkpoints, objects of the output bucket, logs and metrics.
+# the dead-letter topic, the shards of input files (and requeued dead letters) to the jobs
+# topic and requeued chat messages to the chat topic, job records and checkpoints, objects of
+# the output bucket, logs and metrics.
 resource "google_pubsub_subscription_iam_member" "worker_subscribes" {
   subscription = google_pubsub_subscription.worker.id
   role         = "roles/pubsub.subscriber"
@@ -227,6 +228,13 @@ resource "google_pubsub_subscription_iam_member" "worker_subscribes_chat" {
 # The worker that takes an input-file job publishes its shards to the jobs topic.
 resource "google_pubsub_topic_iam_member" "worker_publishes_shards" {
   topic  = google_pubsub_topic.jobs.id
+  role   = "roles/pubsub.publisher"
+  member = "serviceAccount:${google_service_account.worker.email}"
+}
+
+# The dead-letter watch puts the chat messages Pub/Sub dead-lettered back on the chat topic.
+resource "google_pubsub_topic_iam_member" "worker_requeues_chat" {
+  topic  = google_pubsub_topic.chat.id
   role   = "roles/pubsub.publisher"
   member = "serviceAccount:${google_service_account.worker.email}"
 }
@@ -313,6 +321,7 @@ resource "google_compute_instance_template" "worker" {
     lm-sha256             = var.lm_sha256
     pubsub-subscription   = google_pubsub_subscription.worker.name
     chat-subscription     = google_pubsub_subscription.worker_chat.name
+    chat-topic            = google_pubsub_topic.chat.name
     dead-letter-topic     = google_pubsub_topic.dead_letter.name
     dead-letter-watch     = google_pubsub_subscription.dead_letter_watch.name
     jobs-topic            = google_pubsub_topic.jobs.name

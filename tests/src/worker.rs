@@ -72,6 +72,13 @@ impl WorkerConfig {
             .env("DEAD_LETTER_TOPIC", &self.topology.dead_letter_topic)
             .env("DEAD_LETTER_SUBSCRIPTION", &self.topology.dead_letter_watch)
             .env("JOBS_TOPIC", &self.topology.topic)
+            .env(
+                "CHAT_TOPIC",
+                match self.topology.chat_subscription {
+                    Some(_) => self.topology.chat_topic.as_str(),
+                    None => "",
+                },
+            )
             .env("PUBSUB_EMULATOR_HOST", &self.pubsub_host)
             .env("FIRESTORE_EMULATOR_HOST", &self.firestore_host)
             .env("OUTPUT_ROOT", &self.output_root)

@@ -295,6 +295,7 @@ fn fixture(name: &str, release: Release) -> Fixture {
             (attr("lm-sha256"), lm_sha.into_bytes()),
             (attr("pubsub-subscription"), b"worker".to_vec()),
             (attr("chat-subscription"), b"worker-chat".to_vec()),
+            (attr("chat-topic"), b"chat".to_vec()),
             (attr("output-root"), b"gs://bucket/out".to_vec()),
             ("/releases/worker.tar.gz".into(), worker),
             ("/releases/ort.tar.gz".into(), ort),
@@ -387,6 +388,7 @@ fn startup_script_installs_configures_and_is_idempotent() {
         "GCP_PROJECT=proj-1",
         "PUBSUB_SUBSCRIPTION=worker",
         "CHAT_SUBSCRIPTION=worker-chat",
+        "CHAT_TOPIC=chat",
         "DEAD_LETTER_TOPIC=jobs-dead",
         "DEAD_LETTER_SUBSCRIPTION=jobs-dead-watch",
         "JOBS_TOPIC=jobs",
@@ -698,43 +700,45 @@ fn terraform_declares_the_queue_store_bucket_accounts_and_spot_workers() {
         "var.output_retention_days"
     );
 
-    // Least privilege: the edge publishes to the jobs topic; the worker subscribes.
-    let edge_pub = find(
-        &tf,
-        "resource",
-        "google_pubsub_topic_iam_member",
-        "edge_publishes_jobs",
-    );
-    assert_eq!(attr(edge_pub, "role"), "roles/pubsub.publisher");
-    assert!(attr(edge_pub, "topic").contains("google_pubsub_topic.jobs"));
-    assert!(attr(edge_pub, "member").contains("google_service_account.edge"));
-    let worker_sub = find(
-        &tf,
-        "resource",
-        "google_pubsub_subscription_iam_member",
-        "worker_subscribes",
-    );
-    assert_eq!(attr(worker_sub, "role"), "roles/pubsub.subscriber");
-    assert!(attr(worker_sub, "member").contains("google_service_account.worker"));
-    // The worker that takes an input-file job publishes its shards to the jobs topic.
-    let worker_pub = find(
-        &tf,
-        "resource",
-        "google_pubsub_topic_iam_member",
-        "worker_publishes_shards",
-    );
-    assert_eq!(attr(worker_pub, "role"), "roles/pubsub.publisher");
-    assert!(attr(worker_pub, "topic").contains("google_pubsub_topic.jobs"));
-    assert!(attr(worker_pub, "member").contains("google_service_account.worker"));
-    let watches = find(
-        &tf,
-        "resource",
-        "google_pubsub_subscription_iam_member",
-        "worker_watches_dead_letters",
-    );
-    assert_eq!(attr(watches, "role"), "roles/pubsub.subscriber");
-    assert!(attr(watches, "subscription").contains("dead_letter_watch"));
-    assert!(attr(watches, "member").contains("google_service_account.worker"));
+    // Least privilege: the edge publishes to the jobs topic; the worker subscribes, publishes
+    // the shards of input files to the jobs topic, chat messages Pub/Sub dead-lettered back
+    // to the chat topic, and reads its dead-letter watch.
+    for (name, on, account) in [
+        ("edge_publishes_jobs", "google_pubsub_topic.jobs", "edge"),
+        (
+            "worker_subscribes",
+            "google_pubsub_subscription.worker",
+            "worker",
+        ),
+        (
+            "worker_publishes_shards",
+            "google_pubsub_topic.jobs",
+            "worker",
+        ),
+        ("worker_requeues_chat", "google_pubsub_topic.chat", "worker"),
+        (
+            "worker_watches_dead_letters",
+            "google_pubsub_subscription.dead_letter_watch",
+            "worker",
+        ),
+    ] {
+        // A topic's member publishes; a subscription's subscribes.
+        let (ty, role) = if on.starts_with("google_pubsub_topic.") {
+            ("topic", "publisher")
+        } else {
+            ("subscription", "subscriber")
+        };
+        let b = find(
+            &tf,
+            "resource",
+            &format!("google_pubsub_{ty}_iam_member"),
+            name,
+        );
+        assert_eq!(attr(b, "role"), format!("roles/pubsub.{role}"), "{name}");
+        assert!(attr(b, ty).contains(on), "{name}: {}", attr(b, ty));
+        let member = format!("google_service_account.{account}");
+        assert!(attr(b, "member").contains(&member), "{name}");
+    }
     let objects = find(
         &tf,
         "resource",
@@ -772,6 +776,7 @@ fn terraform_declares_the_queue_store_bucket_accounts_and_spot_workers() {
             && metadata.contains("shutdown.sh")
             && metadata.contains("jobs-topic")
             && metadata.contains("chat-subscription")
+            && metadata.contains("chat-topic")
             && metadata.contains("dead-letter-watch"),
         "{metadata}"
     );

@@ -8,9 +8,9 @@
 //! dead-letter topic with its job `running` for good. The watch reads a subscription of its
 //! own on the dead-letter topic (operators keep theirs, which holds every dead letter) and,
 //! for each message Pub/Sub moved there whose job is still going on, publishes it to the jobs
-//! topic again: the shard's checkpoint says how far it got and whether it is poison, as for
-//! any delivery. After [`MAX_REQUEUES`] rounds, or with no jobs topic to requeue to, the job
-//! fails with the reason instead.
+//! topic again (a chat message to `CHAT_TOPIC`, when set): the shard's checkpoint says how far
+//! it got and whether it is poison, as for any delivery. After [`MAX_REQUEUES`] rounds, or
+//! with no jobs topic to requeue to, the job fails with the reason instead.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -128,8 +128,8 @@ async fn settle(ctx: &Ctx, m: &Message) -> Result<(), WorkError> {
         .await
 }
 
-/// Publishes dead letter `m` (of `msg`) to the jobs topic again, or fails its job at the
-/// limit; nothing when its job is over.
+/// Publishes dead letter `m` (of `msg`) to its topic again (the chat topic for a chat
+/// message, else the jobs topic), or fails its job at the limit; nothing when its job is over.
 async fn requeue(
     ctx: &Ctx,
     m: &Message,
@@ -152,8 +152,14 @@ async fn requeue(
             "shard_failed",
         )
     };
-    let jobs = match &ctx.jobs {
-        Some(jobs) if requeues < MAX_REQUEUES => jobs,
+    // A chat message goes back to the chat subscription's topic, where its flow control is
+    // its own; without a `CHAT_TOPIC`, to the jobs topic, whose subscription answers chat too.
+    let (topic, name) = match (&msg.chat, &ctx.chat) {
+        (Some(_), Some(chat)) => (Some(chat), "chat"),
+        _ => (ctx.jobs.as_ref(), "jobs"),
+    };
+    let topic = match topic {
+        Some(topic) if requeues < MAX_REQUEUES => topic,
         _ => {
             let why = if requeues >= MAX_REQUEUES {
                 format!("it was requeued {requeues} times already")
@@ -181,16 +187,16 @@ async fn requeue(
     let copy = Message::new()
         .set_data(m.data.clone())
         .set_attributes(attrs);
-    let id = jobs
+    let id = topic
         .publish(copy)
         .await
-        .map_err(|e| WorkError::Publish("a dead letter back on the jobs topic", e.to_string()))?;
+        .map_err(|e| WorkError::Publish("a dead letter back on its topic", e.to_string()))?;
     ctx.metrics.dead_letters_requeued.add(1);
     tracing::warn!(
         message_id = %id,
         deliveries,
         requeues = requeues + 1,
-        "Pub/Sub dead-lettered {what}; requeued it on the jobs topic"
+        "Pub/Sub dead-lettered {what}; requeued it on the {name} topic"
     );
     Ok(())
 }
