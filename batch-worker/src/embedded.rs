@@ -689,23 +689,14 @@ impl Input {
     }
 }
 
-/// Runs (or resumes) the job. `processor` is created lazily, after validation.
+/// Runs (or resumes) the job. `processor` is created lazily: after validation, and only when
+/// the checkpoint leaves work to do.
 pub fn run<P: Processor + Send>(
     opts: &RunOptions,
     make_processor: impl FnOnce() -> Result<P, EngineError>,
 ) -> Result<Summary, RunError> {
     let started = Instant::now();
     validate(opts)?;
-    // Before anything is written: a model that cannot be loaded leaves no files behind.
-    let loading = Instant::now();
-    let mut processor = make_processor().map_err(|e| {
-        if e.is_setup() {
-            RunError::Usage(e.to_string())
-        } else {
-            RunError::Engine(e)
-        }
-    })?;
-    let load = loading.elapsed();
     let lock = OutputLock::acquire(&opts.output)?;
     let ckpt_path = sibling(&opts.output, ".ckpt");
     let partial_path = sibling(&opts.output, ".partial");
@@ -750,6 +741,22 @@ pub fn run<P: Processor + Send>(
             ..summary
         });
     }
+
+    // Only with work left, and before anything is written: a run that only has to move its
+    // output into place loads no model, and a model that cannot be loaded leaves no files.
+    let loading = Instant::now();
+    let mut processor = match make_processor() {
+        Ok(p) => p,
+        Err(e) => {
+            lock.release()?;
+            return Err(if e.is_setup() {
+                RunError::Usage(e.to_string())
+            } else {
+                RunError::Engine(e)
+            });
+        }
+    };
+    let load = loading.elapsed();
 
     let mut out = OpenOptions::new()
         .create(true)

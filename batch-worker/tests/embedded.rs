@@ -482,6 +482,64 @@ fn checkpoint_of_another_input_is_refused() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("belongs to another input"));
 }
 
+/// A run killed after its last commit, before its output was moved into place, is finished
+/// by the next run without loading a model: here one that cannot be loaded.
+#[test]
+fn a_finished_checkpoint_is_completed_without_the_model() {
+    use sha2::Digest as _;
+    let dir = scratch("finished-ckpt");
+    let input = dir.join("in.jsonl");
+    write_input(&input, 40);
+    let output = dir.join("out.jsonl");
+    let want = run_to_end(&input, &output, &[]);
+    // The state of a run killed between its final checkpoint and the rename.
+    let partial = dir.join("out.jsonl.partial");
+    std::fs::rename(&output, &partial).expect("rename");
+    let sha = hex::encode(sha2::Sha256::digest(std::fs::read(&input).expect("input")));
+    let ckpt = serde_json::json!({
+        "version": 1, "task": "classify", "input_sha256": sha,
+        "input_offset": std::fs::metadata(&input).expect("input").len(),
+        "items": 40, "errors": 0, "output_bytes": want.len(), "done": true,
+    });
+    std::fs::write(dir.join("out.jsonl.ckpt"), ckpt.to_string()).expect("write");
+    let out = run(&input, &output, &["--model-dir", "/nonexistent-models"])
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read_to_string(&output).expect("output"), want);
+    for leftover in ["out.jsonl.partial", "out.jsonl.ckpt", "out.jsonl.lock"] {
+        assert!(!dir.join(leftover).exists(), "{leftover} left behind");
+    }
+    // With work left the model is needed: refused with one line, the checkpoint kept as it
+    // was and no lock file left.
+    let ckpt = serde_json::json!({
+        "version": 1, "task": "classify", "input_sha256": sha, "input_offset": 0,
+        "items": 0, "errors": 0, "output_bytes": 0, "done": false,
+    })
+    .to_string();
+    std::fs::write(dir.join("out.jsonl.ckpt"), &ckpt).expect("write");
+    let out = run(&input, &output, &["--model-dir", "/nonexistent-models"])
+        .output()
+        .expect("runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.trim().lines().count() == 1
+            && err.contains("reading /nonexistent-models/intent/model.json"),
+        "{err}"
+    );
+    let kept = std::fs::read_to_string(dir.join("out.jsonl.ckpt")).expect("checkpoint kept");
+    assert_eq!(kept, ckpt);
+    assert!(
+        !dir.join("out.jsonl.lock").exists(),
+        "lock file left behind"
+    );
+}
+
 /// `run` featurizes each micro-batch on two threads (a share on the reading thread, the rest
 /// on the model thread) into recycled buffers, or with `--threads` above 2 on a pool of
 /// threads besides; every line must still be what the classifier gives that text on its own
