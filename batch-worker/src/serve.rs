@@ -284,6 +284,12 @@ pub async fn serve(
     let dead_letter = publisher(&cfg.dead_letter_topic, "dead-letter").await?;
     let jobs = publisher(&cfg.jobs_topic, "jobs").await?;
     let chat = publisher(&cfg.chat_topic, "chat").await?;
+    if let (Some(topic), None) = (&cfg.chat_topic, &cfg.chat_subscription) {
+        tracing::warn!(
+            chat_topic = %topic,
+            "CHAT_TOPIC is set without CHAT_SUBSCRIPTION: chat messages Pub/Sub dead-letters go back to {topic}, which this worker does not pull"
+        );
+    }
 
     let drain = CancellationToken::new();
     let stop = CancellationToken::new();
