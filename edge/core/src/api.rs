@@ -31,6 +31,39 @@ use crate::replies::{Locale, reply};
 /// upstream deadlines, if longer) is taken as abandoned, and the next request with it runs.
 pub const PENDING_ABANDONED_MS: u64 = 60_000;
 
+/// Checks that `uri` names an object under `INPUT_URI_PREFIX` (`template`, `{key}` standing
+/// for the caller's key name `owner`) by plain path segments: no `.`, `..` or empty segment
+/// and no `%` escape, any of which a reader could resolve to an object outside it.
+fn input_uri_under(template: &str, owner: &str, uri: &str) -> Result<(), ApiError> {
+    if template.contains("{key}") && (owner.contains('/') || owner == "." || owner == "..") {
+        return Err(ApiError::new(
+            422,
+            "invalid_input_uri",
+            format!(
+                "the name of this API key ({owner:?}) cannot name a folder, so it has none under INPUT_URI_PREFIX; ask for a key whose name has no `/`, or give `items`"
+            ),
+        ));
+    }
+    let prefix = template.replace("{key}", owner);
+    let plain = uri.strip_prefix(&prefix).is_some_and(|rest| {
+        !rest.contains('%')
+            && rest
+                .split('/')
+                .all(|segment| !matches!(segment, "" | "." | ".."))
+    });
+    if plain {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            422,
+            "invalid_input_uri",
+            format!(
+                "`input_uri` must name an object under {prefix} (path segments without `%`, `.` or `..`), got {uri:?}"
+            ),
+        ))
+    }
+}
+
 /// The request's `Idempotency-Key`, if it has one that can be used. Checked before anything
 /// else, so that a key the API refuses is refused for a chat message answered at the edge as
 /// well, not only once a message is queued.
@@ -120,6 +153,8 @@ pub struct App {
     limits: Limits,
     rate_limit_per_minute: u32,
     log_all: bool,
+    /// `INPUT_URI_PREFIX`: where `input_uri` files may be.
+    input_uri_prefix: Option<String>,
     /// What is wrong with the settings that are neither keys nor GCP (rate limit, logging):
     /// `/healthz` lists them and `/v1` refuses to serve until they are fixed.
     settings: Result<(), String>,
@@ -150,11 +185,16 @@ impl App {
             limits,
             rate_limit_per_minute: *config.rate_limit_per_minute.as_ref().unwrap_or(&600),
             log_all: *config.log_all.as_ref().unwrap_or(&true),
-            settings: [config.rate_limit_per_minute.err(), config.log_all.err()]
-                .into_iter()
-                .flatten()
-                .reduce(|a, b| format!("{a}; {b}"))
-                .map_or(Ok(()), Err),
+            input_uri_prefix: config.input_uri_prefix.clone().unwrap_or(None),
+            settings: [
+                config.rate_limit_per_minute.err(),
+                config.log_all.err(),
+                config.input_uri_prefix.err(),
+            ]
+            .into_iter()
+            .flatten()
+            .reduce(|a, b| format!("{a}; {b}"))
+            .map_or(Ok(()), Err),
             classify_repeat: config.classify_repeat,
             windows: Mutex::new(HashMap::new()),
         }
@@ -461,6 +501,9 @@ impl App {
                         "invalid_input_uri",
                         format!("`input_uri` must be {expected}, got {uri:?}"),
                     ));
+                }
+                if let Some(prefix) = &self.input_uri_prefix {
+                    input_uri_under(prefix, owner, uri)?;
                 }
                 Some(uri.to_owned())
             }

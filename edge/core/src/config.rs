@@ -14,6 +14,7 @@
 //! | `GCP_SERVICE_ACCOUNT_KEY` (secret) | — | service-account JSON key; required without emulators |
 //! | `RATE_LIMIT_PER_MINUTE` | `600` | per-key limit (≥ 1) when the platform has no rate-limit binding |
 //! | `UPSTREAM_DEADLINE_MS` | `8000` | total time for one Pub/Sub or Firestore call with retries |
+//! | `INPUT_URI_PREFIX` | — (any `gs://` object) | where `input_uri` files may be: `gs://bucket/folder/`, `{key}` standing for the caller's API key name (`gs://inputs/{key}/`: each key reads only its own folder) |
 //! | `LOG_REQUESTS` | `all` | `all`: one JSON log line per request; `errors`: only for 4xx/5xx |
 //! | `BENCH_CLASSIFY_REPEAT` | `1` | benchmark only: classify each chat message this many times |
 
@@ -30,6 +31,9 @@ pub struct Config {
     pub rate_limit_per_minute: Result<u32, String>,
     /// Log every request (`Ok(true)`) or only failed ones, or what is wrong with `LOG_REQUESTS`.
     pub log_all: Result<bool, String>,
+    /// Where `input_uri` files may be (`{key}`: the caller's key name; none: anywhere), or
+    /// what is wrong with `INPUT_URI_PREFIX`.
+    pub input_uri_prefix: Result<Option<String>, String>,
     /// Benchmark knob: how many times each chat message is classified (`bench-edge` derives
     /// the classify cost inside the Worker from the latency difference).
     pub classify_repeat: u32,
@@ -59,11 +63,29 @@ impl Config {
             Some("errors") => Ok(false),
             Some(v) => Err(format!("LOG_REQUESTS must be `all` or `errors`, got {v:?}")),
         };
+        let input_uri_prefix = match get("INPUT_URI_PREFIX") {
+            None => Ok(None),
+            Some(p) => {
+                let bucket = p
+                    .strip_prefix("gs://")
+                    .and_then(|rest| rest.split_once('/'))
+                    .map(|(bucket, _)| bucket);
+                if bucket.is_some_and(|b| !b.is_empty() && !b.contains("{key}")) && p.ends_with('/')
+                {
+                    Ok(Some(p))
+                } else {
+                    Err(format!(
+                        "INPUT_URI_PREFIX must be gs://bucket/ or gs://bucket/folder/ (ending in `/`; `{{key}}` in the folder stands for the caller's API key name), got {p:?}"
+                    ))
+                }
+            }
+        };
         Self {
             keys,
             gcp: gcp(&get),
             rate_limit_per_minute,
             log_all,
+            input_uri_prefix,
             classify_repeat: get("BENCH_CLASSIFY_REPEAT")
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(1)

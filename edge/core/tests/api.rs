@@ -18,6 +18,11 @@ fn config(extra: &[(&str, &str)]) -> Config {
         entry("alice", KEY_A, b"0123456789ab"),
         entry("bob", KEY_B, b"ba9876543210")
     );
+    config_with_keys(keys, extra)
+}
+
+/// [`config`] with the `API_KEYS` entries `keys`.
+fn config_with_keys(keys: String, extra: &[(&str, &str)]) -> Config {
     let mut vars = vec![
         ("API_KEYS", keys),
         ("GCP_PROJECT", "test".to_owned()),
@@ -478,6 +483,76 @@ fn file_input_uris_only_against_the_emulators() {
     assert!(!r.json_body().to_string().contains("file:///absolute"));
 }
 
+/// With `INPUT_URI_PREFIX` an `input_uri` must name an object under it, `{key}` being the
+/// caller's key name: each key reads only its own folder, by plain path segments.
+#[test]
+fn input_uris_stay_under_the_configured_prefix() {
+    let app = App::new(config(&[("INPUT_URI_PREFIX", "gs://inputs/{key}/")]));
+    let submit = |key: &str, uri: &str| {
+        let body = format!(r#"{{"task":"classify","input_uri":"{uri}"}}"#);
+        let auth = format!("Bearer {key}");
+        let req = request(
+            "POST",
+            "/v1/batches",
+            Some(&auth),
+            Some("application/json"),
+            body.as_bytes(),
+        );
+        serve(&app, req)
+    };
+    // Allowed: past validation, the store (unreachable here) answers 503.
+    for (key, uri) in [
+        (KEY_A, "gs://inputs/alice/in.jsonl"),
+        (KEY_A, "gs://inputs/alice/2026/12/in.jsonl"),
+        (KEY_B, "gs://inputs/bob/in.jsonl"),
+    ] {
+        let r = submit(key, uri);
+        assert_eq!(r.status, 503, "{uri}: {:?}", r.json_body());
+    }
+    for uri in [
+        "gs://inputs/bob/in.jsonl",
+        "gs://inputs/alicex/in.jsonl",
+        "gs://inputs/alice/",
+        "gs://inputs/alice/../bob/in.jsonl",
+        "gs://inputs/alice/./in.jsonl",
+        "gs://inputs/alice//in.jsonl",
+        "gs://inputs/alice/%2e%2e/bob/in.jsonl",
+        "gs://inputs/alice%2Fin.jsonl",
+        "gs://other/alice/in.jsonl",
+        "file:///tmp/in.jsonl",
+    ] {
+        let r = submit(KEY_A, uri);
+        let body = r.json_body();
+        assert_eq!(
+            (r.status, body["error"]["code"].as_str()),
+            (422, Some("invalid_input_uri")),
+            "{uri}: {body:?}"
+        );
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("gs://inputs/alice/") || message.contains("must be gs://"),
+            "{uri}: {message}"
+        );
+    }
+    // A key whose name has a `/` has no folder of its own.
+    let slashed = App::new(config_with_keys(
+        entry("team/a", KEY_A, b"0123456789ab"),
+        &[("INPUT_URI_PREFIX", "gs://inputs/{key}/")],
+    ));
+    let body = r#"{"task":"classify","input_uri":"gs://inputs/team/a/in.jsonl"}"#;
+    let r = serve(&slashed, post("/v1/batches", body));
+    assert_eq!(r.status, 422, "{:?}", r.json_body());
+    assert!(
+        r.json_body()["error"]["message"]
+            .to_string()
+            .contains("cannot name a folder")
+    );
+    // Without `{key}` the prefix is one folder for every key.
+    let shared = App::new(config(&[("INPUT_URI_PREFIX", "gs://inputs/shared/")]));
+    let body = r#"{"task":"classify","input_uri":"gs://inputs/shared/in.jsonl"}"#;
+    assert_eq!(serve(&shared, post("/v1/batches", body)).status, 503);
+}
+
 /// A mistyped rate limit or logging setting is named, not quietly replaced by the default.
 #[test]
 fn bad_settings_are_named_and_stop_v1() {
@@ -485,6 +560,10 @@ fn bad_settings_are_named_and_stop_v1() {
         ("RATE_LIMIT_PER_MINUTE", "1k"),
         ("RATE_LIMIT_PER_MINUTE", "0"),
         ("LOG_REQUESTS", "error"),
+        ("INPUT_URI_PREFIX", "gs://inputs"),
+        ("INPUT_URI_PREFIX", "s3://inputs/"),
+        ("INPUT_URI_PREFIX", "gs:///folder/"),
+        ("INPUT_URI_PREFIX", "gs://{key}/"),
     ] {
         let app = App::new(config(&[(var, value)]));
         let r = serve(&app, request("GET", "/healthz", None, None, b""));
@@ -499,7 +578,12 @@ fn bad_settings_are_named_and_stop_v1() {
         );
         assert!(r.json_body()["error"]["message"].to_string().contains(var));
     }
-    for (var, value) in [("RATE_LIMIT_PER_MINUTE", "1"), ("LOG_REQUESTS", "errors")] {
+    for (var, value) in [
+        ("RATE_LIMIT_PER_MINUTE", "1"),
+        ("LOG_REQUESTS", "errors"),
+        ("INPUT_URI_PREFIX", "gs://inputs/"),
+        ("INPUT_URI_PREFIX", "gs://inputs/{key}/"),
+    ] {
         let app = App::new(config(&[(var, value)]));
         let r = serve(&app, request("GET", "/healthz", None, None, b""));
         assert_eq!(r.status, 200, "{var}={value}");
