@@ -176,6 +176,24 @@ resource "google_storage_bucket" "outputs" {
   }
 }
 
+# Input files of `input_uri` jobs, one folder per API key: the edge's INPUT_URI_PREFIX (output
+# `input_uri_prefix`) lets each key submit only the files in its own folder.
+resource "google_storage_bucket" "inputs" {
+  name                        = "${var.project}-${var.name}-inputs"
+  location                    = var.region
+  uniform_bucket_level_access = true
+  public_access_prevention    = "enforced"
+
+  lifecycle_rule {
+    condition {
+      age = var.input_retention_days
+    }
+    action {
+      type = "Delete"
+    }
+  }
+}
+
 # --- Service accounts with least privilege -------------------------------------------------
 
 resource "google_service_account" "edge" {
@@ -260,6 +278,12 @@ resource "google_project_iam_member" "worker_firestore" {
 resource "google_storage_bucket_iam_member" "worker_outputs" {
   bucket = google_storage_bucket.outputs.name
   role   = "roles/storage.objectAdmin"
+  member = "serviceAccount:${google_service_account.worker.email}"
+}
+
+resource "google_storage_bucket_iam_member" "worker_reads_inputs" {
+  bucket = google_storage_bucket.inputs.name
+  role   = "roles/storage.objectViewer"
   member = "serviceAccount:${google_service_account.worker.email}"
 }
 

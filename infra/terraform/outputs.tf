@@ -19,6 +19,11 @@ output "outputs_bucket" {
   value = google_storage_bucket.outputs.url
 }
 
+output "input_uri_prefix" {
+  description = "The Worker variable INPUT_URI_PREFIX: each API key submits input_uri files from its own folder."
+  value       = "gs://${google_storage_bucket.inputs.name}/{key}/"
+}
+
 output "edge_service_account" {
   description = "Create a key for it and store it as the Worker secret GCP_SERVICE_ACCOUNT_KEY."
   value       = google_service_account.edge.email

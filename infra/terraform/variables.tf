@@ -16,7 +16,7 @@ variable "zone" {
 }
 
 variable "name" {
-  description = "Prefix of the bucket, service accounts, instance template, group and autoscaler names. Pub/Sub names are fixed (jobs, chat, worker, worker-chat, jobs-dead, …): wrangler.toml and the worker's defaults name them."
+  description = "Prefix of the buckets, service accounts, instance template, group and autoscaler names. Pub/Sub names are fixed (jobs, chat, worker, worker-chat, jobs-dead, …): wrangler.toml and the worker's defaults name them."
   type        = string
   default     = "cheap-serve"
 }
@@ -108,6 +108,12 @@ variable "max_delivery_attempts" {
   description = "The subscription's own dead-letter limit: the last resort, above 2 x poison_limit."
   type        = number
   default     = 15
+}
+
+variable "input_retention_days" {
+  description = "Input files of input_uri jobs are deleted from the inputs bucket after this many days."
+  type        = number
+  default     = 7
 }
 
 variable "output_retention_days" {

@@ -692,12 +692,25 @@ fn terraform_declares_the_queue_store_bucket_accounts_and_spot_workers() {
             .any(|b| b.identifier.as_str() == "ttl_config")
     );
 
-    // Output bucket with a lifecycle rule.
-    let bucket = find(&tf, "resource", "google_storage_bucket", "outputs");
-    assert_eq!(attr(bucket, "lifecycle_rule.action.type"), "Delete");
-    assert_eq!(
-        attr(bucket, "lifecycle_rule.condition.age"),
-        "var.output_retention_days"
+    // Output and input buckets with a lifecycle rule; the edge's INPUT_URI_PREFIX, one
+    // folder per key, is an output.
+    for (name, age) in [
+        ("outputs", "var.output_retention_days"),
+        ("inputs", "var.input_retention_days"),
+    ] {
+        let bucket = find(&tf, "resource", "google_storage_bucket", name);
+        assert_eq!(attr(bucket, "lifecycle_rule.action.type"), "Delete");
+        assert_eq!(attr(bucket, "lifecycle_rule.condition.age"), age);
+        assert_eq!(attr(bucket, "public_access_prevention"), "enforced");
+    }
+    let prefix = tf
+        .iter()
+        .find(|b| b.identifier.as_str() == "output" && labels(b) == ["input_uri_prefix"])
+        .expect("output input_uri_prefix");
+    let prefix = attr(prefix, "value");
+    assert!(
+        prefix.contains("gs://${google_storage_bucket.inputs.name}/{key}/"),
+        "{prefix}"
     );
 
     // Least privilege: the edge publishes to the jobs topic; the worker subscribes, publishes
@@ -739,13 +752,16 @@ fn terraform_declares_the_queue_store_bucket_accounts_and_spot_workers() {
         let member = format!("google_service_account.{account}");
         assert!(attr(b, "member").contains(&member), "{name}");
     }
-    let objects = find(
-        &tf,
-        "resource",
-        "google_storage_bucket_iam_member",
-        "worker_outputs",
-    );
-    assert!(attr(objects, "member").contains("google_service_account.worker"));
+    // The worker writes outputs and only reads inputs.
+    for (name, bucket, role) in [
+        ("worker_outputs", "outputs", "objectAdmin"),
+        ("worker_reads_inputs", "inputs", "objectViewer"),
+    ] {
+        let b = find(&tf, "resource", "google_storage_bucket_iam_member", name);
+        assert!(attr(b, "member").contains("google_service_account.worker"));
+        assert!(attr(b, "bucket").contains(&format!("google_storage_bucket.{bucket}.")));
+        assert_eq!(attr(b, "role"), format!("roles/storage.{role}"));
+    }
     for b in &tf {
         if b.identifier.as_str() == "resource" && labels(b)[0].ends_with("_iam_member") {
             let role = attr(b, "role");
