@@ -155,8 +155,8 @@ pub struct App {
     log_all: bool,
     /// `INPUT_URI_PREFIX`: where `input_uri` files may be.
     input_uri_prefix: Option<String>,
-    /// What is wrong with the settings that are neither keys nor GCP (rate limit, logging):
-    /// `/healthz` lists them and `/v1` refuses to serve until they are fixed.
+    /// What is wrong with the settings that are neither keys nor GCP (rate limit, logging,
+    /// input prefix): `/healthz` lists them and `/v1` refuses to serve until they are fixed.
     settings: Result<(), String>,
     classify_repeat: u32,
     windows: Mutex<HashMap<String, (u64, u32)>>,
