@@ -748,7 +748,9 @@ pub fn run<P: Processor + Send>(
     let mut processor = match make_processor() {
         Ok(p) => p,
         Err(e) => {
-            lock.release()?;
+            // The model's error is the one to report; a lock file left behind is harmless
+            // (the lock is the `flock`, gone with this process).
+            let _ = lock.release();
             return Err(if e.is_setup() {
                 RunError::Usage(e.to_string())
             } else {
