@@ -56,6 +56,15 @@ fn run_to_end(input: &Path, output: &Path, extra: &[&str]) -> String {
     std::fs::read_to_string(output).expect("output exists")
 }
 
+/// A `classify` run's checkpoint as `run` writes it, for `OUT.jsonl.ckpt`.
+fn checkpoint(sha: &str, input_offset: u64, items: u64, output_bytes: usize, done: bool) -> String {
+    serde_json::json!({
+        "version": 1, "task": "classify", "input_sha256": sha, "input_offset": input_offset,
+        "items": items, "errors": 0, "output_bytes": output_bytes, "done": done,
+    })
+    .to_string()
+}
+
 /// A small deterministic PRNG for kill instants.
 fn next(state: &mut u64) -> u64 {
     *state ^= *state << 13;
@@ -476,7 +485,7 @@ fn checkpoint_of_another_input_is_refused() {
     let input = dir.join("in.jsonl");
     write_input(&input, 10);
     let output = dir.join("out.jsonl");
-    std::fs::write(dir.join("out.jsonl.ckpt"), r#"{"version":1,"task":"classify","input_sha256":"00","input_offset":0,"items":0,"errors":0,"output_bytes":0,"done":false}"#).expect("write");
+    std::fs::write(dir.join("out.jsonl.ckpt"), checkpoint("00", 0, 0, 0, false)).expect("write");
     let out = run(&input, &output, &[]).output().expect("runs");
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("belongs to another input"));
@@ -496,35 +505,19 @@ fn a_finished_checkpoint_is_completed_without_the_model() {
     let partial = dir.join("out.jsonl.partial");
     std::fs::rename(&output, &partial).expect("rename");
     let sha = hex::encode(sha2::Sha256::digest(std::fs::read(&input).expect("input")));
-    let ckpt = serde_json::json!({
-        "version": 1, "task": "classify", "input_sha256": sha,
-        "input_offset": std::fs::metadata(&input).expect("input").len(),
-        "items": 40, "errors": 0, "output_bytes": want.len(), "done": true,
-    });
-    std::fs::write(dir.join("out.jsonl.ckpt"), ckpt.to_string()).expect("write");
-    let out = run(&input, &output, &["--model-dir", "/nonexistent-models"])
-        .output()
-        .expect("runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(std::fs::read_to_string(&output).expect("output"), want);
+    let consumed = std::fs::metadata(&input).expect("input").len();
+    let finished = checkpoint(&sha, consumed, 40, want.len(), true);
+    std::fs::write(dir.join("out.jsonl.ckpt"), finished).expect("write");
+    let no_model = ["--model-dir", "/nonexistent-models"];
+    assert_eq!(run_to_end(&input, &output, &no_model), want);
     for leftover in ["out.jsonl.partial", "out.jsonl.ckpt", "out.jsonl.lock"] {
         assert!(!dir.join(leftover).exists(), "{leftover} left behind");
     }
     // With work left the model is needed: refused with one line, the checkpoint kept as it
     // was and no lock file left.
-    let ckpt = serde_json::json!({
-        "version": 1, "task": "classify", "input_sha256": sha, "input_offset": 0,
-        "items": 0, "errors": 0, "output_bytes": 0, "done": false,
-    })
-    .to_string();
+    let ckpt = checkpoint(&sha, 0, 0, 0, false);
     std::fs::write(dir.join("out.jsonl.ckpt"), &ckpt).expect("write");
-    let out = run(&input, &output, &["--model-dir", "/nonexistent-models"])
-        .output()
-        .expect("runs");
+    let out = run(&input, &output, &no_model).output().expect("runs");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(

@@ -440,8 +440,8 @@ const FREE_PLAN_GZIP_KIB: f64 = 3072.0;
 
 /// `wrangler deploy --dry-run` on the production `wrangler.toml` (its `[build]` step left out:
 /// the Worker is already built, and a nested cargo would wait on this one's lock): wrangler
-/// accepts the file without a warning about it, lists its bindings, and the bundle it would upload fits
-/// the Free plan.
+/// accepts the file without a warning about it, lists its bindings, and the bundle it would
+/// upload fits the Free plan.
 #[test]
 fn wrangler_accepts_the_production_config_and_the_bundle_fits_the_free_plan() {
     let root = stack::root();

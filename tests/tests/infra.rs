@@ -600,14 +600,15 @@ fn expr(e: &Expression) -> String {
 }
 
 fn default_of(blocks: &[Block], var: &str) -> String {
-    attr(find_var(blocks, var), "default")
+    attr(find_named(blocks, "variable", var), "default")
 }
 
-fn find_var<'a>(blocks: &'a [Block], name: &str) -> &'a Block {
+/// The block `kind "name"` with one label: a `variable` or an `output`.
+fn find_named<'a>(blocks: &'a [Block], kind: &str, name: &str) -> &'a Block {
     blocks
         .iter()
-        .find(|b| b.identifier.as_str() == "variable" && labels(b) == [name])
-        .unwrap_or_else(|| panic!("variable {name} missing"))
+        .find(|b| b.identifier.as_str() == kind && labels(b) == [name])
+        .unwrap_or_else(|| panic!("{kind} {name} missing"))
 }
 
 #[test]
@@ -703,11 +704,7 @@ fn terraform_declares_the_queue_store_bucket_accounts_and_spot_workers() {
         assert_eq!(attr(bucket, "lifecycle_rule.condition.age"), age);
         assert_eq!(attr(bucket, "public_access_prevention"), "enforced");
     }
-    let prefix = tf
-        .iter()
-        .find(|b| b.identifier.as_str() == "output" && labels(b) == ["input_uri_prefix"])
-        .expect("output input_uri_prefix");
-    let prefix = attr(prefix, "value");
+    let prefix = attr(find_named(&tf, "output", "input_uri_prefix"), "value");
     assert!(
         prefix.contains("gs://${google_storage_bucket.inputs.name}/{key}/"),
         "{prefix}"

@@ -60,13 +60,23 @@ fn request(method: &str, path: &str, auth: Option<&str>, ct: Option<&str>, body:
 }
 
 fn post(path: &str, body: &str) -> Request {
+    post_as(KEY_A, path, body)
+}
+
+/// A JSON `POST` with API key `key`.
+fn post_as(key: &str, path: &str, body: &str) -> Request {
     request(
         "POST",
         path,
-        Some(&format!("Bearer {KEY_A}")),
+        Some(&format!("Bearer {key}")),
         Some("application/json"),
         body.as_bytes(),
     )
+}
+
+/// A `classify` batch of the file `uri`.
+fn input_uri_batch(uri: &str) -> String {
+    format!(r#"{{"task":"classify","input_uri":"{uri}"}}"#)
 }
 
 fn serve(app: &App, req: Request) -> Response {
@@ -443,7 +453,7 @@ fn misconfiguration_is_named_not_hidden() {
 /// refuses them.
 #[test]
 fn file_input_uris_only_against_the_emulators() {
-    let file = r#"{"task":"classify","input_uri":"file:///tmp/in.jsonl"}"#;
+    let file = &input_uri_batch("file:///tmp/in.jsonl");
     let code = |r: &Response| r.json_body()["error"]["code"].as_str().map(str::to_owned);
     let local = App::new(config(&[]));
     let r = serve(&local, post("/v1/batches", file));
@@ -454,8 +464,7 @@ fn file_input_uris_only_against_the_emulators() {
         "file://host/x.jsonl",
         "/tmp/in.jsonl",
     ] {
-        let body = format!(r#"{{"task":"classify","input_uri":"{bad}"}}"#);
-        let r = serve(&local, post("/v1/batches", &body));
+        let r = serve(&local, post("/v1/batches", &input_uri_batch(bad)));
         assert_eq!(
             (r.status, code(&r).as_deref()),
             (422, Some("invalid_input_uri")),
@@ -488,18 +497,8 @@ fn file_input_uris_only_against_the_emulators() {
 #[test]
 fn input_uris_stay_under_the_configured_prefix() {
     let app = App::new(config(&[("INPUT_URI_PREFIX", "gs://inputs/{key}/")]));
-    let submit = |key: &str, uri: &str| {
-        let body = format!(r#"{{"task":"classify","input_uri":"{uri}"}}"#);
-        let auth = format!("Bearer {key}");
-        let req = request(
-            "POST",
-            "/v1/batches",
-            Some(&auth),
-            Some("application/json"),
-            body.as_bytes(),
-        );
-        serve(&app, req)
-    };
+    let submit =
+        |key: &str, uri: &str| serve(&app, post_as(key, "/v1/batches", &input_uri_batch(uri)));
     // Allowed: past validation, the store (unreachable here) answers 503.
     for (key, uri) in [
         (KEY_A, "gs://inputs/alice/in.jsonl"),
@@ -539,8 +538,8 @@ fn input_uris_stay_under_the_configured_prefix() {
         entry("team/a", KEY_A, b"0123456789ab"),
         &[("INPUT_URI_PREFIX", "gs://inputs/{key}/")],
     ));
-    let body = r#"{"task":"classify","input_uri":"gs://inputs/team/a/in.jsonl"}"#;
-    let r = serve(&slashed, post("/v1/batches", body));
+    let body = input_uri_batch("gs://inputs/team/a/in.jsonl");
+    let r = serve(&slashed, post("/v1/batches", &body));
     assert_eq!(r.status, 422, "{:?}", r.json_body());
     assert!(
         r.json_body()["error"]["message"]
@@ -549,8 +548,8 @@ fn input_uris_stay_under_the_configured_prefix() {
     );
     // Without `{key}` the prefix is one folder for every key.
     let shared = App::new(config(&[("INPUT_URI_PREFIX", "gs://inputs/shared/")]));
-    let body = r#"{"task":"classify","input_uri":"gs://inputs/shared/in.jsonl"}"#;
-    assert_eq!(serve(&shared, post("/v1/batches", body)).status, 503);
+    let body = input_uri_batch("gs://inputs/shared/in.jsonl");
+    assert_eq!(serve(&shared, post("/v1/batches", &body)).status, 503);
 }
 
 /// A mistyped rate limit or logging setting is named, not quietly replaced by the default.
@@ -782,13 +781,7 @@ fn the_fallback_rate_limit_is_per_key() {
         (r.status, r.json_body()["error"]["code"].as_str()),
         (429, Some("rate_limited"))
     );
-    let bob = request(
-        "POST",
-        "/v1/chat",
-        Some(&format!("Bearer {KEY_B}")),
-        Some("application/json"),
-        hi.as_bytes(),
-    );
+    let bob = post_as(KEY_B, "/v1/chat", hi);
     assert_eq!(block_on(app.handle(&p, bob)).status, 200);
     p.now.set(p.now.get() + 60_000);
     assert_eq!(block_on(app.handle(&p, post("/v1/chat", hi))).status, 200);
