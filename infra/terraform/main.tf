@@ -57,6 +57,13 @@ resource "google_pubsub_subscription" "worker" {
   expiration_policy {
     ttl = "" # never expires
   }
+
+  lifecycle {
+    precondition {
+      condition     = var.max_delivery_attempts > 2 * var.poison_limit
+      error_message = "max_delivery_attempts must be above 2 x poison_limit, so that the worker quarantines a shard (and fails its job with the reason) before Pub/Sub gives up on it."
+    }
+  }
 }
 
 # The workers pull chat messages here beside their jobs subscription, with flow control of
@@ -356,6 +363,10 @@ resource "google_compute_instance_template" "worker" {
 
   lifecycle {
     create_before_destroy = true
+    precondition {
+      condition     = var.lm_url == "" || var.lm_sha256 != ""
+      error_message = "lm_sha256 is required with lm_url: the startup script installs only a bundle whose sha256 it can check."
+    }
   }
 }
 

@@ -927,6 +927,270 @@ fn the_edge_publishes_to_the_topics_terraform_creates() {
     }
 }
 
+/// The values `terraform plan` would see: every default, then the example variables file.
+fn example_values(tf: &[Block]) -> hcl::Map<String, hcl::Value> {
+    let mut values = hcl::Map::new();
+    for b in tf.iter().filter(|b| b.identifier.as_str() == "variable") {
+        if let Some(a) = b.body.attributes().find(|a| a.key.as_str() == "default") {
+            values.insert(labels(b)[0].clone(), expr_value(&a.expr));
+        }
+    }
+    let example = std::fs::read_to_string(root().join("infra/terraform/terraform.tfvars.example"))
+        .expect("terraform.tfvars.example");
+    let body: Body = hcl::from_str(&example).expect("terraform.tfvars.example parses");
+    for a in body.attributes() {
+        values.insert(a.key.as_str().to_owned(), expr_value(&a.expr));
+    }
+    values
+}
+
+/// A literal of a `.tf` or `.tfvars` file as a value.
+fn expr_value(e: &Expression) -> hcl::Value {
+    use hcl::eval::Evaluate;
+    e.evaluate(&hcl::eval::Context::new())
+        .unwrap_or_else(|err| panic!("not a literal: {err}"))
+}
+
+/// Evaluates `condition` as Terraform would with `var` set to `values`, with the Terraform
+/// functions the module's conditions call.
+fn holds(condition: &Expression, values: &hcl::Map<String, hcl::Value>) -> bool {
+    use hcl::Value;
+    use hcl::eval::{Context, Evaluate, FuncArgs, FuncDef, ParamType};
+    fn length(args: FuncArgs) -> Result<Value, String> {
+        match &args[0] {
+            Value::String(s) => Ok(s.chars().count().into()),
+            Value::Array(a) => Ok(a.len().into()),
+            other => Err(format!("length of {other:?}")),
+        }
+    }
+    fn regexall(args: FuncArgs) -> Result<Value, String> {
+        let (Value::String(pattern), Value::String(text)) = (&args[0], &args[1]) else {
+            return Err("regexall takes two strings".into());
+        };
+        let re = regex::Regex::new(pattern).map_err(|e| e.to_string())?;
+        Ok(Value::Array(
+            re.find_iter(text)
+                .map(|m| Value::from(m.as_str()))
+                .collect(),
+        ))
+    }
+    fn startswith(args: FuncArgs) -> Result<Value, String> {
+        let (Value::String(s), Value::String(prefix)) = (&args[0], &args[1]) else {
+            return Err("startswith takes two strings".into());
+        };
+        Ok(s.starts_with(prefix.as_str()).into())
+    }
+    fn floor(args: FuncArgs) -> Result<Value, String> {
+        let n = args[0].as_f64().ok_or("floor of a number")?;
+        Ok(hcl::Number::from_f64(n.floor())
+            .map(Value::Number)
+            .unwrap_or(Value::Null))
+    }
+    let mut ctx = Context::new();
+    ctx.declare_var("var", Value::Object(values.clone()));
+    let s = ParamType::String;
+    ctx.declare_func(
+        "length",
+        FuncDef::builder().param(ParamType::Any).build(length),
+    );
+    ctx.declare_func(
+        "regexall",
+        FuncDef::builder()
+            .params([s.clone(), s.clone()])
+            .build(regexall),
+    );
+    ctx.declare_func(
+        "startswith",
+        FuncDef::builder().params([s.clone(), s]).build(startswith),
+    );
+    ctx.declare_func(
+        "floor",
+        FuncDef::builder().param(ParamType::Number).build(floor),
+    );
+    match condition.evaluate(&ctx) {
+        Ok(Value::Bool(b)) => b,
+        other => panic!("{} gave {other:?}", expr(condition)),
+    }
+}
+
+/// Every check `terraform plan` makes before it touches anything: the variables' `validation`
+/// blocks and the resources' `precondition`s, each with the text of its error message.
+fn conditions(tf: &[Block]) -> Vec<(String, Expression, String)> {
+    let mut out = Vec::new();
+    for b in tf {
+        let (checks, name): (Vec<&Block>, String) = match b.identifier.as_str() {
+            "variable" => (
+                b.body
+                    .blocks()
+                    .filter(|c| c.identifier.as_str() == "validation")
+                    .collect(),
+                labels(b)[0].clone(),
+            ),
+            "resource" => (
+                b.body
+                    .blocks()
+                    .filter(|l| l.identifier.as_str() == "lifecycle")
+                    .flat_map(|l| l.body.blocks())
+                    .filter(|c| c.identifier.as_str() == "precondition")
+                    .collect(),
+                labels(b).join("."),
+            ),
+            _ => continue,
+        };
+        for c in checks {
+            let get = |key: &str| {
+                c.body
+                    .attributes()
+                    .find(|a| a.key.as_str() == key)
+                    .unwrap_or_else(|| panic!("a check of {name} has no {key}"))
+                    .expr
+                    .clone()
+            };
+            out.push((name.clone(), get("condition"), expr(&get("error_message"))));
+        }
+    }
+    out
+}
+
+/// A typo in `terraform.tfvars` is refused by `terraform plan`, with a message that names the
+/// variable, instead of surfacing later as a VM whose startup script cannot install the worker
+/// or a subscription that gives up before the worker's own poison limit.
+#[test]
+fn terraform_refuses_unusable_variable_values() {
+    let tf = terraform();
+    let good = example_values(&tf);
+    let checks = conditions(&tf);
+    for (name, condition, message) in &checks {
+        assert!(
+            holds(condition, &good),
+            "{name}: the defaults and terraform.tfvars.example fail {}",
+            expr(condition)
+        );
+        // The message starts with the variable to fix: this one's, or one of a precondition's.
+        let first = message.split(' ').next().unwrap_or_default();
+        assert!(
+            first == name || (name.contains('.') && good.contains_key(first)),
+            "{name}: the error message does not start with the variable to fix: {message}"
+        );
+    }
+    // Every number has a range.
+    for b in tf.iter().filter(|b| b.identifier.as_str() == "variable") {
+        let name = &labels(b)[0];
+        if attr(b, "type") == "number" {
+            assert!(
+                checks.iter().any(|(n, _, _)| n == name),
+                "variable {name} has no validation"
+            );
+        }
+    }
+    let verdict = |changes: &[(&str, hcl::Value)]| {
+        let mut values = good.clone();
+        for (k, v) in changes {
+            assert!(values.contains_key(*k), "no variable {k}");
+            values.insert((*k).to_owned(), v.clone());
+        }
+        checks.iter().all(|(_, c, _)| holds(c, &values))
+    };
+    let s = |v: &str| hcl::Value::from(v);
+    let n = |v: f64| hcl::Value::from(v);
+    let longest = "a".repeat(22) + "z";
+    for (changes, accepted) in [
+        (vec![("name", s("a"))], true),
+        (vec![("name", s(&longest))], true),
+        (vec![("name", s(&(longest.clone() + "z")))], false),
+        (vec![("name", s("Cheap"))], false),
+        (vec![("name", s("cheap-"))], false),
+        (vec![("name", s("1cheap"))], false),
+        (vec![("gpu_count", n(0.0))], false),
+        (vec![("gpu_count", n(1.5))], false),
+        (vec![("worker_version", s("1.2.3-rc.1+build"))], true),
+        (vec![("worker_version", s("../1"))], false),
+        (vec![("worker_version", s(""))], false),
+        (
+            vec![("worker_url", s("https://example.com/w.tar.gz"))],
+            true,
+        ),
+        (
+            vec![("worker_url", s("http://example.com/w.tar.gz"))],
+            false,
+        ),
+        (vec![("ort_url", s("s3://b/o.tar.gz"))], false),
+        (vec![("worker_sha256", s(&"0".repeat(63)))], false),
+        (vec![("ort_sha256", s(&"A".repeat(64)))], false),
+        (vec![("lm_url", s("")), ("lm_sha256", s(""))], true),
+        (vec![("lm_url", s("ftp://x/lm.tar.gz"))], false),
+        (vec![("lm_sha256", s("sha256:abc"))], false),
+        (vec![("lm_sha256", s(""))], false), // lm_url of the example is set
+        (vec![("max_workers", n(0.0))], false),
+        (vec![("undelivered_per_worker", n(0.0))], false),
+        (vec![("ack_deadline_seconds", n(10.0))], true),
+        (vec![("ack_deadline_seconds", n(600.0))], true),
+        (vec![("ack_deadline_seconds", n(5.0))], false),
+        (vec![("ack_deadline_seconds", n(601.0))], false),
+        (vec![("poison_limit", n(0.0))], false),
+        (vec![("max_delivery_attempts", n(101.0))], false),
+        (
+            vec![("poison_limit", n(5.0)), ("max_delivery_attempts", n(11.0))],
+            true,
+        ),
+        (
+            vec![("poison_limit", n(5.0)), ("max_delivery_attempts", n(10.0))],
+            false,
+        ),
+        (
+            vec![("poison_limit", n(2.0)), ("max_delivery_attempts", n(5.0))],
+            true,
+        ),
+        (
+            vec![("poison_limit", n(1.0)), ("max_delivery_attempts", n(4.0))],
+            false,
+        ),
+        (vec![("input_retention_days", n(0.0))], false),
+        (vec![("output_retention_days", n(0.5))], false),
+    ] {
+        assert_eq!(verdict(&changes), accepted, "{changes:?}");
+    }
+
+    // The names built from the shortest and the longest accepted prefix are names Google
+    // accepts: service account ids of 6 to 30 characters, instance template prefixes of at
+    // most 37.
+    let account = regex::Regex::new("^[a-z][-a-z0-9]{4,28}[a-z0-9]$").expect("regex");
+    for prefix in ["a", longest.as_str()] {
+        let mut values = good.clone();
+        values.insert("name".into(), s(prefix));
+        let eval = |b: &Block, key: &str| {
+            use hcl::eval::Evaluate;
+            let e = &b
+                .body
+                .attributes()
+                .find(|a| a.key.as_str() == key)
+                .expect(key)
+                .expr;
+            let mut ctx = hcl::eval::Context::new();
+            ctx.declare_var("var", hcl::Value::Object(values.clone()));
+            match e.evaluate(&ctx) {
+                Ok(hcl::Value::String(v)) => v,
+                other => panic!("{key}: {other:?}"),
+            }
+        };
+        for sa in ["edge", "worker"] {
+            let id = eval(
+                find(&tf, "resource", "google_service_account", sa),
+                "account_id",
+            );
+            assert!(account.is_match(&id), "service account id {id:?}");
+        }
+        let template = find(
+            &tf,
+            "resource",
+            "google_compute_instance_template",
+            "worker",
+        );
+        let name_prefix = eval(template, "name_prefix");
+        assert!(name_prefix.len() <= 37, "name_prefix {name_prefix:?}");
+    }
+}
+
 /// The Google provider's schema, installed by `cargo xtask setup`.
 fn provider_schema() -> tf_schema::Schema {
     let path = root().join(".tools/terraform-schema/google.jsii");
