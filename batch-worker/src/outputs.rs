@@ -96,7 +96,7 @@ pub fn open(uri: &str) -> Result<Location, OutputError> {
         let local = Arc::new(LocalFileSystem::new().with_fsync(true));
         (local.clone(), Some(local), prefix)
     } else {
-        let (store, prefix) = object_store::parse_url_opts(&url, std::env::vars())?;
+        let (store, prefix) = object_store::parse_url_opts(&url, google_options(std::env::vars()))?;
         (Arc::from(store), None, prefix)
     };
     Ok(Location {
@@ -163,6 +163,16 @@ fn remove_staged_copies(file: &std::path::Path) {
     }
 }
 
+/// The `GOOGLE_*` variables of `vars`: the settings of the `gs://` store (`GOOGLE_SERVICE_ACCOUNT`,
+/// `GOOGLE_APPLICATION_CREDENTIALS`, …; none: the VM's service account). `object_store` also
+/// reads unprefixed names (`BUCKET`, `TIMEOUT`, `BASE_URL`, `PROXY_URL`, …), far too common in
+/// an environment to let them redirect or slow the outputs unasked.
+fn google_options(
+    vars: impl Iterator<Item = (String, String)>,
+) -> impl Iterator<Item = (String, String)> {
+    vars.filter(|(k, _)| k.starts_with("GOOGLE_"))
+}
+
 /// The store and path of an object given by its full URI (`gs://bucket/file.jsonl`,
 /// `file:///…`).
 fn object(uri: &str) -> Result<(Box<dyn ObjectStore>, ObjectPath), OutputError> {
@@ -174,7 +184,10 @@ fn object(uri: &str) -> Result<(Box<dyn ObjectStore>, ObjectPath), OutputError> 
             url.scheme()
         )));
     }
-    Ok(object_store::parse_url_opts(&url, std::env::vars())?)
+    Ok(object_store::parse_url_opts(
+        &url,
+        google_options(std::env::vars()),
+    )?)
 }
 
 /// Reads a whole object given by its full URI.
@@ -255,6 +268,30 @@ pub fn output_prefix(job: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_google_variables_configure_the_gs_store() {
+        let env = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<Vec<_>>()
+        };
+        let url = url::Url::parse("gs://outputs/jobs").expect("url");
+        // A `TIMEOUT` meant for something else, which `object_store` would read as its own.
+        let unrelated = env(&[("TIMEOUT", "soon"), ("BUCKET", "elsewhere")]);
+        assert!(object_store::parse_url_opts(&url, unrelated.clone()).is_err());
+        let (store, path) =
+            object_store::parse_url_opts(&url, google_options(unrelated.into_iter()))
+                .expect("the unrelated variables are left out");
+        assert_eq!(
+            (store.to_string().as_str(), path.as_ref()),
+            ("GoogleCloudStorage(outputs)", "jobs")
+        );
+        // The store's own settings still reach it.
+        let own = env(&[("GOOGLE_TIMEOUT", "soon")]);
+        assert!(object_store::parse_url_opts(&url, google_options(own.into_iter())).is_err());
+    }
 
     #[test]
     fn roots_are_checked_before_anything_is_touched() {
