@@ -671,4 +671,27 @@ mod tests {
             .collect();
         assert!(missing.is_empty(), "not in README.md: {missing:?}");
     }
+
+    /// A flag whose name is not its variable's (`--subscription` for `PUBSUB_SUBSCRIPTION`)
+    /// cannot be guessed from the tables: the README names it too, as `` `--flag` / `VAR` ``.
+    #[test]
+    fn the_readme_names_each_flag_beside_its_variable() {
+        let readme = include_str!("../../README.md");
+        let cli = super::Cli::command();
+        let mut missing = Vec::new();
+        for arg in cli.get_subcommands().flat_map(|s| s.get_arguments()) {
+            let (Some(long), Some(env)) = (arg.get_long(), arg.get_env()) else {
+                continue;
+            };
+            let env = env.to_string_lossy();
+            if arg.is_hide_set() || long == env.to_lowercase().replace('_', "-") {
+                continue;
+            }
+            let row = format!("`--{long}` / `{env}`");
+            if !readme.contains(&row) && !missing.contains(&row) {
+                missing.push(row);
+            }
+        }
+        assert!(missing.is_empty(), "not in README.md: {missing:?}");
+    }
 }
