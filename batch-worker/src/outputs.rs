@@ -96,7 +96,7 @@ pub fn open(uri: &str) -> Result<Location, OutputError> {
         let local = Arc::new(LocalFileSystem::new().with_fsync(true));
         (local.clone(), Some(local), prefix)
     } else {
-        let (store, prefix) = object_store::parse_url_opts(&url, google_options(std::env::vars()))?;
+        let (store, prefix) = gs_store(&url)?;
         (Arc::from(store), None, prefix)
     };
     Ok(Location {
@@ -173,6 +173,12 @@ fn google_options(
     vars.filter(|(k, _)| k.starts_with("GOOGLE_"))
 }
 
+/// The store of a `gs://` (or `file://`) URL, set up by the process's `GOOGLE_*` variables, and
+/// the path in it.
+fn gs_store(url: &url::Url) -> Result<(Box<dyn ObjectStore>, ObjectPath), object_store::Error> {
+    object_store::parse_url_opts(url, google_options(std::env::vars()))
+}
+
 /// The store and path of an object given by its full URI (`gs://bucket/file.jsonl`,
 /// `file:///…`).
 fn object(uri: &str) -> Result<(Box<dyn ObjectStore>, ObjectPath), OutputError> {
@@ -184,10 +190,7 @@ fn object(uri: &str) -> Result<(Box<dyn ObjectStore>, ObjectPath), OutputError> 
             url.scheme()
         )));
     }
-    Ok(object_store::parse_url_opts(
-        &url,
-        google_options(std::env::vars()),
-    )?)
+    Ok(gs_store(&url)?)
 }
 
 /// Reads a whole object given by its full URI.

@@ -951,11 +951,11 @@ fn expr_value(e: &Expression) -> hcl::Value {
         .unwrap_or_else(|err| panic!("not a literal: {err}"))
 }
 
-/// Evaluates `condition` as Terraform would with `var` set to `values`, with the Terraform
-/// functions the module's conditions call.
-fn holds(condition: &Expression, values: &hcl::Map<String, hcl::Value>) -> bool {
+/// A context in which `var` is `values`, with the Terraform functions the module's conditions
+/// call.
+fn tf_context(values: &hcl::Map<String, hcl::Value>) -> hcl::eval::Context<'static> {
     use hcl::Value;
-    use hcl::eval::{Context, Evaluate, FuncArgs, FuncDef, ParamType};
+    use hcl::eval::{Context, FuncArgs, FuncDef, ParamType};
     fn length(args: FuncArgs) -> Result<Value, String> {
         match &args[0] {
             Value::String(s) => Ok(s.chars().count().into()),
@@ -1007,8 +1007,20 @@ fn holds(condition: &Expression, values: &hcl::Map<String, hcl::Value>) -> bool 
         "floor",
         FuncDef::builder().param(ParamType::Number).build(floor),
     );
-    match condition.evaluate(&ctx) {
-        Ok(Value::Bool(b)) => b,
+    ctx
+}
+
+/// `e` evaluated as Terraform would with `var` set to `values`.
+fn tf_eval(e: &Expression, values: &hcl::Map<String, hcl::Value>) -> hcl::Value {
+    use hcl::eval::Evaluate;
+    e.evaluate(&tf_context(values))
+        .unwrap_or_else(|err| panic!("{}: {err}", expr(e)))
+}
+
+/// Whether `condition` holds with `var` set to `values`.
+fn holds(condition: &Expression, values: &hcl::Map<String, hcl::Value>) -> bool {
+    match tf_eval(condition, values) {
+        hcl::Value::Bool(b) => b,
         other => panic!("{} gave {other:?}", expr(condition)),
     }
 }
@@ -1159,17 +1171,9 @@ fn terraform_refuses_unusable_variable_values() {
         let mut values = good.clone();
         values.insert("name".into(), s(prefix));
         let eval = |b: &Block, key: &str| {
-            use hcl::eval::Evaluate;
-            let e = &b
-                .body
-                .attributes()
-                .find(|a| a.key.as_str() == key)
-                .expect(key)
-                .expr;
-            let mut ctx = hcl::eval::Context::new();
-            ctx.declare_var("var", hcl::Value::Object(values.clone()));
-            match e.evaluate(&ctx) {
-                Ok(hcl::Value::String(v)) => v,
+            let a = b.body.attributes().find(|a| a.key.as_str() == key);
+            match tf_eval(&a.expect(key).expr, &values) {
+                hcl::Value::String(v) => v,
                 other => panic!("{key}: {other:?}"),
             }
         };
