@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::{Session, SessionInputValue};
-use ort::value::{DynTensorValueType, DynValue, Tensor, TensorElementType, ValueType};
+use ort::value::{
+    DynTensorValueType, DynValue, PrimitiveTensorElementType, Tensor, TensorElementType, ValueType,
+};
 use shared::rng::SplitMix64;
 use tokenizers::Tokenizer;
 
@@ -73,6 +75,33 @@ impl Generated {
     }
 }
 
+/// The floating-point type of a model's KV cache or logits: float32, or float16 as a GPU
+/// export (`--dtype fp16`) has them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Float {
+    F32,
+    F16,
+}
+
+impl Float {
+    fn of(name: &str, ty: &ValueType) -> Result<Self, String> {
+        match ty {
+            ValueType::Tensor {
+                ty: TensorElementType::Float32,
+                ..
+            } => Ok(Self::F32),
+            ValueType::Tensor {
+                ty: TensorElementType::Float16,
+                ..
+            } => Ok(Self::F16),
+            ValueType::Tensor { ty, .. } => Err(format!(
+                "`{name}` holds {ty:?}; this worker runs models whose KV cache and logits are float32 or float16"
+            )),
+            other => Err(format!("`{name}` is not a tensor: {other:?}")),
+        }
+    }
+}
+
 /// What the model's inputs say about it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Interface {
@@ -80,6 +109,10 @@ pub struct Interface {
     pub kv_heads: usize,
     pub head_dim: usize,
     pub position_ids: bool,
+    /// The type of `past_key_values.*` and `present.*`.
+    pub cache: Float,
+    /// The type of `logits`.
+    pub logits: Float,
 }
 
 impl Interface {
@@ -97,25 +130,15 @@ impl Interface {
         let Some(first) = find("past_key_values.0.key") else {
             return Err("the model has no input `past_key_values.0.key`: export it with a KV cache (optimum-cli export onnx --task text-generation-with-past)".into());
         };
-        let (kv_heads, head_dim) = match first.dtype() {
-            ValueType::Tensor { ty, shape, .. } => {
-                if *ty != TensorElementType::Float32 {
-                    return Err(format!(
-                        "`past_key_values.0.key` holds {ty:?}; this worker runs models whose KV cache is float32 (quantize weights only)"
-                    ));
-                }
-                match shape[..] {
-                    [_, h, _, d] if h > 0 && d > 0 => (h as usize, d as usize),
-                    _ => {
-                        return Err(format!(
-                            "`past_key_values.0.key` has shape {shape:?}; expected [batch, heads, past, head_dim] with fixed heads and head_dim"
-                        ));
-                    }
-                }
-            }
-            other => {
+        let cache = Float::of("past_key_values.0.key", first.dtype())?;
+        let ValueType::Tensor { shape, .. } = first.dtype() else {
+            return Err("`past_key_values.0.key` is not a tensor".into());
+        };
+        let (kv_heads, head_dim) = match shape[..] {
+            [_, h, _, d] if h > 0 && d > 0 => (h as usize, d as usize),
+            _ => {
                 return Err(format!(
-                    "`past_key_values.0.key` is not a tensor: {other:?}"
+                    "`past_key_values.0.key` has shape {shape:?}; expected [batch, heads, past, head_dim] with fixed heads and head_dim"
                 ));
             }
         };
@@ -123,23 +146,40 @@ impl Interface {
         while find(&format!("past_key_values.{layers}.key")).is_some() {
             layers += 1;
         }
+        // The cache goes from `present.*` to `past_key_values.*` as it is: one type for all.
+        let same_type = |name: &str, ty: &ValueType| {
+            let t = Float::of(name, ty)?;
+            if t == cache {
+                Ok(())
+            } else {
+                Err(format!(
+                    "`{name}` holds {t:?} but `past_key_values.0.key` {cache:?}: the cache must have one type"
+                ))
+            }
+        };
         for i in 0..layers {
             let v = format!("past_key_values.{i}.value");
-            if find(&v).is_none() {
+            let Some(input) = find(&v) else {
                 return Err(format!("the model has no input `{v}`"));
+            };
+            same_type(&v, input.dtype())?;
+            if let Some(k) = find(&format!("past_key_values.{i}.key")) {
+                same_type(k.name(), k.dtype())?;
             }
         }
         let outputs = session.outputs();
-        let has_out = |name: &str| outputs.iter().any(|o| o.name() == name);
-        if !has_out("logits") {
+        let output = |name: &str| outputs.iter().find(|o| o.name() == name);
+        let Some(logits) = output("logits") else {
             return Err("the model has no output `logits`".into());
-        }
+        };
+        let logits = Float::of("logits", logits.dtype())?;
         for i in 0..layers {
             for kind in ["key", "value"] {
                 let p = format!("present.{i}.{kind}");
-                if !has_out(&p) {
+                let Some(present) = output(&p) else {
                     return Err(format!("the model has no output `{p}`"));
-                }
+                };
+                same_type(&p, present.dtype())?;
             }
         }
         Ok(Self {
@@ -147,6 +187,8 @@ impl Interface {
             kv_heads,
             head_dim,
             position_ids: find("position_ids").is_some(),
+            cache,
+            logits,
         })
     }
 }
@@ -502,6 +544,7 @@ impl Generator {
             total: 0,
             past: Vec::new(),
             shape: (self.interface.kv_heads, self.interface.head_dim),
+            float: self.interface.cache,
         };
         if rows.is_empty() {
             return Ok((d, done));
@@ -514,14 +557,9 @@ impl Generator {
             ids.extend(std::iter::repeat_n(i64::from(self.pad_id), pad));
             ids.extend(p.iter().map(|&t| i64::from(t)));
         }
-        let (kv_heads, head_dim) = d.shape;
         let mut past = Vec::with_capacity(2 * layers);
         for _ in 0..2 * layers {
-            let empty = Tensor::<f32>::from_array((
-                [b, kv_heads, 0, head_dim],
-                Vec::<f32>::new().into_boxed_slice(),
-            ))?;
-            past.push(empty.into_dyn());
+            past.push(d.empty(b)?);
         }
         d.rows = rows.into_iter().map(|(r, _)| r).collect();
         d.total = longest;
@@ -658,7 +696,17 @@ impl Generator {
                 present.push(v);
             }
         }
-        let (shape, logits) = outputs["logits"].try_extract_tensor::<f32>()?;
+        let value = &outputs["logits"];
+        let (shape, mut logits) = match self.interface.logits {
+            Float::F32 => {
+                let (shape, l) = value.try_extract_tensor::<f32>()?;
+                (shape, Logits::F32(l))
+            }
+            Float::F16 => {
+                let (shape, l) = value.try_extract_tensor::<half::f16>()?;
+                (shape, Logits::F16(l, Vec::new()))
+            }
+        };
         let vocab = match shape[..] {
             [rows, s, v] if rows as usize == b && s as usize == seq && v > 0 => v as usize,
             _ => {
@@ -669,9 +717,29 @@ impl Generator {
         };
         for row in 0..b {
             let at = (row * seq + seq - 1) * vocab;
-            pick(row, &logits[at..at + vocab]);
+            pick(row, logits.get(at..at + vocab));
         }
         Ok(present)
+    }
+}
+
+/// A step's logits as the model gave them; only the rows' last positions are widened to `f32`.
+enum Logits<'a> {
+    F32(&'a [f32]),
+    /// With the buffer a row's widened logits are written to.
+    F16(&'a [half::f16], Vec<f32>),
+}
+
+impl Logits<'_> {
+    fn get(&mut self, range: std::ops::Range<usize>) -> &[f32] {
+        match self {
+            Self::F32(l) => &l[range],
+            Self::F16(l, wide) => {
+                wide.clear();
+                wide.extend(l[range].iter().map(|x| x.to_f32()));
+                wide
+            }
+        }
     }
 }
 
@@ -724,6 +792,8 @@ pub struct Decoding {
     past: Vec<DynValue>,
     /// Key/value heads and head size.
     shape: (usize, usize),
+    /// The cache's element type.
+    float: Float,
 }
 
 impl Decoding {
@@ -753,12 +823,13 @@ impl Decoding {
         let total = self.total.max(other.total);
         let mut past = Vec::with_capacity(self.past.len());
         for (a, b) in self.past.iter().zip(&other.past) {
-            let a = self.cache(a, self.rows.len(), self.total)?;
-            let b = self.cache(b, other.rows.len(), other.total)?;
-            let (a, b) = (a.as_ref(), b.as_ref());
-            let from_a = (0..self.rows.len()).map(|r| (a, self.total, r));
-            let from_b = (0..other.rows.len()).map(|r| (b, other.total, r));
-            past.push(self.regroup(from_a.chain(from_b), total)?);
+            let sources = [
+                (a, self.rows.len(), self.total),
+                (b, other.rows.len(), other.total),
+            ];
+            let from_a = (0..self.rows.len()).map(|r| (0, r));
+            let from_b = (0..other.rows.len()).map(|r| (1, r));
+            past.push(self.regroup(&sources, from_a.chain(from_b), total)?);
         }
         self.past = past;
         self.total = total;
@@ -800,9 +871,8 @@ impl Decoding {
             self.past
                 .iter()
                 .map(|v| {
-                    let data = self.cache(v, self.rows.len(), self.total)?;
-                    let data = data.as_ref();
-                    self.regroup(keep.iter().map(|&r| (data, self.total, r)), total)
+                    let source = [(v, self.rows.len(), self.total)];
+                    self.regroup(&source, keep.iter().map(|&r| (0, r)), total)
                 })
                 .collect::<Result<Vec<_>, EngineError>>()?
         };
@@ -816,19 +886,19 @@ impl Decoding {
 
     /// The data of cache tensor `v`, checked to be `[rows, heads, total, head_dim]`; copied to
     /// the host when it lives on a device (the cache of an I/O-bound step on CUDA).
-    fn cache<'a>(
+    fn cache<'a, T: PrimitiveTensorElementType + Clone>(
         &self,
         v: &'a DynValue,
         rows: usize,
         total: usize,
-    ) -> Result<Cow<'a, [f32]>, EngineError> {
+    ) -> Result<Cow<'a, [T]>, EngineError> {
         let tensor = v.view().downcast::<DynTensorValueType>()?;
         let shape = tensor.shape().to_vec();
-        let data: Cow<'a, [f32]> = if tensor.memory_info().is_cpu_accessible() {
-            Cow::Borrowed(v.try_extract_tensor::<f32>()?.1)
+        let data: Cow<'a, [T]> = if tensor.memory_info().is_cpu_accessible() {
+            Cow::Borrowed(v.try_extract_tensor::<T>()?.1)
         } else {
             let host = tensor.to(AllocationDevice::CPU, 0)?;
-            Cow::Owned(host.try_extract_tensor::<f32>()?.1.to_vec())
+            Cow::Owned(host.try_extract_tensor::<T>()?.1.to_vec())
         };
         let (heads, dim) = self.shape;
         let want = [rows, heads, total, dim].map(|n| n as i64);
@@ -840,22 +910,54 @@ impl Decoding {
         Ok(data)
     }
 
-    /// One cache tensor `[rows, heads, total, head_dim]` from `rows` = (source tensor data, its
-    /// cache length, row in it): each row's last `min(its length, total)` positions,
-    /// right-aligned, zeros before them.
-    fn regroup<'a>(
+    /// A cache tensor of `rows` rows and no positions: the past of a prompt's first step.
+    fn empty(&self, rows: usize) -> Result<DynValue, EngineError> {
+        let (heads, dim) = self.shape;
+        let shape = [rows, heads, 0, dim];
+        Ok(match self.float {
+            Float::F32 => Tensor::<f32>::from_array((shape, Box::default()))?.into_dyn(),
+            Float::F16 => Tensor::<half::f16>::from_array((shape, Box::default()))?.into_dyn(),
+        })
+    }
+
+    /// One cache tensor `[rows, heads, total, head_dim]` from the rows `picks` names, each
+    /// (index into `sources`, row in it), where a source is (cache tensor, its rows, its
+    /// length): each row's last `min(its length, total)` positions, right-aligned, zeros
+    /// before them.
+    fn regroup(
         &self,
-        rows: impl Iterator<Item = (&'a [f32], usize, usize)>,
+        sources: &[(&DynValue, usize, usize)],
+        picks: impl Iterator<Item = (usize, usize)>,
         total: usize,
     ) -> Result<DynValue, EngineError> {
+        match self.float {
+            Float::F32 => self.regroup_as::<f32>(sources, picks, total),
+            Float::F16 => self.regroup_as::<half::f16>(sources, picks, total),
+        }
+    }
+
+    fn regroup_as<T>(
+        &self,
+        sources: &[(&DynValue, usize, usize)],
+        picks: impl Iterator<Item = (usize, usize)>,
+        total: usize,
+    ) -> Result<DynValue, EngineError>
+    where
+        T: PrimitiveTensorElementType + Copy + Default + std::fmt::Debug + 'static,
+    {
+        let data = sources
+            .iter()
+            .map(|&(v, rows, len)| Ok((self.cache::<T>(v, rows, len)?, len)))
+            .collect::<Result<Vec<_>, EngineError>>()?;
         let (heads, dim) = self.shape;
-        let mut out: Vec<f32> = Vec::new();
+        let mut out: Vec<T> = Vec::new();
         let mut n = 0;
-        for (data, len, row) in rows {
+        for (source, row) in picks {
+            let (data, len) = (&data[source].0, data[source].1);
             let keep = len.min(total);
             for h in 0..heads {
                 let base = ((row * heads + h) * len + (len - keep)) * dim;
-                out.extend(std::iter::repeat_n(0.0, (total - keep) * dim));
+                out.extend(std::iter::repeat_n(T::default(), (total - keep) * dim));
                 out.extend_from_slice(&data[base..base + keep * dim]);
             }
             n += 1;

@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use batch_worker::batching::Batcher;
 use batch_worker::embedded::Processor;
 use batch_worker::engine::{Device, EngineError};
-use batch_worker::generate::{Generated, Generator, Sampling};
+use batch_worker::generate::{Float, Generated, Generator, Sampling};
 use batch_worker::tasks::{Generate, GenerateOptions, PromptFormat};
 use serde::Deserialize;
 use shared::wire::{InputItem, OutputLine};
@@ -39,6 +39,19 @@ struct RefPrompt {
     generated_ids: Vec<u32>,
     first_step_logits: Vec<f32>,
     last_step_logits: Vec<f32>,
+}
+
+/// A scratch model folder `name` with the test model's tokenizer and config files beside
+/// `files` (name, bytes): a variant of the model under test.
+fn model_folder(name: &str, files: &[(&str, &[u8])]) -> PathBuf {
+    let dir = scratch(name);
+    for (f, bytes) in files {
+        std::fs::write(dir.join(f), bytes).expect("write model file");
+    }
+    for f in ["tokenizer.json", "tokenizer_config.json", "config.json"] {
+        std::fs::copy(lm_dir().join(f), dir.join(f)).expect("copy");
+    }
+    dir
 }
 
 fn reference() -> Reference {
@@ -464,20 +477,27 @@ fn with_external_data(model: &[u8], location: &str, data: &mut Vec<u8>) -> Vec<u
         }
         out
     };
-    let mut out = Vec::new();
-    for (field, whole, payload) in fields(model) {
-        if field != 7 {
-            out.extend_from_slice(whole);
-            continue;
-        }
+    map_graph(model, |g| {
         let mut graph = Vec::new();
-        for (field, whole, payload) in fields(payload) {
+        for (field, whole, payload) in fields(g) {
             match field {
                 5 => put_bytes(&mut graph, 5, &tensor(payload, data)),
                 _ => graph.extend_from_slice(whole),
             }
         }
-        put_bytes(&mut out, 7, &graph);
+        graph
+    })
+}
+
+/// `model` (an ONNX ModelProto) with its graph replaced by what `f` makes of it.
+fn map_graph(model: &[u8], mut f: impl FnMut(&[u8]) -> Vec<u8>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (field, whole, payload) in fields(model) {
+        if field == 7 {
+            put_bytes(&mut out, 7, &f(payload));
+        } else {
+            out.extend_from_slice(whole);
+        }
     }
     out
 }
@@ -487,7 +507,6 @@ fn a_model_with_external_data_loads_and_decodes_as_the_reference() {
     // A real 3B model is over protobuf's 2 GB: its weights sit in a file beside model.onnx,
     // found relative to the model's path. The test model rewritten that way must decode as
     // the reference does.
-    let dir = scratch("external-data");
     let model = std::fs::read(lm_dir().join("model.onnx")).expect("model.onnx");
     let mut data = Vec::new();
     let outer = with_external_data(&model, "model.onnx.data", &mut data);
@@ -497,11 +516,10 @@ fn a_model_with_external_data_loads_and_decodes_as_the_reference() {
         outer.len(),
         data.len()
     );
-    std::fs::write(dir.join("model.onnx"), &outer).expect("write model");
-    std::fs::write(dir.join("model.onnx.data"), &data).expect("write data");
-    for f in ["tokenizer.json", "tokenizer_config.json", "config.json"] {
-        std::fs::copy(lm_dir().join(f), dir.join(f)).expect("copy");
-    }
+    let dir = model_folder(
+        "external-data",
+        &[("model.onnx", &outer), ("model.onnx.data", &data)],
+    );
     let mut g = Generator::load(&dir, Device::Cpu).expect("a model with external data loads");
     let r = reference();
     let p = &r.prompts[0];
@@ -517,14 +535,197 @@ fn a_model_with_external_data_loads_and_decodes_as_the_reference() {
     assert!(err.contains("model.onnx.data"), "{err}");
 }
 
+fn put_field_varint(out: &mut Vec<u8>, field: u64, v: u64) {
+    put_varint(out, field << 3);
+    put_varint(out, v);
+}
+
+/// ONNX's element types.
+const FLOAT: u64 = 1;
+const FLOAT16: u64 = 10;
+
+/// A `ValueInfoProto` with its tensor element type set to `elem`.
+fn with_elem_type(value_info: &[u8], elem: u64) -> Vec<u8> {
+    // ValueInfoProto.type (2) → TypeProto.tensor_type (1) → elem_type (1).
+    let rewrite = |buf: &[u8], field: u64, inner: &dyn Fn(&[u8]) -> Vec<u8>| {
+        let mut out = Vec::new();
+        for (f, whole, payload) in fields(buf) {
+            if f == field {
+                put_bytes(&mut out, f, &inner(payload));
+            } else {
+                out.extend_from_slice(whole);
+            }
+        }
+        out
+    };
+    rewrite(value_info, 2, &|ty| {
+        rewrite(ty, 1, &|tensor| {
+            let mut out = Vec::new();
+            put_field_varint(&mut out, 1, elem);
+            for (f, whole, _) in fields(tensor) {
+                if f != 1 {
+                    out.extend_from_slice(whole);
+                }
+            }
+            out
+        })
+    })
+}
+
+/// A `Cast` node from `from` to `to` with element type `elem`.
+fn cast(from: &str, to: &str, elem: u64) -> Vec<u8> {
+    let mut attr = Vec::new();
+    put_bytes(&mut attr, 1, b"to");
+    put_field_varint(&mut attr, 3, elem);
+    put_field_varint(&mut attr, 20, 2); // AttributeProto.INT
+    let mut node = Vec::new();
+    put_bytes(&mut node, 1, from.as_bytes());
+    put_bytes(&mut node, 2, to.as_bytes());
+    put_bytes(&mut node, 3, format!("cast {to}").as_bytes());
+    put_bytes(&mut node, 4, b"Cast");
+    put_bytes(&mut node, 5, &attr);
+    node
+}
+
+/// `model` with its KV cache (`past_key_values.*` in, `present.*` out) and its `logits` in
+/// float16, as a GPU export (`--dtype fp16`) has them; inside, the same float32 graph, behind
+/// `Cast` nodes.
+fn with_f16_cache(model: &[u8]) -> Vec<u8> {
+    let narrow = |name: &str| {
+        name.starts_with("past_key_values.") || name.starts_with("present.") || name == "logits"
+    };
+    let inner = |name: &str| format!("{name}/f32");
+    let name_of = |value_info: &[u8]| -> String {
+        let (_, _, name) = fields(value_info)
+            .into_iter()
+            .find(|(f, _, _)| *f == 1)
+            .expect("a named value");
+        String::from_utf8(name.to_vec()).expect("utf-8 name")
+    };
+    map_graph(model, |g| {
+        let graph_fields = fields(g);
+        let inputs: Vec<String> = graph_fields
+            .iter()
+            .filter(|(f, _, _)| *f == 11)
+            .map(|(_, _, v)| name_of(v))
+            .filter(|n| narrow(n))
+            .collect();
+        let outputs: Vec<String> = graph_fields
+            .iter()
+            .filter(|(f, _, _)| *f == 12)
+            .map(|(_, _, v)| name_of(v))
+            .filter(|n| narrow(n))
+            .collect();
+        let mut graph = Vec::new();
+        let mut casts_in = true;
+        for (f, whole, payload) in &graph_fields {
+            match f {
+                1 => {
+                    if std::mem::take(&mut casts_in) {
+                        for n in &inputs {
+                            put_bytes(&mut graph, 1, &cast(n, &inner(n), FLOAT));
+                        }
+                    }
+                    // The graph's own nodes read and write the float32 names.
+                    let mut node = Vec::new();
+                    for (nf, nwhole, np) in fields(payload) {
+                        let name = std::str::from_utf8(np).unwrap_or_default();
+                        if matches!(nf, 1 | 2) && narrow(name) {
+                            put_bytes(&mut node, nf, inner(name).as_bytes());
+                        } else {
+                            node.extend_from_slice(nwhole);
+                        }
+                    }
+                    put_bytes(&mut graph, 1, &node);
+                }
+                11 | 12 if narrow(&name_of(payload)) => {
+                    put_bytes(&mut graph, *f, &with_elem_type(payload, FLOAT16));
+                }
+                // Shape annotations of the renamed values are left out: they are optional.
+                13 if narrow(&name_of(payload)) => {}
+                _ => graph.extend_from_slice(whole),
+            }
+        }
+        let mut tail = Vec::new();
+        for n in &outputs {
+            put_bytes(&mut tail, 1, &cast(&inner(n), n, FLOAT16));
+        }
+        // Protobuf merges repeated fields wherever they appear: the output casts, appended,
+        // come after every other node.
+        graph.extend_from_slice(&tail);
+        graph
+    })
+}
+
+/// A GPU export keeps its KV cache and logits in float16: the worker runs such a model and,
+/// the cache rounded to float16 each step, still picks the reference's greedy tokens (its
+/// smallest gap between the best two logits is 0.015), alone, in a left-padded batch, with
+/// rows joining and leaving, and through the I/O binding that CUDA uses.
+#[test]
+fn a_model_with_a_float16_cache_decodes_as_the_reference() {
+    let model = std::fs::read(lm_dir().join("model.onnx")).expect("model.onnx");
+    let dir = model_folder("f16-cache", &[("model.onnx", &with_f16_cache(&model))]);
+    let r = reference();
+    for keep in [false, true] {
+        let mut g = Generator::load(&dir, Device::Cpu).expect("the float16-cache model loads");
+        g.set_keep_cache_on_device(keep);
+        let i = g.interface();
+        assert_eq!((i.cache, i.logits), (Float::F16, Float::F16));
+        let mut worst = 0.0f32;
+        for p in &r.prompts {
+            let mut steps: Vec<Vec<f32>> = Vec::new();
+            let ids = greedy_alone(&mut g, p, r.max_new_tokens, &mut |_, _, l| {
+                steps.push(l.to_vec())
+            });
+            assert_eq!(ids, p.generated_ids, "greedy ids for {:?}", p.text);
+            let first = max_diff(&steps[0], &p.first_step_logits);
+            let last = max_diff(steps.last().expect("a step"), &p.last_step_logits);
+            worst = worst.max(first).max(last);
+        }
+        // float16 has 11 significant bits: ~0.004 at these logits' magnitude (up to 12).
+        assert!(worst < 0.02, "logits differ by {worst}");
+        eprintln!("float16 cache: max |logit - reference| = {worst:e} (keep: {keep})");
+
+        let prompts: Vec<Vec<u32>> = r.prompts.iter().map(|p| p.input_ids.clone()).collect();
+        let keys: Vec<u64> = (0..prompts.len() as u64).collect();
+        let s = greedy(r.max_new_tokens);
+        let batch = g
+            .generate(&prompts, &keys, &s, &never, &mut |_, _, _| {})
+            .expect("generates a batch");
+        // Rows 1 and 2 start, rows 0, 4 and 5 (longer caches) join after two steps.
+        let (mut d, mut done) = g
+            .start(&prompts[1..3], &[1, 2], &keys[1..3], &s, &mut |_, _, _| {})
+            .expect("starts");
+        for step in 0.. {
+            if step == 2 {
+                let tags = [0usize, 4, 5];
+                let p: Vec<Vec<u32>> = tags.iter().map(|&t| prompts[t].clone()).collect();
+                let k: Vec<u64> = tags.iter().map(|&t| keys[t]).collect();
+                let (more, early) = g
+                    .start(&p, &tags, &k, &s, &mut |_, _, _| {})
+                    .expect("starts");
+                done.extend(early);
+                d.merge(more).expect("merges");
+            } else if d.is_empty() {
+                break;
+            }
+            done.extend(g.step(&mut d, &s, &mut |_, _, _| {}).expect("steps"));
+        }
+        for (t, p) in r.prompts.iter().enumerate() {
+            assert_eq!(batch[t].ids, p.generated_ids, "batched, {:?}", p.text);
+            if t != 3 {
+                let joined = done.iter().find(|(tag, _)| *tag == t).expect("finished");
+                assert_eq!(joined.1.ids, p.generated_ids, "joined, {:?}", p.text);
+            }
+        }
+    }
+}
+
 #[test]
 fn a_model_without_the_text_generation_interface_is_rejected_by_name() {
-    let dir = scratch("wrong-interface");
     let intent = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/intent/model.onnx");
-    std::fs::copy(intent, dir.join("model.onnx")).expect("copy");
-    for f in ["tokenizer.json", "tokenizer_config.json", "config.json"] {
-        std::fs::copy(lm_dir().join(f), dir.join(f)).expect("copy");
-    }
+    let intent = std::fs::read(intent).expect("the intent model");
+    let dir = model_folder("wrong-interface", &[("model.onnx", &intent)]);
     let err = Generator::load(&dir, Device::Cpu)
         .err()
         .expect("the intent classifier is no text-generation model")
