@@ -21,6 +21,9 @@ pub struct Emulators {
     pub firestore_host: String,
 }
 
+/// What a JVM's log says when a port it binds is taken.
+const BIND_FAILED: &str = "java.net.BindException: Address already in use";
+
 /// How long the JVMs may take to come up on a loaded 2-core machine.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -78,11 +81,35 @@ fn shimmed_classpath(launcher: &Path, log_dir: &Path) -> anyhow::Result<std::ffi
     Ok(std::env::join_paths([out, jar])?)
 }
 
+/// An emulator found its port taken (another process bound it after [`free_port`] saw it
+/// free): worth another try on other ports.
+#[derive(Debug, thiserror::Error)]
+#[error("{0} could not bind its port (log {1})")]
+pub struct PortTaken(pub String, pub String);
+
+/// Tries at starting the pair on fresh ports when a port was taken meanwhile.
+const START_TRIES: usize = 3;
+
 impl Emulators {
-    /// Starts both emulators (in parallel) with logs in `log_dir`, and waits until both answer.
+    /// Starts both emulators (in parallel) with logs in `log_dir`, and waits until both answer;
+    /// on other ports again if one found its port taken.
     pub async fn start(log_dir: &Path) -> anyhow::Result<Self> {
+        let mut tries = 1;
+        loop {
+            match Self::start_on(log_dir, free_port()?, free_port()?).await {
+                Err(e) if tries < START_TRIES && e.downcast_ref::<PortTaken>().is_some() => {
+                    eprintln!("{e:#}; starting the emulators again on other ports");
+                    tries += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Starts both emulators on these ports and waits until both answer; a port found taken
+    /// fails at once with [`PortTaken`].
+    pub async fn start_on(log_dir: &Path, ps_port: u16, fs_port: u16) -> anyhow::Result<Self> {
         let tools = prereq::emulator_tools(&Env::from_process())?;
-        let (ps_port, fs_port) = (free_port()?, free_port()?);
         let pubsub_host = format!("127.0.0.1:{ps_port}");
         let firestore_host = format!("127.0.0.1:{fs_port}");
 
@@ -121,10 +148,15 @@ impl Emulators {
             let name = group.name().to_owned();
             let ready = wait_for(&name, READY_TIMEOUT, || {
                 let exited = group.try_wait();
+                // The Pub/Sub emulator lives on half-started when a bind fails: fail now.
+                let taken = group.log_head_contains(BIND_FAILED);
                 let req = http.get(&url).timeout(Duration::from_secs(2)).send();
                 async move {
+                    if taken {
+                        return Some(Err(None));
+                    }
                     if let Some(status) = exited {
-                        return Some(Err(status));
+                        return Some(Err(Some(status)));
                     }
                     match req.await {
                         Ok(r) if r.status().is_success() => Some(Ok(())),
@@ -135,7 +167,10 @@ impl Emulators {
             .await;
             match ready {
                 Ok(Ok(())) => {}
-                Ok(Err(status)) => anyhow::bail!(
+                Ok(Err(None)) => {
+                    return Err(PortTaken(name, group.log_path().display().to_string()).into());
+                }
+                Ok(Err(Some(status))) => anyhow::bail!(
                     "{name} exited with {status} before it was ready; its log ends with:\n{}",
                     group.log_tail(20)
                 ),

@@ -50,8 +50,44 @@ pub fn intent_test_texts() -> anyhow::Result<Vec<String>> {
         .collect()
 }
 
-/// Asks the OS for a free loopback TCP port.
+/// The first port of the kernel's range for outgoing connections (`ip_local_port_range`).
+fn outgoing_ports_start() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
+}
+
+/// A loopback TCP port that is free now, for a server started next.
+///
+/// Chosen below the kernel's range for outgoing connections (`ip_local_port_range`, from
+/// 32768 by default), not by binding port 0, which hands out a port of that very range: there,
+/// a client socket of any test could take the port between this check and the server's bind
+/// (seen as the Pub/Sub emulator's `BindException: Address already in use`).
 pub fn free_port() -> anyhow::Result<u16> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static DRAWS: AtomicU64 = AtomicU64::new(0);
+    // Handed out by this process already: its servers may not have bound them yet.
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    const FLOOR: u16 = 20_000;
+    let ephemeral_start = outgoing_ports_start();
+    if ephemeral_start > FLOOR + 1_000 {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+            ^ u64::from(std::process::id()) << 32
+            ^ DRAWS.fetch_add(1, Ordering::Relaxed);
+        let mut rng = shared::rng::SplitMix64(seed);
+        let span = u64::from(ephemeral_start - FLOOR);
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        for _ in 0..200 {
+            let port = FLOOR + (rng.next_u64() % span) as u16;
+            if !given.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                given.push(port);
+                return Ok(port);
+            }
+        }
+    }
     let l = std::net::TcpListener::bind("127.0.0.1:0").context("binding a loopback port")?;
     Ok(l.local_addr()?.port())
 }
@@ -87,4 +123,30 @@ pub fn unique_name(prefix: &str) -> String {
         std::process::id(),
         N.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn free_ports_are_bindable_distinct_and_outside_the_outgoing_range() {
+        let start = super::outgoing_ports_start();
+        let ports: Vec<u16> = (0..50)
+            .map(|_| super::free_port().expect("a port"))
+            .collect();
+        for &p in &ports {
+            assert!(
+                p < start,
+                "{p} is in the range outgoing connections use (from {start})"
+            );
+            std::net::TcpListener::bind(("127.0.0.1", p)).expect("still free");
+        }
+        let mut distinct = ports.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(
+            distinct.len(),
+            ports.len(),
+            "a port handed out twice: {ports:?}"
+        );
+    }
 }

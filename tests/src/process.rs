@@ -51,6 +51,15 @@ impl Group {
         &self.log
     }
 
+    /// Whether the first 64 KiB of the log hold `needle` (a start-up failure).
+    pub fn log_head_contains(&self, needle: &str) -> bool {
+        use std::io::Read;
+        let mut head = Vec::new();
+        let read =
+            std::fs::File::open(&self.log).and_then(|f| f.take(64 << 10).read_to_end(&mut head));
+        read.is_ok() && String::from_utf8_lossy(&head).contains(needle)
+    }
+
     /// The last `n` lines of the log, for error messages.
     pub fn log_tail(&self, n: usize) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();

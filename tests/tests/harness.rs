@@ -89,3 +89,25 @@ async fn emulators_round_trip_a_message_and_a_document_then_leave_nothing_runnin
         assert!(!alive, "process group {pgid} still has processes");
     }
 }
+
+/// A port another process took after `free_port` saw it free makes the Pub/Sub emulator fail
+/// its bind yet live on half-started: that is reported at once (and `Emulators::start` tries
+/// other ports), not after the 90 s readiness wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_port_is_reported_at_once() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a port to hold");
+    let port = taken.local_addr().expect("address").port();
+    let started = std::time::Instant::now();
+    let err = Emulators::start_on(&log_dir(), port, stack::free_port().expect("a port"))
+        .await
+        .expect_err("the Pub/Sub emulator cannot bind a held port");
+    assert!(
+        err.downcast_ref::<stack::emulators::PortTaken>().is_some(),
+        "{err:#}"
+    );
+    assert!(
+        started.elapsed() < stack::emulators::READY_TIMEOUT / 2,
+        "took {:?}",
+        started.elapsed()
+    );
+}
