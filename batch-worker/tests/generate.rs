@@ -545,6 +545,7 @@ fn put_field_varint(out: &mut Vec<u8>, field: u64, v: u64) {
 /// ONNX's element types.
 const FLOAT: u64 = 1;
 const FLOAT16: u64 = 10;
+const BFLOAT16: u64 = 16;
 
 /// A `ValueInfoProto` with its tensor element type set to `elem`.
 fn with_elem_type(value_info: &[u8], elem: u64) -> Vec<u8> {
@@ -593,9 +594,14 @@ fn cast(from: &str, to: &str, elem: u64) -> Vec<u8> {
 /// float16, as a GPU export (`--dtype fp16`) has them; inside, the same float32 graph, behind
 /// `Cast` nodes.
 fn with_f16_cache(model: &[u8]) -> Vec<u8> {
-    let narrow = |name: &str| {
+    with_io_type(model, FLOAT16, |name| {
         name.starts_with("past_key_values.") || name.starts_with("present.") || name == "logits"
-    };
+    })
+}
+
+/// `model` with the graph inputs and outputs that `narrow` picks of element type `elem`, cast
+/// from and to the float32 the graph computes in.
+fn with_io_type(model: &[u8], elem: u64, narrow: impl Fn(&str) -> bool) -> Vec<u8> {
     let inner = |name: &str| format!("{name}/f32");
     let name_of = |value_info: &[u8]| -> String {
         let (_, _, name) = fields(value_info)
@@ -641,7 +647,7 @@ fn with_f16_cache(model: &[u8]) -> Vec<u8> {
                     put_bytes(&mut graph, 1, &node);
                 }
                 11 | 12 if narrow(&name_of(payload)) => {
-                    put_bytes(&mut graph, *f, &with_elem_type(payload, FLOAT16));
+                    put_bytes(&mut graph, *f, &with_elem_type(payload, elem));
                 }
                 // Shape annotations of the renamed values are left out: they are optional.
                 13 if narrow(&name_of(payload)) => {}
@@ -650,7 +656,7 @@ fn with_f16_cache(model: &[u8]) -> Vec<u8> {
         }
         let mut tail = Vec::new();
         for n in &outputs {
-            put_bytes(&mut tail, 1, &cast(&inner(n), n, FLOAT16));
+            put_bytes(&mut tail, 1, &cast(&inner(n), n, elem));
         }
         // Protobuf merges repeated fields wherever they appear: the output casts, appended,
         // come after every other node.
@@ -714,6 +720,32 @@ fn a_model_with_a_float16_cache_decodes_as_the_reference() {
             }
         }
     }
+}
+
+/// A cache of another type, or of two types, is refused at start with one line that names
+/// the input and its type.
+#[test]
+fn a_cache_of_another_or_of_two_types_is_refused_by_name() {
+    let model = std::fs::read(lm_dir().join("model.onnx")).expect("model.onnx");
+    let cache = |name: &str| name.starts_with("past_key_values.") || name.starts_with("present.");
+    let refusal = |dir: PathBuf| {
+        Generator::load(&dir, Device::Cpu)
+            .err()
+            .expect("refused")
+            .to_string()
+    };
+    let bf16 = with_io_type(&model, BFLOAT16, cache);
+    let err = refusal(model_folder("bf16-cache", &[("model.onnx", &bf16)]));
+    assert!(
+        err.contains("`past_key_values.0.key` holds Bfloat16") && err.contains("float16"),
+        "{err}"
+    );
+    let mixed = with_io_type(&model, FLOAT16, |n| cache(n) && n.ends_with(".value"));
+    let err = refusal(model_folder("mixed-cache", &[("model.onnx", &mixed)]));
+    assert!(
+        err.contains("`past_key_values.0.value` holds F16 but `past_key_values.0.key` F32"),
+        "{err}"
+    );
 }
 
 #[test]
