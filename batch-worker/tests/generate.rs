@@ -194,41 +194,54 @@ fn rows_that_join_a_running_batch_get_their_own_tokens() {
                     o.remove(0)
                 })
                 .collect();
-            let mut got: Vec<Option<Generated>> = vec![None; prompts.len()];
-            let mut put = |done: Vec<(usize, Generated)>| {
-                for (tag, out) in done {
-                    assert!(got[tag].replace(out).is_none(), "row {tag} finished twice");
-                }
-            };
-            // Prompt 1 (9 tokens) runs alone for 3 steps; prompts 0 and 4 (17 and 71 tokens,
-            // longer caches) join; 3 steps later prompts 2, 3 and 5 (13, 12 and 69 tokens,
-            // shorter than the running cache by then) join too.
-            let (mut d, done) = g
-                .start(&prompts[1..2], &[1], &keys[1..2], &s, &mut |_, _, _| {})
-                .expect("starts");
-            put(done);
-            let mut joins = vec![vec![2usize, 3, 5], vec![0, 4]];
-            let mut steps = 0;
-            while !d.is_empty() || !joins.is_empty() {
-                if steps % 3 == 0
-                    && let Some(tags) = joins.pop()
-                {
-                    let p: Vec<Vec<u32>> = tags.iter().map(|&t| prompts[t].clone()).collect();
-                    let k: Vec<u64> = tags.iter().map(|&t| keys[t]).collect();
-                    let (more, done) = g
-                        .start(&p, &tags, &k, &s, &mut |_, _, _| {})
-                        .expect("starts");
-                    put(done);
-                    d.merge(more).expect("merges");
-                }
-                put(g.step(&mut d, &s, &mut |_, _, _| {}).expect("steps"));
-                steps += 1;
-            }
+            // Prompt 1 (9 tokens) starts; prompts 0 and 4 (17 and 71 tokens, longer caches)
+            // join at once; 3 steps later prompts 2, 3 and 5 (13, 12 and 69 tokens, shorter
+            // than the running cache by then) join too.
+            let schedule: [(usize, &[usize]); 2] = [(0, &[0, 4]), (3, &[2, 3, 5])];
+            let got = decode_joining(&mut g, &prompts, &keys, &s, &[1], &schedule);
             for (i, (a, b)) in alone.iter().zip(&got).enumerate() {
                 assert_eq!(Some(a), b.as_ref(), "prompt {i}, {s:?}, keep {keep}");
             }
         }
     }
+}
+
+/// Continuous batching as the batcher does it: `first` prefilled, then at step `at` of each
+/// `(at, tags)` of `schedule` those prompts prefilled and merged into the running batch, until
+/// every row finished. Each prompt's tokens by tag (`None` for prompts never started).
+fn decode_joining(
+    g: &mut Generator,
+    prompts: &[Vec<u32>],
+    keys: &[u64],
+    s: &Sampling,
+    first: &[usize],
+    schedule: &[(usize, &[usize])],
+) -> Vec<Option<Generated>> {
+    let mut got: Vec<Option<Generated>> = vec![None; prompts.len()];
+    let mut put = |done: Vec<(usize, Generated)>| {
+        for (tag, out) in done {
+            assert!(got[tag].replace(out).is_none(), "row {tag} finished twice");
+        }
+    };
+    let start = |g: &mut Generator, tags: &[usize]| {
+        let p: Vec<Vec<u32>> = tags.iter().map(|&t| prompts[t].clone()).collect();
+        let k: Vec<u64> = tags.iter().map(|&t| keys[t]).collect();
+        g.start(&p, tags, &k, s, &mut |_, _, _| {}).expect("starts")
+    };
+    let (mut d, done) = start(g, first);
+    put(done);
+    let mut pending = schedule.iter().peekable();
+    let mut step = 0;
+    while !d.is_empty() || pending.peek().is_some() {
+        if let Some((_, tags)) = pending.next_if(|(at, _)| *at == step) {
+            let (more, done) = start(g, tags);
+            put(done);
+            d.merge(more).expect("merges");
+        }
+        put(g.step(&mut d, s, &mut |_, _, _| {}).expect("steps"));
+        step += 1;
+    }
+    got
 }
 
 /// A row near the model's last position gets only the tokens its positions leave (256 here),
@@ -492,11 +505,16 @@ fn with_external_data(model: &[u8], location: &str, data: &mut Vec<u8>) -> Vec<u
 }
 
 /// `model` (an ONNX ModelProto) with its graph replaced by what `f` makes of it.
-fn map_graph(model: &[u8], mut f: impl FnMut(&[u8]) -> Vec<u8>) -> Vec<u8> {
+fn map_graph(model: &[u8], f: impl FnMut(&[u8]) -> Vec<u8>) -> Vec<u8> {
+    map_field(model, 7, f)
+}
+
+/// Protobuf message `buf` with each length-delimited `field` replaced by what `f` makes of it.
+fn map_field(buf: &[u8], field: u64, mut f: impl FnMut(&[u8]) -> Vec<u8>) -> Vec<u8> {
     let mut out = Vec::new();
-    for (field, whole, payload) in fields(model) {
-        if field == 7 {
-            put_bytes(&mut out, 7, &f(payload));
+    for (number, whole, payload) in fields(buf) {
+        if number == field {
+            put_bytes(&mut out, field, &f(payload));
         } else {
             out.extend_from_slice(whole);
         }
@@ -550,19 +568,8 @@ const BFLOAT16: u64 = 16;
 /// A `ValueInfoProto` with its tensor element type set to `elem`.
 fn with_elem_type(value_info: &[u8], elem: u64) -> Vec<u8> {
     // ValueInfoProto.type (2) → TypeProto.tensor_type (1) → elem_type (1).
-    let rewrite = |buf: &[u8], field: u64, inner: &dyn Fn(&[u8]) -> Vec<u8>| {
-        let mut out = Vec::new();
-        for (f, whole, payload) in fields(buf) {
-            if f == field {
-                put_bytes(&mut out, f, &inner(payload));
-            } else {
-                out.extend_from_slice(whole);
-            }
-        }
-        out
-    };
-    rewrite(value_info, 2, &|ty| {
-        rewrite(ty, 1, &|tensor| {
+    map_field(value_info, 2, |ty| {
+        map_field(ty, 1, |tensor| {
             let mut out = Vec::new();
             put_field_varint(&mut out, 1, elem);
             for (f, whole, _) in fields(tensor) {
@@ -612,18 +619,16 @@ fn with_io_type(model: &[u8], elem: u64, narrow: impl Fn(&str) -> bool) -> Vec<u
     };
     map_graph(model, |g| {
         let graph_fields = fields(g);
-        let inputs: Vec<String> = graph_fields
-            .iter()
-            .filter(|(f, _, _)| *f == 11)
-            .map(|(_, _, v)| name_of(v))
-            .filter(|n| narrow(n))
-            .collect();
-        let outputs: Vec<String> = graph_fields
-            .iter()
-            .filter(|(f, _, _)| *f == 12)
-            .map(|(_, _, v)| name_of(v))
-            .filter(|n| narrow(n))
-            .collect();
+        // The graph's inputs (11) or outputs (12) that change type.
+        let narrowed = |field: u64| -> Vec<String> {
+            graph_fields
+                .iter()
+                .filter(|(f, _, _)| *f == field)
+                .map(|(_, _, v)| name_of(v))
+                .filter(|n| narrow(n))
+                .collect()
+        };
+        let (inputs, outputs) = (narrowed(11), narrowed(12));
         let mut graph = Vec::new();
         let mut casts_in = true;
         for (f, whole, payload) in &graph_fields {
@@ -693,31 +698,14 @@ fn a_model_with_a_float16_cache_decodes_as_the_reference() {
         let batch = g
             .generate(&prompts, &keys, &s, &never, &mut |_, _, _| {})
             .expect("generates a batch");
-        // Rows 1 and 2 start, rows 0, 4 and 5 (longer caches) join after two steps.
-        let (mut d, mut done) = g
-            .start(&prompts[1..3], &[1, 2], &keys[1..3], &s, &mut |_, _, _| {})
-            .expect("starts");
-        for step in 0.. {
-            if step == 2 {
-                let tags = [0usize, 4, 5];
-                let p: Vec<Vec<u32>> = tags.iter().map(|&t| prompts[t].clone()).collect();
-                let k: Vec<u64> = tags.iter().map(|&t| keys[t]).collect();
-                let (more, early) = g
-                    .start(&p, &tags, &k, &s, &mut |_, _, _| {})
-                    .expect("starts");
-                done.extend(early);
-                d.merge(more).expect("merges");
-            } else if d.is_empty() {
-                break;
-            }
-            done.extend(g.step(&mut d, &s, &mut |_, _, _| {}).expect("steps"));
-        }
+        // Rows 1 and 2 start; after two steps rows 0, 4 and 5 (longer caches) and 3 (shorter)
+        // join.
+        let schedule: [(usize, &[usize]); 1] = [(2, &[0, 3, 4, 5])];
+        let joined = decode_joining(&mut g, &prompts, &keys, &s, &[1, 2], &schedule);
         for (t, p) in r.prompts.iter().enumerate() {
             assert_eq!(batch[t].ids, p.generated_ids, "batched, {:?}", p.text);
-            if t != 3 {
-                let joined = done.iter().find(|(tag, _)| *tag == t).expect("finished");
-                assert_eq!(joined.1.ids, p.generated_ids, "joined, {:?}", p.text);
-            }
+            let ids = joined[t].as_ref().map(|o| &o.ids);
+            assert_eq!(ids, Some(&p.generated_ids), "joined, {:?}", p.text);
         }
     }
 }
