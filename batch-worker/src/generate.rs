@@ -158,13 +158,12 @@ impl Interface {
             }
         };
         for i in 0..layers {
-            let v = format!("past_key_values.{i}.value");
-            let Some(input) = find(&v) else {
-                return Err(format!("the model has no input `{v}`"));
-            };
-            same_type(&v, input.dtype())?;
-            if let Some(k) = find(&format!("past_key_values.{i}.key")) {
-                same_type(k.name(), k.dtype())?;
+            for kind in ["key", "value"] {
+                let p = format!("past_key_values.{i}.{kind}");
+                let Some(input) = find(&p) else {
+                    return Err(format!("the model has no input `{p}`"));
+                };
+                same_type(&p, input.dtype())?;
             }
         }
         let outputs = session.outputs();

@@ -65,21 +65,19 @@ fn outgoing_ports_start() -> u16 {
 /// a client socket of any test could take the port between this check and the server's bind
 /// (seen as the Pub/Sub emulator's `BindException: Address already in use`).
 pub fn free_port() -> anyhow::Result<u16> {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static DRAWS: AtomicU64 = AtomicU64::new(0);
     // Handed out by this process already: its servers may not have bound them yet.
     static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     const FLOOR: u16 = 20_000;
     let ephemeral_start = outgoing_ports_start();
     if ephemeral_start > FLOOR + 1_000 {
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64)
             ^ u64::from(std::process::id()) << 32
-            ^ DRAWS.fetch_add(1, Ordering::Relaxed);
+            ^ given.len() as u64;
         let mut rng = shared::rng::SplitMix64(seed);
         let span = u64::from(ephemeral_start - FLOOR);
-        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
         for _ in 0..200 {
             let port = FLOOR + (rng.next_u64() % span) as u16;
             if !given.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {

@@ -575,6 +575,11 @@ fn find<'a>(blocks: &'a [Block], kind: &str, ty: &str, name: &str) -> &'a Block 
 
 /// The expression at `path` (nested block identifiers, then an attribute), as HCL text.
 fn attr(block: &Block, path: &str) -> String {
+    expr(attr_expr(block, path))
+}
+
+/// The expression at `path` (nested block identifiers, then an attribute).
+fn attr_expr<'a>(block: &'a Block, path: &str) -> &'a Expression {
     let mut body = &block.body;
     let parts: Vec<&str> = path.split('.').collect();
     for part in &parts[..parts.len() - 1] {
@@ -589,7 +594,7 @@ fn attr(block: &Block, path: &str) -> String {
         .attributes()
         .find(|a| a.key.as_str() == last)
         .unwrap_or_else(|| panic!("no attribute {path}"));
-    expr(&a.expr)
+    &a.expr
 }
 
 fn expr(e: &Expression) -> String {
@@ -932,23 +937,19 @@ fn example_values(tf: &[Block]) -> hcl::Map<String, hcl::Value> {
     let mut values = hcl::Map::new();
     for b in tf.iter().filter(|b| b.identifier.as_str() == "variable") {
         if let Some(a) = b.body.attributes().find(|a| a.key.as_str() == "default") {
-            values.insert(labels(b)[0].clone(), expr_value(&a.expr));
+            values.insert(labels(b)[0].clone(), tf_eval(&a.expr, &hcl::Map::new()));
         }
     }
     let example = std::fs::read_to_string(root().join("infra/terraform/terraform.tfvars.example"))
         .expect("terraform.tfvars.example");
     let body: Body = hcl::from_str(&example).expect("terraform.tfvars.example parses");
     for a in body.attributes() {
-        values.insert(a.key.as_str().to_owned(), expr_value(&a.expr));
+        values.insert(
+            a.key.as_str().to_owned(),
+            tf_eval(&a.expr, &hcl::Map::new()),
+        );
     }
     values
-}
-
-/// A literal of a `.tf` or `.tfvars` file as a value.
-fn expr_value(e: &Expression) -> hcl::Value {
-    use hcl::eval::Evaluate;
-    e.evaluate(&hcl::eval::Context::new())
-        .unwrap_or_else(|err| panic!("not a literal: {err}"))
 }
 
 /// A context in which `var` is `values`, with the Terraform functions the module's conditions
@@ -1050,15 +1051,8 @@ fn conditions(tf: &[Block]) -> Vec<(String, Expression, String)> {
             _ => continue,
         };
         for c in checks {
-            let get = |key: &str| {
-                c.body
-                    .attributes()
-                    .find(|a| a.key.as_str() == key)
-                    .unwrap_or_else(|| panic!("a check of {name} has no {key}"))
-                    .expr
-                    .clone()
-            };
-            out.push((name.clone(), get("condition"), expr(&get("error_message"))));
+            let condition = attr_expr(c, "condition").clone();
+            out.push((name.clone(), condition, attr(c, "error_message")));
         }
     }
     out
@@ -1170,12 +1164,9 @@ fn terraform_refuses_unusable_variable_values() {
     for prefix in ["a", longest.as_str()] {
         let mut values = good.clone();
         values.insert("name".into(), s(prefix));
-        let eval = |b: &Block, key: &str| {
-            let a = b.body.attributes().find(|a| a.key.as_str() == key);
-            match tf_eval(&a.expect(key).expr, &values) {
-                hcl::Value::String(v) => v,
-                other => panic!("{key}: {other:?}"),
-            }
+        let eval = |b: &Block, key: &str| match tf_eval(attr_expr(b, key), &values) {
+            hcl::Value::String(v) => v,
+            other => panic!("{key}: {other:?}"),
         };
         for sa in ["edge", "worker"] {
             let id = eval(
