@@ -298,9 +298,24 @@ mod tests {
 
     #[test]
     fn roots_are_checked_before_anything_is_touched() {
-        for ok in ["file:///tmp/x", "gs://bucket", "gs://bucket/pre/fix"] {
+        let tmp = std::env::temp_dir();
+        let folder = url::Url::from_directory_path(&tmp).expect("absolute temp dir");
+        let missing = tmp.join(format!("roots-missing-{}", std::process::id()));
+        let missing = url::Url::from_file_path(&missing).expect("absolute path");
+        for ok in [
+            folder.as_str(),
+            missing.as_str(),
+            "gs://bucket",
+            "gs://bucket/pre/fix",
+        ] {
             assert!(check_root(ok).is_ok(), "{ok}");
         }
+        let file = tmp.join(format!("roots-file-{}", std::process::id()));
+        std::fs::write(&file, b"").expect("a file");
+        let as_root = url::Url::from_file_path(&file).expect("absolute path");
+        let e = check_root(as_root.as_str()).expect_err("a file is no root");
+        let _ = std::fs::remove_file(&file);
+        assert!(e.contains("is a file; name a folder"), "{e}");
         for (bad, says) in [
             ("gs://", "names no bucket"),
             ("s3://b/x", "scheme \"s3\" is not supported"),
