@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use batch_worker::batching::Batcher;
 use batch_worker::embedded::Processor;
 use batch_worker::engine::{Device, EngineError};
-use batch_worker::generate::{Float, Generated, Generator, Sampling};
+use batch_worker::generate::{DEFAULT_SYSTEM_PROMPT, Float, Generated, Generator, Sampling};
 use batch_worker::tasks::{Generate, GenerateOptions, PromptFormat};
 use serde::Deserialize;
 use shared::wire::{InputItem, OutputLine};
@@ -395,8 +395,44 @@ fn the_chat_template_renders_the_reference_chat_prompts() {
             .expect("chatml");
         let user = rest.trim_end_matches("<|im_end|>\n<|im_start|>assistant\n");
         assert_eq!(g.chat_prompt(system, user).expect("renders"), p.text);
+        // make_model.py trains the model under the prompt the worker renders by default.
+        assert_eq!(system, DEFAULT_SYSTEM_PROMPT);
     }
 }
+
+/// The test model was trained on chats: under the worker's default system prompt it
+/// answers a request in a few words of Korean naming a place, and stops by itself.
+#[test]
+fn the_test_model_answers_a_chat_and_stops() {
+    let mut g = load();
+    let prompt = g
+        .chat_prompt(DEFAULT_SYSTEM_PROMPT, "근처에 짜장면 맛있는 집 알려줘.")
+        .expect("renders");
+    let ids = g.encode(&prompt).expect("encodes");
+    let out = g
+        .generate(&[ids], &[0], &greedy(64), &never, &mut |_, _, _| {})
+        .expect("generates");
+    assert!(out[0].stopped, "no stop token in 64: {:?}", out[0].ids);
+    let text = g.text(&out[0]).expect("decodes");
+    assert!(!text.contains(char::REPLACEMENT_CHARACTER), "{text:?}");
+    assert!(text.contains("급식카드"), "{text:?}");
+    assert!(
+        PLACES.iter().any(|p| text.contains(p)),
+        "names none of the corpus' places: {text:?}"
+    );
+}
+
+/// The places of make_model.py's corpus.
+const PLACES: [&str; 8] = [
+    "행복분식",
+    "해님김밥",
+    "만리장성",
+    "별빛돈까스",
+    "할머니국밥",
+    "초록식당",
+    "동네칼국수",
+    "꿈나무분식",
+];
 
 /// Protobuf varint at `pos`, advancing it.
 fn read_varint(buf: &[u8], pos: &mut usize) -> u64 {
@@ -672,7 +708,7 @@ fn with_io_type(model: &[u8], elem: u64, narrow: impl Fn(&str) -> bool) -> Vec<u
 
 /// A GPU export keeps its KV cache and logits in float16: the worker runs such a model and,
 /// the cache rounded to float16 each step, still picks the reference's greedy tokens (its
-/// smallest gap between the best two logits is 0.015), alone, in a left-padded batch, with
+/// smallest gap between the best two logits is 0.019), alone, in a left-padded batch, with
 /// rows joining and leaving, and through the I/O binding that CUDA uses.
 #[test]
 fn a_model_with_a_float16_cache_decodes_as_the_reference() {
@@ -688,7 +724,7 @@ fn a_model_with_a_float16_cache_decodes_as_the_reference() {
         for p in &r.prompts {
             worst = worst.max(greedy_against_reference(&mut g, p, r.max_new_tokens));
         }
-        // float16 has 11 significant bits: ~0.004 at these logits' magnitude (up to 12).
+        // float16 has 11 significant bits: up to ~0.008 at these logits' magnitude (up to 22).
         assert!(worst < 0.02, "logits differ by {worst}");
         eprintln!("float16 cache: max |logit - reference| = {worst:e} (keep: {keep})");
 

@@ -6,8 +6,10 @@ Everything is written beside this script (models/lm/):
   tokenizer.json         byte-level BPE, 1024 tokens, trained on corpus.txt
   tokenizer_config.json  ChatML chat template and special-token names
   config.json            model hyper-parameters (Hugging Face-like)
-  model.onnx             random-weight pre-norm GPT with the same interface as an
-                         Optimum ``text-generation-with-past`` export (KV cache)
+  model.onnx             pre-norm GPT trained here (JAX, CPU, ~5 minutes) on chats under
+                         the worker's default system prompt and on corpus.txt, with the
+                         same interface as an Optimum ``text-generation-with-past``
+                         export (KV cache)
   reference.json         greedy decoding computed by an independent numpy float32
                          implementation (full recompute each step, no KV cache)
 
@@ -15,9 +17,10 @@ Then check_model.py runs model.onnx with onnxruntime (KV cache, and a left-padde
 batch) and fails loudly if anything differs from reference.json.
 
 All randomness comes from fixed seeds, so the outputs are byte-identical across runs
-on the same machine.
+on the same machine (another CPU may round the training's sums differently).
 
 Usage:  python3 models/lm/make_model.py [--write-corpus] [--no-check]
+        (packages: requirements-train.txt)
 
 ``--write-corpus`` regenerates corpus.txt from the phrase lists below first (the
 committed corpus.txt is what they produce).
@@ -74,16 +77,17 @@ TOKENIZER_CONFIG = {
     "bos_token": None,
 }
 
-SYSTEM_PROMPT = "너는 급식카드로 식사하는 어린이에게 식당을 추천하는 친절한 도우미야."
+MAX_NEW_TOKENS = 40
 
-MAX_NEW_TOKENS = 20
+# batch-worker's DEFAULT_SYSTEM_PROMPT (batch-worker/src/generate.rs; a test keeps the two
+# equal): the model learns to answer under the prompt the worker renders by default.
+WORKER_SYSTEM_PROMPT = (
+    "너는 아동급식카드로 식사하는 어린이에게 근처 식당을 추천하는 친절한 도우미야. "
+    "어린이가 이해하기 쉬운 말로 짧고 안전하게 답해. 사용자가 영어로 말하면 영어로 답해."
+)
 
-# Token-embedding std: with tied output weights it sets the logit spread (std ~3).
-EMB_STD = 0.4
-# Gain on the attention / MLP output projections.  With tied embeddings a random model
-# whose residual stream is dominated by the input embedding just repeats the last
-# token; larger branch outputs make greedy continuations vary.
-BRANCH_GAIN = 10.0
+# Initial token-embedding std (tied output weights: initial logits have std ~0.8).
+EMB_STD = 0.1
 MASK_VALUE = np.float32(-1e9)
 
 
@@ -105,13 +109,13 @@ PROMPTS = [
     "Can I use my meal card at this restaurant?",
     render_chat(
         [
-            {"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "system", "content": WORKER_SYSTEM_PROMPT},
             {"role": "user", "content": "근처에 짜장면 맛있는 집 알려줘."},
         ]
     ),
     render_chat(
         [
-            {"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "system", "content": WORKER_SYSTEM_PROMPT},
             {"role": "user", "content": "I want something warm. What do you recommend?"},
         ]
     ),
@@ -455,17 +459,188 @@ def init_weights():
         for n in ("q", "k", "v"):
             w[f"l{i}.w{n}"] = normal((d, d), d**-0.5)
             w[f"l{i}.b{n}"] = normal((d,), 0.02)
-        w[f"l{i}.wo"] = normal((d, d), BRANCH_GAIN * d**-0.5)
+        w[f"l{i}.wo"] = normal((d, d), (2 * c["num_hidden_layers"] * d) ** -0.5)
         w[f"l{i}.bo"] = normal((d,), 0.02)
         w[f"l{i}.ln2.g"] = near_one((d,))
         w[f"l{i}.ln2.b"] = normal((d,), 0.02)
         w[f"l{i}.w1"] = normal((d, ff), d**-0.5)
         w[f"l{i}.b1"] = normal((ff,), 0.02)
-        w[f"l{i}.w2"] = normal((ff, d), BRANCH_GAIN * ff**-0.5)
+        w[f"l{i}.w2"] = normal((ff, d), (2 * c["num_hidden_layers"] * ff) ** -0.5)
         w[f"l{i}.b2"] = normal((d,), 0.02)
     w["lnf.g"] = near_one((d,))
     w["lnf.b"] = normal((d,), 0.02)
     return w
+
+
+# ---------------------------------------------------------------------------
+# Chat data and training
+# ---------------------------------------------------------------------------
+
+TRAIN_SEED = 20261207
+TRAIN_STEPS = 1500
+TRAIN_BATCH = 32
+LEARNING_RATE = 3e-3
+RAW_PIECE = 128
+RAW_PASSES = 4
+
+# (user message, reply) templates, filled with a place and one of its foods as corpus lines are.
+CHAT_KO = [
+    ("근처에 {food} 맛있는 집 알려줘.", "{place}에 가 보세요. {food_eun} 거기서 인기 메뉴예요. 급식카드로 계산할 수 있어요."),
+    ("{food} 먹고 싶어.", "{food_i} 먹고 싶으면 {place}에 가 보세요. {place_eun} 급식카드 가맹점이에요."),
+    ("{food} 파는 곳 알려줘.", "{place}에 가 보세요. {food_eun} 거기서 인기 메뉴예요."),
+    ("급식카드로 {food} 먹을 수 있는 곳 있어?", "네, {place}에서 {food_eul} 먹을 수 있어요. 계산 전에 급식카드 되는지 한 번 더 물어보세요."),
+    ("안녕! 근처 {food}집 추천해줘", "안녕하세요! {place}의 {food_eul} 추천해요. 맵지 않아서 어린이도 먹기 좋아요."),
+    ("{food} 매워요?", "{place}의 {food_eun} 많이 맵지 않아요. 걱정되면 덜 맵게 해 달라고 말해 보세요."),
+    ("{place}에서 급식카드 돼요?", "네, {place_eun} 급식카드 가맹점이에요. 그래도 계산 전에 한 번 더 물어보세요."),
+    ("{kind} 추천해 줘.", "{place_eul} 추천해요. {food_eul} 먹어 보세요."),
+    ("점심 뭐 먹지?", "오늘은 {food} 어때요? {place}에서 급식카드로 먹을 수 있어요."),
+    ("배고파. 뭐 먹을까?", "{place}의 {food} 어때요? {food_eun} 배가 든든해지는 메뉴예요."),
+]
+
+CHAT_EN = [
+    ("Where can I get {food_en}?", "Try {place_en}. People love the {food_en} there."),
+    ("I want {food_en}.", "If you want {food_en}, try {place_en}. It accepts the children's meal card."),
+    ("Can I use my meal card at {place_en}?", "Yes, {place_en} is a meal card partner store. Still, ask once more before you pay."),
+    ("Will the {food_en} be too spicy for me?", "{place_en} makes mild {food_en}. You can also ask for less spice."),
+    ("What should I eat for lunch today?", "How about some {food_en} today? You can pay with your meal card at {place_en}."),
+    ("I'm hungry. Any ideas?", "{food_en_cap} at {place_en} will keep you full."),
+]
+
+# Questions whose answers name no place.
+CHAT_FIXED = [
+    ("안녕", "안녕하세요! 저는 급식카드로 밥을 먹을 수 있는 식당을 찾아 주는 도우미예요. 오늘 뭐 먹고 싶어요?"),
+    ("카드 잔액이 얼마인지 어떻게 알아요?", "카드 잔액은 카드사 안내 번호나 앱에서 확인할 수 있어요."),
+    ("카드를 잃어버렸어요. 어떻게 해요?", "카드를 잃어버렸으면 바로 주민센터에 알려 주세요."),
+    ("한 끼에 얼마까지 쓸 수 있어?", "하루에 쓸 수 있는 금액은 지역마다 달라요. 정확한 한 끼 금액은 주민센터나 카드 안내문에서 확인해 주세요."),
+    ("급식카드 어디서 써?", "급식카드는 가맹점으로 등록된 식당에서 쓸 수 있어요. 가게 문이나 계산대에 급식카드 가맹점 스티커가 붙어 있는지 확인해 보세요."),
+    ("혼자 식당에 가도 돼요?", "혼자 먹어도 괜찮아요. 편하게 드세요."),
+    ("땅콩 알레르기가 있어.", "알레르기가 있으면 주문할 때 꼭 말씀드리세요. 소스에 땅콩이 들어갔는지도 물어보세요."),
+    ("따뜻한 거 먹고 싶어요.", "추운 날에는 따뜻한 국밥이나 칼국수가 최고예요. 할머니국밥이나 동네칼국수에 가 보세요."),
+    ("Hello!", "Hello! I help kids find restaurants where they can pay with their meal card. What would you like to eat?"),
+    ("How do I check my card balance?", "You can check your card balance with the card company's phone number or app."),
+    ("I lost my card. What should I do?", "If you lose your card, tell the community center right away."),
+    ("I want something warm. What do you recommend?", "On cold days, warm gukbap or kalguksu is the best. Try Grandma's Gukbap or Town Noodle House."),
+]
+
+
+def chat_pairs():
+    """(user message, reply) pairs: every template with every place and each of its foods."""
+    rng = random.Random(TRAIN_SEED)
+    pairs = list(CHAT_FIXED) * 8
+    for place in PLACES:
+        for food in place[3]:
+            for q, a in CHAT_KO + CHAT_EN:
+                pairs.append((_fill(q, place, food, rng), _fill(a, place, food, rng)))
+    return pairs
+
+
+def training_examples(tok, corpus_path):
+    """Token ids and loss masks: chats under the worker's system prompt (loss on the reply and
+    its `<|im_end|>` only), and the corpus as running text, its lines in shuffled order packed
+    into pieces of up to RAW_PIECE tokens (for `--prompt-format raw`, which writes on)."""
+    examples = []
+    for user, reply in chat_pairs():
+        prompt = render_chat([{"role": "system", "content": WORKER_SYSTEM_PROMPT}, {"role": "user", "content": user}])
+        p = tok.encode(prompt, add_special_tokens=False).ids
+        r = tok.encode(reply + "<|im_end|>", add_special_tokens=False).ids
+        examples.append((p + r, [0] * len(p) + [1] * len(r)))
+    with open(corpus_path, encoding="utf-8") as f:
+        lines = [tok.encode(ln.strip() + "\n", add_special_tokens=False).ids for ln in f if ln.strip()]
+    rng = random.Random(TRAIN_SEED)
+    for _ in range(RAW_PASSES):
+        rng.shuffle(lines)
+        piece = []
+        for ids in lines:
+            if piece and len(piece) + len(ids) > RAW_PIECE:
+                examples.append((piece, [1] * len(piece)))
+                piece = []
+            piece = piece + ids
+        examples.append((piece, [1] * len(piece)))
+    return examples
+
+
+def jax_forward(w, ids):
+    """np_forward in jax, batched: logits [B, S, V] for ids [B, S] (positions 0..S-1)."""
+    import jax
+    import jax.numpy as jnp
+
+    c = CONFIG
+    h_n, h_d, eps = c["num_attention_heads"], c["head_dim"], c["layer_norm_epsilon"]
+    b, s = ids.shape
+
+    def ln(x, g, bias):
+        m = x.mean(-1, keepdims=True)
+        v = ((x - m) ** 2).mean(-1, keepdims=True)
+        return (x - m) / jnp.sqrt(v + eps) * g + bias
+
+    def heads(x):
+        return x.reshape(b, s, h_n, h_d).transpose(0, 2, 1, 3)
+
+    x = w["tok_emb"][ids] + w["pos_emb"][:s]
+    causal = jnp.tril(jnp.ones((s, s), dtype=bool))
+    for i in range(c["num_hidden_layers"]):
+        p = f"l{i}"
+        h = ln(x, w[f"{p}.ln1.g"], w[f"{p}.ln1.b"])
+        q, k, v = (heads(h @ w[f"{p}.w{n}"] + w[f"{p}.b{n}"]) for n in "qkv")
+        scores = jnp.where(causal, q @ k.transpose(0, 1, 3, 2) / np.sqrt(h_d), MASK_VALUE)
+        probs = jax.nn.softmax(scores, axis=-1)
+        ctx = (probs @ v).transpose(0, 2, 1, 3).reshape(b, s, h_n * h_d)
+        x = x + ctx @ w[f"{p}.wo"] + w[f"{p}.bo"]
+        h = ln(x, w[f"{p}.ln2.g"], w[f"{p}.ln2.b"])
+        m = h @ w[f"{p}.w1"] + w[f"{p}.b1"]
+        m = 0.5 * m * (1 + jnp.tanh(np.sqrt(2 / np.pi) * (m + 0.044715 * m**3)))
+        x = x + m @ w[f"{p}.w2"] + w[f"{p}.b2"]
+    return ln(x, w["lnf.g"], w["lnf.b"]) @ w["tok_emb"].T
+
+
+def train(w, examples):
+    """Adam with warm-up and cosine decay on the masked next-token loss, fixed seeds, full
+    float32 on the CPU. Returns the trained weights as numpy float32."""
+    import jax
+    import jax.numpy as jnp
+
+    jax.config.update("jax_platforms", "cpu")
+    width = max(len(ids) for ids, _ in examples)
+    assert width <= CONFIG["max_position_embeddings"], width
+    ids = np.zeros((len(examples), width), dtype=np.int32)
+    mask = np.zeros((len(examples), width), dtype=np.float32)
+    for row, (e, m) in enumerate(examples):
+        ids[row, : len(e)] = e
+        mask[row, : len(m)] = m
+
+    def loss_fn(params, x, m):
+        logits = jax_forward(params, x[:, :-1])
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        nll = -jnp.take_along_axis(logp, x[:, 1:, None], axis=-1)[..., 0]
+        return (nll * m[:, 1:]).sum() / m[:, 1:].sum()
+
+    def lr(step):
+        warm = jnp.minimum(1.0, (step + 1) / 100)
+        return LEARNING_RATE * warm * 0.5 * (1 + jnp.cos(jnp.pi * step / TRAIN_STEPS))
+
+    @jax.jit
+    def update(params, opt, step, x, m):
+        loss, grads = jax.value_and_grad(loss_fn)(params, x, m)
+        mu, nu = opt
+        mu = jax.tree.map(lambda a, g: 0.9 * a + 0.1 * g, mu, grads)
+        nu = jax.tree.map(lambda a, g: 0.999 * a + 0.001 * g * g, nu, grads)
+        t = step + 1
+        scale = lr(step) * jnp.sqrt(1 - 0.999**t) / (1 - 0.9**t)
+        params = jax.tree.map(lambda p, a, b: p - scale * a / (jnp.sqrt(b) + 1e-8), params, mu, nu)
+        return params, (mu, nu), loss
+
+    params = {k: jnp.asarray(v) for k, v in w.items()}
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    opt = (zeros, zeros)
+    rng = np.random.default_rng(TRAIN_SEED)
+    for step in range(TRAIN_STEPS):
+        rows = rng.choice(len(examples), TRAIN_BATCH, replace=False)
+        # Only as wide as the batch's longest example, rounded up to limit recompilation.
+        used = min(width, -(-(int(mask[rows].nonzero()[1].max()) + 1) // 32) * 32)
+        params, opt, loss = update(params, opt, step, ids[rows, :used], mask[rows, :used])
+        if step % 100 == 0 or step == TRAIN_STEPS - 1:
+            print(f"step {step:5d}  loss {float(loss):.3f}", flush=True)
+    return {k: np.asarray(v, dtype=np.float32) for k, v in params.items()}
 
 
 # ---------------------------------------------------------------------------
@@ -752,7 +927,7 @@ def main():
     write_json(os.path.join(HERE, "tokenizer_config.json"), TOKENIZER_CONFIG)
     write_json(os.path.join(HERE, "config.json"), CONFIG)
 
-    w = init_weights()
+    w = train(init_weights(), training_examples(tok, corpus_path))
     model = build_onnx(w)
     model_path = os.path.join(HERE, "model.onnx")
     with open(model_path, "wb") as f:
