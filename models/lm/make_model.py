@@ -78,6 +78,7 @@ TOKENIZER_CONFIG = {
 }
 
 MAX_NEW_TOKENS = 40
+MIN_GREEDY_GAP = 0.02
 
 # batch-worker's DEFAULT_SYSTEM_PROMPT (batch-worker/src/generate.rs; a test keeps the two
 # equal): the model learns to answer under the prompt the worker renders by default.
@@ -103,7 +104,7 @@ def render_chat(messages, add_generation_prompt=True):
 
 # Reference prompts: plain Korean, plain English, and two rendered chats.
 PROMPTS = [
-    "안녕하세요! 오늘 점심으로 뭐 먹을까요?",
+    "배고파요. 오늘 점심으로 뭐 먹을까요?",
     "급식카드로 김밥을 살 수 있어요?",
     "Hello! What should I eat for lunch today?",
     "Can I use my meal card at this restaurant?",
@@ -483,23 +484,53 @@ LEARNING_RATE = 3e-3
 RAW_PIECE = 128
 RAW_PASSES = 4
 
-# (user message, reply) templates, filled with a place and one of its foods as corpus lines are.
-CHAT_KO = [
-    ("근처에 {food} 맛있는 집 알려줘.", "{place}에 가 보세요. {food_eun} 거기서 인기 메뉴예요. 급식카드로 계산할 수 있어요."),
-    ("{food} 먹고 싶어.", "{food_i} 먹고 싶으면 {place}에 가 보세요. {place_eun} 급식카드 가맹점이에요."),
-    ("{food} 파는 곳 알려줘.", "{place}에 가 보세요. {food_eun} 거기서 인기 메뉴예요."),
-    ("급식카드로 {food} 먹을 수 있는 곳 있어?", "네, {place}에서 {food_eul} 먹을 수 있어요. 계산 전에 급식카드 되는지 한 번 더 물어보세요."),
-    ("안녕! 근처 {food}집 추천해줘", "안녕하세요! {place}의 {food_eul} 추천해요. 맵지 않아서 어린이도 먹기 좋아요."),
+# Requests for a food, in many phrasings, each answered (at random) by one of the replies
+# that name a place serving it: the model has to read the food off the request.
+ASK_KO = [
+    "근처에 {food} 맛있는 집 알려줘",
+    "{food} 먹고 싶어",
+    "{food} 파는 곳 알려줘",
+    "급식카드로 {food} 먹을 수 있는 곳 있어",
+    "{food}집 추천해 주세요",
+    "오늘 점심은 {food} 먹을래. 어디가 좋아",
+    "학교 근처에 급식카드 되는 {food}집 있어",
+    "{food} 어디서 먹을 수 있어",
+    "{food} 먹을래",
+    "{food} 맛있는 곳",
+    "근처에서 {food}집 찾아줘",
+]
+# A request is a prefix, a phrasing and an ending, drawn at random ASKS_PER_FOOD times per
+# food.
+ASK_PREFIX_KO = ["", "", "안녕! ", "혹시 ", "저기요, ", "음 "]
+ASK_SUFFIX_KO = ["", ".", "?", "!", " ㅎㅎ"]
+ASKS_PER_FOOD = 24
+
+# Replies to a request restate its food first, then name the first place that serves it:
+# the model learns to copy the food and to follow a food with its place.
+ANSWER_KO = [
+    "{food_i} 먹고 싶으면 {place}에 가 보세요. {place_eun} 급식카드 가맹점이에요.",
+    "{food_eun} {place}에 가 보세요. 거기서 인기 메뉴예요. 급식카드로 계산할 수 있어요.",
+]
+
+ASK_EN = [
+    "Where can I get {food_en}?",
+    "I want {food_en}.",
+    "Is there a {food_en} place near school that takes the meal card?",
+    "Recommend a place for {food_en}, please.",
+]
+
+ANSWER_EN = [
+    "For {food_en}, try {place_en}. People love it there.",
+    "If you want {food_en}, try {place_en}. It accepts the children's meal card.",
+]
+
+# Other (user message, reply) templates, filled with a place and one of its foods.
+CHAT_OTHER = [
     ("{food} 매워요?", "{place}의 {food_eun} 많이 맵지 않아요. 걱정되면 덜 맵게 해 달라고 말해 보세요."),
     ("{place}에서 급식카드 돼요?", "네, {place_eun} 급식카드 가맹점이에요. 그래도 계산 전에 한 번 더 물어보세요."),
     ("{kind} 추천해 줘.", "{place_eul} 추천해요. {food_eul} 먹어 보세요."),
     ("점심 뭐 먹지?", "오늘은 {food} 어때요? {place}에서 급식카드로 먹을 수 있어요."),
     ("배고파. 뭐 먹을까?", "{place}의 {food} 어때요? {food_eun} 배가 든든해지는 메뉴예요."),
-]
-
-CHAT_EN = [
-    ("Where can I get {food_en}?", "Try {place_en}. People love the {food_en} there."),
-    ("I want {food_en}.", "If you want {food_en}, try {place_en}. It accepts the children's meal card."),
     ("Can I use my meal card at {place_en}?", "Yes, {place_en} is a meal card partner store. Still, ask once more before you pay."),
     ("Will the {food_en} be too spicy for me?", "{place_en} makes mild {food_en}. You can also ask for less spice."),
     ("What should I eat for lunch today?", "How about some {food_en} today? You can pay with your meal card at {place_en}."),
@@ -524,12 +555,23 @@ CHAT_FIXED = [
 
 
 def chat_pairs():
-    """(user message, reply) pairs: every template with every place and each of its foods."""
+    """(user message, reply) pairs: requests for each food in random phrasings, answered with
+    the first place that serves it, and every other template with every place and each of
+    its foods."""
     rng = random.Random(TRAIN_SEED)
     pairs = list(CHAT_FIXED) * 8
+    for food, _ in FOODS:
+        place = next(p for p in PLACES if food in p[3])
+        for _ in range(ASKS_PER_FOOD):
+            prefix = rng.choice(ASK_PREFIX_KO)
+            q = prefix + rng.choice(ASK_KO) + rng.choice(ASK_SUFFIX_KO)
+            a = ("안녕하세요! " if prefix == "안녕! " else "") + rng.choice(ANSWER_KO)
+            pairs.append((_fill(q, place, food, rng), _fill(a, place, food, rng)))
+        for q in ASK_EN:
+            pairs.append((_fill(q, place, food, rng), _fill(rng.choice(ANSWER_EN), place, food, rng)))
     for place in PLACES:
         for food in place[3]:
-            for q, a in CHAT_KO + CHAT_EN:
+            for q, a in CHAT_OTHER:
                 pairs.append((_fill(q, place, food, rng), _fill(a, place, food, rng)))
     return pairs
 
@@ -935,8 +977,10 @@ def main():
 
     items, all_logits = greedy_reference(w, tok)
     min_gap = min(g for it in items for g in it["greedy_gaps"])
-    if not min_gap > 1e-3:
-        sys.exit(f"FAIL: smallest top-1/top-2 greedy gap is {min_gap}, need > 1e-3")
+    # The tests decode these prompts with the KV cache rounded to float16 too (up to ~0.008
+    # off at these logits' magnitude) and still expect the same greedy tokens.
+    if not min_gap > MIN_GREEDY_GAP:
+        sys.exit(f"FAIL: smallest top-1/top-2 greedy gap is {min_gap}, need > {MIN_GREEDY_GAP}: pick other PROMPTS")
     reference = {
         "max_new_tokens": MAX_NEW_TOKENS,
         "eos_token_id": CONFIG["eos_token_id"],

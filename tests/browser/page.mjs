@@ -69,15 +69,15 @@ try {
     if (!/greeting/.test(badge || "")) throw new Error(`edge badge: ${badge}`);
   });
 
-  await step("a food request is queued, then answered by the worker", async () => {
-    await page.fill("#chat-input", "근처에서 급식카드 되는 짜장면집 추천해줘");
+  await step("a greeting mixed with a food request is queued, then answered by the worker", async () => {
+    await page.fill("#chat-input", "안녕! 근처 짜장면집 추천해줘");
     await page.click("#chat-send");
     const queued = page.locator('#chat-log li.msg.bot[data-route="queue"]').first();
     await queued.waitFor({ timeout: 15000 });
     const done = page.locator('#chat-log li.msg.bot[data-route="queue"][data-status="succeeded"]');
     await done.first().waitFor({ timeout: 90000 });
     const reply = await done.first().locator(".reply-text").textContent();
-    if (reply === null) throw new Error("no reply text");
+    if (!reply || !reply.trim()) throw new Error(`no reply text: ${JSON.stringify(reply)}`);
   });
 
   await step("a classify batch reaches 100 %", async () => {
