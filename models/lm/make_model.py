@@ -484,8 +484,7 @@ LEARNING_RATE = 3e-3
 RAW_PIECE = 128
 RAW_PASSES = 4
 
-# Requests for a food, in many phrasings, each answered (at random) by one of the replies
-# that name a place serving it: the model has to read the food off the request.
+# Requests for a food, in many phrasings: the model has to read the food off the request.
 ASK_KO = [
     "근처에 {food} 맛있는 집 알려줘",
     "{food} 먹고 싶어",
@@ -683,6 +682,15 @@ def train(w, examples):
         if step % 100 == 0 or step == TRAIN_STEPS - 1:
             print(f"step {step:5d}  loss {float(loss):.3f}", flush=True)
     return {k: np.asarray(v, dtype=np.float32) for k, v in params.items()}
+
+
+def check_training_forward(w, ids):
+    """The forward pass trained is the one the reference and the ONNX graph compute."""
+    a = np_forward(w, ids)
+    b = np.asarray(jax_forward(w, np.asarray([ids])))[0]
+    diff = float(np.abs(a - b).max())
+    if not diff < 1e-3:
+        sys.exit(f"FAIL: the training's forward pass differs from np_forward by {diff}")
 
 
 # ---------------------------------------------------------------------------
@@ -969,7 +977,9 @@ def main():
     write_json(os.path.join(HERE, "tokenizer_config.json"), TOKENIZER_CONFIG)
     write_json(os.path.join(HERE, "config.json"), CONFIG)
 
-    w = train(init_weights(), training_examples(tok, corpus_path))
+    examples = training_examples(tok, corpus_path)
+    w = train(init_weights(), examples)
+    check_training_forward(w, examples[0][0])
     model = build_onnx(w)
     model_path = os.path.join(HERE, "model.onnx")
     with open(model_path, "wb") as f:
