@@ -97,7 +97,7 @@ struct GenerateArgs {
     #[arg(long, env = "PROMPT_FORMAT", value_enum, default_value = "chat")]
     prompt_format: PromptFormat,
     /// Always generate --max-new-tokens tokens, stop tokens included (benchmarks)
-    #[arg(long, hide = true)]
+    #[arg(long, env = "IGNORE_STOP_TOKENS", hide = true)]
     ignore_stop_tokens: bool,
 }
 

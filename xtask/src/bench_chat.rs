@@ -26,7 +26,7 @@ pub struct Args {
     /// Milliseconds between two messages
     #[arg(long, default_value_t = 250)]
     pub interval_ms: u64,
-    /// Tokens per reply at most (`MAX_NEW_TOKENS`)
+    /// Tokens per reply (`MAX_NEW_TOKENS`; stop tokens ignored, so every reply is this long)
     #[arg(long, default_value_t = 64, value_parser = crate::at_least_one, allow_negative_numbers = true)]
     pub max_new_tokens: usize,
     /// Prompts decoded together at most (`GENERATE_BATCH_SIZE`)
@@ -114,7 +114,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         result.map(|()| rounds)
     })?;
     println!(
-        "\n`batch-worker serve --device cpu` with the test model `models/lm/`, one worker: {} chat messages, one every {} ms, each a queued chat job (record, then message) as the edge makes it; replies of at most {} tokens, {}, `GENERATE_BATCH_SIZE` {}, `GENERATE_GATHER_MS` {}; wait = the job record's `updated_at` at `succeeded` minus the publish time; median of {} rounds per build, taking turns\n",
+        "\n`batch-worker serve --device cpu` with the test model `models/lm/`, one worker: {} chat messages, one every {} ms, each a queued chat job (record, then message) as the edge makes it; replies of {} tokens (stop tokens ignored), {}, `GENERATE_BATCH_SIZE` {}, `GENERATE_GATHER_MS` {}; wait = the job record's `updated_at` at `succeeded` minus the publish time; median of {} rounds per build, taking turns\n",
         args.messages,
         args.interval_ms,
         args.max_new_tokens,
@@ -197,6 +197,7 @@ async fn chat_round(
     std::fs::create_dir_all(&out)?;
     let worker = WorkerConfig::new(bin, "bench-chat", emu, &t, &out)
         .with("MAX_NEW_TOKENS", args.max_new_tokens.to_string())
+        .with("IGNORE_STOP_TOKENS", "true")
         .with("GENERATE_BATCH_SIZE", args.batch_size.to_string())
         .with("GENERATE_GATHER_MS", args.gather_ms.to_string())
         .with("MODEL_DIR", root().join("models").display().to_string())
