@@ -102,24 +102,19 @@ def render_chat(messages, add_generation_prompt=True):
     return out
 
 
+def worker_chat(user):
+    """`user` as a chat under the worker's default system prompt, ready for the reply."""
+    return render_chat([{"role": "system", "content": WORKER_SYSTEM_PROMPT}, {"role": "user", "content": user}])
+
+
 # Reference prompts: plain Korean, plain English, and two rendered chats.
 PROMPTS = [
     "배고파요. 오늘 점심으로 뭐 먹을까요?",
     "급식카드로 김밥을 살 수 있어요?",
     "Hello! What should I eat for lunch today?",
     "Can I use my meal card at this restaurant?",
-    render_chat(
-        [
-            {"role": "system", "content": WORKER_SYSTEM_PROMPT},
-            {"role": "user", "content": "근처에 짜장면 맛있는 집 알려줘."},
-        ]
-    ),
-    render_chat(
-        [
-            {"role": "system", "content": WORKER_SYSTEM_PROMPT},
-            {"role": "user", "content": "I want something warm. What do you recommend?"},
-        ]
-    ),
+    worker_chat("근처에 짜장면 맛있는 집 알려줘."),
+    worker_chat("I want something warm. What do you recommend?"),
 ]
 
 
@@ -523,15 +518,16 @@ ANSWER_EN = [
     "If you want {food_en}, try {place_en}. It accepts the children's meal card.",
 ]
 
-# Other (user message, reply) templates, filled with a place and one of its foods.
+# Other (user message, reply) templates, filled with a place and one of its foods: the
+# corpus' questions (all but its food request, which ASK_* cover) and a few more.
 CHAT_OTHER = [
-    ("{food} 매워요?", "{place}의 {food_eun} 많이 맵지 않아요. 걱정되면 덜 맵게 해 달라고 말해 보세요."),
-    ("{place}에서 급식카드 돼요?", "네, {place_eun} 급식카드 가맹점이에요. 그래도 계산 전에 한 번 더 물어보세요."),
-    ("{kind} 추천해 줘.", "{place_eul} 추천해요. {food_eul} 먹어 보세요."),
+    QA_KO[2],  # {food} 매워요?
+    QA_KO[0],  # {place}에서 급식카드 돼요?
+    QA_KO[3],  # {kind} 추천해 줘.
     ("점심 뭐 먹지?", "오늘은 {food} 어때요? {place}에서 급식카드로 먹을 수 있어요."),
     ("배고파. 뭐 먹을까?", "{place}의 {food} 어때요? {food_eun} 배가 든든해지는 메뉴예요."),
-    ("Can I use my meal card at {place_en}?", "Yes, {place_en} is a meal card partner store. Still, ask once more before you pay."),
-    ("Will the {food_en} be too spicy for me?", "{place_en} makes mild {food_en}. You can also ask for less spice."),
+    QA_EN[0],  # Can I use my meal card at {place_en}?
+    QA_EN[2],  # Will the {food_en} be too spicy for me?
     ("What should I eat for lunch today?", "How about some {food_en} today? You can pay with your meal card at {place_en}."),
     ("I'm hungry. Any ideas?", "{food_en_cap} at {place_en} will keep you full."),
 ]
@@ -581,8 +577,7 @@ def training_examples(tok, corpus_path):
     into pieces of up to RAW_PIECE tokens (for `--prompt-format raw`, which writes on)."""
     examples = []
     for user, reply in chat_pairs():
-        prompt = render_chat([{"role": "system", "content": WORKER_SYSTEM_PROMPT}, {"role": "user", "content": user}])
-        p = tok.encode(prompt, add_special_tokens=False).ids
+        p = tok.encode(worker_chat(user), add_special_tokens=False).ids
         r = tok.encode(reply + "<|im_end|>", add_special_tokens=False).ids
         examples.append((p + r, [0] * len(p) + [1] * len(r)))
     with open(corpus_path, encoding="utf-8") as f:
