@@ -433,15 +433,16 @@ fn main() -> ExitCode {
                     let done_now = s.items - s.resumed_from;
                     let secs = s.wall.as_secs_f64().max(1e-9);
                     say!(
-                        "batch-worker: wrote {} lines ({} errors) to {}{}; {done_now} items in {secs:.2} s ({:.0} items/s, {:.0}% inside session.run; model loaded in {:.2} s)",
-                        s.items,
-                        s.errors,
+                        "batch-worker: wrote {} ({}) to {}{}; {} in {secs:.2} s ({:.0} items/s, {:.0}% inside session.run; model loaded in {:.2} s)",
+                        counted(s.items, "line"),
+                        counted(s.errors, "error"),
                         opts.output.display(),
                         if s.resumed_from > 0 {
-                            format!(", resumed after {} items", s.resumed_from)
+                            format!(", resumed after {}", counted(s.resumed_from, "item"))
                         } else {
                             String::new()
                         },
+                        counted(done_now, "item"),
                         done_now as f64 / secs,
                         100.0 * s.inference.as_secs_f64() / secs,
                         s.load.as_secs_f64(),
@@ -455,6 +456,15 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+/// `n` and `noun`, plural unless `n` is 1: "1 line", "0 errors".
+fn counted(n: u64, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
     }
 }
 
@@ -639,6 +649,13 @@ fn init_tracing() {
 #[cfg(test)]
 mod tests {
     use clap::CommandFactory;
+
+    #[test]
+    fn counts_are_singular_only_for_one() {
+        assert_eq!(super::counted(1, "line"), "1 line");
+        assert_eq!(super::counted(0, "error"), "0 errors");
+        assert_eq!(super::counted(2_000, "line"), "2000 lines");
+    }
 
     /// Every environment variable the CLI reads, with the subcommands that read it.
     fn env_vars() -> Vec<(String, String)> {

@@ -152,19 +152,39 @@ pub fn unusable_encoding(head: &[u8]) -> Option<&'static str> {
 
 /// [`parse_input_line`] for a line as read from a file: bytes, with or without its `\n` (and
 /// `\r`). A [`UTF8_BOM`] at the start of line 1 is not part of the item ([`without_bom`]). A
-/// line that is not UTF-8 becomes an error line as well.
+/// line that is not UTF-8 (text saved as EUC-KR or CP949, say) becomes an error line as well,
+/// under its own `custom_id` when that part of the line reads as UTF-8.
 pub fn parse_input_bytes(line: &[u8], line_no: u64) -> Result<InputItem, OutputLine> {
     match std::str::from_utf8(line) {
         Ok(s) => parse_input_line(
             without_bom(s, line_no).trim_end_matches(['\n', '\r']),
             line_no,
         ),
-        Err(_) => Err(OutputLine::error(
-            line_no.to_string(),
-            "invalid_item",
-            format!("line {line_no} is not UTF-8"),
-        )),
+        Err(e) => {
+            let lossy = String::from_utf8_lossy(line);
+            let id = readable_id(without_bom(&lossy, line_no))
+                .filter(|id| !id.contains(char::REPLACEMENT_CHARACTER))
+                .unwrap_or_else(|| line_no.to_string());
+            Err(OutputLine::error(
+                id,
+                "invalid_item",
+                format!(
+                    "line {line_no} is not UTF-8 (byte {}); save the file as UTF-8 (EUC-KR and CP949 are not accepted)",
+                    e.valid_up_to()
+                ),
+            ))
+        }
     }
+}
+
+/// The usable `custom_id` of a line that is a JSON object but not a valid item, if it has one.
+fn readable_id(line: &str) -> Option<String> {
+    serde_json::from_str::<serde_json::Value>(line)
+        .ok()?
+        .get("custom_id")?
+        .as_str()
+        .filter(|id| usable_id(id))
+        .map(str::to_owned)
 }
 
 /// The error line of the item on line `line_no` whose `custom_id` an earlier line of the file
@@ -209,15 +229,7 @@ pub fn parse_input_line(line: &str, line_no: u64) -> Result<InputItem, OutputLin
         )),
         Ok(item) => Ok(item),
         Err(problem) => {
-            let id = serde_json::from_str::<serde_json::Value>(line)
-                .ok()
-                .and_then(|v| {
-                    v.get("custom_id")
-                        .and_then(|c| c.as_str())
-                        .map(str::to_owned)
-                })
-                .filter(|s| usable_id(s))
-                .unwrap_or_else(|| line_no.to_string());
+            let id = readable_id(line).unwrap_or_else(|| line_no.to_string());
             Err(OutputLine::error(
                 id,
                 "invalid_item",
@@ -333,6 +345,40 @@ mod tests {
             let m = message(line);
             assert!(m.starts_with("line 12: "), "{m}");
             assert!(!m.contains("line 1 "), "{m}");
+        }
+    }
+
+    /// A CP949 input ("안녕" is B0 C8 B3 E7 there) cannot be read, but its item keeps its
+    /// `custom_id`, and the message says where the line stops being UTF-8 and what to do.
+    #[test]
+    fn a_line_that_is_not_utf8_keeps_its_readable_custom_id() {
+        let cp949 = b"{\"custom_id\":\"q-7\",\"input\":\"\xB0\xC8\xB3\xE7\"}\n";
+        let err = parse_input_bytes(cp949, 4).expect_err("not UTF-8");
+        assert_eq!(err.custom_id(), "q-7");
+        let json = serde_json::to_value(&err).expect("serializes");
+        assert_eq!(json["error"]["code"], "invalid_item");
+        assert_eq!(
+            json["error"]["message"],
+            "line 4 is not UTF-8 (byte 28); save the file as UTF-8 (EUC-KR and CP949 are not accepted)"
+        );
+        // Also on line 1 after a byte-order mark.
+        let with_bom = [UTF8_BOM, &cp949[..]].concat();
+        assert_eq!(
+            parse_input_bytes(&with_bom, 1).expect_err("").custom_id(),
+            "q-7"
+        );
+        // A custom_id that is itself not UTF-8, or a line that is no object, gives the line
+        // number.
+        for line in [
+            &b"{\"custom_id\":\"\xB0\xC8\",\"input\":\"hi\"}"[..],
+            b"\xB0\xC8 hello",
+            b"{\"input\":\"\xB0\xC8\"}",
+        ] {
+            assert_eq!(
+                parse_input_bytes(line, 9).expect_err("").custom_id(),
+                "9",
+                "{line:?}"
+            );
         }
     }
 
