@@ -168,13 +168,18 @@ pub fn parse_input_bytes(line: &[u8], line_no: u64) -> Result<InputItem, OutputL
             Err(OutputLine::error(
                 id,
                 "invalid_item",
-                format!(
-                    "line {line_no} is not UTF-8 (byte {}); save the file as UTF-8 (EUC-KR and CP949 are not accepted)",
-                    e.valid_up_to()
-                ),
+                not_utf8(&format!("line {line_no}"), &e),
             ))
         }
     }
+}
+
+/// Says that `what` is not UTF-8, where it stops being so, and what to do.
+pub fn not_utf8(what: &str, e: &std::str::Utf8Error) -> String {
+    format!(
+        "{what} is not UTF-8 (byte {}); save it as UTF-8 (EUC-KR and CP949 are not accepted)",
+        e.valid_up_to()
+    )
 }
 
 /// The usable `custom_id` of a line that is a JSON object but not a valid item, if it has one.
@@ -359,7 +364,7 @@ mod tests {
         assert_eq!(json["error"]["code"], "invalid_item");
         assert_eq!(
             json["error"]["message"],
-            "line 4 is not UTF-8 (byte 28); save the file as UTF-8 (EUC-KR and CP949 are not accepted)"
+            "line 4 is not UTF-8 (byte 28); save it as UTF-8 (EUC-KR and CP949 are not accepted)"
         );
         // Also on line 1 after a byte-order mark.
         let with_bom = [UTF8_BOM, &cp949[..]].concat();

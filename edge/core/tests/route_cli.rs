@@ -130,9 +130,28 @@ fn bad_input_exits_2_naming_the_file_and_line() {
     let out = route(&["eval", &missing], b"");
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing.jsonl"));
-    let out = route(&["classify"], b"\xff\xfe\n");
+    // Text saved as CP949 ("안녕" is B0 C8 B3 E7 there): the line and byte are named.
+    let out = route(&["classify"], b"hi\n\xb0\xc8\xb3\xe7\n");
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("UTF-8"));
+    assert_eq!(
+        json_lines(&out).len(),
+        1,
+        "the line before it was classified"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("stdin:2 is not UTF-8 (byte 0)"), "{err}");
+    std::fs::write(
+        &file,
+        b"{\"text\":\"hi\",\"route\":\"edge\"}\r\n\n{\"text\":\"\xb0\xc8\"}\n",
+    )
+    .expect("write");
+    let out = route(&["eval", &path], b"");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("{path}:3 is not UTF-8 (byte 9)")),
+        "{err}"
+    );
 }
 
 #[test]

@@ -13,7 +13,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use edge_core::model::IntentModel;
 use shared::intent::{Route, RouteLine, Scoreboard, expected_route};
-use shared::wire::without_bom;
+use shared::wire::{not_utf8, without_bom};
 
 #[derive(Parser)]
 #[command(about = "Run the edge's intent model and routing policy", version)]
@@ -63,6 +63,16 @@ fn broken_pipe(e: &anyhow::Error) -> bool {
     })
 }
 
+/// Line `n` (from 1) of `source` as text: without its line end, nor the byte-order mark that
+/// may open line 1; an error naming it when it is not UTF-8.
+fn utf8_line<'a>(bytes: &'a [u8], source: &str, n: usize) -> anyhow::Result<&'a str> {
+    let bytes = bytes.strip_suffix(b"\n").unwrap_or(bytes);
+    let bytes = bytes.strip_suffix(b"\r").unwrap_or(bytes);
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| anyhow::anyhow!(not_utf8(&format!("{source}:{n}"), &e)))?;
+    Ok(without_bom(text, n as u64))
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     let model = IntentModel::embedded().map_err(|e| anyhow::anyhow!("{e}"))?;
     let stdout = std::io::stdout();
@@ -80,28 +90,33 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     match cli.command {
         Cmd::Classify => {
-            for (i, line) in std::io::stdin().lock().lines().enumerate() {
-                let line = line.context("reading stdin (is it UTF-8 text?)")?;
-                emit(without_bom(&line, i as u64 + 1), None)?;
+            let mut stdin = std::io::stdin().lock();
+            let mut buf = Vec::new();
+            for n in 1.. {
+                buf.clear();
+                if stdin.read_until(b'\n', &mut buf).context("reading stdin")? == 0 {
+                    break;
+                }
+                emit(utf8_line(&buf, "stdin", n)?, None)?;
             }
         }
         Cmd::Eval { file } => {
-            let text = std::fs::read_to_string(&file)
-                .with_context(|| format!("reading {}", file.display()))?;
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let name = file.display().to_string();
             let mut board = Scoreboard::default();
-            for (i, raw) in text
-                .lines()
-                .enumerate()
-                .filter(|(_, l)| !l.trim().is_empty())
-            {
-                let where_ = || format!("{}:{}", file.display(), i + 1);
-                let l: Labelled = serde_json::from_str(without_bom(raw, i as u64 + 1))
-                    .with_context(|| {
-                        format!(
-                            "{}: expected {{\"text\": ..., \"route\": \"edge\"|\"queue\"}}",
-                            where_()
-                        )
-                    })?;
+            for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
+                let raw = utf8_line(raw, &name, i + 1)?;
+                if raw.trim().is_empty() {
+                    continue;
+                }
+                let where_ = || format!("{name}:{}", i + 1);
+                let l: Labelled = serde_json::from_str(raw).with_context(|| {
+                    format!(
+                        "{}: expected {{\"text\": ..., \"route\": \"edge\"|\"queue\"}}",
+                        where_()
+                    )
+                })?;
                 let expected = match (l.route, &l.intent) {
                     (Some(r), _) => r,
                     (None, Some(intent)) => expected_route(intent),
