@@ -87,6 +87,12 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    for (name, _) in std::env::vars_os() {
+        if name.to_str().is_some_and(set_by_cargo_run) {
+            // SAFETY: nothing else runs yet: no thread reads or writes the environment.
+            unsafe { std::env::remove_var(name) };
+        }
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::Dev(a) => dev::run(a),
@@ -116,6 +122,28 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Whether `cargo run` (the `cargo xtask` alias) set the environment variable `name` for
+/// xtask itself. They must not reach the cargo builds xtask starts: build scripts track some
+/// of them (ring's reads `CARGO_MANIFEST_DIR`, `CARGO_PKG_NAME`, `OUT_DIR`), so a build from
+/// xtask and the same build from a shell would each find the other's artifacts stale and
+/// compile ring, rustls, reqwest and all above them again (minutes, on every switch between
+/// `cargo xtask …` and `cargo run --release --bin batch-worker`). `CARGO`, `CARGO_HOME`,
+/// `CARGO_TARGET_DIR` and the like are the user's (or name the same cargo) and stay.
+fn set_by_cargo_run(name: &str) -> bool {
+    name.starts_with("CARGO_PKG_")
+        || matches!(
+            name,
+            "CARGO_MANIFEST_DIR"
+                | "CARGO_MANIFEST_PATH"
+                | "CARGO_MANIFEST_LINKS"
+                | "CARGO_CRATE_NAME"
+                | "CARGO_BIN_NAME"
+                | "CARGO_PRIMARY_PACKAGE"
+                | "CARGO_RUSTC_CURRENT_DIR"
+                | "OUT_DIR"
+        )
 }
 
 /// Prints a fresh key and the `API_KEYS` entry that accepts it.
@@ -238,6 +266,32 @@ pub fn cargo() -> Command {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_what_cargo_run_sets_for_xtask_is_kept_from_its_builds() {
+        for set in [
+            "CARGO_MANIFEST_DIR",
+            "CARGO_MANIFEST_PATH",
+            "CARGO_PKG_NAME",
+            "CARGO_PKG_VERSION_MAJOR",
+            "CARGO_CRATE_NAME",
+            "OUT_DIR",
+        ] {
+            assert!(set_by_cargo_run(set), "{set}");
+        }
+        for kept in [
+            "CARGO",
+            "CARGO_HOME",
+            "CARGO_TARGET_DIR",
+            "CARGO_BUILD_JOBS",
+            "RUSTUP_TOOLCHAIN",
+            "RUSTFLAGS",
+            "PATH",
+            "MANIFEST_DIR",
+        ] {
+            assert!(!set_by_cargo_run(kept), "{kept}");
+        }
+    }
 
     #[test]
     fn commands_run_in_the_root_unless_the_caller_chose_a_folder() {

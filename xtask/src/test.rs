@@ -48,7 +48,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // Release profile: the binaries the tests start (`batch-worker`, `route`) are built as
     // users run them, and the build shares its artifacts with the release tools above.
     const TEST: [&str; 5] = ["test", "--release", "--workspace", "--exclude", "edge"];
-    build_reusing_xtask(&TEST)?;
+    let tests = build_reusing_xtask(&TEST)?;
+    binaries_reuse_tests(&tests)?;
     let mut c = cargo();
     c.args(TEST).arg("--no-fail-fast");
     c.env("CHROMIUM", &chromium);
@@ -63,7 +64,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 /// different features (or a crate below it), and a fresh CI machine spends minutes on each
 /// such crate twice (tract's once cost eleven). The cure is a line in `xtask/Cargo.toml`'s
 /// workspace hack.
-fn build_reusing_xtask(test: &[&str]) -> anyhow::Result<()> {
+fn build_reusing_xtask(test: &[&str]) -> anyhow::Result<String> {
     let mut c = cargo();
     c.args([
         "build",
@@ -85,6 +86,34 @@ fn build_reusing_xtask(test: &[&str]) -> anyhow::Result<()> {
              members resolve these (or crates below them) with other features than xtask does. \
              Enable the same features in the workspace hack of xtask/Cargo.toml (its comment \
              says how to compare the two builds)",
+            again.join(", ")
+        );
+    }
+    Ok(tests)
+}
+
+/// Builds the binaries as a user does after this command (`cargo run --release --bin
+/// batch-worker`, `--bin route`: no dev-dependencies) and fails if that compiled again a
+/// dependency that the test build (`tests`, its JSON lines) had compiled: the README promises
+/// they start at once after `cargo xtask test`.
+fn binaries_reuse_tests(tests: &str) -> anyhow::Result<()> {
+    let mut c = cargo();
+    c.args([
+        "build",
+        "--release",
+        "--workspace",
+        "--exclude",
+        "edge",
+        "--bins",
+        "--message-format=json-render-diagnostics",
+    ]);
+    let bins = crate::run_cmd_stdout(c)?;
+    let again = compiled_again(tests, &bins);
+    if !again.is_empty() {
+        anyhow::bail!(
+            "building the binaries alone compiled again what the test build had compiled: {}; \
+             a dev-dependency enables features on them that the binaries' own dependencies do \
+             not. Enable those features in the members' own dependencies",
             again.join(", ")
         );
     }
