@@ -102,7 +102,7 @@ fn worker_bin() -> PathBuf {
     let worker = stack::release_worker();
     assert!(
         worker.is_file(),
-        "no {}: `cargo build --release -p batch-worker`",
+        "no {}: `cargo build --release --bin batch-worker`",
         worker.display()
     );
     worker

@@ -80,7 +80,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     );
     let _ = writeln!(
         md,
-        "## Edge routing, natively\n\n`cargo bench -p edge-core --bench classify`: featurize + \
+        "## Edge routing, natively\n\n`cargo bench --bench classify`: featurize + \
          infer (tract) + decide, each call timed on its own.\n\n{route}"
     );
     let _ = writeln!(
@@ -115,10 +115,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `cargo bench -p edge-core --bench classify`: its Markdown table.
+/// `cargo bench --bench classify`: its Markdown table.
 fn route_bench() -> anyhow::Result<String> {
     let mut c = crate::cargo();
-    c.args(["bench", "--quiet", "-p", "edge-core", "--bench", "classify"]);
+    c.args(["bench", "--quiet", "--bench", "classify"]);
     let out = crate::output(c)?;
     let table: String = out
         .lines()

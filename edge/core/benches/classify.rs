@@ -1,4 +1,4 @@
-//! `cargo bench -p edge-core --bench classify`: featurize + infer (tract) + decide, per message.
+//! `cargo bench --bench classify`: featurize + infer (tract) + decide, per message.
 //!
 //! Prints p50/p99 per message length. Each call is timed on its own, so the percentiles are
 //! those of single requests, as the edge serves them.
