@@ -300,6 +300,7 @@ enum Cmd {
     },
     /// Run one bulk job over a local JSONL file; resumable after any kill
     Run {
+        /// classify: each input's intent, confidence and route; generate: a reply to each input
         #[arg(long, value_parser = ["classify", "generate"])]
         task: String,
         /// Input JSONL: {"custom_id": s, "input": s} per line
@@ -369,7 +370,8 @@ fn default_output_root() -> String {
 
 /// `models/` of the source tree this binary was built from.
 fn default_model_dir() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../models"))
+    let crate_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    crate_dir.parent().unwrap_or(crate_dir).join("models")
 }
 
 fn main() -> ExitCode {
