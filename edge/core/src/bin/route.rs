@@ -25,8 +25,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Score a labelled JSONL file: lines {"text": s, "route": "edge"|"queue"} or {"text", "intent"}
-    Eval { file: PathBuf },
-    /// Classify plain text lines from stdin
+    Eval {
+        /// UTF-8 JSONL; prints one JSON line per input line, then the scores
+        file: PathBuf,
+    },
+    /// Classify plain text lines from stdin: one JSON line each (text, intent, confidence, route)
     Classify,
 }
 
