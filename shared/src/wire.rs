@@ -137,6 +137,15 @@ pub fn without_bom(line: &str, line_no: u64) -> &str {
     }
 }
 
+/// Line `line_no` (1-based) of a text file as read, with or without its line ending, as
+/// text: without the `\n` or `\r\n` that ends it and without [`without_bom`]'s mark; the
+/// error says where the bytes stop being UTF-8 (see [`not_utf8`]).
+pub fn line_text(line: &[u8], line_no: u64) -> Result<&str, std::str::Utf8Error> {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    std::str::from_utf8(line).map(|s| without_bom(s, line_no))
+}
+
 /// Why a file that starts with `head` (its first bytes; two suffice) cannot be JSONL in UTF-8,
 /// when it plainly cannot: UTF-16 text (Notepad's "Unicode") or a gzip file. Every line of
 /// such a file would be an error line.
@@ -150,16 +159,13 @@ pub fn unusable_encoding(head: &[u8]) -> Option<&'static str> {
     }
 }
 
-/// [`parse_input_line`] for a line as read from a file: bytes, with or without its `\n` (and
-/// `\r`). A [`UTF8_BOM`] at the start of line 1 is not part of the item ([`without_bom`]). A
+/// [`parse_input_line`] for a line as read from a file: bytes, with or without its `\n` or
+/// `\r\n`. A [`UTF8_BOM`] at the start of line 1 is not part of the item ([`line_text`]). A
 /// line that is not UTF-8 (text saved as EUC-KR or CP949, say) becomes an error line as well,
 /// under its own `custom_id` when that part of the line reads as UTF-8.
 pub fn parse_input_bytes(line: &[u8], line_no: u64) -> Result<InputItem, OutputLine> {
-    match std::str::from_utf8(line) {
-        Ok(s) => parse_input_line(
-            without_bom(s, line_no).trim_end_matches(['\n', '\r']),
-            line_no,
-        ),
+    match line_text(line, line_no) {
+        Ok(s) => parse_input_line(s, line_no),
         Err(e) => {
             let lossy = String::from_utf8_lossy(line);
             let id = readable_id(without_bom(&lossy, line_no))
@@ -284,6 +290,22 @@ mod tests {
         for fine in [&b"{\"custom_id\""[..], b"\xEF\xBB\xBF{", b"", b"\xFF"] {
             assert_eq!(unusable_encoding(fine), None, "{fine:?}");
         }
+    }
+
+    #[test]
+    fn a_line_as_text_loses_its_ending_and_line_1_its_byte_order_mark() {
+        assert_eq!(
+            line_text(b"\xEF\xBB\xBF\xEC\x95\x88\xEB\x85\x95\r\n", 1),
+            Ok("안녕")
+        );
+        assert_eq!(line_text(b"hi\n", 2), Ok("hi"));
+        assert_eq!(line_text(b"hi", 2), Ok("hi"));
+        // Only the last line ending goes; a mark after line 1 is text.
+        assert_eq!(line_text(b"hi\n\n", 2), Ok("hi\n"));
+        assert_eq!(line_text("\u{feff}hi".as_bytes(), 2), Ok("\u{feff}hi"));
+        // "안" in CP949 (0xBE 0xC8) after two valid bytes.
+        let e = line_text(b"ok\xBE\xC8\n", 3).expect_err("not UTF-8");
+        assert_eq!(e.valid_up_to(), 2);
     }
 
     #[test]

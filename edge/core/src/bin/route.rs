@@ -13,7 +13,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use edge_core::model::IntentModel;
 use shared::intent::{Route, RouteLine, Scoreboard, expected_route};
-use shared::wire::{not_utf8, without_bom};
+use shared::wire::{line_text, not_utf8};
 
 #[derive(Parser)]
 #[command(about = "Run the edge's intent model and routing policy", version)]
@@ -69,11 +69,7 @@ fn broken_pipe(e: &anyhow::Error) -> bool {
 /// Line `n` (from 1) of `source` as text: without its line end, nor the byte-order mark that
 /// may open line 1; an error naming it when it is not UTF-8.
 fn utf8_line<'a>(bytes: &'a [u8], source: &str, n: usize) -> anyhow::Result<&'a str> {
-    let bytes = bytes.strip_suffix(b"\n").unwrap_or(bytes);
-    let bytes = bytes.strip_suffix(b"\r").unwrap_or(bytes);
-    let text = std::str::from_utf8(bytes)
-        .map_err(|e| anyhow::anyhow!(not_utf8(&format!("{source}:{n}"), &e)))?;
-    Ok(without_bom(text, n as u64))
+    line_text(bytes, n as u64).map_err(|e| anyhow::anyhow!(not_utf8(&format!("{source}:{n}"), &e)))
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
