@@ -79,16 +79,13 @@ fn build_reusing_xtask(test: &[&str]) -> anyhow::Result<String> {
         .args(["--no-run", "--message-format=json-render-diagnostics"]);
     eprintln!("building the tests, checked against xtask's own build:");
     let tests = crate::run_cmd_stdout(c)?;
-    let again = compiled_again(&xtask, &tests);
-    if !again.is_empty() {
-        anyhow::bail!(
-            "the test build compiled again what `cargo xtask` had compiled: {}; the workspace's \
-             members resolve these (or crates below them) with other features than xtask does. \
-             Enable the same features in the workspace hack of xtask/Cargo.toml (its comment \
-             says how to compare the two builds)",
-            again.join(", ")
-        );
-    }
+    reused(
+        (&xtask, "`cargo xtask`"),
+        (&tests, "the test build"),
+        "the workspace's members resolve these (or crates below them) with other features than \
+         xtask does. Enable the same features in the workspace hack of xtask/Cargo.toml (its \
+         comment says how to compare the two builds)",
+    )?;
     Ok(tests)
 }
 
@@ -108,12 +105,23 @@ fn binaries_reuse_tests(tests: &str) -> anyhow::Result<()> {
         "--message-format=json-render-diagnostics",
     ]);
     let bins = crate::run_cmd_stdout(c)?;
-    let again = compiled_again(tests, &bins);
+    reused(
+        (tests, "the test build"),
+        (&bins, "building the binaries alone"),
+        "a dev-dependency enables features on them that the binaries' own dependencies do \
+         not. Enable those features in the members' own dependencies",
+    )
+}
+
+/// Fails, saying `cure`, when the second build (cargo's JSON lines, and who ran it) compiled
+/// again a registry crate that the first had compiled (see [`compiled_again`]).
+fn reused(first: (&str, &str), second: (&str, &str), cure: &str) -> anyhow::Result<()> {
+    let again = compiled_again(first.0, second.0);
     if !again.is_empty() {
         anyhow::bail!(
-            "building the binaries alone compiled again what the test build had compiled: {}; \
-             a dev-dependency enables features on them that the binaries' own dependencies do \
-             not. Enable those features in the members' own dependencies",
+            "{} compiled again what {} had compiled: {}; {cure}",
+            second.1,
+            first.1,
             again.join(", ")
         );
     }
@@ -155,7 +163,7 @@ fn compiled_again(first: &str, second: &str) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::compiled_again;
+    use super::{compiled_again, reused};
 
     fn artifact(id: &str, name: &str, fresh: bool) -> String {
         built(id, name, "3", fresh)
@@ -187,7 +195,7 @@ mod tests {
             r#"{"reason":"build-finished","success":true}"#.to_owned(),
         ]
         .join("\n");
-        let reused = [
+        let reused_build = [
             artifact(tract, "tract_core", true),
             artifact(foldhash, "foldhash", true),
             artifact(shared, "shared", false),
@@ -198,7 +206,7 @@ mod tests {
             "not json".to_owned(),
         ]
         .join("\n");
-        assert!(compiled_again(&first, &reused).is_empty());
+        assert!(compiled_again(&first, &reused_build).is_empty());
 
         let twice = [
             built(minijinja, "minijinja", "0", false),
@@ -210,6 +218,16 @@ mod tests {
         assert_eq!(
             compiled_again(&first, &twice),
             ["foldhash 0.2.0", "minijinja 2.24.0", "tract-core 0.23.9"]
+        );
+
+        assert!(reused((&first, "A"), (&reused_build, "B"), "cure").is_ok());
+        let err = reused((&first, "the first build"), (&twice, "the second"), "do X")
+            .expect_err("compiled twice")
+            .to_string();
+        assert_eq!(
+            err,
+            "the second compiled again what the first build had compiled: foldhash 0.2.0, \
+             minijinja 2.24.0, tract-core 0.23.9; do X"
         );
     }
 }
