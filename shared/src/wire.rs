@@ -130,7 +130,7 @@ pub const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
 
 /// Line `line_no` (1-based) of a text file without the [`UTF8_BOM`] that may open line 1; on
 /// any other line the mark is a character like any other.
-pub fn without_bom(line: &str, line_no: u64) -> &str {
+fn without_bom(line: &str, line_no: u64) -> &str {
     match line_no {
         1 => line.strip_prefix('\u{feff}').unwrap_or(line),
         _ => line,
@@ -138,7 +138,7 @@ pub fn without_bom(line: &str, line_no: u64) -> &str {
 }
 
 /// Line `line_no` (1-based) of a text file as read, with or without its line ending, as
-/// text: without the `\n` or `\r\n` that ends it and without [`without_bom`]'s mark; the
+/// text: without the `\n` or `\r\n` that ends it and, on line 1, without a [`UTF8_BOM`]; the
 /// error says where the bytes stop being UTF-8 (see [`not_utf8`]).
 pub fn line_text(line: &[u8], line_no: u64) -> Result<&str, std::str::Utf8Error> {
     let line = line.strip_suffix(b"\n").unwrap_or(line);

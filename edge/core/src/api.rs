@@ -1006,13 +1006,25 @@ fn method_not_allowed(req: &Request, path: &str, methods: &'static str) -> Respo
 }
 
 fn json_body(req: &Request, limit: usize) -> Result<Value, ApiError> {
-    let ct = req.header("content-type").unwrap_or("");
-    let mime = ct.split(';').next().unwrap_or("").trim();
-    if !mime.eq_ignore_ascii_case("application/json") {
+    let Some(ct) = req.header("content-type") else {
         return Err(ApiError::new(
             415,
             "unsupported_media_type",
-            format!("send `Content-Type: application/json`, got {ct:?}"),
+            "the request has no Content-Type: send `Content-Type: application/json`",
+        ));
+    };
+    let mime = ct.split(';').next().unwrap_or("").trim();
+    if !mime.eq_ignore_ascii_case("application/json") {
+        // `curl -d` and HTML forms send this one by default.
+        let hint = if mime.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
+            " (curl's `-d` sends it unless told otherwise: add `-H 'content-type: application/json'`)"
+        } else {
+            ""
+        };
+        return Err(ApiError::new(
+            415,
+            "unsupported_media_type",
+            format!("send `Content-Type: application/json`, got {ct:?}{hint}"),
         ));
     }
     // JSON is UTF-8 (RFC 8259); a body declared in another charset (EUC-KR, CP949, …) is

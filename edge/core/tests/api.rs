@@ -625,6 +625,37 @@ fn trivial_messages_are_answered_at_the_edge_in_their_language() {
 }
 
 #[test]
+fn a_body_not_declared_as_json_is_told_how_to_declare_it() {
+    let app = App::new(config(&[]));
+    let auth = format!("Bearer {KEY_A}");
+    let body = br#"{"message":"hi"}"#;
+    let message = |ct: Option<&str>| {
+        let r = serve(&app, request("POST", "/v1/chat", Some(&auth), ct, body));
+        assert_eq!(r.status, 415);
+        r.json_body()["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned()
+    };
+    let none = message(None);
+    assert!(
+        none.contains("no Content-Type") && none.contains("application/json"),
+        "{none}"
+    );
+    // What `curl -d` sends: the message says how to send JSON with curl.
+    let form = message(Some("application/x-www-form-urlencoded"));
+    assert!(
+        form.contains("curl") && form.contains("-H 'content-type: application/json'"),
+        "{form}"
+    );
+    let text = message(Some("text/plain"));
+    assert!(
+        text.contains("\"text/plain\"") && !text.contains("curl"),
+        "{text}"
+    );
+}
+
+#[test]
 fn utf8_bodies_may_say_so_and_may_start_with_a_byte_order_mark() {
     let app = App::new(config(&[]));
     let auth = format!("Bearer {KEY_A}");
