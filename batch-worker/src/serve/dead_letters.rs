@@ -22,8 +22,9 @@ use tracing::Instrument;
 
 use super::{Ctx, Final, WorkError, finish_job, job_to_go_on, nack_after_pause, plan_uri};
 
-/// Rounds through the dead-letter topic after which a message is not requeued again: with
-/// the subscription's limit of 15 deliveries, 150 deliveries that all ended without an ack.
+/// Requeues after which a message Pub/Sub dead-letters again is not requeued: with the
+/// subscription's limit of 15 deliveries, 11 rounds, 165 deliveries that all ended without an
+/// ack.
 const MAX_REQUEUES: u32 = 10;
 
 /// The attribute a worker that quarantines a message puts the reason in.

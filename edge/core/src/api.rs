@@ -318,10 +318,11 @@ impl App {
             Some(allowed) => allowed,
             None => {
                 let window = p.now_ms() / 60_000;
+                // Counters only: after a panic elsewhere they are still counters.
                 let mut w = self
                     .windows
                     .lock()
-                    .map_err(|_| ApiError::unavailable("internal", "rate limiter poisoned"))?;
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
                 let e = w.entry(owner.to_owned()).or_insert((window, 0));
                 if e.0 != window {
                     *e = (window, 0);
@@ -642,7 +643,7 @@ impl App {
     ) -> Result<(), ApiError> {
         let gcp = self.gcp()?;
         let doc = firestore::to_document(record, TIMESTAMP_FIELDS)
-            .map_err(|e| ApiError::unavailable("internal", e.to_string()))?;
+            .map_err(|e| ApiError::internal("encode the job record", e))?;
         // A random 128-bit id: "already exists" can only be our own retried create.
         gcp.create(p, JOBS_COLLECTION, &record.job_id, doc).await?;
         let topic = match record.kind {
@@ -714,7 +715,7 @@ impl App {
             expire_at: rfc3339(now + IDEMPOTENCY_TTL_MS),
         };
         let doc = firestore::to_document(&pending, &["expire_at"])
-            .map_err(|e| ApiError::unavailable("internal", e.to_string()))?;
+            .map_err(|e| ApiError::internal("encode the idempotency record", e))?;
         let in_use = || {
             ApiError::new(
                 409,
@@ -870,7 +871,7 @@ impl App {
             rec = self.read_job(p, owner, id).await?;
         }
         let view = serde_json::to_value(JobView::from(&rec))
-            .map_err(|e| ApiError::unavailable("internal", e.to_string()))?;
+            .map_err(|e| ApiError::internal("encode the job", e))?;
         Ok(Response::json(200, &view))
     }
 
@@ -944,25 +945,48 @@ pub fn poll_interval(elapsed_ms: u64) -> u64 {
     }
 }
 
-/// Splits items into shards of at most `shard_items` items and `shard_bytes` JSON bytes.
+/// Splits items into shards of at most `shard_items` items and `shard_bytes` bytes of items as
+/// JSON (escapes included: a control character takes six), a shard of one item excepted.
 pub fn shard(items: &[InputItem], limits: &Limits) -> Vec<Vec<InputItem>> {
     let mut shards = Vec::new();
     let mut cur: Vec<InputItem> = Vec::new();
-    let mut bytes = 0;
+    // A shard's items as JSON: `[`, each item and the `,` or `]` after it.
+    let mut bytes = 1usize;
     for item in items {
-        let size = item.custom_id.len() + item.input.len() + 64;
-        if !cur.is_empty() && (cur.len() >= limits.shard_items || bytes + size > limits.shard_bytes)
+        let size = json_len(item).saturating_add(1);
+        if !cur.is_empty()
+            && (cur.len() >= limits.shard_items || bytes.saturating_add(size) > limits.shard_bytes)
         {
             shards.push(std::mem::take(&mut cur));
-            bytes = 0;
+            bytes = 1;
         }
-        bytes += size;
+        bytes = bytes.saturating_add(size);
         cur.push(item.clone());
     }
     if !cur.is_empty() {
         shards.push(cur);
     }
     shards
+}
+
+/// Bytes of `value` as JSON, counted without building the text.
+fn json_len(value: &impl serde::Serialize) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Strings always serialize, and counting cannot fail.
+    match serde_json::to_writer(&mut count, value) {
+        Ok(()) => count.0,
+        Err(_) => usize::MAX,
+    }
 }
 
 /// Groups messages into publish requests under Pub/Sub's per-request limits.

@@ -102,6 +102,18 @@ impl ApiError {
         Self::new(503, code, message)
     }
 
+    /// A fault of the edge's own that no request can cause (a value that failed to encode):
+    /// `500 internal`, the log and the caller's `x-request-id` lead to it.
+    pub fn internal(what: &str, error: impl std::fmt::Display) -> Self {
+        Self::new(
+            500,
+            "internal",
+            format!(
+                "the edge could not {what}: {error}; this is a bug: report it with the x-request-id"
+            ),
+        )
+    }
+
     pub fn to_response(&self) -> Response {
         let mut r = Response::json(
             self.status,

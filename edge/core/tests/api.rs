@@ -3,11 +3,12 @@
 //! panic. The paths that reach Pub/Sub and Firestore run against the real emulators in the
 //! `stack` tests and through `wrangler dev`.
 
-use edge_core::api::Limits;
+use edge_core::api::{Limits, shard};
 use edge_core::auth::entry;
 use edge_core::testing::{Offline, block_on};
 use edge_core::{App, Config, Platform, Request, Response};
 use serde_json::{Value, json};
+use shared::wire::InputItem;
 
 const KEY_A: &str = "test-key-alice";
 const KEY_B: &str = "test-key-bob";
@@ -842,4 +843,39 @@ fn long_polls_read_closely_at_first_and_stay_under_the_subrequest_limit() {
     );
     assert!(reads <= 40, "{reads} reads in a 25 s wait");
     assert!(elapsed >= 24_000, "the wait ends {elapsed} ms in");
+}
+
+#[test]
+fn shards_hold_their_byte_limit_as_json_escapes_included() {
+    let limits = Limits {
+        shard_bytes: 10_000,
+        ..Limits::default()
+    };
+    // 500 characters that JSON writes as six bytes each (`\u0001`), and plain ones.
+    let item = |i: usize, text: String| InputItem {
+        custom_id: format!("id-{i}"),
+        input: text,
+    };
+    let items: Vec<InputItem> = (0..40)
+        .map(|i| match i % 2 {
+            0 => item(i, "\u{1}".repeat(500)),
+            _ => item(i, "a".repeat(500)),
+        })
+        .collect();
+    let shards = shard(&items, &limits);
+    let json_len = |items: &[InputItem]| serde_json::to_string(items).map_or(0, |j| j.len());
+    for (i, s) in shards.iter().enumerate() {
+        assert!(json_len(s) <= limits.shard_bytes, "{} bytes", json_len(s));
+        // Full: the next shard's first item would not have fitted.
+        if let Some(next) = shards.get(i + 1) {
+            let more = [&s[..], &next[..1]].concat();
+            assert!(json_len(&more) > limits.shard_bytes, "shard {i} not full");
+        }
+    }
+    // Counted by raw length (~21 KB) they would fit in three shards; as JSON (~72 KB) not.
+    assert!(shards.len() >= 8, "{} shards", shards.len());
+    assert_eq!(shards.concat(), items, "every item once, in order");
+    // One item over the limit still goes out, alone.
+    let big = vec![item(0, "a".repeat(20_000)), item(1, "b".into())];
+    assert_eq!(shard(&big, &limits).len(), 2);
 }
