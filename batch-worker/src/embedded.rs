@@ -318,12 +318,13 @@ pub fn validate(opts: &RunOptions) -> Result<(), RunError> {
             }
         }
     }
-    if opts.threads == 0 {
-        return usage("--threads must be at least 1".into());
+    if !(1..=1024).contains(&opts.threads) {
+        return usage(format!("--threads must be 1..=1024, got {}", opts.threads));
     }
-    if !(opts.chunk_seconds > 0.0 && opts.chunk_seconds.is_finite()) {
+    // Up to a day; written so that NaN fails too.
+    if !(opts.chunk_seconds > 0.0 && opts.chunk_seconds <= 86_400.0) {
         return usage(format!(
-            "--chunk-seconds must be positive, got {}",
+            "--chunk-seconds must be above 0 and at most 86400, got {}",
             opts.chunk_seconds
         ));
     }

@@ -207,7 +207,30 @@ impl Classifier {
             intra: intra_threads,
             spin: false,
         };
-        let (session, provider) = session(&dir.join("model.onnx"), device, threads)?;
+        let model_path = dir.join("model.onnx");
+        let (session, provider) = session(&model_path, device, threads)?;
+        // `model.json` names the graph's input and output: a mismatch is the files' error, said
+        // now, not a failure of every batch.
+        let meta = policy.meta();
+        let names = |values: &[ort::value::Outlet]| {
+            values
+                .iter()
+                .map(|v| v.name().to_owned())
+                .collect::<Vec<_>>()
+        };
+        for (what, name, present) in [
+            ("input", &meta.input, names(session.inputs())),
+            ("output", &meta.output, names(session.outputs())),
+        ] {
+            if !present.contains(name) {
+                return Err(EngineError::Model {
+                    path: model_path,
+                    message: format!(
+                        "has no {what} {name:?}, which model.json names (it has {present:?}): the two files are from different models"
+                    ),
+                });
+            }
+        }
         tracing::info!(provider, model = %dir.display(), "classifier loaded");
         Ok(Self {
             session,
@@ -286,7 +309,13 @@ impl Classifier {
             .session
             .run(ort::inputs![meta.input.as_str() => input])?;
         self.run_time += started.elapsed();
-        let (_, probs) = outputs[meta.output.as_str()].try_extract_tensor::<f32>()?;
+        let Some(probs) = outputs.get(meta.output.as_str()) else {
+            return Err(EngineError::Invalid(format!(
+                "the model gave no output {:?}",
+                meta.output
+            )));
+        };
+        let (_, probs) = probs.try_extract_tensor::<f32>()?;
         if probs.len() != n * classes {
             return Err(EngineError::Invalid(format!(
                 "the model gave {} probabilities for {n} rows of {classes} classes",

@@ -146,8 +146,9 @@ impl TokenSource {
             .json()
             .await
             .map_err(|e| format!("metadata token answer unreadable: {e}"))?;
-        let until =
-            std::time::Instant::now() + Duration::from_secs(t.expires_in.saturating_sub(60).max(1));
+        // Google's tokens last an hour; a longer lifetime is not believed.
+        let until = std::time::Instant::now()
+            + Duration::from_secs(t.expires_in.saturating_sub(60).clamp(1, 3600));
         *cached = Some((t.access_token.clone(), until));
         Ok(t.access_token)
     }

@@ -243,14 +243,16 @@ fn token_field(v: &serde_json::Value) -> Option<String> {
     }
 }
 
+/// A token id read from `config.json`; one beyond `u32` names no token.
+fn token_id(n: Option<u64>) -> Option<u32> {
+    n.and_then(|n| u32::try_from(n).ok())
+}
+
 /// `eos_token_id` as an int or a list of ints.
 fn ids_field(v: &serde_json::Value) -> Vec<u32> {
     match v {
-        serde_json::Value::Number(n) => n.as_u64().map(|n| n as u32).into_iter().collect(),
-        serde_json::Value::Array(a) => a
-            .iter()
-            .filter_map(|n| n.as_u64().map(|n| n as u32))
-            .collect(),
+        serde_json::Value::Number(n) => token_id(n.as_u64()).into_iter().collect(),
+        serde_json::Value::Array(a) => a.iter().filter_map(|n| token_id(n.as_u64())).collect(),
         _ => Vec::new(),
     }
 }
@@ -297,9 +299,7 @@ impl Generator {
                 "no stop token: set eos_token_id in config.json or eos_token in tokenizer_config.json",
             ));
         }
-        let pad_id = config["pad_token_id"]
-            .as_u64()
-            .map(|n| n as u32)
+        let pad_id = token_id(config["pad_token_id"].as_u64())
             .or_else(|| token_field(&tok_cfg["pad_token"]).and_then(|t| tokenizer.token_to_id(&t)))
             .unwrap_or(stop_ids[0]);
         let max_positions = config["max_position_embeddings"]

@@ -104,7 +104,13 @@ struct GenerateArgs {
 impl EngineArgs {
     /// Refuses values that cannot work (a micro-batch of no items).
     fn check(&self) -> Result<(), String> {
-        at_least("--batch-size", "BATCH_SIZE", self.batch_size, 1)?;
+        within(
+            "--batch-size",
+            "BATCH_SIZE",
+            self.batch_size,
+            1,
+            MAX_BATCH_SIZE,
+        )?;
         Ok(())
     }
 
@@ -131,11 +137,12 @@ impl GenerateArgs {
         if self.max_new_tokens == 0 {
             return Err("--max-new-tokens must be at least 1".into());
         }
-        at_least(
+        within(
             "--generate-batch-size",
             "GENERATE_BATCH_SIZE",
             self.generate_batch_size,
             1,
+            MAX_GENERATE_BATCH_SIZE,
         )?;
         Ok(GenerateOptions {
             sampling: Sampling {
@@ -338,6 +345,43 @@ fn at_least<T: PartialOrd + std::fmt::Display>(
     }
 }
 
+/// `v` if it is in `min..=max`, else the line that says so. The upper bounds keep values
+/// that no deployment means (a typo, an extra digit) from reaching allocations and timers.
+fn within<T: PartialOrd + std::fmt::Display>(
+    flag: &str,
+    var: &str,
+    v: T,
+    min: T,
+    max: T,
+) -> Result<T, String> {
+    if v >= min && v <= max {
+        Ok(v)
+    } else {
+        Err(format!("{flag} ({var}) must be {min}..={max}, got {v}"))
+    }
+}
+
+/// `v` seconds if that is more than 0 and at most [`MAX_SECONDS`], else the line that says so.
+fn positive_seconds(name: &str, v: f64) -> Result<std::time::Duration, String> {
+    // Written so that NaN fails too.
+    if v > 0.0 && v <= MAX_SECONDS as f64 {
+        Ok(std::time::Duration::from_secs_f64(v))
+    } else {
+        Err(format!(
+            "{name} must be a number of seconds above 0 and at most {MAX_SECONDS}, got {v}"
+        ))
+    }
+}
+
+/// Items per classify `session.run` at most: 16,384 rows of 4,096 features are 256 MiB.
+const MAX_BATCH_SIZE: usize = 16_384;
+/// Rows decoded together at most.
+const MAX_GENERATE_BATCH_SIZE: usize = 1024;
+/// Longest `--chunk-seconds`, `--drain-seconds` and `--lease-seconds`: a day.
+const MAX_SECONDS: u64 = 86_400;
+/// Most shard messages or chat messages held at once.
+const MAX_OUTSTANDING: i64 = 100_000;
+
 /// `v` unless it is empty or blank, else the line that says so.
 fn not_empty(flag: &str, var: &str, v: String) -> Result<String, String> {
     if v.trim().is_empty() {
@@ -406,7 +450,9 @@ fn main() -> ExitCode {
                 chunk_seconds,
                 progress: true,
                 threads: threads.unwrap_or_else(|| {
-                    std::thread::available_parallelism().map_or(2, std::num::NonZero::get)
+                    std::thread::available_parallelism()
+                        .map_or(2, std::num::NonZero::get)
+                        .min(1024)
                 }),
                 settings: String::new(),
             };
@@ -471,15 +517,6 @@ fn counted(n: u64, noun: &str) -> String {
 }
 
 fn serve_main(args: ServeArgs, engine: EngineArgs) -> ExitCode {
-    let seconds = |name: &str, v: f64| {
-        if v > 0.0 && v.is_finite() {
-            Ok(std::time::Duration::from_secs_f64(v))
-        } else {
-            Err(format!(
-                "{name} must be a positive number of seconds, got {v}"
-            ))
-        }
-    };
     let cfg = (|| -> Result<ServeConfig, String> {
         engine.check()?;
         let ack_extension = args.ack_extension_seconds;
@@ -489,21 +526,23 @@ fn serve_main(args: ServeArgs, engine: EngineArgs) -> ExitCode {
             ));
         }
         Ok(ServeConfig {
-            chunk: seconds("--chunk-seconds", args.chunk_seconds)?,
+            chunk: positive_seconds("--chunk-seconds", args.chunk_seconds)?,
             gather: std::time::Duration::from_millis(args.generate_gather_ms),
-            drain_timeout: seconds("--drain-seconds", args.drain_seconds)?,
-            lease: std::time::Duration::from_secs(at_least(
+            drain_timeout: positive_seconds("--drain-seconds", args.drain_seconds)?,
+            lease: std::time::Duration::from_secs(within(
                 "--lease-seconds",
                 "LEASE_SECONDS",
                 args.lease_seconds,
                 1,
+                MAX_SECONDS,
             )?),
             ack_extension: std::time::Duration::from_secs(ack_extension),
-            max_lease: std::time::Duration::from_secs(at_least(
+            max_lease: std::time::Duration::from_secs(within(
                 "--max-lease-seconds",
                 "MAX_LEASE_SECONDS",
                 args.max_lease_seconds,
                 60,
+                7 * MAX_SECONDS,
             )?),
             failpoints: args.failpoints.parse()?,
             worker_id: args
@@ -533,17 +572,19 @@ fn serve_main(args: ServeArgs, engine: EngineArgs) -> ExitCode {
                 .map(|_| args.output_root)
                 .map_err(|e| format!("--output-root (OUTPUT_ROOT): {e}"))?,
             // Pub/Sub reads 0 or less as "no limit": refused, as a GPU worker needs one.
-            max_outstanding_messages: at_least(
+            max_outstanding_messages: within(
                 "--max-outstanding-messages",
                 "MAX_OUTSTANDING_MESSAGES",
                 args.max_outstanding_messages,
                 1,
+                MAX_OUTSTANDING,
             )?,
-            chat_max_outstanding_messages: at_least(
+            chat_max_outstanding_messages: within(
                 "--chat-max-outstanding-messages",
                 "CHAT_MAX_OUTSTANDING_MESSAGES",
                 args.chat_max_outstanding_messages,
                 1,
+                MAX_OUTSTANDING,
             )?,
             max_outstanding_bytes: at_least(
                 "--max-outstanding-bytes",
@@ -551,7 +592,7 @@ fn serve_main(args: ServeArgs, engine: EngineArgs) -> ExitCode {
                 args.max_outstanding_bytes,
                 1,
             )?,
-            poison_limit: at_least("--poison-limit", "POISON_LIMIT", args.poison_limit, 1)?,
+            poison_limit: within("--poison-limit", "POISON_LIMIT", args.poison_limit, 1, 1000)?,
             metrics_addr: Some(args.metrics_addr)
                 .filter(|a| !a.is_empty())
                 .map(|a| host_port("--metrics-addr", "METRICS_ADDR", a, 0))

@@ -724,7 +724,7 @@ async fn process(
             }
         }
 
-        let items = match load_items(msg, &job.record, ctx.generate.is_some()).await {
+        let items = match load_items(ctx, msg, &job.record).await {
             Ok(items) => items,
             Err(why) => {
                 finish_job(ctx, &msg.job_id, why).await?;

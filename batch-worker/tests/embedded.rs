@@ -304,14 +304,31 @@ fn unusable_arguments_exit_2_with_one_line() {
     }
     // Negative numbers reach the checks rather than being taken for flags.
     for (more, expected) in [
-        (&["--threads", "0"][..], "--threads must be at least 1"),
+        (&["--threads", "0"][..], "--threads must be 1..=1024, got 0"),
         (
             &["--batch-size", "0"],
-            "--batch-size (BATCH_SIZE) must be at least 1, got 0",
+            "--batch-size (BATCH_SIZE) must be 1..=16384, got 0",
+        ),
+        // Values no one means (an extra digit) are refused, not allocated or slept on.
+        (
+            &["--batch-size", "18446744073709551615"],
+            "--batch-size (BATCH_SIZE) must be 1..=16384, got 18446744073709551615",
+        ),
+        (
+            &["--task", "generate", "--generate-batch-size", "5000"],
+            "--generate-batch-size (GENERATE_BATCH_SIZE) must be 1..=1024, got 5000",
         ),
         (
             &["--chunk-seconds", "-1"],
-            "--chunk-seconds must be positive, got -1",
+            "--chunk-seconds must be above 0 and at most 86400, got -1",
+        ),
+        (
+            &["--chunk-seconds", "1e20"],
+            "--chunk-seconds must be above 0 and at most 86400, got 100000000000000000000",
+        ),
+        (
+            &["--chunk-seconds", "NaN"],
+            "--chunk-seconds must be above 0 and at most 86400, got NaN",
         ),
         (
             &["--task", "generate", "--temperature", "-0.5"],
@@ -376,23 +393,43 @@ fn serve_settings_out_of_range_exit_2_with_one_line() {
         (
             "POISON_LIMIT",
             "0",
-            "--poison-limit (POISON_LIMIT) must be at least 1, got 0",
+            "--poison-limit (POISON_LIMIT) must be 1..=1000, got 0",
+        ),
+        (
+            "POISON_LIMIT",
+            "4294967295",
+            "--poison-limit (POISON_LIMIT) must be 1..=1000, got 4294967295",
         ),
         (
             "MAX_OUTSTANDING_MESSAGES",
             "0",
-            "(MAX_OUTSTANDING_MESSAGES) must be at least 1",
+            "(MAX_OUTSTANDING_MESSAGES) must be 1..=100000",
+        ),
+        (
+            "MAX_OUTSTANDING_MESSAGES",
+            "9223372036854775807",
+            "(MAX_OUTSTANDING_MESSAGES) must be 1..=100000, got 9223372036854775807",
+        ),
+        (
+            "CHAT_MAX_OUTSTANDING_MESSAGES",
+            "100001",
+            "(CHAT_MAX_OUTSTANDING_MESSAGES) must be 1..=100000, got 100001",
         ),
         (
             "MAX_OUTSTANDING_BYTES",
             "-1",
             "(MAX_OUTSTANDING_BYTES) must be at least 1",
         ),
-        ("LEASE_SECONDS", "0", "(LEASE_SECONDS) must be at least 1"),
+        ("LEASE_SECONDS", "0", "(LEASE_SECONDS) must be 1..=86400"),
+        (
+            "LEASE_SECONDS",
+            "18446744073709551615",
+            "(LEASE_SECONDS) must be 1..=86400, got 18446744073709551615",
+        ),
         (
             "MAX_LEASE_SECONDS",
             "59",
-            "(MAX_LEASE_SECONDS) must be at least 60, got 59",
+            "(MAX_LEASE_SECONDS) must be 60..=604800, got 59",
         ),
         (
             "ACK_EXTENSION_SECONDS",
@@ -407,12 +444,17 @@ fn serve_settings_out_of_range_exit_2_with_one_line() {
         (
             "BATCH_SIZE",
             "0",
-            "--batch-size (BATCH_SIZE) must be at least 1, got 0",
+            "--batch-size (BATCH_SIZE) must be 1..=16384, got 0",
         ),
         (
             "CHUNK_SECONDS",
             "0",
-            "--chunk-seconds must be a positive number of seconds",
+            "--chunk-seconds must be a number of seconds above 0 and at most 86400",
+        ),
+        (
+            "DRAIN_SECONDS",
+            "1e20",
+            "--drain-seconds must be a number of seconds above 0 and at most 86400",
         ),
         (
             "GCP_PROJECT",

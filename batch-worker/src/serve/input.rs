@@ -32,13 +32,27 @@ fn input_unreadable(message: String) -> Final {
     }
 }
 
+/// Why `uri` is not read here: a `file://` input is read only against the Pub/Sub emulator,
+/// as the edge accepts one only then. In production a message naming one would have the
+/// worker read its VM's own files into a job's outputs.
+fn local_input_refused(uri: &str, emulated: bool) -> Option<Final> {
+    let local = uri
+        .get(..5)
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("file:"));
+    (local && !emulated).then(|| {
+        input_unreadable(format!(
+            "{uri}: file:// inputs are read only against the emulators (PUBSUB_EMULATOR_HOST); use gs://bucket/file.jsonl"
+        ))
+    })
+}
+
 /// The shard's items: inline, or read from `input_uri` (malformed lines become error lines).
 pub(super) async fn load_items(
+    ctx: &Ctx,
     msg: &JobMessage,
     job: &JobRecord,
-    has_generator: bool,
 ) -> Result<Vec<Result<InputItem, OutputLine>>, Final> {
-    if msg.task == Task::Generate && !has_generator {
+    if msg.task == Task::Generate && ctx.generate.is_none() {
         return Err(Final::Failed {
             code: "model_unavailable".into(),
             message: "this worker has no text-generation model (MODEL_DIR/lm); classify jobs run, generate and queued chat jobs need one".into(),
@@ -59,6 +73,9 @@ pub(super) async fn load_items(
     let Some(uri) = msg.input_uri.as_ref().or(job.input_uri.as_ref()) else {
         return Ok(msg.items.iter().cloned().map(Ok).collect());
     };
+    if let Some(refused) = local_input_refused(uri, ctx.cfg.pubsub_emulator.is_some()) {
+        return Err(refused);
+    }
     let unreadable = |e: outputs::OutputError| match e {
         outputs::OutputError::Changed(_) => Final::Failed {
             code: "input_changed".into(),
@@ -361,6 +378,10 @@ async fn plan_counted(
     jobs: &Publisher,
     mut job: Versioned<JobRecord>,
 ) -> Result<Outcome, WorkError> {
+    if let Some(refused) = local_input_refused(uri, ctx.cfg.pubsub_emulator.is_some()) {
+        finish_job(ctx, &msg.job_id, refused).await?;
+        return Ok(Outcome::Ack);
+    }
     // The file is read as a stream and never held whole; a drain stops the read.
     let per_shard = ctx.cfg.input_shard_items;
     let read = outputs::read_uri_pieces(
@@ -563,6 +584,23 @@ async fn quarantine_plan(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn local_inputs_are_read_only_against_the_emulators() {
+        for uri in ["file:///etc/passwd", "FILE:///tmp/in.jsonl"] {
+            assert!(local_input_refused(uri, true).is_none(), "{uri}");
+            match local_input_refused(uri, false) {
+                Some(Final::Failed { code, message }) => {
+                    assert_eq!(code, "input_unreadable");
+                    assert!(message.contains("use gs://"), "{message}");
+                }
+                other => panic!("{uri}: {other:?}"),
+            }
+        }
+        for uri in ["gs://bucket/in.jsonl", "fil", ""] {
+            assert!(local_input_refused(uri, false).is_none(), "{uri}");
+        }
+    }
 
     /// The whole file parsed as one shard, as a worker without a jobs topic does.
     fn whole(bytes: &[u8]) -> Vec<Result<InputItem, OutputLine>> {

@@ -146,7 +146,8 @@ impl Gcp {
             .await
             .map_err(|e| upstream.unavailable(&e))?;
         if let Ok(mut guard) = self.token.lock() {
-            *guard = Some((tok.clone(), now + ttl_s * 1000));
+            // Google's tokens last an hour; a longer lifetime is not believed.
+            *guard = Some((tok.clone(), now.saturating_add(ttl_s.min(3600) * 1000)));
         }
         Ok(Some(tok))
     }

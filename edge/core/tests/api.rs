@@ -31,6 +31,8 @@ fn config_with_keys(keys: String, extra: &[(&str, &str)]) -> Config {
         ("FIRESTORE_EMULATOR_HOST", "127.0.0.1:9".to_owned()),
         ("UPSTREAM_DEADLINE_MS", "1000".to_owned()),
     ];
+    // An `extra` variable replaces the default above.
+    vars.retain(|(k, _)| !extra.iter().any(|(e, _)| e == k));
     vars.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
     Config::from_env(move |k| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone()))
 }
@@ -583,10 +585,35 @@ fn bad_settings_are_named_and_stop_v1() {
         ("LOG_REQUESTS", "errors"),
         ("INPUT_URI_PREFIX", "gs://inputs/"),
         ("INPUT_URI_PREFIX", "gs://inputs/{key}/"),
+        ("UPSTREAM_DEADLINE_MS", "120000"),
     ] {
         let app = App::new(config(&[(var, value)]));
         let r = serve(&app, request("GET", "/healthz", None, None, b""));
         assert_eq!(r.status, 200, "{var}={value}");
+    }
+    // A Google setting stops what needs Google; the edge still answers what it can alone.
+    for value in ["0", "18446744073709551615"] {
+        let app = App::new(config(&[("UPSTREAM_DEADLINE_MS", value)]));
+        let r = serve(&app, request("GET", "/healthz", None, None, b""));
+        let text = r.json_body()["problems"].to_string();
+        assert_eq!(r.status, 503, "{text}");
+        assert!(
+            text.contains("UPSTREAM_DEADLINE_MS") && text.contains(value),
+            "{text}"
+        );
+        let r = serve(
+            &app,
+            post(
+                "/v1/batches",
+                r#"{"task":"classify","items":[{"custom_id":"a","input":"x"}]}"#,
+            ),
+        );
+        assert_eq!(
+            (r.status, r.json_body()["error"]["code"].as_str()),
+            (503, Some("misconfigured")),
+        );
+        let r = serve(&app, post("/v1/chat", r#"{"message":"안녕"}"#));
+        assert_eq!(r.status, 200);
     }
 }
 
