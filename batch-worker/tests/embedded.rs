@@ -302,6 +302,32 @@ fn unusable_arguments_exit_2_with_one_line() {
         std::fs::write(dir.join(name), bytes).expect("write");
         all.push((io(path(name), path("o.jsonl"), &[]), expected));
     }
+    // A model.json that names an output its model.onnx lacks (files of two models).
+    let models = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/intent");
+    let mixed = dir.join("mixed-models");
+    std::fs::create_dir_all(mixed.join("intent")).expect("mkdir");
+    std::fs::copy(
+        format!("{models}/model.onnx"),
+        mixed.join("intent/model.onnx"),
+    )
+    .expect("copy model");
+    let meta = std::fs::read_to_string(format!("{models}/model.json")).expect("model.json");
+    let meta = meta.replace("\"output\": \"probs\"", "\"output\": \"logits\"");
+    assert!(
+        meta.contains("\"logits\""),
+        "model.json's output field has moved"
+    );
+    std::fs::write(mixed.join("intent/model.json"), meta).expect("write");
+    let mixed = mixed.display().to_string();
+    all.push((
+        io(
+            path("in.jsonl"),
+            path("o.jsonl"),
+            // `cpu`: `auto` would log its fallback first.
+            &["--model-dir", mixed.as_str(), "--device", "cpu"],
+        ),
+        "has no output \"logits\", which model.json names",
+    ));
     // Negative numbers reach the checks rather than being taken for flags.
     for (more, expected) in [
         (&["--threads", "0"][..], "--threads must be 1..=1024, got 0"),
