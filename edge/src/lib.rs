@@ -7,6 +7,7 @@ use std::cell::RefCell;
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use edge_core::api::MAX_BODY_BYTES;
 use edge_core::model::IntentModel;
 use edge_core::{App, Config, HttpRequest, HttpResponse, Platform};
 use js_sys::{Object, Reflect, Uint8Array};
@@ -21,6 +22,27 @@ static APP: OnceLock<App> = OnceLock::new();
 #[event(start)]
 fn start() {
     let _ = IntentModel::embedded();
+}
+
+/// The request's body, read no further than one byte past [`MAX_BODY_BYTES`]: the core refuses
+/// a body that long with 413 whatever its route, and a larger upload (Cloudflare passes up to
+/// 100 MB on most plans) never has to fit in the isolate's memory. An unreadable body reads as
+/// empty, which the core refuses as it refuses any other.
+async fn capped_body(req: &mut worker::Request) -> Vec<u8> {
+    use futures_util::StreamExt;
+    let Ok(mut stream) = req.stream() else {
+        // No body at all (a GET).
+        return Vec::new();
+    };
+    let mut body = Vec::new();
+    while let Some(Ok(piece)) = stream.next().await {
+        body.extend_from_slice(&piece);
+        if body.len() > MAX_BODY_BYTES {
+            body.truncate(MAX_BODY_BYTES + 1);
+            break;
+        }
+    }
+    body
 }
 
 #[event(fetch)]
@@ -50,7 +72,7 @@ async fn fetch(
             .entries()
             .map(|(k, v)| (k.to_ascii_lowercase(), v))
             .collect(),
-        body: req.bytes().await.unwrap_or_default(),
+        body: capped_body(&mut req).await,
     };
     let health = core_req.path == "/healthz";
     let platform = Cf {

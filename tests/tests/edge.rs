@@ -154,6 +154,23 @@ async fn the_worker_in_wrangler_dev_serves_the_contract_against_the_emulators() 
     let b: Value = r.json().await.expect("a JSON error");
     assert_eq!(b["error"]["code"], "not_found", "{b}");
 
+    // A body past the largest limit is refused before it is read whole (the Worker reads no
+    // further than the limit): 413 in the error shape, and the Worker goes on answering.
+    for path in ["/v1/batches", "/v1/chat"] {
+        let r = c
+            .http
+            .post(format!("{}{path}", c.url))
+            .bearer_auth(KEY_A)
+            .header("content-type", "application/json")
+            .body(vec![b' '; 9 << 20])
+            .send()
+            .await
+            .expect("a large body is answered");
+        assert_eq!(r.status().as_u16(), 413, "{path}");
+        let b: Value = r.json().await.expect("a JSON error");
+        assert_eq!(b["error"]["code"], "payload_too_large", "{b}");
+    }
+
     // A greeting is answered at the edge.
     let (s, b, h) = c.chat(KEY_A, "안녕하세요!").await;
     assert_eq!(

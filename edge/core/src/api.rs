@@ -127,12 +127,16 @@ pub struct Limits {
     pub wait_seconds: u64,
 }
 
+/// The largest body any route takes (a batch's). Adapters read at most one byte more of a
+/// request's body, so that a larger one costs no memory before it is refused with 413.
+pub const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
+
 impl Default for Limits {
     fn default() -> Self {
         Self {
             chat_body_bytes: 16 * 1024,
             message_chars: 2000,
-            batch_body_bytes: 8 * 1024 * 1024,
+            batch_body_bytes: MAX_BODY_BYTES,
             batch_items: 10_000,
             item_chars: MAX_ITEM_CHARS,
             custom_id_chars: MAX_CUSTOM_ID_CHARS,
@@ -454,7 +458,19 @@ impl App {
         owner: &str,
         trace: &mut Trace,
     ) -> Result<Response, ApiError> {
-        let body = json_body(req, self.limits.batch_body_bytes)?;
+        let text = json_text(req, self.limits.batch_body_bytes)?;
+        let max_values = batch_values(&self.limits);
+        if more_values_than(text, max_values) {
+            return Err(ApiError::new(
+                413,
+                "too_many_items",
+                format!(
+                    "the body holds more than {max_values} JSON values; a batch has at most {} inline items of `custom_id` and `input`: use `input_uri` for larger batches",
+                    self.limits.batch_items
+                ),
+            ));
+        }
+        let body = parse_json(text)?;
         let fields = object_fields(&body, &["task", "items", "input_uri"])?;
         let task_s = required_str(fields, "task")?;
         let task: Task = task_s
@@ -477,6 +493,20 @@ impl App {
             Some(_) => None,
             None => {
                 let uri = required_str(fields, "input_uri")?;
+                // URL parsers drop tabs and line breaks anywhere and then resolve `..`: a
+                // name with them would be read as another than the one checked below.
+                if let Some(c) = uri
+                    .chars()
+                    .find(|&c| c.is_control() || matches!(c, '\\' | '?' | '#'))
+                {
+                    return Err(ApiError::new(
+                        422,
+                        "invalid_input_uri",
+                        format!(
+                            "`input_uri` must not contain control characters, `\\`, `?` or `#`, got {c:?} in {uri:?}"
+                        ),
+                    ));
+                }
                 // Against the emulators (local development) the worker's own files can be
                 // named too, so that `input_uri` jobs can be tried without a bucket.
                 let local = self
@@ -1029,7 +1059,103 @@ fn method_not_allowed(req: &Request, path: &str, methods: &'static str) -> Respo
     .with_header("allow", methods)
 }
 
+/// The JSON values a batch body may hold: each item is an object and two strings; the rest is
+/// room for the envelope and an item or two with an unknown field, said by a better error.
+fn batch_values(limits: &Limits) -> usize {
+    limits.batch_items.saturating_mul(4).saturating_add(64)
+}
+
+/// Whether the JSON `text` holds more than `max` values (an array's elements, an object's
+/// values and the containers themselves), counted as it is read, building nothing. A
+/// `serde_json::Value` takes 32 bytes or more, so a body of 8 MiB of `0,` would grow a tree of
+/// ~128 MiB: more than a Worker isolate or a small Lambda function has. Text that is not JSON
+/// counts as not too large (the parse that follows says what is wrong with it).
+fn more_values_than(text: &str, max: usize) -> bool {
+    use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+    use std::cell::Cell;
+
+    #[derive(Clone, Copy)]
+    struct Counter<'a> {
+        left: &'a Cell<usize>,
+        over: &'a Cell<bool>,
+    }
+    impl Counter<'_> {
+        fn take<E: serde::de::Error>(self) -> Result<(), E> {
+            match self.left.get().checked_sub(1) {
+                Some(left) => {
+                    self.left.set(left);
+                    Ok(())
+                }
+                None => {
+                    self.over.set(true);
+                    Err(E::custom("too many values"))
+                }
+            }
+        }
+    }
+    impl<'de> DeserializeSeed<'de> for Counter<'_> {
+        type Value = ();
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Counter<'_> {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<(), E> {
+            self.take()
+        }
+        fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<(), E> {
+            self.take()
+        }
+        fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<(), E> {
+            self.take()
+        }
+        fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<(), E> {
+            self.take()
+        }
+        fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<(), E> {
+            self.take()
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<(), E> {
+            self.take()
+        }
+        fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<(), S::Error> {
+            self.take()?;
+            while seq.next_element_seed(self)?.is_some() {}
+            Ok(())
+        }
+        fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<(), M::Error> {
+            self.take()?;
+            while map.next_key::<IgnoredAny>()?.is_some() {
+                map.next_value_seed(self)?;
+            }
+            Ok(())
+        }
+    }
+    let (left, over) = (Cell::new(max), Cell::new(false));
+    let mut de = serde_json::Deserializer::from_str(text);
+    let _ = Counter {
+        left: &left,
+        over: &over,
+    }
+    .deserialize(&mut de);
+    over.get()
+}
+
 fn json_body(req: &Request, limit: usize) -> Result<Value, ApiError> {
+    parse_json(json_text(req, limit)?)
+}
+
+fn parse_json(text: &str) -> Result<Value, ApiError> {
+    serde_json::from_str(text)
+        .map_err(|e| ApiError::bad_request("invalid_json", format!("the body is not JSON: {e}")))
+}
+
+/// The body as text, once its declared type, size and encoding are checked.
+fn json_text(req: &Request, limit: usize) -> Result<&str, ApiError> {
     let Some(ct) = req.header("content-type") else {
         return Err(ApiError::new(
             415,
@@ -1072,15 +1198,13 @@ fn json_body(req: &Request, limit: usize) -> Result<Value, ApiError> {
         return Err(ApiError::new(
             413,
             "payload_too_large",
-            format!(
-                "the body has {} bytes; at most {limit} are allowed here",
-                req.body.len()
-            ),
+            // The adapter may have stopped reading past the limit: the size is not known.
+            format!("the body is larger than {limit} bytes, the most allowed here"),
         ));
     }
     // A UTF-8 byte-order mark before the JSON (some Windows tools write one) is not part of it.
     let body = req.body.strip_prefix(UTF8_BOM).unwrap_or(&req.body);
-    let text = std::str::from_utf8(body).map_err(|e| {
+    std::str::from_utf8(body).map_err(|e| {
         ApiError::bad_request(
             "invalid_utf8",
             format!(
@@ -1088,9 +1212,7 @@ fn json_body(req: &Request, limit: usize) -> Result<Value, ApiError> {
                 e.valid_up_to()
             ),
         )
-    })?;
-    serde_json::from_str(text)
-        .map_err(|e| ApiError::bad_request("invalid_json", format!("the body is not JSON: {e}")))
+    })
 }
 
 fn object_fields<'a>(v: &'a Value, allowed: &[&str]) -> Result<&'a Map<String, Value>, ApiError> {

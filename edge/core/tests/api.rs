@@ -79,7 +79,7 @@ fn post_as(key: &str, path: &str, body: &str) -> Request {
 
 /// A `classify` batch of the file `uri`.
 fn input_uri_batch(uri: &str) -> String {
-    format!(r#"{{"task":"classify","input_uri":"{uri}"}}"#)
+    json!({"task": "classify", "input_uri": uri}).to_string()
 }
 
 fn serve(app: &App, req: Request) -> Response {
@@ -522,6 +522,13 @@ fn input_uris_stay_under_the_configured_prefix() {
         "gs://inputs/alice%2Fin.jsonl",
         "gs://other/alice/in.jsonl",
         "file:///tmp/in.jsonl",
+        // A URL parser drops tabs and line breaks, then resolves `..`: bob's file.
+        "gs://inputs/alice/.\t./bob/in.jsonl",
+        "gs://inputs/alice/.\n./bob/in.jsonl",
+        "gs://inputs/alice/.\r./bob/in.jsonl",
+        "gs://inputs/alice/..\\bob\\in.jsonl",
+        "gs://inputs/alice/in.jsonl?generation=1",
+        "gs://inputs/alice/in.jsonl#x",
     ] {
         let r = submit(KEY_A, uri);
         let body = r.json_body();
@@ -532,7 +539,9 @@ fn input_uris_stay_under_the_configured_prefix() {
         );
         let message = body["error"]["message"].as_str().unwrap_or_default();
         assert!(
-            message.contains("gs://inputs/alice/") || message.contains("must be gs://"),
+            message.contains("gs://inputs/alice/")
+                || message.contains("must be gs://")
+                || message.contains("must not contain control characters"),
             "{uri}: {message}"
         );
     }
@@ -905,4 +914,43 @@ fn shards_hold_their_byte_limit_as_json_escapes_included() {
     // One item over the limit still goes out, alone.
     let big = vec![item(0, "a".repeat(20_000)), item(1, "b".into())];
     assert_eq!(shard(&big, &limits).len(), 2);
+}
+
+#[test]
+fn a_batch_body_of_many_small_values_is_refused_before_it_is_parsed() {
+    let app = App::new(config(&[]));
+    let code = |body: String| {
+        let r = serve(&app, post("/v1/batches", &body));
+        (
+            r.status,
+            r.json_body()["error"]["code"].as_str().map(str::to_owned),
+        )
+    };
+    // 500,000 numbers (1 MB of text) would be a ~16 MB tree; refused by counting alone.
+    let zeros = vec!["0"; 500_000].join(",");
+    assert_eq!(
+        code(format!(r#"{{"task":"classify","items":[{zeros}]}}"#)),
+        (413, Some("too_many_items".into()))
+    );
+    assert_eq!(
+        code(format!(
+            r#"{{"task":"classify","items":[{{"custom_id":"a","input":"x"}}],"x":[{zeros}]}}"#
+        )),
+        (413, Some("too_many_items".into()))
+    );
+    // The largest batch allowed is not refused by the count: it goes on to be queued (here
+    // against no Pub/Sub: 503), and one item more is refused by the item count.
+    let full = |n: usize| {
+        let items: Vec<Value> = (0..n)
+            .map(|i| json!({"custom_id": format!("c{i}"), "input": "안녕"}))
+            .collect();
+        json!({"task": "classify", "items": items}).to_string()
+    };
+    assert_eq!(code(full(10_000)).0, 503);
+    assert_eq!(code(full(10_001)), (413, Some("too_many_items".into())));
+    // Text that is not JSON, within the count, is said to be so.
+    assert_eq!(
+        code(r#"{"task":"classify","items":[0,0"#.into()),
+        (400, Some("invalid_json".into()))
+    );
 }
