@@ -165,6 +165,14 @@ METRICS_ADDR=127.0.0.1:9464
 RUST_LOG=warn,batch_worker=info
 EOF
 )"
+  # With a GPU to use, the worker starts only once the driver answers (`nvidia-smi -L`): on a
+  # first boot the image installs the driver while this script runs, and `auto` would settle
+  # for the CPU for as long as that worker lives. Until then the check fails and systemd tries
+  # again every RestartSec.
+  local gpu_wait="# device=cpu: no GPU driver to wait for"
+  if [[ "$device" != "cpu" ]]; then
+    gpu_wait="ExecStartPre=/bin/sh -c 'nvidia-smi -L'"
+  fi
   local unit_changed
   unit_changed="$(write_if_changed "$UNIT_DIR/$UNIT" <<EOF
 [Unit]
@@ -175,6 +183,7 @@ After=network-online.target
 [Service]
 Type=simple
 EnvironmentFile=${ETC#"$ROOT"}/worker.env
+$gpu_wait
 ExecStart=${worker_dir#"$ROOT"}/bin/batch-worker serve
 Restart=always
 RestartSec=5

@@ -8,7 +8,9 @@ locals {
 }
 
 resource "google_project_service" "apis" {
-  for_each           = toset(["pubsub.googleapis.com", "firestore.googleapis.com", "compute.googleapis.com", "monitoring.googleapis.com"])
+  # Each resource below waits for the API it is made through: a new project's first apply
+  # would otherwise fail with "API has not been used in project".
+  for_each           = toset(["pubsub.googleapis.com", "firestore.googleapis.com", "compute.googleapis.com", "monitoring.googleapis.com", "iam.googleapis.com", "storage.googleapis.com"])
   service            = each.value
   disable_on_destroy = false
 }
@@ -168,6 +170,8 @@ resource "google_firestore_field" "idempotency_ttl" {
 # --- Object storage for outputs ------------------------------------------------------------
 
 resource "google_storage_bucket" "outputs" {
+  depends_on = [google_project_service.apis]
+
   name                        = "${var.project}-${var.name}-outputs"
   location                    = var.region
   uniform_bucket_level_access = true
@@ -186,6 +190,8 @@ resource "google_storage_bucket" "outputs" {
 # Input files of `input_uri` jobs, one folder per API key: the edge's INPUT_URI_PREFIX (output
 # `input_uri_prefix`) lets each key submit only the files in its own folder.
 resource "google_storage_bucket" "inputs" {
+  depends_on = [google_project_service.apis]
+
   name                        = "${var.project}-${var.name}-inputs"
   location                    = var.region
   uniform_bucket_level_access = true
@@ -204,11 +210,15 @@ resource "google_storage_bucket" "inputs" {
 # --- Service accounts with least privilege -------------------------------------------------
 
 resource "google_service_account" "edge" {
+  depends_on = [google_project_service.apis]
+
   account_id   = "${var.name}-edge"
   display_name = "cheap-serve edge (Cloudflare Worker / Lambda)"
 }
 
 resource "google_service_account" "worker" {
+  depends_on = [google_project_service.apis]
+
   account_id   = "${var.name}-worker"
   display_name = "cheap-serve batch worker"
 }
@@ -294,6 +304,15 @@ resource "google_storage_bucket_iam_member" "worker_reads_inputs" {
   member = "serviceAccount:${google_service_account.worker.email}"
 }
 
+# The release, ONNX Runtime and model tarballs that are in a bucket (gs://): the startup script
+# downloads them as the worker's account, which nothing else lets read them.
+resource "google_storage_bucket_iam_member" "worker_reads_releases" {
+  for_each = toset([for u in [var.worker_url, var.ort_url, var.lm_url] : split("/", trimprefix(u, "gs://"))[0] if startswith(u, "gs://")])
+  bucket   = each.value
+  role     = "roles/storage.objectViewer"
+  member   = "serviceAccount:${google_service_account.worker.email}"
+}
+
 resource "google_project_iam_member" "worker_logs" {
   for_each = toset(["roles/logging.logWriter", "roles/monitoring.metricWriter"])
   project  = var.project
@@ -304,6 +323,8 @@ resource "google_project_iam_member" "worker_logs" {
 # --- Spot GPU workers ----------------------------------------------------------------------
 
 resource "google_compute_instance_template" "worker" {
+  depends_on = [google_project_service.apis]
+
   name_prefix  = "${var.name}-worker-"
   machine_type = var.machine_type
   region       = var.region
@@ -318,7 +339,7 @@ resource "google_compute_instance_template" "worker" {
     preemptible                 = true
     automatic_restart           = false
     on_host_maintenance         = "TERMINATE" # required with GPUs
-    instance_termination_action = "STOP"      # keep the disk: the release stays installed
+    instance_termination_action = "STOP"      # the group's repair recreates it when it can
   }
 
   disk {
@@ -371,6 +392,8 @@ resource "google_compute_instance_template" "worker" {
 }
 
 resource "google_compute_instance_group_manager" "workers" {
+  depends_on = [google_project_service.apis]
+
   name               = "${var.name}-workers"
   zone               = var.zone
   base_instance_name = "${var.name}-worker"

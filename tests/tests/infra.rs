@@ -433,6 +433,7 @@ fn startup_script_installs_configures_and_is_idempotent() {
         "KillSignal=SIGTERM",
         "TimeoutStopSec=25",
         "EnvironmentFile=/etc/cheap-serve/worker.env",
+        "ExecStartPre=/bin/sh -c 'nvidia-smi -L'",
         "ExecStart=/opt/cheap-serve/worker/0.1.0/bin/batch-worker serve",
     ] {
         assert!(
@@ -764,6 +765,20 @@ fn terraform_declares_the_queue_store_bucket_accounts_and_spot_workers() {
         assert!(attr(b, "bucket").contains(&format!("google_storage_bucket.{bucket}.")));
         assert_eq!(attr(b, "role"), format!("roles/storage.{role}"));
     }
+    // It reads the tarballs the startup script downloads from a bucket.
+    let b = find(
+        &tf,
+        "resource",
+        "google_storage_bucket_iam_member",
+        "worker_reads_releases",
+    );
+    let each = attr(b, "for_each");
+    for url in ["var.worker_url", "var.ort_url", "var.lm_url"] {
+        assert!(each.contains(url), "{each}");
+    }
+    assert!(each.contains("gs://"), "{each}");
+    assert!(attr(b, "member").contains("google_service_account.worker"));
+    assert_eq!(attr(b, "role"), "roles/storage.objectViewer");
     for b in &tf {
         if b.identifier.as_str() == "resource" && labels(b)[0].ends_with("_iam_member") {
             let role = attr(b, "role");
