@@ -19,10 +19,14 @@ type Span = (usize, usize, &'static str);
 /// `text` with personal data replaced by labels. Idempotent; total over any input.
 pub fn mask(text: &str) -> String {
     let chars: Vec<char> = text.chars().collect();
+    // The scanners read full-width forms (what Korean and Japanese IMEs type: `０１０－`,
+    // `＠`, `．`, the ideographic space) and other dashes as their ASCII selves, one character
+    // for one, so a span found in the folded text is the same span of the original.
+    let folded: Vec<char> = chars.iter().map(|&c| fold(c)).collect();
     let mut spans = Vec::new();
-    emails(&chars, &mut spans);
-    addresses(&chars, &mut spans);
-    numbers(&chars, &mut spans);
+    emails(&folded, &mut spans);
+    addresses(&folded, &mut spans);
+    numbers(&folded, &mut spans);
     spans.sort_by_key(|&(s, e, _)| (s, usize::MAX - e));
     let mut out = String::with_capacity(text.len());
     let mut at = 0;
@@ -38,6 +42,17 @@ pub fn mask(text: &str) -> String {
     out
 }
 
+/// A full-width ASCII form as its ASCII character, the ideographic space as a space, and the
+/// Unicode dashes and minus sign as `-`; any other character as it is.
+fn fold(c: char) -> char {
+    match c {
+        '\u{FF01}'..='\u{FF5E}' => char::from_u32(c as u32 - 0xFEE0).unwrap_or(c),
+        '\u{3000}' => ' ',
+        '\u{2010}'..='\u{2015}' | '\u{2212}' | '\u{FE63}' => '-',
+        _ => c,
+    }
+}
+
 fn digit(c: char) -> Option<u8> {
     match c {
         '0'..='9' => Some(c as u8 - b'0'),
@@ -51,12 +66,20 @@ fn is_hangul(c: char) -> bool {
 }
 
 fn emails(c: &[char], spans: &mut Vec<Span>) {
-    let local = |x: char| x.is_ascii_alphanumeric() || "._%+-".contains(x);
+    // An ASCII name ends at the first other character (`이메일은kid@…` keeps its Korean); a
+    // name in another script (`철수@naver.com`, allowed by internationalized mail) is read
+    // in it, letters and digits of any script.
+    let ascii_local = |x: char| x.is_ascii_alphanumeric() || "._%+-".contains(x);
+    let any_local = |x: char| x.is_alphanumeric() || "._%+-".contains(x);
     let domain = |x: char| x.is_ascii_alphanumeric() || x == '-' || x == '.';
     for (i, &ch) in c.iter().enumerate() {
-        if ch != '@' && ch != '＠' {
+        if ch != '@' {
             continue;
         }
+        let local: &dyn Fn(char) -> bool = match i.checked_sub(1).map(|p| c[p]) {
+            Some(before) if !before.is_ascii() => &any_local,
+            _ => &ascii_local,
+        };
         let mut s = i;
         while s > 0 && local(c[s - 1]) {
             s -= 1;
@@ -78,10 +101,10 @@ fn emails(c: &[char], spans: &mut Vec<Span>) {
     }
 }
 
-/// Runs of digits joined by single separators (space, `-`, `.`, parentheses), with an
-/// optional leading `+`.
+/// Runs of digits joined by separators (white space, `-`, `.`, `/`, `_`, parentheses; up to
+/// three in a row, as in `010 - 1234 - 5678`), with an optional leading `+`.
 fn numbers(c: &[char], spans: &mut Vec<Span>) {
-    let sep = |x: char| matches!(x, ' ' | '-' | '.' | '(' | ')' | '–');
+    let sep = |x: char| x.is_whitespace() || matches!(x, '-' | '.' | '/' | '_' | '(' | ')');
     let mut i = 0;
     while i < c.len() {
         let start_ok = digit(c[i]).is_some()
@@ -105,7 +128,7 @@ fn numbers(c: &[char], spans: &mut Vec<Span>) {
                 end = j + 1;
             } else if sep(c[j]) || (j == start && plus) {
                 seps += 1;
-                if seps > 2 || (c[j] == ' ' && seps > 1 && c[j - 1] == ' ') {
+                if seps > 3 {
                     break;
                 }
                 if groups.last().is_some_and(|g| !g.is_empty()) {
@@ -380,6 +403,21 @@ mod tests {
             ),
             // other long numbers
             ("계좌 110-123-456789", "계좌 [number]"),
+            // separators as people type them: spaced dashes, doubled spaces, slashes,
+            // underscores, line breaks, full-width forms and other dashes
+            ("010 - 1234 - 5678", "[phone]"),
+            ("010  1234  5678 이야", "[phone] 이야"),
+            ("010/1234/5678", "[phone]"),
+            ("010_1234_5678", "[phone]"),
+            ("번호\n010\n1234\n5678", "번호\n[phone]"),
+            ("０１０－１２３４－５６７８", "[phone]"),
+            ("010　1234　5678", "[phone]"),
+            ("010‐1234−5678", "[phone]"),
+            ("900101 - 3123456", "[rrn]"),
+            // e-mail: a name in Hangul, full-width forms, a name glued to Korean words
+            ("철수@naver.com 으로 보내", "[email] 으로 보내"),
+            ("ｋｉｄ＠ｎａｖｅｒ．ｃｏｍ", "[email]"),
+            ("이메일은kid@naver.com이에요", "이메일은[email]이에요"),
         ];
         for (input, want) in cases {
             assert_eq!(mask(input), want, "{input}");
@@ -394,6 +432,9 @@ mod tests {
             "2024-12-25 크리스마스에 뭐 먹지",
             "오후 3시 30분에 만나",
             "I have 2 coupons and 15 dollars",
+            "2024/12/25에 만나",
+            "12/25 크리스마스",
+            "1. 짜장면\n2. 짬뽕\n3. 탕수육",
             "what can you do?",
             "종로 맛집 알려줘",
             "",
