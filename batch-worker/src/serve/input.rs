@@ -32,16 +32,28 @@ fn input_unreadable(message: String) -> Final {
     }
 }
 
-/// Why `uri` is not read here: a `file://` input is read only against the Pub/Sub emulator,
-/// as the edge accepts one only then. In production a message naming one would have the
-/// worker read its VM's own files into a job's outputs.
-fn local_input_refused(uri: &str, emulated: bool) -> Option<Final> {
+/// Why `uri` is not read here:
+/// - a `file://` input is read only against the Pub/Sub emulator, as the edge accepts one only
+///   then: in production a message naming one would have the worker read its VM's own files
+///   into a job's outputs;
+/// - nothing under `output_root`: every job's outputs are there, and a job reading them would
+///   show its caller another key's results.
+fn input_refused(uri: &str, emulated: bool, output_root: &str) -> Option<Final> {
     let local = uri
         .get(..5)
         .is_some_and(|scheme| scheme.eq_ignore_ascii_case("file:"));
-    (local && !emulated).then(|| {
-        input_unreadable(format!(
+    if local && !emulated {
+        return Some(input_unreadable(format!(
             "{uri}: file:// inputs are read only against the emulators (PUBSUB_EMULATOR_HOST); use gs://bucket/file.jsonl"
+        )));
+    }
+    let root = output_root.trim_end_matches('/');
+    let outputs = uri
+        .strip_prefix(root)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'));
+    outputs.then(|| {
+        input_unreadable(format!(
+            "{uri} is among the job outputs ({output_root}), which are not read as input; copy the file elsewhere"
         ))
     })
 }
@@ -73,7 +85,9 @@ pub(super) async fn load_items(
     let Some(uri) = msg.input_uri.as_ref().or(job.input_uri.as_ref()) else {
         return Ok(msg.items.iter().cloned().map(Ok).collect());
     };
-    if let Some(refused) = local_input_refused(uri, ctx.cfg.pubsub_emulator.is_some()) {
+    if let Some(refused) =
+        input_refused(uri, ctx.cfg.pubsub_emulator.is_some(), &ctx.cfg.output_root)
+    {
         return Err(refused);
     }
     let unreadable = |e: outputs::OutputError| match e {
@@ -378,7 +392,9 @@ async fn plan_counted(
     jobs: &Publisher,
     mut job: Versioned<JobRecord>,
 ) -> Result<Outcome, WorkError> {
-    if let Some(refused) = local_input_refused(uri, ctx.cfg.pubsub_emulator.is_some()) {
+    if let Some(refused) =
+        input_refused(uri, ctx.cfg.pubsub_emulator.is_some(), &ctx.cfg.output_root)
+    {
         finish_job(ctx, &msg.job_id, refused).await?;
         return Ok(Outcome::Ack);
     }
@@ -586,19 +602,38 @@ mod tests {
     use super::*;
 
     #[test]
-    fn local_inputs_are_read_only_against_the_emulators() {
-        for uri in ["file:///etc/passwd", "FILE:///tmp/in.jsonl"] {
-            assert!(local_input_refused(uri, true).is_none(), "{uri}");
-            match local_input_refused(uri, false) {
+    fn local_inputs_and_outputs_are_not_read_as_input() {
+        let root = "gs://p-outputs/jobs";
+        let refused =
+            |uri: &str, emulated: bool, says: &str| match input_refused(uri, emulated, root) {
                 Some(Final::Failed { code, message }) => {
                     assert_eq!(code, "input_unreadable");
-                    assert!(message.contains("use gs://"), "{message}");
+                    assert!(message.contains(says), "{message}");
                 }
                 other => panic!("{uri}: {other:?}"),
-            }
+            };
+        for uri in ["file:///etc/passwd", "FILE:///tmp/in.jsonl"] {
+            assert!(input_refused(uri, true, root).is_none(), "{uri}");
+            refused(uri, false, "use gs://");
         }
-        for uri in ["gs://bucket/in.jsonl", "fil", ""] {
-            assert!(local_input_refused(uri, false).is_none(), "{uri}");
+        for uri in [
+            "gs://p-outputs/jobs/0123/output/shard-00000.jsonl",
+            "gs://p-outputs/jobs",
+        ] {
+            refused(uri, false, "among the job outputs");
+        }
+        // A dev stack's outputs are local files.
+        let dev = "file:///work/.dev/outputs/";
+        assert!(input_refused("file:///work/.dev/outputs/j/output/s.jsonl", true, dev).is_some());
+        assert!(input_refused("file:///tmp/in.jsonl", true, dev).is_none());
+        for uri in [
+            "gs://bucket/in.jsonl",
+            "gs://p-outputs/jobsx/in.jsonl",
+            "gs://p-outputs/in.jsonl",
+            "fil",
+            "",
+        ] {
+            assert!(input_refused(uri, false, root).is_none(), "{uri}");
         }
     }
 
