@@ -142,6 +142,10 @@ main() {
     log "the release $url has no bin/batch-worker"
     return 1
   fi
+  if [[ ! -f "$ort_dir/lib/libonnxruntime.so" ]]; then
+    log "the ONNX Runtime bundle $ort_url has no lib/libonnxruntime.so"
+    return 1
+  fi
 
   local changed=""
   changed+="$(write_if_changed "$ETC/worker.env" <<EOF

@@ -294,7 +294,7 @@ resource "google_project_iam_member" "worker_firestore" {
 
 resource "google_storage_bucket_iam_member" "worker_outputs" {
   bucket = google_storage_bucket.outputs.name
-  role   = "roles/storage.objectAdmin"
+  role   = "roles/storage.objectUser"
   member = "serviceAccount:${google_service_account.worker.email}"
 }
 

@@ -757,7 +757,7 @@ fn terraform_declares_the_queue_store_bucket_accounts_and_spot_workers() {
     }
     // The worker writes outputs and only reads inputs.
     for (name, bucket, role) in [
-        ("worker_outputs", "outputs", "objectAdmin"),
+        ("worker_outputs", "outputs", "objectUser"),
         ("worker_reads_inputs", "inputs", "objectViewer"),
     ] {
         let b = find(&tf, "resource", "google_storage_bucket_iam_member", name);
