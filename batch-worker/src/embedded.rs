@@ -649,8 +649,14 @@ struct Batch {
     eof: bool,
 }
 
+/// Input bytes one micro-batch reads at most (a whole line more at the most): lines that give
+/// no item (blank, malformed, duplicate) do not fill a batch, and a file of nothing else must
+/// still be read, committed and checkpointed a piece at a time.
+const BATCH_BYTES: u64 = 64 << 20;
+
 impl Input {
-    /// Reads lines until `batch_size` valid items or the end of the input.
+    /// Reads lines until `batch_size` valid items, `4 × batch_size` lines with an output (at
+    /// least 1,024), [`BATCH_BYTES`] or the end of the input.
     fn read_batch(&mut self, batch_size: usize) -> Result<Batch, RunError> {
         let mut batch = Batch {
             slots: Vec::new(),
@@ -658,7 +664,11 @@ impl Input {
             bytes: 0,
             eof: false,
         };
-        while batch.items.len() < batch_size {
+        let max_slots = batch_size.saturating_mul(4).max(1024);
+        while batch.items.len() < batch_size
+            && batch.slots.len() < max_slots
+            && batch.bytes < BATCH_BYTES
+        {
             let Some((n, too_long)) =
                 read_line(&mut self.reader, &mut self.buf).map_err(io("reading input"))?
             else {
@@ -690,6 +700,19 @@ impl Input {
     }
 }
 
+/// Whether a checkpoint written under `recorded` settings may go on under `now`: the same, or
+/// recorded by a version that did not record them all. Checkpoints from before settings were
+/// recorded have none; from before the model was (its `model=` part), the rest only.
+fn same_settings(recorded: &str, now: &str) -> bool {
+    if recorded.is_empty() || recorded == now {
+        return true;
+    }
+    !recorded.contains("model=")
+        && now
+            .rsplit_once(" model=")
+            .is_some_and(|(rest, _)| rest == recorded)
+}
+
 /// Runs (or resumes) the job. `processor` is created lazily: after validation, and only when
 /// the checkpoint leaves work to do.
 pub fn run<P: Processor + Send>(
@@ -712,7 +735,7 @@ pub fn run<P: Processor + Send>(
                 ckpt_path.display()
             )));
         }
-        Some(c) if !c.settings.is_empty() && c.settings != opts.settings => {
+        Some(c) if !same_settings(&c.settings, &opts.settings) => {
             return Err(RunError::Usage(format!(
                 "checkpoint {} was written with other settings ({}; now {}); run with the same settings to continue, or delete it to start over",
                 ckpt_path.display(),
@@ -1086,6 +1109,22 @@ fn finish(
     if partial.exists() {
         std::fs::rename(partial, output).map_err(io(format!("renaming {}", partial.display())))?;
         sync_dir(output)?;
+    } else {
+        // An earlier run renamed it and was stopped before removing the checkpoint: the output
+        // must be that file, as long as the checkpoint says.
+        let len = std::fs::metadata(output).map(|m| m.len()).ok();
+        if len != Some(ckpt.output_bytes) {
+            return Err(RunError::Usage(format!(
+                "{} says the run finished with {} bytes of output, but {} {}; delete the checkpoint to start over",
+                ckpt_path.display(),
+                ckpt.output_bytes,
+                output.display(),
+                match len {
+                    Some(n) => format!("has {n} bytes"),
+                    None => "is missing".into(),
+                },
+            )));
+        }
     }
     std::fs::remove_file(ckpt_path).map_err(io(format!("removing {}", ckpt_path.display())))?;
     Ok(Summary {
@@ -1114,7 +1153,96 @@ fn progress_bar(enabled: bool, total: u64, done: u64) -> indicatif::ProgressBar 
 
 #[cfg(test)]
 mod tests {
-    use super::{MAX_LINE_BYTES, SeenIds, fingerprint, read_line};
+    use super::{
+        CHECKPOINT_VERSION, Checkpoint, Input, MAX_LINE_BYTES, RunError, SeenIds, Task,
+        fingerprint, finish, read_line, same_settings,
+    };
+
+    #[test]
+    fn checkpoints_of_older_versions_go_on_under_the_settings_they_lacked() {
+        let now = "top_p=1 seed=0 model=0123456789abcdef";
+        assert!(same_settings(now, now));
+        // Before settings, and before the model, were recorded.
+        assert!(same_settings("", now));
+        assert!(same_settings("top_p=1 seed=0", now));
+        assert!(!same_settings("top_p=1 seed=1", now));
+        assert!(!same_settings("top_p=1 seed=0 model=fedcba9876543210", now));
+        assert!(!same_settings(
+            "model=fedcba9876543210",
+            "model=0123456789abcdef"
+        ));
+    }
+
+    /// Lines that give no item do not fill a micro-batch, yet one is bounded all the same: a
+    /// file of nothing else is read, and committed, a piece at a time.
+    #[test]
+    fn a_micro_batch_of_error_lines_is_bounded() {
+        let path = std::env::temp_dir().join(format!("errors-{}.jsonl", std::process::id()));
+        let mut text = "not json\n".repeat(5000);
+        text.push_str("{\"custom_id\":\"a\",\"input\":\"hi\"}\n");
+        std::fs::write(&path, text).expect("input");
+        let mut input = Input {
+            reader: std::io::BufReader::new(std::fs::File::open(&path).expect("open")),
+            buf: Vec::new(),
+            line_no: 0,
+            seen: SeenIds::with_capacity(0),
+        };
+        let mut sizes = Vec::new();
+        loop {
+            let batch = input.read_batch(1).expect("reads");
+            sizes.push((batch.slots.len(), batch.items.len()));
+            if batch.eof || !batch.items.is_empty() {
+                break;
+            }
+        }
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(
+            sizes,
+            [(1024, 0), (1024, 0), (1024, 0), (1024, 0), (905, 1)]
+        );
+    }
+
+    /// A finished checkpoint whose partial output is gone is trusted only if the output is
+    /// there, as long as it says: else the run stops, saying so, and keeps the checkpoint.
+    #[test]
+    fn a_finished_checkpoint_needs_its_output() {
+        let dir = std::env::temp_dir().join(format!("finish-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let (ckpt_path, partial, output) = (
+            dir.join("o.jsonl.ckpt"),
+            dir.join("o.jsonl.partial"),
+            dir.join("o.jsonl"),
+        );
+        let ckpt = Checkpoint {
+            version: CHECKPOINT_VERSION,
+            task: Task::Classify,
+            input_sha256: String::new(),
+            input_offset: 10,
+            items: 2,
+            errors: 0,
+            output_bytes: 6,
+            done: true,
+            settings: String::new(),
+        };
+        for existing in [None, Some("12345")] {
+            let _ = std::fs::remove_file(&output);
+            if let Some(text) = existing {
+                std::fs::write(&output, text).expect("output");
+            }
+            std::fs::write(&ckpt_path, "{}").expect("checkpoint");
+            match finish(&ckpt, &ckpt_path, &partial, &output, 0) {
+                Err(RunError::Usage(m)) => assert!(m.contains("delete the checkpoint"), "{m}"),
+                other => panic!("{existing:?}: {:?}", other.map(|s| s.items)),
+            }
+            assert!(ckpt_path.exists(), "the checkpoint is kept");
+        }
+        // Renamed by the run that was stopped before it removed the checkpoint: done.
+        std::fs::write(&output, "a\nbbb\n").expect("output");
+        let summary = finish(&ckpt, &ckpt_path, &partial, &output, 0).expect("finishes");
+        assert_eq!(summary.items, 2);
+        assert!(!ckpt_path.exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn a_line_over_the_limit_is_skipped_whole_and_counted() {

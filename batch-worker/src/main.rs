@@ -454,7 +454,9 @@ fn main() -> ExitCode {
                         .map_or(2, std::num::NonZero::get)
                         .min(1024)
                 }),
-                settings: String::new(),
+                settings: batch_worker::tasks::model_identity(&batch_worker::tasks::intent_dir(
+                    &engine.model_dir,
+                )),
             };
             embedded::install_signal_handlers();
             let result = match task {
@@ -464,7 +466,11 @@ fn main() -> ExitCode {
                 Task::Generate => match engine.generate.options() {
                     Ok(o) => {
                         let opts = RunOptions {
-                            settings: o.settings(),
+                            settings: format!(
+                                "{} {}",
+                                o.settings(),
+                                batch_worker::tasks::model_identity(&engine.lm_dir())
+                            ),
                             ..opts.clone()
                         };
                         embedded::run(&opts, || {

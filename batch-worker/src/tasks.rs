@@ -25,7 +25,7 @@ impl Classify {
         intra_threads: usize,
     ) -> Result<Self, EngineError> {
         Ok(Self {
-            model: Classifier::load(&model_dir.join("intent"), device, intra_threads)?,
+            model: Classifier::load(&intent_dir(model_dir), device, intra_threads)?,
             batch_size: batch_size.max(1),
         })
     }
@@ -160,6 +160,65 @@ impl GenerateOptions {
             &hex::encode(sha2::Sha256::digest(self.system_prompt.as_bytes()))[..16]
         )
     }
+}
+
+/// The intent model's folder in `MODEL_DIR`.
+pub fn intent_dir(model_dir: &Path) -> std::path::PathBuf {
+    model_dir.join("intent")
+}
+
+/// Which model the files of `dir` are, as `model=` and 16 hex digits, for
+/// [`crate::embedded::RunOptions::settings`]: a run resumed on another model is refused, so
+/// no output mixes two. The files a model is read from (`*.onnx`, their external data, the
+/// intent model's `model.json`, the tokenizer's and the model's configuration) count by their
+/// bytes when small, and by size and modification time when larger
+/// than 4 MiB (a 3B model's weights, unpacked from the same bundle, keep both); other files
+/// (notes, scripts, data) do not count. A folder that cannot be read gives `model=unreadable`:
+/// loading it fails anyway.
+pub fn model_identity(dir: &Path) -> String {
+    use sha2::Digest;
+    const SMALL: u64 = 4 << 20;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return "model=unreadable".into();
+    };
+    let mut files: Vec<_> = entries
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            [".onnx", ".onnx_data", ".onnx.data"]
+                .iter()
+                .any(|ext| name.ends_with(ext))
+                || [
+                    "model.json",
+                    "config.json",
+                    "generation_config.json",
+                    "tokenizer.json",
+                    "tokenizer_config.json",
+                    "special_tokens_map.json",
+                ]
+                .contains(&name.as_ref())
+        })
+        .collect();
+    files.sort_by_key(std::fs::DirEntry::file_name);
+    let mut h = sha2::Sha256::new();
+    for f in files {
+        let Ok(meta) = f.metadata() else { continue };
+        h.update(f.file_name().as_encoded_bytes());
+        h.update(meta.len().to_le_bytes());
+        match std::fs::read(f.path()) {
+            Ok(bytes) if meta.len() <= SMALL => h.update(&bytes),
+            _ => {
+                let mtime = meta
+                    .modified()
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .unwrap_or_default();
+                h.update(mtime.as_nanos().to_le_bytes());
+            }
+        }
+    }
+    format!("model={}", &hex::encode(h.finalize())[..16])
 }
 
 /// `generate`: the text-generation model over each item; `{"text", "tokens"}` per item.

@@ -1194,6 +1194,24 @@ fn sigterm_mid_batch_then_rerun_equals_an_uninterrupted_run() {
             .count(),
         committed
     );
+    // So is resuming on another model: here the same weights under another configuration
+    // file (the same settings, written out differently), in a copy of the folder.
+    let other_lm = dir.join("other-lm");
+    std::fs::create_dir_all(&other_lm).expect("mkdir");
+    for name in ["model.onnx", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(lm_dir().join(name), other_lm.join(name)).expect("copy");
+    }
+    let config = std::fs::read_to_string(lm_dir().join("config.json")).expect("config");
+    std::fs::write(other_lm.join("config.json"), format!("{config}\n")).expect("config");
+    let mut other = cmd(&out);
+    other.arg("--lm-dir").arg(&other_lm);
+    let other = other.output().expect("runs");
+    let err = String::from_utf8_lossy(&other.stderr);
+    assert_eq!(other.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("was written with other settings") && err.contains("model="),
+        "{err}"
+    );
     let again = cmd(&out).output().expect("reruns");
     assert!(
         again.status.success(),
