@@ -639,15 +639,26 @@ async fn process(
                     finish_if_complete(ctx, &msg.job_id, None).await?;
                     return Ok(Outcome::Ack);
                 }
-                ShardState::Quarantined => return Ok(Outcome::Ack),
+                // Quarantined by a worker stopped before it failed the job (the job would not
+                // be going on otherwise): fail it now, as that worker would have.
+                ShardState::Quarantined => {
+                    finish_job(
+                        ctx,
+                        &msg.job_id,
+                        shard_failed(quarantine_reason(ctx, msg, r)),
+                    )
+                    .await?;
+                    return Ok(Outcome::Ack);
+                }
                 ShardState::Running => {}
             }
             let now = now_ms();
             let restarted_here = r.owner == ctx.cfg.worker_id && r.instance != ctx.instance;
             if !r.owner.is_empty() && r.lease_expires_ms > now && !restarted_here {
                 // Another live worker (or this one) holds it: wait, do not steal, and leave
-                // the slot to shards that can run.
+                // the slot and the isolation lock to shards that can run.
                 drop(slot.take());
+                drop(isolation.take());
                 let wait = Duration::from_millis((r.lease_expires_ms - now).min(2000));
                 tokio::select! {
                     _ = ctx.drain.cancelled() => return Ok(Outcome::Nack),
@@ -658,8 +669,11 @@ async fn process(
             if r.crashes() >= ctx.cfg.poison_limit
                 || r.errors >= ERRORS_PER_CRASH * ctx.cfg.poison_limit
             {
-                quarantine(ctx, msg, raw, s).await?;
-                return Ok(Outcome::Ack);
+                if quarantine(ctx, msg, raw, s).await? {
+                    return Ok(Outcome::Ack);
+                }
+                // The shard moved on meanwhile (its holder committed): look again.
+                continue;
             }
         }
         if ctx.drain.is_cancelled() {
@@ -724,7 +738,7 @@ async fn process(
             }
         }
 
-        let items = match load_items(ctx, msg, &job.record).await {
+        let items = match load_items(ctx, msg, &job.record).await? {
             Ok(items) => items,
             Err(why) => {
                 finish_job(ctx, &msg.job_id, why).await?;
@@ -822,6 +836,15 @@ async fn process(
     }
 }
 
+/// A panic left `what` unusable: the process stops as a crash would. The shard in flight keeps
+/// its lease and counts a crash at its next delivery (so a poison item reaches the poison
+/// limit), and the restarted worker loads its models afresh. Going on would answer every later
+/// item with an error line and mark its job `succeeded`.
+fn broken(what: &str) -> ! {
+    tracing::error!("{what} panicked; stopping the worker so that it restarts");
+    std::process::abort()
+}
+
 /// An error the worker lives through weighs this much less than a crash: a shard is
 /// quarantined after `POISON_LIMIT` crashes or this many times as many errors (an outage
 /// of object storage long enough for that fails the job with the error, rather than leave
@@ -831,8 +854,8 @@ const ERRORS_PER_CRASH: u32 = 2;
 /// After an error the worker lived through (object storage or Firestore failing, a full
 /// disk) stopped the shard leased at `epoch`: gives the lease back counted as an error, not
 /// a crash, so that an outage never quarantines a sound shard, and keeps the error on the
-/// shard for operators. A panic in inference (`WorkError::Join`) stays a crash: that may be
-/// the shard's own doing. Best effort: when Firestore is what fails, this write fails too
+/// shard for operators. A task that could not be joined (`WorkError::Join`) stays a crash:
+/// that may be the shard's own doing (a panic in inference stops the process: [`broken`]). Best effort: when Firestore is what fails, this write fails too
 /// and the delivery counts as a crash, as a kill would; since taking a lease needs
 /// Firestore as well, an outage of it costs a shard one such count at most.
 async fn give_back_after_error(ctx: &Ctx, msg: &JobMessage, epoch: u64, error: &WorkError) {
@@ -940,7 +963,7 @@ fn infer<'a>(
                     let lines = match model.lock() {
                         Ok(mut m) => run_items(&mut *m, &valid, features, &metrics)
                             .map_err(|Interrupted| WorkError::Interrupted),
-                        Err(_) => Ok(Vec::new()),
+                        Err(_) => broken("the classifier"),
                     };
                     if let Ok(mut p) = pool.lock() {
                         p.push(rows);
@@ -948,7 +971,10 @@ fn infer<'a>(
                     lines
                 })
                 .await
-                .map_err(|e| WorkError::Join(e.to_string()))??
+                .map_err(|e| match e.is_panic() {
+                    true => broken("classification"),
+                    false => WorkError::Join(e.to_string()),
+                })??
             }
         };
         let mut results = results.into_iter();
@@ -1090,11 +1116,14 @@ impl Gatherer {
             urgent,
         });
         async move {
-            sent.map_err(|_| WorkError::Join("the generation thread stopped".into()))?;
+            // The thread ends only by a panic (it lives as long as the process otherwise).
+            if sent.is_err() {
+                broken("the generation thread");
+            }
             match answer.await {
                 Ok(Ok(lines)) => Ok(lines),
                 Ok(Err(Interrupted)) => Err(WorkError::Interrupted),
-                Err(_) => Err(WorkError::Join("the generation thread stopped".into())),
+                Err(_) => broken("the generation thread"),
             }
         }
     }
@@ -1459,6 +1488,11 @@ async fn finish_if_complete(
     if !complete(&job.record) {
         return Ok(());
     }
+    // Cancelled while its last shard committed: it ends as the caller asked, as a job with
+    // shards still to run does at their next chunk.
+    if job.record.cancel_requested {
+        return set_final(ctx, job_id, Final::Cancelled, complete, Some(job)).await;
+    }
     let out = match (job.record.kind, written) {
         (JobKind::Chat, Some((0, out))) => Some(out.to_vec()),
         // The reply is the one output line of the one shard.
@@ -1606,28 +1640,16 @@ async fn set_final(
 
 /// The shard stopped workers too often: its message goes to the dead-letter topic, the
 /// shard is quarantined and the job failed with the reason.
+/// Quarantines the shard: its message to the dead-letter topic, the shard `Quarantined` (if it
+/// is still as read: `false` when it was not), and its job failed.
 async fn quarantine(
     ctx: &Ctx,
     msg: &JobMessage,
     raw: &Message,
     shard: &Versioned<ShardRecord>,
-) -> Result<(), WorkError> {
+) -> Result<bool, WorkError> {
     let r = &shard.record;
-    let reason = if r.crashes() >= ctx.cfg.poison_limit {
-        format!(
-            "shard {} of job {} stopped a worker {} times without finishing (at item {} of {}); it was moved to the dead-letter topic",
-            msg.shard,
-            msg.job_id,
-            r.crashes(),
-            r.cursor,
-            r.total
-        )
-    } else {
-        format!(
-            "shard {} of job {} failed {} times without finishing (at item {} of {}), last with: {}; it was moved to the dead-letter topic",
-            msg.shard, msg.job_id, r.errors, r.cursor, r.total, r.last_error
-        )
-    };
+    let reason = quarantine_reason(ctx, msg, r);
     if !dead_letter(ctx, raw, &reason).await {
         return Err(WorkError::Store(StoreError::Unavailable(
             "dead-letter topic unavailable".into(),
@@ -1643,15 +1665,37 @@ async fn quarantine(
         &q,
         Precondition::UpdateTime(shard.update_time.clone()),
     );
-    ctx.store.commit(&[w]).await?;
+    if let Committed::Conflict = ctx.store.commit(&[w]).await? {
+        return Ok(false);
+    }
     ctx.metrics.shards_quarantined.add(1);
-    finish_job(
-        ctx,
-        &msg.job_id,
-        Final::Failed {
-            code: "shard_failed".into(),
-            message: reason,
-        },
-    )
-    .await
+    finish_job(ctx, &msg.job_id, shard_failed(reason)).await?;
+    Ok(true)
+}
+
+/// How a job with a quarantined shard ends.
+fn shard_failed(message: String) -> Final {
+    Final::Failed {
+        code: "shard_failed".into(),
+        message,
+    }
+}
+
+/// Why the shard `r` is quarantined.
+fn quarantine_reason(ctx: &Ctx, msg: &JobMessage, r: &ShardRecord) -> String {
+    if r.crashes() >= ctx.cfg.poison_limit {
+        format!(
+            "shard {} of job {} stopped a worker {} times without finishing (at item {} of {}); it was moved to the dead-letter topic",
+            msg.shard,
+            msg.job_id,
+            r.crashes(),
+            r.cursor,
+            r.total
+        )
+    } else {
+        format!(
+            "shard {} of job {} failed {} times without finishing (at item {} of {}), last with: {}; it was moved to the dead-letter topic",
+            msg.shard, msg.job_id, r.errors, r.cursor, r.total, r.last_error
+        )
+    }
 }

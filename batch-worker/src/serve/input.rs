@@ -58,24 +58,65 @@ fn input_refused(uri: &str, emulated: bool, output_root: &str) -> Option<Final> 
     })
 }
 
-/// The shard's items: inline, or read from `input_uri` (malformed lines become error lines).
+/// How a failed read of the input `uri` ends: a job whose input is missing, forbidden, not a
+/// usable name or replaced fails (`Ok`); any other error (a storage outage, a connection cut
+/// short) is one the worker lives through (`Err`): the message goes back and is tried again.
+fn read_failed(uri: &str, e: outputs::OutputError) -> Result<Final, WorkError> {
+    use object_store::Error as E;
+    match e {
+        outputs::OutputError::Changed(_) => Ok(Final::Failed {
+            code: "input_changed".into(),
+            message: e.to_string(),
+        }),
+        outputs::OutputError::Config(_)
+        | outputs::OutputError::Store(
+            E::NotFound { .. }
+            | E::PermissionDenied { .. }
+            | E::Unauthenticated { .. }
+            | E::InvalidPath { .. }
+            | E::NotSupported { .. },
+        ) => Ok(input_unreadable(format!("reading {uri}: {e}"))),
+        e => Err(WorkError::Output(e)),
+    }
+}
+
+/// The shard's items: inline, or read from `input_uri` (malformed lines become error lines);
+/// `Ok(Err(_))`: how its job ends instead.
 pub(super) async fn load_items(
     ctx: &Ctx,
     msg: &JobMessage,
     job: &JobRecord,
-) -> Result<Vec<Result<InputItem, OutputLine>>, Final> {
+) -> Result<Result<Vec<Result<InputItem, OutputLine>>, Final>, WorkError> {
+    match load_items_or_end(ctx, msg, job).await {
+        Ok(items) => Ok(Ok(items)),
+        Err(Ended::Job(why)) => Ok(Err(why)),
+        Err(Ended::Retry(e)) => Err(e),
+    }
+}
+
+/// Why [`load_items_or_end`] gave no items.
+enum Ended {
+    Job(Final),
+    Retry(WorkError),
+}
+
+async fn load_items_or_end(
+    ctx: &Ctx,
+    msg: &JobMessage,
+    job: &JobRecord,
+) -> Result<Vec<Result<InputItem, OutputLine>>, Ended> {
     if msg.task == Task::Generate && ctx.generate.is_none() {
-        return Err(Final::Failed {
+        return Err(Ended::Job(Final::Failed {
             code: "model_unavailable".into(),
             message: "this worker has no text-generation model (MODEL_DIR/lm); classify jobs run, generate and queued chat jobs need one".into(),
-        });
+        }));
     }
     if msg.kind == JobKind::Chat {
         let Some(chat) = msg.chat.as_ref().or(job.chat.as_ref()) else {
-            return Err(Final::Failed {
+            return Err(Ended::Job(Final::Failed {
                 code: "invalid_job".into(),
                 message: "a chat job without its message".into(),
-            });
+            }));
         };
         return Ok(vec![Ok(InputItem {
             custom_id: msg.job_id.clone(),
@@ -88,14 +129,11 @@ pub(super) async fn load_items(
     if let Some(refused) =
         input_refused(uri, ctx.cfg.pubsub_emulator.is_some(), &ctx.cfg.output_root)
     {
-        return Err(refused);
+        return Err(Ended::Job(refused));
     }
-    let unreadable = |e: outputs::OutputError| match e {
-        outputs::OutputError::Changed(_) => Final::Failed {
-            code: "input_changed".into(),
-            message: e.to_string(),
-        },
-        e => input_unreadable(format!("reading {uri}: {e}")),
+    let unreadable = |e| match read_failed(uri, e) {
+        Ok(why) => Ended::Job(why),
+        Err(e) => Ended::Retry(e),
     };
     if let Some(range) = &msg.range {
         if !range.too_long.is_empty() {
@@ -117,7 +155,7 @@ pub(super) async fn load_items(
     // No jobs topic to publish shards on: the whole file is this one shard.
     let bytes = outputs::read_uri(uri).await.map_err(unreadable)?;
     if let Some(why) = shared::wire::unusable_encoding(&bytes) {
-        return Err(input_unreadable(format!("{uri} {why}")));
+        return Err(Ended::Job(input_unreadable(format!("{uri} {why}"))));
     }
     let mut seen = crate::embedded::SeenIds::with_capacity(0);
     Ok(parse_lines(&bytes, 1, |_, id| !seen.insert(id)))
@@ -421,8 +459,9 @@ async fn plan_counted(
             plan_finished(ctx, &msg.job_id).await?;
             return Ok(Outcome::Nack);
         }
+        // An outage is tried again, not counted (see `plan_job`).
         Err(e) => {
-            let why = input_unreadable(format!("reading {uri}: {e}"));
+            let why = read_failed(uri, e)?;
             finish_job(ctx, &msg.job_id, why).await?;
             return Ok(Outcome::Ack);
         }
@@ -600,6 +639,42 @@ async fn quarantine_plan(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An input that is missing or forbidden ends its job; an outage is tried again.
+    #[test]
+    fn a_failed_read_ends_the_job_only_when_trying_again_cannot_help() {
+        use object_store::Error as E;
+        let store = |e| outputs::OutputError::Store(e);
+        for e in [
+            store(E::NotFound {
+                path: "in.jsonl".into(),
+                source: "no such object".into(),
+            }),
+            store(E::PermissionDenied {
+                path: "in.jsonl".into(),
+                source: "403".into(),
+            }),
+            outputs::OutputError::Changed("gs://b/in.jsonl".into()),
+        ] {
+            match read_failed("gs://b/in.jsonl", e) {
+                Ok(Final::Failed { code, .. }) => {
+                    assert!(
+                        code == "input_unreadable" || code == "input_changed",
+                        "{code}"
+                    );
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        let outage = store(E::Generic {
+            store: "GCS",
+            source: "503 Service Unavailable".into(),
+        });
+        assert!(matches!(
+            read_failed("gs://b/in.jsonl", outage),
+            Err(WorkError::Output(_))
+        ));
+    }
 
     #[test]
     fn local_inputs_and_outputs_are_not_read_as_input() {
