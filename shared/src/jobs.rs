@@ -83,6 +83,10 @@ pub struct JobRecord {
     /// Of those, the ones that ended without a crash: planned and published, or drained.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub plan_finished: u32,
+    /// A digest of an `input_uri` job's plan (its shards' byte ranges): planning again must
+    /// cut the file the same way, or one shard's checkpoint would be applied to another range.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<String>,
     pub created_at: String,
     pub updated_at: String,
     #[serde(default)]
@@ -129,6 +133,7 @@ impl JobRecord {
             shards_done: 0,
             plan_attempts: 0,
             plan_finished: 0,
+            plan: None,
             created_at: now.to_owned(),
             updated_at: now.to_owned(),
             cancel_requested: false,
@@ -392,6 +397,7 @@ mod tests {
             shards_done: 0,
             plan_attempts: 3,
             plan_finished: 1,
+            plan: Some("0123456789abcdef".into()),
             created_at: "2026-11-27T00:00:00.000Z".into(),
             updated_at: "2026-11-27T00:00:00.000Z".into(),
             cancel_requested: false,

@@ -421,6 +421,19 @@ pub(super) async fn plan_job(
     planned
 }
 
+/// 16 hex digits of the SHA-256 of a plan's ranges: two plans of a file are the same plan only
+/// if they cut it the same way.
+fn plan_digest(ranges: &[InputRange]) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for r in ranges {
+        for n in [r.start, r.end, r.first_line] {
+            h.update(n.to_le_bytes());
+        }
+    }
+    hex::encode(h.finalize())[..16].to_owned()
+}
+
 /// [`plan_job`] once the attempt is counted: reads the file, records the plan on the job and
 /// publishes its shards.
 async fn plan_counted(
@@ -485,17 +498,21 @@ async fn plan_counted(
         ));
     }
     let shards = u32::try_from(plan.ranges.len()).unwrap_or(u32::MAX);
+    let digest = plan_digest(&plan.ranges);
     loop {
-        if job.record.shards == shards {
+        // A record planned before digests were kept has only its shard count to compare.
+        let same =
+            job.record.shards == shards && job.record.plan.as_ref().is_none_or(|d| *d == digest);
+        if same {
             break;
         }
         if job.record.shards != 0 {
             let why = Final::Failed {
                 code: "input_changed".into(),
                 message: format!(
-                    "{uri} was planned into {} shards before and into {shards} now: the file \
-                     changed during the job, or workers with another INPUT_SHARD_ITEMS share \
-                     the subscription",
+                    "{uri} was planned into {} shards before and into {shards} other ones now: \
+                     the file changed during the job, or workers with another \
+                     INPUT_SHARD_ITEMS share the subscription",
                     job.record.shards
                 ),
             };
@@ -505,6 +522,7 @@ async fn plan_counted(
         let patch = json!({
             "status": "running",
             "shards": shards,
+            "plan": digest,
             "counts": {
                 "total": plan.total,
                 "done": job.record.counts.done,
@@ -639,6 +657,22 @@ async fn quarantine_plan(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Nine lines cut by four and by three are three shards either way, yet not one plan.
+    #[test]
+    fn plans_with_as_many_shards_differ_when_their_ranges_do() {
+        let text: String = (0..9)
+            .map(|i| format!("{{\"custom_id\":\"{i}\",\"input\":\"x\"}}\n"))
+            .collect();
+        let (by4, by3) = (
+            plan(text.as_bytes(), 4, None, 7),
+            plan(text.as_bytes(), 3, None, 7),
+        );
+        assert_eq!((by4.ranges.len(), by3.ranges.len()), (3, 3));
+        assert_ne!(plan_digest(&by4.ranges), plan_digest(&by3.ranges));
+        let again = plan(text.as_bytes(), 4, None, 3);
+        assert_eq!(plan_digest(&by4.ranges), plan_digest(&again.ranges));
+    }
 
     /// An input that is missing or forbidden ends its job; an outage is tried again.
     #[test]
