@@ -13,7 +13,7 @@
 //! | `API_KEYS` (secret) | — (required) | `name:salt_hex:sha256_hex` entries (`cargo xtask api-key`) |
 //! | `GCP_SERVICE_ACCOUNT_KEY` (secret) | — | service-account JSON key; required without emulators |
 //! | `RATE_LIMIT_PER_MINUTE` | `600` | per-key limit (≥ 1) when the platform has no rate-limit binding |
-//! | `UPSTREAM_DEADLINE_MS` | `8000` | total time for one Pub/Sub or Firestore call with retries (100–120000) |
+//! | `UPSTREAM_DEADLINE_MS` | `8000` | total time for one Pub/Sub or Firestore call with retries (1–120000) |
 //! | `INPUT_URI_PREFIX` | — (any `gs://` object) | where `input_uri` files may be: `gs://bucket/folder/`, `{key}` standing for the caller's API key name (`gs://inputs/{key}/`: each key reads only its own folder) |
 //! | `LOG_REQUESTS` | `all` | `all`: one JSON log line per request; `errors`: only for 4xx/5xx |
 //! | `BENCH_CLASSIFY_REPEAT` | `1` | benchmark only: classify each chat message this many times |
@@ -128,9 +128,9 @@ fn gcp(
         Some(v) => v
             .parse()
             .ok()
-            .filter(|ms| (100..=120_000).contains(ms))
+            .filter(|ms| (1..=120_000).contains(ms))
             .ok_or_else(|| {
-                format!("UPSTREAM_DEADLINE_MS must be 100..=120000 milliseconds, got {v:?}")
+                format!("UPSTREAM_DEADLINE_MS must be 1..=120000 milliseconds, got {v:?}")
             })?,
         None => 8_000,
     };
