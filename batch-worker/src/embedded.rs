@@ -155,6 +155,10 @@ struct Checkpoint {
 
 const CHECKPOINT_VERSION: u32 = 1;
 
+/// The longest stretch any seconds setting may name (`--chunk-seconds` here; `serve`'s chunk,
+/// drain and lease times): a day. A longer one is a typo, and would overflow timers.
+pub const MAX_SECONDS: u64 = 86_400;
+
 /// Set by SIGINT/SIGTERM; checked between micro-batches.
 pub static STOP: AtomicBool = AtomicBool::new(false);
 
@@ -321,10 +325,10 @@ pub fn validate(opts: &RunOptions) -> Result<(), RunError> {
     if !(1..=1024).contains(&opts.threads) {
         return usage(format!("--threads must be 1..=1024, got {}", opts.threads));
     }
-    // Up to a day; written so that NaN fails too.
-    if !(opts.chunk_seconds > 0.0 && opts.chunk_seconds <= 86_400.0) {
+    // Written so that NaN fails too.
+    if !(opts.chunk_seconds > 0.0 && opts.chunk_seconds <= MAX_SECONDS as f64) {
         return usage(format!(
-            "--chunk-seconds must be above 0 and at most 86400, got {}",
+            "--chunk-seconds must be above 0 and at most {MAX_SECONDS}, got {}",
             opts.chunk_seconds
         ));
     }

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use batch_worker::embedded::{self, RunError, RunOptions};
+use batch_worker::embedded::{self, MAX_SECONDS, RunError, RunOptions};
 use batch_worker::engine::Device;
 use batch_worker::generate::Sampling;
 use batch_worker::serve::{Failpoints, ServeConfig};
@@ -377,8 +377,6 @@ fn positive_seconds(name: &str, v: f64) -> Result<std::time::Duration, String> {
 const MAX_BATCH_SIZE: usize = 16_384;
 /// Rows decoded together at most.
 const MAX_GENERATE_BATCH_SIZE: usize = 1024;
-/// Longest `--chunk-seconds`, `--drain-seconds` and `--lease-seconds`: a day.
-const MAX_SECONDS: u64 = 86_400;
 /// Most shard messages or chat messages held at once.
 const MAX_OUTSTANDING: i64 = 100_000;
 
