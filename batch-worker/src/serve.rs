@@ -51,7 +51,7 @@ use crate::tasks::{Classify, Generate};
 mod dead_letters;
 mod input;
 
-use input::{load_items, plan_job};
+use input::{Ended, load_items, plan_job};
 
 /// Everything `serve` is configured with (from flags or the environment; see `--help`).
 #[derive(Debug, Clone)]
@@ -738,12 +738,13 @@ async fn process(
             }
         }
 
-        let items = match load_items(ctx, msg, &job.record).await? {
+        let items = match load_items(ctx, msg, &job.record).await {
             Ok(items) => items,
-            Err(why) => {
+            Err(Ended::Job(why)) => {
                 finish_job(ctx, &msg.job_id, why).await?;
                 return Ok(Outcome::Ack);
             }
+            Err(Ended::Retry(e)) => return Err(e),
         };
         let total = items.len() as u64;
         let old = shard.as_ref().map(|s| &s.record);
@@ -971,9 +972,11 @@ fn infer<'a>(
                     lines
                 })
                 .await
-                .map_err(|e| match e.is_panic() {
-                    true => broken("classification"),
-                    false => WorkError::Join(e.to_string()),
+                .map_err(|e| {
+                    if e.is_panic() {
+                        broken("classification")
+                    }
+                    WorkError::Join(e.to_string())
                 })??
             }
         };

@@ -206,9 +206,13 @@ pub fn model_identity(dir: &Path) -> String {
         let Ok(meta) = f.metadata() else { continue };
         h.update(f.file_name().as_encoded_bytes());
         h.update(meta.len().to_le_bytes());
-        match std::fs::read(f.path()) {
-            Ok(bytes) if meta.len() <= SMALL => h.update(&bytes),
-            _ => {
+        // Read only when small: a large file is never read here, only loaded by the model.
+        let bytes = (meta.len() <= SMALL)
+            .then(|| std::fs::read(f.path()).ok())
+            .flatten();
+        match bytes {
+            Some(bytes) => h.update(&bytes),
+            None => {
                 let mtime = meta
                     .modified()
                     .ok()

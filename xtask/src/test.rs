@@ -49,7 +49,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // users run them, and the build shares its artifacts with the release tools above.
     const TEST: [&str; 5] = ["test", "--release", "--workspace", "--exclude", "edge"];
     let tests = build_reusing_xtask(&TEST)?;
-    binaries_reuse_tests(&tests)?;
+    binaries_reuse_tests(&TEST, &tests)?;
     let mut c = cargo();
     c.args(TEST).arg("--no-fail-fast");
     c.env("CHROMIUM", &chromium);
@@ -90,20 +90,15 @@ fn build_reusing_xtask(test: &[&str]) -> anyhow::Result<String> {
 }
 
 /// Builds the binaries as a user does after this command (`cargo run --release --bin
-/// batch-worker`, `--bin route`: no dev-dependencies) and fails if that compiled again a
-/// dependency that the test build (`tests`, its JSON lines) had compiled: the README promises
-/// they start at once after `cargo xtask test`.
-fn binaries_reuse_tests(tests: &str) -> anyhow::Result<()> {
+/// batch-worker`, `--bin route`: no dev-dependencies), with the packages and profile of
+/// `test` (`cargo test …`'s arguments), and fails if that compiled again a dependency that the
+/// test build (`tests`, its JSON lines) had compiled: the README promises they start at once
+/// after `cargo xtask test`.
+fn binaries_reuse_tests(test: &[&str], tests: &str) -> anyhow::Result<()> {
     let mut c = cargo();
-    c.args([
-        "build",
-        "--release",
-        "--workspace",
-        "--exclude",
-        "edge",
-        "--bins",
-        "--message-format=json-render-diagnostics",
-    ]);
+    c.arg("build")
+        .args(test.iter().skip(1))
+        .args(["--bins", "--message-format=json-render-diagnostics"]);
     let bins = crate::run_cmd_stdout(c)?;
     reused(
         (tests, "the test build"),

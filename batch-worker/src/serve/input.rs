@@ -80,27 +80,16 @@ fn read_failed(uri: &str, e: outputs::OutputError) -> Result<Final, WorkError> {
     }
 }
 
-/// The shard's items: inline, or read from `input_uri` (malformed lines become error lines);
-/// `Ok(Err(_))`: how its job ends instead.
-pub(super) async fn load_items(
-    ctx: &Ctx,
-    msg: &JobMessage,
-    job: &JobRecord,
-) -> Result<Result<Vec<Result<InputItem, OutputLine>>, Final>, WorkError> {
-    match load_items_or_end(ctx, msg, job).await {
-        Ok(items) => Ok(Ok(items)),
-        Err(Ended::Job(why)) => Ok(Err(why)),
-        Err(Ended::Retry(e)) => Err(e),
-    }
-}
-
-/// Why [`load_items_or_end`] gave no items.
-enum Ended {
+/// Why [`load_items`] gave no items.
+pub(super) enum Ended {
+    /// The job ends so.
     Job(Final),
+    /// An error the worker lives through: the message goes back and is tried again.
     Retry(WorkError),
 }
 
-async fn load_items_or_end(
+/// The shard's items: inline, or read from `input_uri` (malformed lines become error lines).
+pub(super) async fn load_items(
     ctx: &Ctx,
     msg: &JobMessage,
     job: &JobRecord,

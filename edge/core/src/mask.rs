@@ -53,12 +53,9 @@ fn fold(c: char) -> char {
     }
 }
 
+/// An ASCII digit's value (the scanners see full-width digits [`fold`]ed to ASCII).
 fn digit(c: char) -> Option<u8> {
-    match c {
-        '0'..='9' => Some(c as u8 - b'0'),
-        '０'..='９' => Some((c as u32 - '０' as u32) as u8),
-        _ => None,
-    }
+    c.is_ascii_digit().then(|| c as u8 - b'0')
 }
 
 fn is_hangul(c: char) -> bool {
