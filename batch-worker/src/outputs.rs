@@ -5,9 +5,10 @@
 //! - `{job}/chunks/shard-{s:05}/{start:010}-e{epoch}.jsonl`: one committed chunk, lines
 //!   `start..start+n` of the shard. The epoch in the name keeps a worker that lost its lease
 //!   from overwriting the chunk of the worker that took over.
-//! - `{job}/output/shard-{s:05}.jsonl`: the shard's committed chunks concatenated, written
-//!   when the shard completes. `output_uri` is `{root}/{job}/output/`: exactly one line per
-//!   input item across its files.
+//! - `{job}/output/shard-{s:05}.jsonl`: a batch shard's committed chunks concatenated,
+//!   written once the shard is marked done with its last chunk listed (whoever writes it
+//!   writes the same bytes). `output_uri` is `{root}/{job}/output/`: exactly one line per
+//!   input item across its files. A chat job has none: its reply is in its job record.
 //!
 //! A write is durable when `put` returns, on `file://` too (object_store's local backend with
 //! fsync of the file and its directory): a shard's message is acked only after its outputs are

@@ -13,11 +13,14 @@
 //!    list, lease expiry) and the job's counters move in one commit conditioned on the
 //!    checkpoint's `updateTime`. A worker whose lease was taken over fails that condition and
 //!    stops the shard: its chunk object is never listed, so it is never output.
-//! 4. The last commit concatenates the listed chunks into the shard's output file, marks the
-//!    shard done and increments the job's `shards_done`; the commit that brings it to
-//!    `shards` marks the job succeeded. Only then is the message acked. A shard done within
-//!    its first chunk (a chat message) writes its lines straight into its output file and
-//!    moves the job's counts in that same last commit.
+//! 4. The shard's last lines are written as its last chunk, and one commit lists it, marks
+//!    the shard done and moves the job's counts. A batch shard's output file is then written
+//!    from the listed chunks alone (a worker that lost its lease cannot publish lines of its
+//!    own), and a second commit counts the shard in the job's `shards_done` (a worker stopped
+//!    in between leaves the shard `unpublished`; the next delivery of its message does both);
+//!    the job is marked succeeded once `shards_done` reaches `shards`. A chat shard has no
+//!    output file (its reply goes in the job record): it counts in its first commit, which
+//!    also finishes its job. Only then is the message acked.
 //! 5. SIGTERM/SIGINT or GCE's preemption notice: stop pulling, commit what is done, release
 //!    the lease counting a drain (not a crash), nack, exit 0.
 
@@ -109,9 +112,15 @@ pub struct Failpoints {
     /// Sleep this long after each text-generation step (`cargo xtask bench-chat` makes the
     /// tiny test model as slow per step as a large model on a GPU).
     pub generate_step_delay: Duration,
-    /// Request the job's cancellation just before the last commit of its only shard, as a
-    /// `DELETE` arriving at that instant would.
+    /// Request the job's cancellation at a shard's last chunk boundary, as a `DELETE`
+    /// arriving at that instant would.
     pub cancel_before_finish: bool,
+    /// Sleep this long before a shard's last commit, so that tests can take its lease
+    /// meanwhile.
+    pub finish_delay: Duration,
+    /// Abort once a done batch shard's output file is written, before the shard counts on
+    /// its job.
+    pub crash_before_publish: bool,
     /// Fail this many input plans (this process's first ones) with a transient error after
     /// their file is read, as a Pub/Sub outage while publishing the shards would.
     pub plan_errors: Arc<std::sync::atomic::AtomicU32>,
@@ -119,14 +128,17 @@ pub struct Failpoints {
 
 impl std::str::FromStr for Failpoints {
     type Err = String;
-    /// `crash-on-input=TEXT;batch-delay-ms=N;crash-after-plan=1;crash-while-planning=1;plan-delay-ms=N;generate-step-delay-ms=N;cancel-before-finish=1;plan-errors=N`
+    /// `crash-on-input=TEXT;batch-delay-ms=N;crash-after-plan=1;crash-while-planning=1;plan-delay-ms=N;generate-step-delay-ms=N;cancel-before-finish=1;finish-delay-ms=N;crash-before-publish=1;plan-errors=N`
     fn from_str(s: &str) -> Result<Self, String> {
         let mut f = Failpoints::default();
         for part in s.split(';').filter(|p| !p.trim().is_empty()) {
             match part.split_once('=') {
                 Some(("crash-on-input", v)) => f.crash_on_input = Some(v.to_owned()),
                 Some((
-                    name @ ("batch-delay-ms" | "plan-delay-ms" | "generate-step-delay-ms"),
+                    name @ ("batch-delay-ms"
+                    | "plan-delay-ms"
+                    | "generate-step-delay-ms"
+                    | "finish-delay-ms"),
                     v,
                 )) => {
                     let ms = v
@@ -136,12 +148,14 @@ impl std::str::FromStr for Failpoints {
                     match name {
                         "batch-delay-ms" => f.batch_delay = delay,
                         "plan-delay-ms" => f.plan_delay = delay,
+                        "finish-delay-ms" => f.finish_delay = delay,
                         _ => f.generate_step_delay = delay,
                     }
                 }
                 Some(("crash-after-plan", v)) => f.crash_after_plan = v == "1",
                 Some(("crash-while-planning", v)) => f.crash_while_planning = v == "1",
                 Some(("cancel-before-finish", v)) => f.cancel_before_finish = v == "1",
+                Some(("crash-before-publish", v)) => f.crash_before_publish = v == "1",
                 Some(("plan-errors", v)) => {
                     let n: u32 = v
                         .parse()
@@ -150,7 +164,7 @@ impl std::str::FromStr for Failpoints {
                 }
                 _ => {
                     return Err(format!(
-                        "unknown failpoint {part:?}; known: crash-on-input=TEXT, batch-delay-ms=N, crash-after-plan=1, crash-while-planning=1, plan-delay-ms=N, generate-step-delay-ms=N, cancel-before-finish=1, plan-errors=N"
+                        "unknown failpoint {part:?}; known: crash-on-input=TEXT, batch-delay-ms=N, crash-after-plan=1, crash-while-planning=1, plan-delay-ms=N, generate-step-delay-ms=N, cancel-before-finish=1, finish-delay-ms=N, crash-before-publish=1, plan-errors=N"
                     ));
                 }
             }
@@ -636,6 +650,9 @@ async fn process(
             }
             match r.state {
                 ShardState::Done => {
+                    if r.unpublished {
+                        publish_shard(ctx, s.clone(), None).await?;
+                    }
                     finish_if_complete(ctx, &msg.job_id, None).await?;
                     return Ok(Outcome::Ack);
                 }
@@ -764,6 +781,7 @@ async fn process(
             errors: old.map_or(0, |o| o.errors),
             last_error: old.map(|o| o.last_error.clone()).unwrap_or_default(),
             chunks: old.map(|o| o.chunks.clone()).unwrap_or_default(),
+            unpublished: false,
             updated_at: rfc3339(now_ms()),
         };
         let pre = match &shard {
@@ -1145,7 +1163,7 @@ async fn run_shard(
     msg: &JobMessage,
     items: &[Result<InputItem, OutputLine>],
     lease: Versioned<ShardRecord>,
-    leased_job: Versioned<JobRecord>,
+    mut job: Versioned<JobRecord>,
 ) -> Result<Outcome, WorkError> {
     let Versioned {
         record: mut rec,
@@ -1201,24 +1219,36 @@ async fn run_shard(
                 Err(e) => return Err(e),
             }
         }
-        // A chunk boundary.
-        if !draining && pos >= total && rec.chunks.is_empty() {
-            // The whole shard fits in its first chunk (a chat message, a small shard): its
-            // lines go straight into the shard's output file, and one commit marks it done
-            // with its counts, instead of a chunk object and a checkpoint first. That commit
-            // checks the job record against its state at the lease, so it is not read again
-            // here: a cancel request (or any other change) since then makes that commit fail,
-            // and only then is the job read.
+        // A chunk boundary: the job is read for a cancel request. Not at a chat shard's last
+        // boundary: the commit that marks it done, and finishes its job, is conditioned on
+        // the job record as the lease left it, so a cancel request (or any other change) since
+        // then makes that commit fail, and only then is the job read.
+        let last = !draining && pos >= total;
+        if last && ctx.cfg.failpoints.cancel_before_finish {
+            let cancel = Write::patch(
+                JOBS_COLLECTION,
+                &msg.job_id,
+                json!({"cancel_requested": true}),
+                Precondition::Exists,
+            );
+            ctx.store.commit(&[cancel]).await?;
+        }
+        if !(last && msg.kind == JobKind::Chat) {
+            job = match job_to_go_on(ctx, &msg.job_id).await? {
+                Some(j) => j,
+                None => return Ok(Outcome::Ack),
+            };
+        }
+        if last {
+            // The shard's last lines: `complete_shard` writes them as its last chunk and marks
+            // the shard done in one commit, with no checkpoint of their own first.
             let tail = Tail {
                 lines: std::mem::take(&mut pending).into_bytes(),
                 items: pending_items,
                 failed: pending_failed,
             };
-            return complete_shard(ctx, msg, rec, update_time, tail, leased_job).await;
+            return complete_shard(ctx, msg, rec, update_time, tail, job).await;
         }
-        let Some(job) = job_to_go_on(ctx, &msg.job_id).await? else {
-            return Ok(Outcome::Ack);
-        };
         if pending_items > 0 || draining {
             let started = Instant::now();
             let chunk = (pending_items > 0)
@@ -1290,9 +1320,6 @@ async fn run_shard(
             );
             return Ok(Outcome::Nack);
         }
-        if pos >= total {
-            return complete_shard(ctx, msg, rec, update_time, Tail::default(), job).await;
-        }
         since = Instant::now();
     }
 }
@@ -1346,16 +1373,21 @@ async fn commit_checkpoint(
     }
 }
 
-/// Output lines of a shard not yet in any chunk, written with its output file.
-#[derive(Default)]
+/// Output lines of a shard not yet in any chunk: its last chunk, listed by the commit that
+/// marks it done.
 struct Tail {
     lines: Vec<u8>,
     items: u64,
     failed: u64,
 }
 
-/// Writes the shard's output file (its committed chunks, then `tail`), marks it done and
-/// counts it (and `tail`'s items) on the job; finishes the job when it was the last.
+/// Marks the shard done. `tail` is written as its last chunk, named by the lease's epoch like
+/// any other (a worker that lost its lease writes only an object nobody lists); then one
+/// commit, conditioned on the checkpoint, lists it, marks the shard done and moves the job's
+/// counts. A chat shard counts toward `shards_done` in that commit (the only shard of its job
+/// also finishes the job there when it can; the reply goes in the job record, and there is no
+/// output file); a batch shard once [`publish_shard`] has written its output file. Finishes
+/// the job when this was its last shard.
 async fn complete_shard(
     ctx: &Ctx,
     msg: &JobMessage,
@@ -1364,23 +1396,31 @@ async fn complete_shard(
     tail: Tail,
     job: Versioned<JobRecord>,
 ) -> Result<Outcome, WorkError> {
-    let started = Instant::now();
-    let mut all = Vec::new();
-    for c in &rec.chunks {
-        all.extend(ctx.out.get(c).await?);
+    if !ctx.cfg.failpoints.finish_delay.is_zero() {
+        tracing::info!("failpoint finish-delay: waiting before the shard's last commit");
+        tokio::time::sleep(ctx.cfg.failpoints.finish_delay).await;
     }
-    all.extend_from_slice(&tail.lines);
-    // A chat job's reply is taken from this copy rather than read back.
-    let reply = (msg.kind == JobKind::Chat).then(|| all.clone());
-    ctx.out
-        .put(&outputs::shard_output_name(&msg.job_id, msg.shard), all)
-        .await?;
+    let started = Instant::now();
+    let chat = msg.kind == JobKind::Chat;
     let mut done = rec.clone();
+    // The last listed chunk's lines, still in memory.
+    let last = (!tail.lines.is_empty()).then_some(tail.lines.as_slice());
+    if let Some(lines) = last {
+        let name = outputs::chunk_name(&msg.job_id, msg.shard, rec.cursor, rec.epoch);
+        ctx.out.put(&name, lines.to_vec()).await?;
+        done.chunks.push(name);
+    }
+    // A chat job's reply is taken from these lines rather than read back.
+    let reply = match chat {
+        true => Some(committed_lines(ctx, &done.chunks, last).await?),
+        false => None,
+    };
     done.state = ShardState::Done;
     done.cursor = done.total;
     done.failed += tail.failed;
     done.owner.clear();
     done.lease_expires_ms = 0;
+    done.unpublished = !chat;
     done.updated_at = rfc3339(now_ms());
     let shard_write = Write::set(
         SHARDS_COLLECTION,
@@ -1392,27 +1432,19 @@ async fn complete_shard(
         Write::patch(JOBS_COLLECTION, &msg.job_id, patch, precondition)
             .increment("counts.done", tail.items as i64)
             .increment("counts.failed", tail.failed as i64)
-            .increment("shards_done", 1)
+            .increment("shards_done", i64::from(chat))
     };
-    // The only shard of its job (every chat message) also finishes the job in this commit,
-    // on the condition that the job is still as `job` says (as read at the last chunk
-    // boundary, or as the lease left it for a shard done in one chunk): two Firestore
+    // The only shard of a chat job also finishes the job in this commit, on the condition
+    // that the job is still as `job` says (as the lease left it, or as read at the previous
+    // chunk boundary): two Firestore
     // operations fewer than reading the job again and finishing it in a commit of its own.
     // Should the job have changed meanwhile, it is read: a cancel request cancels it, and
     // anything else leaves it to the general path below.
     let r = &job.record;
-    let only = r.shards == 1 && r.shards_done == 0 && msg.shards == 1 && !r.status.is_final();
+    let only =
+        chat && r.shards == 1 && r.shards_done == 0 && msg.shards == 1 && !r.status.is_final();
     let mut finished = None;
     if only {
-        if ctx.cfg.failpoints.cancel_before_finish {
-            let cancel = Write::patch(
-                JOBS_COLLECTION,
-                &msg.job_id,
-                json!({"cancel_requested": true}),
-                Precondition::Exists,
-            );
-            ctx.store.commit(&[cancel]).await?;
-        }
         let how = final_state(ctx, &msg.job_id, r.kind, reply.as_deref());
         let writes = [
             shard_write.clone(),
@@ -1429,6 +1461,8 @@ async fn complete_shard(
             return Ok(Outcome::Ack);
         }
     }
+    // The checkpoint's `updateTime` after the commit: what publishing is conditioned on.
+    let mut update_time = String::new();
     if finished.is_none() {
         let writes = [
             shard_write,
@@ -1438,9 +1472,13 @@ async fn complete_shard(
             ),
         ];
         match commit_checkpoint(ctx, &writes, &done).await? {
-            Ok(_) => {}
+            Ok(t) => update_time = t,
             Err(CommitFailure::LeaseLost) => {
                 ctx.metrics.lease_losses.add(1);
+                tracing::warn!(
+                    epoch = rec.epoch,
+                    "lease lost to another worker before the shard's last commit: its last chunk is discarded"
+                );
                 return Ok(Outcome::Nack);
             }
             Err(CommitFailure::JobGone) => return Ok(Outcome::Ack),
@@ -1460,6 +1498,18 @@ async fn complete_shard(
     }
     ctx.metrics.shards_completed.add(1);
     tracing::info!(items = done.total, failed = done.failed, "shard done");
+    if !chat {
+        let record = done;
+        publish_shard(
+            ctx,
+            Versioned {
+                record,
+                update_time,
+            },
+            last,
+        )
+        .await?;
+    }
     match finished {
         Some(how) => {
             let counts = &job.record.counts;
@@ -1472,6 +1522,87 @@ async fn complete_shard(
         }
     }
     Ok(Outcome::Ack)
+}
+
+/// Writes a done batch shard's output file from its listed chunks, then counts the shard on
+/// the job (`shards_done`) and clears its `unpublished` mark in one commit conditioned on the
+/// checkpoint. Whoever writes the file writes the same bytes, from the committed list, so a
+/// worker that lost its lease cannot publish lines of its own, and the condition counts the
+/// shard once. A worker stopped in between leaves the mark; the next delivery of the shard's
+/// message does both. `last`: the last listed chunk's lines, when the caller has them.
+async fn publish_shard(
+    ctx: &Ctx,
+    shard: Versioned<ShardRecord>,
+    last: Option<&[u8]>,
+) -> Result<(), WorkError> {
+    let Versioned {
+        record: mut rec,
+        update_time,
+    } = shard;
+    let lines = committed_lines(ctx, &rec.chunks, last).await?;
+    ctx.out
+        .put(&outputs::shard_output_name(&rec.job_id, rec.shard), lines)
+        .await?;
+    if ctx.cfg.failpoints.crash_before_publish {
+        tracing::error!("failpoint crash-before-publish: aborting");
+        std::process::abort();
+    }
+    rec.unpublished = false;
+    rec.updated_at = rfc3339(now_ms());
+    let id = ShardRecord::id(&rec.job_id, rec.shard);
+    let writes = [
+        Write::set(
+            SHARDS_COLLECTION,
+            &id,
+            &rec,
+            Precondition::UpdateTime(update_time),
+        ),
+        Write::patch(
+            JOBS_COLLECTION,
+            &rec.job_id,
+            json!({"updated_at": rfc3339(now_ms())}),
+            Precondition::Exists,
+        )
+        .increment("shards_done", 1),
+    ];
+    if let Committed::Done(_) = ctx.store.commit(&writes).await? {
+        return Ok(());
+    }
+    // Published meanwhile by another delivery of the message (or by this very commit, its
+    // answer lost), or the job is gone: either way nothing is left to do.
+    let now = ctx.store.get::<ShardRecord>(SHARDS_COLLECTION, &id).await?;
+    if now.is_none_or(|s| !s.record.unpublished)
+        || ctx
+            .store
+            .get::<JobRecord>(JOBS_COLLECTION, &rec.job_id)
+            .await?
+            .is_none()
+    {
+        return Ok(());
+    }
+    Err(WorkError::Store(StoreError::Unavailable(format!(
+        "Firestore refused to count done shard {} of job {} while it and its job were in place",
+        rec.shard, rec.job_id
+    ))))
+}
+
+/// A shard's committed lines: its listed chunks in order. `last`: the last one's lines, when
+/// the caller has them (not read back).
+async fn committed_lines(
+    ctx: &Ctx,
+    chunks: &[String],
+    last: Option<&[u8]>,
+) -> Result<Vec<u8>, WorkError> {
+    let read = match last {
+        Some(_) => &chunks[..chunks.len().saturating_sub(1)],
+        None => chunks,
+    };
+    let mut all = Vec::new();
+    for c in read {
+        all.extend(ctx.out.get(c).await?);
+    }
+    all.extend_from_slice(last.unwrap_or_default());
+    Ok(all)
 }
 
 /// Finishes the job when every shard is done: succeeded, or failed for a chat job whose
@@ -1499,11 +1630,26 @@ async fn finish_if_complete(
     let out = match (job.record.kind, written) {
         (JobKind::Chat, Some((0, out))) => Some(out.to_vec()),
         // The reply is the one output line of the one shard.
-        (JobKind::Chat, _) => Some(ctx.out.get(&outputs::shard_output_name(job_id, 0)).await?),
+        (JobKind::Chat, _) => Some(chat_lines(ctx, job_id).await?),
         _ => None,
     };
     let how = final_state(ctx, job_id, job.record.kind, out.as_deref());
     set_final(ctx, job_id, how, complete, Some(job)).await
+}
+
+/// The output lines of a chat job: its one shard's listed chunks (a shard marked done by an
+/// earlier version of the worker lists none and left them in its output file).
+async fn chat_lines(ctx: &Ctx, job_id: &str) -> Result<Vec<u8>, WorkError> {
+    let shard = ctx
+        .store
+        .get::<ShardRecord>(SHARDS_COLLECTION, &ShardRecord::id(job_id, 0))
+        .await?;
+    match shard {
+        Some(s) if !s.record.chunks.is_empty() => {
+            committed_lines(ctx, &s.record.chunks, None).await
+        }
+        _ => Ok(ctx.out.get(&outputs::shard_output_name(job_id, 0)).await?),
+    }
 }
 
 /// How a job whose shards are all done ends: a chat job with the reply in `out` (its one

@@ -714,9 +714,8 @@ async fn input_file_is_shared_by_workers(fx: &Fixture) -> anyhow::Result<()> {
         "both workers must have run shards: w1 {by_w1}, w2 {by_w2}"
     );
     ensure!(
-        // The long line's shard is done in its first chunk: its line goes straight to its
-        // output file, with no chunk object.
-        w.chunk_lines("job-s") == 998,
+        // Every line in one committed chunk: none written twice.
+        w.chunk_lines("job-s") == 999,
         "a drain must redo nothing, chunks hold {} lines",
         w.chunk_lines("job-s")
     );
@@ -1563,6 +1562,111 @@ async fn fencing_stops_the_worker_that_lost_its_lease(fx: &Fixture) -> anyhow::R
     Ok(())
 }
 
+/// A worker whose lease was taken while it waited to mark its shard done writes its last
+/// chunk under its own epoch, nobody lists it, and it leaves the output file alone: the file
+/// is written only from a done shard's listed chunks.
+async fn stale_worker_leaves_the_output_file_alone(fx: &Fixture) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let w = World::new(fx, "stale-finish").await?;
+    let w1 = w
+        .worker("w1")
+        .with("BATCH_WORKER_FAILPOINTS", "finish-delay-ms=5000")
+        .start(&w.log("w1.log"))?;
+    let all = items("z", 200);
+    let shard = JobMessage {
+        job_id: "job-z".into(),
+        kind: JobKind::Batch,
+        task: Task::Classify,
+        shard: 0,
+        shards: 1,
+        items: all.clone(),
+        input_uri: None,
+        range: None,
+        chat: None,
+    };
+    w.create_record("job-z", 200, 1, None).await?;
+    w.publish(&shard).await?;
+    w.wait_log_for(
+        "w1.log",
+        "w1 before its last commit",
+        Duration::from_secs(30),
+        |l| l.contains("failpoint finish-delay"),
+    )
+    .await?;
+    // Stopped before its last commit (it waits 5 s there, then writes its last chunk), w1 neither extends its message's
+    // ack deadline nor pulls another. w2 gets the shard (the same message once it expires, or
+    // this copy, as a redelivery), waits out w1's 4 s lease, takes it and completes the
+    // shard. As in the fencing scenario above, the emulator may hand a message to the
+    // stopped worker's stream a few times first.
+    w1.signal(libc::SIGSTOP);
+    w.publish(&shard).await?;
+    let _w2 = w.worker("w2").start(&w.log("w2.log"))?;
+    let done = w
+        .wait_job("job-z", Duration::from_secs(180), "succeeded", |j| {
+            j.status == JobStatus::Succeeded
+        })
+        .await;
+    w1.signal(libc::SIGCONT);
+    done?;
+    let file = w.out.join("job-z/output/shard-00000.jsonl");
+    let written = std::fs::metadata(&file)?.ino();
+    w.wait_log("w1.log", "w1 noticed its lost lease", |l| {
+        l.contains("lease lost") && l.contains("last chunk is discarded")
+    })
+    .await?;
+    ensure!(
+        w.out
+            .join("job-z/chunks/shard-00000/0000000000-e1.jsonl")
+            .exists(),
+        "w1 wrote no last chunk of its own"
+    );
+    ensure!(
+        std::fs::metadata(&file)?.ino() == written,
+        "the worker that lost its lease wrote the output file again"
+    );
+    assert_exactly(&w.outputs("job-z")?, &all)?;
+    let s = w.shard("job-z", 0).await?.context("shard")?;
+    ensure!(
+        s.epoch == 2 && s.chunks == ["job-z/chunks/shard-00000/0000000000-e2.jsonl"],
+        "shard {s:?}"
+    );
+    Ok(())
+}
+
+/// A worker stopped between a done shard's output file and its count on the job: the job is
+/// not succeeded meanwhile, and the next delivery counts the shard once and finishes it.
+async fn crash_before_publish_is_repaired(fx: &Fixture) -> anyhow::Result<()> {
+    let w = World::new(fx, "publish").await?;
+    let mut w1 = w
+        .worker("w1")
+        .with("BATCH_WORKER_FAILPOINTS", "crash-before-publish=1")
+        .start(&w.log("w1.log"))?;
+    let all = items("p", 300);
+    w.submit("job-p", std::slice::from_ref(&all)).await?;
+    w1.wait_exit(Duration::from_secs(30)).await?;
+    let s = w.shard("job-p", 0).await?.context("shard")?;
+    ensure!(s.state == ShardState::Done && s.unpublished, "shard {s:?}");
+    let j = w.job("job-p").await?;
+    ensure!(
+        j.status == JobStatus::Running && j.shards_done == 0 && j.counts.done == 300,
+        "before its shard is published: {j:?}"
+    );
+    let _w2 = w.worker("w2").start(&w.log("w2.log"))?;
+    let j = w
+        .wait_job("job-p", Duration::from_secs(40), "succeeded", |j| {
+            j.status == JobStatus::Succeeded
+        })
+        .await?;
+    ensure!(
+        j.shards_done == 1 && j.counts.done == 300 && j.counts.failed == 0,
+        "after: {j:?}"
+    );
+    let s = w.shard("job-p", 0).await?.context("shard")?;
+    ensure!(!s.unpublished, "shard {s:?}");
+    assert_exactly(&w.outputs("job-p")?, &all)?;
+    Ok(())
+}
+
 /// A shard that crashes the worker every time: after POISON_LIMIT crashes its message is in
 /// the dead-letter topic and the job failed with a reason; another job still succeeds.
 async fn poison_shard_is_dead_lettered(fx: &Fixture) -> anyhow::Result<()> {
@@ -1690,10 +1794,8 @@ async fn cancel_stops_at_a_chunk_boundary(fx: &Fixture) -> anyhow::Result<()> {
         s.cursor
     );
 
-    // A cancel request that comes while a job's only shard runs in one chunk, here just
-    // before the commit that would finish the shard and the job: that commit checks the job
-    // record as the lease left it (it is not read at that boundary), so it is refused, and
-    // the job ends `cancelled`, as at any chunk boundary.
+    // A cancel request that comes at the last chunk boundary of a job's only shard, run in
+    // one chunk: the job is read there as at any boundary, and ends `cancelled`.
     let few = items("f", 10);
     w.submit("job-f", std::slice::from_ref(&few)).await?;
     let j = w
@@ -1705,11 +1807,25 @@ async fn cancel_stops_at_a_chunk_boundary(fx: &Fixture) -> anyhow::Result<()> {
         j.status == JobStatus::Cancelled && j.counts.done == 0 && j.output_uri.is_none(),
         "job-f: {j:?}"
     );
-    let succeeded = w.success_lines("w1.log", "job-f")?;
+    // A chat message's last commit, which would finish its job, is conditioned on the job
+    // record as the lease left it: the cancel request makes it fail, then the job is read.
+    w.submit_chat("chat-f", "안녕").await?;
+    let c = w
+        .wait_job("chat-f", Duration::from_secs(20), "final", |j| {
+            j.status.is_final()
+        })
+        .await?;
     ensure!(
-        succeeded.is_empty(),
-        "job-f was cancelled, yet logged as succeeded: {succeeded:#?}"
+        c.status == JobStatus::Cancelled && c.result.is_none(),
+        "chat-f: {c:?}"
     );
+    for job in ["job-f", "chat-f"] {
+        let succeeded = w.success_lines("w1.log", job)?;
+        ensure!(
+            succeeded.is_empty(),
+            "{job} was cancelled, yet logged as succeeded: {succeeded:#?}"
+        );
+    }
     Ok(())
 }
 
@@ -1978,6 +2094,8 @@ async fn serve_keeps_every_item_exactly_once_through_faults() {
     scenario!(drained_past_pubsubs_limit_is_requeued);
     scenario!(missing_watch_subscription_is_reported);
     scenario!(fencing_stops_the_worker_that_lost_its_lease);
+    scenario!(stale_worker_leaves_the_output_file_alone);
+    scenario!(crash_before_publish_is_repaired);
     scenario!(poison_shard_is_dead_lettered);
     scenario!(storage_errors_are_not_crashes);
     scenario!(cancel_stops_at_a_chunk_boundary);

@@ -323,6 +323,11 @@ pub struct ShardRecord {
     pub last_error: String,
     /// Committed output chunks (object names under the output root), in order.
     pub chunks: Vec<String>,
+    /// Done, but its output file not yet written from `chunks`, nor the shard counted in the
+    /// job's `shards_done`: a batch shard between its last two commits, or one whose worker
+    /// stopped there (the next delivery of its message does both).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unpublished: bool,
     pub updated_at: String,
 }
 
