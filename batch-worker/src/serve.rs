@@ -2,12 +2,14 @@
 //! storage. See ARCHITECTURE.md, "Batch worker", for the protocol; in short:
 //!
 //! 1. A message names one shard of a job. The worker reads the job record (final or
-//!    cancelled: ack) and the shard's checkpoint (done: finish the job if needed, ack).
-//! 2. It takes the shard's lease in one conditional commit: epoch + 1, owner, expiry,
-//!    deliveries + 1. A live lease of another worker is waited out, not stolen. A shard whose
-//!    crashes (deliveries minus drains minus errors it lived through) reached the poison
-//!    limit, or whose errors reached twice that, goes to the dead-letter topic and fails its
-//!    job.
+//!    cancelled: ack) and the shard's checkpoint (done: publish it and finish the job if
+//!    needed, ack).
+//! 2. It takes the shard's lease in one conditional commit: epoch + 1, owner, a fresh token,
+//!    expiry, deliveries + 1 (a refused commit is read back: the token shows whether it was
+//!    this very commit, sent again after its answer was lost). A live lease of another worker
+//!    is waited out, not stolen. A shard whose crashes (deliveries minus drains minus errors
+//!    it lived through) reached the poison limit, or whose errors reached twice that, goes to
+//!    the dead-letter topic and fails its job.
 //! 3. Items run in micro-batches; about every `chunk` of work the results are written as one
 //!    object named by (shard, first item, epoch), then the checkpoint (cursor, counts, chunk
 //!    list, lease expiry) and the job's counters move in one commit conditioned on the
@@ -118,6 +120,9 @@ pub struct Failpoints {
     /// Sleep this long before a shard's last commit, so that tests can take its lease
     /// meanwhile.
     pub finish_delay: Duration,
+    /// Send each lease commit a second time once it has landed, as the store does when the
+    /// answer to the first is lost.
+    pub lose_lease_answer: bool,
     /// Abort once a done batch shard's output file is written, before the shard counts on
     /// its job.
     pub crash_before_publish: bool,
@@ -128,7 +133,7 @@ pub struct Failpoints {
 
 impl std::str::FromStr for Failpoints {
     type Err = String;
-    /// `crash-on-input=TEXT;batch-delay-ms=N;crash-after-plan=1;crash-while-planning=1;plan-delay-ms=N;generate-step-delay-ms=N;cancel-before-finish=1;finish-delay-ms=N;crash-before-publish=1;plan-errors=N`
+    /// `crash-on-input=TEXT;batch-delay-ms=N;crash-after-plan=1;crash-while-planning=1;plan-delay-ms=N;generate-step-delay-ms=N;cancel-before-finish=1;finish-delay-ms=N;crash-before-publish=1;lose-lease-answer=1;plan-errors=N`
     fn from_str(s: &str) -> Result<Self, String> {
         let mut f = Failpoints::default();
         for part in s.split(';').filter(|p| !p.trim().is_empty()) {
@@ -156,6 +161,7 @@ impl std::str::FromStr for Failpoints {
                 Some(("crash-while-planning", v)) => f.crash_while_planning = v == "1",
                 Some(("cancel-before-finish", v)) => f.cancel_before_finish = v == "1",
                 Some(("crash-before-publish", v)) => f.crash_before_publish = v == "1",
+                Some(("lose-lease-answer", v)) => f.lose_lease_answer = v == "1",
                 Some(("plan-errors", v)) => {
                     let n: u32 = v
                         .parse()
@@ -164,7 +170,7 @@ impl std::str::FromStr for Failpoints {
                 }
                 _ => {
                     return Err(format!(
-                        "unknown failpoint {part:?}; known: crash-on-input=TEXT, batch-delay-ms=N, crash-after-plan=1, crash-while-planning=1, plan-delay-ms=N, generate-step-delay-ms=N, cancel-before-finish=1, finish-delay-ms=N, crash-before-publish=1, plan-errors=N"
+                        "unknown failpoint {part:?}; known: crash-on-input=TEXT, batch-delay-ms=N, crash-after-plan=1, crash-while-planning=1, plan-delay-ms=N, generate-step-delay-ms=N, cancel-before-finish=1, finish-delay-ms=N, crash-before-publish=1, lose-lease-answer=1, plan-errors=N"
                     ));
                 }
             }
@@ -775,6 +781,7 @@ async fn process(
             epoch: old.map_or(0, |o| o.epoch) + 1,
             owner: ctx.cfg.worker_id.clone(),
             instance: ctx.instance.clone(),
+            lease_token: format!("{:016x}", rand::random::<u64>()),
             lease_expires_ms: now_ms() + ctx.cfg.lease.as_millis() as u64,
             deliveries: old.map_or(0, |o| o.deliveries) + 1,
             drains: old.map_or(0, |o| o.drains),
@@ -807,8 +814,13 @@ async fn process(
                 Precondition::UpdateTime(job.update_time.clone()),
             ));
         }
-        match ctx.store.commit(&writes).await? {
-            Committed::Conflict => continue,
+        let mut answer = ctx.store.commit(&writes).await?;
+        if ctx.cfg.failpoints.lose_lease_answer && matches!(answer, Committed::Done(_)) {
+            // As if the answer was lost and the commit sent again, as the store does after a
+            // transport error.
+            answer = ctx.store.commit(&writes).await?;
+        }
+        let (update_time, job) = match answer {
             Committed::Done(results) => {
                 let update_time = results
                     .first()
@@ -825,33 +837,51 @@ async fn process(
                     job.record.status = JobStatus::Running;
                     job.update_time = w.update_time.clone();
                 }
-                tracing::info!(
-                    epoch = rec.epoch,
-                    cursor = rec.cursor,
-                    total,
-                    deliveries = rec.deliveries,
-                    "lease taken"
-                );
-                let epoch = rec.epoch;
-                let ran = run_shard(
-                    ctx,
-                    msg,
-                    &items,
-                    Versioned {
-                        record: rec,
-                        update_time,
-                    },
-                    job,
-                )
-                .await;
-                if let Err(e) = &ran
-                    && !matches!(e, WorkError::Join(_))
-                {
-                    give_back_after_error(ctx, msg, epoch, e).await;
-                }
-                return ran;
+                (update_time, job)
             }
+            // Another worker (or another delivery here) took the lease first, unless this very
+            // commit landed and was sent again: then the lease carries its token, and both
+            // records are read as it left them.
+            Committed::Conflict => {
+                let now = ctx
+                    .store
+                    .get::<ShardRecord>(SHARDS_COLLECTION, &shard_id)
+                    .await?;
+                let Some(now) = now.filter(|s| s.record.lease_token == rec.lease_token) else {
+                    continue;
+                };
+                let Some(job) = job_to_go_on(ctx, &msg.job_id).await? else {
+                    return Ok(Outcome::Ack);
+                };
+                tracing::info!("the lease commit was sent again after it had landed");
+                (now.update_time, job)
+            }
+        };
+        tracing::info!(
+            epoch = rec.epoch,
+            cursor = rec.cursor,
+            total,
+            deliveries = rec.deliveries,
+            "lease taken"
+        );
+        let epoch = rec.epoch;
+        let ran = run_shard(
+            ctx,
+            msg,
+            &items,
+            Versioned {
+                record: rec,
+                update_time,
+            },
+            job,
+        )
+        .await;
+        if let Err(e) = &ran
+            && !matches!(e, WorkError::Join(_))
+        {
+            give_back_after_error(ctx, msg, epoch, e).await;
         }
+        return ran;
     }
 }
 

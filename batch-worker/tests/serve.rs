@@ -1667,6 +1667,33 @@ async fn crash_before_publish_is_repaired(fx: &Fixture) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A lease commit that landed but whose answer was lost is sent again and refused: the worker
+/// tells its own lease by its token and runs the shard at once, with no second take-over and
+/// no crash counted.
+async fn lease_commit_sent_twice_is_still_ours(fx: &Fixture) -> anyhow::Result<()> {
+    let w = World::new(fx, "lease-twice").await?;
+    let _w1 = w
+        .worker("w1")
+        .with("BATCH_WORKER_FAILPOINTS", "lose-lease-answer=1")
+        .start(&w.log("w1.log"))?;
+    let all = items("t", 100);
+    w.submit("job-t", std::slice::from_ref(&all)).await?;
+    w.wait_job("job-t", Duration::from_secs(30), "succeeded", |j| {
+        j.status == JobStatus::Succeeded
+    })
+    .await?;
+    let s = w.shard("job-t", 0).await?.context("shard")?;
+    ensure!(
+        s.epoch == 1 && s.deliveries == 1,
+        "one lease, taken once: {s:?}"
+    );
+    assert_exactly(&w.outputs("job-t")?, &all)?;
+    w.wait_log("w1.log", "w1 knew its lease", |l| {
+        l.contains("sent again after it had landed")
+    })
+    .await
+}
+
 /// A shard that crashes the worker every time: after POISON_LIMIT crashes its message is in
 /// the dead-letter topic and the job failed with a reason; another job still succeeds.
 async fn poison_shard_is_dead_lettered(fx: &Fixture) -> anyhow::Result<()> {
@@ -2096,6 +2123,7 @@ async fn serve_keeps_every_item_exactly_once_through_faults() {
     scenario!(fencing_stops_the_worker_that_lost_its_lease);
     scenario!(stale_worker_leaves_the_output_file_alone);
     scenario!(crash_before_publish_is_repaired);
+    scenario!(lease_commit_sent_twice_is_still_ours);
     scenario!(poison_shard_is_dead_lettered);
     scenario!(storage_errors_are_not_crashes);
     scenario!(cancel_stops_at_a_chunk_boundary);

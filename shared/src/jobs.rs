@@ -309,6 +309,11 @@ pub struct ShardRecord {
     pub owner: String,
     /// The holder's process instance (a new one after every restart).
     pub instance: String,
+    /// Drawn afresh by every lease take-over: a worker whose lease commit landed but whose
+    /// answer was lost, so that the commit was sent again and refused, tells by it that the
+    /// lease is its own ("" in records written before it was kept).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub lease_token: String,
     /// Unix ms after which another worker may take the lease.
     pub lease_expires_ms: u64,
     /// Leases taken, and how many of them ended in a drain (preemption is not a failure).
