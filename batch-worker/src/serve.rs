@@ -761,8 +761,8 @@ async fn process(
             }
         }
 
-        let items = match load_items(ctx, msg, &job.record).await {
-            Ok(items) => items,
+        let (items, file_digest) = match load_items(ctx, msg, &job.record).await {
+            Ok(loaded) => (loaded.items, loaded.file_digest),
             Err(Ended::Job(why)) => {
                 finish_job(ctx, &msg.job_id, why).await?;
                 return Ok(Outcome::Ack);
@@ -799,8 +799,12 @@ async fn process(
         if job.record.status == JobStatus::Queued || job.record.shards == 0 {
             let mut patch = json!({"status": "running", "updated_at": rfc3339(now_ms())});
             if job.record.shards == 0 {
-                // An `input_uri` job: the worker knows its size now.
+                // An `input_uri` job read whole: the worker knows its size now, and keeps
+                // which file it read.
                 patch["shards"] = json!(1);
+                if let Some(digest) = &file_digest {
+                    patch["plan"] = json!(digest);
+                }
                 patch["counts"] = json!({
                     "total": total,
                     "done": job.record.counts.done,

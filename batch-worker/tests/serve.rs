@@ -2011,6 +2011,50 @@ async fn utf16_input_file_fails_its_job(fx: &Fixture) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// An input file read whole (`JOBS_TOPIC=""`) and replaced while its job runs: the next
+/// delivery fails the job with `input_changed` instead of going on from a checkpoint that
+/// counts lines of the old file.
+async fn whole_input_file_replaced_fails_its_job(fx: &Fixture) -> anyhow::Result<()> {
+    let w = World::new(fx, "replaced").await?;
+    let cfg = w
+        .worker("w1")
+        .with("JOBS_TOPIC", "")
+        .with("BATCH_WORKER_FAILPOINTS", "batch-delay-ms=40");
+    let mut w1 = cfg.start(&w.log("w1-a.log"))?;
+    let (input, _) = w
+        .submit_input_file("job-r", "job-r.jsonl", &items("r", 2000))
+        .await?;
+    w.wait_shard("job-r", 0, Duration::from_secs(30), "a first chunk", |s| {
+        s.cursor > 0
+    })
+    .await?;
+    let first = w.job("job-r").await?;
+    ensure!(
+        first.shards == 1 && first.plan.as_ref().is_some_and(|d| d.len() == 16),
+        "the first lease keeps the file's digest: {first:?}"
+    );
+    w1.signal(libc::SIGKILL);
+    w1.wait_exit(Duration::from_secs(5)).await?;
+    write_items(&input, &items("q", 2000))?;
+    let _w1 = cfg.start(&w.log("w1-b.log"))?;
+    let j = w
+        .wait_job(
+            "job-r",
+            REDELIVERY + Duration::from_secs(20),
+            "failed",
+            |j| j.status.is_final(),
+        )
+        .await?;
+    let err = j.error.clone().context("failed job without error")?;
+    ensure!(
+        j.status == JobStatus::Failed
+            && err.code == "input_changed"
+            && err.message.contains("changed since this job began"),
+        "job-r: {j:?}"
+    );
+    Ok(())
+}
+
 /// A worker whose Pub/Sub and Firestore hosts do not answer says so at once (the Pub/Sub
 /// client retries in silence), and once they answer it says that too and takes its jobs.
 async fn unreachable_services_are_reported_until_they_answer(fx: &Fixture) -> anyhow::Result<()> {
@@ -2133,5 +2177,6 @@ async fn serve_keeps_every_item_exactly_once_through_faults() {
     scenario!(chat_without_its_own_subscription_comes_with_the_jobs);
     scenario!(unreachable_services_are_reported_until_they_answer);
     scenario!(utf16_input_file_fails_its_job);
+    scenario!(whole_input_file_replaced_fails_its_job);
     assert!(failures.is_empty(), "failed scenarios: {failures:#?}");
 }

@@ -85,6 +85,7 @@ pub struct JobRecord {
     pub plan_finished: u32,
     /// A digest of an `input_uri` job's plan (its shards' byte ranges): planning again must
     /// cut the file the same way, or one shard's checkpoint would be applied to another range.
+    /// For a file read whole (a worker with no jobs topic), a digest of the file itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plan: Option<String>,
     pub created_at: String,

@@ -88,12 +88,30 @@ pub(super) enum Ended {
     Retry(WorkError),
 }
 
+/// A shard's items as [`load_items`] gives them.
+pub(super) struct Loaded {
+    pub items: Vec<Result<InputItem, OutputLine>>,
+    /// For an input file read whole (no jobs topic to plan it on): 16 hex digits of its
+    /// SHA-256, which the job's first lease keeps as its `plan`. A later delivery refuses
+    /// another file: the checkpoint counts lines of the file as it was.
+    pub file_digest: Option<String>,
+}
+
+impl From<Vec<Result<InputItem, OutputLine>>> for Loaded {
+    fn from(items: Vec<Result<InputItem, OutputLine>>) -> Self {
+        Self {
+            items,
+            file_digest: None,
+        }
+    }
+}
+
 /// The shard's items: inline, or read from `input_uri` (malformed lines become error lines).
 pub(super) async fn load_items(
     ctx: &Ctx,
     msg: &JobMessage,
     job: &JobRecord,
-) -> Result<Vec<Result<InputItem, OutputLine>>, Ended> {
+) -> Result<Loaded, Ended> {
     if msg.task == Task::Generate && ctx.generate.is_none() {
         return Err(Ended::Job(Final::Failed {
             code: "model_unavailable".into(),
@@ -110,10 +128,11 @@ pub(super) async fn load_items(
         return Ok(vec![Ok(InputItem {
             custom_id: msg.job_id.clone(),
             input: chat.message.clone(),
-        })]);
+        })]
+        .into());
     }
     let Some(uri) = msg.input_uri.as_ref().or(job.input_uri.as_ref()) else {
-        return Ok(msg.items.iter().cloned().map(Ok).collect());
+        return Ok(msg.items.iter().cloned().map(Ok).collect::<Vec<_>>().into());
     };
     if let Some(refused) =
         input_refused(uri, ctx.cfg.pubsub_emulator.is_some(), &ctx.cfg.output_root)
@@ -131,7 +150,8 @@ pub(super) async fn load_items(
                 .too_long
                 .iter()
                 .map(|&n| Err(line_too_long(n)))
-                .collect());
+                .collect::<Vec<_>>()
+                .into());
         }
         let bytes = outputs::read_uri_range(uri, range.start..range.end, range.version.as_deref())
             .await
@@ -139,15 +159,32 @@ pub(super) async fn load_items(
         let duplicates: std::collections::HashSet<u64> = range.duplicates.iter().copied().collect();
         return Ok(parse_lines(&bytes, range.first_line, |line_no, _| {
             duplicates.contains(&line_no)
-        }));
+        })
+        .into());
     }
     // No jobs topic to publish shards on: the whole file is this one shard.
     let bytes = outputs::read_uri(uri).await.map_err(unreadable)?;
     if let Some(why) = shared::wire::unusable_encoding(&bytes) {
         return Err(Ended::Job(input_unreadable(format!("{uri} {why}"))));
     }
+    let digest = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&bytes))[..16].to_owned()
+    };
+    if job.shards != 0 && job.plan.as_ref().is_some_and(|d| *d != digest) {
+        return Err(Ended::Job(Final::Failed {
+            code: "input_changed".into(),
+            message: format!(
+                "{uri} changed since this job began: its checkpoint counts lines of the file \
+                 as it was then; submit the new file as a new job"
+            ),
+        }));
+    }
     let mut seen = crate::embedded::SeenIds::with_capacity(0);
-    Ok(parse_lines(&bytes, 1, |_, id| !seen.insert(id)))
+    Ok(Loaded {
+        items: parse_lines(&bytes, 1, |_, id| !seen.insert(id)),
+        file_digest: Some(digest),
+    })
 }
 
 /// The items of the input lines in `bytes`, the first numbered `first_line`: malformed lines
