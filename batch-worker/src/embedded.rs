@@ -592,8 +592,23 @@ fn encode_json(custom_id: &str, value: &impl Serialize, error: bool, out: &mut V
 }
 
 /// The input file from the checkpoint on, with what reading it needs to remember.
+/// The input file, hashed as it is read: at its end the digest must be the one the run began
+/// with, or the output would mix two versions of the file.
+struct Hashed {
+    file: File,
+    hasher: Sha256,
+}
+
+impl Read for Hashed {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.file.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
 struct Input {
-    reader: BufReader<File>,
+    reader: BufReader<Hashed>,
     buf: Vec<u8>,
     line_no: u64,
     /// Every custom_id seen so far (a repeated one is an error line).
@@ -808,8 +823,12 @@ pub fn run<P: Processor + Send>(
     out.seek(SeekFrom::Start(ckpt.output_bytes))
         .map_err(io("seeking partial output"))?;
 
-    let input = File::open(&opts.input).map_err(io(format!("reading {}", opts.input.display())))?;
-    let mut reader = BufReader::with_capacity(1 << 20, input);
+    let file = File::open(&opts.input).map_err(io(format!("reading {}", opts.input.display())))?;
+    let hashed = Hashed {
+        file,
+        hasher: Sha256::new(),
+    };
+    let mut reader = BufReader::with_capacity(1 << 20, hashed);
     // Rebuild the set of custom_ids seen before the checkpoint (duplicates are errors).
     // Sized for every line up front: growing it rehashed every id seen so far, again and again.
     let mut seen = SeenIds::with_capacity(usize::try_from(total).unwrap_or(0));
@@ -993,6 +1012,16 @@ pub fn run<P: Processor + Send>(
             }
         }
     })?;
+    let read = hex::encode(std::mem::take(&mut input.reader.get_mut().hasher).finalize());
+    if read != ckpt.input_sha256 {
+        progress.abandon();
+        return Err(RunError::Usage(format!(
+            "{} changed during the run: its output would mix two versions of it, so {} is not written; delete {} to start over",
+            opts.input.display(),
+            opts.output.display(),
+            ckpt_path.display()
+        )));
+    }
     progress.finish_and_clear();
     ckpt.done = true;
     write_checkpoint(&ckpt_path, &ckpt)?;
@@ -1158,7 +1187,7 @@ fn progress_bar(enabled: bool, total: u64, done: u64) -> indicatif::ProgressBar 
 #[cfg(test)]
 mod tests {
     use super::{
-        CHECKPOINT_VERSION, Checkpoint, Input, MAX_LINE_BYTES, RunError, SeenIds, Task,
+        CHECKPOINT_VERSION, Checkpoint, Hashed, Input, MAX_LINE_BYTES, RunError, SeenIds, Task,
         fingerprint, finish, read_line, same_settings,
     };
 
@@ -1186,7 +1215,10 @@ mod tests {
         text.push_str("{\"custom_id\":\"a\",\"input\":\"hi\"}\n");
         std::fs::write(&path, text).expect("input");
         let mut input = Input {
-            reader: std::io::BufReader::new(std::fs::File::open(&path).expect("open")),
+            reader: std::io::BufReader::new(Hashed {
+                file: std::fs::File::open(&path).expect("open"),
+                hasher: sha2::Sha256::default(),
+            }),
             buf: Vec::new(),
             line_no: 0,
             seen: SeenIds::with_capacity(0),

@@ -712,6 +712,44 @@ fn a_second_run_on_the_same_output_is_refused_while_the_first_runs() {
     assert!(!lock.exists());
 }
 
+/// An input changed while a run reads it: the run refuses to write the output (it would mix
+/// two versions of the file) and says how to start over.
+#[test]
+fn an_input_changed_during_the_run_is_refused() {
+    let dir = scratch("changed");
+    let input = dir.join("in.jsonl");
+    write_input(&input, 200_000);
+    let output = dir.join("out.jsonl");
+    let partial = dir.join("out.jsonl.partial");
+    let child = run(&input, &output, &["--threads", "1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run starts");
+    let pid = child.id();
+    // The partial output is opened once the input is fingerprinted and the model loaded,
+    // before the first line is read again.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !partial.exists() {
+        assert!(Instant::now() < deadline, "the run never began");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // SAFETY: signalling the child this test spawned.
+    unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+    // The last line, far past what the run has read, changes in place.
+    let mut text = std::fs::read(&input).expect("input");
+    let at = text.len() - 4;
+    text[at] = if text[at] == b'a' { b'b' } else { b'a' };
+    std::fs::write(&input, &text).expect("input rewritten");
+    // SAFETY: as above.
+    unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+    let out = child.wait_with_output().expect("run ends");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("changed during the run"), "{err}");
+    assert!(!output.exists(), "an output of two versions of the input");
+}
+
 /// Logs go to stderr; when it is closed (its reader ended, the journal restarted) lines are
 /// dropped and `serve` still runs and drains on SIGTERM (it used to panic on the first line
 /// it could not write).
