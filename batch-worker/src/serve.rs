@@ -1445,9 +1445,10 @@ async fn complete_shard(
         done.chunks.push(name);
     }
     // A chat job's reply is taken from these lines rather than read back.
-    let reply = match chat {
-        true => Some(committed_lines(ctx, &done.chunks, last).await?),
-        false => None,
+    let reply = if chat {
+        Some(committed_lines(ctx, &done.chunks, last).await?)
+    } else {
+        None
     };
     done.state = ShardState::Done;
     done.cursor = done.total;
