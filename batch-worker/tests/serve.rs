@@ -1593,16 +1593,19 @@ async fn stale_worker_leaves_the_output_file_alone(fx: &Fixture) -> anyhow::Resu
         |l| l.contains("failpoint finish-delay"),
     )
     .await?;
-    // Stopped before its last commit (it waits 5 s there, then writes its last chunk), w1 neither extends its message's
-    // ack deadline nor pulls another. w2 gets the shard (the same message once it expires, or
-    // this copy, as a redelivery), waits out w1's 4 s lease, takes it and completes the
-    // shard. As in the fencing scenario above, the emulator may hand a message to the
-    // stopped worker's stream a few times first.
+    // Stopped before its last commit (it waits 5 s there, then writes its last chunk), w1
+    // neither extends its message's ack deadline nor pulls another. w2, on a subscription of
+    // its own, gets a copy of the shard's message (as a redelivery would hand it over), waits
+    // out w1's 4 s lease, takes it and completes the shard.
     w1.signal(libc::SIGSTOP);
+    let own = format!("{}-w2", w.t.subscription);
+    w.ps.create_jobs_subscription(&w.t, &own).await?;
     w.publish(&shard).await?;
-    let _w2 = w.worker("w2").start(&w.log("w2.log"))?;
+    let mut cfg = w.worker("w2");
+    cfg.topology.subscription = own;
+    let _w2 = cfg.start(&w.log("w2.log"))?;
     let done = w
-        .wait_job("job-z", Duration::from_secs(180), "succeeded", |j| {
+        .wait_job("job-z", Duration::from_secs(60), "succeeded", |j| {
             j.status == JobStatus::Succeeded
         })
         .await;

@@ -113,6 +113,19 @@ impl PubSub {
         Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
     }
 
+    /// Creates subscription `sub` on `t`'s jobs topic: it gets a copy of every message
+    /// published from now on, which only the workers that pull `sub` see.
+    pub async fn create_jobs_subscription(&self, t: &Topology, sub: &str) -> anyhow::Result<()> {
+        let p = &t.project;
+        self.call(
+            reqwest::Method::PUT,
+            &format!("projects/{p}/subscriptions/{sub}"),
+            json!({"topic": format!("projects/{p}/topics/{}", t.topic), "ackDeadlineSeconds": 10}),
+        )
+        .await?;
+        Ok(())
+    }
+
     /// Creates the topics and subscriptions of `t`; the worker subscriptions dead-letter after
     /// `max_delivery_attempts` and gets `ack_deadline_seconds`.
     pub async fn create_topology(
