@@ -591,7 +591,6 @@ fn encode_json(custom_id: &str, value: &impl Serialize, error: bool, out: &mut V
     }
 }
 
-/// The input file from the checkpoint on, with what reading it needs to remember.
 /// The input file, hashed as it is read: at its end the digest must be the one the run began
 /// with, or the output would mix two versions of the file.
 struct Hashed {
@@ -607,6 +606,7 @@ impl Read for Hashed {
     }
 }
 
+/// The input file from the checkpoint on, with what reading it needs to remember.
 struct Input {
     reader: BufReader<Hashed>,
     buf: Vec<u8>,
