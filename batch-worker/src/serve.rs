@@ -123,6 +123,9 @@ pub struct Failpoints {
     /// Send each lease commit a second time once it has landed, as the store does when the
     /// answer to the first is lost.
     pub lose_lease_answer: bool,
+    /// Send each commit that marks a plan attempt started or ended a second time once it has
+    /// landed, as the store does when the answer to the first is lost.
+    pub lose_plan_answers: bool,
     /// Abort once a done batch shard's output file is written, before the shard counts on
     /// its job.
     pub crash_before_publish: bool,
@@ -133,7 +136,7 @@ pub struct Failpoints {
 
 impl std::str::FromStr for Failpoints {
     type Err = String;
-    /// `crash-on-input=TEXT;batch-delay-ms=N;crash-after-plan=1;crash-while-planning=1;plan-delay-ms=N;generate-step-delay-ms=N;cancel-before-finish=1;finish-delay-ms=N;crash-before-publish=1;lose-lease-answer=1;plan-errors=N`
+    /// `crash-on-input=TEXT;batch-delay-ms=N;crash-after-plan=1;crash-while-planning=1;plan-delay-ms=N;generate-step-delay-ms=N;cancel-before-finish=1;finish-delay-ms=N;crash-before-publish=1;lose-lease-answer=1;lose-plan-answers=1;plan-errors=N`
     fn from_str(s: &str) -> Result<Self, String> {
         let mut f = Failpoints::default();
         for part in s.split(';').filter(|p| !p.trim().is_empty()) {
@@ -162,6 +165,7 @@ impl std::str::FromStr for Failpoints {
                 Some(("cancel-before-finish", v)) => f.cancel_before_finish = v == "1",
                 Some(("crash-before-publish", v)) => f.crash_before_publish = v == "1",
                 Some(("lose-lease-answer", v)) => f.lose_lease_answer = v == "1",
+                Some(("lose-plan-answers", v)) => f.lose_plan_answers = v == "1",
                 Some(("plan-errors", v)) => {
                     let n: u32 = v
                         .parse()
@@ -170,7 +174,7 @@ impl std::str::FromStr for Failpoints {
                 }
                 _ => {
                     return Err(format!(
-                        "unknown failpoint {part:?}; known: crash-on-input=TEXT, batch-delay-ms=N, crash-after-plan=1, crash-while-planning=1, plan-delay-ms=N, generate-step-delay-ms=N, cancel-before-finish=1, finish-delay-ms=N, crash-before-publish=1, lose-lease-answer=1, plan-errors=N"
+                        "unknown failpoint {part:?}; known: crash-on-input=TEXT, batch-delay-ms=N, crash-after-plan=1, crash-while-planning=1, plan-delay-ms=N, generate-step-delay-ms=N, cancel-before-finish=1, finish-delay-ms=N, crash-before-publish=1, lose-lease-answer=1, lose-plan-answers=1, plan-errors=N"
                     ));
                 }
             }

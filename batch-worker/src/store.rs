@@ -52,8 +52,17 @@ pub struct Write {
     fields: Option<Map<String, Value>>,
     mask: Option<Vec<String>>,
     precondition: Precondition,
-    /// `(field path, n)`: atomic integer increments.
-    increments: Vec<(String, i64)>,
+    /// Field transforms applied atomically with the write, in order.
+    transforms: Vec<(String, Transform)>,
+}
+
+/// A server-side change to one field of a [`Write`].
+#[derive(Debug, Clone)]
+enum Transform {
+    /// Adds `n` to the integer.
+    Increment(i64),
+    /// Adds each string the array lacks: sending the same write again changes nothing.
+    AppendMissing(Vec<String>),
 }
 
 impl Write {
@@ -74,7 +83,7 @@ impl Write {
             fields: Some(fields),
             mask: None,
             precondition,
-            increments: Vec::new(),
+            transforms: Vec::new(),
         }
     }
 
@@ -95,13 +104,24 @@ impl Write {
             mask: Some(fields.keys().cloned().collect()),
             fields: Some(fields),
             precondition,
-            increments: Vec::new(),
+            transforms: Vec::new(),
         }
     }
 
     /// Adds `n` to the integer at `path` (dotted) atomically, as part of this write.
     pub fn increment(mut self, path: &str, n: i64) -> Self {
-        self.increments.push((path.to_owned(), n));
+        self.transforms
+            .push((path.to_owned(), Transform::Increment(n)));
+        self
+    }
+
+    /// Adds `value` to the array at `path` (dotted) unless it holds it already, as part of
+    /// this write: an idempotent mark where an increment sent twice would count twice.
+    pub fn append_missing(mut self, path: &str, value: &str) -> Self {
+        self.transforms.push((
+            path.to_owned(),
+            Transform::AppendMissing(vec![value.to_owned()]),
+        ));
         self
     }
 }
@@ -322,14 +342,14 @@ impl Store {
                 if let Some(mask) = &w.mask {
                     out.insert("updateMask".into(), json!({ "fieldPaths": mask }));
                 }
-                if !w.increments.is_empty() {
-                    out.insert("updateTransforms".into(), transforms(&w.increments));
+                if !w.transforms.is_empty() {
+                    out.insert("updateTransforms".into(), transforms(&w.transforms));
                 }
             }
             None => {
                 out.insert(
                     "transform".into(),
-                    json!({"document": name, "fieldTransforms": transforms(&w.increments)}),
+                    json!({"document": name, "fieldTransforms": transforms(&w.transforms)}),
                 );
             }
         }
@@ -349,11 +369,21 @@ impl Store {
     }
 }
 
-fn transforms(increments: &[(String, i64)]) -> Value {
+fn transforms(transforms: &[(String, Transform)]) -> Value {
     Value::Array(
-        increments
+        transforms
             .iter()
-            .map(|(path, n)| json!({"fieldPath": path, "increment": {"integerValue": n.to_string()}}))
+            .map(|(path, t)| match t {
+                Transform::Increment(n) => {
+                    json!({"fieldPath": path, "increment": {"integerValue": n.to_string()}})
+                }
+                Transform::AppendMissing(values) => json!({
+                    "fieldPath": path,
+                    "appendMissingElements": {
+                        "values": values.iter().map(|v| json!({"stringValue": v})).collect::<Vec<_>>()
+                    }
+                }),
+            })
             .collect(),
     )
 }

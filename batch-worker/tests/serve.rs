@@ -796,7 +796,7 @@ async fn plan_survives_a_crash_before_its_shards_are_published(fx: &Fixture) -> 
         "{job:?}"
     );
     ensure!(
-        job.plan_attempts == 3 && job.plan_finished == 2 && job.plan_crashes() == 1,
+        job.plan_started.len() == 3 && job.plan_ended.len() == 2 && job.plan_crashes() == 1,
         "one crashed, one failed and one finished plan attempt: {job:?}"
     );
     let run_out = input.with_file_name("run.out.jsonl");
@@ -812,7 +812,8 @@ async fn plan_survives_a_crash_before_its_shards_are_published(fx: &Fixture) -> 
 /// SIGTERM while a worker plans a large input file: the read stops between two pieces, the
 /// worker exits 0 well inside the drain budget with nothing planned, the attempt is recorded
 /// as finished (so it never counts towards the poison limit), and another worker plans and
-/// runs the job.
+/// runs the job. Both workers send each plan-attempt commit twice, as after a lost answer:
+/// each attempt still counts once.
 async fn drain_while_planning_gives_the_plan_back(fx: &Fixture) -> anyhow::Result<()> {
     let w = World::new(fx, "plan-drain").await?;
     let dir = w.fx.dir.join("plan-drain");
@@ -825,13 +826,16 @@ async fn drain_while_planning_gives_the_plan_back(fx: &Fixture) -> anyhow::Resul
     let mut w1 = w
         .worker("w1")
         .with("INPUT_SHARD_ITEMS", "1000")
-        .with("BATCH_WORKER_FAILPOINTS", "plan-delay-ms=500")
+        .with(
+            "BATCH_WORKER_FAILPOINTS",
+            "plan-delay-ms=500;lose-plan-answers=1",
+        )
         .start(&w.log("w1.log"))?;
     w.publish(&JobMessage::input_file("job-d", Task::Classify, &uri))
         .await?;
     stack::wait_for("a plan attempt", Duration::from_secs(30), || async {
         let job = w.job("job-d").await.ok()?;
-        (job.plan_attempts == 1).then_some(())
+        (job.plan_started.len() == 1).then_some(())
     })
     .await?;
     tokio::time::sleep(Duration::from_millis(700)).await;
@@ -846,13 +850,14 @@ async fn drain_while_planning_gives_the_plan_back(fx: &Fixture) -> anyhow::Resul
     ensure!(
         drained.status == JobStatus::Queued
             && drained.shards == 0
-            && drained.plan_attempts == 1
-            && drained.plan_finished == 1,
+            && drained.plan_started.len() == 1
+            && drained.plan_crashes() == 0,
         "after the drain: {drained:?}"
     );
     let _w2 = w
         .worker("w2")
         .with("INPUT_SHARD_ITEMS", "1000")
+        .with("BATCH_WORKER_FAILPOINTS", "lose-plan-answers=1")
         .start(&w.log("w2.log"))?;
     let job = w
         .wait_job("job-d", REDELIVERY, "succeeded", |j| {
@@ -862,7 +867,8 @@ async fn drain_while_planning_gives_the_plan_back(fx: &Fixture) -> anyhow::Resul
     ensure!(
         job.shards == 2
             && job.counts.done == 2000
-            && job.plan_attempts == 2
+            && job.plan_started.len() == 2
+            && job.plan_ended.len() == 2
             && job.plan_crashes() == 0,
         "{job:?}"
     );
@@ -888,7 +894,7 @@ async fn plan_that_crashes_every_time_is_dead_lettered(fx: &Fixture) -> anyhow::
         "expected 2 crashed plans then a quarantine, saw {starts} starts"
     );
     ensure!(
-        failed.plan_attempts == 2 && failed.plan_finished == 0 && failed.shards == 0,
+        failed.plan_started.len() == 2 && failed.plan_ended.is_empty() && failed.shards == 0,
         "a crashed plan must leave no plan behind: {failed:?}"
     );
     let err = failed.error.context("failed job without error")?;

@@ -77,12 +77,15 @@ pub struct JobRecord {
     /// Shards finished so far; the worker that brings it to `shards` finishes the job.
     #[serde(default)]
     pub shards_done: u32,
-    /// Deliveries of an `input_uri` job's plan message that a worker started planning.
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub plan_attempts: u32,
-    /// Of those, the ones that ended without a crash: planned and published, or drained.
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub plan_finished: u32,
+    /// One token per delivery of an `input_uri` job's plan message that a worker started
+    /// planning. Tokens, not a count: a commit sent again after its answer was lost adds
+    /// nothing (Firestore's `appendMissingElements`), and its sender finds its token.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub plan_started: Vec<String>,
+    /// The tokens of those attempts that ended without a crash: planned and published, an
+    /// error, or drained.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub plan_ended: Vec<String>,
     /// A digest of an `input_uri` job's plan (its shards' byte ranges): planning again must
     /// cut the file the same way, or one shard's checkpoint would be applied to another range.
     /// For a file read whole (a worker with no jobs topic), a digest of the file itself.
@@ -132,8 +135,8 @@ impl JobRecord {
             },
             shards,
             shards_done: 0,
-            plan_attempts: 0,
-            plan_finished: 0,
+            plan_started: Vec::new(),
+            plan_ended: Vec::new(),
             plan: None,
             created_at: now.to_owned(),
             updated_at: now.to_owned(),
@@ -148,8 +151,11 @@ impl JobRecord {
     }
 
     /// Plan deliveries that stopped a worker while it planned (killed, out of memory, a bug).
-    pub fn plan_crashes(&self) -> u32 {
-        self.plan_attempts.saturating_sub(self.plan_finished)
+    pub fn plan_crashes(&self) -> usize {
+        self.plan_started
+            .iter()
+            .filter(|t| !self.plan_ended.contains(t))
+            .count()
     }
 }
 
@@ -392,6 +398,24 @@ mod tests {
     }
 
     #[test]
+    fn a_record_with_the_old_plan_counters_still_reads() {
+        let mut old = serde_json::to_value(JobRecord::queued(
+            "j1",
+            "team",
+            JobKind::Batch,
+            Task::Classify,
+            0,
+            0,
+            "2026-11-27T00:00:00.000Z",
+        ))
+        .expect("json");
+        old["plan_attempts"] = 2.into();
+        old["plan_finished"] = 1.into();
+        let back: JobRecord = serde_json::from_value(old).expect("reads");
+        assert!(back.plan_started.is_empty() && back.plan_crashes() == 0);
+    }
+
+    #[test]
     fn job_record_round_trips_through_firestore() {
         let rec = JobRecord {
             job_id: "j1".into(),
@@ -406,8 +430,8 @@ mod tests {
             },
             shards: 1,
             shards_done: 0,
-            plan_attempts: 3,
-            plan_finished: 1,
+            plan_started: vec!["a".into(), "b".into(), "c".into()],
+            plan_ended: vec!["b".into()],
             plan: Some("0123456789abcdef".into()),
             created_at: "2026-11-27T00:00:00.000Z".into(),
             updated_at: "2026-11-27T00:00:00.000Z".into(),
@@ -428,7 +452,7 @@ mod tests {
         assert_eq!(back, rec);
         let view = serde_json::to_value(JobView::from(&back)).expect("view");
         assert!(view.get("owner").is_none() && view.get("chat").is_none());
-        assert!(view.get("plan_attempts").is_none());
+        assert!(view.get("plan_started").is_none() && view.get("plan_ended").is_none());
         assert_eq!(back.plan_crashes(), 2);
         assert_eq!(view["status"], "queued");
     }

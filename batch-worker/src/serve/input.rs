@@ -428,21 +428,22 @@ pub(super) async fn plan_job(
     }
     // A plan that stops its worker every time (too little memory, a bug) ends like a poison
     // shard instead of keeping its job `queued` until the subscription gives up on it.
-    if job.record.plan_crashes() >= ctx.cfg.poison_limit {
+    if job.record.plan_crashes() >= ctx.cfg.poison_limit as usize {
         quarantine_plan(ctx, msg, raw, uri, &job.record).await?;
         return Ok(Outcome::Ack);
     }
-    let Some(job) = count_plan_attempt(ctx, &msg.job_id, job).await? else {
+    let attempt = PlanAttempt(format!("{:016x}", rand::random::<u64>()));
+    let Some(job) = attempt.start(ctx, &msg.job_id, job).await? else {
         // Finished, cancelled or gone meanwhile: the next delivery sorts it out.
         return Ok(Outcome::Nack);
     };
-    let planned = plan_counted(ctx, msg, uri, jobs, job).await;
+    let planned = plan_counted(ctx, msg, uri, jobs, job, &attempt).await;
     if let Err(e) = &planned {
         // An error (an outage of Pub/Sub or Firestore) is not a crash: the attempt ended,
         // and the message goes back to be tried again. Should this write fail as well, the
         // attempt stays counted as a crash.
         tracing::warn!(error = %e, "planning failed; the plan message goes back");
-        let _ = plan_finished(ctx, &msg.job_id).await;
+        let _ = attempt.end(ctx, &msg.job_id).await;
     }
     planned
 }
@@ -468,6 +469,7 @@ async fn plan_counted(
     uri: &str,
     jobs: &Publisher,
     mut job: Versioned<JobRecord>,
+    attempt: &PlanAttempt,
 ) -> Result<Outcome, WorkError> {
     if let Some(refused) =
         input_refused(uri, ctx.cfg.pubsub_emulator.is_some(), &ctx.cfg.output_root)
@@ -495,7 +497,7 @@ async fn plan_counted(
         Ok(Some(planner)) => planner.finish(),
         Ok(None) => {
             tracing::info!("drained while planning; the plan message goes back");
-            plan_finished(ctx, &msg.job_id).await?;
+            attempt.end(ctx, &msg.job_id).await?;
             return Ok(Outcome::Nack);
         }
         // An outage is tried again, not counted (see `plan_job`).
@@ -601,7 +603,7 @@ async fn plan_counted(
         p.await
             .map_err(|e| WorkError::Publish(SHARDS_OF_A_FILE, e.to_string()))?;
     }
-    plan_finished(ctx, &msg.job_id).await?;
+    attempt.end(ctx, &msg.job_id).await?;
     tracing::info!(
         shards,
         items = plan.total,
@@ -610,43 +612,59 @@ async fn plan_counted(
     Ok(Outcome::Ack)
 }
 
-/// Records on the job that a worker starts planning it, before it reads a byte: a crash
-/// from here on counts towards the poison limit. `None`: the job finished, was cancelled or
-/// is gone.
-async fn count_plan_attempt(
-    ctx: &Ctx,
-    job_id: &str,
-    mut job: Versioned<JobRecord>,
-) -> Result<Option<Versioned<JobRecord>>, WorkError> {
-    loop {
-        let write = Write::patch(
-            JOBS_COLLECTION,
-            job_id,
-            json!({}),
-            Precondition::UpdateTime(job.update_time.clone()),
-        )
-        .increment("plan_attempts", 1);
-        if let Committed::Done(results) = ctx.store.commit(&[write]).await? {
-            if let Some(r) = results.into_iter().next() {
-                job.update_time = r.update_time;
-            }
-            job.record.plan_attempts += 1;
-            return Ok(Some(job));
-        }
-        job = match ctx.store.get::<JobRecord>(JOBS_COLLECTION, job_id).await? {
-            Some(j) if !j.record.status.is_final() && !j.record.cancel_requested => j,
-            _ => return Ok(None),
-        };
-    }
-}
+/// One delivery of a plan message being planned, by its token on the job record.
+struct PlanAttempt(String);
 
-/// Records that a plan attempt ended without a crash (published, or drained).
-async fn plan_finished(ctx: &Ctx, job_id: &str) -> Result<(), WorkError> {
-    let write = Write::patch(JOBS_COLLECTION, job_id, json!({}), Precondition::Exists)
-        .increment("plan_finished", 1);
-    // A record deleted meanwhile (Conflict) has nothing left to count.
-    ctx.store.commit(&[write]).await?;
-    Ok(())
+impl PlanAttempt {
+    /// Records on the job that a worker starts planning it, before it reads a byte: a crash
+    /// from here on counts towards the poison limit. `None`: the job finished, was cancelled
+    /// or is gone.
+    async fn start(
+        &self,
+        ctx: &Ctx,
+        job_id: &str,
+        mut job: Versioned<JobRecord>,
+    ) -> Result<Option<Versioned<JobRecord>>, WorkError> {
+        loop {
+            let write = Write::patch(
+                JOBS_COLLECTION,
+                job_id,
+                json!({}),
+                Precondition::UpdateTime(job.update_time.clone()),
+            )
+            .append_missing("plan_started", &self.0);
+            let mut answer = ctx.store.commit(std::slice::from_ref(&write)).await?;
+            if ctx.cfg.failpoints.lose_plan_answers && matches!(answer, Committed::Done(_)) {
+                answer = ctx.store.commit(&[write]).await?;
+            }
+            if let Committed::Done(results) = answer {
+                if let Some(r) = results.into_iter().next() {
+                    job.update_time = r.update_time;
+                }
+                job.record.plan_started.push(self.0.clone());
+                return Ok(Some(job));
+            }
+            // Changed meanwhile, or this very commit landed and was sent again (the record
+            // then holds this attempt's token).
+            job = match ctx.store.get::<JobRecord>(JOBS_COLLECTION, job_id).await? {
+                Some(j) if j.record.plan_started.contains(&self.0) => return Ok(Some(j)),
+                Some(j) if !j.record.status.is_final() && !j.record.cancel_requested => j,
+                _ => return Ok(None),
+            };
+        }
+    }
+
+    /// Records that the attempt ended without a crash (published, an error, or drained).
+    async fn end(&self, ctx: &Ctx, job_id: &str) -> Result<(), WorkError> {
+        let write = Write::patch(JOBS_COLLECTION, job_id, json!({}), Precondition::Exists)
+            .append_missing("plan_ended", &self.0);
+        // A record deleted meanwhile (Conflict) has nothing left to count.
+        ctx.store.commit(std::slice::from_ref(&write)).await?;
+        if ctx.cfg.failpoints.lose_plan_answers {
+            ctx.store.commit(&[write]).await?;
+        }
+        Ok(())
+    }
 }
 
 /// Planning the job's input stopped a worker too often: its plan message goes to the
