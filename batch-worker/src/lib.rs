@@ -20,3 +20,12 @@ pub mod reach;
 pub mod serve;
 pub mod store;
 pub mod tasks;
+
+/// The first 16 hex digits of `hash`'s SHA-256: a fingerprint that tells two inputs, plans or
+/// settings apart in a record or a log line (not a security boundary).
+pub fn short_digest(hash: sha2::Sha256) -> String {
+    use sha2::Digest;
+    let mut hex = hex::encode(hash.finalize());
+    hex.truncate(16);
+    hex
+}

@@ -157,7 +157,7 @@ impl GenerateOptions {
             s.seed,
             s.ignore_stop,
             self.format,
-            &hex::encode(sha2::Sha256::digest(self.system_prompt.as_bytes()))[..16]
+            crate::short_digest(sha2::Sha256::new_with_prefix(&self.system_prompt))
         )
     }
 }
@@ -222,7 +222,7 @@ pub fn model_identity(dir: &Path) -> String {
             }
         }
     }
-    format!("model={}", &hex::encode(h.finalize())[..16])
+    format!("model={}", crate::short_digest(h))
 }
 
 /// `generate`: the text-generation model over each item; `{"text", "tokens"}` per item.

@@ -169,7 +169,7 @@ pub(super) async fn load_items(
     }
     let digest = {
         use sha2::Digest;
-        hex::encode(sha2::Sha256::digest(&bytes))[..16].to_owned()
+        crate::short_digest(sha2::Sha256::new_with_prefix(&bytes))
     };
     if job.shards != 0 && job.plan.as_ref().is_some_and(|d| *d != digest) {
         return Err(Ended::Job(Final::Failed {
@@ -458,7 +458,7 @@ fn plan_digest(ranges: &[InputRange]) -> String {
             h.update(n.to_le_bytes());
         }
     }
-    hex::encode(h.finalize())[..16].to_owned()
+    crate::short_digest(h)
 }
 
 /// [`plan_job`] once the attempt is counted: reads the file, records the plan on the job and
