@@ -114,8 +114,8 @@ pub struct Failpoints {
     /// Sleep this long after each text-generation step (`cargo xtask bench-chat` makes the
     /// tiny test model as slow per step as a large model on a GPU).
     pub generate_step_delay: Duration,
-    /// Request the job's cancellation at a shard's last chunk boundary, as a `DELETE`
-    /// arriving at that instant would.
+    /// Request the job's cancellation at a shard's last chunk boundary, once the job is read
+    /// there, as a `DELETE` arriving just before the shard's last commit would.
     pub cancel_before_finish: bool,
     /// Sleep this long before a shard's last commit, so that tests can take its lease
     /// meanwhile.
@@ -661,7 +661,7 @@ async fn process(
             match r.state {
                 ShardState::Done => {
                     if r.unpublished {
-                        publish_shard(ctx, s.clone(), None).await?;
+                        publish_shard(ctx, s.clone(), None, None).await?;
                     }
                     finish_if_complete(ctx, &msg.job_id, None).await?;
                     return Ok(Outcome::Ack);
@@ -1262,6 +1262,12 @@ async fn run_shard(
         // the job record as the lease left it, so a cancel request (or any other change) since
         // then makes that commit fail, and only then is the job read.
         let last = !draining && pos >= total;
+        if !(last && msg.kind == JobKind::Chat) {
+            job = match job_to_go_on(ctx, &msg.job_id).await? {
+                Some(j) => j,
+                None => return Ok(Outcome::Ack),
+            };
+        }
         if last && ctx.cfg.failpoints.cancel_before_finish {
             let cancel = Write::patch(
                 JOBS_COLLECTION,
@@ -1270,12 +1276,6 @@ async fn run_shard(
                 Precondition::Exists,
             );
             ctx.store.commit(&[cancel]).await?;
-        }
-        if !(last && msg.kind == JobKind::Chat) {
-            job = match job_to_go_on(ctx, &msg.job_id).await? {
-                Some(j) => j,
-                None => return Ok(Outcome::Ack),
-            };
         }
         if last {
             // The shard's last lines: `complete_shard` writes them as its last chunk and marks
@@ -1362,6 +1362,49 @@ async fn run_shard(
     }
 }
 
+/// Why a commit conditioned on a shard's checkpoint (and on its job) was refused.
+enum Refused {
+    /// Another worker holds the shard now.
+    LeaseLost,
+    /// This very commit had landed (its answer lost, it was sent again): the checkpoint's
+    /// `updateTime` as it left it.
+    Landed(String),
+    /// The lease is still ours and the checkpoint where it was: the job's condition failed.
+    Job,
+}
+
+/// Reads the shard to say why a commit that would have made its checkpoint `next` was refused.
+async fn refused(ctx: &Ctx, next: &ShardRecord) -> Result<Refused, WorkError> {
+    let now = ctx
+        .store
+        .get::<ShardRecord>(
+            SHARDS_COLLECTION,
+            &ShardRecord::id(&next.job_id, next.shard),
+        )
+        .await?;
+    Ok(match now {
+        Some(s) if s.record.epoch != next.epoch || s.record.instance != next.instance => {
+            Refused::LeaseLost
+        }
+        Some(s) if s.record.cursor == next.cursor && s.record.state == next.state => {
+            Refused::Landed(s.update_time)
+        }
+        Some(_) => Refused::Job,
+        None => Refused::LeaseLost,
+    })
+}
+
+/// A shard's last commit found its lease taken: the shard stops here, its last chunk written
+/// but listed nowhere, and its message goes back.
+fn last_lease_lost(ctx: &Ctx, rec: &ShardRecord) -> Outcome {
+    ctx.metrics.lease_losses.add(1);
+    tracing::warn!(
+        epoch = rec.epoch,
+        "lease lost to another worker before the shard's last commit: its last chunk is discarded"
+    );
+    Outcome::Nack
+}
+
 /// Commits a checkpoint; on a precondition failure tells a lost lease from our own earlier
 /// attempt having landed (a retried commit) or a vanished job.
 async fn commit_checkpoint(
@@ -1375,24 +1418,12 @@ async fn commit_checkpoint(
             .map(|w| w.update_time.clone())
             .unwrap_or_default())),
         Committed::Conflict => {
-            let now = ctx
-                .store
-                .get::<ShardRecord>(
-                    SHARDS_COLLECTION,
-                    &ShardRecord::id(&next.job_id, next.shard),
-                )
-                .await?;
-            Ok(match now {
-                Some(s) if s.record.epoch != next.epoch || s.record.instance != next.instance => {
-                    Err(CommitFailure::LeaseLost)
-                }
-                Some(s) if s.record.cursor == next.cursor && s.record.state == next.state => {
-                    Ok(s.update_time)
-                }
-                // The lease is still ours and the checkpoint where it was: the job's `exists`
-                // condition failed. Acked on that ground, a shard is never run again, so the
-                // job's absence is checked rather than assumed.
-                Some(_) => match ctx
+            Ok(match refused(ctx, next).await? {
+                Refused::LeaseLost => Err(CommitFailure::LeaseLost),
+                Refused::Landed(t) => Ok(t),
+                // The job's `exists` condition failed. Acked on that ground, a shard is never
+                // run again, so the job's absence is checked rather than assumed.
+                Refused::Job => match ctx
                     .store
                     .get::<JobRecord>(JOBS_COLLECTION, &next.job_id)
                     .await?
@@ -1405,7 +1436,6 @@ async fn commit_checkpoint(
                         ))));
                     }
                 },
-                None => Err(CommitFailure::LeaseLost),
             })
         }
     }
@@ -1473,36 +1503,55 @@ async fn complete_shard(
             .increment("counts.failed", tail.failed as i64)
             .increment("shards_done", i64::from(chat))
     };
-    // The only shard of a chat job also finishes the job in this commit, on the condition
-    // that the job is still as `job` says (as the lease left it, or as read at the previous
-    // chunk boundary): two Firestore
+    // The only shard of a job commits on the condition that the job is still as `job` says
+    // (as the lease left it, or as read at the previous chunk boundary). A chat job is
+    // finished by this very commit; a batch job by the one that publishes its output file,
+    // conditioned in turn on the job as this commit leaves it. Either way two Firestore
     // operations fewer than reading the job again and finishing it in a commit of its own.
     // Should the job have changed meanwhile, it is read: a cancel request cancels it, and
     // anything else leaves it to the general path below.
     let r = &job.record;
-    let only =
-        chat && r.shards == 1 && r.shards_done == 0 && msg.shards == 1 && !r.status.is_final();
+    let only = r.shards == 1 && r.shards_done == 0 && msg.shards == 1 && !r.status.is_final();
     let mut finished = None;
+    // The checkpoint's `updateTime` after the commit, what publishing is conditioned on; and
+    // the job record's, when the commit was conditioned on the job as read.
+    let (mut update_time, mut job_time) = (None, None);
     if only {
-        let how = final_state(ctx, &msg.job_id, r.kind, reply.as_deref());
+        let how = chat.then(|| final_state(ctx, &msg.job_id, r.kind, reply.as_deref()));
+        let patch = match &how {
+            Some(how) => final_patch(how),
+            None => json!({"updated_at": rfc3339(now_ms())}),
+        };
         let writes = [
             shard_write.clone(),
-            job_counts(
-                final_patch(&how),
-                Precondition::UpdateTime(job.update_time.clone()),
-            ),
+            job_counts(patch, Precondition::UpdateTime(job.update_time.clone())),
         ];
-        if let Committed::Done(_) = ctx.store.commit(&writes).await? {
-            finished = Some(how);
-        } else if job_to_go_on(ctx, &msg.job_id).await?.is_none() {
-            // The job changed since it was read: a cancel request that came before this
-            // commit cancels the job, as it would have at the chunk boundary.
-            return Ok(Outcome::Ack);
+        match ctx.store.commit(&writes).await? {
+            Committed::Done(results) => {
+                let mut times = results.into_iter().map(|w| w.update_time);
+                update_time = times.next();
+                job_time = times.next();
+                finished = how;
+            }
+            Committed::Conflict => match refused(ctx, &done).await? {
+                Refused::LeaseLost => return Ok(last_lease_lost(ctx, &rec)),
+                // Sent again after it had landed: the job's final state (a chat job's) came
+                // with it, but which `updateTime` it left the job is unknown.
+                Refused::Landed(t) => {
+                    update_time = Some(t);
+                    finished = how;
+                }
+                // The job changed since it was read: a cancel request that came before this
+                // commit cancels the job, as it would have at the chunk boundary.
+                Refused::Job => {
+                    if job_to_go_on(ctx, &msg.job_id).await?.is_none() {
+                        return Ok(Outcome::Ack);
+                    }
+                }
+            },
         }
     }
-    // The checkpoint's `updateTime` after the commit: what publishing is conditioned on.
-    let mut update_time = String::new();
-    if finished.is_none() {
+    if update_time.is_none() {
         let writes = [
             shard_write,
             job_counts(
@@ -1511,15 +1560,8 @@ async fn complete_shard(
             ),
         ];
         match commit_checkpoint(ctx, &writes, &done).await? {
-            Ok(t) => update_time = t,
-            Err(CommitFailure::LeaseLost) => {
-                ctx.metrics.lease_losses.add(1);
-                tracing::warn!(
-                    epoch = rec.epoch,
-                    "lease lost to another worker before the shard's last commit: its last chunk is discarded"
-                );
-                return Ok(Outcome::Nack);
-            }
+            Ok(t) => update_time = Some(t),
+            Err(CommitFailure::LeaseLost) => return Ok(last_lease_lost(ctx, &rec)),
             Err(CommitFailure::JobGone) => return Ok(Outcome::Ack),
         }
     }
@@ -1538,14 +1580,19 @@ async fn complete_shard(
     ctx.metrics.shards_completed.add(1);
     tracing::info!(items = done.total, failed = done.failed, "shard done");
     if !chat {
+        let finishing = job_time.map(|time| Finishing {
+            job_update_time: time,
+            how: final_state(ctx, &msg.job_id, r.kind, None),
+        });
         let record = done;
-        publish_shard(
+        finished = publish_shard(
             ctx,
             Versioned {
                 record,
-                update_time,
+                update_time: update_time.unwrap_or_default(),
             },
             last,
+            finishing,
         )
         .await?;
     }
@@ -1563,17 +1610,27 @@ async fn complete_shard(
     Ok(Outcome::Ack)
 }
 
+/// How the only shard of a job finishes it as it publishes: the job's final state, written on
+/// the condition that the record is still as the shard's last commit left it.
+struct Finishing {
+    job_update_time: String,
+    how: Final,
+}
+
 /// Writes a done batch shard's output file from its listed chunks, then counts the shard on
 /// the job (`shards_done`) and clears its `unpublished` mark in one commit conditioned on the
 /// checkpoint. Whoever writes the file writes the same bytes, from the committed list, so a
 /// worker that lost its lease cannot publish lines of its own, and the condition counts the
 /// shard once. A worker stopped in between leaves the mark; the next delivery of the shard's
 /// message does both. `last`: the last listed chunk's lines, when the caller has them.
+/// `finishing`: the job's final state, set by the same commit unless the job changed
+/// meanwhile (then the shard is published alone); returned when it was.
 async fn publish_shard(
     ctx: &Ctx,
     shard: Versioned<ShardRecord>,
     last: Option<&[u8]>,
-) -> Result<(), WorkError> {
+    mut finishing: Option<Finishing>,
+) -> Result<Option<Final>, WorkError> {
     let Versioned {
         record: mut rec,
         update_time,
@@ -1589,23 +1646,35 @@ async fn publish_shard(
     rec.unpublished = false;
     rec.updated_at = rfc3339(now_ms());
     let id = ShardRecord::id(&rec.job_id, rec.shard);
-    let writes = [
-        Write::set(
-            SHARDS_COLLECTION,
-            &id,
-            &rec,
-            Precondition::UpdateTime(update_time),
-        ),
-        Write::patch(
-            JOBS_COLLECTION,
-            &rec.job_id,
-            json!({"updated_at": rfc3339(now_ms())}),
-            Precondition::Exists,
-        )
-        .increment("shards_done", 1),
-    ];
-    if let Committed::Done(_) = ctx.store.commit(&writes).await? {
-        return Ok(());
+    loop {
+        let (patch, precondition) = match &finishing {
+            Some(f) => (
+                final_patch(&f.how),
+                Precondition::UpdateTime(f.job_update_time.clone()),
+            ),
+            None => (
+                json!({"updated_at": rfc3339(now_ms())}),
+                Precondition::Exists,
+            ),
+        };
+        let writes = [
+            Write::set(
+                SHARDS_COLLECTION,
+                &id,
+                &rec,
+                Precondition::UpdateTime(update_time.clone()),
+            ),
+            Write::patch(JOBS_COLLECTION, &rec.job_id, patch, precondition)
+                .increment("shards_done", 1),
+        ];
+        if let Committed::Done(_) = ctx.store.commit(&writes).await? {
+            return Ok(finishing.map(|f| f.how));
+        }
+        // The job changed since the shard's last commit (a cancel request, say), or one of
+        // the cases below: published alone, the job is then finished from what it says now.
+        if finishing.take().is_none() {
+            break;
+        }
     }
     // Published meanwhile by another delivery of the message (or by this very commit, its
     // answer lost), or the job is gone: either way nothing is left to do.
@@ -1617,7 +1686,7 @@ async fn publish_shard(
             .await?
             .is_none()
     {
-        return Ok(());
+        return Ok(None);
     }
     Err(WorkError::Store(StoreError::Unavailable(format!(
         "Firestore refused to count done shard {} of job {} while it and its job were in place",

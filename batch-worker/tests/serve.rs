@@ -627,6 +627,15 @@ async fn wait_metrics(url: &str, what: &str, ok: impl Fn(&str) -> bool) -> anyho
     Ok(())
 }
 
+/// The value of counter `name` in Prometheus text `metrics`.
+fn counter(metrics: &str, name: &str) -> anyhow::Result<u64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("{name} in\n{metrics}"))
+}
+
 /// An `input_uri` file of 1,000 lines is cut into shards of 100 by the worker that takes the
 /// job (its plan message is delivered twice: a redelivery after a crash plans again). That
 /// worker is drained once it has committed a chunk, and a second worker finishes the shards. The
@@ -974,13 +983,6 @@ async fn generation_answers_chat_and_batches(fx: &Fixture) -> anyhow::Result<()>
             // Slow steps, as a large model's: the drain lands mid-shard.
             .with("BATCH_WORKER_FAILPOINTS", "generate-step-delay-ms=5")
             .with("GENERATE_GATHER_MS", "300")
-    };
-    let counter = |metrics: &str, name: &str| -> anyhow::Result<u64> {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-            .and_then(|v| v.trim().parse().ok())
-            .with_context(|| format!("{name} in\n{metrics}"))
     };
     let w1_port = stack::free_port()?;
     let mut w1 = gen_worker("w1")
@@ -1673,7 +1675,8 @@ async fn crash_before_publish_is_repaired(fx: &Fixture) -> anyhow::Result<()> {
     let s = w.shard("job-p", 0).await?.context("shard")?;
     ensure!(!s.unpublished, "shard {s:?}");
     assert_exactly(&w.outputs("job-p")?, &all)?;
-    Ok(())
+    // Published by a later delivery, the job is finished by a commit of its own.
+    w.logged_success("w2.log", "job-p", false).await
 }
 
 /// A lease commit that landed but whose answer was lost is sent again and refused: the worker
@@ -1700,7 +1703,41 @@ async fn lease_commit_sent_twice_is_still_ours(fx: &Fixture) -> anyhow::Result<(
     w.wait_log("w1.log", "w1 knew its lease", |l| {
         l.contains("sent again after it had landed")
     })
-    .await
+    .await?;
+    // The job's only shard finished it in the commit that published its output file.
+    w.logged_success("w1.log", "job-t", true).await
+}
+
+/// A batch job of one shard done in one chunk takes six Firestore operations: read the job
+/// and the shard, take the lease, read the job at the last chunk boundary, the last commit,
+/// and the commit that publishes the output file and finishes the job.
+async fn one_shard_batch_finishes_as_it_publishes(fx: &Fixture) -> anyhow::Result<()> {
+    let w = World::new(fx, "one-shard").await?;
+    let port = stack::free_port()?;
+    let _w1 = w
+        .worker("w1")
+        .with("METRICS_ADDR", format!("127.0.0.1:{port}"))
+        .start(&w.log("w1.log"))?;
+    let all = items("o", 20);
+    w.submit("job-o", std::slice::from_ref(&all)).await?;
+    let j = w
+        .wait_job("job-o", Duration::from_secs(30), "succeeded", |j| {
+            j.status == JobStatus::Succeeded
+        })
+        .await?;
+    ensure!(
+        j.shards_done == 1 && j.counts.done == 20 && j.output_uri.is_some(),
+        "{j:?}"
+    );
+    assert_exactly(&w.outputs("job-o")?, &all)?;
+    w.logged_success("w1.log", "job-o", true).await?;
+    let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await?
+        .text()
+        .await?;
+    let ops = counter(&metrics, "batch_worker_firestore_operations_total")?;
+    ensure!(ops == 6, "the job took {ops} Firestore operations, not 6");
+    Ok(())
 }
 
 /// A shard that crashes the worker every time: after POISON_LIMIT crashes its message is in
@@ -1831,7 +1868,8 @@ async fn cancel_stops_at_a_chunk_boundary(fx: &Fixture) -> anyhow::Result<()> {
     );
 
     // A cancel request that comes at the last chunk boundary of a job's only shard, run in
-    // one chunk: the job is read there as at any boundary, and ends `cancelled`.
+    // one chunk, after the job was read there: the shard's last commit, conditioned on the
+    // job as read, fails, and the job ends `cancelled` with nothing counted.
     let few = items("f", 10);
     w.submit("job-f", std::slice::from_ref(&few)).await?;
     let j = w
@@ -2177,6 +2215,7 @@ async fn serve_keeps_every_item_exactly_once_through_faults() {
     scenario!(stale_worker_leaves_the_output_file_alone);
     scenario!(crash_before_publish_is_repaired);
     scenario!(lease_commit_sent_twice_is_still_ours);
+    scenario!(one_shard_batch_finishes_as_it_publishes);
     scenario!(poison_shard_is_dead_lettered);
     scenario!(storage_errors_are_not_crashes);
     scenario!(cancel_stops_at_a_chunk_boundary);
