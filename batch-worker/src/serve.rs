@@ -822,13 +822,8 @@ async fn process(
                 Precondition::UpdateTime(job.update_time.clone()),
             ));
         }
-        let mut answer = ctx.store.commit(&writes).await?;
-        if ctx.cfg.failpoints.lose_lease_answer && matches!(answer, Committed::Done(_)) {
-            // As if the answer was lost and the commit sent again, as the store does after a
-            // transport error.
-            answer = ctx.store.commit(&writes).await?;
-        }
-        let (update_time, job) = match answer {
+        let lose = ctx.cfg.failpoints.lose_lease_answer;
+        let (update_time, job) = match commit_losing_answer(ctx, &writes, lose).await? {
             Committed::Done(results) => {
                 let update_time = results
                     .first()
@@ -891,6 +886,21 @@ async fn process(
         }
         return ran;
     }
+}
+
+/// Commits `writes`. With `lose_answer` (a failpoint), once they have landed they are sent
+/// again and that second answer is returned, as when the store resends a commit whose first
+/// answer a transport error lost.
+async fn commit_losing_answer(
+    ctx: &Ctx,
+    writes: &[Write],
+    lose_answer: bool,
+) -> Result<Committed, StoreError> {
+    let answer = ctx.store.commit(writes).await?;
+    if lose_answer && matches!(answer, Committed::Done(_)) {
+        return ctx.store.commit(writes).await;
+    }
+    Ok(answer)
 }
 
 /// A panic left `what` unusable: the process stops as a crash would. The shard in flight keeps

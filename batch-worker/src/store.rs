@@ -61,8 +61,9 @@ pub struct Write {
 enum Transform {
     /// Adds `n` to the integer.
     Increment(i64),
-    /// Adds each string the array lacks: sending the same write again changes nothing.
-    AppendMissing(Vec<String>),
+    /// Adds the string unless the array holds it: sending the same write again changes
+    /// nothing.
+    AppendMissing(String),
 }
 
 impl Write {
@@ -118,10 +119,8 @@ impl Write {
     /// Adds `value` to the array at `path` (dotted) unless it holds it already, as part of
     /// this write: an idempotent mark where an increment sent twice would count twice.
     pub fn append_missing(mut self, path: &str, value: &str) -> Self {
-        self.transforms.push((
-            path.to_owned(),
-            Transform::AppendMissing(vec![value.to_owned()]),
-        ));
+        self.transforms
+            .push((path.to_owned(), Transform::AppendMissing(value.to_owned())));
         self
     }
 }
@@ -377,11 +376,9 @@ fn transforms(transforms: &[(String, Transform)]) -> Value {
                 Transform::Increment(n) => {
                     json!({"fieldPath": path, "increment": {"integerValue": n.to_string()}})
                 }
-                Transform::AppendMissing(values) => json!({
+                Transform::AppendMissing(value) => json!({
                     "fieldPath": path,
-                    "appendMissingElements": {
-                        "values": values.iter().map(|v| json!({"stringValue": v})).collect::<Vec<_>>()
-                    }
+                    "appendMissingElements": {"values": [{"stringValue": value}]}
                 }),
             })
             .collect(),

@@ -17,7 +17,9 @@ use shared::wire::{
     parse_input_bytes,
 };
 
-use super::{Ctx, Final, Outcome, WorkError, dead_letter, finish_job, now_ms};
+use super::{
+    Ctx, Final, Outcome, WorkError, commit_losing_answer, dead_letter, finish_job, now_ms,
+};
 use crate::outputs;
 use crate::store::{Committed, Precondition, StoreError, Versioned, Write};
 
@@ -633,11 +635,8 @@ impl PlanAttempt {
                 Precondition::UpdateTime(job.update_time.clone()),
             )
             .append_missing("plan_started", &self.0);
-            let mut answer = ctx.store.commit(std::slice::from_ref(&write)).await?;
-            if ctx.cfg.failpoints.lose_plan_answers && matches!(answer, Committed::Done(_)) {
-                answer = ctx.store.commit(&[write]).await?;
-            }
-            if let Committed::Done(results) = answer {
+            let lose = ctx.cfg.failpoints.lose_plan_answers;
+            if let Committed::Done(results) = commit_losing_answer(ctx, &[write], lose).await? {
                 if let Some(r) = results.into_iter().next() {
                     job.update_time = r.update_time;
                 }
@@ -659,10 +658,7 @@ impl PlanAttempt {
         let write = Write::patch(JOBS_COLLECTION, job_id, json!({}), Precondition::Exists)
             .append_missing("plan_ended", &self.0);
         // A record deleted meanwhile (Conflict) has nothing left to count.
-        ctx.store.commit(std::slice::from_ref(&write)).await?;
-        if ctx.cfg.failpoints.lose_plan_answers {
-            ctx.store.commit(&[write]).await?;
-        }
+        commit_losing_answer(ctx, &[write], ctx.cfg.failpoints.lose_plan_answers).await?;
         Ok(())
     }
 }
